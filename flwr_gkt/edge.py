@@ -1,0 +1,78 @@
+"""Edge side of FedGKT in plain PyTorch (no Flower): local training, extraction.
+
+Implements ``ClientTrain`` of Algorithm 1 (lines 17-30): ``E_c`` epochs of
+``CE + alpha * KD(server logits)`` (eq. 7) on the local data, then one pass in
+a fixed order that extracts, for every local training sample, the feature map
+``H``, the edge logits ``Z_c`` and the label ``Y``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .losses import KDMode
+from .models import EdgeModel
+from .training import FitResult, TensorBatches, fit, make_optimizer
+
+__all__ = ["EdgeRoundConfig", "train_edge", "extract"]
+
+
+@dataclass
+class EdgeRoundConfig:
+    """Per-round edge settings, sent by the server in the train instruction."""
+
+    epochs: int = 1
+    batch_size: int = 64
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 5e-4
+    temperature: float = 3.0
+    alpha: float = 1.0
+    kd_mode: KDMode = KDMode.BOTH
+
+
+def train_edge(
+    model: EdgeModel,
+    x: Tensor,
+    y: Tensor,
+    server_logits: Tensor | None,
+    cfg: EdgeRoundConfig,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+) -> FitResult:
+    """Train the edge model ``E_c`` epochs on ``(x, y)``.
+
+    KD towards ``server_logits`` (row ``i`` for sample ``i``) is used when they
+    are given and the KD mode lets the edge distil; otherwise CE only (the
+    first round, or the ``none`` ablation).
+    """
+    teacher = server_logits if cfg.kd_mode.edge_distills else None
+    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
+    batches = TensorBatches(x, y, cfg.batch_size, shuffle=True, generator=generator)
+    return fit(
+        model,
+        batches,
+        optimizer,
+        epochs=cfg.epochs,
+        device=device,
+        teacher_logits=teacher,
+        temperature=cfg.temperature,
+        alpha=cfg.alpha,
+    )
+
+
+@torch.no_grad()
+def extract(
+    model: EdgeModel, x: Tensor, batch_size: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Features ``H`` and logits ``Z_c`` of every sample, in order, eval mode."""
+    model.eval()
+    feats, logits = [], []
+    for start in range(0, len(x), batch_size):
+        z, h = model.forward_with_features(x[start : start + batch_size].to(device))
+        feats.append(h.cpu())
+        logits.append(z.float().cpu())
+    return torch.cat(feats), torch.cat(logits)

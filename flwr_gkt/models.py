@@ -1,0 +1,253 @@
+"""ResNet builders for FedGKT, in the style of ``torchvision.models.resnet``.
+
+The architectures follow the FedGKT reference implementation (FedML,
+``model/cv/resnet56_gkt``): a CIFAR-style ResNet with 16 stem channels is cut
+right after its stem.
+
+* The **edge model** (ResNet-4/6/8) is the stem ``conv3x3 -> BN -> ReLU`` as the
+  feature extractor ``f_e`` (output ``16 x H x W``, the input resolution) and a
+  classifier ``f_c`` made of one stage of residual blocks, global average
+  pooling and a linear layer. ResNet-8 uses two bottleneck blocks (8 layers with
+  weights, ~11K parameters as in the paper); ResNet-4 and ResNet-6 use one and
+  two basic blocks (paper, Section 4.4).
+* The **server model** ``f_s`` (ResNet-55/109) is the rest of a bottleneck
+  ResNet-56/110: three stages of bottleneck blocks (16/32/64 planes, strides
+  1/2/2) taking the 16-channel feature map, pooling and a linear layer.
+* The **full models** ResNet-56/110 (stem + server body) are what FedAvg trains
+  on every client; they are the same total architecture as edge stem + server.
+
+The residual blocks are torchvision's own :class:`~torchvision.models.resnet.BasicBlock`
+and :class:`~torchvision.models.resnet.Bottleneck`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1, conv3x3
+
+__all__ = [
+    "BasicBlock",
+    "Bottleneck",
+    "EdgeModel",
+    "ServerResNet",
+    "FullResNet",
+    "resnet4",
+    "resnet6",
+    "resnet8",
+    "server_resnet",
+    "server_resnet55",
+    "server_resnet109",
+    "full_resnet",
+    "resnet56",
+    "resnet110",
+    "FEATURE_CHANNELS",
+]
+
+#: Channels of the feature map the edge extractor outputs (16 in the paper).
+FEATURE_CHANNELS = 16
+
+Block = type[BasicBlock] | type[Bottleneck]
+
+
+def _make_stage(
+    block: Block, inplanes: int, planes: int, blocks: int, stride: int
+) -> tuple[nn.Sequential, int]:
+    """Build one stage of ``blocks`` residual blocks; return it and its width."""
+    downsample = None
+    outplanes = planes * block.expansion
+    if stride != 1 or inplanes != outplanes:
+        downsample = nn.Sequential(
+            conv1x1(inplanes, outplanes, stride), nn.BatchNorm2d(outplanes)
+        )
+    layers: list[nn.Module] = [block(inplanes, planes, stride, downsample)]
+    layers += [block(outplanes, planes) for _ in range(1, blocks)]
+    return nn.Sequential(*layers), outplanes
+
+
+def _init_weights(module: nn.Module) -> None:
+    """He initialisation for convolutions, unit/zero BatchNorm (as torchvision)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+
+
+def _stem(in_channels: int, out_channels: int = FEATURE_CHANNELS) -> nn.Sequential:
+    return nn.Sequential(
+        conv3x3(in_channels, out_channels),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class EdgeModel(nn.Module):
+    """An edge model split into a feature extractor and a classifier.
+
+    Any pair of modules can be wrapped, so a user can bring their own edge CNN:
+    ``extractor`` maps an input batch to the feature maps ``H`` that are sent to
+    the server, ``classifier`` maps ``H`` to the edge logits ``Z_c``.
+
+    Parameters
+    ----------
+    extractor : nn.Module
+        The feature extractor ``f_e``.
+    classifier : nn.Module
+        The classifier ``f_c`` on top of the extractor's output.
+    """
+
+    def __init__(self, extractor: nn.Module, classifier: nn.Module) -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.classifier = classifier
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Return the edge logits ``f_c(f_e(x))``."""
+        return self.classifier(self.extractor(x))
+
+    def forward_with_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``(logits, features)`` for one batch."""
+        features = self.extractor(x)
+        return self.classifier(features), features
+
+
+def _edge_resnet(
+    block: Block, blocks: int, num_classes: int, in_channels: int
+) -> EdgeModel:
+    stage, width = _make_stage(block, FEATURE_CHANNELS, FEATURE_CHANNELS, blocks, 1)
+    classifier = nn.Sequential(
+        stage,
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(1),
+        nn.Linear(width, num_classes),
+    )
+    model = EdgeModel(_stem(in_channels), classifier)
+    _init_weights(model)
+    return model
+
+
+def resnet8(num_classes: int = 10, in_channels: int = 3) -> EdgeModel:
+    """ResNet-8 edge model of the paper: stem + 2 bottleneck blocks + FC."""
+    return _edge_resnet(Bottleneck, 2, num_classes, in_channels)
+
+
+def resnet6(num_classes: int = 10, in_channels: int = 3) -> EdgeModel:
+    """ResNet-6 edge model (paper Table 5): stem + 2 basic blocks + FC."""
+    return _edge_resnet(BasicBlock, 2, num_classes, in_channels)
+
+
+def resnet4(num_classes: int = 10, in_channels: int = 3) -> EdgeModel:
+    """ResNet-4 edge model (paper Table 5): stem + 1 basic block + FC."""
+    return _edge_resnet(BasicBlock, 1, num_classes, in_channels)
+
+
+class ServerResNet(nn.Module):
+    """Server-side ResNet ``f_s``: three bottleneck stages on edge feature maps.
+
+    Parameters
+    ----------
+    layers : Sequence[int]
+        Number of bottleneck blocks in each of the three stages.
+    num_classes : int
+        Number of output classes.
+    in_channels : int
+        Channels of the incoming feature maps (the edge extractor's output).
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[int] = (6, 6, 6),
+        num_classes: int = 10,
+        in_channels: int = FEATURE_CHANNELS,
+    ) -> None:
+        super().__init__()
+        if len(layers) != 3:
+            raise ValueError(f"ServerResNet takes 3 stages, got {list(layers)}")
+        width = in_channels
+        stages = []
+        for planes, blocks, stride in zip((16, 32, 64), layers, (1, 2, 2), strict=True):
+            stage, width = _make_stage(Bottleneck, width, planes, blocks, stride)
+            stages.append(stage)
+        self.layer1, self.layer2, self.layer3 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(width, num_classes)
+        _init_weights(self)
+
+    def forward(self, h: Tensor) -> Tensor:
+        """Return logits for a batch of feature maps."""
+        out = self.layer3(self.layer2(self.layer1(h)))
+        return self.fc(torch.flatten(self.avgpool(out), 1))
+
+
+class FullResNet(nn.Module):
+    """A complete bottleneck ResNet (stem + :class:`ServerResNet` body).
+
+    This is the model FedAvg trains on every client; with ``layers=(6, 6, 6)`` it
+    is ResNet-56 and equals the ResNet-8 stem followed by the ResNet-55 server.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[int] = (6, 6, 6),
+        num_classes: int = 10,
+        in_channels: int = 3,
+    ) -> None:
+        super().__init__()
+        self.stem = _stem(in_channels)
+        self.body = ServerResNet(layers, num_classes, FEATURE_CHANNELS)
+        _init_weights(self.stem)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Return logits for a batch of images."""
+        return self.body(self.stem(x))
+
+
+def _blocks_for_depth(depth: int, offset: int) -> int:
+    blocks, rest = divmod(depth - offset, 9)
+    if rest or blocks < 1:
+        raise ValueError(
+            f"depth {depth} is not 9n+{offset} for a 3-stage bottleneck ResNet"
+        )
+    return blocks
+
+
+def server_resnet(
+    depth: int = 55, num_classes: int = 10, in_channels: int = FEATURE_CHANNELS
+) -> ServerResNet:
+    """Server ResNet of a given depth ``9n + 1`` (10, 19, 28, ..., 55, ..., 109)."""
+    n = _blocks_for_depth(depth, 1)
+    return ServerResNet((n, n, n), num_classes, in_channels)
+
+
+def server_resnet55(
+    num_classes: int = 10, in_channels: int = FEATURE_CHANNELS
+) -> ServerResNet:
+    """ResNet-55 server model (ResNet-56 without its stem)."""
+    return server_resnet(55, num_classes, in_channels)
+
+
+def server_resnet109(
+    num_classes: int = 10, in_channels: int = FEATURE_CHANNELS
+) -> ServerResNet:
+    """ResNet-109 server model (ResNet-110 without its stem)."""
+    return server_resnet(109, num_classes, in_channels)
+
+
+def full_resnet(depth: int = 56, num_classes: int = 10, in_channels: int = 3) -> FullResNet:
+    """Full bottleneck ResNet of depth ``9n + 2`` (56, 110, ...)."""
+    n = _blocks_for_depth(depth, 2)
+    return FullResNet((n, n, n), num_classes, in_channels)
+
+
+def resnet56(num_classes: int = 10, in_channels: int = 3) -> FullResNet:
+    """Full ResNet-56 (bottleneck, 16/32/64 planes), the FedAvg baseline model."""
+    return full_resnet(56, num_classes, in_channels)
+
+
+def resnet110(num_classes: int = 10, in_channels: int = 3) -> FullResNet:
+    """Full ResNet-110 (bottleneck, 16/32/64 planes), the FedAvg baseline model."""
+    return full_resnet(110, num_classes, in_channels)

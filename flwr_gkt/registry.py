@@ -1,0 +1,109 @@
+"""Name -> builder registry for edge and server models.
+
+Built-in names: edge ``resnet4``, ``resnet6``, ``resnet8``; server
+``resnet55``, ``resnet109`` and any ``resnet<9n+1>`` (e.g. ``resnet10``,
+``resnet19``) for smaller servers.
+
+Users plug in their own pair either by calling :func:`register_edge_model` /
+:func:`register_server_model` before the run starts, or from an installed
+package through the ``flwr_gkt.models`` entry-point group: each entry point is
+a zero-argument callable that performs the registrations, and is loaded the
+first time a name is not found.
+
+Builders take ``(num_classes, in_channels)``: for an edge model ``in_channels``
+is the image channels; for a server model it is the feature-map channels.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from importlib.metadata import entry_points
+
+from torch import nn
+
+from . import models
+from .models import EdgeModel
+
+__all__ = [
+    "EdgeBuilder",
+    "ServerBuilder",
+    "register_edge_model",
+    "register_server_model",
+    "build_edge_model",
+    "build_server_model",
+    "available_models",
+]
+
+EdgeBuilder = Callable[[int, int], EdgeModel]
+ServerBuilder = Callable[[int, int], nn.Module]
+
+_EDGE: dict[str, EdgeBuilder] = {
+    "resnet4": models.resnet4,
+    "resnet6": models.resnet6,
+    "resnet8": models.resnet8,
+}
+_SERVER: dict[str, ServerBuilder] = {
+    "resnet55": models.server_resnet55,
+    "resnet109": models.server_resnet109,
+}
+_ENTRY_POINT_GROUP = "flwr_gkt.models"
+_entry_points_loaded = False
+
+
+def register_edge_model(name: str, builder: EdgeBuilder) -> None:
+    """Register an edge model builder under ``name`` (overrides an existing one)."""
+    _EDGE[name] = builder
+
+
+def register_server_model(name: str, builder: ServerBuilder) -> None:
+    """Register a server model builder under ``name`` (overrides an existing one)."""
+    _SERVER[name] = builder
+
+
+def _load_entry_points() -> None:
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for ep in entry_points(group=_ENTRY_POINT_GROUP):
+        ep.load()()
+
+
+def _lookup(table: dict[str, Callable[[int, int], nn.Module]], name: str, kind: str) -> Callable[[int, int], nn.Module]:
+    if name not in table:
+        _load_entry_points()
+    if name in table:
+        return table[name]
+    raise KeyError(f"unknown {kind} model {name!r}; known: {sorted(table)}")
+
+
+def build_edge_model(name: str, num_classes: int, in_channels: int) -> EdgeModel:
+    """Build the edge model registered as ``name``."""
+    model = _lookup(_EDGE, name, "edge")(num_classes, in_channels)  # type: ignore[arg-type]
+    if not isinstance(model, EdgeModel):
+        raise TypeError(
+            f"edge builder {name!r} must return flwr_gkt.models.EdgeModel, "
+            f"got {type(model).__name__}"
+        )
+    return model
+
+
+def build_server_model(
+    name: str, num_classes: int, in_channels: int = models.FEATURE_CHANNELS
+) -> nn.Module:
+    """Build the server model registered as ``name``.
+
+    ``resnet<depth>`` with ``depth = 9n + 1`` builds a server ResNet of that
+    depth even when not registered explicitly.
+    """
+    match = re.fullmatch(r"resnet(\d+)", name)
+    if name not in _SERVER and match:
+        return models.server_resnet(int(match.group(1)), num_classes, in_channels)
+    return _lookup(_SERVER, name, "server")(num_classes, in_channels)  # type: ignore[arg-type]
+
+
+def available_models() -> dict[str, list[str]]:
+    """Return the registered edge and server model names."""
+    _load_entry_points()
+    return {"edge": sorted(_EDGE), "server": sorted(_SERVER)}

@@ -1,0 +1,226 @@
+"""The one training loop of flwr-gkt, shared by edge, server and baselines.
+
+Batches are tuples ``(inputs, labels, index)`` where ``index`` holds each
+sample's position in the dataset the batch came from. The index is how a
+teacher's per-sample logits are found for the batch (edge: server logits of
+the previous round; server: the client logits that came with the features) and
+where the outputs of the last epoch are written back (server logits ``Z_s``,
+Algorithm 1 lines 10-11).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .losses import gkt_loss
+
+__all__ = [
+    "Batch",
+    "TensorBatches",
+    "FitResult",
+    "get_device",
+    "make_optimizer",
+    "fit",
+    "predict",
+    "evaluate_logits",
+]
+
+Batch = tuple[Tensor, Tensor, Tensor]
+
+
+def get_device(preference: str = "auto") -> torch.device:
+    """Return CUDA when available (or asked for), else the CPU."""
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(preference)
+
+
+class TensorBatches:
+    """Iterate over in-memory tensors in (optionally shuffled) mini-batches.
+
+    Yields ``(inputs, labels, index)``. Cheaper than a ``DataLoader`` over a
+    ``TensorDataset`` because a batch is gathered with one indexing operation.
+
+    Parameters
+    ----------
+    inputs, labels : Tensor
+        Samples and labels, first dimension ``N``.
+    batch_size : int
+        Mini-batch size.
+    shuffle : bool
+        Draw a new permutation on every pass.
+    generator : torch.Generator, optional
+        Source of randomness for the permutation (for reproducibility).
+    """
+
+    def __init__(
+        self,
+        inputs: Tensor,
+        labels: Tensor,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if len(inputs) != len(labels):
+            raise ValueError(f"{len(inputs)} inputs but {len(labels)} labels")
+        self.inputs = inputs
+        self.labels = labels
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        n = len(self.labels)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else None
+        for start in range(0, n, self.batch_size):
+            if order is None:
+                idx = torch.arange(start, min(start + self.batch_size, n))
+                yield self.inputs[start : start + self.batch_size], self.labels[
+                    start : start + self.batch_size
+                ], idx
+            else:
+                idx = order[start : start + self.batch_size]
+                yield self.inputs[idx], self.labels[idx], idx
+
+
+def make_optimizer(
+    name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float = 5e-4
+) -> torch.optim.Optimizer:
+    """Build the optimizers of the reference code.
+
+    ``adam``: Adam with AMSGrad and weight decay 1e-4 (the paper's choice for
+    IID data); ``sgd``: SGD with Nesterov momentum 0.9 and ``weight_decay`` (the
+    paper's choice for non-IID data).
+    """
+    key = name.lower()
+    if key == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=1e-4, amsgrad=True)
+    if key == "sgd":
+        return torch.optim.SGD(
+            params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay
+        )
+    raise ValueError(f"unknown optimizer {name!r} (expected 'adam' or 'sgd')")
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` measured.
+
+    Attributes
+    ----------
+    loss : float
+        Mean training loss of the last epoch.
+    accuracy : float
+        Training accuracy of the last epoch (on the fly, train mode).
+    num_examples : int
+        Samples seen in the last epoch.
+    seconds : float
+        Wall time of the whole call.
+    last_epoch_logits : Tensor or None
+        Logits of every sample from the last epoch's forward passes, on the CPU,
+        row ``i`` for dataset index ``i`` (only when ``capture_logits`` is set).
+    """
+
+    loss: float
+    accuracy: float
+    num_examples: int
+    seconds: float
+    last_epoch_logits: Tensor | None = None
+
+
+def fit(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    optimizer: torch.optim.Optimizer,
+    *,
+    epochs: int,
+    device: torch.device,
+    teacher_logits: Tensor | None = None,
+    temperature: float = 3.0,
+    alpha: float = 1.0,
+    capture_logits: int | None = None,
+) -> FitResult:
+    """Train ``model`` for ``epochs`` passes with CE (+ KD from a teacher).
+
+    Parameters
+    ----------
+    model : nn.Module
+        Maps ``inputs`` to logits.
+    batches : Iterable[Batch]
+        Re-iterable source of ``(inputs, labels, index)`` batches.
+    optimizer : torch.optim.Optimizer
+        Optimizer over ``model``'s parameters.
+    epochs : int
+        Number of passes over ``batches``.
+    device : torch.device
+        Where the model lives; batches are moved there.
+    teacher_logits : Tensor, optional
+        Per-sample teacher logits ``(N, C)``, indexed by the batch ``index``;
+        adds ``alpha * kd_loss`` to the loss when given.
+    temperature, alpha : float
+        KD temperature and weight.
+    capture_logits : int, optional
+        Number of samples ``N``; when given, the outputs of the last epoch are
+        stored per sample index and returned.
+    """
+    start = time.perf_counter()
+    teacher = teacher_logits.to(device) if teacher_logits is not None else None
+    captured: Tensor | None = None
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    for epoch in range(epochs):
+        capturing = capture_logits is not None and epoch == epochs - 1
+        total_loss, correct, seen = 0.0, 0, 0
+        for inputs, labels, index in batches:
+            inputs = inputs.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            logits = model(inputs)
+            batch_teacher = teacher[index.to(device)] if teacher is not None else None
+            loss = gkt_loss(logits, labels, batch_teacher, temperature, alpha)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                n = len(labels)
+                total_loss += float(loss) * n
+                correct += int((logits.argmax(1) == labels).sum())
+                seen += n
+                if capturing:
+                    if captured is None:
+                        shape = (int(capture_logits or 0), logits.shape[1])
+                        captured = torch.full(shape, float("nan"))
+                    captured[index] = logits.float().cpu()
+    return FitResult(
+        loss=total_loss / max(seen, 1),
+        accuracy=correct / max(seen, 1),
+        num_examples=seen,
+        seconds=time.perf_counter() - start,
+        last_epoch_logits=captured,
+    )
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, batches: Iterable[Batch], device: torch.device
+) -> Tensor:
+    """Logits of ``model`` in eval mode for every batch, concatenated on the CPU."""
+    model.eval()
+    outs = [model(inputs.to(device)).float().cpu() for inputs, _, _ in batches]
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def evaluate_logits(logits: Tensor, labels: Tensor) -> tuple[float, int]:
+    """Return ``(summed cross-entropy, number correct)`` of logits vs labels."""
+    if len(labels) == 0:
+        return 0.0, 0
+    loss = F.cross_entropy(logits, labels, reduction="sum")
+    return float(loss), int((logits.argmax(1) == labels).sum())

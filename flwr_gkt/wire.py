@@ -1,0 +1,247 @@
+"""The FedGKT wire format: tensors <-> Flower records, with validation.
+
+Everything that crosses the network goes through this module.
+
+Train instruction (server -> node), message type ``train``:
+    ``RecordDict{"config": ConfigRecord, "gkt": ArrayRecord{"server-logits"}}``
+    where ``server-logits`` (``N x C``) is present once the server has logits
+    for this node.
+Train reply (node -> server):
+    ``RecordDict{"gkt": ArrayRecord{"features", "logits", "labels"},
+    "metrics": MetricRecord{"num-examples", ...}}``
+Evaluate reply (node -> server):
+    ``RecordDict{"gkt": ArrayRecord{"features", "labels"}, "metrics": ...}``
+
+Decoding validates every payload (:func:`decode_payload`) and raises
+:class:`PayloadError` with a one-line reason; the strategy turns that into a
+rejected reply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from torch import Tensor
+
+__all__ = [
+    "ARRAYS_KEY",
+    "METRICS_KEY",
+    "CONFIG_KEY",
+    "FEATURE_DTYPES",
+    "LOGIT_DTYPES",
+    "PayloadError",
+    "PayloadSpec",
+    "Payload",
+    "encode_payload",
+    "decode_payload",
+    "encode_server_logits",
+    "decode_server_logits",
+    "validate_arrays",
+    "record_nbytes",
+]
+
+ARRAYS_KEY = "gkt"
+METRICS_KEY = "metrics"
+CONFIG_KEY = "config"
+NUM_EXAMPLES = "num-examples"
+
+#: Accepted on-the-wire dtypes.
+FEATURE_DTYPES = ("float32", "float16")
+LOGIT_DTYPES = ("float32", "float16")
+LABEL_DTYPES = ("int64",)
+
+
+class PayloadError(ValueError):
+    """A payload failed validation; the message says why in one line."""
+
+
+@dataclass(frozen=True)
+class PayloadSpec:
+    """What a valid payload looks like.
+
+    Parameters
+    ----------
+    num_classes : int
+        Number of classes: logits have this many columns, labels are below it.
+    feature_shape : tuple[int, int, int], optional
+        Expected ``(C, H, W)`` of one feature map; ``None`` accepts any 3-D map.
+    max_samples : int, optional
+        Largest number of samples one payload may carry.
+    """
+
+    num_classes: int
+    feature_shape: tuple[int, ...] | None = None
+    max_samples: int | None = None
+
+
+@dataclass
+class Payload:
+    """A decoded, validated payload (tensors on the CPU)."""
+
+    features: Tensor
+    labels: Tensor
+    logits: Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _to_numpy(x: Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(x, Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def encode_payload(
+    features: Tensor | np.ndarray,
+    labels: Tensor | np.ndarray,
+    logits: Tensor | np.ndarray | None = None,
+    feature_dtype: str = "float32",
+) -> ArrayRecord:
+    """Encode features ``H``, labels ``Y`` and optionally logits ``Z_c``."""
+    if feature_dtype not in FEATURE_DTYPES:
+        raise ValueError(f"feature dtype {feature_dtype!r} not in {FEATURE_DTYPES}")
+    arrays = {
+        "features": Array(np.ascontiguousarray(_to_numpy(features).astype(feature_dtype))),
+        "labels": Array(np.ascontiguousarray(_to_numpy(labels).astype(np.int64))),
+    }
+    if logits is not None:
+        arrays["logits"] = Array(np.ascontiguousarray(_to_numpy(logits).astype(np.float32)))
+    return ArrayRecord(arrays)
+
+
+def encode_server_logits(logits: Tensor | np.ndarray) -> ArrayRecord:
+    """Encode the per-sample server logits ``Z_s`` sent to one node."""
+    return ArrayRecord(
+        {"server-logits": Array(np.ascontiguousarray(_to_numpy(logits).astype(np.float32)))}
+    )
+
+
+def _load(record: ArrayRecord, key: str, dtypes: tuple[str, ...]) -> np.ndarray:
+    """Check an array's declared dtype, then deserialize and check it again."""
+    if key not in record:
+        raise PayloadError(f"missing array '{key}'")
+    array = record[key]
+    if array.dtype not in dtypes:
+        raise PayloadError(f"'{key}' has dtype {array.dtype}, expected one of {list(dtypes)}")
+    try:
+        value = array.numpy()
+    except Exception as err:  # corrupt bytes, unsupported stype, ...
+        raise PayloadError(f"'{key}' cannot be decoded: {err}") from None
+    if str(value.dtype) != array.dtype or list(value.shape) != list(array.shape):
+        raise PayloadError(
+            f"'{key}' declares {array.dtype}{list(array.shape)} "
+            f"but holds {value.dtype}{list(value.shape)}"
+        )
+    return value
+
+
+def validate_arrays(
+    features: np.ndarray,
+    labels: np.ndarray,
+    logits: np.ndarray | None,
+    spec: PayloadSpec,
+    num_examples: int | None = None,
+) -> Payload:
+    """Validate decoded arrays against ``spec``; return them as tensors.
+
+    Raises
+    ------
+    PayloadError
+        On wrong dtypes, shapes or counts, non-finite values or labels outside
+        ``[0, num_classes)``.
+    """
+    if str(features.dtype) not in FEATURE_DTYPES:
+        raise PayloadError(f"'features' has dtype {features.dtype}, expected {list(FEATURE_DTYPES)}")
+    if str(labels.dtype) not in LABEL_DTYPES:
+        raise PayloadError(f"'labels' has dtype {labels.dtype}, expected {list(LABEL_DTYPES)}")
+    if features.ndim != 4:
+        raise PayloadError(f"'features' must be N x C x H x W, got shape {list(features.shape)}")
+    n = features.shape[0]
+    if n == 0:
+        raise PayloadError("payload has no samples")
+    if spec.max_samples is not None and n > spec.max_samples:
+        raise PayloadError(f"payload has {n} samples, more than the limit {spec.max_samples}")
+    if spec.feature_shape is not None and tuple(features.shape[1:]) != tuple(spec.feature_shape):
+        raise PayloadError(
+            f"'features' maps have shape {list(features.shape[1:])}, "
+            f"expected {list(spec.feature_shape)}"
+        )
+    if labels.shape != (n,):
+        raise PayloadError(f"'labels' has shape {list(labels.shape)}, expected [{n}] (count mismatch)")
+    if num_examples is not None and num_examples != n:
+        raise PayloadError(f"'{NUM_EXAMPLES}' says {num_examples} but the payload has {n} samples")
+    if not np.isfinite(features).all():
+        raise PayloadError("'features' contain NaN or Inf")
+    if labels.min() < 0 or labels.max() >= spec.num_classes:
+        raise PayloadError(
+            f"'labels' outside [0, {spec.num_classes}): min {labels.min()}, max {labels.max()}"
+        )
+    logits_t = None
+    if logits is not None:
+        if str(logits.dtype) not in LOGIT_DTYPES:
+            raise PayloadError(f"'logits' has dtype {logits.dtype}, expected {list(LOGIT_DTYPES)}")
+        if logits.shape != (n, spec.num_classes):
+            raise PayloadError(
+                f"'logits' has shape {list(logits.shape)}, expected [{n}, {spec.num_classes}]"
+            )
+        if not np.isfinite(logits).all():
+            raise PayloadError("'logits' contain NaN or Inf")
+        logits_t = torch.from_numpy(logits.astype(np.float32, copy=False))
+    return Payload(
+        features=torch.from_numpy(features.astype(np.float32, copy=False)),
+        labels=torch.from_numpy(labels),
+        logits=logits_t,
+    )
+
+
+def decode_payload(content: RecordDict, spec: PayloadSpec, with_logits: bool) -> Payload:
+    """Decode and validate a train (``with_logits=True``) or evaluate reply."""
+    if ARRAYS_KEY not in content.array_records:
+        raise PayloadError(f"missing ArrayRecord '{ARRAYS_KEY}'")
+    record = content.array_records[ARRAYS_KEY]
+    num_examples = None
+    if METRICS_KEY in content.metric_records:
+        value = content.metric_records[METRICS_KEY].get(NUM_EXAMPLES)
+        if not isinstance(value, int):
+            raise PayloadError(f"'{NUM_EXAMPLES}' missing or not an integer")
+        num_examples = value
+    else:
+        raise PayloadError(f"missing MetricRecord '{METRICS_KEY}'")
+    features = _load(record, "features", FEATURE_DTYPES)
+    labels = _load(record, "labels", LABEL_DTYPES)
+    logits = _load(record, "logits", LOGIT_DTYPES) if with_logits else None
+    return validate_arrays(features, labels, logits, spec, num_examples)
+
+
+def decode_server_logits(
+    content: RecordDict, num_samples: int, num_classes: int
+) -> Tensor | None:
+    """Decode the server logits a node received; ``None`` when none were sent."""
+    record = content.array_records.get(ARRAYS_KEY)
+    if record is None or "server-logits" not in record:
+        return None
+    logits = _load(record, "server-logits", LOGIT_DTYPES)
+    if logits.shape != (num_samples, num_classes):
+        raise PayloadError(
+            f"'server-logits' has shape {list(logits.shape)}, "
+            f"expected [{num_samples}, {num_classes}]"
+        )
+    if not np.isfinite(logits).all():
+        raise PayloadError("'server-logits' contain NaN or Inf")
+    return torch.from_numpy(logits.astype(np.float32, copy=False))
+
+
+def record_nbytes(content: RecordDict | Mapping[str, ArrayRecord]) -> int:
+    """Bytes of all array payloads in a message's content (serialized size)."""
+    records = content.array_records if isinstance(content, RecordDict) else content
+    return sum(len(array.data) for record in records.values() for array in record.values())
+
+
+def metrics_record(num_examples: int, **metrics: float) -> MetricRecord:
+    """A reply's MetricRecord with the ``num-examples`` weight first."""
+    return MetricRecord({NUM_EXAMPLES: int(num_examples), **{k: float(v) for k, v in metrics.items()}})

@@ -1,0 +1,89 @@
+"""Glue shared by the ServerApp and the ClientApp: config, data and models."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flwr_gkt.config import RunConfig, resolve_config
+from flwr_gkt.data import ClientData, client_data
+from flwr_gkt.models import FEATURE_CHANNELS, EdgeModel
+from flwr_gkt.registry import build_edge_model, build_server_model
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+#: (num_classes, image channels, image side) of the supported datasets.
+DATASETS = {"fashion-mnist": (10, 1, 28)}
+
+
+def config_from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
+    """Resolve the Flower run config (preset + overrides) into a RunConfig."""
+    return resolve_config(run_config, PRESETS_DIR)
+
+
+def dataset_info(cfg: RunConfig) -> tuple[int, int, int]:
+    if cfg.dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {cfg.dataset!r}; known: {sorted(DATASETS)}")
+    return DATASETS[cfg.dataset]
+
+
+def feature_shape(cfg: RunConfig) -> tuple[int, int, int]:
+    _, _, side = dataset_info(cfg)
+    return (FEATURE_CHANNELS, side, side)
+
+
+@functools.lru_cache(maxsize=8)
+def load_client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> ClientData:
+    """The node's partition (cached per process: nodes reuse it every round)."""
+    return client_data(
+        partition_id,
+        num_partitions,
+        data_dir=cfg.data_dir,
+        fraction=cfg.data_fraction,
+        test_fraction=cfg.test_fraction,
+        seed=cfg.seed,
+    )
+
+
+def edge_builder(cfg: RunConfig, partition_id: int):
+    """A zero-argument builder of this node's (seeded) edge model."""
+    num_classes, channels, _ = dataset_info(cfg)
+
+    def build() -> EdgeModel:
+        torch.manual_seed(cfg.seed * 1000 + partition_id)
+        return build_edge_model(cfg.edge_model, num_classes, channels)
+
+    return build
+
+
+def build_server(cfg: RunConfig) -> torch.nn.Module:
+    num_classes, _, _ = dataset_info(cfg)
+    torch.manual_seed(cfg.seed)
+    return build_server_model(cfg.server_model, num_classes, FEATURE_CHANNELS)
+
+
+def results_dir(cfg: RunConfig) -> Path:
+    name = cfg.run_name or time.strftime("fedgkt-%Y%m%d-%H%M%S")
+    path = Path(cfg.results_dir).expanduser() / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_results(path: Path, cfg: RunConfig, history: list[dict[str, float]], extra: dict[str, Any]) -> None:
+    """Write metrics.csv (one row per round) and results.json (config + history)."""
+    columns: list[str] = []
+    for row in history:
+        columns += [k for k in row if k not in columns]
+    with open(path / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(history)
+    with open(path / "results.json", "w") as f:
+        json.dump({"config": cfg.to_dict(), "history": history, **extra}, f, indent=2)
