@@ -28,7 +28,7 @@ from .data import ClientData
 from .edge import EdgeRoundConfig, extract, train_edge
 from .losses import KDMode
 from .models import EdgeModel
-from .training import evaluate_logits, get_device
+from .training import evaluate_logits, get_device, prepare_model
 from .wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -95,12 +95,12 @@ def handle_train(
     elif server_logits is not None:
         context.state.array_records[STATE_LOGITS] = msg.content.array_records[ARRAYS_KEY]
 
-    model = _load_model(context, build_model).to(dev)
+    model = prepare_model(_load_model(context, build_model), dev)
     seed = int(config.get("seed", 0)) * 100_003 + int(config.get("server-round", 0))  # type: ignore[arg-type]
     gen = torch.Generator().manual_seed(seed)
     result = train_edge(model, data.x_train, data.y_train, server_logits, cfg, dev, gen)
     start = time.perf_counter()
-    features, logits = extract(model, data.x_train, 4 * cfg.batch_size, dev)
+    features, logits = extract(model, data.x_train, cfg.batch_size, dev)
     extract_seconds = time.perf_counter() - start
     context.state.array_records[STATE_MODEL] = ArrayRecord(model.state_dict())
 
@@ -135,8 +135,8 @@ def handle_evaluate(
     """
     config = _config(msg)
     dev = get_device(device)
-    model = _load_model(context, build_model).to(dev)
-    batch_size = 4 * int(config.get("batch-size", 64))  # type: ignore[arg-type]
+    model = prepare_model(_load_model(context, build_model), dev)
+    batch_size = int(config.get("batch-size", 64))  # type: ignore[arg-type]
     features, logits = extract(model, data.x_test, batch_size, dev)
     loss_sum, correct = evaluate_logits(logits, data.y_test)
     n = len(data.y_test)

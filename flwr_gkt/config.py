@@ -50,6 +50,7 @@ class RunConfig:
     server_optimizer: str = "adam"
     server_lr: float = 0.001
     weight_decay: float = 5e-4
+    lr_schedule: str = "constant"
     # knowledge distillation
     temperature: float = 3.0
     alpha: float = 1.0
@@ -71,14 +72,14 @@ class RunConfig:
         return [f.name.replace("_", "-") for f in fields(cls)]
 
     def with_values(self, values: Mapping[str, Any]) -> RunConfig:
-        """Return a copy with kebab-case ``values`` applied (``""`` is skipped)."""
+        """Return a copy with kebab-case ``values`` applied; ``""`` means unset."""
         types = {f.name: f.type for f in fields(self)}
         changes: dict[str, Any] = {}
         for key, value in values.items():
             name = key.replace("-", "_")
             if name not in types:
                 raise KeyError(f"unknown config key {key!r}; known: {self.keys()}")
-            if value == "" and types[name] != "str":
+            if value == "":
                 continue
             caster = {"int": int, "float": float, "str": str}[str(types[name])]
             if caster is int and isinstance(value, float) and not value.is_integer():

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .losses import KDMode
 from .models import EdgeModel
-from .training import FitResult, TensorBatches, fit, make_optimizer
+from .training import FitResult, TensorBatches, fit, make_optimizer, to_device
 
 __all__ = ["EdgeRoundConfig", "train_edge", "extract"]
 
@@ -32,6 +32,9 @@ class EdgeRoundConfig:
     temperature: float = 3.0
     alpha: float = 1.0
     kd_mode: KDMode = KDMode.BOTH
+
+    def __post_init__(self) -> None:
+        self.kd_mode = KDMode(self.kd_mode)
 
 
 def train_edge(
@@ -64,7 +67,7 @@ def train_edge(
     )
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def extract(
     model: EdgeModel, x: Tensor, batch_size: int, device: torch.device
 ) -> tuple[Tensor, Tensor]:
@@ -72,7 +75,7 @@ def extract(
     model.eval()
     feats, logits = [], []
     for start in range(0, len(x), batch_size):
-        z, h = model.forward_with_features(x[start : start + batch_size].to(device))
-        feats.append(h.cpu())
+        z, h = model.forward_with_features(to_device(x[start : start + batch_size], device))
+        feats.append(h.float().cpu().contiguous())
         logits.append(z.float().cpu())
     return torch.cat(feats), torch.cat(logits)

@@ -16,7 +16,16 @@ import torch
 from torch import Tensor, nn
 
 from .losses import KDMode
-from .training import TensorBatches, evaluate_logits, fit, get_device, make_optimizer, predict
+from .training import (
+    TensorBatches,
+    evaluate_logits,
+    fit,
+    get_device,
+    make_optimizer,
+    predict,
+    prepare_model,
+    set_lr,
+)
 from .wire import Payload
 
 __all__ = ["GKTServer", "ServerRoundResult"]
@@ -74,8 +83,9 @@ class GKTServer:
         seed: int = 0,
     ) -> None:
         self.device = get_device(device)
-        self.model = model.to(self.device)
+        self.model = prepare_model(model, self.device)
         self.optimizer = make_optimizer(optimizer, self.model.parameters(), lr, weight_decay)
+        self.lr = float(lr)
         self.epochs = int(epochs)
         self.batch_size = int(batch_size)
         self.temperature = float(temperature)
@@ -93,13 +103,15 @@ class GKTServer:
         """The server logits ``Z_s`` computed for ``node_id``'s samples, if any."""
         return self.logits.get(node_id)
 
-    def train_round(self) -> ServerRoundResult:
+    def train_round(self, lr_scale: float = 1.0) -> ServerRoundResult:
         """Train ``E_s`` epochs on every stored node's features, then set ``Z_s``.
 
         All nodes' samples are shuffled together. The logits returned to each
         node are the outputs of the last epoch's forward passes, per sample
-        (Algorithm 1, lines 10-11).
+        (Algorithm 1, lines 10-11). ``lr_scale`` multiplies the base learning
+        rate for this round (learning-rate schedule).
         """
+        set_lr(self.optimizer, self.lr * lr_scale)
         nodes = sorted(self.store)
         if not nodes:
             return ServerRoundResult(0.0, 0.0, 0, 0, 0.0)
@@ -141,7 +153,7 @@ class GKTServer:
     def predict(self, features: Tensor) -> Tensor:
         """Server logits for feature maps, eval mode, on the CPU."""
         labels = torch.zeros(len(features), dtype=torch.long)
-        return predict(self.model, TensorBatches(features, labels, 4 * self.batch_size), self.device)
+        return predict(self.model, TensorBatches(features, labels, self.batch_size), self.device)
 
     def evaluate(self, features: Tensor, labels: Tensor) -> tuple[float, int]:
         """Return ``(summed CE loss, correct)`` of the server model on features."""

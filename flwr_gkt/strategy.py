@@ -36,6 +36,7 @@ from flwr.supercore import log
 
 from .edge import EdgeRoundConfig
 from .server import GKTServer
+from .training import lr_factor
 from .wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -86,6 +87,13 @@ class FedGKT(Strategy):
         Dtype the nodes use for features on the wire (``float32``/``float16``).
     max_samples : int, optional
         Largest number of samples one reply may carry.
+    lr_schedule : str
+        ``constant`` or ``cosine``: per-round learning-rate multiplier applied to
+        the server and the edge learning rates (see
+        :func:`flwr_gkt.training.lr_factor`); needs the number of rounds, taken
+        from :meth:`start`.
+    seed : int
+        Seed sent to the nodes for their data shuffling.
     """
 
     def __init__(
@@ -102,6 +110,7 @@ class FedGKT(Strategy):
         min_available_nodes: int = 2,
         feature_dtype: str = "float32",
         max_samples: int | None = None,
+        lr_schedule: str = "constant",
         seed: int = 0,
     ) -> None:
         self.server = server
@@ -114,12 +123,23 @@ class FedGKT(Strategy):
         self.min_available_nodes = min_available_nodes
         self.feature_dtype = feature_dtype
         self.seed = seed
+        self.lr_schedule = lr_schedule
+        lr_factor(lr_schedule, 1, 1)  # raises on an unknown schedule
+        self.num_rounds = 0
         #: One dict per round: metrics, bytes and times (also written to CSV).
         self.history: list[dict[str, float]] = []
         self._round_start = 0.0
         self._bytes_sent = 0
 
     # ------------------------------------------------------------------ helpers
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, *args: Any, **kwargs: Any) -> Any:
+        """Run FedGKT (see :meth:`flwr.serverapp.strategy.Strategy.start`)."""
+        self.num_rounds = num_rounds
+        return super().start(grid, initial_arrays, num_rounds, *args, **kwargs)
+
+    def _lr_factor(self, server_round: int) -> float:
+        return lr_factor(self.lr_schedule, server_round, max(self.num_rounds, server_round))
+
     def initial_arrays(self) -> ArrayRecord:
         """The server model's weights, to pass to :meth:`start`."""
         return ArrayRecord(self.server.model.state_dict())
@@ -192,6 +212,7 @@ class FedGKT(Strategy):
         round_config = edge_config_record(
             self.edge_config, **{"feature-dtype": self.feature_dtype, "seed": self.seed}
         )
+        round_config["lr"] = self.edge_config.lr * self._lr_factor(server_round)
         round_config.update(config)
         round_config["server-round"] = server_round
         messages = []
@@ -212,7 +233,7 @@ class FedGKT(Strategy):
         accepted, nbytes, rejected = self._accept(server_round, replies, with_logits=True)
         for node, payload, _ in accepted:
             self.server.put(node, payload)
-        result = self.server.train_round()
+        result = self.server.train_round(lr_scale=self._lr_factor(server_round))
         n_edge = sum(len(p) for _, p, _ in accepted)
         row: dict[str, float] = {
             "round": server_round,

@@ -10,6 +10,7 @@ Algorithm 1 lines 10-11).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -25,7 +26,11 @@ __all__ = [
     "TensorBatches",
     "FitResult",
     "get_device",
+    "to_device",
+    "prepare_model",
     "make_optimizer",
+    "lr_factor",
+    "set_lr",
     "fit",
     "predict",
     "evaluate_logits",
@@ -39,6 +44,22 @@ def get_device(preference: str = "auto") -> torch.device:
     if preference == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(preference)
+
+
+def to_device(x: Tensor, device: torch.device) -> Tensor:
+    """Move a batch to ``device``; image-like batches go channels-last.
+
+    Channels-last convolutions are several times faster on the CPU (oneDNN)
+    and no slower on GPUs; the logical shape is unchanged.
+    """
+    if x.dim() == 4:
+        return x.to(device, memory_format=torch.channels_last, non_blocking=True)
+    return x.to(device, non_blocking=True)
+
+
+def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """Move ``model`` to ``device`` in channels-last layout (in place)."""
+    return model.to(device=device, memory_format=torch.channels_last)
 
 
 class TensorBatches:
@@ -111,6 +132,26 @@ def make_optimizer(
     raise ValueError(f"unknown optimizer {name!r} (expected 'adam' or 'sgd')")
 
 
+def lr_factor(schedule: str, server_round: int, num_rounds: int) -> float:
+    """Learning-rate multiplier of round ``server_round`` (1-based) of ``num_rounds``.
+
+    ``constant``: 1. ``cosine``: ``0.5 * (1 + cos(pi * (round - 1) / num_rounds))``,
+    from 1 in the first round towards 0 -- the fixed-budget counterpart of the
+    paper's "reduce the learning rate once the accuracy has plateaued".
+    """
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"unknown lr schedule {schedule!r} (expected 'constant' or 'cosine')")
+    if schedule == "constant" or num_rounds <= 1:
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * (server_round - 1) / num_rounds))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the learning rate of every parameter group."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 @dataclass
 class FitResult:
     """What :func:`fit` measured.
@@ -181,7 +222,7 @@ def fit(
         capturing = capture_logits is not None and epoch == epochs - 1
         total_loss, correct, seen = 0.0, 0, 0
         for inputs, labels, index in batches:
-            inputs = inputs.to(device, non_blocking=True)
+            inputs = to_device(inputs, device)
             labels = labels.to(device, non_blocking=True)
             logits = model(inputs)
             batch_teacher = teacher[index.to(device)] if teacher is not None else None
@@ -208,13 +249,13 @@ def fit(
     )
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict(
     model: nn.Module, batches: Iterable[Batch], device: torch.device
 ) -> Tensor:
     """Logits of ``model`` in eval mode for every batch, concatenated on the CPU."""
     model.eval()
-    outs = [model(inputs.to(device)).float().cpu() for inputs, _, _ in batches]
+    outs = [model(to_device(inputs, device)).float().cpu() for inputs, _, _ in batches]
     return torch.cat(outs) if outs else torch.empty(0)
 
 

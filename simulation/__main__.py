@@ -15,28 +15,37 @@ from flwr.simulation import run_simulation
 from flwr_gkt.config import RunConfig, parse_overrides, resolve_config
 
 from .client_app import make_client_app
+from .legacy_app import make_legacy_apps
 from .server_app import make_server_app
 from .task import PRESETS_DIR
 
 
-def build_config(argv: list[str] | None = None) -> RunConfig:
+def build_config(argv: list[str] | None = None) -> tuple[RunConfig, str]:
     parser = argparse.ArgumentParser(prog="python -m simulation", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="fmnist",
                         help="preset name in simulation/presets/ or a path to a YAML file")
     parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override a config key (repeatable; also 'k1=v1 k2=v2')")
+    parser.add_argument("--api", choices=("message", "legacy"), default="message",
+                        help="Flower API: the Message API strategy (default) or the legacy "
+                             "configure_fit/aggregate_fit adapter with a NumPyClient")
     args = parser.parse_args(argv)
-    return resolve_config({"preset": args.preset, **parse_overrides(args.overrides)}, PRESETS_DIR)
+    cfg = resolve_config({"preset": args.preset, **parse_overrides(args.overrides)}, PRESETS_DIR)
+    return cfg, args.api
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = build_config(argv)
-    print(f"flwr-gkt simulation: {cfg.num_clients} nodes, {cfg.num_server_rounds} rounds, "
-          f"edge {cfg.edge_model}, server {cfg.server_model}", flush=True)
+    cfg, api = build_config(argv)
+    print(f"flwr-gkt simulation ({api} API): {cfg.num_clients} nodes, {cfg.num_server_rounds} "
+          f"rounds, edge {cfg.edge_model}, server {cfg.server_model}", flush=True)
+    if api == "legacy":
+        server_app, client_app = make_legacy_apps(cfg)
+    else:
+        server_app, client_app = make_server_app(cfg), make_client_app(cfg)
     run_simulation(
-        server_app=make_server_app(cfg),
-        client_app=make_client_app(cfg),
+        server_app=server_app,
+        client_app=client_app,
         num_supernodes=cfg.num_clients,
         backend_config={
             "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 0.0},

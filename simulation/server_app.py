@@ -58,6 +58,7 @@ def run_fedgkt(grid: Grid, cfg: RunConfig) -> FedGKT:
         min_evaluate_nodes=cfg.min_nodes,
         min_available_nodes=cfg.min_nodes,
         feature_dtype=cfg.feature_dtype,
+        lr_schedule=cfg.lr_schedule,
         seed=cfg.seed,
     )
     out = results_dir(cfg)

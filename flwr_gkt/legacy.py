@@ -1,0 +1,265 @@
+"""FedGKT for Flower's legacy Strategy API (``configure_fit`` / ``aggregate_fit``).
+
+A thin adapter over the same pieces as the Message API strategy
+(:class:`flwr_gkt.server.GKTServer`, :mod:`flwr_gkt.edge`, the validation of
+:mod:`flwr_gkt.wire`), for ServerApps built with ``server_fn`` and clients
+written as :class:`flwr.client.NumPyClient`. The Message API
+(:class:`flwr_gkt.strategy.FedGKT`) is the primary interface.
+
+Wire mapping:
+
+* ``FitIns.parameters``: ``[server_logits]`` for the node (empty in its first
+  round); ``FitIns.config``: the edge round settings.
+* ``FitRes.parameters``: ``[features, client_logits, labels]``.
+* ``EvaluateRes`` carries no arrays in the legacy API, so evaluation is done
+  on the node: ``EvaluateIns.parameters`` are the server model's weights, the
+  node stacks its extractor and the server model (the paper's "offline
+  inference") and reports ``accuracy`` and ``edge-accuracy``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context
+from flwr.client import NumPyClient
+from flwr.common import (
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import Strategy
+from flwr.supercore import log
+from torch import nn
+
+from .client_app import STATE_LOGITS, STATE_MODEL, edge_round_config
+from .data import ClientData
+from .edge import EdgeRoundConfig, extract, train_edge
+from .models import EdgeModel
+from .server import GKTServer
+from .strategy import edge_config_record
+from .training import TensorBatches, evaluate_logits, get_device, predict, prepare_model
+from .wire import PayloadError, PayloadSpec, encode_server_logits, validate_arrays
+
+__all__ = ["FedGKTLegacy", "GKTNumPyClient"]
+
+
+def _state_arrays(model: nn.Module) -> list[np.ndarray]:
+    return [v.detach().cpu().numpy() for v in model.state_dict().values()]
+
+
+class FedGKTLegacy(Strategy):
+    """FedGKT behind the legacy ``flwr.server.strategy.Strategy`` interface.
+
+    Parameters
+    ----------
+    server : GKTServer
+        Server model, optimizer and feature store.
+    num_classes : int
+        Number of classes.
+    feature_shape : tuple[int, int, int], optional
+        Expected ``(C, H, W)`` of the feature maps.
+    edge_config : EdgeRoundConfig, optional
+        Settings sent to the nodes each round.
+    min_fit_clients, min_evaluate_clients, min_available_clients : int
+        Sampling bounds; all available nodes are sampled.
+    """
+
+    def __init__(
+        self,
+        server: GKTServer,
+        num_classes: int,
+        *,
+        feature_shape: tuple[int, int, int] | None = None,
+        edge_config: EdgeRoundConfig | None = None,
+        min_fit_clients: int = 2,
+        min_evaluate_clients: int = 2,
+        min_available_clients: int = 2,
+    ) -> None:
+        super().__init__()
+        self.server = server
+        self.spec = PayloadSpec(num_classes, feature_shape)
+        self.edge_config = edge_config or EdgeRoundConfig(kd_mode=server.kd_mode)
+        self.min_fit_clients = min_fit_clients
+        self.min_evaluate_clients = min_evaluate_clients
+        self.min_available_clients = min_available_clients
+        self.history: list[dict[str, float]] = []
+
+    def __repr__(self) -> str:
+        return f"FedGKTLegacy(server={type(self.server.model).__name__})"
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        """The server model's initial weights (what ``History`` tracks)."""
+        return ndarrays_to_parameters(_state_arrays(self.server.model))
+
+    def _sample(self, client_manager: ClientManager, minimum: int) -> list[ClientProxy]:
+        client_manager.wait_for(max(minimum, self.min_available_clients))
+        return client_manager.sample(
+            num_clients=max(client_manager.num_available(), minimum),
+            min_num_clients=self.min_available_clients,
+        )
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        """Each node gets its own server logits and the round config."""
+        config = dict(edge_config_record(self.edge_config, **{"server-round": server_round}))
+        out = []
+        for proxy in self._sample(client_manager, self.min_fit_clients):
+            logits = self.server.server_logits(int(proxy.cid))
+            arrays = [] if logits is None else [logits.numpy().astype(np.float32)]
+            out.append((proxy, FitIns(ndarrays_to_parameters(arrays), dict(config))))
+        return out
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Validate and store ``(H, Z_c, Y)`` per node, then train the server model."""
+        accepted = 0
+        for failure in failures:
+            log(WARNING, "FedGKT round %d: a node failed: %r", server_round, failure)
+        for proxy, res in results:
+            try:
+                arrays = parameters_to_ndarrays(res.parameters)
+                if len(arrays) != 3:
+                    raise PayloadError(f"expected [features, logits, labels], got {len(arrays)} arrays")
+                features, logits, labels = arrays
+                payload = validate_arrays(features, labels, logits, self.spec, res.num_examples)
+            except (PayloadError, ValueError) as err:
+                log(WARNING, "FedGKT round %d: fit reply of node %s rejected: %s", server_round, proxy.cid, err)
+                continue
+            self.server.put(int(proxy.cid), payload)
+            accepted += 1
+        result = self.server.train_round()
+        metrics: dict[str, Scalar] = {
+            "nodes-replied": accepted,
+            "nodes-rejected": len(results) - accepted + len(failures),
+            "server-train-loss": result.loss,
+            "server-train-accuracy": result.accuracy,
+            "server-train-examples": result.num_examples,
+        }
+        self.history.append({"round": server_round, **{k: float(v) for k, v in metrics.items()}})  # type: ignore[arg-type]
+        log(INFO, "FedGKT round %d fit: %s", server_round, metrics)
+        if result.num_examples == 0:
+            return None, metrics
+        return ndarrays_to_parameters(_state_arrays(self.server.model)), metrics
+
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        """Send the server model to the nodes for on-node evaluation."""
+        ins = EvaluateIns(parameters, {"server-round": server_round, "batch-size": self.edge_config.batch_size})
+        return [(p, ins) for p in self._sample(client_manager, self.min_evaluate_clients)]
+
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        """Example-weighted loss, accuracy and edge-only accuracy."""
+        n = sum(r.num_examples for _, r in results)
+        if n == 0:
+            return None, {}
+        loss = sum(r.loss * r.num_examples for _, r in results) / n
+        metrics: dict[str, Scalar] = {
+            key: sum(float(r.metrics.get(key, 0.0)) * r.num_examples for _, r in results) / n
+            for key in ("accuracy", "edge-accuracy")
+        }
+        metrics["num-examples"] = n
+        if self.history and self.history[-1]["round"] == server_round:
+            self.history[-1].update({"loss": loss, **{k: float(v) for k, v in metrics.items()}})  # type: ignore[arg-type]
+        log(INFO, "FedGKT round %d evaluate: loss %.4f %s", server_round, loss, metrics)
+        return loss, metrics
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+        """No centralized evaluation."""
+        return None
+
+
+class GKTNumPyClient(NumPyClient):
+    """The edge node for :class:`FedGKTLegacy`.
+
+    Parameters
+    ----------
+    context : Context
+        The node's context; its ``state`` keeps the edge model and the latest
+        server logits across rounds.
+    data : ClientData
+        Local training and test data.
+    build_edge : Callable[[], EdgeModel]
+        Builds the (untrained) edge model.
+    build_server : Callable[[], nn.Module]
+        Builds the server architecture, for on-node evaluation.
+    device : str
+        ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    """
+
+    def __init__(
+        self,
+        context: Context,
+        data: ClientData,
+        build_edge: Callable[[], EdgeModel],
+        build_server: Callable[[], nn.Module],
+        device: str = "auto",
+    ) -> None:
+        self.ctx = context
+        self.data = data
+        self.build_edge = build_edge
+        self.build_server = build_server
+        self.device = get_device(device)
+
+    def _edge(self) -> EdgeModel:
+        model = self.build_edge()
+        state = self.ctx.state.array_records.get(STATE_MODEL)
+        if state is not None:
+            model.load_state_dict(state.to_torch_state_dict())
+        return prepare_model(model, self.device)  # type: ignore[return-value]
+
+    def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
+        """Train ``E_c`` epochs with KD from the server logits; return ``[H, Z_c, Y]``."""
+        cfg = edge_round_config(config)  # type: ignore[arg-type]
+        n = len(self.data.y_train)
+        server_logits = None
+        if parameters:
+            if parameters[0].shape != (n, self.data.num_classes):
+                raise ValueError(f"server logits of shape {parameters[0].shape}, expected {(n, self.data.num_classes)}")
+            server_logits = torch.from_numpy(parameters[0].astype(np.float32))
+            self.ctx.state.array_records[STATE_LOGITS] = encode_server_logits(parameters[0])
+        model = self._edge()
+        gen = torch.Generator().manual_seed(int(config.get("server-round", 0)))
+        result = train_edge(model, self.data.x_train, self.data.y_train, server_logits, cfg, self.device, gen)
+        features, logits = extract(model, self.data.x_train, cfg.batch_size, self.device)
+        self.ctx.state.array_records[STATE_MODEL] = ArrayRecord(model.state_dict())
+        arrays = [features.numpy(), logits.numpy(), self.data.y_train.numpy()]
+        return arrays, n, {"edge-train-loss": result.loss, "edge-train-accuracy": result.accuracy}
+
+    def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict[str, Scalar]]:
+        """Accuracy of extractor + server model, and of the edge model alone."""
+        edge = self._edge()
+        server = self.build_server()
+        keys = list(server.state_dict().keys())
+        server.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in zip(keys, parameters, strict=True)})
+        server = prepare_model(server, self.device)
+        batch_size = int(config.get("batch-size", 64))
+        features, edge_logits = extract(edge, self.data.x_test, batch_size, self.device)
+        y = self.data.y_test
+        logits = predict(server, TensorBatches(features, y, batch_size), self.device)
+        loss_sum, correct = evaluate_logits(logits, y)
+        _, edge_correct = evaluate_logits(edge_logits, y)
+        n = len(y)
+        return loss_sum / n, n, {"accuracy": correct / n, "edge-accuracy": edge_correct / n}

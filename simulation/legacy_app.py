@@ -1,0 +1,81 @@
+"""The same FedGKT run through Flower's legacy API: ``server_fn`` + ``NumPyClient``.
+
+``FedGKTLegacy`` is a thin adapter over the server logic of the Message API
+strategy; prefer ``simulation.server_app`` / ``simulation.client_app``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from flwr.app import Context
+from flwr.client import Client, ClientApp
+from flwr.server import ServerApp, ServerAppComponents, ServerConfig
+
+from flwr_gkt.config import RunConfig
+from flwr_gkt.edge import EdgeRoundConfig
+from flwr_gkt.legacy import FedGKTLegacy, GKTNumPyClient
+from flwr_gkt.server import GKTServer
+
+from .task import (
+    build_server,
+    config_from_run_config,
+    dataset_info,
+    edge_builder,
+    feature_shape,
+    load_client_data,
+    results_dir,
+    write_results,
+)
+
+
+class _RecordingFedGKTLegacy(FedGKTLegacy):
+    """Writes metrics.csv / results.json after every evaluated round."""
+
+    def __init__(self, *args, cfg: RunConfig, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.cfg = cfg
+        self.out = results_dir(cfg)
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        out = super().aggregate_evaluate(server_round, results, failures)
+        write_results(self.out, self.cfg, self.history, {"api": "legacy"})
+        return out
+
+
+def make_legacy_apps(fixed: RunConfig | None = None) -> tuple[ServerApp, ClientApp]:
+    """Build the legacy ServerApp and ClientApp."""
+
+    def server_fn(context: Context) -> ServerAppComponents:
+        cfg = fixed or config_from_run_config(context.run_config)
+        server = GKTServer(
+            build_server(cfg), epochs=cfg.server_epochs, batch_size=cfg.server_batch_size,
+            optimizer=cfg.server_optimizer, lr=cfg.server_lr, weight_decay=cfg.weight_decay,
+            temperature=cfg.temperature, alpha=cfg.alpha, kd_mode=cfg.kd_mode, device=cfg.device,
+            seed=cfg.seed,
+        )
+        strategy = _RecordingFedGKTLegacy(
+            server, dataset_info(cfg)[0], feature_shape=feature_shape(cfg),
+            edge_config=EdgeRoundConfig(
+                epochs=cfg.edge_epochs, batch_size=cfg.batch_size, optimizer=cfg.edge_optimizer,
+                lr=cfg.edge_lr, weight_decay=cfg.weight_decay, temperature=cfg.temperature,
+                alpha=cfg.alpha, kd_mode=cfg.kd_mode,
+            ),
+            min_fit_clients=cfg.min_nodes, min_evaluate_clients=cfg.min_nodes,
+            min_available_clients=cfg.min_nodes,
+            cfg=cfg,
+        )
+        return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=cfg.num_server_rounds))
+
+    def client_fn(context: Context) -> Client:
+        cfg = fixed or config_from_run_config(context.run_config)
+        pid = int(context.node_config["partition-id"])
+        data = load_client_data(cfg, pid, int(context.node_config["num-partitions"]))
+        return GKTNumPyClient(
+            context, data, edge_builder(cfg, pid), functools.partial(build_server, cfg), cfg.device
+        ).to_client()
+
+    return ServerApp(server_fn=server_fn), ClientApp(client_fn=client_fn)
+
+
+server_app, client_app = make_legacy_apps()

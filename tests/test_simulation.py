@@ -1,0 +1,93 @@
+"""End-to-end runs through Flower's runtimes (Ray simulation), as a user runs them.
+
+Each test starts a real process: ``python -m simulation`` (``run_simulation``),
+``python -m simulation --api legacy`` and ``flwr run`` on a private SuperLink.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+
+def _run(args, cwd, timeout=420):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-5000:]
+    return log
+
+
+def _results(path):
+    data = json.loads((path / "results.json").read_text())
+    assert (path / "metrics.csv").read_text().count("\n") == len(data["history"]) + 1
+    return data
+
+
+def _check_learned(history, rounds=2, nodes=2):
+    assert [row["round"] for row in history] == list(range(1, rounds + 1))
+    for row in history:
+        assert row["nodes-replied"] == nodes and row["nodes-rejected"] == 0
+    last = history[-1]
+    assert last["accuracy"] > 0.3  # 10 classes: chance is 0.1
+    assert last["num-examples"] == 500  # 5% of the 10k test set, split over the nodes
+
+
+def test_python_entry_runs_fedgkt_in_simulation(tmp_path):
+    log = _run(["-m", "simulation", "--preset", "smoke", "--set", f"results-dir={tmp_path}",
+                "run-name=entry"], ROOT)
+    assert "FedGKT round 2 eval: accuracy" in log
+    data = _results(tmp_path / "entry")
+    _check_learned(data["history"])
+    h = data["history"]
+    # features of every training sample went up each round: 16x28x28 float32 each
+    assert h[0]["bytes-up-train"] > 600 * 16 * 28 * 28 * 4
+    assert h[0]["bytes-down-train"] == 0  # no server logits yet in round 1
+    assert h[1]["bytes-down-train"] > 600 * 10 * 4
+    assert (tmp_path / "entry" / "server_model.pt").is_file()
+
+
+def test_legacy_strategy_api_runs_in_simulation(tmp_path):
+    log = _run(["-m", "simulation", "--api", "legacy", "--preset", "smoke", "--set",
+                f"results-dir={tmp_path}", "run-name=legacy"], ROOT)
+    assert "FedGKT round 2 fit" in log
+    data = _results(tmp_path / "legacy")
+    _check_learned(data["history"])
+
+
+def _leftover_processes(marker):
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if marker in line and "ps -eo" not in line]
+
+
+def test_flwr_run_on_a_local_superlink(tmp_path):
+    home = tmp_path / "flwr-home"
+    log = _run(["-m", "simulation.flwr_local", "--num-supernodes", "2", "--flwr-home", str(home),
+                "--workdir", str(tmp_path), "--run-config",
+                f"preset='smoke' results-dir='{tmp_path / 'out'}' run-name='flwr'"], ROOT)
+    assert "flwr run status: finished:completed" in log
+    assert "FedGKT round 2 eval: accuracy" in log  # ServerApp log streamed back
+    data = _results(tmp_path / "out" / "flwr")
+    _check_learned(data["history"])
+    assert data["config"]["server-model"] == "resnet10"  # the preset reached the ServerApp
+    assert not _leftover_processes(str(home)), "processes left running"
+    # pyproject.toml is untouched by flwr run (no federation table to migrate)
+    assert "federations" not in (ROOT / "pyproject.toml").read_text()
+
+
+def test_flwr_local_reports_failed_runs(tmp_path):
+    home = tmp_path / "flwr-home"
+    env = {**os.environ}
+    proc = subprocess.run(
+        [sys.executable, "-m", "simulation.flwr_local", "--num-supernodes", "2", "--flwr-home",
+         str(home), "--workdir", str(tmp_path), "--run-config", "preset='no-such-preset'"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "flwr run status: finished:failed" in proc.stdout
+    assert not _leftover_processes(str(home))

@@ -1,0 +1,129 @@
+"""FedGKT strategy with the real ClientApp handlers, in process (no Ray)."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, Error, Message
+
+from flwr_gkt.data import client_data
+from flwr_gkt.edge import EdgeRoundConfig
+from flwr_gkt.models import resnet8
+from flwr_gkt.registry import build_server_model
+from flwr_gkt.server import GKTServer
+from flwr_gkt.strategy import FedGKT
+from flwr_gkt.wire import ARRAYS_KEY, decode_server_logits
+from local_federation import LocalFederation
+
+NODES = [11, 22, 33]
+
+
+def make_federation(fraction=0.005):
+    datas = [client_data(i, 3, fraction=fraction, test_fraction=0.03, seed=0) for i in range(3)]
+
+    def builder(i):
+        def build():
+            torch.manual_seed(i)
+            return resnet8(10, 1)
+        return build
+
+    fed = LocalFederation(NODES, datas, [builder(i) for i in range(3)])
+    torch.manual_seed(0)
+    server = GKTServer(build_server_model("resnet10", 10), epochs=2, batch_size=32, device="cpu")
+    strategy = FedGKT(server, 10, feature_shape=(16, 28, 28), min_train_nodes=3,
+                      min_evaluate_nodes=3, min_available_nodes=3,
+                      edge_config=EdgeRoundConfig(batch_size=32))
+    return fed, strategy, datas
+
+
+def test_each_node_gets_its_own_server_logits_in_sample_order():
+    fed, strategy, datas = make_federation()
+    fed.run_round(strategy, 1)
+    # Round 1: no logits yet, so no node used KD.
+    assert all(ARRAYS_KEY not in m.content.array_records for m in fed.last_train_messages)
+    expected = {n: strategy.server.server_logits(n).clone() for n in NODES}
+    stored = {n: strategy.server.store[n] for n in NODES}
+    fed.run_round(strategy, 2)
+    for msg in fed.last_train_messages:
+        node = msg.metadata.dst_node_id
+        data = datas[NODES.index(node)]
+        got = decode_server_logits(msg.content, len(data.y_train), 10)
+        torch.testing.assert_close(got, expected[node])
+        # the labels the server holds for these rows are the node's labels, in order
+        assert torch.equal(stored[node].labels, data.y_train)
+        # and the node kept them in its persistent state
+        context = fed.nodes[node][0]
+        kept = context.state.array_records["gkt-server-logits"]["server-logits"].numpy()
+        np.testing.assert_array_equal(kept, expected[node].numpy())
+    assert strategy.history[-1]["nodes-replied"] == 3
+
+
+def _nan_features(nid, rnd, reply):
+    if nid == 22 and rnd == 2 and reply.metadata.message_type == "train":
+        feats = reply.content.array_records[ARRAYS_KEY]["features"].numpy().copy()
+        feats[0, 0, 0, 0] = np.nan
+        reply.content.array_records[ARRAYS_KEY]["features"] = Array(feats)
+    return reply
+
+
+def _wrong_shape(nid, rnd, reply):
+    if nid == 22 and rnd == 2 and reply.metadata.message_type == "train":
+        feats = reply.content.array_records[ARRAYS_KEY]["features"].numpy()
+        reply.content.array_records[ARRAYS_KEY]["features"] = Array(np.ascontiguousarray(feats[:, :, :14]))
+    return reply
+
+
+
+@pytest.mark.parametrize("tamper,reason", [
+    (_nan_features, "NaN or Inf"),
+    (_wrong_shape, "maps have shape [16, 14, 28]"),
+])
+def test_bad_reply_is_rejected_round_continues_and_nothing_stored_is_lost(tamper, reason, caplog):
+    fed, strategy, _ = make_federation()
+    fed.run_round(strategy, 1)
+    before = strategy.server.store[22]
+    fed.tamper = tamper
+    with caplog.at_level(logging.WARNING):
+        (arrays, train_metrics), eval_metrics = fed.run_round(strategy, 2)
+    lines = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+    assert len(lines) == 1 and "node 22" in lines[0] and reason in lines[0]
+    assert train_metrics["nodes-replied"] == 2 and train_metrics["nodes-rejected"] == 1
+    assert arrays is not None and eval_metrics["accuracy"] > 0
+    # node 22's round-1 features are still stored, untouched, and still trained on
+    assert strategy.server.store[22] is before
+    assert train_metrics["server-train-examples"] == sum(len(p) for p in strategy.server.store.values())
+    assert strategy.server.server_logits(22).shape == (len(before), 10)
+    # the next round serves node 22 again and accepts its reply
+    fed.tamper = None
+    (_, metrics3), _ = fed.run_round(strategy, 3)
+    assert metrics3["nodes-replied"] == 3 and strategy.server.store[22] is not before
+
+
+def test_node_error_reply_is_logged_and_skipped(caplog):
+    fed, strategy, _ = make_federation()
+    fed.run_round(strategy, 1)
+
+    def tamper(nid, rnd, reply):
+        if nid == 22:
+            instruction = next(m for m in fed.last_train_messages if m.metadata.dst_node_id == 22)
+            if reply.metadata.message_type == "train":
+                return Message(Error(code=1, reason="node crashed"), reply_to=instruction)
+        return reply
+
+    fed.tamper = tamper
+    with caplog.at_level(logging.WARNING):
+        (_, metrics), _ = fed.run_round(strategy, 2)
+    assert metrics["nodes-replied"] == 2
+    assert any("node 22" in r.getMessage() and "node crashed" in r.getMessage() for r in caplog.records)
+
+
+def test_in_process_federation_learns_above_chance():
+    fed, strategy, _ = make_federation(fraction=0.01)
+    for rnd in (1, 2, 3):
+        fed.run_round(strategy, rnd)
+    h = strategy.history
+    assert h[-1]["accuracy"] > 0.4  # 10 classes: chance is 0.1
+    assert h[-1]["num-examples"] == 300  # 3% of the test set, split over 3 nodes
+    assert h[-1]["bytes-up-train"] > 600 * 16 * 28 * 28 * 4
+    assert h[-1]["bytes-down-train"] > 600 * 10 * 4

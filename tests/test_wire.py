@@ -1,0 +1,131 @@
+"""Wire format: round trip, byte accounting, and rejection of bad payloads."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+from flwr_gkt.wire import (
+    ARRAYS_KEY,
+    METRICS_KEY,
+    PayloadError,
+    PayloadSpec,
+    decode_payload,
+    decode_server_logits,
+    encode_payload,
+    encode_server_logits,
+    metrics_record,
+    record_nbytes,
+)
+
+SPEC = PayloadSpec(num_classes=10, feature_shape=(16, 8, 8))
+
+
+def make(n=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 16, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g),
+            torch.randn(n, 10, generator=g))
+
+
+def content(features, labels, logits, num_examples=None, feature_dtype="float32"):
+    record = encode_payload(features, labels, logits, feature_dtype=feature_dtype)
+    n = len(labels) if num_examples is None else num_examples
+    return RecordDict({ARRAYS_KEY: record, METRICS_KEY: metrics_record(n)})
+
+
+def raw_content(arrays: dict, num_examples: int):
+    record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return RecordDict({ARRAYS_KEY: record, METRICS_KEY: MetricRecord({"num-examples": num_examples})})
+
+
+def test_round_trip_is_exact():
+    h, y, z = make()
+    p = decode_payload(content(h, y, z), SPEC, with_logits=True)
+    assert torch.equal(p.features, h) and torch.equal(p.labels, y) and torch.equal(p.logits, z)
+    p = decode_payload(content(h, y, None), SPEC, with_logits=False)
+    assert p.logits is None and len(p) == 5
+
+
+def test_float16_features_round_trip_within_half_precision():
+    h, y, z = make()
+    p = decode_payload(content(h, y, z, feature_dtype="float16"), SPEC, with_logits=True)
+    assert p.features.dtype == torch.float32
+    assert torch.allclose(p.features, h, atol=1e-2, rtol=1e-3)
+
+
+def test_bytes_counted_match_payload():
+    h, y, z = make(n=7)
+    c = content(h, y, z)
+    npy = sum(len(a.data) for a in c.array_records[ARRAYS_KEY].values())
+    assert record_nbytes(c) == npy
+    raw = 7 * 16 * 8 * 8 * 4 + 7 * 8 + 7 * 10 * 4
+    assert raw < record_nbytes(c) < raw + 3 * 256  # .npy header per array, no more
+    half = content(h, y, z, feature_dtype="float16")
+    assert record_nbytes(c) - record_nbytes(half) == 7 * 16 * 8 * 8 * 2
+
+
+def _reject(c, match, with_logits=True, spec=SPEC):
+    with pytest.raises(PayloadError, match=match):
+        decode_payload(c, spec, with_logits=with_logits)
+
+
+def test_rejects_non_finite_values():
+    h, y, z = make()
+    h[1, 2, 3, 4] = float("nan")
+    _reject(content(h, y, z), "NaN or Inf")
+    h, y, z = make()
+    z[0, 0] = float("inf")
+    _reject(content(h, y, z), "'logits' contain NaN or Inf")
+
+
+def test_rejects_wrong_shapes_and_counts():
+    h, y, z = make()
+    _reject(content(h[:, :, :4], y, z), r"maps have shape \[16, 4, 8\]")
+    _reject(content(h.reshape(5, -1), y, z), "N x C x H x W")
+    _reject(content(h, y[:4], z), "count mismatch")
+    _reject(content(h, y, z[:, :9]), r"'logits' has shape \[5, 9\]")
+    _reject(content(h, y, z[:3]), r"'logits' has shape \[3, 10\]")
+    _reject(content(h, y, z, num_examples=6), "'num-examples' says 6")
+    _reject(content(h[:0], y[:0], z[:0]), "no samples")
+    _reject(content(h, y, z), "more than the limit", spec=PayloadSpec(10, (16, 8, 8), max_samples=4))
+
+
+def test_rejects_wrong_dtypes():
+    h, y, z = make()
+    arrays = {"features": h.numpy(), "labels": y.numpy(), "logits": z.numpy()}
+    _reject(raw_content({**arrays, "features": h.double().numpy()}, 5), "'features' has dtype float64")
+    _reject(raw_content({**arrays, "labels": y.int().numpy()}, 5), "'labels' has dtype int32")
+    _reject(raw_content({**arrays, "labels": y.float().numpy()}, 5), "'labels' has dtype float32")
+    _reject(raw_content({**arrays, "logits": z.double().numpy()}, 5), "'logits' has dtype float64")
+
+
+def test_rejects_out_of_range_labels():
+    h, y, z = make()
+    y[0] = 10
+    _reject(content(h, y, z), r"outside \[0, 10\)")
+    y[0] = -1
+    _reject(content(h, y, z), r"outside \[0, 10\)")
+
+
+def test_rejects_missing_parts_and_lying_metadata():
+    h, y, z = make()
+    _reject(RecordDict({METRICS_KEY: metrics_record(5)}), "missing ArrayRecord")
+    _reject(RecordDict({ARRAYS_KEY: encode_payload(h, y, z)}), "missing MetricRecord")
+    _reject(raw_content({"features": h.numpy(), "labels": y.numpy()}, 5), "missing array 'logits'")
+    c = RecordDict({ARRAYS_KEY: encode_payload(h, y, z), METRICS_KEY: MetricRecord({"num-examples": 5.0})})
+    _reject(c, "not an integer")
+    c = content(h, y, z)
+    c.array_records[ARRAYS_KEY]["features"].shape = [5, 16, 8, 9]  # header says otherwise
+    _reject(c, "declares")
+    c = content(h, y, z)
+    c.array_records[ARRAYS_KEY]["labels"].data = b"garbage"
+    _reject(c, "cannot be decoded")
+
+
+def test_server_logits_round_trip_and_validation():
+    z = torch.randn(6, 10)
+    c = RecordDict({ARRAYS_KEY: encode_server_logits(z)})
+    assert torch.equal(decode_server_logits(c, 6, 10), z)
+    assert decode_server_logits(RecordDict(), 6, 10) is None
+    with pytest.raises(PayloadError, match="expected"):
+        decode_server_logits(c, 7, 10)
