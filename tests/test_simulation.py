@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,3 +93,19 @@ def test_flwr_local_reports_failed_runs(tmp_path):
     assert proc.returncode == 1
     assert "flwr run status: finished:failed" in proc.stdout
     assert not _leftover_processes(str(home))
+
+
+@pytest.mark.parametrize("mode,reason", [("nan", "NaN or Inf"), ("shape", "maps have shape [8, 28, 28]")])
+def test_bad_payload_in_a_ray_simulation_is_rejected_and_the_run_goes_on(tmp_path, mode, reason):
+    log = _run(["tests/faulty_sim.py", str(tmp_path), mode], ROOT)
+    assert "FAULTY node" in log
+    rejected = [line for line in log.splitlines() if "reply of node" in line]
+    assert len(rejected) == 1 and "round 2" in rejected[0] and reason in rejected[0]
+    history = _results(tmp_path / mode)["history"]
+    assert [r["nodes-replied"] for r in history] == [3, 2, 3]
+    assert [r["nodes-rejected"] for r in history] == [0, 1, 0]
+    # the rejected node's round-1 features stayed in the store: the server still
+    # trained on all 3 nodes' samples in round 2
+    assert history[0]["server-train-examples"] == history[1]["server-train-examples"] == 600
+    assert all(r["eval-nodes"] == 3 for r in history)
+    assert history[-1]["accuracy"] > 0.3
