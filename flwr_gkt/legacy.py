@@ -49,7 +49,7 @@ from .edge import EdgeRoundConfig, extract, train_edge
 from .models import EdgeModel
 from .server import GKTServer
 from .strategy import edge_config_record
-from .training import TensorBatches, evaluate_logits, get_device, predict, prepare_model
+from .training import TensorBatches, evaluate_logits, get_device, lr_factor, predict, prepare_model
 from .wire import PayloadError, PayloadSpec, encode_server_logits, validate_arrays
 
 __all__ = ["FedGKTLegacy", "GKTNumPyClient"]
@@ -74,6 +74,10 @@ class FedGKTLegacy(Strategy):
         Settings sent to the nodes each round.
     min_fit_clients, min_evaluate_clients, min_available_clients : int
         Sampling bounds; all available nodes are sampled.
+    lr_schedule : str
+        ``constant`` or ``cosine`` over ``num_rounds`` (as in :class:`FedGKT`).
+    num_rounds : int
+        Number of rounds of the run (for the learning-rate schedule).
     """
 
     def __init__(
@@ -86,8 +90,13 @@ class FedGKTLegacy(Strategy):
         min_fit_clients: int = 2,
         min_evaluate_clients: int = 2,
         min_available_clients: int = 2,
+        lr_schedule: str = "constant",
+        num_rounds: int = 1,
     ) -> None:
         super().__init__()
+        lr_factor(lr_schedule, 1, 1)  # raises on an unknown schedule
+        self.lr_schedule = lr_schedule
+        self.num_rounds = num_rounds
         self.server = server
         self.spec = PayloadSpec(num_classes, feature_shape)
         self.edge_config = edge_config or EdgeRoundConfig(kd_mode=server.kd_mode)
@@ -98,6 +107,9 @@ class FedGKTLegacy(Strategy):
 
     def __repr__(self) -> str:
         return f"FedGKTLegacy(server={type(self.server.model).__name__})"
+
+    def _lr_factor(self, server_round: int) -> float:
+        return lr_factor(self.lr_schedule, server_round, max(self.num_rounds, server_round))
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         """The server model's initial weights (what ``History`` tracks)."""
@@ -114,7 +126,8 @@ class FedGKTLegacy(Strategy):
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
         """Each node gets its own server logits and the round config."""
-        config = dict(edge_config_record(self.edge_config, **{"server-round": server_round}))
+        lr = self.edge_config.lr * self._lr_factor(server_round)
+        config = dict(edge_config_record(self.edge_config, **{"server-round": server_round, "lr": lr}))
         out = []
         for proxy in self._sample(client_manager, self.min_fit_clients):
             logits = self.server.server_logits(int(proxy.cid))
@@ -144,7 +157,7 @@ class FedGKTLegacy(Strategy):
                 continue
             self.server.put(int(proxy.cid), payload)
             accepted += 1
-        result = self.server.train_round()
+        result = self.server.train_round(lr_scale=self._lr_factor(server_round))
         metrics: dict[str, Scalar] = {
             "nodes-replied": accepted,
             "nodes-rejected": len(results) - accepted + len(failures),

@@ -13,17 +13,17 @@ from flwr.client import Client, ClientApp
 from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 
 from flwr_gkt.config import RunConfig
-from flwr_gkt.edge import EdgeRoundConfig
 from flwr_gkt.legacy import FedGKTLegacy, GKTNumPyClient
-from flwr_gkt.server import GKTServer
 
 from .task import (
     build_server,
     config_from_run_config,
     dataset_info,
     edge_builder,
+    edge_config,
     feature_shape,
     load_client_data,
+    make_gkt_server,
     results_dir,
     write_results,
 )
@@ -48,21 +48,15 @@ def make_legacy_apps(fixed: RunConfig | None = None) -> tuple[ServerApp, ClientA
 
     def server_fn(context: Context) -> ServerAppComponents:
         cfg = fixed or config_from_run_config(context.run_config)
-        server = GKTServer(
-            build_server(cfg), epochs=cfg.server_epochs, batch_size=cfg.server_batch_size,
-            optimizer=cfg.server_optimizer, lr=cfg.server_lr, weight_decay=cfg.weight_decay,
-            temperature=cfg.temperature, alpha=cfg.alpha, kd_mode=cfg.kd_mode, device=cfg.device,
-            seed=cfg.seed,
-        )
         strategy = _RecordingFedGKTLegacy(
-            server, dataset_info(cfg)[0], feature_shape=feature_shape(cfg),
-            edge_config=EdgeRoundConfig(
-                epochs=cfg.edge_epochs, batch_size=cfg.batch_size, optimizer=cfg.edge_optimizer,
-                lr=cfg.edge_lr, weight_decay=cfg.weight_decay, temperature=cfg.temperature,
-                alpha=cfg.alpha, kd_mode=cfg.kd_mode,
-            ),
+            make_gkt_server(cfg),
+            dataset_info(cfg)[0],
+            feature_shape=feature_shape(cfg),
+            edge_config=edge_config(cfg),
             min_fit_clients=cfg.min_nodes, min_evaluate_clients=cfg.min_nodes,
             min_available_clients=cfg.min_nodes,
+            lr_schedule=cfg.lr_schedule,
+            num_rounds=cfg.num_server_rounds,
             cfg=cfg,
         )
         return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=cfg.num_server_rounds))

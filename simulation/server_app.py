@@ -11,47 +11,27 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from flwr_gkt.config import RunConfig
-from flwr_gkt.edge import EdgeRoundConfig
-from flwr_gkt.losses import KDMode
-from flwr_gkt.server import GKTServer
 from flwr_gkt.strategy import FedGKT
 
-from .task import build_server, config_from_run_config, dataset_info, feature_shape, results_dir, write_results
+from .task import (
+    config_from_run_config,
+    dataset_info,
+    edge_config,
+    feature_shape,
+    make_gkt_server,
+    results_dir,
+    write_results,
+)
 
 
 def run_fedgkt(grid: Grid, cfg: RunConfig) -> FedGKT:
     """Run ``cfg.num_server_rounds`` rounds of FedGKT on ``grid``; write results."""
-    if cfg.server_threads > 0:
-        torch.set_num_threads(cfg.server_threads)
-    num_classes, _, _ = dataset_info(cfg)
-    kd_mode = KDMode(cfg.kd_mode)
-    server = GKTServer(
-        build_server(cfg),
-        epochs=cfg.server_epochs,
-        batch_size=cfg.server_batch_size,
-        optimizer=cfg.server_optimizer,
-        lr=cfg.server_lr,
-        weight_decay=cfg.weight_decay,
-        temperature=cfg.temperature,
-        alpha=cfg.alpha,
-        kd_mode=kd_mode,
-        device=cfg.device,
-        seed=cfg.seed,
-    )
+    server = make_gkt_server(cfg)
     strategy = FedGKT(
         server,
-        num_classes,
+        dataset_info(cfg)[0],
         feature_shape=feature_shape(cfg),
-        edge_config=EdgeRoundConfig(
-            epochs=cfg.edge_epochs,
-            batch_size=cfg.batch_size,
-            optimizer=cfg.edge_optimizer,
-            lr=cfg.edge_lr,
-            weight_decay=cfg.weight_decay,
-            temperature=cfg.temperature,
-            alpha=cfg.alpha,
-            kd_mode=kd_mode,
-        ),
+        edge_config=edge_config(cfg),
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_nodes,

@@ -14,8 +14,10 @@ import torch
 
 from flwr_gkt.config import RunConfig, resolve_config
 from flwr_gkt.data import ClientData, client_data
+from flwr_gkt.edge import EdgeRoundConfig
 from flwr_gkt.models import FEATURE_CHANNELS, EdgeModel
 from flwr_gkt.registry import build_edge_model, build_server_model
+from flwr_gkt.server import GKTServer
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
@@ -67,6 +69,39 @@ def build_server(cfg: RunConfig) -> torch.nn.Module:
     num_classes, _, _ = dataset_info(cfg)
     torch.manual_seed(cfg.seed)
     return build_server_model(cfg.server_model, num_classes, FEATURE_CHANNELS)
+
+
+def make_gkt_server(cfg: RunConfig) -> GKTServer:
+    """The server model with its optimizer and feature store, as configured."""
+    if cfg.server_threads > 0:
+        torch.set_num_threads(cfg.server_threads)
+    return GKTServer(
+        build_server(cfg),
+        epochs=cfg.server_epochs,
+        batch_size=cfg.server_batch_size,
+        optimizer=cfg.server_optimizer,
+        lr=cfg.server_lr,
+        weight_decay=cfg.weight_decay,
+        temperature=cfg.temperature,
+        alpha=cfg.alpha,
+        kd_mode=cfg.kd_mode,
+        device=cfg.device,
+        seed=cfg.seed,
+    )
+
+
+def edge_config(cfg: RunConfig) -> EdgeRoundConfig:
+    """The per-round edge settings the server sends to the nodes."""
+    return EdgeRoundConfig(
+        epochs=cfg.edge_epochs,
+        batch_size=cfg.batch_size,
+        optimizer=cfg.edge_optimizer,
+        lr=cfg.edge_lr,
+        weight_decay=cfg.weight_decay,
+        temperature=cfg.temperature,
+        alpha=cfg.alpha,
+        kd_mode=cfg.kd_mode,  # type: ignore[arg-type]
+    )
 
 
 def results_dir(cfg: RunConfig) -> Path:

@@ -87,3 +87,25 @@ def test_tensor_batches_index_matches_rows():
         assert torch.equal(xb[:, 0].long(), idx) and torch.equal(yb, idx)
         seen += idx.tolist()
     assert sorted(seen) == list(range(10))
+
+
+def test_lr_factor_schedules():
+    import math
+
+    import pytest
+
+    from flwr_gkt.training import lr_factor
+
+    assert [lr_factor("constant", r, 5) for r in (1, 3, 5)] == [1.0, 1.0, 1.0]
+    assert lr_factor("cosine", 1, 4) == 1.0
+    assert lr_factor("cosine", 3, 4) == pytest.approx(0.5)
+    assert lr_factor("cosine", 4, 4) == pytest.approx(0.5 * (1 + math.cos(math.pi * 3 / 4)))
+    with pytest.raises(ValueError):
+        lr_factor("step", 1, 4)
+
+
+def test_server_round_applies_the_learning_rate_scale():
+    server = GKTServer(linear_server(), epochs=1, batch_size=8, lr=0.01, device="cpu")
+    server.put(1, payload(8, 1))
+    server.train_round(lr_scale=0.25)
+    assert server.optimizer.param_groups[0]["lr"] == 0.01 * 0.25

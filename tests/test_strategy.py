@@ -59,6 +59,18 @@ def test_each_node_gets_its_own_server_logits_in_sample_order():
     assert strategy.history[-1]["nodes-replied"] == 3
 
 
+def test_cosine_schedule_scales_edge_and_server_learning_rates():
+    fed, strategy, _ = make_federation()
+    strategy.lr_schedule, strategy.num_rounds = "cosine", 4
+    base_edge, base_server = strategy.edge_config.lr, strategy.server.lr
+    for rnd in (1, 2, 3):
+        fed.run_round(strategy, rnd)
+        factor = 0.5 * (1 + np.cos(np.pi * (rnd - 1) / 4))
+        sent = [m.content["config"]["lr"] for m in fed.last_train_messages]
+        assert sent == pytest.approx([base_edge * factor] * 3)
+        assert strategy.server.optimizer.param_groups[0]["lr"] == pytest.approx(base_server * factor)
+
+
 def _nan_features(nid, rnd, reply):
     if nid == 22 and rnd == 2 and reply.metadata.message_type == "train":
         feats = reply.content.array_records[ARRAYS_KEY]["features"].numpy().copy()
