@@ -42,11 +42,6 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _bin(name: str) -> str:
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
-
-
 def _wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -91,11 +86,14 @@ def run(
         '[superlink]\ndefault = "local-simulation"\n\n'
         f'[superlink.local-simulation]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )
-    env = {**os.environ, "FLWR_HOME": str(flwr_home),
+    # The SuperLink starts flower-superexec / flwr-simulation by name: make this
+    # environment's executables the ones found, activated venv or not.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "PATH": path, "FLWR_HOME": str(flwr_home),
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     with open(flwr_home / "superlink.out", "wb") as out:
         superlink = subprocess.Popen(
-            [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+            ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
              "--host", "127.0.0.1", "--port", str(port),
              "--disable-runtime-dependency-installation",
              "--log-file", str(flwr_home / "superlink.log")],
@@ -103,7 +101,7 @@ def run(
         )
     try:
         _wait_healthy(port, superlink)
-        cmd = [_bin("flwr"), "run", str(app_dir), "local-simulation", "--stream",
+        cmd = ["flwr", "run", str(app_dir), "local-simulation", "--stream",
                "--federation-config",
                f"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus} "
                "client-resources-num-gpus=0.0"]
@@ -115,7 +113,7 @@ def run(
         match = re.search(r"run (\d+)", log)
         if proc.returncode != 0 or not match:
             return f"flwr run failed (exit {proc.returncode})", log
-        ls = subprocess.run([_bin("flwr"), "ls", "local-simulation", "--run-id", match.group(1),
+        ls = subprocess.run(["flwr", "ls", "local-simulation", "--run-id", match.group(1),
                              "--format", "json"], env=env, cwd=workdir, capture_output=True,
                             text=True, timeout=120)
         try:
