@@ -191,10 +191,11 @@ class FedGKT(Strategy):
             nbytes += record_nbytes(msg.content)
             try:
                 payload = decode_payload(msg.content, self.spec, with_logits)
-            except PayloadError as err:
+            except Exception as err:  # noqa: BLE001 - a reply must never end the run
+                reason = str(err) if isinstance(err, PayloadError) else f"malformed payload: {err!r}"
                 rejected += 1
                 log(WARNING, "FedGKT round %d: %s reply of node %d rejected: %s",
-                    server_round, stage, node, err)
+                    server_round, stage, node, reason)
                 continue
             if self.spec.feature_shape is None:
                 self.spec = replace(self.spec, feature_shape=tuple(payload.features.shape[1:]))

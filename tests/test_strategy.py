@@ -139,3 +139,25 @@ def test_in_process_federation_learns_above_chance():
     assert h[-1]["num-examples"] == 300  # 3% of the test set, split over 3 nodes
     assert h[-1]["bytes-up-train"] > 600 * 16 * 28 * 28 * 4
     assert h[-1]["bytes-down-train"] > 600 * 10 * 4
+
+
+def test_reply_that_breaks_the_decoder_is_rejected_not_raised(caplog, monkeypatch):
+    import flwr_gkt.strategy as strategy_mod
+
+    fed, strategy, _ = make_federation()
+    real_decode = strategy_mod.decode_payload
+
+    calls = []
+
+    def flaky_decode(content, spec, with_logits):
+        calls.append(with_logits)
+        if len(calls) == 3:  # the third train reply: node 33 (replies come in node-id order)
+            raise RuntimeError("decoder bug")
+        return real_decode(content, spec, with_logits)
+
+    monkeypatch.setattr(strategy_mod, "decode_payload", flaky_decode)
+    with caplog.at_level(logging.WARNING):
+        (_, metrics), _ = fed.run_round(strategy, 1)
+    assert metrics["nodes-replied"] == 2 and metrics["nodes-rejected"] == 1
+    lines = [r.getMessage() for r in caplog.records if "reply of node 33" in r.getMessage()]
+    assert len(lines) == 1 and "malformed payload: RuntimeError('decoder bug')" in lines[0]
