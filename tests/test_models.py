@@ -90,3 +90,17 @@ def test_registry_builds_by_name_and_accepts_user_models():
     register_edge_model("not-split", lambda c, i: torch.nn.Linear(i, c))
     with pytest.raises(TypeError):
         build_edge_model("not-split", 4, 1)
+
+
+def test_edge_flops_and_parameters_match_the_paper_ratios():
+    from flwr_gkt.efficiency import edge_cost_table, forward_flops
+
+    rows = {r.name.split(" ")[0]: r for r in edge_cost_table(10, 3, 32)}
+    r8, r56, r110 = rows["ResNet-8"], rows["ResNet-56"], rows["ResNet-110"]
+    # Paper, Section 4.3: 9x and 17x fewer FLOPs, 54x and 105x fewer parameters
+    assert round(r56.flops / r8.flops) == 9 and round(r110.flops / r8.flops) == 17
+    assert 54 <= r56.params / r8.params < 60 and 105 <= r110.params / r8.params < 112
+    assert rows["ResNet-4"].flops < r8.flops and rows["ResNet-6"].params < r8.params
+    # the conv FLOPs of the stem are exactly 2 * 3*3*3 * 16 * 32*32
+    stem = torch.nn.Conv2d(3, 16, 3, padding=1, bias=False)
+    assert forward_flops(stem, (3, 32, 32)) == 2 * 27 * 16 * 1024
