@@ -32,6 +32,7 @@ __all__ = [
     "register_server_model",
     "build_edge_model",
     "build_server_model",
+    "build_full_model",
     "available_models",
 ]
 
@@ -101,6 +102,18 @@ def build_server_model(
     if name not in _SERVER and match:
         return models.server_resnet(int(match.group(1)), num_classes, in_channels)
     return _lookup(_SERVER, name, "server")(num_classes, in_channels)  # type: ignore[arg-type]
+
+
+def build_full_model(server_name: str, num_classes: int, in_channels: int) -> nn.Module:
+    """The full model (edge stem + server body) that FedAvg trains on every node.
+
+    Defined for the built-in server ResNets ``resnet<9n+1>``: the result is the
+    bottleneck ResNet of depth ``9n+2`` (``resnet55`` -> ResNet-56).
+    """
+    match = re.fullmatch(r"resnet(\d+)", server_name)
+    if not match:
+        raise KeyError(f"no full model known for server model {server_name!r}")
+    return models.full_resnet(int(match.group(1)) + 1, num_classes, in_channels)
 
 
 def available_models() -> dict[str, list[str]]:

@@ -15,6 +15,7 @@ from flwr.simulation import run_simulation
 from flwr_gkt.config import RunConfig, parse_overrides, resolve_config
 
 from .client_app import make_client_app
+from .fedavg_app import make_fedavg_apps
 from .legacy_app import make_legacy_apps
 from .server_app import make_server_app
 from .task import PRESETS_DIR
@@ -30,16 +31,21 @@ def build_config(argv: list[str] | None = None) -> tuple[RunConfig, str]:
     parser.add_argument("--api", choices=("message", "legacy"), default="message",
                         help="Flower API: the Message API strategy (default) or the legacy "
                              "configure_fit/aggregate_fit adapter with a NumPyClient")
+    parser.add_argument("--algorithm", choices=("fedgkt", "fedavg"), default="fedgkt",
+                        help="FedGKT (default) or the FedAvg baseline: Flower's FedAvg training "
+                             "the full model (edge stem + server body) on the same partitions")
     args = parser.parse_args(argv)
     cfg = resolve_config({"preset": args.preset, **parse_overrides(args.overrides)}, PRESETS_DIR)
-    return cfg, args.api
+    return cfg, "fedavg" if args.algorithm == "fedavg" else args.api
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg, api = build_config(argv)
-    print(f"flwr-gkt simulation ({api} API): {cfg.num_clients} nodes, {cfg.num_server_rounds} "
+    print(f"flwr-gkt simulation ({api}): {cfg.num_clients} nodes, {cfg.num_server_rounds} "
           f"rounds, edge {cfg.edge_model}, server {cfg.server_model}", flush=True)
-    if api == "legacy":
+    if api == "fedavg":
+        server_app, client_app = make_fedavg_apps(cfg)
+    elif api == "legacy":
         server_app, client_app = make_legacy_apps(cfg)
     else:
         server_app, client_app = make_server_app(cfg), make_client_app(cfg)

@@ -104,3 +104,13 @@ def test_edge_flops_and_parameters_match_the_paper_ratios():
     # the conv FLOPs of the stem are exactly 2 * 3*3*3 * 16 * 32*32
     stem = torch.nn.Conv2d(3, 16, 3, padding=1, bias=False)
     assert forward_flops(stem, (3, 32, 32)) == 2 * 27 * 16 * 1024
+
+
+def test_full_model_for_fedavg_matches_edge_stem_plus_server():
+    from flwr_gkt.registry import build_full_model
+
+    assert n_params(build_full_model("resnet55", 10, 3)) == n_params(models.resnet56(10, 3))
+    full = build_full_model("resnet10", 10, 1)
+    assert n_params(full) == n_params(models.server_resnet(10, 10)) + n_params(models.resnet8(10, 1).extractor)
+    with pytest.raises(KeyError):
+        build_full_model("tiny-test", 10, 1)

@@ -109,3 +109,22 @@ def test_bad_payload_in_a_ray_simulation_is_rejected_and_the_run_goes_on(tmp_pat
     assert history[0]["server-train-examples"] == history[1]["server-train-examples"] == 600
     assert all(r["eval-nodes"] == 3 for r in history)
     assert history[-1]["accuracy"] > 0.3
+
+
+def test_fedavg_baseline_runs_two_rounds_on_the_same_partitions(tmp_path):
+    from flwr.app import ArrayRecord
+
+    from flwr_gkt.registry import build_full_model
+    from flwr_gkt.wire import record_nbytes
+
+    log = _run(["-m", "simulation", "--algorithm", "fedavg", "--preset", "smoke", "--set",
+                f"results-dir={tmp_path}", "run-name=fedavg"], ROOT)
+    assert "FedAvg round 2 eval" in log
+    data = _results(tmp_path / "fedavg")
+    assert data["algorithm"] == "fedavg"
+    history = data["history"]
+    assert [r["round"] for r in history] == [1, 2] and history[-1]["accuracy"] > 0.2
+    # FedAvg ships the full model (ResNet-11 for the smoke preset's resnet10 server) both ways
+    model_bytes = record_nbytes({"arrays": ArrayRecord(build_full_model("resnet10", 10, 1).state_dict())})
+    for row in history:
+        assert row["bytes-down-train"] == row["bytes-up-train"] == 2 * model_bytes

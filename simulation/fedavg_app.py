@@ -1,0 +1,154 @@
+"""FedAvg baseline: Flower's own FedAvg strategy training the full model.
+
+The full model is the edge stem followed by the server body (``server-model``
+``resnet55`` -> ResNet-56, ``resnet10`` -> ResNet-11), trained on every node on
+exactly the same partitions as FedGKT, with the edge training settings
+(``edge-optimizer``, ``edge-lr``, ``batch-size``, ``edge-epochs``). Bytes are
+measured from the messages' array payloads, as for FedGKT.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from logging import INFO
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore import log
+
+from flwr_gkt.config import RunConfig
+from flwr_gkt.registry import build_full_model
+from flwr_gkt.training import (
+    TensorBatches,
+    evaluate_logits,
+    fit,
+    get_device,
+    lr_factor,
+    make_optimizer,
+    predict,
+    prepare_model,
+)
+from flwr_gkt.wire import metrics_record, record_nbytes
+
+from .task import config_from_run_config, dataset_info, load_client_data, results_dir, write_results
+
+_MB = 1024 * 1024
+
+
+def build_model(cfg: RunConfig) -> torch.nn.Module:
+    num_classes, channels, _ = dataset_info(cfg)
+    torch.manual_seed(cfg.seed)
+    return build_full_model(cfg.server_model, num_classes, channels)
+
+
+class MeasuredFedAvg(FedAvg):
+    """Flower's FedAvg, plus bytes per round and a history like FedGKT's."""
+
+    def __init__(self, *args, lr_schedule: str = "constant", num_rounds: int = 1, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.lr_schedule, self.num_rounds = lr_schedule, num_rounds
+        self.history: list[dict[str, float]] = []
+        self._down, self._start = 0, 0.0
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._start = time.perf_counter()
+        config["lr-factor"] = lr_factor(self.lr_schedule, server_round, self.num_rounds)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._down = sum(record_nbytes(m.content) for m in messages)
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        up = sum(record_nbytes(m.content) for m in replies if not m.has_error())
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        row = {"round": server_round, "bytes-up-train": up, "bytes-down-train": self._down,
+               "nodes-replied": sum(not m.has_error() for m in replies)}
+        if metrics is not None:
+            row.update({k: float(v) for k, v in metrics.items() if k != "num-examples"})
+        self.history.append(row)
+        log(INFO, "FedAvg round %d train: %d nodes, up %.2f MB, down %.2f MB", server_round,
+            row["nodes-replied"], up / _MB, self._down / _MB)
+        return arrays, metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        metrics = super().aggregate_evaluate(server_round, list(replies))
+        if metrics is not None:
+            self.history[-1].update({k: float(v) for k, v in metrics.items()})
+            self.history[-1]["round-seconds"] = time.perf_counter() - self._start
+            log(INFO, "FedAvg round %d eval: accuracy %.4f, loss %.4f", server_round,
+                metrics["accuracy"], metrics["loss"])
+        return metrics
+
+
+def run_fedavg(grid: Grid, cfg: RunConfig) -> MeasuredFedAvg:
+    """Run FedAvg for ``cfg.num_server_rounds`` rounds and write results."""
+    model = build_model(cfg)
+    strategy = MeasuredFedAvg(
+        fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
+        min_train_nodes=cfg.min_nodes, min_evaluate_nodes=cfg.min_nodes,
+        min_available_nodes=cfg.min_nodes, lr_schedule=cfg.lr_schedule,
+        num_rounds=cfg.num_server_rounds,
+    )
+    out = results_dir(cfg)
+    start = time.perf_counter()
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
+                            num_rounds=cfg.num_server_rounds)
+    elapsed = time.perf_counter() - start
+    if result.arrays is not None:
+        model.load_state_dict(result.arrays.to_torch_state_dict())
+    torch.save(model.state_dict(), out / "fedavg_model.pt")
+    final = strategy.history[-1] if strategy.history else {}
+    write_results(out, cfg, strategy.history, {"algorithm": "fedavg", "seconds": elapsed, "final": final})
+    log(INFO, "FedAvg finished %d rounds in %.1fs: accuracy %.4f; results in %s",
+        cfg.num_server_rounds, elapsed, final.get("accuracy", float("nan")), out)
+    return strategy
+
+
+def make_fedavg_apps(fixed: RunConfig | None = None) -> tuple[ServerApp, ClientApp]:
+    """The FedAvg ServerApp and ClientApp."""
+    server_app, client_app = ServerApp(), ClientApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_fedavg(grid, fixed or config_from_run_config(context.run_config))
+
+    def setup(msg: Message, context: Context):
+        cfg = fixed or config_from_run_config(context.run_config)
+        if cfg.client_threads > 0:
+            torch.set_num_threads(cfg.client_threads)
+        data = load_client_data(cfg, int(context.node_config["partition-id"]),
+                                int(context.node_config["num-partitions"]))
+        device = get_device(cfg.device)
+        model = build_model(cfg)
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        return cfg, data, prepare_model(model, device), device
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        cfg, data, model, device = setup(msg, context)
+        config = msg.content["config"]
+        lr = cfg.edge_lr * float(config.get("lr-factor", 1.0))
+        optimizer = make_optimizer(cfg.edge_optimizer, model.parameters(), lr, cfg.weight_decay)
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + int(config["server-round"]))
+        res = fit(model, TensorBatches(data.x_train, data.y_train, cfg.batch_size, True, gen),
+                  optimizer, epochs=cfg.edge_epochs, device=device)
+        metrics = metrics_record(len(data.y_train), **{"train-loss": res.loss,
+                                                       "train-accuracy": res.accuracy})
+        content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
+        return Message(content=content, reply_to=msg)
+
+    @client_app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        cfg, data, model, device = setup(msg, context)
+        logits = predict(model, TensorBatches(data.x_test, data.y_test, cfg.batch_size), device)
+        loss_sum, correct = evaluate_logits(logits, data.y_test)
+        n = len(data.y_test)
+        metrics = MetricRecord({"num-examples": n, "accuracy": correct / n, "loss": loss_sum / n})
+        return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+    return server_app, client_app
