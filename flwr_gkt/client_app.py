@@ -28,7 +28,7 @@ from .data import ClientData
 from .edge import EdgeRoundConfig, extract, train_edge
 from .losses import KDMode
 from .models import EdgeModel
-from .training import evaluate_logits, get_device, prepare_model
+from .training import FitResult, evaluate_logits, get_device, prepare_model
 from .wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -38,7 +38,15 @@ from .wire import (
     metrics_record,
 )
 
-__all__ = ["handle_train", "handle_evaluate", "edge_round_config", "STATE_MODEL", "STATE_LOGITS"]
+__all__ = [
+    "handle_train",
+    "handle_evaluate",
+    "edge_round",
+    "edge_round_config",
+    "load_edge_model",
+    "STATE_MODEL",
+    "STATE_LOGITS",
+]
 
 STATE_MODEL = "gkt-edge-model"
 STATE_LOGITS = "gkt-server-logits"
@@ -59,12 +67,44 @@ def edge_round_config(config: ConfigRecord) -> EdgeRoundConfig:
     )
 
 
-def _load_model(context: Context, build: Callable[[], EdgeModel]) -> EdgeModel:
+def load_edge_model(
+    context: Context, build: Callable[[], EdgeModel], device: torch.device
+) -> EdgeModel:
+    """The node's edge model: built, with its weights from ``context.state`` if any."""
     model = build()
     state = context.state.array_records.get(STATE_MODEL)
     if state is not None:
         model.load_state_dict(state.to_torch_state_dict())
-    return model
+    return prepare_model(model, device)  # type: ignore[return-value]
+
+
+def edge_round(
+    context: Context,
+    data: ClientData,
+    build_model: Callable[[], EdgeModel],
+    server_logits: torch.Tensor | None,
+    cfg: EdgeRoundConfig,
+    device: torch.device,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, FitResult, float]:
+    """``ClientTrain``: train, extract ``(H, Z_c)`` in sample order, keep the model.
+
+    Returns ``(features, logits, fit result, seconds)``; the trained weights are
+    stored in ``context.state`` for the next round.
+    """
+    model = load_edge_model(context, build_model, device)
+    gen = torch.Generator().manual_seed(seed)
+    result = train_edge(model, data.x_train, data.y_train, server_logits, cfg, device, gen)
+    start = time.perf_counter()
+    features, logits = extract(model, data.x_train, cfg.batch_size, device)
+    seconds = result.seconds + time.perf_counter() - start
+    context.state.array_records[STATE_MODEL] = ArrayRecord(model.state_dict())
+    return features, logits, result, seconds
+
+
+def round_seed(config: ConfigRecord | dict) -> int:
+    """Seed of the node's data shuffling for this round."""
+    return int(config.get("seed", 0)) * 100_003 + int(config.get("server-round", 0))  # type: ignore[arg-type]
 
 
 def _config(msg: Message) -> ConfigRecord:
@@ -95,14 +135,9 @@ def handle_train(
     elif server_logits is not None:
         context.state.array_records[STATE_LOGITS] = msg.content.array_records[ARRAYS_KEY]
 
-    model = prepare_model(_load_model(context, build_model), dev)
-    seed = int(config.get("seed", 0)) * 100_003 + int(config.get("server-round", 0))  # type: ignore[arg-type]
-    gen = torch.Generator().manual_seed(seed)
-    result = train_edge(model, data.x_train, data.y_train, server_logits, cfg, dev, gen)
-    start = time.perf_counter()
-    features, logits = extract(model, data.x_train, cfg.batch_size, dev)
-    extract_seconds = time.perf_counter() - start
-    context.state.array_records[STATE_MODEL] = ArrayRecord(model.state_dict())
+    features, logits, result, seconds = edge_round(
+        context, data, build_model, server_logits, cfg, dev, round_seed(config)
+    )
 
     payload = encode_payload(
         features, data.y_train, logits, feature_dtype=str(config.get("feature-dtype", "float32"))
@@ -112,7 +147,7 @@ def handle_train(
         **{
             "edge-train-loss": result.loss,
             "edge-train-accuracy": result.accuracy,
-            "edge-seconds": result.seconds + extract_seconds,
+            "edge-seconds": seconds,
             "used-server-logits": float(server_logits is not None and cfg.kd_mode.edge_distills),
         },
     )
@@ -135,7 +170,7 @@ def handle_evaluate(
     """
     config = _config(msg)
     dev = get_device(device)
-    model = prepare_model(_load_model(context, build_model), dev)
+    model = load_edge_model(context, build_model, dev)
     batch_size = int(config.get("batch-size", 64))  # type: ignore[arg-type]
     features, logits = extract(model, data.x_test, batch_size, dev)
     loss_sum, correct = evaluate_logits(logits, data.y_test)

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context
+from flwr.app import Context
 from flwr.client import NumPyClient
 from flwr.common import (
     EvaluateIns,
@@ -43,14 +43,20 @@ from flwr.server.strategy import Strategy
 from flwr.supercore import log
 from torch import nn
 
-from .client_app import STATE_LOGITS, STATE_MODEL, edge_round_config
+from .client_app import STATE_LOGITS, edge_round, edge_round_config, load_edge_model, round_seed
 from .data import ClientData
-from .edge import EdgeRoundConfig, extract, train_edge
+from .edge import EdgeRoundConfig, extract
 from .models import EdgeModel
 from .server import GKTServer
 from .strategy import edge_config_record
 from .training import TensorBatches, evaluate_logits, get_device, lr_factor, predict, prepare_model
-from .wire import PayloadError, PayloadSpec, encode_server_logits, validate_arrays
+from .wire import (
+    PayloadError,
+    PayloadSpec,
+    encode_server_logits,
+    validate_arrays,
+    validate_server_logits,
+)
 
 __all__ = ["FedGKTLegacy", "GKTNumPyClient"]
 
@@ -236,34 +242,23 @@ class GKTNumPyClient(NumPyClient):
         self.build_server = build_server
         self.device = get_device(device)
 
-    def _edge(self) -> EdgeModel:
-        model = self.build_edge()
-        state = self.ctx.state.array_records.get(STATE_MODEL)
-        if state is not None:
-            model.load_state_dict(state.to_torch_state_dict())
-        return prepare_model(model, self.device)  # type: ignore[return-value]
-
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
         """Train ``E_c`` epochs with KD from the server logits; return ``[H, Z_c, Y]``."""
         cfg = edge_round_config(config)  # type: ignore[arg-type]
         n = len(self.data.y_train)
         server_logits = None
         if parameters:
-            if parameters[0].shape != (n, self.data.num_classes):
-                raise ValueError(f"server logits of shape {parameters[0].shape}, expected {(n, self.data.num_classes)}")
-            server_logits = torch.from_numpy(parameters[0].astype(np.float32))
-            self.ctx.state.array_records[STATE_LOGITS] = encode_server_logits(parameters[0])
-        model = self._edge()
-        gen = torch.Generator().manual_seed(int(config.get("server-round", 0)))
-        result = train_edge(model, self.data.x_train, self.data.y_train, server_logits, cfg, self.device, gen)
-        features, logits = extract(model, self.data.x_train, cfg.batch_size, self.device)
-        self.ctx.state.array_records[STATE_MODEL] = ArrayRecord(model.state_dict())
+            server_logits = validate_server_logits(parameters[0], n, self.data.num_classes)
+            self.ctx.state.array_records[STATE_LOGITS] = encode_server_logits(server_logits)
+        features, logits, result, _ = edge_round(
+            self.ctx, self.data, self.build_edge, server_logits, cfg, self.device, round_seed(config)
+        )
         arrays = [features.numpy(), logits.numpy(), self.data.y_train.numpy()]
         return arrays, n, {"edge-train-loss": result.loss, "edge-train-accuracy": result.accuracy}
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict[str, Scalar]]:
         """Accuracy of extractor + server model, and of the edge model alone."""
-        edge = self._edge()
+        edge = load_edge_model(self.ctx, self.build_edge, self.device)
         server = self.build_server()
         keys = list(server.state_dict().keys())
         server.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in zip(keys, parameters, strict=True)})

@@ -40,6 +40,7 @@ __all__ = [
     "decode_payload",
     "encode_server_logits",
     "decode_server_logits",
+    "validate_server_logits",
     "validate_arrays",
     "record_nbytes",
 ]
@@ -225,7 +226,13 @@ def decode_server_logits(
     record = content.array_records.get(ARRAYS_KEY)
     if record is None or "server-logits" not in record:
         return None
-    logits = _load(record, "server-logits", LOGIT_DTYPES)
+    return validate_server_logits(_load(record, "server-logits", LOGIT_DTYPES), num_samples, num_classes)
+
+
+def validate_server_logits(logits: np.ndarray, num_samples: int, num_classes: int) -> Tensor:
+    """Check server logits against the node's training set; return them as a tensor."""
+    if str(logits.dtype) not in LOGIT_DTYPES:
+        raise PayloadError(f"'server-logits' has dtype {logits.dtype}, expected {list(LOGIT_DTYPES)}")
     if logits.shape != (num_samples, num_classes):
         raise PayloadError(
             f"'server-logits' has shape {list(logits.shape)}, "
