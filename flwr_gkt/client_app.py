@@ -94,9 +94,9 @@ def edge_round(
     """
     model = load_edge_model(context, build_model, device)
     gen = torch.Generator().manual_seed(seed)
-    result = train_edge(model, data.x_train, data.y_train, server_logits, cfg, device, gen)
+    result = train_edge(model, data.x_train, data.y_train, server_logits, cfg, device, gen, data.augment)
     start = time.perf_counter()
-    features, logits = extract(model, data.x_train, cfg.batch_size, device)
+    features, logits = extract(model, data.x_train, cfg.batch_size, device, data.augment, gen)
     seconds = result.seconds + time.perf_counter() - start
     context.state.array_records[STATE_MODEL] = ArrayRecord(model.state_dict())
     return features, logits, result, seconds

@@ -30,6 +30,11 @@ class RunConfig:
     data_dir: str = ""
     data_fraction: float = 1.0
     test_fraction: float = 1.0
+    partition: str = "iid"
+    dirichlet_alpha: float = 0.5
+    min_partition_size: int = 10
+    test_split: str = "global"
+    augment: str = "auto"
     # federation
     num_clients: int = 4
     num_server_rounds: int = 5

@@ -1,34 +1,66 @@
-"""Datasets and partitions.
+"""Datasets: offline loaders, normalisation, augmentation and node data.
 
-Fashion-MNIST is read offline from IDX files: by default those of the Debian
-package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``, gzip
-compressed), or from any directory holding the four IDX files (compressed or
-not), or from torchvision's own layout (``<dir>/FashionMNIST/raw``). Loading
-goes through :class:`torchvision.datasets.FashionMNIST`; gzip files are
-unpacked once into a cache directory in torchvision's layout.
+Supported datasets (see :data:`DATASETS`), all read from local files, never
+downloaded:
+
+``fashion-mnist``
+    IDX files: by default those of the Debian package ``dataset-fashion-mnist``
+    (``/usr/share/datasets/fashion-mnist``, gzip compressed), or any directory
+    holding the four IDX files (compressed or not), or torchvision's layout
+    (``<dir>/FashionMNIST/raw``). Read with :class:`torchvision.datasets.FashionMNIST`;
+    gzip files are unpacked once into a cache directory.
+``cifar10`` / ``cifar100``
+    torchvision's format: ``<dir>/cifar-10-batches-py`` (``data_batch_1..5``,
+    ``test_batch``, ``batches.meta``) or ``<dir>/cifar-100-python`` (``train``,
+    ``test``, ``meta``); the downloaded archive ``cifar-10-python.tar.gz`` /
+    ``cifar-100-python.tar.gz`` lying in ``<dir>`` is extracted once. Read with
+    torchvision's ``CIFAR10`` / ``CIFAR100`` (without their MD5 check, so that
+    re-packed or test files load too).
+``cinic10``
+    The ImageFolder layout of the CINIC-10 release: ``<dir>/train/<class>/*.png``
+    and ``<dir>/test/<class>/*.png`` (``valid/`` is not used, as in the
+    reference implementation). Read with :class:`torchvision.datasets.ImageFolder`;
+    the decoded images are cached as one ``.npz`` per split.
+
+Images are kept as ``uint8`` ``N x C x H x W`` tensors per process; a node's
+partition is normalised to float32 with the dataset's channel statistics.
+Training batches of CIFAR/CINIC get the paper's augmentation (random crop with
+4-pixel padding + horizontal flip), see :class:`RandomCropFlip`.
 """
 
 from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import os
+import pickle
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
-from torchvision.datasets import FashionMNIST
+from torchvision.datasets import CIFAR10, CIFAR100, FashionMNIST, ImageFolder
+from torchvision.datasets.folder import pil_loader
+from torchvision.datasets.utils import extract_archive
+
+from .partition import label_matched_split, partition_indices
 
 __all__ = [
     "DEFAULT_FASHION_MNIST_DIR",
+    "DATASETS",
+    "DatasetInfo",
     "DatasetMissingError",
+    "RawDataset",
+    "RandomCropFlip",
     "ClientData",
-    "load_fashion_mnist",
-    "iid_partition",
+    "dataset_info",
+    "load_dataset",
+    "normalize",
     "client_data",
 ]
 
@@ -39,19 +71,99 @@ _IDX_FILES = (
     "t10k-images-idx3-ubyte",
     "t10k-labels-idx1-ubyte",
 )
-# Channel statistics of the Fashion-MNIST training set.
-_FMNIST_MEAN, _FMNIST_STD = 0.2860, 0.3530
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts about a dataset.
+
+    Attributes
+    ----------
+    name : str
+        Key in :data:`DATASETS` and value of the ``dataset`` config key.
+    num_classes, channels, side : int
+        Classes, image channels and image side (square images).
+    mean, std : tuple[float, ...]
+        Per-channel statistics used for normalisation.
+    augment : bool
+        Whether training batches get random crop + flip (the paper's CIFAR /
+        CINIC augmentation).
+    """
+
+    name: str
+    num_classes: int
+    channels: int
+    side: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: bool
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "fashion-mnist": DatasetInfo("fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,), False),
+    # Statistics as in the reference implementation's data loaders.
+    "cifar10": DatasetInfo(
+        "cifar10", 10, 3, 32, (0.49139968, 0.48215827, 0.44653124),
+        (0.24703233, 0.24348505, 0.26158768), True,
+    ),
+    "cifar100": DatasetInfo(
+        "cifar100", 100, 3, 32, (0.5070751592371323, 0.48654887331495095, 0.4409178433670343),
+        (0.2673342858792401, 0.2564384629170883, 0.27615047132568404), True,
+    ),
+    "cinic10": DatasetInfo(
+        "cinic10", 10, 3, 32, (0.47889522, 0.47227842, 0.43047404),
+        (0.24205776, 0.23828046, 0.25874835), True,
+    ),
+}
 
 
 class DatasetMissingError(FileNotFoundError):
     """The dataset files are not where they are expected."""
 
 
+def dataset_info(name: str) -> DatasetInfo:
+    """The :class:`DatasetInfo` of ``name`` (``ValueError`` for an unknown one)."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known: {sorted(DATASETS)}")
+    return DATASETS[name]
+
+
 def _cache_dir() -> Path:
     return Path(os.environ.get("FLWR_GKT_CACHE", Path.home() / ".cache" / "flwr_gkt"))
 
 
-def _torchvision_root(data_dir: Path) -> Path:
+def default_data_dir(name: str) -> Path:
+    """Where a dataset is looked for when ``data-dir`` is not set.
+
+    Fashion-MNIST: the Debian package's directory. Others:
+    ``$FLWR_GKT_DATA/<name>`` (default ``~/.cache/flwr_gkt/data/<name>``).
+    """
+    if name == "fashion-mnist":
+        return Path(DEFAULT_FASHION_MNIST_DIR)
+    root = os.environ.get("FLWR_GKT_DATA", str(_cache_dir() / "data"))
+    return Path(root) / name
+
+
+def _atomic_copy(src: Path, dst: Path, opener: Callable = open) -> None:
+    """Copy ``src`` to ``dst`` via a temporary file and a rename."""
+    with opener(src, "rb") as fin, tempfile.NamedTemporaryFile(dir=dst.parent, delete=False) as fout:
+        shutil.copyfileobj(fin, fout)
+    os.replace(fout.name, dst)
+
+
+# ----------------------------------------------------------------- raw loaders
+@dataclass(frozen=True)
+class RawDataset:
+    """A whole dataset as ``uint8`` images ``N x C x H x W`` and int64 labels."""
+
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    info: DatasetInfo
+
+
+def _fashion_mnist_root(data_dir: Path) -> Path:
     """Return a root that torchvision's ``FashionMNIST`` can read without download."""
     if all((data_dir / "FashionMNIST" / "raw" / f).is_file() for f in _IDX_FILES):
         return data_dir
@@ -73,62 +185,206 @@ def _torchvision_root(data_dir: Path) -> Path:
     raw.mkdir(parents=True, exist_ok=True)
     for name, src in sources.items():
         dst = raw / name
-        if dst.is_file() and dst.stat().st_mtime >= src.stat().st_mtime:
-            continue
-        opener = gzip.open if src.suffix == ".gz" else open
-        # Unpack to a temporary file, then rename: concurrent loaders never see
-        # a half-written file.
-        with opener(src, "rb") as fin, tempfile.NamedTemporaryFile(dir=raw, delete=False) as fout:
-            shutil.copyfileobj(fin, fout)
-        os.replace(fout.name, dst)
+        if not (dst.is_file() and dst.stat().st_mtime >= src.stat().st_mtime):
+            _atomic_copy(src, dst, gzip.open if src.suffix == ".gz" else open)
     return root
 
 
-@functools.lru_cache(maxsize=4)
-def load_fashion_mnist(data_dir: str = "") -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Load Fashion-MNIST as normalised float tensors.
-
-    Returns
-    -------
-    tuple
-        ``(x_train, y_train, x_test, y_test)`` with images ``N x 1 x 28 x 28``
-        (float32, normalised) and int64 labels.
-    """
-    root = _torchvision_root(Path(data_dir or DEFAULT_FASHION_MNIST_DIR))
+def _load_fashion_mnist(data_dir: Path) -> tuple[Tensor, ...]:
+    root = _fashion_mnist_root(data_dir)
     out: list[Tensor] = []
     for train in (True, False):
         ds = FashionMNIST(str(root), train=train, download=False)
-        x = (ds.data.unsqueeze(1).float() / 255.0 - _FMNIST_MEAN) / _FMNIST_STD
-        out += [x, ds.targets.long()]
-    return out[0], out[1], out[2], out[3]
+        out += [ds.data.unsqueeze(1).contiguous(), ds.targets.long()]
+    return tuple(out)
 
 
-def iid_partition(
-    num_samples: int, num_partitions: int, seed: int, fraction: float = 1.0
-) -> list[np.ndarray]:
-    """Split ``fraction`` of ``range(num_samples)`` into equal random parts.
+class _LocalCIFAR10(CIFAR10):
+    """torchvision's CIFAR-10 reader with presence checks instead of MD5 checks."""
 
-    The same seed gives the same parts; each part keeps a fixed order, which is
-    the sample order the node and the server agree on.
+    def _check_integrity(self) -> bool:
+        folder = Path(self.root) / self.base_folder
+        names = [name for name, _ in self.train_list + self.test_list] + [self.meta["filename"]]
+        return all((folder / name).is_file() for name in names)
+
+    def _load_meta(self) -> None:
+        with open(Path(self.root) / self.base_folder / self.meta["filename"], "rb") as f:
+            self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+
+
+class _LocalCIFAR100(_LocalCIFAR10, CIFAR100):
+    pass
+
+
+_CIFAR = {
+    "cifar10": (_LocalCIFAR10, "CIFAR-10", "cifar-10-batches-py", "cifar-10-python.tar.gz", "CIFAR10"),
+    "cifar100": (_LocalCIFAR100, "CIFAR-100", "cifar-100-python", "cifar-100-python.tar.gz", "CIFAR100"),
+}
+
+
+def _load_cifar(name: str, data_dir: Path) -> tuple[Tensor, ...]:
+    cls, title, folder, archive, tv_name = _CIFAR[name]
+    root = data_dir.parent if data_dir.name == folder else data_dir
+    if not (root / folder).is_dir() and (root / archive).is_file():
+        extract_archive(str(root / archive), str(root))
+    probe = cls.__new__(cls)
+    probe.root = str(root)
+    if not probe._check_integrity():
+        files = ", ".join([n for n, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]])
+        raise DatasetMissingError(
+            f"{title} not found in {root}: expected {root / folder}/ with {files} "
+            f"(torchvision's format: the '{title} python version' archive {archive} extracted "
+            f"there, or placed in {root} to be extracted on first use; "
+            f"`torchvision.datasets.{tv_name}(root, download=True)` fetches it on "
+            "a machine with internet access). Set data-dir to that directory."
+        )
+    out: list[Tensor] = []
+    for train in (True, False):
+        ds = cls(str(root), train=train, download=False)
+        out += [torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),
+                torch.tensor(ds.targets, dtype=torch.long)]
+    return tuple(out)
+
+
+def _load_image_folder(split_dir: Path, classes: list[str] | None) -> tuple[Tensor, Tensor, list[str]]:
+    """Decode an ImageFolder split to uint8 tensors, cached as ``.npz``."""
+    folder = ImageFolder(str(split_dir), loader=str)
+    if classes is not None and folder.classes != classes:
+        raise ValueError(f"{split_dir}: classes {folder.classes} differ from the train split's {classes}")
+    key = hashlib.sha1(
+        f"{split_dir.resolve()}|{len(folder.samples)}|{split_dir.stat().st_mtime_ns}".encode()
+    ).hexdigest()[:16]
+    cache = _cache_dir() / "imagefolder" / f"{split_dir.name}-{key}.npz"
+    if cache.is_file():
+        with np.load(cache) as npz:
+            return torch.from_numpy(npz["x"]), torch.from_numpy(npz["y"]), folder.classes
+    images = [torch.from_numpy(np.array(pil_loader(path))).permute(2, 0, 1) for path, _ in folder.samples]
+    if len({tuple(img.shape) for img in images}) > 1:
+        raise ValueError(f"{split_dir}: images of different sizes; expected 32x32 CINIC-10 images")
+    x = torch.stack(images) if images else torch.empty(0, 3, 32, 32, dtype=torch.uint8)
+    y = torch.tensor(folder.targets, dtype=torch.long)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=cache.parent, suffix=".npz", delete=False) as f:
+        np.savez(f, x=x.numpy(), y=y.numpy())
+    os.replace(f.name, cache)
+    return x, y, folder.classes
+
+
+def _load_cinic10(data_dir: Path) -> tuple[Tensor, ...]:
+    if not all((data_dir / split).is_dir() for split in ("train", "test")):
+        raise DatasetMissingError(
+            f"CINIC-10 not found in {data_dir}: expected the ImageFolder layout of the CINIC-10 "
+            f"release, {data_dir}/train/<class>/*.png and {data_dir}/test/<class>/*.png (extract "
+            "CINIC-10.tar.gz from the University of Edinburgh's DataShare there). Set data-dir "
+            "to that directory."
+        )
+    x_tr, y_tr, classes = _load_image_folder(data_dir / "train", None)
+    x_te, y_te, _ = _load_image_folder(data_dir / "test", classes)
+    return x_tr, y_tr, x_te, y_te
+
+
+@functools.lru_cache(maxsize=4)
+def load_dataset(name: str, data_dir: str = "") -> RawDataset:
+    """Load a whole dataset as ``uint8`` images (cached per process).
+
+    Parameters
+    ----------
+    name : str
+        A key of :data:`DATASETS`.
+    data_dir : str
+        Directory of the files; ``""`` for :func:`default_data_dir`.
+
+    Raises
+    ------
+    DatasetMissingError
+        The files are not there; the message says what is expected and how to
+        obtain it.
     """
-    if num_partitions < 1:
-        raise ValueError("num_partitions must be >= 1")
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    perm = np.random.default_rng(seed).permutation(num_samples)
-    used = perm[: max(num_partitions, int(round(num_samples * fraction)))]
-    return np.array_split(used, num_partitions)
+    info = dataset_info(name)
+    path = Path(data_dir).expanduser() if data_dir else default_data_dir(name)
+    if name == "fashion-mnist":
+        tensors = _load_fashion_mnist(path)
+    elif name == "cinic10":
+        tensors = _load_cinic10(path)
+    else:
+        tensors = _load_cifar(name, path)
+    x_tr, y_tr, x_te, y_te = tensors
+    for x in (x_tr, x_te):
+        if len(x) and tuple(x.shape[1:]) != (info.channels, info.side, info.side):
+            raise ValueError(f"{name}: images of shape {tuple(x.shape[1:])}, expected "
+                             f"{(info.channels, info.side, info.side)}")
+    return RawDataset(x_tr, y_tr, x_te, y_te, info)
 
 
+def normalize(x: Tensor, info: DatasetInfo) -> Tensor:
+    """``uint8`` images to float32, scaled to [0, 1] and standardised per channel."""
+    mean = torch.tensor(info.mean).view(1, -1, 1, 1)
+    std = torch.tensor(info.std).view(1, -1, 1, 1)
+    return (x.float() / 255.0 - mean) / std
+
+
+# ---------------------------------------------------------------- augmentation
+class RandomCropFlip:
+    """Random crop with zero (black) padding + horizontal flip, per sample.
+
+    The batched counterpart of torchvision's ``RandomCrop(side, padding=4)`` +
+    ``RandomHorizontalFlip()`` used by the reference implementation, for
+    normalised tensors: every sample of a batch gets its own crop offset and
+    flip, drawn from ``generator``. (torchvision's transforms draw one set of
+    parameters per call, i.e. per batch when given a batch tensor.)
+
+    Parameters
+    ----------
+    padding : int
+        Pixels of padding on each side before cropping back to the input size.
+    fill : tuple[float, ...]
+        Per-channel value of the padding in normalised units (black:
+        ``-mean / std``).
+    """
+
+    def __init__(self, padding: int = 4, fill: tuple[float, ...] = (0.0,)) -> None:
+        self.padding = int(padding)
+        self.fill = tuple(float(v) for v in fill)
+
+    @classmethod
+    def for_dataset(cls, info: DatasetInfo, padding: int = 4) -> RandomCropFlip:
+        """Augmentation with black padding in ``info``'s normalised units."""
+        return cls(padding, tuple(-m / s for m, s in zip(info.mean, info.std, strict=True)))
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        n, c, h, w = x.shape
+        p = self.padding
+        fill = torch.tensor(self.fill, dtype=x.dtype).view(1, -1, 1, 1).expand(n, c, h + 2 * p, w + 2 * p)
+        padded = fill.clone()
+        padded[:, :, p : p + h, p : p + w] = x
+        dy = torch.randint(0, 2 * p + 1, (n,), generator=generator)
+        dx = torch.randint(0, 2 * p + 1, (n,), generator=generator)
+        flip = torch.rand(n, generator=generator) < 0.5
+        # Gather each sample's window with one advanced-indexing operation.
+        rows = (dy.view(n, 1) + torch.arange(h)).view(n, 1, h, 1)
+        cols = dx.view(n, 1) + torch.arange(w)
+        cols = torch.where(flip.view(n, 1), cols.flip(1), cols).view(n, 1, 1, w)
+        batch = torch.arange(n).view(n, 1, 1, 1)
+        chans = torch.arange(c).view(1, c, 1, 1)
+        return padded[batch, chans, rows, cols]
+
+
+# ------------------------------------------------------------------ node data
 @dataclass
 class ClientData:
-    """A node's local data: training split and local test split."""
+    """A node's local data: training split and local test split.
+
+    ``augment`` (when set) is applied to training batches, see
+    :class:`RandomCropFlip`.
+    """
 
     x_train: Tensor
     y_train: Tensor
     x_test: Tensor
     y_test: Tensor
     num_classes: int = 10
+    augment: Callable[[Tensor, torch.Generator | None], Tensor] | None = None
 
     @property
     def in_channels(self) -> int:
@@ -139,22 +395,70 @@ def client_data(
     partition_id: int,
     num_partitions: int,
     *,
+    dataset: str = "fashion-mnist",
     data_dir: str = "",
     fraction: float = 1.0,
     test_fraction: float = 1.0,
+    partition: str = "iid",
+    dirichlet_alpha: float = 0.5,
+    min_partition_size: int = 10,
+    test_split: str = "global",
+    augment: bool | None = None,
     seed: int = 0,
 ) -> ClientData:
-    """Fashion-MNIST partition ``partition_id`` of ``num_partitions`` (IID).
+    """Node ``partition_id``'s data of ``num_partitions``, reproducible by ``seed``.
 
-    ``fraction`` of the 60k training images is split across the nodes, and
-    ``test_fraction`` of the 10k test images (all of it by default), so that
-    the example-weighted evaluation over all nodes covers that test set.
+    Parameters
+    ----------
+    partition_id, num_partitions : int
+        This node and the number of nodes.
+    dataset, data_dir : str
+        See :func:`load_dataset`.
+    fraction : float
+        Share of the training set split across the nodes.
+    test_fraction : float
+        Share of the test set used for evaluation.
+    partition : str
+        ``"iid"`` or ``"dirichlet"`` (label skew), see
+        :func:`flwr_gkt.partition.partition_indices`.
+    dirichlet_alpha, min_partition_size : float, int
+        Concentration and minimum size of the Dirichlet partition.
+    test_split : str
+        ``"global"``: the test set is split IID across the nodes, so that the
+        example-weighted evaluation over all nodes covers it (the paper's global
+        test accuracy). ``"local"``: each node's test split follows its own
+        training label distribution (personalised evaluation).
+    augment : bool, optional
+        Random crop + flip on training batches; default: the dataset's choice.
+    seed : int
+        Seed of every random choice.
     """
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} not in [0, {num_partitions})")
-    x_tr, y_tr, x_te, y_te = load_fashion_mnist(data_dir)
-    train_idx = torch.from_numpy(iid_partition(len(y_tr), num_partitions, seed, fraction)[partition_id])
-    test_idx = torch.from_numpy(
-        iid_partition(len(y_te), num_partitions, seed + 1, test_fraction)[partition_id]
+    raw = load_dataset(dataset, data_dir)
+    info = raw.info
+    y_tr = raw.y_train.numpy()
+    train_parts = partition_indices(
+        y_tr, num_partitions, partition, seed=seed, fraction=fraction, alpha=dirichlet_alpha,
+        min_partition_size=min_partition_size,
     )
-    return ClientData(x_tr[train_idx], y_tr[train_idx], x_te[test_idx], y_te[test_idx])
+    train_idx = train_parts[partition_id]
+    y_te = raw.y_test.numpy()
+    if test_split == "global":
+        test_idx = partition_indices(y_te, num_partitions, "iid", seed=seed + 1, fraction=test_fraction)[
+            partition_id
+        ]
+    elif test_split == "local":
+        size = max(1, int(round(len(y_te) * test_fraction / num_partitions)))
+        test_idx = label_matched_split(y_te, y_tr[train_idx], size, info.num_classes,
+                                       seed=seed * 7919 + partition_id)
+    else:
+        raise ValueError(f"unknown test-split {test_split!r} (expected 'global' or 'local')")
+    tr, te = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
+    use_aug = info.augment if augment is None else augment
+    return ClientData(
+        normalize(raw.x_train[tr], info), raw.y_train[tr],
+        normalize(raw.x_test[te], info), raw.y_test[te],
+        num_classes=info.num_classes,
+        augment=RandomCropFlip.for_dataset(info) if use_aug else None,
+    )

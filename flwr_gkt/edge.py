@@ -8,6 +8,7 @@ a fixed order that extracts, for every local training sample, the feature map
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,9 @@ from .models import EdgeModel
 from .training import FitResult, TensorBatches, fit, make_optimizer, to_device
 
 __all__ = ["EdgeRoundConfig", "train_edge", "extract"]
+
+#: ``augment(inputs, generator) -> inputs``, e.g. :class:`flwr_gkt.data.RandomCropFlip`.
+Augment = Callable[[Tensor, "torch.Generator | None"], Tensor]
 
 
 @dataclass
@@ -45,16 +49,18 @@ def train_edge(
     cfg: EdgeRoundConfig,
     device: torch.device,
     generator: torch.Generator | None = None,
+    augment: Augment | None = None,
 ) -> FitResult:
     """Train the edge model ``E_c`` epochs on ``(x, y)``.
 
     KD towards ``server_logits`` (row ``i`` for sample ``i``) is used when they
     are given and the KD mode lets the edge distil; otherwise CE only (the
-    first round, or the ``none`` ablation).
+    first round, or the ``none`` ablation). ``augment`` transforms every
+    training batch (random crop + flip for CIFAR/CINIC).
     """
     teacher = server_logits if cfg.kd_mode.edge_distills else None
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
-    batches = TensorBatches(x, y, cfg.batch_size, shuffle=True, generator=generator)
+    batches = TensorBatches(x, y, cfg.batch_size, shuffle=True, generator=generator, transform=augment)
     return fit(
         model,
         batches,
@@ -69,13 +75,26 @@ def train_edge(
 
 @torch.inference_mode()
 def extract(
-    model: EdgeModel, x: Tensor, batch_size: int, device: torch.device
+    model: EdgeModel,
+    x: Tensor,
+    batch_size: int,
+    device: torch.device,
+    augment: Augment | None = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Features ``H`` and logits ``Z_c`` of every sample, in order, eval mode."""
+    """Features ``H`` and logits ``Z_c`` of every sample, in order, eval mode.
+
+    With ``augment``, each sample is seen through one random augmented view
+    (a new one every round), as the reference implementation extracts from its
+    augmenting training loader: the server then trains on augmented features.
+    """
     model.eval()
     feats, logits = [], []
     for start in range(0, len(x), batch_size):
-        z, h = model.forward_with_features(to_device(x[start : start + batch_size], device))
+        inputs = x[start : start + batch_size]
+        if augment is not None:
+            inputs = augment(inputs, generator)
+        z, h = model.forward_with_features(to_device(inputs, device))
         feats.append(h.float().cpu().contiguous())
         logits.append(z.float().cpu())
     return torch.cat(feats), torch.cat(logits)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -77,7 +77,12 @@ class TensorBatches:
     shuffle : bool
         Draw a new permutation on every pass.
     generator : torch.Generator, optional
-        Source of randomness for the permutation (for reproducibility).
+        Source of randomness for the permutation and the transform (for
+        reproducibility).
+    transform : callable, optional
+        ``transform(inputs, generator)`` applied to every batch of inputs (e.g.
+        :class:`flwr_gkt.data.RandomCropFlip`); the index still names the
+        original samples.
     """
 
     def __init__(
@@ -87,6 +92,7 @@ class TensorBatches:
         batch_size: int,
         shuffle: bool = False,
         generator: torch.Generator | None = None,
+        transform: Callable[[Tensor, torch.Generator | None], Tensor] | None = None,
     ) -> None:
         if len(inputs) != len(labels):
             raise ValueError(f"{len(inputs)} inputs but {len(labels)} labels")
@@ -95,6 +101,7 @@ class TensorBatches:
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
         self.generator = generator
+        self.transform = transform
 
     def __len__(self) -> int:
         return -(-len(self.labels) // self.batch_size)
@@ -105,12 +112,13 @@ class TensorBatches:
         for start in range(0, n, self.batch_size):
             if order is None:
                 idx = torch.arange(start, min(start + self.batch_size, n))
-                yield self.inputs[start : start + self.batch_size], self.labels[
-                    start : start + self.batch_size
-                ], idx
+                inputs, labels = self.inputs[start : start + self.batch_size], self.labels[start : start + self.batch_size]
             else:
                 idx = order[start : start + self.batch_size]
-                yield self.inputs[idx], self.labels[idx], idx
+                inputs, labels = self.inputs[idx], self.labels[idx]
+            if self.transform is not None:
+                inputs = self.transform(inputs, self.generator)
+            yield inputs, labels, idx
 
 
 def make_optimizer(

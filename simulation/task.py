@@ -14,6 +14,7 @@ import torch
 
 from flwr_gkt.config import RunConfig, resolve_config
 from flwr_gkt.data import ClientData, client_data
+from flwr_gkt.data import dataset_info as data_info
 from flwr_gkt.edge import EdgeRoundConfig
 from flwr_gkt.models import FEATURE_CHANNELS, EdgeModel
 from flwr_gkt.registry import build_edge_model, build_server_model
@@ -21,8 +22,6 @@ from flwr_gkt.server import GKTServer
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
-#: (num_classes, image channels, image side) of the supported datasets.
-DATASETS = {"fashion-mnist": (10, 1, 28)}
 
 
 def config_from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
@@ -31,9 +30,9 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
 
 
 def dataset_info(cfg: RunConfig) -> tuple[int, int, int]:
-    if cfg.dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {cfg.dataset!r}; known: {sorted(DATASETS)}")
-    return DATASETS[cfg.dataset]
+    """``(num_classes, image channels, image side)`` of the configured dataset."""
+    info = data_info(cfg.dataset)
+    return info.num_classes, info.channels, info.side
 
 
 def feature_shape(cfg: RunConfig) -> tuple[int, int, int]:
@@ -44,12 +43,20 @@ def feature_shape(cfg: RunConfig) -> tuple[int, int, int]:
 @functools.lru_cache(maxsize=8)
 def load_client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> ClientData:
     """The node's partition (cached per process: nodes reuse it every round)."""
+    if cfg.augment not in ("auto", "on", "off"):
+        raise ValueError(f"augment must be auto, on or off, got {cfg.augment!r}")
     return client_data(
         partition_id,
         num_partitions,
+        dataset=cfg.dataset,
         data_dir=cfg.data_dir,
         fraction=cfg.data_fraction,
         test_fraction=cfg.test_fraction,
+        partition=cfg.partition,
+        dirichlet_alpha=cfg.dirichlet_alpha,
+        min_partition_size=cfg.min_partition_size,
+        test_split=cfg.test_split,
+        augment=None if cfg.augment == "auto" else cfg.augment == "on",
         seed=cfg.seed,
     )
 

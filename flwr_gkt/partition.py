@@ -1,0 +1,129 @@
+"""Partitions of a labelled dataset across nodes, reproducible by seed.
+
+The splitting itself is done by flwr-datasets' partitioners
+(:class:`flwr_datasets.partitioner.IidPartitioner` and
+:class:`~flwr_datasets.partitioner.DirichletPartitioner`), applied to a
+one-column ``datasets.Dataset`` of the labels: our images are local tensors
+(not Hugging Face datasets), so the partitioners see only the labels and hand
+back sample indices.
+
+``dirichlet`` is the reference implementation's "hetero" setting: for every
+class, the share of each node is drawn from ``Dir(alpha)``; a node that already
+holds more than the average number of samples gets no more
+(``self_balancing``); draws are repeated until every node has at least
+``min_partition_size`` samples.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["partition_indices", "label_matched_split", "label_counts"]
+
+PARTITIONS = ("iid", "dirichlet")
+
+
+def _subset(num_samples: int, fraction: float, minimum: int, rng: np.random.Generator) -> np.ndarray:
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    perm = rng.permutation(num_samples)
+    return perm[: max(minimum, int(round(num_samples * fraction)))]
+
+
+def partition_indices(
+    labels: np.ndarray,
+    num_partitions: int,
+    method: str = "iid",
+    *,
+    seed: int = 0,
+    fraction: float = 1.0,
+    alpha: float = 0.5,
+    min_partition_size: int = 10,
+) -> list[np.ndarray]:
+    """Split ``fraction`` of the samples into ``num_partitions`` index arrays.
+
+    Parameters
+    ----------
+    labels : np.ndarray
+        Label of every sample of the dataset.
+    num_partitions : int
+        Number of nodes.
+    method : str
+        ``"iid"`` (equal random parts) or ``"dirichlet"`` (label skew).
+    seed : int
+        Same seed, same partitions.
+    fraction : float
+        Share of the dataset used; a random subset drawn first.
+    alpha : float
+        Dirichlet concentration (smaller: more skew).
+    min_partition_size : int
+        Dirichlet: every node gets at least this many samples.
+
+    Returns
+    -------
+    list[np.ndarray]
+        Disjoint int64 index arrays into ``labels``, one per node; each in a fixed
+        (shuffled) order, the sample order node and server agree on.
+    """
+    if num_partitions < 1:
+        raise ValueError("num_partitions must be >= 1")
+    if method not in PARTITIONS:
+        raise ValueError(f"unknown partition {method!r}; expected one of {PARTITIONS}")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    used = _subset(len(labels), fraction, num_partitions, rng)
+
+    from datasets import Dataset  # imported here: pulls in pyarrow
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    table = Dataset.from_dict({"label": labels[used].tolist(), "row": np.arange(len(used))})
+    if method == "iid":
+        partitioner = IidPartitioner(num_partitions)
+    else:
+        if min_partition_size * num_partitions > len(used):
+            raise ValueError(
+                f"dirichlet: {len(used)} samples cannot give {num_partitions} nodes "
+                f"{min_partition_size} samples each; lower min-partition-size or raise data-fraction"
+            )
+        partitioner = DirichletPartitioner(
+            num_partitions, "label", alpha, min_partition_size=min_partition_size,
+            self_balancing=True, shuffle=True, seed=int(rng.integers(2**31)),
+        )
+    partitioner.dataset = table
+    return [used[np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64)]
+            for i in range(num_partitions)]
+
+
+def label_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Number of samples of each class."""
+    return np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
+
+
+def label_matched_split(
+    pool_labels: np.ndarray,
+    reference_labels: np.ndarray,
+    size: int,
+    num_classes: int,
+    *,
+    seed: int = 0,
+) -> np.ndarray:
+    """Draw ``size`` samples of a pool with the class mix of ``reference_labels``.
+
+    Used for local test splits under label skew: a node is evaluated on test
+    samples distributed like its own training data. Classes are drawn without
+    replacement within one call (different nodes may share test samples).
+    """
+    rng = np.random.default_rng(seed)
+    pool_labels = np.asarray(pool_labels)
+    share = label_counts(reference_labels, num_classes) / max(len(reference_labels), 1)
+    wanted = np.floor(share * size).astype(int)
+    # Hand the remainder to the classes with the largest fractional parts.
+    rest = size - int(wanted.sum())
+    if rest > 0:
+        wanted[np.argsort(-(share * size - wanted), kind="stable")[:rest]] += 1
+    picked = []
+    for cls in np.nonzero(wanted)[0]:
+        candidates = np.nonzero(pool_labels == cls)[0]
+        picked.append(rng.choice(candidates, size=min(int(wanted[cls]), len(candidates)), replace=False))
+    out = np.concatenate(picked) if picked else np.empty(0, dtype=np.int64)
+    return rng.permutation(out).astype(np.int64)
