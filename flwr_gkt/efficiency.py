@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import models
 
-__all__ = ["ModelCost", "forward_flops", "num_parameters", "edge_cost_table"]
+__all__ = ["ModelCost", "forward_flops", "num_parameters", "edge_cost_table", "run_costs"]
 
 
 def num_parameters(model: nn.Module) -> int:
@@ -63,6 +63,35 @@ def edge_cost_table(num_classes: int = 10, in_channels: int = 3, size: int = 32)
     return rows
 
 
+def run_costs(
+    edge_model: str, server_model: str, num_classes: int, in_channels: int, size: int
+) -> dict[str, int]:
+    """FLOPs per sample and parameters of a run's models, by registry name.
+
+    Keys: ``edge-flops``/``edge-params`` (edge model on the image),
+    ``server-flops``/``server-params`` (server model on one feature map) and,
+    where the registry knows it, ``full-flops``/``full-params`` (the full model
+    FedAvg trains on every node).
+    """
+    from .registry import build_edge_model, build_full_model, build_server_model
+
+    edge = build_edge_model(edge_model, num_classes, in_channels)
+    server = build_server_model(server_model, num_classes, models.FEATURE_CHANNELS)
+    out = {
+        "edge-flops": forward_flops(edge, (in_channels, size, size)),
+        "edge-params": num_parameters(edge),
+        "server-flops": forward_flops(server, (models.FEATURE_CHANNELS, size, size)),
+        "server-params": num_parameters(server),
+    }
+    try:
+        full = build_full_model(server_model, num_classes, in_channels)
+    except KeyError:
+        return out
+    out["full-flops"] = forward_flops(full, (in_channels, size, size))
+    out["full-params"] = num_parameters(full)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flwr_gkt.efficiency", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,6 +108,12 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         print(f"| {r.name} | {r.flops / 1e6:.1f} | {r.params:,} | {r.flops / base.flops:.1f}x | "
               f"{r.params / base.params:.1f}x |")
+    print("\nServer side (FedGKT): one feature map of 16x%dx%d per sample\n" % (args.size, args.size))
+    print("| server model | MFLOPs / sample | parameters |")
+    print("| --- | ---: | ---: |")
+    for name in ("resnet55", "resnet109"):
+        cost = run_costs("resnet8", name, args.num_classes, args.in_channels, args.size)
+        print(f"| {name} | {cost['server-flops'] / 1e6:.1f} | {cost['server-params']:,} |")
     print("\nPaper (Section 4.3): ResNet-8 needs 9x / 17x fewer FLOPs than ResNet-56 / ResNet-110 "
           "and has 54x / 105x fewer parameters (~11K).")
 

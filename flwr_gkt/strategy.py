@@ -50,9 +50,17 @@ from .wire import (
     record_nbytes,
 )
 
-__all__ = ["FedGKT"]
+__all__ = ["FedGKT", "progress"]
 
 _MB = 1024 * 1024
+
+
+def progress(server_round: int, num_rounds: int, elapsed: float) -> str:
+    """``"round 3/10, 42s elapsed, ~98s left"``: a progress note for long runs."""
+    if num_rounds <= 0:
+        return f"round {server_round}, {elapsed:.0f}s elapsed"
+    left = elapsed / max(server_round, 1) * max(num_rounds - server_round, 0)
+    return f"round {server_round}/{num_rounds}, {elapsed:.0f}s elapsed, ~{left:.0f}s left"
 
 
 def edge_config_record(cfg: EdgeRoundConfig, **extra: Any) -> ConfigRecord:
@@ -129,12 +137,14 @@ class FedGKT(Strategy):
         #: One dict per round: metrics, bytes and times (also written to CSV).
         self.history: list[dict[str, float]] = []
         self._round_start = 0.0
+        self._run_start = time.perf_counter()
         self._bytes_sent = 0
 
     # ------------------------------------------------------------------ helpers
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, *args: Any, **kwargs: Any) -> Any:
         """Run FedGKT (see :meth:`flwr.serverapp.strategy.Strategy.start`)."""
         self.num_rounds = num_rounds
+        self._run_start = time.perf_counter()
         return super().start(grid, initial_arrays, num_rounds, *args, **kwargs)
 
     def _lr_factor(self, server_round: int) -> float:
@@ -250,7 +260,9 @@ class FedGKT(Strategy):
         for key in ("edge-train-loss", "edge-train-accuracy"):
             if n_edge:
                 row[key] = sum(float(m[key]) * len(p) for _, p, m in accepted if key in m) / n_edge
-        row["edge-seconds-max"] = max((float(m.get("edge-seconds", 0.0)) for *_, m in accepted), default=0.0)
+        edge_seconds = [float(m.get("edge-seconds", 0.0)) for *_, m in accepted]
+        row["edge-seconds-max"] = max(edge_seconds, default=0.0)
+        row["edge-seconds-mean"] = sum(edge_seconds) / max(len(edge_seconds), 1)
         self.history.append(row)
         log(
             INFO,
@@ -315,8 +327,9 @@ class FedGKT(Strategy):
         log(
             INFO,
             "FedGKT round %d eval: accuracy %.4f (edge+server), edge-only %.4f, loss %.4f on %d "
-            "test samples from %d nodes, eval up %.2f MB, round %.1fs",
+            "test samples from %d nodes, eval up %.2f MB, round %.1fs [%s]",
             server_round, metrics["accuracy"], metrics["edge-accuracy"], metrics["loss"], n,
             len(accepted), nbytes / _MB, metrics["round-seconds"],
+            progress(server_round, self.num_rounds, time.perf_counter() - self._run_start),
         )
         return MetricRecord({k: float(v) if k != NUM_EXAMPLES else int(v) for k, v in metrics.items()})

@@ -22,6 +22,7 @@ from flwr.supercore import log
 
 from flwr_gkt.config import RunConfig
 from flwr_gkt.registry import build_full_model
+from flwr_gkt.strategy import progress
 from flwr_gkt.training import (
     TensorBatches,
     evaluate_logits,
@@ -53,6 +54,7 @@ class MeasuredFedAvg(FedAvg):
         self.lr_schedule, self.num_rounds = lr_schedule, num_rounds
         self.history: list[dict[str, float]] = []
         self._down, self._start = 0, 0.0
+        self._run_start = time.perf_counter()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -75,13 +77,21 @@ class MeasuredFedAvg(FedAvg):
             row["nodes-replied"], up / _MB, self._down / _MB)
         return arrays, metrics
 
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        self._down_eval = sum(record_nbytes(m.content) for m in messages)
+        return messages
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         metrics = super().aggregate_evaluate(server_round, list(replies))
         if metrics is not None:
             self.history[-1].update({k: float(v) for k, v in metrics.items()})
+            self.history[-1]["bytes-down-eval"] = getattr(self, "_down_eval", 0)
             self.history[-1]["round-seconds"] = time.perf_counter() - self._start
-            log(INFO, "FedAvg round %d eval: accuracy %.4f, loss %.4f", server_round,
-                metrics["accuracy"], metrics["loss"])
+            log(INFO, "FedAvg round %d eval: accuracy %.4f, loss %.4f [%s]", server_round,
+                metrics["accuracy"], metrics["loss"],
+                progress(server_round, self.num_rounds, time.perf_counter() - self._run_start))
         return metrics
 
 
@@ -135,10 +145,11 @@ def make_fedavg_apps(fixed: RunConfig | None = None) -> tuple[ServerApp, ClientA
         lr = cfg.edge_lr * float(config.get("lr-factor", 1.0))
         optimizer = make_optimizer(cfg.edge_optimizer, model.parameters(), lr, cfg.weight_decay)
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + int(config["server-round"]))
-        res = fit(model, TensorBatches(data.x_train, data.y_train, cfg.batch_size, True, gen),
+        res = fit(model, TensorBatches(data.x_train, data.y_train, cfg.batch_size, True, gen, data.augment),
                   optimizer, epochs=cfg.edge_epochs, device=device)
         metrics = metrics_record(len(data.y_train), **{"train-loss": res.loss,
-                                                       "train-accuracy": res.accuracy})
+                                                       "train-accuracy": res.accuracy,
+                                                       "client-seconds": res.seconds})
         content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
         return Message(content=content, reply_to=msg)
 

@@ -16,12 +16,14 @@ from flwr_gkt.config import RunConfig, resolve_config
 from flwr_gkt.data import ClientData, client_data
 from flwr_gkt.data import dataset_info as data_info
 from flwr_gkt.edge import EdgeRoundConfig
+from flwr_gkt.efficiency import run_costs
 from flwr_gkt.models import FEATURE_CHANNELS, EdgeModel
 from flwr_gkt.registry import build_edge_model, build_server_model
 from flwr_gkt.server import GKTServer
 
-PRESETS_DIR = Path(__file__).parent / "presets"
+from .report import Run, plot_runs
 
+PRESETS_DIR = Path(__file__).parent / "presets"
 
 
 def config_from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
@@ -118,8 +120,16 @@ def results_dir(cfg: RunConfig) -> Path:
     return path
 
 
+@functools.lru_cache(maxsize=8)
+def model_costs(cfg: RunConfig) -> dict[str, int]:
+    """FLOPs per sample and parameters of the run's edge, server and full models."""
+    num_classes, channels, side = dataset_info(cfg)
+    return run_costs(cfg.edge_model, cfg.server_model, num_classes, channels, side)
+
+
 def write_results(path: Path, cfg: RunConfig, history: list[dict[str, float]], extra: dict[str, Any]) -> None:
-    """Write metrics.csv (one row per round) and results.json (config + history)."""
+    """Write metrics.csv (one row per round), results.json (config, history,
+    model costs, ``extra``) and metrics.png (accuracy vs round and vs bytes)."""
     columns: list[str] = []
     for row in history:
         columns += [k for k in row if k not in columns]
@@ -127,5 +137,8 @@ def write_results(path: Path, cfg: RunConfig, history: list[dict[str, float]], e
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(history)
+    extra = {"algorithm": "fedgkt", "costs": model_costs(cfg), **extra}
     with open(path / "results.json", "w") as f:
         json.dump({"config": cfg.to_dict(), "history": history, **extra}, f, indent=2)
+    run = Run(cfg.run_name or path.name, path, cfg.to_dict(), history, extra)
+    plot_runs([run], path / "metrics.png", title=f"{run.algorithm}: {cfg.dataset}, {cfg.num_clients} nodes")

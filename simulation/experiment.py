@@ -1,0 +1,158 @@
+"""Run an experiment -- several runs side by side -- and compare them.
+
+``python -m simulation.experiment NAME [--set key=value ...] [--only RUN ...]``
+
+``NAME`` is a file in ``simulation/experiments/`` (or a path to a YAML file)::
+
+    title: FedGKT vs FedAvg on Fashion-MNIST
+    preset: compare          # base preset of every run
+    set: {num-server-rounds: 5}   # overrides for every run (optional)
+    runs:
+      fedgkt-iid: {algorithm: fedgkt, set: {partition: iid}}
+      fedavg-iid: {algorithm: fedavg, set: {partition: iid}}
+
+Each run is a separate ``python -m simulation`` process (its own Flower
+simulation), writing its results into ``<results-dir>/<experiment>/<run>/``.
+Runs of the same experiment share the seed, hence exactly the same partitions.
+When all runs are done the experiment directory gets:
+
+- ``comparison.csv``: one row per run and round (accuracy, bytes each way,
+  cumulative training MB, compute seconds, ...),
+- ``comparison.png``: accuracy vs round and accuracy vs bytes communicated,
+- ``summary.md``: the markdown table of the runs (see :mod:`simulation.summary`).
+
+Progress: one line per run start/end and the per-round evaluation lines of
+the running simulation; the full log of each run is in ``<run>/run.log``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flwr_gkt.config import parse_overrides
+
+from .report import find_runs, load_run, markdown_table, plot_runs, write_long_csv
+
+EXPERIMENTS_DIR = Path(__file__).parent / "experiments"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_LOG_PREFIX = re.compile(r"^(INFO|WARNING|ERROR|DEBUG)\s*:\s*")
+_PROGRESS_MARKERS = (" eval: accuracy", " rejected: ", "ERROR", "Traceback")
+
+
+def load_experiment(name: str) -> tuple[str, dict[str, Any]]:
+    """Read an experiment definition by name (in ``experiments/``) or path."""
+    path = Path(name)
+    if path.suffix not in (".yaml", ".yml"):
+        path = EXPERIMENTS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        available = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"experiment {name!r} not found at {path}; available: {available}")
+    spec = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(spec.get("runs"), dict) or not spec["runs"]:
+        raise ValueError(f"{path}: an experiment needs a non-empty 'runs' mapping")
+    for run, body in spec["runs"].items():
+        algorithm = (body or {}).get("algorithm", "fedgkt")
+        if algorithm not in ("fedgkt", "fedavg"):
+            raise ValueError(f"{path}: run {run!r} has unknown algorithm {algorithm!r}")
+    return path.stem, spec
+
+
+def run_command(spec: dict[str, Any], run: str, out_dir: Path, extra: dict[str, Any]) -> list[str]:
+    """The ``python -m simulation`` command line of one run."""
+    body = spec["runs"][run] or {}
+    values = {**(spec.get("set") or {}), **(body.get("set") or {}), **extra,
+              "results-dir": str(out_dir), "run-name": run}
+    preset = str(body.get("preset", spec.get("preset", "fmnist")))
+    cmd = [sys.executable, "-m", "simulation", "--preset", preset,
+           "--algorithm", str(body.get("algorithm", "fedgkt"))]
+    for key, value in values.items():
+        cmd += ["--set", f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"]
+    return cmd
+
+
+def _run(cmd: list[str], log_path: Path, label: str) -> int:
+    """Run one simulation, log everything to ``log_path``, echo progress lines."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "w") as log, subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        start_new_session=True,
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            if any(m in line for m in _PROGRESS_MARKERS):
+                text = _LOG_PREFIX.sub("", _ANSI.sub("", line)).strip()
+                print(f"  [{label}] {text[:200]}", flush=True)
+        return proc.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m simulation.experiment", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment", help="name in simulation/experiments/ or a YAML path")
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
+                        metavar="KEY=VALUE", help="override a config key in every run")
+    parser.add_argument("--only", nargs="+", default=None, metavar="RUN", help="run only these runs")
+    parser.add_argument("--results-dir", default="results", help="parent of the experiment directory")
+    parser.add_argument("--name", default="", help="experiment directory name (default: the experiment's)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="do not run anything; rebuild the comparison from existing runs")
+    args = parser.parse_args(argv)
+
+    name, spec = load_experiment(args.experiment)
+    extra = parse_overrides(args.overrides)
+    out_dir = Path(args.results_dir).expanduser() / (args.name or name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = [r for r in spec["runs"] if args.only is None or r in args.only]
+    unknown = set(args.only or []) - set(spec["runs"])
+    if unknown:
+        parser.error(f"unknown runs {sorted(unknown)}; known: {list(spec['runs'])}")
+
+    failed: list[str] = []
+    start = time.perf_counter()
+    if not args.report_only:
+        print(f"experiment {name}: {len(runs)} runs -> {out_dir}", flush=True)
+        for i, run in enumerate(runs, 1):
+            run_dir = out_dir / run
+            run_dir.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            print(f"[{i}/{len(runs)}] {run}: started ({time.perf_counter() - start:.0f}s into the experiment)",
+                  flush=True)
+            rc = _run(run_command(spec, run, out_dir, extra), run_dir / "run.log", run)
+            ok = rc == 0 and (run_dir / "results.json").is_file()
+            if ok:
+                t = load_run(run_dir).totals()
+                print(f"[{i}/{len(runs)}] {run}: done in {time.perf_counter() - t0:.0f}s, accuracy "
+                      f"{100 * t['final-accuracy']:.2f}%, {t['mb-up'] + t['mb-down']:.1f} MB", flush=True)
+            else:
+                failed.append(run)
+                print(f"[{i}/{len(runs)}] {run}: FAILED (exit {rc}); see {run_dir / 'run.log'}", flush=True)
+
+    done = [r for r in find_runs([out_dir]) if r.path.name in spec["runs"]]
+    order = {r: i for i, r in enumerate(spec["runs"])}
+    done.sort(key=lambda r: order[r.path.name])
+    if done:
+        title = str(spec.get("title", name))
+        write_long_csv(done, out_dir / "comparison.csv")
+        plot_runs(done, out_dir / "comparison.png", title=title)
+        table = markdown_table(done, spec.get("columns"))
+        (out_dir / "summary.md").write_text(f"# {title}\n\n{table}")
+        print(f"\n{table}\nwritten: {out_dir / 'comparison.csv'}, {out_dir / 'comparison.png'}, "
+              f"{out_dir / 'summary.md'}", flush=True)
+    if failed:
+        print(f"failed runs: {failed}", flush=True)
+        return 1
+    return 0 if done else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
