@@ -60,6 +60,7 @@ __all__ = [
     "ClientData",
     "dataset_info",
     "load_dataset",
+    "clear_caches",
     "normalize",
     "client_data",
 ]
@@ -317,6 +318,12 @@ def load_dataset(name: str, data_dir: str = "") -> RawDataset:
     return RawDataset(x_tr, y_tr, x_te, y_te, info)
 
 
+def clear_caches() -> None:
+    """Forget the datasets and partitions cached in this process."""
+    load_dataset.cache_clear()
+    _partitions.cache_clear()
+
+
 def normalize(x: Tensor, info: DatasetInfo) -> Tensor:
     """``uint8`` images to float32, scaled to [0, 1] and standardised per channel."""
     mean = torch.tensor(info.mean).view(1, -1, 1, 1)
@@ -391,6 +398,19 @@ class ClientData:
         return int(self.x_train.shape[1])
 
 
+@functools.lru_cache(maxsize=8)
+def _partitions(
+    dataset: str, data_dir: str, split: str, num_partitions: int, method: str, seed: int,
+    fraction: float, alpha: float, min_size: int,
+) -> list[np.ndarray]:
+    """All nodes' index arrays of one split (cached: a process serving many
+    nodes computes the partition once)."""
+    raw = load_dataset(dataset, data_dir)
+    labels = (raw.y_train if split == "train" else raw.y_test).numpy()
+    return partition_indices(labels, num_partitions, method, seed=seed, fraction=fraction, alpha=alpha,
+                             min_partition_size=min_size)
+
+
 def client_data(
     partition_id: int,
     num_partitions: int,
@@ -437,20 +457,15 @@ def client_data(
         raise ValueError(f"partition-id {partition_id} not in [0, {num_partitions})")
     raw = load_dataset(dataset, data_dir)
     info = raw.info
-    y_tr = raw.y_train.numpy()
-    train_parts = partition_indices(
-        y_tr, num_partitions, partition, seed=seed, fraction=fraction, alpha=dirichlet_alpha,
-        min_partition_size=min_partition_size,
-    )
-    train_idx = train_parts[partition_id]
-    y_te = raw.y_test.numpy()
+    train_idx = _partitions(dataset, data_dir, "train", num_partitions, partition, seed, fraction,
+                            dirichlet_alpha, min_partition_size)[partition_id]
     if test_split == "global":
-        test_idx = partition_indices(y_te, num_partitions, "iid", seed=seed + 1, fraction=test_fraction)[
-            partition_id
-        ]
+        test_idx = _partitions(dataset, data_dir, "test", num_partitions, "iid", seed + 1, test_fraction,
+                               0.0, 0)[partition_id]
     elif test_split == "local":
+        y_te = raw.y_test.numpy()
         size = max(1, int(round(len(y_te) * test_fraction / num_partitions)))
-        test_idx = label_matched_split(y_te, y_tr[train_idx], size, info.num_classes,
+        test_idx = label_matched_split(y_te, raw.y_train.numpy()[train_idx], size, info.num_classes,
                                        seed=seed * 7919 + partition_id)
     else:
         raise ValueError(f"unknown test-split {test_split!r} (expected 'global' or 'local')")

@@ -229,7 +229,8 @@ class FedGKT(Strategy):
         messages = []
         for node in node_ids:
             content = RecordDict({CONFIG_KEY: round_config})
-            logits = self.server.server_logits(node)
+            # Z_s travels only when the edge distils from it (not in KD modes without it).
+            logits = self.server.server_logits(node) if self.edge_config.kd_mode.edge_distills else None
             if logits is not None:
                 content[ARRAYS_KEY] = encode_server_logits(logits)
             messages.append(Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN))

@@ -19,6 +19,8 @@ rejected reply.
 
 from __future__ import annotations
 
+import io
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -122,6 +124,31 @@ def encode_server_logits(logits: Tensor | np.ndarray) -> ArrayRecord:
     )
 
 
+def _npy_view(data: bytes) -> np.ndarray:
+    """A read-only array over ``.npy`` bytes, without copying the data.
+
+    ``Array.numpy()`` goes through ``np.load`` and copies every payload; a
+    round's features are hundreds of MB, so the server reads them in place.
+    The header is parsed with numpy's own reader; object dtypes and a size
+    that does not match the header are refused.
+    """
+    buf = io.BytesIO(data)
+    version = np.lib.format.read_magic(buf)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf)
+    else:
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(buf)
+    if dtype.hasobject:
+        raise ValueError("object arrays are not accepted")
+    offset = buf.tell()
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(data) - offset != count * dtype.itemsize:
+        raise ValueError(f"{len(data) - offset} data bytes for {count} x {dtype} items")
+    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(
+        shape, order="F" if fortran else "C"
+    )
+
+
 def _load(record: ArrayRecord, key: str, dtypes: tuple[str, ...]) -> np.ndarray:
     """Check an array's declared dtype, then deserialize and check it again."""
     if key not in record:
@@ -130,7 +157,7 @@ def _load(record: ArrayRecord, key: str, dtypes: tuple[str, ...]) -> np.ndarray:
     if array.dtype not in dtypes:
         raise PayloadError(f"'{key}' has dtype {array.dtype}, expected one of {list(dtypes)}")
     try:
-        value = array.numpy()
+        value = _npy_view(array.data) if array.stype == "numpy.ndarray" else array.numpy()
     except Exception as err:  # corrupt bytes, unsupported stype, ...
         raise PayloadError(f"'{key}' cannot be decoded: {err}") from None
     if str(value.dtype) != array.dtype or list(value.shape) != list(array.shape):
@@ -139,6 +166,13 @@ def _load(record: ArrayRecord, key: str, dtypes: tuple[str, ...]) -> np.ndarray:
             f"but holds {value.dtype}{list(value.shape)}"
         )
     return value
+
+
+def _tensor(x: np.ndarray) -> Tensor:
+    """float32/int64 tensor sharing memory with ``x`` when possible (read-only views included)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(x)
 
 
 def validate_arrays(
@@ -192,10 +226,12 @@ def validate_arrays(
             )
         if not np.isfinite(logits).all():
             raise PayloadError("'logits' contain NaN or Inf")
-        logits_t = torch.from_numpy(logits.astype(np.float32, copy=False))
+        logits_t = _tensor(logits.astype(np.float32, copy=False))
+    # Tensors may be read-only views of the message bytes: consumers must not
+    # modify them in place (the server only reads them).
     return Payload(
-        features=torch.from_numpy(features.astype(np.float32, copy=False)),
-        labels=torch.from_numpy(labels),
+        features=_tensor(features.astype(np.float32, copy=False)),
+        labels=_tensor(labels),
         logits=logits_t,
     )
 
@@ -240,7 +276,7 @@ def validate_server_logits(logits: np.ndarray, num_samples: int, num_classes: in
         )
     if not np.isfinite(logits).all():
         raise PayloadError("'server-logits' contain NaN or Inf")
-    return torch.from_numpy(logits.astype(np.float32, copy=False))
+    return _tensor(logits.astype(np.float32, copy=False))
 
 
 def record_nbytes(content: RecordDict | Mapping[str, ArrayRecord]) -> int:

@@ -84,9 +84,12 @@ class MeasuredFedAvg(FedAvg):
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
-        metrics = super().aggregate_evaluate(server_round, list(replies))
+        replies = list(replies)
+        metrics = super().aggregate_evaluate(server_round, replies)
         if metrics is not None:
             self.history[-1].update({k: float(v) for k, v in metrics.items()})
+            self.history[-1]["num-examples"] = sum(
+                int(m.content["metrics"]["num-examples"]) for m in replies if not m.has_error())
             self.history[-1]["bytes-down-eval"] = getattr(self, "_down_eval", 0)
             self.history[-1]["round-seconds"] = time.perf_counter() - self._start
             log(INFO, "FedAvg round %d eval: accuracy %.4f, loss %.4f [%s]", server_round,

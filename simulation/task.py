@@ -42,7 +42,7 @@ def feature_shape(cfg: RunConfig) -> tuple[int, int, int]:
     return (FEATURE_CHANNELS, side, side)
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=256)
 def load_client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> ClientData:
     """The node's partition (cached per process: nodes reuse it every round)."""
     if cfg.augment not in ("auto", "on", "off"):

@@ -16,6 +16,7 @@ from flwr_gkt.data import (
     DEFAULT_FASHION_MNIST_DIR,
     DatasetMissingError,
     RandomCropFlip,
+    clear_caches,
     client_data,
     load_dataset,
     normalize,
@@ -26,9 +27,9 @@ from flwr_gkt.partition import label_counts, label_matched_split, partition_indi
 @pytest.fixture()
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FLWR_GKT_CACHE", str(tmp_path / "cache"))
-    load_dataset.cache_clear()
+    clear_caches()
     yield tmp_path / "cache"
-    load_dataset.cache_clear()
+    clear_caches()
 
 
 # ------------------------------------------------------------- Fashion-MNIST
@@ -127,7 +128,7 @@ def test_cifar_loader_reads_torchvision_format(tmp_path, cache, kind):
     assert raw.info.num_classes == (10 if kind == "cifar10" else 100)
     # data-dir may also name the extracted folder itself
     folder = next((tmp_path / "data").iterdir())
-    load_dataset.cache_clear()
+    clear_caches()
     assert torch.equal(load_dataset(kind, str(folder)).x_test, raw.x_test)
 
 
@@ -172,7 +173,7 @@ def test_cinic10_loader_reads_image_folders_and_caches(tmp_path, cache):
     assert torch.equal(raw.x_train[6], expected[("train", "bird", 0)])  # grayscale -> RGB
     assert torch.equal(raw.x_test[5], expected[("test", "bird", 1)])
     assert len(list((cache / "imagefolder").glob("*.npz"))) == 2
-    load_dataset.cache_clear()
+    clear_caches()
     again = load_dataset("cinic10", str(tmp_path / "cinic"))  # from the cache
     assert torch.equal(again.x_train, raw.x_train) and torch.equal(again.y_test, raw.y_test)
 

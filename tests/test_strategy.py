@@ -197,11 +197,11 @@ def test_bytes_per_round_equal_the_serialized_array_payloads():
 
 def test_generated_cifar10_round_end_to_end_with_augmentation(tmp_path, monkeypatch):
     """3-channel 32x32 data, Dirichlet partitions, augmented edge batches: a full round."""
-    from flwr_gkt.data import RandomCropFlip, load_dataset
+    from flwr_gkt.data import RandomCropFlip, clear_caches
     from test_data import _write_cifar
 
     monkeypatch.setenv("FLWR_GKT_CACHE", str(tmp_path / "cache"))
-    load_dataset.cache_clear()
+    clear_caches()
     _write_cifar(tmp_path / "c10", "cifar10", n_per_file=20)
     datas = [client_data(i, 2, dataset="cifar10", data_dir=str(tmp_path / "c10"), partition="dirichlet",
                          min_partition_size=10, seed=1) for i in range(2)]
@@ -218,5 +218,15 @@ def test_generated_cifar10_round_end_to_end_with_augmentation(tmp_path, monkeypa
     n = sum(len(d.y_train) for d in datas)
     assert train_metrics["server-train-examples"] == n == 100
     assert sum(calls) == 2 * n  # every training sample augmented while training and extracting
-    assert eval_metrics["num-examples"] == 6 and 0.0 <= eval_metrics["accuracy"] <= 1.0
-    load_dataset.cache_clear()
+    assert eval_metrics["num-examples"] == 20 and 0.0 <= eval_metrics["accuracy"] <= 1.0
+    clear_caches()
+
+
+def test_no_server_logits_travel_when_the_edge_does_not_distil():
+    fed, strategy, _ = make_federation()
+    strategy.edge_config = EdgeRoundConfig(batch_size=32, kd_mode="none")
+    fed.run_round(strategy, 1)
+    fed.run_round(strategy, 2)
+    assert all(ARRAYS_KEY not in m.content.array_records for m in fed.last_train_messages)
+    assert strategy.history[-1]["bytes-down-train"] == 0
+    assert all(m.content.config_records["config"]["kd-mode"] == "none" for m in fed.last_train_messages)

@@ -1,0 +1,264 @@
+"""A real federation on this machine: ``flower-superlink`` + N ``flower-supernode``.
+
+``python -m deploy.loopback [--num-supernodes 2] [--run-config "preset='smoke'"] [--auth]``
+
+Every piece is a separate process speaking TLS over 127.0.0.1, as on real
+devices: the SuperLink (Fleet + Control + Runtime APIs on one HTTPS port), one
+SuperNode per partition (each with its own Flower home, Runtime API port and
+``--node-config``), and ``flwr run`` submitting this app through a connection
+declared in a private ``$FLWR_HOME/config.toml``. Certificates are generated
+with ``deploy/gen_certs.sh``; with ``--auth`` the SuperLink requires SuperNode
+authentication and the nodes' keys (``deploy/gen_node_keys.sh``) are
+registered with ``flwr supernode register`` first. Everything started is
+stopped at the end. Exit status 0 when the run finished as ``completed``.
+
+The :class:`Federation` class is what the integration tests use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+DEPLOY_DIR = Path(__file__).resolve().parent
+APP_DIR = DEPLOY_DIR.parent
+CONNECTION = "gkt-loopback"
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 15.0) -> None:
+    """Stop ``proc`` and its process group (children included)."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=grace)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+class Federation:
+    """SuperLink + SuperNodes on 127.0.0.1 with TLS (and optional node auth).
+
+    Parameters
+    ----------
+    workdir : Path
+        Holds certificates, keys, Flower homes, logs; the ServerApp's working directory.
+    num_supernodes : int
+        Number of SuperNodes; node ``i`` gets ``partition-id=i``.
+    auth : bool
+        Require SuperNode authentication (keys registered before the nodes start).
+    node_config : dict[str, str], optional
+        Extra ``--node-config`` entries for every node (e.g. ``data-dir``).
+    """
+
+    def __init__(self, workdir: Path, num_supernodes: int = 2, auth: bool = False,
+                 node_config: dict[str, str] | None = None) -> None:
+        self.workdir = Path(workdir).resolve()
+        self.num_supernodes = num_supernodes
+        self.auth = auth
+        self.node_config = node_config or {}
+        self.port = free_port()
+        self.certs = self.workdir / "certificates"
+        self.keys = self.workdir / "keys"
+        self.home = self.workdir / "flwr-home"
+        self.superlink: subprocess.Popen | None = None
+        self.supernodes: dict[int, subprocess.Popen] = {}
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        self.env = {**os.environ, "PATH": path, "FLWR_HOME": str(self.home),
+                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1"}
+
+    # ------------------------------------------------------------- processes
+    def _popen(self, cmd: list[str], log_name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        with open(self.workdir / log_name, "ab") as out:
+            return subprocess.Popen(cmd, cwd=self.workdir, env=env or self.env, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """Run a ``flwr`` CLI command against this federation's connection."""
+        return subprocess.run(["flwr", *args], cwd=self.workdir, env=self.env, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def start(self, timeout: float = 90.0) -> None:
+        """Certificates, keys, SuperLink, key registration, SuperNodes; wait until all are online."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.home.mkdir(exist_ok=True)
+        subprocess.run(["bash", str(DEPLOY_DIR / "gen_certs.sh"), str(self.certs)], check=True,
+                       capture_output=True)
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.certs / "ca.crt"}"\n'
+        )
+        cmd = ["flower-superlink", "--host", "127.0.0.1", "--port", str(self.port),
+               "--ssl-ca-certfile", str(self.certs / "ca.crt"),
+               "--ssl-certfile", str(self.certs / "server.pem"),
+               "--ssl-keyfile", str(self.certs / "server.key"),
+               "--isolation", "subprocess", "--disable-runtime-dependency-installation",
+               "--database", str(self.workdir / "state.db")]
+        if self.auth:
+            cmd.append("--enable-supernode-auth")
+        self.superlink = self._popen(cmd, "superlink.log")
+        self._wait_healthy(timeout)
+        if self.auth:
+            subprocess.run(["bash", str(DEPLOY_DIR / "gen_node_keys.sh"), str(self.keys),
+                            str(self.num_supernodes)], check=True, capture_output=True)
+            for i in range(self.num_supernodes):
+                res = self.flwr("supernode", "register", str(self.keys / f"node{i + 1}.pub"), CONNECTION)
+                if res.returncode != 0:
+                    raise RuntimeError(f"registering node{i + 1} failed: {res.stdout} {res.stderr}")
+        for i in range(self.num_supernodes):
+            self.start_supernode(i)
+        self.wait_online(self.num_supernodes, timeout)
+
+    def _wait_healthy(self, timeout: float) -> None:
+        context = ssl.create_default_context(cafile=str(self.certs / "ca.crt"))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.superlink is not None
+            if self.superlink.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited with {self.superlink.returncode}; "
+                                   f"see {self.workdir / 'superlink.log'}")
+            try:
+                with urllib.request.urlopen(f"https://127.0.0.1:{self.port}/health", timeout=2,
+                                            context=context):
+                    return
+            except OSError:
+                time.sleep(0.5)
+        raise TimeoutError(f"SuperLink not healthy after {timeout}s")
+
+    def supernode_command(self, i: int) -> list[str]:
+        """The ``flower-supernode`` command line of node ``i``."""
+        config = {"partition-id": str(i), "num-partitions": str(self.num_supernodes), **self.node_config}
+        node_config = " ".join(f"{k}={v if v.lstrip('-').isdigit() else repr(v)}" for k, v in config.items())
+        cmd = ["flower-supernode", "--superlink", f"127.0.0.1:{self.port}",
+               "--root-certificates", str(self.certs / "ca.crt"),
+               "--port", str(free_port()), "--node-config", node_config, "--isolation", "subprocess"]
+        if self.auth:
+            cmd += ["--auth-supernode-private-key", str(self.keys / f"node{i + 1}")]
+        return cmd
+
+    def start_supernode(self, i: int) -> subprocess.Popen:
+        """Start (or restart) SuperNode ``i`` with its own Flower home."""
+        home = self.workdir / f"supernode-{i}"
+        home.mkdir(exist_ok=True)
+        proc = self._popen(self.supernode_command(i), f"supernode-{i}.log", {**self.env, "FLWR_HOME": str(home)})
+        self.supernodes[i] = proc
+        return proc
+
+    def kill_supernode(self, i: int, sig: int = signal.SIGKILL) -> None:
+        """Kill SuperNode ``i`` and its ClientApp processes (default: SIGKILL, no goodbye)."""
+        stop_process(self.supernodes[i], sig, grace=5)
+
+    def online_nodes(self) -> list[dict]:
+        res = self.flwr("supernode", "ls", CONNECTION, "--format", "json", timeout=60)
+        try:
+            nodes = json.loads(res.stdout).get("nodes", [])
+        except ValueError:
+            return []
+        return [n for n in nodes if str(n.get("status", "")).lower() == "online"]
+
+    def wait_online(self, count: int, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(self.online_nodes()) >= count:
+                return
+            for i, proc in self.supernodes.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"supernode {i} exited with {proc.returncode}; "
+                                       f"see {self.workdir / f'supernode-{i}.log'}")
+            time.sleep(1.0)
+        raise TimeoutError(f"fewer than {count} SuperNodes online after {timeout}s")
+
+    def submit(self, run_config: str) -> subprocess.Popen:
+        """``flwr run <app> <connection> --stream``, in the background (text stdout)."""
+        cmd = ["flwr", "run", str(APP_DIR), CONNECTION, "--stream"]
+        if run_config:
+            cmd += ["--run-config", run_config]
+        return subprocess.Popen(cmd, cwd=self.workdir, env=self.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def status(self, run_id: int) -> str:
+        res = self.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json")
+        try:
+            return str(json.loads(res.stdout)["runs"][0]["status"])
+        except (ValueError, KeyError, IndexError):
+            return f"unknown ({res.stdout.strip()} {res.stderr.strip()})"
+
+    def run(self, run_config: str, timeout: float = 1800.0) -> tuple[str, str]:
+        """Submit, stream the log to stdout, return ``(final status, log)``."""
+        proc = self.submit(run_config)
+        assert proc.stdout is not None
+        lines = []
+        deadline = time.monotonic() + timeout
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            lines.append(line)
+            if time.monotonic() > deadline:
+                stop_process(proc)
+                break
+        proc.wait()
+        log = "".join(lines)
+        match = re.search(r"run (\d+)", log)
+        return (self.status(int(match.group(1))) if match else f"flwr run failed (exit {proc.returncode})"), log
+
+    def stop(self) -> None:
+        """Stop every SuperNode and the SuperLink (with their children)."""
+        for proc in self.supernodes.values():
+            stop_process(proc)
+        if self.superlink is not None:
+            stop_process(self.superlink)
+
+    def __enter__(self) -> Federation:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deploy.loopback", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-supernodes", type=int, default=2)
+    parser.add_argument("--run-config", default="preset='smoke'")
+    parser.add_argument("--auth", action="store_true", help="require SuperNode authentication")
+    parser.add_argument("--workdir", default="", help="default: a new temporary directory")
+    parser.add_argument("--data-dir", default="", help="node-config data-dir of every node")
+    args = parser.parse_args(argv)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="gkt-deploy-"))
+    node_config = {"data-dir": args.data_dir} if args.data_dir else {}
+    with Federation(workdir, args.num_supernodes, args.auth, node_config) as fed:
+        print(f"SuperLink https://127.0.0.1:{fed.port}, {args.num_supernodes} SuperNodes online; "
+              f"logs in {workdir}", flush=True)
+        status, _ = fed.run(args.run_config)
+    print(f"run status: {status}", flush=True)
+    return 0 if status == "finished:completed" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
