@@ -70,7 +70,9 @@ class Federation:
     auth : bool
         Require SuperNode authentication (keys registered before the nodes start).
     node_config : dict[str, str], optional
-        Extra ``--node-config`` entries for every node (e.g. ``data-dir``).
+        Extra ``--node-config`` entries for every node (e.g. ``data-dir``);
+        ``{i}`` in a value is replaced by the node's index (e.g.
+        ``state-dir=/var/lib/gkt/node-{i}``).
     """
 
     def __init__(self, workdir: Path, num_supernodes: int = 2, auth: bool = False,
@@ -147,22 +149,24 @@ class Federation:
                 time.sleep(0.5)
         raise TimeoutError(f"SuperLink not healthy after {timeout}s")
 
-    def supernode_command(self, i: int) -> list[str]:
-        """The ``flower-supernode`` command line of node ``i``."""
-        config = {"partition-id": str(i), "num-partitions": str(self.num_supernodes), **self.node_config}
+    def supernode_command(self, i: int, key: Path | None = None) -> list[str]:
+        """The ``flower-supernode`` command line of node ``i`` (``key``: another auth key)."""
+        config = {"partition-id": str(i), "num-partitions": str(self.num_supernodes),
+                  **{k: v.replace("{i}", str(i)) for k, v in self.node_config.items()}}
         node_config = " ".join(f"{k}={v if v.lstrip('-').isdigit() else repr(v)}" for k, v in config.items())
         cmd = ["flower-supernode", "--superlink", f"127.0.0.1:{self.port}",
                "--root-certificates", str(self.certs / "ca.crt"),
                "--port", str(free_port()), "--node-config", node_config, "--isolation", "subprocess"]
-        if self.auth:
-            cmd += ["--auth-supernode-private-key", str(self.keys / f"node{i + 1}")]
+        if self.auth or key is not None:
+            cmd += ["--auth-supernode-private-key", str(key or self.keys / f"node{i + 1}")]
         return cmd
 
-    def start_supernode(self, i: int) -> subprocess.Popen:
+    def start_supernode(self, i: int, key: Path | None = None) -> subprocess.Popen:
         """Start (or restart) SuperNode ``i`` with its own Flower home."""
         home = self.workdir / f"supernode-{i}"
         home.mkdir(exist_ok=True)
-        proc = self._popen(self.supernode_command(i), f"supernode-{i}.log", {**self.env, "FLWR_HOME": str(home)})
+        proc = self._popen(self.supernode_command(i, key), f"supernode-{i}.log",
+                           {**self.env, "FLWR_HOME": str(home)})
         self.supernodes[i] = proc
         return proc
 
@@ -205,6 +209,11 @@ class Federation:
         except (ValueError, KeyError, IndexError):
             return f"unknown ({res.stdout.strip()} {res.stderr.strip()})"
 
+    def run_id(self, log: str) -> int | None:
+        """The run id ``flwr run`` printed, if any."""
+        match = re.search(r"run (\d+)", log)
+        return int(match.group(1)) if match else None
+
     def run(self, run_config: str, timeout: float = 1800.0) -> tuple[str, str]:
         """Submit, stream the log to stdout, return ``(final status, log)``."""
         proc = self.submit(run_config)
@@ -219,8 +228,30 @@ class Federation:
                 break
         proc.wait()
         log = "".join(lines)
-        match = re.search(r"run (\d+)", log)
-        return (self.status(int(match.group(1))) if match else f"flwr run failed (exit {proc.returncode})"), log
+        run_id = self.run_id(log)
+        return (self.status(run_id) if run_id else f"flwr run failed (exit {proc.returncode})"), log
+
+    def process_groups(self) -> set[int]:
+        """Session ids of every process this federation started (SuperLink, SuperNodes)."""
+        procs = [p for p in [self.superlink, *self.supernodes.values()] if p is not None]
+        return {p.pid for p in procs}
+
+    def leftover_processes(self) -> list[str]:
+        """Processes still alive in the sessions this federation started."""
+        sessions = self.process_groups()
+        left = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if os.getsid(int(entry.name)) not in sessions:
+                    continue
+                if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue  # already dead, waiting to be reaped by its parent
+                left.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:200])
+            except (OSError, ProcessLookupError, IndexError):
+                continue
+        return left
 
     def stop(self) -> None:
         """Stop every SuperNode and the SuperLink (with their children)."""

@@ -18,11 +18,15 @@ The node's edge model and its latest server logits live in ``context.state``
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
+from logging import INFO
+from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore import log
 
 from .data import ClientData
 from .edge import EdgeRoundConfig, extract, train_edge
@@ -33,9 +37,11 @@ from .wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
     METRICS_KEY,
+    PayloadError,
     decode_server_logits,
     encode_payload,
     metrics_record,
+    validate_server_logits,
 )
 
 __all__ = [
@@ -44,12 +50,17 @@ __all__ = [
     "edge_round",
     "edge_round_config",
     "load_edge_model",
+    "save_state",
+    "restore_state",
     "STATE_MODEL",
     "STATE_LOGITS",
+    "STATE_FILE",
 ]
 
 STATE_MODEL = "gkt-edge-model"
 STATE_LOGITS = "gkt-server-logits"
+#: File in a node's ``state-dir`` holding its saved state.
+STATE_FILE = "gkt-node-state.pt"
 
 
 def edge_round_config(config: ConfigRecord) -> EdgeRoundConfig:
@@ -111,28 +122,70 @@ def _config(msg: Message) -> ConfigRecord:
     return msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
 
 
+def save_state(context: Context, state_dir: str | Path) -> Path:
+    """Write the node's state (edge model, latest server logits) to ``state_dir``.
+
+    Written to a temporary file and renamed, so a crash never leaves a
+    half-written state. A SuperNode restarted with the same ``state-dir`` picks
+    it up again (see :func:`restore_state`).
+    """
+    path = Path(state_dir) / STATE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {key: {name: torch.from_numpy(array.numpy()) for name, array in record.items()}
+            for key, record in context.state.array_records.items() if key in (STATE_MODEL, STATE_LOGITS)}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(data, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def restore_state(context: Context, state_dir: str | Path) -> bool:
+    """Load a saved node state into an empty ``context.state``; ``True`` if loaded."""
+    path = Path(state_dir) / STATE_FILE
+    if STATE_MODEL in context.state.array_records or not path.is_file():
+        return False
+    data = torch.load(path, weights_only=True)
+    for key, arrays in data.items():
+        context.state.array_records[key] = ArrayRecord({n: Array(t.numpy()) for n, t in arrays.items()})
+    log(INFO, "node %d: state restored from %s", context.node_id, path)
+    return True
+
+
+def _stored_server_logits(context: Context, n: int, num_classes: int) -> torch.Tensor | None:
+    if STATE_LOGITS not in context.state.array_records:
+        return None
+    try:
+        return validate_server_logits(
+            context.state.array_records[STATE_LOGITS]["server-logits"].numpy(), n, num_classes)
+    except PayloadError:  # e.g. a restored state from another partition: not used
+        del context.state.array_records[STATE_LOGITS]
+        return None
+
+
 def handle_train(
     msg: Message,
     context: Context,
     data: ClientData,
     build_model: Callable[[], EdgeModel],
     device: str = "auto",
+    state_dir: str | Path | None = None,
 ) -> Message:
     """Run ``ClientTrain`` for one round and reply with ``H``, ``Z_c``, ``Y``.
 
     Raises (and so replies with an error) when the server logits do not match
-    the local training set.
+    the local training set. With ``state_dir``, the node's state is restored
+    from there when the node (re)starts and saved after every round.
     """
     config = _config(msg)
     cfg = edge_round_config(config)
     dev = get_device(device)
     n = len(data.y_train)
+    if state_dir:
+        restore_state(context, state_dir)
     server_logits = decode_server_logits(msg.content, n, data.num_classes)
-    if server_logits is None and STATE_LOGITS in context.state.array_records:
-        server_logits = torch.from_numpy(
-            context.state.array_records[STATE_LOGITS]["server-logits"].numpy()
-        )
-    elif server_logits is not None:
+    if server_logits is None:
+        server_logits = _stored_server_logits(context, n, data.num_classes)
+    else:
         context.state.array_records[STATE_LOGITS] = msg.content.array_records[ARRAYS_KEY]
 
     features, logits, result, seconds = edge_round(
@@ -151,6 +204,8 @@ def handle_train(
             "used-server-logits": float(server_logits is not None and cfg.kd_mode.edge_distills),
         },
     )
+    if state_dir:
+        save_state(context, state_dir)
     content = RecordDict({ARRAYS_KEY: payload, METRICS_KEY: metrics})
     return Message(content=content, reply_to=msg)
 
@@ -161,6 +216,7 @@ def handle_evaluate(
     data: ClientData,
     build_model: Callable[[], EdgeModel],
     device: str = "auto",
+    state_dir: str | Path | None = None,
 ) -> Message:
     """Reply with the features and labels of the local test split.
 
@@ -170,6 +226,8 @@ def handle_evaluate(
     """
     config = _config(msg)
     dev = get_device(device)
+    if state_dir:
+        restore_state(context, state_dir)
     model = load_edge_model(context, build_model, dev)
     batch_size = int(config.get("batch-size", 64))  # type: ignore[arg-type]
     features, logits = extract(model, data.x_test, batch_size, dev)

@@ -41,6 +41,10 @@ class RunConfig:
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     min_nodes: int = 2
+    min_train_replies: int = 1
+    store_max_age: int = 0
+    node_wait_timeout: float = 0.0
+    round_timeout: float = 3600.0
     # models
     edge_model: str = "resnet8"
     server_model: str = "resnet55"

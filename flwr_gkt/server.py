@@ -94,10 +94,25 @@ class GKTServer:
         self.generator = torch.Generator().manual_seed(seed)
         self.store: dict[int, Payload] = {}
         self.logits: dict[int, Tensor] = {}
+        self.stored_round: dict[int, int] = {}
 
-    def put(self, node_id: int, payload: Payload) -> None:
+    def put(self, node_id: int, payload: Payload, server_round: int = 0) -> None:
         """Store (replace) the latest validated payload of ``node_id``."""
         self.store[node_id] = payload
+        self.stored_round[node_id] = server_round
+
+    def evict(self, before_round: int) -> list[int]:
+        """Drop the payloads (and logits) of nodes last stored before ``before_round``.
+
+        A node that left -- or came back under a new node id -- stops being
+        trained on once its features are older than the strategy's limit.
+        """
+        gone = [n for n, r in self.stored_round.items() if r < before_round]
+        for node in gone:
+            self.store.pop(node, None)
+            self.logits.pop(node, None)
+            self.stored_round.pop(node, None)
+        return gone
 
     def server_logits(self, node_id: int) -> Tensor | None:
         """The server logits ``Z_s`` computed for ``node_id``'s samples, if any."""

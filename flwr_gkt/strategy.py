@@ -35,7 +35,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 
 from .edge import EdgeRoundConfig
-from .server import GKTServer
+from .server import GKTServer, ServerRoundResult
 from .training import lr_factor
 from .wire import (
     ARRAYS_KEY,
@@ -95,6 +95,18 @@ class FedGKT(Strategy):
         Dtype the nodes use for features on the wire (``float32``/``float16``).
     max_samples : int, optional
         Largest number of samples one reply may carry.
+    min_train_replies : int
+        Fewest accepted train replies for the server model to train in a round;
+        with fewer (nodes lost, rejected), the round ends without server training
+        and the previous server logits stay in place.
+    store_max_age : int
+        Rounds a node's stored features stay in use without a fresh reply
+        (``0``: forever). Drops the data of nodes that left, or that rejoined
+        under a new node id.
+    node_wait_timeout : float
+        Seconds to wait for ``min_available_nodes`` connected nodes before a
+        round; after that the round goes on with the nodes that are connected
+        (at least one), with a warning. ``0`` waits forever (Flower's behaviour).
     lr_schedule : str
         ``constant`` or ``cosine``: per-round learning-rate multiplier applied to
         the server and the edge learning rates (see
@@ -118,6 +130,9 @@ class FedGKT(Strategy):
         min_available_nodes: int = 2,
         feature_dtype: str = "float32",
         max_samples: int | None = None,
+        min_train_replies: int = 1,
+        store_max_age: int = 0,
+        node_wait_timeout: float = 0.0,
         lr_schedule: str = "constant",
         seed: int = 0,
     ) -> None:
@@ -130,12 +145,20 @@ class FedGKT(Strategy):
         self.min_evaluate_nodes = min_evaluate_nodes
         self.min_available_nodes = min_available_nodes
         self.feature_dtype = feature_dtype
+        self.min_train_replies = min_train_replies
+        self.store_max_age = store_max_age
+        self.node_wait_timeout = node_wait_timeout
         self.seed = seed
         self.lr_schedule = lr_schedule
         lr_factor(lr_schedule, 1, 1)  # raises on an unknown schedule
         self.num_rounds = 0
         #: One dict per round: metrics, bytes and times (also written to CSV).
         self.history: list[dict[str, float]] = []
+        #: One dict per node and stage per round: node id, accepted or why not,
+        #: samples, bytes, edge metrics -- which node did what, lost nodes included.
+        self.node_history: list[dict[str, Any]] = []
+        self._sent_train: list[Message] = []
+        self._sent_eval: list[Message] = []
         self._round_start = 0.0
         self._run_start = time.perf_counter()
         self._bytes_sent = 0
@@ -180,8 +203,19 @@ class FedGKT(Strategy):
     def _sample(self, grid: Grid, fraction: float, min_nodes: int) -> list[int]:
         if fraction == 0.0:
             return []
+        wanted = self.min_available_nodes
+        if self.node_wait_timeout > 0:
+            deadline = time.monotonic() + self.node_wait_timeout
+            while len(list(grid.get_node_ids())) < wanted and time.monotonic() < deadline:
+                time.sleep(min(1.0, self.node_wait_timeout))
+            connected = len(list(grid.get_node_ids()))
+            if connected < wanted:
+                log(WARNING, "FedGKT: %d node(s) connected after %.0fs, fewer than the %d wanted; "
+                    "going on with them", connected, self.node_wait_timeout, wanted)
+                wanted = max(connected, 1)
+                min_nodes = min(min_nodes, wanted)
         num_nodes = int(len(list(grid.get_node_ids())) * fraction)
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num_nodes, min_nodes))
+        node_ids, _ = sample_nodes(grid, wanted, max(num_nodes, min_nodes))
         return sorted(node_ids)
 
     def _accept(
@@ -191,26 +225,51 @@ class FedGKT(Strategy):
         accepted: list[tuple[int, Payload, MetricRecord]] = []
         nbytes, rejected = 0, 0
         stage = "train" if with_logits else "evaluate"
+        # The Grid sets each instruction's message id when it sends it; an error
+        # reply made by the SuperLink (e.g. node unavailable) names the
+        # instruction it answers, not the node.
+        sent = {m.metadata.message_id: m.metadata.dst_node_id
+                for m in (self._sent_train if with_logits else self._sent_eval) if m.metadata.message_id}
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+            record: dict[str, Any] = {"round": server_round, "stage": stage, "node-id": node}
+            self.node_history.append(record)
             if msg.has_error():
                 rejected += 1
+                record.update(status="error", reason=f"node error {msg.error.code}: {msg.error.reason}")
                 log(WARNING, "FedGKT round %d: %s reply of node %d rejected: node error: %s",
                     server_round, stage, node, msg.error.reason)
                 continue
-            nbytes += record_nbytes(msg.content)
+            size = record_nbytes(msg.content)
+            nbytes += size
+            record["bytes-up"] = size
             try:
                 payload = decode_payload(msg.content, self.spec, with_logits)
             except Exception as err:  # noqa: BLE001 - a reply must never end the run
                 reason = str(err) if isinstance(err, PayloadError) else f"malformed payload: {err!r}"
                 rejected += 1
+                record.update(status="rejected", reason=reason)
                 log(WARNING, "FedGKT round %d: %s reply of node %d rejected: %s",
                     server_round, stage, node, reason)
                 continue
             if self.spec.feature_shape is None:
                 self.spec = replace(self.spec, feature_shape=tuple(payload.features.shape[1:]))
-            accepted.append((node, payload, msg.content.metric_records[METRICS_KEY]))
+            metrics = msg.content.metric_records[METRICS_KEY]
+            record.update(status="accepted", reason="", **{k: v for k, v in metrics.items()})
+            accepted.append((node, payload, metrics))
         return accepted, nbytes, rejected
+
+    def _lost_nodes(self, server_round: int, stage: str) -> int:
+        """Record and log nodes that were sent an instruction but have no record this round."""
+        answered = {r["node-id"] for r in self.node_history if r["round"] == server_round and r["stage"] == stage}
+        sent = self._sent_train if stage == "train" else self._sent_eval
+        lost = [m.metadata.dst_node_id for m in sent if m.metadata.dst_node_id not in answered]
+        for node in lost:
+            self.node_history.append({"round": server_round, "stage": stage, "node-id": node,
+                                      "status": "lost", "reason": "no reply before the round timeout"})
+            log(WARNING, "FedGKT round %d: node %d did not reply to the %s instruction (lost)",
+                server_round, node, stage)
+        return len(lost)
 
     # ------------------------------------------------------------------ train
     def configure_train(
@@ -235,6 +294,7 @@ class FedGKT(Strategy):
                 content[ARRAYS_KEY] = encode_server_logits(logits)
             messages.append(Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN))
         self._bytes_sent = sum(record_nbytes(m.content) for m in messages)
+        self._sent_train = messages
         return messages
 
     def aggregate_train(
@@ -243,14 +303,26 @@ class FedGKT(Strategy):
         """Validate and store replies, then train the server model on all stored features."""
         replies = list(replies)
         accepted, nbytes, rejected = self._accept(server_round, replies, with_logits=True)
+        lost = self._lost_nodes(server_round, "train")
         for node, payload, _ in accepted:
-            self.server.put(node, payload)
-        result = self.server.train_round(lr_scale=self._lr_factor(server_round))
+            self.server.put(node, payload, server_round)
+        if self.store_max_age > 0:
+            for node in self.server.evict(server_round - self.store_max_age + 1):
+                log(WARNING, "FedGKT round %d: features of node %d dropped (no reply for %d rounds)",
+                    server_round, node, self.store_max_age)
+        if len(accepted) >= self.min_train_replies:
+            result = self.server.train_round(lr_scale=self._lr_factor(server_round))
+        else:
+            log(WARNING, "FedGKT round %d: %d accepted train replies, fewer than the minimum %d: "
+                "the server model is not trained this round", server_round, len(accepted),
+                self.min_train_replies)
+            result = ServerRoundResult(0.0, 0.0, 0, 0, 0.0)
         n_edge = sum(len(p) for _, p, _ in accepted)
         row: dict[str, float] = {
             "round": server_round,
             "nodes-replied": len(accepted),
             "nodes-rejected": rejected,
+            "nodes-lost": lost,
             "server-train-loss": result.loss,
             "server-train-accuracy": result.accuracy,
             "server-train-examples": result.num_examples,
@@ -290,17 +362,20 @@ class FedGKT(Strategy):
         )
         eval_config.update(config)
         eval_config["server-round"] = server_round
-        return [
+        self._sent_eval = [
             Message(content=RecordDict({CONFIG_KEY: eval_config}), dst_node_id=node,
                     message_type=MessageType.EVALUATE)
             for node in node_ids
         ]
+        return self._sent_eval
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Classify the nodes' test features with the server model."""
+        replies = list(replies)
         accepted, nbytes, rejected = self._accept(server_round, replies, with_logits=False)
+        self._lost_nodes(server_round, "evaluate")
         if not accepted:
             return None
         loss_sum, correct, n, edge_correct, edge_loss = 0.0, 0, 0, 0.0, 0.0

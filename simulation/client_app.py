@@ -1,4 +1,9 @@
-"""ClientApp: the edge node of FedGKT (ResNet-8 on local Fashion-MNIST data)."""
+"""ClientApp: the edge node of FedGKT (ResNet-8 on its local data).
+
+The node's data, partition and state directory come from its node config
+(see :class:`simulation.task.NodeSetup`), the training settings from the
+server's instructions and the run config.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from flwr.clientapp import ClientApp
 from flwr_gkt.client_app import handle_evaluate, handle_train
 from flwr_gkt.config import RunConfig
 
-from .task import config_from_run_config, edge_builder, load_client_data
+from .task import config_from_run_config, edge_builder, node_data
 
 
 def make_client_app(fixed: RunConfig | None = None) -> ClientApp:
@@ -20,19 +25,18 @@ def make_client_app(fixed: RunConfig | None = None) -> ClientApp:
         cfg = fixed or config_from_run_config(context.run_config)
         if cfg.client_threads > 0:
             torch.set_num_threads(cfg.client_threads)
-        pid = int(context.node_config["partition-id"])
-        num = int(context.node_config["num-partitions"])
-        return cfg, load_client_data(cfg, pid, num), edge_builder(cfg, pid)
+        node, data = node_data(cfg, context.node_config)
+        return node, data, edge_builder(node.cfg, node.partition_id)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        cfg, data, build = setup(context)
-        return handle_train(msg, context, data, build, cfg.device)
+        node, data, build = setup(context)
+        return handle_train(msg, context, data, build, node.cfg.device, node.state_dir or None)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        cfg, data, build = setup(context)
-        return handle_evaluate(msg, context, data, build, cfg.device)
+        node, data, build = setup(context)
+        return handle_evaluate(msg, context, data, build, node.cfg.device, node.state_dir or None)
 
     return app
 

@@ -35,7 +35,7 @@ from flwr_gkt.training import (
 )
 from flwr_gkt.wire import metrics_record, record_nbytes
 
-from .task import config_from_run_config, dataset_info, load_client_data, results_dir, write_results
+from .task import config_from_run_config, dataset_info, node_data, results_dir, write_results
 
 _MB = 1024 * 1024
 
@@ -134,8 +134,7 @@ def make_fedavg_apps(fixed: RunConfig | None = None) -> tuple[ServerApp, ClientA
         cfg = fixed or config_from_run_config(context.run_config)
         if cfg.client_threads > 0:
             torch.set_num_threads(cfg.client_threads)
-        data = load_client_data(cfg, int(context.node_config["partition-id"]),
-                                int(context.node_config["num-partitions"]))
+        _, data = node_data(cfg, context.node_config)
         device = get_device(cfg.device)
         model = build_model(cfg)
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())

@@ -22,7 +22,7 @@ from .task import (
     edge_builder,
     edge_config,
     feature_shape,
-    load_client_data,
+    node_data,
     make_gkt_server,
     results_dir,
     write_results,
@@ -63,10 +63,9 @@ def make_legacy_apps(fixed: RunConfig | None = None) -> tuple[ServerApp, ClientA
 
     def client_fn(context: Context) -> Client:
         cfg = fixed or config_from_run_config(context.run_config)
-        pid = int(context.node_config["partition-id"])
-        data = load_client_data(cfg, pid, int(context.node_config["num-partitions"]))
+        node, data = node_data(cfg, context.node_config)
         return GKTNumPyClient(
-            context, data, edge_builder(cfg, pid), functools.partial(build_server, cfg), cfg.device
+            context, data, edge_builder(cfg, node.partition_id), functools.partial(build_server, cfg), cfg.device
         ).to_client()
 
     return ServerApp(server_fn=server_fn), ClientApp(client_fn=client_fn)

@@ -38,17 +38,22 @@ def run_fedgkt(grid: Grid, cfg: RunConfig) -> FedGKT:
         min_evaluate_nodes=cfg.min_nodes,
         min_available_nodes=cfg.min_nodes,
         feature_dtype=cfg.feature_dtype,
+        min_train_replies=cfg.min_train_replies,
+        store_max_age=cfg.store_max_age,
+        node_wait_timeout=cfg.node_wait_timeout,
         lr_schedule=cfg.lr_schedule,
         seed=cfg.seed,
     )
     out = results_dir(cfg)
     log(INFO, "FedGKT: results go to %s", out)
     start = time.perf_counter()
-    strategy.start(grid=grid, initial_arrays=strategy.initial_arrays(), num_rounds=cfg.num_server_rounds)
+    strategy.start(grid=grid, initial_arrays=strategy.initial_arrays(), num_rounds=cfg.num_server_rounds,
+                   timeout=cfg.round_timeout)
     elapsed = time.perf_counter() - start
     final = strategy.history[-1] if strategy.history else {}
     torch.save(server.model.state_dict(), out / "server_model.pt")
-    write_results(out, cfg, strategy.history, {"seconds": elapsed, "final": final})
+    write_results(out, cfg, strategy.history, {"seconds": elapsed, "final": final},
+                  nodes=strategy.node_history)
     log(
         INFO,
         "FedGKT finished %d rounds in %.1fs: accuracy %.4f (edge+server), edge-only %.4f; results in %s",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import json
 import time
@@ -61,6 +62,40 @@ def load_client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> 
         augment=None if cfg.augment == "auto" else cfg.augment == "on",
         seed=cfg.seed,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeSetup:
+    """What a node takes from its node config (``--node-config`` of a SuperNode).
+
+    ``partition-id`` / ``num-partitions``: which part of the dataset this node
+    holds (default ``0`` / ``1``: the whole local dataset, for a device that has
+    its own data). ``data-dir``: where the node's files are (overrides the run
+    config's ``data-dir``). ``state-dir``: where the node saves its state after
+    each round, so that a restarted SuperNode keeps it (no ``state-dir``: a
+    restarted node starts fresh).
+    """
+
+    partition_id: int
+    num_partitions: int
+    cfg: RunConfig
+    state_dir: str
+
+
+def node_setup(cfg: RunConfig, node_config: Mapping[str, Any]) -> NodeSetup:
+    """Read this node's partition, data and state directories from its node config."""
+    pid = int(node_config.get("partition-id", 0))
+    num = int(node_config.get("num-partitions", 1))
+    data_dir = str(node_config.get("data-dir", "") or "")
+    if data_dir:
+        cfg = dataclasses.replace(cfg, data_dir=data_dir)
+    return NodeSetup(pid, num, cfg, str(node_config.get("state-dir", "") or ""))
+
+
+def node_data(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[NodeSetup, ClientData]:
+    """This node's setup and its (cached) data."""
+    node = node_setup(cfg, node_config)
+    return node, load_client_data(node.cfg, node.partition_id, node.num_partitions)
 
 
 def edge_builder(cfg: RunConfig, partition_id: int):
@@ -127,16 +162,24 @@ def model_costs(cfg: RunConfig) -> dict[str, int]:
     return run_costs(cfg.edge_model, cfg.server_model, num_classes, channels, side)
 
 
-def write_results(path: Path, cfg: RunConfig, history: list[dict[str, float]], extra: dict[str, Any]) -> None:
-    """Write metrics.csv (one row per round), results.json (config, history,
-    model costs, ``extra``) and metrics.png (accuracy vs round and vs bytes)."""
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     columns: list[str] = []
-    for row in history:
+    for row in rows:
         columns += [k for k in row if k not in columns]
-    with open(path / "metrics.csv", "w", newline="") as f:
+    with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
-        writer.writerows(history)
+        writer.writerows(rows)
+
+
+def write_results(path: Path, cfg: RunConfig, history: list[dict[str, float]], extra: dict[str, Any],
+                  nodes: list[dict[str, Any]] | None = None) -> None:
+    """Write metrics.csv (one row per round), results.json (config, history,
+    model costs, ``extra``), metrics.png (accuracy vs round and vs bytes) and,
+    when given, nodes.csv (one row per node, stage and round)."""
+    _write_csv(path / "metrics.csv", history)
+    if nodes is not None:
+        _write_csv(path / "nodes.csv", nodes)
     extra = {"algorithm": "fedgkt", "costs": model_costs(cfg), **extra}
     with open(path / "results.json", "w") as f:
         json.dump({"config": cfg.to_dict(), "history": history, **extra}, f, indent=2)

@@ -2,7 +2,8 @@
 
 ``python tests/faulty_sim.py RESULTS_DIR MODE``: 3 nodes, 3 rounds of the smoke
 preset; in round 2 the node with partition-id 1 replies with NaN features
-(MODE=nan) or with feature maps of the wrong shape (MODE=shape).
+(MODE=nan or mixed) and the node with partition-id 2 with feature maps of the
+wrong shape (MODE=shape or mixed).
 """
 
 import sys
@@ -18,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flwr_gkt.client_app import handle_evaluate, handle_train  # noqa: E402
 from flwr_gkt.wire import ARRAYS_KEY  # noqa: E402
 from simulation.server_app import make_server_app  # noqa: E402
-from simulation.task import PRESETS_DIR, edge_builder, load_client_data  # noqa: E402
+from simulation.task import PRESETS_DIR, edge_builder, node_data  # noqa: E402
 from flwr_gkt.config import resolve_config  # noqa: E402
 
 out, mode = sys.argv[1], sys.argv[2]
@@ -28,17 +29,19 @@ client = ClientApp()
 
 
 def _setup(context):
-    pid = int(context.node_config["partition-id"])
-    return pid, load_client_data(cfg, pid, int(context.node_config["num-partitions"])), edge_builder(cfg, pid)
+    node, data = node_data(cfg, context.node_config)
+    return node.partition_id, data, edge_builder(cfg, node.partition_id)
 
 
 @client.train()
 def train(msg: Message, context: Context) -> Message:
     pid, data, build = _setup(context)
     reply = handle_train(msg, context, data, build, "cpu")
-    if pid == 1 and msg.content["config"]["server-round"] == 2:
+    nan = pid == 1 and mode in ("nan", "mixed")
+    shape = pid == 2 and mode in ("shape", "mixed")
+    if (nan or shape) and msg.content["config"]["server-round"] == 2:
         feats = reply.content.array_records[ARRAYS_KEY]["features"].numpy().copy()
-        if mode == "nan":
+        if nan:
             feats[3, 0, 5, 5] = np.nan
         else:
             feats = np.ascontiguousarray(feats[:, :8])

@@ -8,7 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from flwr.app import ArrayRecord
+
 from flwr_gkt.config import RunConfig
+from flwr_gkt.registry import build_full_model
+from flwr_gkt.wire import record_nbytes
 from flwr_gkt.efficiency import forward_flops, run_costs
 from flwr_gkt.models import resnet8
 from simulation.experiment import EXPERIMENTS_DIR, load_experiment, run_command
@@ -115,4 +119,10 @@ def test_fedgkt_and_fedavg_side_by_side_on_the_same_dirichlet_partitions(tmp_pat
         assert float(run[2]["accuracy"]) > 0.2  # above chance (0.1) after 2 rounds
         assert float(run[2]["cumulative-train-mb"]) > float(run[1]["cumulative-train-mb"]) > 0
     # FedGKT's upload is features, FedAvg's the model: both measured, very different sizes.
-    assert float(gkt[1]["bytes-up-train"]) > 10 * float(avg[1]["bytes-up-train"])
+    assert float(gkt[1]["bytes-up-train"]) > sum(sizes) * 16 * 28 * 28 * 4  # fp32 feature maps
+    assert float(gkt[1]["bytes-down-train"]) == 0  # no server logits before round 2
+    assert float(gkt[2]["bytes-down-train"]) > sum(sizes) * 10 * 4
+    model_bytes = record_nbytes({"arrays": ArrayRecord(build_full_model("resnet10", 10, 1).state_dict())})
+    for row in avg.values():  # FedAvg ships the full model (ResNet-11) to and from both nodes
+        assert float(row["bytes-down-train"]) == float(row["bytes-up-train"]) == 2 * model_bytes
+    assert (out / "gkt" / "server_model.pt").is_file() and (out / "avg" / "fedavg_model.pt").is_file()
