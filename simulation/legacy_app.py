@@ -22,8 +22,8 @@ from .task import (
     edge_builder,
     edge_config,
     feature_shape,
-    node_data,
     make_gkt_server,
+    node_data,
     results_dir,
     write_results,
 )
