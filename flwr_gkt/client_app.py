@@ -193,7 +193,8 @@ def handle_train(
     )
 
     payload = encode_payload(
-        features, data.y_train, logits, feature_dtype=str(config.get("feature-dtype", "float32"))
+        features, data.y_train, logits, feature_dtype=str(config.get("feature-dtype", "float32")),
+        logit_dtype=str(config.get("logit-dtype", "float32")),
     )
     metrics = metrics_record(
         n,

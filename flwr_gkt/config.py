@@ -66,6 +66,7 @@ class RunConfig:
     kd_mode: str = "both"
     # wire
     feature_dtype: str = "float32"
+    logit_dtype: str = "float32"
     # runtime
     seed: int = 0
     device: str = "auto"

@@ -92,7 +92,10 @@ class FedGKT(Strategy):
     min_train_nodes, min_evaluate_nodes, min_available_nodes : int
         Lower bounds for sampling, as in Flower's ``FedAvg``.
     feature_dtype : str
-        Dtype the nodes use for features on the wire (``float32``/``float16``).
+        Codec the nodes use for features on the wire: ``float32``, ``float16``
+        or ``int8`` (per-channel affine quantization, see :mod:`flwr_gkt.wire`).
+    logit_dtype : str
+        Dtype of logits on the wire, both directions (``float32``/``float16``).
     max_samples : int, optional
         Largest number of samples one reply may carry.
     min_train_replies : int
@@ -129,6 +132,7 @@ class FedGKT(Strategy):
         min_evaluate_nodes: int = 2,
         min_available_nodes: int = 2,
         feature_dtype: str = "float32",
+        logit_dtype: str = "float32",
         max_samples: int | None = None,
         min_train_replies: int = 1,
         store_max_age: int = 0,
@@ -145,6 +149,7 @@ class FedGKT(Strategy):
         self.min_evaluate_nodes = min_evaluate_nodes
         self.min_available_nodes = min_available_nodes
         self.feature_dtype = feature_dtype
+        self.logit_dtype = logit_dtype
         self.min_train_replies = min_train_replies
         self.store_max_age = store_max_age
         self.node_wait_timeout = node_wait_timeout
@@ -280,7 +285,8 @@ class FedGKT(Strategy):
         node_ids = self._sample(grid, self.fraction_train, self.min_train_nodes)
         log(INFO, "configure_train: sampled %d nodes", len(node_ids))
         round_config = edge_config_record(
-            self.edge_config, **{"feature-dtype": self.feature_dtype, "seed": self.seed}
+            self.edge_config,
+            **{"feature-dtype": self.feature_dtype, "logit-dtype": self.logit_dtype, "seed": self.seed},
         )
         round_config["lr"] = self.edge_config.lr * self._lr_factor(server_round)
         round_config.update(config)
@@ -291,7 +297,7 @@ class FedGKT(Strategy):
             # Z_s travels only when the edge distils from it (not in KD modes without it).
             logits = self.server.server_logits(node) if self.edge_config.kd_mode.edge_distills else None
             if logits is not None:
-                content[ARRAYS_KEY] = encode_server_logits(logits)
+                content[ARRAYS_KEY] = encode_server_logits(logits, self.logit_dtype)
             messages.append(Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN))
         self._bytes_sent = sum(record_nbytes(m.content) for m in messages)
         self._sent_train = messages

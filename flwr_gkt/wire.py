@@ -38,6 +38,8 @@ __all__ = [
     "PayloadError",
     "PayloadSpec",
     "Payload",
+    "quantize_int8",
+    "dequantize_int8",
     "encode_payload",
     "decode_payload",
     "encode_server_logits",
@@ -52,10 +54,14 @@ METRICS_KEY = "metrics"
 CONFIG_KEY = "config"
 NUM_EXAMPLES = "num-examples"
 
-#: Accepted on-the-wire dtypes.
-FEATURE_DTYPES = ("float32", "float16")
+#: Accepted on-the-wire dtypes. ``int8`` features are the affine per-channel
+#: quantization of :func:`quantize_int8`, sent with ``feature-min`` and
+#: ``feature-scale`` (float32, one value per channel).
+FEATURE_DTYPES = ("float32", "float16", "int8")
 LOGIT_DTYPES = ("float32", "float16")
+_FLOAT_DTYPES = ("float32", "float16")
 LABEL_DTYPES = ("int64",)
+_CHUNK = 4096  # samples quantized at a time (bounds temporary memory)
 
 
 class PayloadError(ValueError):
@@ -99,28 +105,67 @@ def _to_numpy(x: Tensor | np.ndarray) -> np.ndarray:
     return np.asarray(x)
 
 
+def quantize_int8(features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Affine int8 quantization per channel of ``N x C x H x W`` features.
+
+    Returns ``(q, minimum, scale)`` with ``x ~= (q + 128) * scale + minimum``;
+    the error is at most ``scale / 2`` per channel (``scale = (max - min) / 255``).
+    """
+    x = np.asarray(features, dtype=np.float32)
+    axes = (0, *range(2, x.ndim))
+    lo = x.min(axis=axes) if x.size else np.zeros(x.shape[1], np.float32)
+    hi = x.max(axis=axes) if x.size else np.zeros(x.shape[1], np.float32)
+    scale = ((hi - lo) / 255.0).astype(np.float32)
+    scale[scale == 0] = 1.0  # constant channel: any scale decodes to the minimum
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    q = np.empty(x.shape, dtype=np.int8)
+    for start in range(0, len(x), _CHUNK):
+        block = (x[start : start + _CHUNK] - lo.reshape(shape)) / scale.reshape(shape)
+        q[start : start + _CHUNK] = np.clip(np.rint(block) - 128, -128, 127)
+    return q, lo.astype(np.float32), scale
+
+
+def dequantize_int8(q: np.ndarray, minimum: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`quantize_int8` (float32)."""
+    shape = (1, -1) + (1,) * (q.ndim - 2)
+    return (q.astype(np.float32) + 128.0) * scale.reshape(shape) + minimum.reshape(shape)
+
+
 def encode_payload(
     features: Tensor | np.ndarray,
     labels: Tensor | np.ndarray,
     logits: Tensor | np.ndarray | None = None,
     feature_dtype: str = "float32",
+    logit_dtype: str = "float32",
 ) -> ArrayRecord:
-    """Encode features ``H``, labels ``Y`` and optionally logits ``Z_c``."""
+    """Encode features ``H``, labels ``Y`` and optionally logits ``Z_c``.
+
+    ``feature_dtype``: ``float32``, ``float16`` or ``int8`` (per-channel affine
+    quantization, 4x fewer bytes than float32); ``logit_dtype``: ``float32``
+    or ``float16``.
+    """
     if feature_dtype not in FEATURE_DTYPES:
         raise ValueError(f"feature dtype {feature_dtype!r} not in {FEATURE_DTYPES}")
-    arrays = {
-        "features": Array(np.ascontiguousarray(_to_numpy(features).astype(feature_dtype))),
-        "labels": Array(np.ascontiguousarray(_to_numpy(labels).astype(np.int64))),
-    }
+    if logit_dtype not in LOGIT_DTYPES:
+        raise ValueError(f"logit dtype {logit_dtype!r} not in {LOGIT_DTYPES}")
+    feats = _to_numpy(features)
+    arrays = {"labels": Array(np.ascontiguousarray(_to_numpy(labels).astype(np.int64)))}
+    if feature_dtype == "int8":
+        q, lo, scale = quantize_int8(feats)
+        arrays.update({"features": Array(q), "feature-min": Array(lo), "feature-scale": Array(scale)})
+    else:
+        arrays["features"] = Array(np.ascontiguousarray(feats.astype(feature_dtype)))
     if logits is not None:
-        arrays["logits"] = Array(np.ascontiguousarray(_to_numpy(logits).astype(np.float32)))
+        arrays["logits"] = Array(np.ascontiguousarray(_to_numpy(logits).astype(logit_dtype)))
     return ArrayRecord(arrays)
 
 
-def encode_server_logits(logits: Tensor | np.ndarray) -> ArrayRecord:
+def encode_server_logits(logits: Tensor | np.ndarray, logit_dtype: str = "float32") -> ArrayRecord:
     """Encode the per-sample server logits ``Z_s`` sent to one node."""
+    if logit_dtype not in LOGIT_DTYPES:
+        raise ValueError(f"logit dtype {logit_dtype!r} not in {LOGIT_DTYPES}")
     return ArrayRecord(
-        {"server-logits": Array(np.ascontiguousarray(_to_numpy(logits).astype(np.float32)))}
+        {"server-logits": Array(np.ascontiguousarray(_to_numpy(logits).astype(logit_dtype)))}
     )
 
 
@@ -190,8 +235,8 @@ def validate_arrays(
         On wrong dtypes, shapes or counts, non-finite values or labels outside
         ``[0, num_classes)``.
     """
-    if str(features.dtype) not in FEATURE_DTYPES:
-        raise PayloadError(f"'features' has dtype {features.dtype}, expected {list(FEATURE_DTYPES)}")
+    if str(features.dtype) not in _FLOAT_DTYPES:  # int8 arrives here dequantized
+        raise PayloadError(f"'features' has dtype {features.dtype}, expected {list(_FLOAT_DTYPES)}")
     if str(labels.dtype) not in LABEL_DTYPES:
         raise PayloadError(f"'labels' has dtype {labels.dtype}, expected {list(LABEL_DTYPES)}")
     if features.ndim != 4:
@@ -250,9 +295,29 @@ def decode_payload(content: RecordDict, spec: PayloadSpec, with_logits: bool) ->
     else:
         raise PayloadError(f"missing MetricRecord '{METRICS_KEY}'")
     features = _load(record, "features", FEATURE_DTYPES)
+    if features.dtype == np.int8:
+        features = _dequantize(features, record)
     labels = _load(record, "labels", LABEL_DTYPES)
     logits = _load(record, "logits", LOGIT_DTYPES) if with_logits else None
     return validate_arrays(features, labels, logits, spec, num_examples)
+
+
+def _dequantize(q: np.ndarray, record: ArrayRecord) -> np.ndarray:
+    """Check the int8 codec's per-channel parameters, then dequantize."""
+    if q.ndim != 4:
+        raise PayloadError(f"'features' must be N x C x H x W, got shape {list(q.shape)}")
+    channels = q.shape[1]
+    params = {}
+    for key in ("feature-min", "feature-scale"):
+        value = _load(record, key, ("float32",))
+        if value.shape != (channels,):
+            raise PayloadError(f"'{key}' has shape {list(value.shape)}, expected [{channels}] (one per channel)")
+        if not np.isfinite(value).all():
+            raise PayloadError(f"'{key}' contains NaN or Inf")
+        params[key] = value
+    if (params["feature-scale"] <= 0).any():
+        raise PayloadError("'feature-scale' must be positive")
+    return dequantize_int8(q, params["feature-min"], params["feature-scale"])
 
 
 def decode_server_logits(

@@ -38,6 +38,7 @@ def run_fedgkt(grid: Grid, cfg: RunConfig) -> FedGKT:
         min_evaluate_nodes=cfg.min_nodes,
         min_available_nodes=cfg.min_nodes,
         feature_dtype=cfg.feature_dtype,
+        logit_dtype=cfg.logit_dtype,
         min_train_replies=cfg.min_train_replies,
         store_max_age=cfg.store_max_age,
         node_wait_timeout=cfg.node_wait_timeout,

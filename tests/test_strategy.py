@@ -230,3 +230,15 @@ def test_no_server_logits_travel_when_the_edge_does_not_distil():
     assert all(ARRAYS_KEY not in m.content.array_records for m in fed.last_train_messages)
     assert strategy.history[-1]["bytes-down-train"] == 0
     assert all(m.content.config_records["config"]["kd-mode"] == "none" for m in fed.last_train_messages)
+
+
+def test_int8_features_and_float16_logits_end_to_end():
+    fed, strategy, datas = make_federation(fraction=0.01)
+    strategy.feature_dtype, strategy.logit_dtype = "int8", "float16"
+    for rnd in (1, 2, 3):
+        fed.run_round(strategy, rnd)
+    h = strategy.history
+    n = sum(len(d.y_train) for d in datas)
+    assert n * 16 * 28 * 28 < h[-1]["bytes-up-train"] < n * (16 * 28 * 28 + 10 * 2 + 8) + 4096  # 1 byte/value
+    assert h[-1]["bytes-down-train"] < n * 10 * 2 + 1024  # float16 server logits
+    assert h[-1]["accuracy"] > 0.4  # still learns (chance: 0.1)

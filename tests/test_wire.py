@@ -129,3 +129,88 @@ def test_server_logits_round_trip_and_validation():
     assert decode_server_logits(RecordDict(), 6, 10) is None
     with pytest.raises(PayloadError, match="expected"):
         decode_server_logits(c, 7, 10)
+
+
+# --------------------------------------------------------------- feature codecs
+def _relu_features(n=64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.relu(torch.randn(n, 16, 8, 8, generator=g)) * torch.linspace(0.1, 5.0, 16).view(1, -1, 1, 1)
+    x[:, 3] = 0.7  # a constant channel
+    return x
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
+def test_feature_codecs_round_trip_within_their_error_bound(dtype):
+    x = _relu_features()
+    labels, logits = torch.randint(0, 10, (64,)), torch.randn(64, 10)
+    payload = decode_payload(content(x, labels, logits, feature_dtype=dtype), SPEC, True)
+    assert payload.features.dtype == torch.float32 and payload.features.shape == x.shape
+    err = (payload.features - x).abs()
+    if dtype == "float32":
+        assert err.max() == 0
+    elif dtype == "float16":
+        assert (err <= x.abs() * 2**-11 + 1e-7).all()  # half precision: 11 significant bits
+    else:
+        span = x.amax(dim=(0, 2, 3)) - x.amin(dim=(0, 2, 3))
+        bound = (span / 255 / 2).view(1, -1, 1, 1) + 1e-6  # half a quantization step per channel
+        assert (err <= bound).all()
+        assert torch.equal(payload.features[:, 3], x[:, 3])  # constant channel decodes exactly
+        assert err.max() > 0  # it is lossy
+    assert torch.equal(payload.labels, labels)
+
+
+def test_int8_features_cut_upload_bytes_four_fold():
+    x, labels, logits = _relu_features(n=256), torch.randint(0, 10, (256,)), torch.randn(256, 10)
+    fp32 = record_nbytes(content(x, labels, logits, feature_dtype="float32"))
+    int8 = record_nbytes(content(x, labels, logits, feature_dtype="int8"))
+    feature_bytes = 256 * 16 * 8 * 8
+    # features 4x smaller; labels (int64) and logits (float32) unchanged; scales are 2 x 16 floats
+    assert fp32 - int8 == pytest.approx(3 * feature_bytes - 2 * 16 * 4, abs=3 * 256)
+    assert fp32 / int8 > 3.0
+
+
+def test_float16_logits_both_directions():
+    x, labels, logits = make()
+    record = encode_payload(x, labels, logits, logit_dtype="float16")
+    assert record["logits"].dtype == "float16"
+    payload = decode_payload(RecordDict({ARRAYS_KEY: record, METRICS_KEY: metrics_record(5)}), SPEC, True)
+    assert payload.logits.dtype == torch.float32
+    assert torch.allclose(payload.logits, logits, rtol=1e-3, atol=1e-3)
+    down = RecordDict({ARRAYS_KEY: encode_server_logits(logits, "float16")})
+    assert torch.allclose(decode_server_logits(down, 5, 10), logits, rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError):
+        encode_payload(x, labels, logits, logit_dtype="int8")
+
+
+def _int8_arrays(**overrides):
+    from flwr_gkt.wire import quantize_int8
+
+    x, labels, logits = make()
+    q, lo, scale = quantize_int8(x.numpy())
+    arrays = {"features": q, "feature-min": lo, "feature-scale": scale,
+              "labels": labels.numpy(), "logits": logits.numpy()}
+    arrays.update(overrides)
+    return {k: v for k, v in arrays.items() if v is not None}
+
+
+@pytest.mark.parametrize("overrides,reason", [
+    ({"feature-scale": None}, "missing array 'feature-scale'"),
+    ({"feature-min": None}, "missing array 'feature-min'"),
+    ({"feature-scale": np.ones(15, np.float32)}, "one per channel"),
+    ({"feature-min": np.zeros((16, 1), np.float32)}, "one per channel"),
+    ({"feature-scale": np.full(16, np.nan, np.float32)}, "NaN or Inf"),
+    ({"feature-scale": -np.ones(16, np.float32)}, "must be positive"),
+    ({"feature-scale": np.zeros(16, np.float32)}, "must be positive"),
+    ({"feature-scale": np.ones(16, np.float64)}, "dtype float64"),
+    ({"features": np.zeros((5, 16, 8), np.int8)}, "N x C x H x W"),
+])
+def test_malformed_quantized_payloads_are_rejected(overrides, reason):
+    with pytest.raises(PayloadError, match=reason.replace("(", r"\(")):
+        decode_payload(raw_content(_int8_arrays(**overrides), 5), SPEC, True)
+
+
+def test_int8_payload_with_wrong_channel_count_is_rejected():
+    x = torch.rand(5, 8, 8, 8)
+    c = content(x, torch.randint(0, 10, (5,)), torch.randn(5, 10), feature_dtype="int8")
+    with pytest.raises(PayloadError, match="maps have shape"):
+        decode_payload(c, SPEC, True)
