@@ -266,7 +266,12 @@ class FedGKT(Strategy):
 
     def _lost_nodes(self, server_round: int, stage: str) -> int:
         """Record and log nodes that were sent an instruction but have no record this round."""
-        answered = {r["node-id"] for r in self.node_history if r["round"] == server_round and r["stage"] == stage}
+        answered = set()
+        for record in reversed(self.node_history):  # this round's records are the newest
+            if record["round"] != server_round:
+                break
+            if record["stage"] == stage:
+                answered.add(record["node-id"])
         sent = self._sent_train if stage == "train" else self._sent_eval
         lost = [m.metadata.dst_node_id for m in sent if m.metadata.dst_node_id not in answered]
         for node in lost:

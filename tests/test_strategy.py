@@ -5,7 +5,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, Error, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message
 
 from flwr_gkt.data import client_data
 from flwr_gkt.edge import EdgeRoundConfig
@@ -242,3 +242,17 @@ def test_int8_features_and_float16_logits_end_to_end():
     assert n * 16 * 28 * 28 < h[-1]["bytes-up-train"] < n * (16 * 28 * 28 + 10 * 2 + 8) + 4096  # 1 byte/value
     assert h[-1]["bytes-down-train"] < n * 10 * 2 + 1024  # float16 server logits
     assert h[-1]["accuracy"] > 0.4  # still learns (chance: 0.1)
+
+
+def test_node_that_never_replies_is_recorded_as_lost(caplog):
+    fed, strategy, _ = make_federation()
+    fed.run_round(strategy, 1)
+    messages = list(strategy.configure_train(2, ArrayRecord(), ConfigRecord(), fed.grid))
+    replies = [fed.reply(m, 2) for m in messages if m.metadata.dst_node_id != 22]  # node 22 is silent
+    with caplog.at_level(logging.WARNING):
+        _, metrics = strategy.aggregate_train(2, replies)
+    assert metrics["nodes-replied"] == 2 and metrics["nodes-lost"] == 1
+    lost = [r for r in strategy.node_history if r["round"] == 2 and r["status"] == "lost"]
+    assert [(r["node-id"], r["stage"]) for r in lost] == [(22, "train")]
+    assert any("node 22 did not reply" in r.getMessage() for r in caplog.records)
+    assert metrics["server-train-examples"] == sum(len(p) for p in strategy.server.store.values())
