@@ -10,12 +10,16 @@ go back to the nodes.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from .losses import KDMode
+from .store import FeatureStore
 from .training import (
     TensorBatches,
     evaluate_logits,
@@ -65,6 +69,12 @@ class GKTServer:
         ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:i]"``.
     seed : int
         Seed of the shuffling generator.
+    memory_budget : int, optional
+        Bytes of node payloads the feature store keeps in memory; beyond it,
+        features spill to ``spill_dir`` and training streams them from disk
+        (see :class:`flwr_gkt.store.FeatureStore`). ``None``: no limit.
+    spill_dir : str or Path, optional
+        Directory of spilled features (a temporary one when not given).
     """
 
     def __init__(
@@ -81,6 +91,8 @@ class GKTServer:
         kd_mode: KDMode | str = KDMode.BOTH,
         device: str = "auto",
         seed: int = 0,
+        memory_budget: int | None = None,
+        spill_dir: str | Path | None = None,
     ) -> None:
         self.device = get_device(device)
         self.model = prepare_model(model, self.device)
@@ -92,13 +104,13 @@ class GKTServer:
         self.alpha = float(alpha)
         self.kd_mode = KDMode(kd_mode)
         self.generator = torch.Generator().manual_seed(seed)
-        self.store: dict[int, Payload] = {}
+        self.store = FeatureStore(memory_budget, spill_dir)
         self.logits: dict[int, Tensor] = {}
         self.stored_round: dict[int, int] = {}
 
     def put(self, node_id: int, payload: Payload, server_round: int = 0) -> None:
         """Store (replace) the latest validated payload of ``node_id``."""
-        self.store[node_id] = payload
+        self.store.put(node_id, payload)
         self.stored_round[node_id] = server_round
 
     def evict(self, before_round: int) -> list[int]:
@@ -109,7 +121,7 @@ class GKTServer:
         """
         gone = [n for n, r in self.stored_round.items() if r < before_round]
         for node in gone:
-            self.store.pop(node, None)
+            self.store.remove(node)
             self.logits.pop(node, None)
             self.stored_round.pop(node, None)
         return gone
@@ -118,30 +130,27 @@ class GKTServer:
         """The server logits ``Z_s`` computed for ``node_id``'s samples, if any."""
         return self.logits.get(node_id)
 
-    def train_round(self, lr_scale: float = 1.0) -> ServerRoundResult:
+    def train_round(self, lr_scale: float = 1.0, nodes: Iterable[int] | None = None) -> ServerRoundResult:
         """Train ``E_s`` epochs on every stored node's features, then set ``Z_s``.
 
         All nodes' samples are shuffled together. The logits returned to each
         node are the outputs of the last epoch's forward passes, per sample
         (Algorithm 1, lines 10-11). ``lr_scale`` multiplies the base learning
-        rate for this round (learning-rate schedule).
+        rate for this round (learning-rate schedule). ``nodes`` restricts the
+        round to these stored nodes (asynchronous training: the node whose
+        reply just arrived); only their ``Z_s`` are updated.
         """
         set_lr(self.optimizer, self.lr * lr_scale)
-        nodes = sorted(self.store)
+        nodes = sorted(self.store if nodes is None else set(nodes) & set(self.store))
         if not nodes:
             return ServerRoundResult(0.0, 0.0, 0, 0, 0.0)
-        payloads = [self.store[n] for n in nodes]
-        features = torch.cat([p.features for p in payloads])
-        labels = torch.cat([p.labels for p in payloads])
-        teacher = None
-        if self.kd_mode.server_distills and all(p.logits is not None for p in payloads):
-            teacher = torch.cat([p.logits for p in payloads if p.logits is not None])
+        labels = self.store.labels(nodes)
+        teacher = self.store.logits(nodes) if self.kd_mode.server_distills else None
         total = len(labels)
         if self.epochs > 0:
-            batches = TensorBatches(features, labels, self.batch_size, True, self.generator)
             result = fit(
                 self.model,
-                batches,
+                self.store.batches(nodes, self.batch_size, True, self.generator),
                 self.optimizer,
                 epochs=self.epochs,
                 device=self.device,
@@ -158,12 +167,43 @@ class GKTServer:
                 result.seconds,
             )
         else:
-            all_logits = self.predict(features)
+            all_logits = predict(self.model, self.store.batches(nodes, self.batch_size), self.device)
             loss_sum, correct = evaluate_logits(all_logits, labels)
             loss, acc, secs = loss_sum / total, correct / total, 0.0
-        for node, part in zip(nodes, torch.split(all_logits, [len(p) for p in payloads]), strict=True):
+        sizes = [self.store.num_samples(n) for n in nodes]
+        for node, part in zip(nodes, torch.split(all_logits, sizes), strict=True):
             self.logits[node] = part.clone()
         return ServerRoundResult(loss, acc, total, len(nodes), secs)
+
+    def train_update(self, node: int, lr_scale: float = 1.0) -> ServerRoundResult:
+        """One asynchronous server update after ``node``'s reply; sets its ``Z_s``.
+
+        ``E_s`` passes, each over as many samples as ``node`` holds, drawn at
+        random from *every* stored node's features (the fresh ones of ``node``
+        included), with ``CE + alpha * KD``; then ``Z_s`` of ``node`` is the
+        model's output (eval mode) on its features. Over one update per node,
+        the server sees the same number of samples, from the same mixture of
+        nodes, as one synchronous :meth:`train_round`.
+        """
+        if node not in self.store:
+            return ServerRoundResult(0.0, 0.0, 0, 0, 0.0)
+        start = time.perf_counter()
+        set_lr(self.optimizer, self.lr * lr_scale)
+        nodes = sorted(self.store)
+        size = self.store.num_samples(node)
+        loss = accuracy = 0.0
+        if self.epochs > 0:
+            teacher = self.store.logits(nodes) if self.kd_mode.server_distills else None
+            result = fit(self.model, self.store.batches(nodes, self.batch_size, True, self.generator, size=size),
+                         self.optimizer, epochs=self.epochs, device=self.device, teacher_logits=teacher,
+                         temperature=self.temperature, alpha=self.alpha)
+            loss, accuracy = result.loss, result.accuracy
+        logits = predict(self.model, self.store.batches([node], self.batch_size), self.device)
+        self.logits[node] = logits
+        if self.epochs == 0:
+            loss_sum, correct = evaluate_logits(logits, self.store.labels([node]))
+            loss, accuracy = loss_sum / size, correct / size
+        return ServerRoundResult(loss, accuracy, size, len(nodes), time.perf_counter() - start)
 
     def predict(self, features: Tensor) -> Tensor:
         """Server logits for feature maps, eval mode, on the CPU."""

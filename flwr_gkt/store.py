@@ -1,0 +1,292 @@
+"""The server's feature store: latest payload per node, bounded memory.
+
+FedGKT's server trains on the features ``H^(k)``, labels ``Y^(k)`` and client
+logits ``Z_c^(k)`` of every node (Algorithm 1, line 8). Their size grows with
+the number of samples (Fashion-MNIST, 16x28x28 float32 maps: 49 KB per image),
+so holding all of them in RAM does not scale. :class:`FeatureStore` keeps each
+node's payload in memory while the total stays within a memory budget; the
+features of a node that would exceed it are written to a ``.npy`` file in a
+spill directory and read back, a mini-batch at a time, when the server trains.
+
+Spilled rows are read with ``os.pread`` into fresh buffers rather than through
+``numpy.memmap``: pages of a memory map count towards the process's resident
+set for as long as the map lives, whereas file reads only fill the kernel's
+page cache, which the kernel reclaims as it needs and which is not the
+process's memory. Peak RSS therefore stays at the budget plus one mini-batch
+(and the training's fixed overhead), however large the spilled data.
+
+The labels and logits of every node stay in memory (8 + 4*C bytes per sample,
+0.1 % of a 16x28x28 feature map) and count towards the budget: the store
+never holds more than the budget unless labels and logits alone exceed it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .training import Batch
+from .wire import Payload
+
+__all__ = ["FeatureStore", "StoreBatches"]
+
+_MB = 1024 * 1024
+
+
+@dataclass
+class _Spilled:
+    """Where a node's features live on disk (a ``.npy`` file)."""
+
+    path: Path
+    offset: int  # bytes before the first row (the .npy header)
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.shape[1:])) * self.dtype.itemsize
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (any order, repeats allowed) as a new array."""
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        if len(rows) == 0:
+            return out
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        flat = out.reshape(len(rows), -1).view(np.uint8).reshape(len(rows), -1)
+        # Consecutive rows are read with one call.
+        breaks = np.flatnonzero(np.diff(sorted_rows) != 1) + 1
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for run in np.split(np.arange(len(rows)), breaks):
+                first, count = int(sorted_rows[run[0]]), len(run)
+                data = os.pread(fd, count * self.row_bytes, self.offset + first * self.row_bytes)
+                if len(data) != count * self.row_bytes:
+                    raise OSError(f"{self.path}: short read at row {first}")
+                flat[order[run]] = np.frombuffer(data, dtype=np.uint8).reshape(count, -1)
+        finally:
+            os.close(fd)
+        return out
+
+    def read_all(self) -> np.ndarray:
+        return self.read(np.arange(self.shape[0]))
+
+
+class FeatureStore(Mapping[int, Payload]):
+    """Latest validated payload per node, in memory up to a budget, then on disk.
+
+    A mapping ``node_id -> Payload``: reading an in-memory entry returns the
+    stored :class:`~flwr_gkt.wire.Payload` itself; reading a spilled one loads
+    its features from disk (use :meth:`batches` to train without loading all).
+
+    Parameters
+    ----------
+    memory_budget : int, optional
+        Bytes of payload data (features, labels, logits) kept in memory; a
+        node whose features would go beyond it has them written to disk.
+        ``None``: no limit, nothing is written.
+    spill_dir : str or Path, optional
+        Directory for the spilled ``.npy`` files (created when needed; a
+        temporary directory when not given, removed by :meth:`close`).
+    """
+
+    def __init__(self, memory_budget: int | None = None, spill_dir: str | Path | None = None) -> None:
+        self.memory_budget = None if memory_budget is None else int(memory_budget)
+        self._spill_dir = Path(spill_dir) if spill_dir else None
+        self._own_dir = False
+        self._payloads: dict[int, Payload] = {}
+        self._spilled: dict[int, _Spilled] = {}
+        self._versions: dict[int, int] = {}
+
+    # ---------------------------------------------------------------- mapping
+    def __getitem__(self, node: int) -> Payload:
+        payload = self._payloads[node]
+        spilled = self._spilled.get(node)
+        if spilled is None:
+            return payload
+        features = torch.from_numpy(spilled.read_all())
+        return Payload(features=features, labels=payload.labels, logits=payload.logits)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._payloads)
+
+    def __len__(self) -> int:
+        return len(self._payloads)
+
+    def __contains__(self, node: object) -> bool:
+        return node in self._payloads
+
+    # ------------------------------------------------------------------ sizes
+    def num_samples(self, node: int) -> int:
+        """Number of samples stored for ``node``."""
+        return len(self._payloads[node])
+
+    def is_spilled(self, node: int) -> bool:
+        """Whether ``node``'s features are on disk."""
+        return node in self._spilled
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of payload data held in memory."""
+        return sum(_nbytes(p, node not in self._spilled) for node, p in self._payloads.items())
+
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes of feature data written to the spill directory."""
+        return sum(s.shape[0] * s.row_bytes for s in self._spilled.values())
+
+    # -------------------------------------------------------------- mutation
+    def put(self, node: int, payload: Payload) -> None:
+        """Store (replace) ``node``'s payload, spilling features beyond the budget.
+
+        The newest features spill first; if the labels and logits that stay in
+        memory push the total over the budget, earlier nodes' features follow
+        (newest first) until it fits.
+        """
+        self.remove(node)
+        self._payloads[node] = payload
+        if self.memory_budget is None:
+            return
+        while self.memory_bytes > self.memory_budget:
+            in_memory = [n for n in self._payloads if n not in self._spilled]
+            if not in_memory:
+                break  # labels and logits alone exceed the budget
+            self._spill(in_memory[-1])
+
+    def _spill(self, node: int) -> None:
+        payload = self._payloads[node]
+        self._spilled[node] = self._write(node, payload.features)
+        # Labels and logits stay in memory (small); the features' reference is dropped.
+        self._payloads[node] = Payload(features=torch.empty(0), labels=payload.labels.clone(),
+                                       logits=None if payload.logits is None else payload.logits.clone())
+
+    def set_logits(self, node: int, logits: Tensor | None) -> None:
+        """Replace the client logits of ``node`` (replay rounds send logits only)."""
+        payload = self._payloads[node]
+        if logits is not None and len(logits) != len(payload):
+            raise ValueError(f"node {node}: {len(logits)} logits for {len(payload)} stored samples")
+        self._payloads[node] = Payload(features=payload.features, labels=payload.labels, logits=logits)
+
+    def remove(self, node: int) -> None:
+        """Forget ``node`` (and delete its spill file)."""
+        self._payloads.pop(node, None)
+        spilled = self._spilled.pop(node, None)
+        if spilled is not None:
+            spilled.path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Remove every spill file, and the spill directory when it is left empty."""
+        for node in list(self._spilled):
+            self.remove(node)
+        if self._spill_dir is None:
+            return
+        if self._own_dir:
+            shutil.rmtree(self._spill_dir, ignore_errors=True)
+            self._spill_dir, self._own_dir = None, False
+        elif self._spill_dir.is_dir() and not any(self._spill_dir.iterdir()):
+            self._spill_dir.rmdir()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def _write(self, node: int, features: Tensor) -> _Spilled:
+        if self._spill_dir is None:
+            self._spill_dir, self._own_dir = Path(tempfile.mkdtemp(prefix="gkt-spill-")), True
+        self._spill_dir.mkdir(parents=True, exist_ok=True)
+        version = self._versions[node] = self._versions.get(node, 0) + 1
+        path = self._spill_dir / f"node-{node}-v{version}.npy"
+        array = np.ascontiguousarray(features.numpy())
+        with open(path, "wb") as f:
+            np.lib.format.write_array(f, array, allow_pickle=False)
+        offset = path.stat().st_size - array.nbytes
+        return _Spilled(path, offset, tuple(array.shape), array.dtype)
+
+    # --------------------------------------------------------------- reading
+    def batches(self, nodes: Sequence[int], batch_size: int, shuffle: bool = False,
+                generator: torch.Generator | None = None, size: int | None = None) -> StoreBatches:
+        """Mini-batches over ``nodes``' samples, concatenated in that order.
+
+        ``size``: each pass covers only this many samples, drawn at random
+        (without replacement) anew on every pass.
+        """
+        return StoreBatches(self, nodes, batch_size, shuffle, generator, size)
+
+    def labels(self, nodes: Iterable[int]) -> Tensor:
+        """Labels of ``nodes``, concatenated."""
+        return torch.cat([self._payloads[n].labels for n in nodes])
+
+    def logits(self, nodes: Iterable[int]) -> Tensor | None:
+        """Client logits of ``nodes``, concatenated; ``None`` unless every node has them."""
+        parts = [self._payloads[n].logits for n in nodes]
+        if not parts or any(p is None for p in parts):
+            return None
+        return torch.cat([p for p in parts if p is not None])
+
+    def gather(self, nodes: Sequence[int], index: Tensor) -> Tensor:
+        """Feature rows ``index`` of the concatenation of ``nodes``' features."""
+        sizes = np.array([len(self._payloads[n]) for n in nodes])
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        idx = index.numpy()
+        which = np.searchsorted(starts, idx, side="right") - 1
+        out: Tensor | None = None
+        for k in np.unique(which):
+            mask = which == k
+            local = idx[mask] - starts[k]
+            node = nodes[int(k)]
+            spilled = self._spilled.get(node)
+            if spilled is None:
+                rows = self._payloads[node].features[torch.from_numpy(local)]
+            else:
+                rows = torch.from_numpy(spilled.read(local))
+            if out is None:
+                out = torch.empty((len(idx), *rows.shape[1:]), dtype=rows.dtype)
+            out[torch.from_numpy(mask)] = rows
+        assert out is not None
+        return out
+
+
+class StoreBatches:
+    """``(features, labels, index)`` batches streamed from a :class:`FeatureStore`.
+
+    ``index`` is the position in the concatenation of ``nodes``' samples (the
+    row of the teacher logits and of the captured server logits), as with
+    :class:`flwr_gkt.training.TensorBatches`.
+    """
+
+    def __init__(self, store: FeatureStore, nodes: Sequence[int], batch_size: int,
+                 shuffle: bool = False, generator: torch.Generator | None = None,
+                 size: int | None = None) -> None:
+        self.store = store
+        self.nodes = list(nodes)
+        self.labels = store.labels(self.nodes) if self.nodes else torch.empty(0, dtype=torch.long)
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle or size is not None
+        self.generator = generator
+        self.size = len(self.labels) if size is None else min(int(size), len(self.labels))
+
+    def __len__(self) -> int:
+        return -(-self.size // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        n = len(self.labels)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        order = order[: self.size]
+        for start in range(0, self.size, self.batch_size):
+            idx = order[start : start + self.batch_size]
+            yield self.store.gather(self.nodes, idx), self.labels[idx], idx
+
+
+def _nbytes(payload: Payload, with_features: bool) -> int:
+    size = payload.labels.nbytes + (payload.logits.nbytes if payload.logits is not None else 0)
+    return size + (payload.features.nbytes if with_features else 0)
