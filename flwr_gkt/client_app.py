@@ -39,6 +39,7 @@ from .wire import (
     METRICS_KEY,
     PayloadError,
     decode_server_logits,
+    encode_logits,
     encode_payload,
     metrics_record,
     validate_server_logits,
@@ -75,6 +76,7 @@ def edge_round_config(config: ConfigRecord) -> EdgeRoundConfig:
         temperature=float(config.get("temperature", d.temperature)),  # type: ignore[arg-type]
         alpha=float(config.get("alpha", d.alpha)),  # type: ignore[arg-type]
         kd_mode=KDMode(str(config.get("kd-mode", d.kd_mode.value))),
+        freeze_extractor=bool(config.get("freeze-extractor", d.freeze_extractor)),
     )
 
 
@@ -172,6 +174,9 @@ def handle_train(
 ) -> Message:
     """Run ``ClientTrain`` for one round and reply with ``H``, ``Z_c``, ``Y``.
 
+    In a replay round (``send-features`` false in the instruction, EcoFed) the
+    reply carries ``Z_c`` alone.
+
     Raises (and so replies with an error) when the server logits do not match
     the local training set. With ``state_dir``, the node's state is restored
     from there when the node (re)starts and saved after every round.
@@ -192,10 +197,12 @@ def handle_train(
         context, data, build_model, server_logits, cfg, dev, round_seed(config)
     )
 
-    payload = encode_payload(
-        features, data.y_train, logits, feature_dtype=str(config.get("feature-dtype", "float32")),
-        logit_dtype=str(config.get("logit-dtype", "float32")),
-    )
+    logit_dtype = str(config.get("logit-dtype", "float32"))
+    if bool(config.get("send-features", True)):
+        payload = encode_payload(features, data.y_train, logits, logit_dtype=logit_dtype,
+                                 feature_dtype=str(config.get("feature-dtype", "float32")))
+    else:  # replay round: the server still holds this node's features
+        payload = encode_logits(logits, logit_dtype)
     metrics = metrics_record(
         n,
         **{

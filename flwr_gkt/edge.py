@@ -36,6 +36,8 @@ class EdgeRoundConfig:
     temperature: float = 3.0
     alpha: float = 1.0
     kd_mode: KDMode = KDMode.BOTH
+    #: EcoFed: train only the classifier ``f_c`` on top of a frozen ``f_e``.
+    freeze_extractor: bool = False
 
     def __post_init__(self) -> None:
         self.kd_mode = KDMode(self.kd_mode)
@@ -56,10 +58,14 @@ def train_edge(
     KD towards ``server_logits`` (row ``i`` for sample ``i``) is used when they
     are given and the KD mode lets the edge distil; otherwise CE only (the
     first round, or the ``none`` ablation). ``augment`` transforms every
-    training batch (random crop + flip for CIFAR/CINIC).
+    training batch (random crop + flip for CIFAR/CINIC). With
+    ``cfg.freeze_extractor`` only the classifier is trained.
     """
     teacher = server_logits if cfg.kd_mode.edge_distills else None
-    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
+    if cfg.freeze_extractor:
+        model.freeze_extractor()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
     batches = TensorBatches(x, y, cfg.batch_size, shuffle=True, generator=generator, transform=augment)
     return fit(
         model,

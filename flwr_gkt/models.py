@@ -23,6 +23,7 @@ and :class:`~torchvision.models.resnet.Bottleneck`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +45,7 @@ __all__ = [
     "resnet56",
     "resnet110",
     "FEATURE_CHANNELS",
+    "load_pretrained",
 ]
 
 #: Channels of the feature map the edge extractor outputs (16 in the paper).
@@ -104,6 +106,25 @@ class EdgeModel(nn.Module):
         super().__init__()
         self.extractor = extractor
         self.classifier = classifier
+        self.extractor_frozen = False
+
+    def freeze_extractor(self) -> EdgeModel:
+        """Freeze ``f_e`` (EcoFed): no gradients, and eval mode even in training.
+
+        Batch-norm statistics stay fixed too, so the features of a sample no
+        longer change from round to round (they can be uploaded once).
+        """
+        self.extractor_frozen = True
+        self.extractor.requires_grad_(False)
+        self.extractor.eval()
+        return self
+
+    def train(self, mode: bool = True) -> EdgeModel:
+        """Set training mode; a frozen extractor stays in eval mode."""
+        super().train(mode)
+        if self.extractor_frozen:
+            self.extractor.eval()
+        return self
 
     def forward(self, x: Tensor) -> Tensor:
         """Return the edge logits ``f_c(f_e(x))``."""
@@ -251,3 +272,24 @@ def resnet56(num_classes: int = 10, in_channels: int = 3) -> FullResNet:
 def resnet110(num_classes: int = 10, in_channels: int = 3) -> FullResNet:
     """Full ResNet-110 (bottleneck, 16/32/64 planes), the FedAvg baseline model."""
     return full_resnet(110, num_classes, in_channels)
+
+
+def load_pretrained(model: EdgeModel, path: str | Path, part: str = "extractor") -> EdgeModel:
+    """Load pre-trained weights from a local file (no download) into ``model``.
+
+    The file holds a ``state_dict`` (``torch.save``) of a whole edge model
+    (keys ``extractor.*`` / ``classifier.*``) or of its extractor alone.
+    ``part``: ``extractor`` loads only ``f_e`` (EcoFed: a pre-trained, frozen
+    extractor); ``all`` loads both parts.
+    """
+    if part not in ("extractor", "all"):
+        raise ValueError(f"part must be 'extractor' or 'all', got {part!r}")
+    state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if not any(k.startswith(("extractor.", "classifier.")) for k in state):
+        state = {f"extractor.{k}": v for k, v in state.items()}
+    if part == "extractor":
+        prefix = "extractor."
+        model.extractor.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    else:
+        model.load_state_dict(state)
+    return model

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["partition_indices", "label_matched_split", "label_counts"]
+__all__ = ["partition_indices", "held_out_indices", "label_matched_split", "label_counts"]
 
 PARTITIONS = ("iid", "dirichlet")
 
@@ -28,6 +28,18 @@ def _subset(num_samples: int, fraction: float, minimum: int, rng: np.random.Gene
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     perm = rng.permutation(num_samples)
     return perm[: max(minimum, int(round(num_samples * fraction)))]
+
+
+def held_out_indices(num_samples: int, num_partitions: int, *, seed: int = 0,
+                     fraction: float = 1.0) -> np.ndarray:
+    """Indices :func:`partition_indices` leaves out with the same ``seed`` and ``fraction``.
+
+    With ``fraction < 1`` the nodes share a random subset of the samples; the
+    rest can serve as public data the nodes never see (e.g. to pre-train an
+    EcoFed extractor). Sorted; empty when ``fraction`` is 1.
+    """
+    used = _subset(num_samples, fraction, num_partitions, np.random.default_rng(seed))
+    return np.setdiff1d(np.arange(num_samples), used)
 
 
 def partition_indices(

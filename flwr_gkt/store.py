@@ -12,8 +12,10 @@ Spilled rows are read with ``os.pread`` into fresh buffers rather than through
 ``numpy.memmap``: pages of a memory map count towards the process's resident
 set for as long as the map lives, whereas file reads only fill the kernel's
 page cache, which the kernel reclaims as it needs and which is not the
-process's memory. Peak RSS therefore stays at the budget plus one mini-batch
-(and the training's fixed overhead), however large the spilled data.
+process's memory. Peak RSS therefore stays at the budget plus the replies in
+flight and the training's fixed overhead, however large the spilled data
+(with a budget, large blocks are returned to the OS when freed: see
+:func:`return_large_blocks_to_os`).
 
 The labels and logits of every node stay in memory (8 + 4*C bytes per sample,
 0.1 % of a 16x28x28 feature map) and count towards the budget: the store
@@ -36,7 +38,7 @@ from torch import Tensor
 from .training import Batch
 from .wire import Payload
 
-__all__ = ["FeatureStore", "StoreBatches"]
+__all__ = ["FeatureStore", "StoreBatches", "return_large_blocks_to_os"]
 
 _MB = 1024 * 1024
 
@@ -80,6 +82,30 @@ class _Spilled:
         return self.read(np.arange(self.shape[0]))
 
 
+_MMAP_THRESHOLD = 1024 * 1024
+
+
+def return_large_blocks_to_os(threshold: int = _MMAP_THRESHOLD) -> bool:
+    """Have glibc serve allocations above ``threshold`` bytes with ``mmap`` (best effort).
+
+    Replies arrive as large buffers (a node's features, tens of MB). glibc
+    raises its ``mmap`` threshold to the size of each such block freed, after
+    which blocks of that size come from the heap and freed ones stay in the
+    process (fragmentation): resident memory then grows with the number of
+    replies seen, whatever the store keeps. A fixed threshold (``mallopt``
+    ``M_MMAP_THRESHOLD``, as the ``MALLOC_MMAP_THRESHOLD_`` environment variable
+    would set) returns every large block to the OS when it is freed. Returns
+    ``False`` where this is not glibc.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, int(threshold)))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 class FeatureStore(Mapping[int, Payload]):
     """Latest validated payload per node, in memory up to a budget, then on disk.
 
@@ -100,6 +126,8 @@ class FeatureStore(Mapping[int, Payload]):
 
     def __init__(self, memory_budget: int | None = None, spill_dir: str | Path | None = None) -> None:
         self.memory_budget = None if memory_budget is None else int(memory_budget)
+        if self.memory_budget is not None:
+            return_large_blocks_to_os()
         self._spill_dir = Path(spill_dir) if spill_dir else None
         self._own_dir = False
         self._payloads: dict[int, Payload] = {}

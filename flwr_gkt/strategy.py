@@ -23,11 +23,12 @@ One round (Algorithm 1):
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, replace
 from logging import INFO, WARNING
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -45,6 +46,7 @@ from .wire import (
     Payload,
     PayloadError,
     PayloadSpec,
+    decode_logits,
     decode_payload,
     encode_server_logits,
     record_nbytes,
@@ -115,6 +117,12 @@ class FedGKT(Strategy):
         the server and the edge learning rates (see
         :func:`flwr_gkt.training.lr_factor`); needs the number of rounds, taken
         from :meth:`start`.
+    feature_upload_every : int
+        Replay (EcoFed): a node uploads its features only every this many
+        rounds; in the rounds between, it sends its logits ``Z_c`` alone and
+        the server goes on training on the features it stored. ``1``: every
+        round (FedGKT); ``0``: once (frozen extractor: features never change).
+        A node whose features the server does not hold is always asked for them.
     seed : int
         Seed sent to the nodes for their data shuffling.
     """
@@ -138,6 +146,7 @@ class FedGKT(Strategy):
         store_max_age: int = 0,
         node_wait_timeout: float = 0.0,
         lr_schedule: str = "constant",
+        feature_upload_every: int = 1,
         seed: int = 0,
     ) -> None:
         self.server = server
@@ -154,6 +163,11 @@ class FedGKT(Strategy):
         self.store_max_age = store_max_age
         self.node_wait_timeout = node_wait_timeout
         self.seed = seed
+        if feature_upload_every < 0:
+            raise ValueError("feature_upload_every must be >= 0")
+        self.feature_upload_every = feature_upload_every
+        #: Round in which each node's stored features were uploaded.
+        self.feature_round: dict[int, int] = {}
         self.lr_schedule = lr_schedule
         lr_factor(lr_schedule, 1, 1)  # raises on an unknown schedule
         self.num_rounds = 0
@@ -163,6 +177,8 @@ class FedGKT(Strategy):
         #: samples, bytes, edge metrics -- which node did what, lost nodes included.
         self.node_history: list[dict[str, Any]] = []
         self._sent_train: list[Message] = []
+        #: Whether the latest train instruction to each node asked for features.
+        self._features_asked: dict[int, bool] = {}
         self._sent_eval: list[Message] = []
         self._round_start = 0.0
         self._run_start = time.perf_counter()
@@ -224,10 +240,20 @@ class FedGKT(Strategy):
         return sorted(node_ids)
 
     def _accept(
-        self, server_round: int, replies: Iterable[Message], with_logits: bool
-    ) -> tuple[list[tuple[int, Payload, MetricRecord]], int, int]:
-        """Decode and validate replies; return accepted ones, bytes and rejects."""
-        accepted: list[tuple[int, Payload, MetricRecord]] = []
+        self,
+        server_round: int,
+        replies: Iterable[Message],
+        with_logits: bool,
+        consume: Callable[[int, Payload, MetricRecord], None] | None = None,
+    ) -> tuple[list[tuple[int, Payload | None, MetricRecord]], int, int]:
+        """Decode and validate replies; return accepted ones, bytes and rejects.
+
+        With ``consume``, each accepted payload is handed to it as soon as it is
+        validated, the reply's arrays are released, and the returned list holds
+        ``None`` in place of the payload: one decoded reply at a time is held,
+        whatever the number of replies (bounded server memory).
+        """
+        accepted: list[tuple[int, Payload | None, MetricRecord]] = []
         nbytes, rejected = 0, 0
         stage = "train" if with_logits else "evaluate"
         # The Grid sets each instruction's message id when it sends it; an error
@@ -249,7 +275,13 @@ class FedGKT(Strategy):
             nbytes += size
             record["bytes-up"] = size
             try:
-                payload = decode_payload(msg.content, self.spec, with_logits)
+                if with_logits and not self._features_asked.get(node, True):
+                    if node not in self.server.store:
+                        raise PayloadError("logits-only reply but no features stored for this node")
+                    logits = decode_logits(msg.content, self.spec, self.server.store.num_samples(node))
+                    payload = Payload(features=torch.empty(0), labels=torch.empty(0), logits=logits)
+                else:
+                    payload = decode_payload(msg.content, self.spec, with_logits)
             except Exception as err:  # noqa: BLE001 - a reply must never end the run
                 reason = str(err) if isinstance(err, PayloadError) else f"malformed payload: {err!r}"
                 rejected += 1
@@ -257,12 +289,36 @@ class FedGKT(Strategy):
                 log(WARNING, "FedGKT round %d: %s reply of node %d rejected: %s",
                     server_round, stage, node, reason)
                 continue
-            if self.spec.feature_shape is None:
+            if self.spec.feature_shape is None and payload.features.dim() == 4:
                 self.spec = replace(self.spec, feature_shape=tuple(payload.features.shape[1:]))
             metrics = msg.content.metric_records[METRICS_KEY]
             record.update(status="accepted", reason="", **{k: v for k, v in metrics.items()})
-            accepted.append((node, payload, metrics))
+            if consume is None:
+                accepted.append((node, payload, metrics))
+                continue
+            consume(node, payload, metrics)
+            accepted.append((node, None, metrics))
+            del payload
+            msg.content.array_records.pop(ARRAYS_KEY, None)
         return accepted, nbytes, rejected
+
+    def _wants_features(self, node: int, server_round: int) -> bool:
+        """Whether ``node`` uploads features this round (replay, see ``feature_upload_every``)."""
+        if node not in self.server.store or node not in self.feature_round:
+            return True
+        every = self.feature_upload_every
+        if every == 1:
+            return True
+        return every > 0 and server_round - self.feature_round[node] >= every
+
+    def _store(self, node: int, payload: Payload, server_round: int) -> None:
+        """Store an accepted train reply: new features, or new logits for stored ones."""
+        if payload.features.dim() == 4:
+            self.server.put(node, payload, server_round)
+            self.feature_round[node] = server_round
+        else:
+            self.server.store.set_logits(node, payload.logits)
+            self.server.stored_round[node] = server_round
 
     def _lost_nodes(self, server_round: int, stage: str) -> int:
         """Record and log nodes that were sent an instruction but have no record this round."""
@@ -298,7 +354,11 @@ class FedGKT(Strategy):
         round_config["server-round"] = server_round
         messages = []
         for node in node_ids:
-            content = RecordDict({CONFIG_KEY: round_config})
+            node_config = round_config
+            self._features_asked[node] = self._wants_features(node, server_round)
+            if not self._features_asked[node]:
+                node_config = ConfigRecord({**round_config, "send-features": False})
+            content = RecordDict({CONFIG_KEY: node_config})
             # Z_s travels only when the edge distils from it (not in KD modes without it).
             logits = self.server.server_logits(node) if self.edge_config.kd_mode.edge_distills else None
             if logits is not None:
@@ -313,12 +373,19 @@ class FedGKT(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate and store replies, then train the server model on all stored features."""
         replies = list(replies)
-        accepted, nbytes, rejected = self._accept(server_round, replies, with_logits=True)
+        with_features = 0
+
+        def store(node: int, payload: Payload, _: MetricRecord) -> None:
+            nonlocal with_features
+            with_features += payload.features.dim() == 4
+            self._store(node, payload, server_round)
+
+        accepted, nbytes, rejected = self._accept(server_round, replies, with_logits=True, consume=store)
+        del replies
         lost = self._lost_nodes(server_round, "train")
-        for node, payload, _ in accepted:
-            self.server.put(node, payload, server_round)
         if self.store_max_age > 0:
             for node in self.server.evict(server_round - self.store_max_age + 1):
+                self.feature_round.pop(node, None)
                 log(WARNING, "FedGKT round %d: features of node %d dropped (no reply for %d rounds)",
                     server_round, node, self.store_max_age)
         if len(accepted) >= self.min_train_replies:
@@ -328,12 +395,15 @@ class FedGKT(Strategy):
                 "the server model is not trained this round", server_round, len(accepted),
                 self.min_train_replies)
             result = ServerRoundResult(0.0, 0.0, 0, 0, 0.0)
-        n_edge = sum(len(p) for _, p, _ in accepted)
+        n_edge = sum(int(m[NUM_EXAMPLES]) for *_, m in accepted)
         row: dict[str, float] = {
             "round": server_round,
             "nodes-replied": len(accepted),
             "nodes-rejected": rejected,
             "nodes-lost": lost,
+            "nodes-sent-features": with_features,
+            "store-memory-mb": self.server.store.memory_bytes / _MB,
+            "store-disk-mb": self.server.store.disk_bytes / _MB,
             "server-train-loss": result.loss,
             "server-train-accuracy": result.accuracy,
             "server-train-examples": result.num_examples,
@@ -343,7 +413,7 @@ class FedGKT(Strategy):
         }
         for key in ("edge-train-loss", "edge-train-accuracy"):
             if n_edge:
-                row[key] = sum(float(m[key]) * len(p) for _, p, m in accepted if key in m) / n_edge
+                row[key] = sum(float(m[key]) * int(m[NUM_EXAMPLES]) for *_, m in accepted if key in m) / n_edge
         edge_seconds = [float(m.get("edge-seconds", 0.0)) for *_, m in accepted]
         row["edge-seconds-max"] = max(edge_seconds, default=0.0)
         row["edge-seconds-mean"] = sum(edge_seconds) / max(len(edge_seconds), 1)
@@ -385,16 +455,20 @@ class FedGKT(Strategy):
     ) -> MetricRecord | None:
         """Classify the nodes' test features with the server model."""
         replies = list(replies)
-        accepted, nbytes, rejected = self._accept(server_round, replies, with_logits=False)
-        self._lost_nodes(server_round, "evaluate")
-        if not accepted:
-            return None
         loss_sum, correct, n, edge_correct, edge_loss = 0.0, 0, 0, 0.0, 0.0
-        for _, payload, metrics in accepted:
+
+        def evaluate(node: int, payload: Payload, metrics: MetricRecord) -> None:
+            nonlocal loss_sum, correct, n, edge_correct, edge_loss
             l_sum, c = self.server.evaluate(payload.features, payload.labels)
             loss_sum, correct, n = loss_sum + l_sum, correct + c, n + len(payload)
             edge_correct += float(metrics.get("edge-accuracy", 0.0)) * len(payload)
             edge_loss += float(metrics.get("edge-loss", 0.0)) * len(payload)
+
+        accepted, nbytes, rejected = self._accept(server_round, replies, with_logits=False, consume=evaluate)
+        del replies
+        self._lost_nodes(server_round, "evaluate")
+        if not accepted:
+            return None
         metrics = {
             "accuracy": correct / n,
             "loss": loss_sum / n,

@@ -11,6 +11,9 @@ Train reply (node -> server):
     "metrics": MetricRecord{"num-examples", ...}}``
 Evaluate reply (node -> server):
     ``RecordDict{"gkt": ArrayRecord{"features", "labels"}, "metrics": ...}``
+Logits-only train reply (replay rounds, EcoFed): the server asked with
+``send-features = False`` because it still holds the node's features:
+    ``RecordDict{"gkt": ArrayRecord{"logits"}, "metrics": ...}``
 
 Decoding validates every payload (:func:`decode_payload`) and raises
 :class:`PayloadError` with a one-line reason; the strategy turns that into a
@@ -43,6 +46,8 @@ __all__ = [
     "encode_payload",
     "decode_payload",
     "encode_server_logits",
+    "encode_logits",
+    "decode_logits",
     "decode_server_logits",
     "validate_server_logits",
     "validate_arrays",
@@ -169,6 +174,36 @@ def encode_server_logits(logits: Tensor | np.ndarray, logit_dtype: str = "float3
     )
 
 
+def encode_logits(logits: Tensor | np.ndarray, logit_dtype: str = "float32") -> ArrayRecord:
+    """Encode a logits-only train reply (``Z_c`` without features, replay rounds)."""
+    if logit_dtype not in LOGIT_DTYPES:
+        raise ValueError(f"logit dtype {logit_dtype!r} not in {LOGIT_DTYPES}")
+    return ArrayRecord({"logits": Array(np.ascontiguousarray(_to_numpy(logits).astype(logit_dtype)))})
+
+
+def decode_logits(content: RecordDict, spec: PayloadSpec, num_samples: int) -> Tensor:
+    """Decode and validate a logits-only train reply for a node holding ``num_samples``.
+
+    A reply that carries features when none were asked for is rejected too: the
+    server did not budget for them.
+    """
+    record = _record(content)
+    if "features" in record:
+        raise PayloadError("features sent in a logits-only round")
+    num_examples = _num_examples(content)
+    logits = _load(record, "logits", LOGIT_DTYPES)
+    if logits.shape != (num_samples, spec.num_classes):
+        raise PayloadError(
+            f"'logits' has shape {list(logits.shape)}, expected [{num_samples}, {spec.num_classes}] "
+            "(the stored samples of this node)"
+        )
+    if num_examples != num_samples:
+        raise PayloadError(f"'{NUM_EXAMPLES}' says {num_examples} but {num_samples} samples are stored")
+    if not np.isfinite(logits).all():
+        raise PayloadError("'logits' contain NaN or Inf")
+    return _tensor(logits.astype(np.float32, copy=False))
+
+
 def _npy_view(data: bytes) -> np.ndarray:
     """A read-only array over ``.npy`` bytes, without copying the data.
 
@@ -283,23 +318,29 @@ def validate_arrays(
 
 def decode_payload(content: RecordDict, spec: PayloadSpec, with_logits: bool) -> Payload:
     """Decode and validate a train (``with_logits=True``) or evaluate reply."""
-    if ARRAYS_KEY not in content.array_records:
-        raise PayloadError(f"missing ArrayRecord '{ARRAYS_KEY}'")
-    record = content.array_records[ARRAYS_KEY]
-    num_examples = None
-    if METRICS_KEY in content.metric_records:
-        value = content.metric_records[METRICS_KEY].get(NUM_EXAMPLES)
-        if not isinstance(value, int):
-            raise PayloadError(f"'{NUM_EXAMPLES}' missing or not an integer")
-        num_examples = value
-    else:
-        raise PayloadError(f"missing MetricRecord '{METRICS_KEY}'")
+    record = _record(content)
+    num_examples = _num_examples(content)
     features = _load(record, "features", FEATURE_DTYPES)
     if features.dtype == np.int8:
         features = _dequantize(features, record)
     labels = _load(record, "labels", LABEL_DTYPES)
     logits = _load(record, "logits", LOGIT_DTYPES) if with_logits else None
     return validate_arrays(features, labels, logits, spec, num_examples)
+
+
+def _record(content: RecordDict) -> ArrayRecord:
+    if ARRAYS_KEY not in content.array_records:
+        raise PayloadError(f"missing ArrayRecord '{ARRAYS_KEY}'")
+    return content.array_records[ARRAYS_KEY]
+
+
+def _num_examples(content: RecordDict) -> int:
+    if METRICS_KEY not in content.metric_records:
+        raise PayloadError(f"missing MetricRecord '{METRICS_KEY}'")
+    value = content.metric_records[METRICS_KEY].get(NUM_EXAMPLES)
+    if not isinstance(value, int):
+        raise PayloadError(f"'{NUM_EXAMPLES}' missing or not an integer")
+    return value
 
 
 def _dequantize(q: np.ndarray, record: ArrayRecord) -> np.ndarray:
