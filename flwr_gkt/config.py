@@ -45,9 +45,17 @@ class RunConfig:
     store_max_age: int = 0
     node_wait_timeout: float = 0.0
     round_timeout: float = 3600.0
+    server_mode: str = "sync"
+    max_staleness: int = -1
+    async_update: str = "store"
+    memory_budget_mb: float = 0.0
+    spill_dir: str = ""
+    feature_upload_every: int = 1
     # models
     edge_model: str = "resnet8"
     server_model: str = "resnet55"
+    edge_pretrained: str = ""
+    freeze_extractor: int = 0
     # edge training (sent to the nodes every round)
     edge_epochs: int = 1
     batch_size: int = 64

@@ -10,6 +10,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
+from flwr_gkt.async_strategy import AsyncFedGKT
 from flwr_gkt.config import RunConfig
 from flwr_gkt.strategy import FedGKT
 
@@ -19,15 +20,35 @@ from .task import (
     edge_config,
     feature_shape,
     make_gkt_server,
+    peak_rss_mb,
     results_dir,
     write_results,
 )
 
 
+def strategy_class(cfg: RunConfig) -> tuple[type[FedGKT], dict]:
+    """The strategy of ``cfg.server_mode`` and its own arguments.
+
+    ``sync``: :class:`FedGKT`; ``async``: :class:`AsyncFedGKT` with
+    ``max-staleness`` (a negative value, the default: no bound; with ``K``
+    nodes of similar speed a reply is typically ``K - 1`` updates stale) and
+    ``async-update`` (``store``: each update draws from every node's stored
+    features; ``node``: the replying node's features only).
+    """
+    if cfg.server_mode == "sync":
+        return FedGKT, {}
+    if cfg.server_mode == "async":
+        return AsyncFedGKT, {"max_staleness": cfg.max_staleness if cfg.max_staleness >= 0 else None,
+                             "update_scope": cfg.async_update}
+    raise ValueError(f"unknown server-mode {cfg.server_mode!r} (expected 'sync' or 'async')")
+
+
 def run_fedgkt(grid: Grid, cfg: RunConfig) -> FedGKT:
     """Run ``cfg.num_server_rounds`` rounds of FedGKT on ``grid``; write results."""
-    server = make_gkt_server(cfg)
-    strategy = FedGKT(
+    cls, mode_args = strategy_class(cfg)
+    out = results_dir(cfg)
+    server = make_gkt_server(cfg, spill_dir=out / "spill")
+    strategy = cls(
         server,
         dataset_info(cfg)[0],
         feature_shape=feature_shape(cfg),
@@ -43,17 +64,20 @@ def run_fedgkt(grid: Grid, cfg: RunConfig) -> FedGKT:
         store_max_age=cfg.store_max_age,
         node_wait_timeout=cfg.node_wait_timeout,
         lr_schedule=cfg.lr_schedule,
+        feature_upload_every=cfg.feature_upload_every,
         seed=cfg.seed,
+        **mode_args,
     )
-    out = results_dir(cfg)
     log(INFO, "FedGKT: results go to %s", out)
     start = time.perf_counter()
     strategy.start(grid=grid, initial_arrays=strategy.initial_arrays(), num_rounds=cfg.num_server_rounds,
                    timeout=cfg.round_timeout)
     elapsed = time.perf_counter() - start
+    server.store.close()  # spilled features are not results
     final = strategy.history[-1] if strategy.history else {}
     torch.save(server.model.state_dict(), out / "server_model.pt")
-    write_results(out, cfg, strategy.history, {"seconds": elapsed, "final": final},
+    write_results(out, cfg, strategy.history,
+                  {"seconds": elapsed, "final": final, "server-peak-rss-mb": peak_rss_mb()},
                   nodes=strategy.node_history)
     log(
         INFO,

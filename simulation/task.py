@@ -18,7 +18,7 @@ from flwr_gkt.data import ClientData, client_data
 from flwr_gkt.data import dataset_info as data_info
 from flwr_gkt.edge import EdgeRoundConfig
 from flwr_gkt.efficiency import run_costs
-from flwr_gkt.models import FEATURE_CHANNELS, EdgeModel
+from flwr_gkt.models import FEATURE_CHANNELS, EdgeModel, load_pretrained
 from flwr_gkt.registry import build_edge_model, build_server_model
 from flwr_gkt.server import GKTServer
 
@@ -104,7 +104,12 @@ def edge_builder(cfg: RunConfig, partition_id: int):
 
     def build() -> EdgeModel:
         torch.manual_seed(cfg.seed * 1000 + partition_id)
-        return build_edge_model(cfg.edge_model, num_classes, channels)
+        model = build_edge_model(cfg.edge_model, num_classes, channels)
+        if cfg.edge_pretrained:  # EcoFed: a pre-trained extractor from a local file
+            load_pretrained(model, cfg.edge_pretrained, "extractor")
+        if cfg.freeze_extractor:
+            model.freeze_extractor()
+        return model
 
     return build
 
@@ -115,8 +120,12 @@ def build_server(cfg: RunConfig) -> torch.nn.Module:
     return build_server_model(cfg.server_model, num_classes, FEATURE_CHANNELS)
 
 
-def make_gkt_server(cfg: RunConfig) -> GKTServer:
-    """The server model with its optimizer and feature store, as configured."""
+def make_gkt_server(cfg: RunConfig, spill_dir: str | Path | None = None) -> GKTServer:
+    """The server model with its optimizer and feature store, as configured.
+
+    ``memory-budget-mb`` > 0 bounds the feature store's memory; the rest spills
+    to ``spill-dir`` (default: ``spill_dir``, e.g. the run's results directory).
+    """
     if cfg.server_threads > 0:
         torch.set_num_threads(cfg.server_threads)
     return GKTServer(
@@ -131,6 +140,8 @@ def make_gkt_server(cfg: RunConfig) -> GKTServer:
         kd_mode=cfg.kd_mode,
         device=cfg.device,
         seed=cfg.seed,
+        memory_budget=int(cfg.memory_budget_mb * 1024 * 1024) if cfg.memory_budget_mb > 0 else None,
+        spill_dir=cfg.spill_dir or spill_dir,
     )
 
 
@@ -145,7 +156,15 @@ def edge_config(cfg: RunConfig) -> EdgeRoundConfig:
         temperature=cfg.temperature,
         alpha=cfg.alpha,
         kd_mode=cfg.kd_mode,  # type: ignore[arg-type]
+        freeze_extractor=bool(cfg.freeze_extractor),
     )
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (the ServerApp's, in simulation)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def results_dir(cfg: RunConfig) -> Path:

@@ -1,0 +1,595 @@
+"""Asynchronous FedGKT: the server trains as soon as any node's features arrive.
+
+The paper (He et al., NeurIPS 2020, Sec. 4 and Table 3): "Since the server
+does not need to wait for updates from all clients to start training, FedGKT
+naturally supports asynchronous training ... The server model can immediately
+start training when it receives inputs from any client."
+:class:`AsyncFedGKT` does exactly that with its own event loop on the Grid's
+``push_messages`` / ``pull_messages`` instead of Flower's round-synchronous
+``Strategy.start``.
+
+Algorithm
+---------
+1. The training nodes are sampled once, as the synchronous strategy samples a
+   round (``fraction_train``, ``min_train_nodes``); each one is sent a train
+   instruction built by :meth:`FedGKT.configure_train` (round config, and the
+   node's own server logits ``Z_s^(k)`` when the edge distils).
+2. The loop polls for replies. Each train reply, as it arrives, is validated
+   like a synchronous one (a bad reply is rejected with a log line and the run
+   goes on) and stored, and the server model makes one *update* (below) that
+   sets that node's ``Z_s^(k)``. Each update increments the model *version*.
+   The node is then immediately sent its next instruction, carrying its fresh
+   server logits: no node waits for a slower one.
+3. Every node has at most one instruction in flight (train *or* evaluate).
+   Flower's simulation runtime hands a node's pending messages to whichever
+   worker is free, so two messages in flight for one node could run at the
+   same time on copies of its ``Context`` and one would overwrite the other's
+   edge-model state; in a deployment, how a SuperNode schedules two pending
+   messages of one run is nothing a strategy should rely on either. With one
+   message per node, neither question arises.
+
+Server update
+-------------
+``update_scope="store"`` (default): ``E_s`` passes, each over ``n_k`` samples
+(the replying node's sample count) drawn at random from *all* stored
+features -- the fresh ones of node ``k`` and the latest ones of every other
+node -- then ``Z_s^(k)`` is the server model's output on node ``k``'s
+features. Over a round (``K`` updates, ``sum n_k = N``) the server makes
+``E_s x N`` sample steps on the same mixture of nodes that a synchronous
+round shuffles together: the same compute and the same data, only spread
+over the round. ``update_scope="node"``: ``E_s`` epochs on node ``k``'s
+features alone (``GKTServer.train_round(nodes=[k])``, the literal reading of
+the paper), ``Z_s^(k)`` from the last epoch -- the same compute, but each
+node has its own edge extractor, so the feature maps of different nodes
+differ, and training on one node's maps at a time makes the server model
+forget the others'. On the ``fmnist-small`` preset (4 IID nodes, 6 rounds,
+``E_s = 1``, one run each): synchronous 0.810 test accuracy, asynchronous
+``"store"`` 0.803, asynchronous ``"node"`` 0.365 (below the edge models
+alone, 0.65).
+
+Staleness
+---------
+The version at which a node's train instruction was sent is recorded; when the
+reply comes back, ``staleness = current version - version at send`` (the
+number of server updates made meanwhile, as in FedAsync). A reply with
+``staleness > max_staleness`` is rejected (log line naming the node, its
+staleness and the bound; ``node_history`` status ``"stale"``), the server model
+is not trained on it, and the node is sent a fresh instruction with its
+current logits. ``max_staleness=None`` means no bound; ``0`` accepts only
+replies made from the current model version. With ``K`` nodes of similar speed
+a reply is typically ``K - 1`` updates stale, so a bound below ``K - 1``
+rejects most replies (a warning says so when the run starts). Every train
+record in ``node_history`` has a ``"staleness"`` key; each round's history row
+has ``staleness-max`` / ``staleness-mean`` (over the updates applied that
+round) and ``replies-stale``.
+
+Rounds
+------
+A *round* is as many accepted server updates as there are sampled training
+nodes (one update per node on average; faster nodes may contribute more). It
+is the unit of ``num_rounds``, of the learning-rate schedule
+(:meth:`FedGKT._lr_factor` of the round in which an instruction is sent or an
+update is made), of ``store_max_age`` and of the metrics: one history row per
+round. With nodes of equal data size, a round costs the server the same
+compute as a synchronous round (``E_s`` epochs' worth of samples), only spread
+over the round's updates. No more train instructions are sent than are needed
+to finish ``num_rounds`` rounds (accepted updates + instructions in flight <=
+``num_rounds x K``); a rejected or lost instruction frees its slot again. So the
+run ends without late train replies to drain or throw away: the last round's
+evaluation sees edge models whose latest features the server has trained on.
+
+Evaluation
+----------
+When a round ends, the evaluation nodes are sampled
+(``fraction_evaluate``) and each one is sent an evaluate instruction built by
+:meth:`FedGKT.configure_evaluate` as soon as it is idle -- right away, or when
+its train reply in flight has been handled, before its next train instruction.
+A node that is due for the evaluations of several rounds answers one
+instruction that serves them all. When all of a round's evaluation replies are
+in (or their nodes are lost), they go through :meth:`FedGKT.aggregate_evaluate`
+with the server model of that moment, so the rows have the synchronous keys
+(``accuracy``, ``edge-accuracy``, ``bytes-up-eval``, ...); rows are appended to
+:attr:`history` in round order. Evaluation replies are pulled in the same loop
+as train replies (never ``send_and_receive``, which would put a second message
+in flight to a busy node).
+
+Differences from the synchronous strategy
+-----------------------------------------
+* The server model is updated once per reply, on ``n_k`` samples per pass
+  (see *Server update*), not once per round on all samples; ``Z_s`` of a node
+  is set when its reply is handled (eval-mode outputs with ``"store"``), the
+  other nodes' ``Z_s`` stay as they were until their own next reply.
+* ``nodes-replied`` counts accepted updates of the round (a fast node may count
+  twice), ``nodes-rejected`` includes stale replies; ``round-seconds`` is the
+  time from the end of the previous round to the end of this one (its
+  evaluation overlaps the next round and is reported as ``eval-seconds``).
+* ``timeout`` (of :meth:`start`) is the longest wait for any single reply; a
+  node that does not answer in time is recorded as lost (as in the synchronous
+  strategy) and takes no further part in the run; the others go on.
+  A node whose replies are rejected ``max_node_failures`` times in a row (node
+  errors, invalid payloads; stale replies do not count) is dropped as well.
+* ``min_train_replies`` does not apply (each update has exactly one reply).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result
+from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
+from flwr.supercore import log
+
+from .server import GKTServer, ServerRoundResult
+from .strategy import _MB, FedGKT
+from .wire import NUM_EXAMPLES, Payload, record_nbytes
+
+__all__ = ["AsyncFedGKT"]
+
+
+@dataclass
+class _Flight:
+    """An instruction sent and not yet answered."""
+
+    message: Message
+    kind: str  # "train" or "evaluate"
+    node: int
+    sent_at: float  # time.monotonic()
+    version: int  # server model version when sent
+    rounds: list[_EvalRound] = field(default_factory=list)  # evaluate: rounds it serves
+
+
+@dataclass
+class _Tally:
+    """What happened in one round, for its history row."""
+
+    start: float
+    updates: int = 0
+    rejected: int = 0
+    stale: int = 0
+    lost: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    loss_sum: float = 0.0
+    correct_sum: float = 0.0
+    examples: int = 0
+    server_seconds: float = 0.0
+    with_features: int = 0
+    staleness: list[int] = field(default_factory=list)
+    edge: list[tuple[int, MetricRecord]] = field(default_factory=list)
+
+
+@dataclass
+class _EvalRound:
+    """The evaluation of one finished round, waiting for its nodes."""
+
+    server_round: int
+    row: dict[str, float]
+    start: float
+    end: float
+    waiting: set[int]
+    messages: list[Message] = field(default_factory=list)
+    replies: list[Message] = field(default_factory=list)
+
+
+def _view(reply: Message, instruction: Message) -> Message:
+    """A reply with the same records in a new RecordDict (arrays are not copied)."""
+    if reply.has_error():
+        return reply
+    return Message(RecordDict(dict(reply.content.items())), reply_to=instruction)
+
+
+class AsyncFedGKT(FedGKT):
+    """FedGKT without waiting for the slowest node (see the module docstring).
+
+    Takes every argument of :class:`~flwr_gkt.strategy.FedGKT`, plus:
+
+    Parameters
+    ----------
+    server : GKTServer
+        Server model, optimizer and feature store.
+    num_classes : int
+        Number of classes.
+    max_staleness : int or None
+        Largest accepted staleness (server updates made between sending a
+        node its instruction and handling its reply); staler replies are
+        rejected and the node gets a fresh instruction. ``None``: no bound.
+    update_scope : str
+        What one server update trains on: ``"store"`` (``E_s`` passes of
+        ``n_k`` samples drawn from every node's stored features) or ``"node"``
+        (``E_s`` epochs on the replying node's features only).
+    max_node_failures : int
+        A node whose replies are rejected this many times in a row (node error
+        or invalid payload) is dropped from the run.
+    poll_interval : float
+        Seconds to sleep between two polls of the Grid that brought nothing.
+    **kwargs
+        Passed to :class:`~flwr_gkt.strategy.FedGKT`.
+    """
+
+    def __init__(
+        self,
+        server: GKTServer,
+        num_classes: int,
+        *,
+        max_staleness: int | None = 4,
+        update_scope: str = "store",
+        max_node_failures: int = 3,
+        poll_interval: float = 0.1,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(server, num_classes, **kwargs)
+        if update_scope not in ("store", "node"):
+            raise ValueError(f"update_scope must be 'store' or 'node', got {update_scope!r}")
+        self.update_scope = update_scope
+        if max_staleness is not None and max_staleness < 0:
+            raise ValueError(f"max_staleness must be >= 0 or None, got {max_staleness}")
+        if max_node_failures < 1:
+            raise ValueError(f"max_node_failures must be >= 1, got {max_node_failures}")
+        self.max_staleness = max_staleness
+        self.max_node_failures = max_node_failures
+        self.poll_interval = poll_interval
+        #: Server model version: the number of server updates made so far.
+        self.version = 0
+        self._only: list[int] | None = None
+
+    # ------------------------------------------------------------ messages
+    def _sample(self, grid: Grid, fraction: float, min_nodes: int) -> list[int]:
+        if self._only is not None:  # building the instruction of given nodes
+            return list(self._only)
+        return super()._sample(grid, fraction, min_nodes)
+
+    def _build(self, configure: Callable[..., Iterable[Message]], server_round: int, node: int,
+               config: ConfigRecord, grid: Grid) -> Message:
+        """One node's instruction from ``configure_train`` / ``configure_evaluate``."""
+        saved = (self._round_start, self._bytes_sent, self._sent_train, self._sent_eval)
+        self._only = [node]
+        try:
+            (message,) = configure(server_round, ArrayRecord(), config, grid)
+        finally:
+            self._only = None
+            self._round_start, self._bytes_sent, self._sent_train, self._sent_eval = saved
+        return message
+
+    def summary(self) -> None:
+        """Log the strategy's configuration."""
+        super().summary()
+        log(INFO, "\t└──> Asynchronous: max staleness %s, update scope %s, poll every %.2fs",
+            "unbounded" if self.max_staleness is None else self.max_staleness, self.update_scope,
+            self.poll_interval)
+
+    # --------------------------------------------------------------- start
+    def start(  # noqa: C901 - the event loop
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Run asynchronous FedGKT for ``num_rounds`` rounds.
+
+        Same signature and result as :meth:`flwr.serverapp.strategy.Strategy.start`.
+
+        Parameters
+        ----------
+        grid : Grid
+            Sends instructions to the nodes and pulls their replies.
+        initial_arrays : ArrayRecord
+            The server model's initial weights (only logged and passed to
+            ``evaluate_fn``; the server model lives in :attr:`server`).
+        num_rounds : int
+            Rounds to run; a round is as many accepted server updates as there
+            are training nodes.
+        timeout : float
+            Longest wait in seconds for the reply to any one instruction; a node
+            that does not answer in time is recorded as lost and dropped.
+        train_config, evaluate_config : ConfigRecord, optional
+            Entries added to every train / evaluate instruction's config.
+        evaluate_fn : callable, optional
+            Centralized evaluation ``(round, arrays) -> MetricRecord``, called
+            before the first round and at the end of every round.
+
+        Returns
+        -------
+        Result
+            The server model's final weights and the per-round train and
+            evaluate metrics.
+        """
+        log(INFO, "Starting %s strategy:", self.__class__.__name__)
+        log_strategy_start_info(num_rounds, initial_arrays, train_config, evaluate_config)
+        self.summary()
+        self.num_rounds = num_rounds
+        self._run_start = time.perf_counter()
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        result = Result()
+        if evaluate_fn:
+            res = evaluate_fn(0, initial_arrays)
+            if res is not None:
+                result.evaluate_metrics_serverapp[0] = res
+
+        train_nodes = self._sample(grid, self.fraction_train, self.min_train_nodes)
+        k = len(train_nodes)
+        needed = num_rounds * k
+        log(INFO, "AsyncFedGKT: %d training nodes, %d rounds of %d server updates", k, num_rounds, k)
+        if self.max_staleness is not None and k > 1 and self.max_staleness < k - 1:
+            log(WARNING, "AsyncFedGKT: max-staleness %d is below %d: with %d nodes of similar speed "
+                "most replies are about %d updates stale and will be rejected",
+                self.max_staleness, k - 1, k, k - 1)
+
+        active = set(train_nodes)  # training nodes still in the run
+        dropped: set[int] = set()  # lost or failing nodes: no more instructions
+        failures = dict.fromkeys(train_nodes, 0)
+        flights: dict[str, _Flight] = {}
+        busy: set[int] = set()
+        pending_eval: dict[int, list[_EvalRound]] = {}
+        evals: deque[_EvalRound] = deque()
+        accepted = 0
+        server_round = 1
+        tally = _Tally(start=time.perf_counter())
+
+        def outstanding_train() -> int:
+            return sum(f.kind == "train" for f in flights.values())
+
+        def push(message: Message, flight: _Flight) -> bool:
+            ids = list(grid.push_messages([message]))
+            if not ids:
+                log(WARNING, "AsyncFedGKT: the %s instruction to node %d could not be sent",
+                    flight.kind, flight.node)
+                return False
+            flights[str(ids[0])] = flight
+            busy.add(flight.node)
+            return True
+
+        def drop(node: int, why: str) -> None:
+            active.discard(node)
+            dropped.add(node)
+            for er in pending_eval.pop(node, []):
+                er.waiting.discard(node)
+                self.node_history.append({"round": er.server_round, "stage": "evaluate", "node-id": node,
+                                          "status": "lost", "reason": f"node dropped ({why})"})
+            log(WARNING, "AsyncFedGKT: node %d takes no further part in the run (%s)", node, why)
+
+        def dispatch(node: int) -> None:
+            """Send an idle node its next instruction, if it has one."""
+            if node in busy:
+                return
+            if pending_eval.get(node):
+                rounds = pending_eval.pop(node)
+                msg = self._build(self.configure_evaluate, rounds[-1].server_round, node,
+                                  evaluate_config, grid)
+                if push(msg, _Flight(msg, "evaluate", node, time.monotonic(), self.version, rounds)):
+                    for er in rounds:
+                        er.messages.append(msg)
+                else:
+                    for er in rounds:
+                        er.waiting.discard(node)
+                return
+            if node in active and accepted + outstanding_train() < needed:
+                msg = self._build(self.configure_train, server_round, node, train_config, grid)
+                if push(msg, _Flight(msg, "train", node, time.monotonic(), self.version)):
+                    tally.bytes_down += record_nbytes(msg.content)
+                else:
+                    drop(node, "its instruction could not be sent")
+
+        def end_round() -> None:
+            nonlocal tally, server_round
+            now = time.perf_counter()
+            row = self._train_row(server_round, tally, now)
+            result.train_metrics_clientapp[server_round] = MetricRecord(
+                {k_: float(v) for k_, v in row.items()})
+            eval_nodes = [n for n in self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
+                          if n not in dropped]
+            er = _EvalRound(server_round, row, tally.start, now, set(eval_nodes))
+            evals.append(er)
+            for node in eval_nodes:
+                pending_eval.setdefault(node, []).append(er)
+            if evaluate_fn:
+                res = evaluate_fn(server_round, ArrayRecord(self.server.model.state_dict()))
+                if res is not None:
+                    result.evaluate_metrics_serverapp[server_round] = res
+            server_round += 1
+            tally = _Tally(start=now)
+
+        def flush_evals() -> None:
+            while evals and not evals[0].waiting:
+                er = evals.popleft()
+                metrics = self._finish_evaluation(er)
+                if metrics is not None:
+                    result.evaluate_metrics_clientapp[er.server_round] = metrics
+
+        def on_train_reply(flight: _Flight, reply: Message) -> None:
+            nonlocal accepted
+            node = flight.node
+            staleness = self.version - flight.version
+            if (not reply.has_error() and self.max_staleness is not None
+                    and staleness > self.max_staleness):
+                size = record_nbytes(reply.content)
+                tally.rejected += 1
+                tally.stale += 1
+                tally.bytes_up += size
+                reason = f"stale (staleness {staleness} > max-staleness {self.max_staleness})"
+                self.node_history.append({"round": server_round, "stage": "train", "node-id": node,
+                                          "status": "stale", "reason": reason, "staleness": staleness,
+                                          "bytes-up": size})
+                log(WARNING, "FedGKT round %d: train reply of node %d rejected: %s",
+                    server_round, node, reason)
+                return
+            self._sent_train = [flight.message]
+            with_features = []
+
+            def store(node_: int, payload: Payload, _: MetricRecord) -> None:
+                with_features.append(payload.features.dim() == 4)
+                self._store(node_, payload, server_round)
+
+            ok, nbytes, rejected = self._accept(server_round, [reply], with_logits=True, consume=store)
+            self.node_history[-1]["staleness"] = staleness
+            tally.bytes_up += nbytes
+            if rejected:
+                tally.rejected += 1
+                failures[node] = failures.get(node, 0) + 1
+                if failures[node] >= self.max_node_failures:
+                    drop(node, f"{failures[node]} rejected replies in a row")
+                return
+            failures[node] = 0
+            metrics = ok[0][2]
+            if self.store_max_age > 0:
+                for gone in self.server.evict(server_round - self.store_max_age + 1):
+                    self.feature_round.pop(gone, None)
+                    log(WARNING, "FedGKT round %d: features of node %d dropped (no reply for %d rounds)",
+                        server_round, gone, self.store_max_age)
+            res = self._train_update(node, self._lr_factor(server_round))
+            self.version += 1
+            accepted += 1
+            tally.updates += 1
+            tally.staleness.append(staleness)
+            tally.with_features += sum(with_features)
+            tally.edge.append((int(metrics[NUM_EXAMPLES]), metrics))
+            tally.loss_sum += res.loss * res.num_examples
+            tally.correct_sum += res.accuracy * res.num_examples
+            tally.examples += res.num_examples
+            tally.server_seconds += res.seconds
+            log(INFO, "FedGKT round %d update %d/%d: node %d (staleness %d), server loss %.4f acc %.4f "
+                "on %d samples (%.1fs)", server_round, tally.updates, k, node, staleness, res.loss,
+                res.accuracy, res.num_examples, res.seconds)
+            if accepted % k == 0:
+                end_round()
+
+        def on_timeout(flight: _Flight) -> None:
+            node = flight.node
+            if flight.kind == "train":
+                tally.lost += 1
+                self.node_history.append({"round": server_round, "stage": "train", "node-id": node,
+                                          "status": "lost",
+                                          "reason": f"no reply within the {timeout:.0f}s timeout"})
+                log(WARNING, "FedGKT round %d: node %d did not reply to the train instruction (lost)",
+                    server_round, node)
+                drop(node, "lost")
+            else:  # recorded as lost by aggregate_evaluate (its message has no reply)
+                for er in flight.rounds:
+                    er.waiting.discard(node)
+                drop(node, "lost while evaluating")
+
+        for node in train_nodes:
+            dispatch(node)
+        while True:
+            if accepted < needed and not active and not any(f.kind == "train" for f in flights.values()):
+                log(WARNING, "AsyncFedGKT: no training node left; stopping after %d of %d rounds",
+                    server_round - 1, num_rounds)
+                needed = accepted
+            if accepted >= needed and not flights:
+                for er in evals:  # nothing more can answer
+                    er.waiting.clear()
+                flush_evals()
+                break
+            replies = list(grid.pull_messages(list(flights))) if flights else []
+            for reply in replies:
+                flight = flights.pop(reply.metadata.reply_to_message_id, None)
+                if flight is None:
+                    continue  # not ours, or already given up on
+                busy.discard(flight.node)
+                if flight.kind == "train":
+                    on_train_reply(flight, reply)
+                else:
+                    for i, er in enumerate(flight.rounds):
+                        # aggregate_evaluate releases a reply's arrays: each round its own view
+                        er.replies.append(reply if i == len(flight.rounds) - 1
+                                          else _view(reply, flight.message))
+                        er.waiting.discard(flight.node)
+                flush_evals()
+                dispatch(flight.node)
+            now = time.monotonic()
+            for msg_id, flight in list(flights.items()):
+                if now - flight.sent_at > timeout:
+                    del flights[msg_id]
+                    busy.discard(flight.node)
+                    on_timeout(flight)
+            flush_evals()
+            for node in sorted(set(active) | set(pending_eval)):
+                dispatch(node)  # idle nodes with work: new evaluations, freed train slots
+            if flights and not replies:
+                time.sleep(self.poll_interval)
+
+        result.arrays = ArrayRecord(self.server.model.state_dict())
+        log(INFO, "Strategy execution finished in %.2fs (%d server updates)",
+            time.perf_counter() - self._run_start, self.version)
+        for line in io.StringIO(str(result)):
+            log(INFO, "\t%s", line.strip("\n"))
+        return result
+
+    # ------------------------------------------------------------- server
+    def _train_update(self, node: int, lr_scale: float) -> ServerRoundResult:
+        """One server update after ``node``'s reply; sets that node's ``Z_s``.
+
+        ``update_scope="store"``: :meth:`GKTServer.train_update` (``E_s``
+        passes of ``n_k`` samples drawn from every node's stored features).
+        ``"node"``: :meth:`GKTServer.train_round` on the node's features only.
+        """
+        if self.update_scope == "node":
+            return self.server.train_round(lr_scale=lr_scale, nodes=[node])
+        return self.server.train_update(node, lr_scale=lr_scale)
+
+    # ------------------------------------------------------------ metrics
+    def _train_row(self, server_round: int, t: _Tally, now: float) -> dict[str, float]:
+        """The train part of a round's history row (keys of ``aggregate_train``'s)."""
+        n = max(t.examples, 1)
+        row: dict[str, float] = {
+            "round": server_round,
+            "nodes-replied": t.updates,
+            "nodes-rejected": t.rejected,
+            "nodes-lost": t.lost,
+            "nodes-sent-features": t.with_features,
+            "store-memory-mb": self.server.store.memory_bytes / _MB,
+            "store-disk-mb": self.server.store.disk_bytes / _MB,
+            "server-train-loss": t.loss_sum / n,
+            "server-train-accuracy": t.correct_sum / n,
+            "server-train-examples": t.examples,
+            "server-seconds": t.server_seconds,
+            "bytes-up-train": t.bytes_up,
+            "bytes-down-train": t.bytes_down,
+        }
+        n_edge = sum(size for size, _ in t.edge)
+        for key in ("edge-train-loss", "edge-train-accuracy"):
+            if n_edge:
+                row[key] = sum(float(m[key]) * size for size, m in t.edge if key in m) / n_edge
+        edge_seconds = [float(m.get("edge-seconds", 0.0)) for _, m in t.edge]
+        row["edge-seconds-max"] = max(edge_seconds, default=0.0)
+        row["edge-seconds-mean"] = sum(edge_seconds) / max(len(edge_seconds), 1)
+        row["replies-stale"] = t.stale
+        row["staleness-max"] = max(t.staleness, default=0)
+        row["staleness-mean"] = sum(t.staleness) / max(len(t.staleness), 1)
+        row["server-version"] = self.version
+        row["round-seconds"] = now - t.start
+        log(
+            INFO,
+            "FedGKT round %d train: %d updates (%d rejected, %d stale, %d lost), staleness max %d "
+            "mean %.1f, server loss %.4f acc %.4f on %d samples (%.1fs), edge acc %.4f, up %.2f MB, "
+            "down %.2f MB",
+            server_round, t.updates, t.rejected, t.stale, t.lost, row["staleness-max"],
+            row["staleness-mean"], row["server-train-loss"], row["server-train-accuracy"], t.examples,
+            t.server_seconds, row.get("edge-train-accuracy", float("nan")), t.bytes_up / _MB,
+            t.bytes_down / _MB,
+        )
+        return row
+
+    def _finish_evaluation(self, er: _EvalRound) -> MetricRecord | None:
+        """Aggregate a round's evaluation into its row and append the row to the history."""
+        self.history.append(er.row)  # aggregate_evaluate fills history[-1] of this round
+        self._sent_eval = er.messages
+        self._round_start = er.start
+        metrics = self.aggregate_evaluate(er.server_round, er.replies)
+        er.row["round-seconds"] = er.end - er.start
+        er.row["eval-seconds"] = time.perf_counter() - er.end
+        if metrics is not None:
+            metrics["round-seconds"] = er.row["round-seconds"]
+        return metrics
