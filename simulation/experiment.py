@@ -6,6 +6,7 @@
 
     title: FedGKT vs FedAvg on Fashion-MNIST
     preset: compare          # base preset of every run
+    pretrain: {out: "{experiment-dir}/edge.pt"}   # optional: EcoFed extractor
     set: {num-server-rounds: 5}   # overrides for every run (optional)
     runs:
       fedgkt-iid: {algorithm: fedgkt, set: {partition: iid}}
@@ -66,17 +67,52 @@ def load_experiment(name: str) -> tuple[str, dict[str, Any]]:
     return path.stem, spec
 
 
+def _expand(value: Any, out_dir: Path) -> Any:
+    """Replace ``{experiment-dir}`` in string values by the experiment's directory."""
+    return value.replace("{experiment-dir}", str(out_dir)) if isinstance(value, str) else value
+
+
 def run_command(spec: dict[str, Any], run: str, out_dir: Path, extra: dict[str, Any]) -> list[str]:
     """The ``python -m simulation`` command line of one run."""
     body = spec["runs"][run] or {}
     values = {**(spec.get("set") or {}), **(body.get("set") or {}), **extra,
               "results-dir": str(out_dir), "run-name": run}
+    values = {k: _expand(v, out_dir) for k, v in values.items()}
     preset = str(body.get("preset", spec.get("preset", "fmnist")))
     cmd = [sys.executable, "-m", "simulation", "--preset", preset,
            "--algorithm", str(body.get("algorithm", "fedgkt"))]
     for key, value in values.items():
         cmd += ["--set", f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"]
     return cmd
+
+
+def pretrain(spec: dict[str, Any], out_dir: Path, extra: dict[str, Any]) -> Path | None:
+    """Pre-train the edge model named by the experiment's ``pretrain`` section, once.
+
+    ``pretrain: {out: "{experiment-dir}/edge.pt", samples: 5000, epochs: 2}``
+    trains the base preset's edge model on training images no node holds
+    (:mod:`flwr_gkt.pretrain`); runs load it with ``edge-pretrained``.
+    """
+    section = spec.get("pretrain")
+    if not section:
+        return None
+    path = Path(_expand(str(section["out"]), out_dir))
+    if path.is_file():
+        return path
+    from flwr_gkt.config import resolve_config
+    from flwr_gkt.pretrain import pretrain_edge
+
+    from .task import PRESETS_DIR
+
+    cfg = resolve_config({"preset": spec.get("preset", "fmnist"), **(spec.get("set") or {}), **extra},
+                         PRESETS_DIR)
+    result = pretrain_edge(path, dataset=cfg.dataset, data_dir=cfg.data_dir, edge_model=cfg.edge_model,
+                           fraction=cfg.data_fraction, num_partitions=cfg.num_clients, seed=cfg.seed,
+                           samples=int(section.get("samples", 5000)), epochs=int(section.get("epochs", 2)),
+                           device=cfg.device)
+    print(f"pre-trained {cfg.edge_model} on {int(result['samples'])} held-out images "
+          f"(test accuracy {100 * result['test-accuracy']:.2f}%) -> {path}", flush=True)
+    return path
 
 
 def _run(cmd: list[str], log_path: Path, label: str) -> int:
@@ -121,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     if not args.report_only:
         print(f"experiment {name}: {len(runs)} runs -> {out_dir}", flush=True)
+        pretrain(spec, out_dir, extra)
         for i, run in enumerate(runs, 1):
             run_dir = out_dir / run
             run_dir.mkdir(parents=True, exist_ok=True)
