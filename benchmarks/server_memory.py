@@ -1,6 +1,6 @@
 """Benchmark: peak server memory with and without the feature store's memory budget.
 
-``python benchmarks/server_memory.py [--budget-mb 256 --ratios 2,4 --nodes 16 --per-round 2]``
+``python benchmarks/server_memory.py [--budget-mb 64 --ratios 2,4 --nodes 16 --per-round 4]``
 
 Runs the real strategy path (``FedGKT.configure_train`` -> replies encoded
 with the wire format -> ``aggregate_train``: decode, validate, store, train the
@@ -119,7 +119,7 @@ def run_child(argv: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(budget_mb: float, ratios: list[float], nodes: int = 16, per_round: int = 2,
+def measure(budget_mb: float, ratios: list[float], nodes: int = 16, per_round: int = 4,
             server_model: str = "resnet10", epochs: int = 1) -> list[dict]:
     """Peak RSS without the budget (largest dataset) and with it (each ratio)."""
     common = ["--nodes", str(nodes), "--per-round", str(per_round), "--server-model", server_model,
@@ -151,12 +151,12 @@ def print_table(results: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budget-mb", type=float, default=256)
+    parser.add_argument("--budget-mb", type=float, default=64)
     parser.add_argument("--ratios", default="2,4", help="dataset sizes as multiples of the budget")
     parser.add_argument("--ratio", type=float, default=4, help=argparse.SUPPRESS)
     parser.add_argument("--dataset-mb", type=float, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--nodes", type=int, default=16)
-    parser.add_argument("--per-round", type=int, default=2, help="nodes replying per round")
+    parser.add_argument("--per-round", type=int, default=4, help="nodes replying per round")
     parser.add_argument("--server-model", default="resnet10")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=64)
