@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -22,6 +23,17 @@ def set_task_identity() -> None:
     TaskIdentity.run_id = 1
     TaskIdentity.node_id = 0
     TaskIdentity.task_id = 1
+
+
+def seeded_builders(make: Callable[[], EdgeModel], count: int) -> list[Callable[[], EdgeModel]]:
+    """``count`` edge-model builders; builder ``i`` seeds torch with ``i`` before ``make()``."""
+    def builder(i: int) -> Callable[[], EdgeModel]:
+        def build() -> EdgeModel:
+            torch.manual_seed(i)
+            return make()
+        return build
+
+    return [builder(i) for i in range(count)]
 
 
 class FakeGrid:

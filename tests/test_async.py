@@ -22,7 +22,7 @@ from flwr_gkt.models import resnet4, resnet8
 from flwr_gkt.registry import build_server_model
 from flwr_gkt.server import GKTServer
 from flwr_gkt.wire import ARRAYS_KEY, decode_server_logits
-from local_federation import LocalFederation
+from local_federation import LocalFederation, seeded_builders
 
 NODES = [11, 22, 33]
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,14 +103,7 @@ def make_async(sizes=(3, 2, 4), fraction=0.001, test_fraction=0.005, epochs=1, e
     """Three nodes with different sample counts (``sizes`` = partitions of the split)."""
     datas = [client_data(i, n, fraction=fraction, test_fraction=test_fraction, seed=0)
              for i, n in enumerate(sizes)]
-
-    def builder(i):
-        def build():
-            torch.manual_seed(i)
-            return edge(10, 1)
-        return build
-
-    fed = LocalFederation(NODES, datas, [builder(i) for i in range(3)])
+    fed = LocalFederation(NODES, datas, seeded_builders(lambda: edge(10, 1), 3))
     torch.manual_seed(0)
     server = GKTServer(server_model(), epochs=epochs, batch_size=32, device="cpu")
     kwargs.setdefault("poll_interval", 0.0)

@@ -16,24 +16,18 @@ from flwr_gkt.registry import build_server_model
 from flwr_gkt.server import GKTServer
 from flwr_gkt.strategy import FedGKT
 from flwr_gkt.wire import ARRAYS_KEY, METRICS_KEY, PayloadError, PayloadSpec, decode_logits, encode_logits, metrics_record
-from local_federation import LocalFederation
+from local_federation import LocalFederation, seeded_builders
 
 NODES = [11, 22, 33]
 
 
 def federation(every, freeze=False, pretrained=None):
     datas = [client_data(i, 3, fraction=0.005, test_fraction=0.03, seed=0) for i in range(3)]
+    def make():
+        model = resnet8(10, 1)
+        return load_pretrained(model, pretrained) if pretrained else model
 
-    def builder(i):
-        def build():
-            torch.manual_seed(i)
-            model = resnet8(10, 1)
-            if pretrained:
-                load_pretrained(model, pretrained)
-            return model
-        return build
-
-    fed = LocalFederation(NODES, datas, [builder(i) for i in range(3)])
+    fed = LocalFederation(NODES, datas, seeded_builders(make, 3))
     torch.manual_seed(0)
     server = GKTServer(build_server_model("resnet10", 10), epochs=2, batch_size=32, device="cpu")
     strategy = FedGKT(server, 10, feature_shape=(16, 28, 28), min_train_nodes=3, min_evaluate_nodes=3,

@@ -14,21 +14,14 @@ from flwr_gkt.registry import build_server_model
 from flwr_gkt.server import GKTServer
 from flwr_gkt.strategy import FedGKT
 from flwr_gkt.wire import ARRAYS_KEY, decode_server_logits
-from local_federation import LocalFederation
+from local_federation import LocalFederation, seeded_builders
 
 NODES = [11, 22, 33]
 
 
 def make_federation(fraction=0.005):
     datas = [client_data(i, 3, fraction=fraction, test_fraction=0.03, seed=0) for i in range(3)]
-
-    def builder(i):
-        def build():
-            torch.manual_seed(i)
-            return resnet8(10, 1)
-        return build
-
-    fed = LocalFederation(NODES, datas, [builder(i) for i in range(3)])
+    fed = LocalFederation(NODES, datas, seeded_builders(lambda: resnet8(10, 1), 3))
     torch.manual_seed(0)
     server = GKTServer(build_server_model("resnet10", 10), epochs=2, batch_size=32, device="cpu")
     strategy = FedGKT(server, 10, feature_shape=(16, 28, 28), min_train_nodes=3,
