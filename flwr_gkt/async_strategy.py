@@ -429,7 +429,7 @@ class AsyncFedGKT(FedGKT):
             with_features = []
 
             def store(node_: int, payload: Payload, _: MetricRecord) -> None:
-                with_features.append(payload.features.dim() == 4)
+                with_features.append(payload.has_features)
                 self._store(node_, payload, server_round)
 
             ok, nbytes, rejected = self._accept(server_round, [reply], with_logits=True, consume=store)

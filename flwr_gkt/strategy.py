@@ -28,7 +28,6 @@ from dataclasses import asdict, replace
 from logging import INFO, WARNING
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -279,7 +278,7 @@ class FedGKT(Strategy):
                     if node not in self.server.store:
                         raise PayloadError("logits-only reply but no features stored for this node")
                     logits = decode_logits(msg.content, self.spec, self.server.store.num_samples(node))
-                    payload = Payload(features=torch.empty(0), labels=torch.empty(0), logits=logits)
+                    payload = Payload.logits_only(logits)
                 else:
                     payload = decode_payload(msg.content, self.spec, with_logits)
             except Exception as err:  # noqa: BLE001 - a reply must never end the run
@@ -289,7 +288,7 @@ class FedGKT(Strategy):
                 log(WARNING, "FedGKT round %d: %s reply of node %d rejected: %s",
                     server_round, stage, node, reason)
                 continue
-            if self.spec.feature_shape is None and payload.features.dim() == 4:
+            if self.spec.feature_shape is None and payload.has_features:
                 self.spec = replace(self.spec, feature_shape=tuple(payload.features.shape[1:]))
             metrics = msg.content.metric_records[METRICS_KEY]
             record.update(status="accepted", reason="", **{k: v for k, v in metrics.items()})
@@ -313,7 +312,7 @@ class FedGKT(Strategy):
 
     def _store(self, node: int, payload: Payload, server_round: int) -> None:
         """Store an accepted train reply: new features, or new logits for stored ones."""
-        if payload.features.dim() == 4:
+        if payload.has_features:
             self.server.put(node, payload, server_round)
             self.feature_round[node] = server_round
         else:
@@ -377,7 +376,7 @@ class FedGKT(Strategy):
 
         def store(node: int, payload: Payload, _: MetricRecord) -> None:
             nonlocal with_features
-            with_features += payload.features.dim() == 4
+            with_features += payload.has_features
             self._store(node, payload, server_round)
 
         accepted, nbytes, rejected = self._accept(server_round, replies, with_logits=True, consume=store)

@@ -103,6 +103,16 @@ class Payload:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @classmethod
+    def logits_only(cls, logits: Tensor) -> Payload:
+        """A replay-round reply: client logits for samples the server already holds."""
+        return cls(features=torch.empty(0), labels=torch.empty(0, dtype=torch.long), logits=logits)
+
+    @property
+    def has_features(self) -> bool:
+        """``False`` for a :meth:`logits_only` payload."""
+        return self.features.dim() == 4
+
 
 def _to_numpy(x: Tensor | np.ndarray) -> np.ndarray:
     if isinstance(x, Tensor):
