@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -32,6 +32,7 @@ from .data import ClientData
 from .edge import EdgeRoundConfig, extract, train_edge
 from .losses import KDMode
 from .models import EdgeModel
+from .privacy import PrivacyConfig, apply_privacy
 from .training import FitResult, evaluate_logits, get_device, prepare_model
 from .wire import (
     ARRAYS_KEY,
@@ -124,33 +125,74 @@ def _config(msg: Message) -> ConfigRecord:
     return msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
 
 
-def save_state(context: Context, state_dir: str | Path) -> Path:
-    """Write the node's state (edge model, latest server logits) to ``state_dir``.
+def _read_state(path: Path) -> tuple[int, dict] | None:
+    """``(round, arrays)`` of a saved node state, ``None`` if absent or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        data = torch.load(path, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a damaged file means: start fresh
+        log(WARNING, "node state %s cannot be read (%s); ignored", path, err)
+        return None
+    if "arrays" not in data:  # written before states carried their round
+        return -1, data
+    return int(data["round"]), data["arrays"]
+
+
+def _write_state(path: Path, server_round: int, arrays: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save({"round": server_round, "arrays": arrays}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_state(context: Context, state_dir: str | Path, server_round: int = 0) -> Path:
+    """Write the node's state (edge model, latest server logits) after ``server_round``.
 
     Written to a temporary file and renamed, so a crash never leaves a
-    half-written state. A SuperNode restarted with the same ``state-dir`` picks
-    it up again (see :func:`restore_state`).
+    half-written state. The state of the previous round is kept beside it
+    (``gkt-node-state.prev.pt``): a server that resumes from its last
+    checkpoint may repeat the round this node already finished, and the node
+    must then start that round from the state it had before (see
+    :func:`restore_state`). Two files, whatever the number of rounds.
     """
     path = Path(state_dir) / STATE_FILE
+    prev = path.with_name(STATE_FILE.replace(".pt", ".prev.pt"))
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = {key: {name: torch.from_numpy(array.numpy()) for name, array in record.items()}
-            for key, record in context.state.array_records.items() if key in (STATE_MODEL, STATE_LOGITS)}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(data, tmp)
-    os.replace(tmp, path)
+    arrays = {key: {name: torch.from_numpy(array.numpy()) for name, array in record.items()}
+              for key, record in context.state.array_records.items() if key in (STATE_MODEL, STATE_LOGITS)}
+    latest = _read_state(path)
+    if latest is not None and latest[0] < server_round:
+        os.replace(path, prev)  # the previous round's state becomes the fallback
+    elif latest is not None:  # this round again (after a server resume): keep an older fallback only
+        kept = _read_state(prev)
+        if kept is not None and kept[0] >= server_round:
+            prev.unlink()
+    _write_state(path, server_round, arrays)
     return path
 
 
-def restore_state(context: Context, state_dir: str | Path) -> bool:
-    """Load a saved node state into an empty ``context.state``; ``True`` if loaded."""
-    path = Path(state_dir) / STATE_FILE
-    if STATE_MODEL in context.state.array_records or not path.is_file():
+def restore_state(context: Context, state_dir: str | Path, up_to_round: int | None = None) -> bool:
+    """Load a saved node state into an empty ``context.state``; ``True`` if loaded.
+
+    ``up_to_round``: the newest saved state from this round or before (a train
+    instruction for round ``r`` restores the state after round ``r - 1``, so a
+    node repeats a round the resumed server repeats from the same state).
+    """
+    if STATE_MODEL in context.state.array_records:
         return False
-    data = torch.load(path, weights_only=True)
-    for key, arrays in data.items():
-        context.state.array_records[key] = ArrayRecord({n: Array(t.numpy()) for n, t in arrays.items()})
-    log(INFO, "node %d: state restored from %s", context.node_id, path)
-    return True
+    path = Path(state_dir) / STATE_FILE
+    for candidate in (path, path.with_name(STATE_FILE.replace(".pt", ".prev.pt"))):
+        saved = _read_state(candidate)
+        if saved is None or (up_to_round is not None and saved[0] > up_to_round):
+            continue
+        for key, arrays in saved[1].items():
+            context.state.array_records[key] = ArrayRecord({n: Array(t.numpy()) for n, t in arrays.items()})
+        log(INFO, "node %d: state restored from %s (saved after round %d)", context.node_id, candidate, saved[0])
+        return True
+    return False
 
 
 def _stored_server_logits(context: Context, n: int, num_classes: int) -> torch.Tensor | None:
@@ -171,6 +213,7 @@ def handle_train(
     build_model: Callable[[], EdgeModel],
     device: str = "auto",
     state_dir: str | Path | None = None,
+    privacy: PrivacyConfig | None = None,
 ) -> Message:
     """Run ``ClientTrain`` for one round and reply with ``H``, ``Z_c``, ``Y``.
 
@@ -179,14 +222,17 @@ def handle_train(
 
     Raises (and so replies with an error) when the server logits do not match
     the local training set. With ``state_dir``, the node's state is restored
-    from there when the node (re)starts and saved after every round.
+    from there when the node (re)starts and saved after every round. With
+    ``privacy``, features and logits are clipped and noised before they leave
+    the node (:mod:`flwr_gkt.privacy`); the node's setting, not the server's.
     """
     config = _config(msg)
     cfg = edge_round_config(config)
     dev = get_device(device)
     n = len(data.y_train)
+    server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
     if state_dir:
-        restore_state(context, state_dir)
+        restore_state(context, state_dir, server_round - 1 if server_round > 0 else None)
     server_logits = decode_server_logits(msg.content, n, data.num_classes)
     if server_logits is None:
         server_logits = _stored_server_logits(context, n, data.num_classes)
@@ -197,6 +243,8 @@ def handle_train(
         context, data, build_model, server_logits, cfg, dev, round_seed(config)
     )
 
+    if privacy is not None:
+        features, logits = apply_privacy(features, logits, privacy)
     logit_dtype = str(config.get("logit-dtype", "float32"))
     if bool(config.get("send-features", True)):
         payload = encode_payload(features, data.y_train, logits, logit_dtype=logit_dtype,
@@ -213,7 +261,7 @@ def handle_train(
         },
     )
     if state_dir:
-        save_state(context, state_dir)
+        save_state(context, state_dir, server_round)
     content = RecordDict({ARRAYS_KEY: payload, METRICS_KEY: metrics})
     return Message(content=content, reply_to=msg)
 
@@ -225,22 +273,26 @@ def handle_evaluate(
     build_model: Callable[[], EdgeModel],
     device: str = "auto",
     state_dir: str | Path | None = None,
+    privacy: PrivacyConfig | None = None,
 ) -> Message:
     """Reply with the features and labels of the local test split.
 
     The server classifies the features with its model (edge extractor + server
     model accuracy); the edge model's own accuracy is computed here and sent
-    as a metric.
+    as a metric. ``privacy`` applies to the uploaded test features as to the
+    training ones (the edge metrics are computed before).
     """
     config = _config(msg)
     dev = get_device(device)
     if state_dir:
-        restore_state(context, state_dir)
+        restore_state(context, state_dir, int(config.get("server-round", 0)) or None)  # type: ignore[arg-type]
     model = load_edge_model(context, build_model, dev)
     batch_size = int(config.get("batch-size", 64))  # type: ignore[arg-type]
     features, logits = extract(model, data.x_test, batch_size, dev)
     loss_sum, correct = evaluate_logits(logits, data.y_test)
     n = len(data.y_test)
+    if privacy is not None:
+        features, _ = apply_privacy(features, None, privacy)
     payload = encode_payload(
         features, data.y_test, None, feature_dtype=str(config.get("feature-dtype", "float32"))
     )

@@ -2,6 +2,8 @@
 
 Runs the FedGKT app through ``flwr.simulation.run_simulation`` with the
 resolved config (preset <- overrides) fixed into the ServerApp and ClientApp.
+``--runtime inprocess`` runs the same apps in this process instead, with no Ray
+(``simulation.inprocess``: nodes handled one at a time, deterministic node ids).
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from flwr_gkt.config import RunConfig, parse_overrides, resolve_config
 
 from .client_app import make_client_app
 from .fedavg_app import make_fedavg_apps
+from .inprocess import run_inprocess
 from .legacy_app import make_legacy_apps
 from .server_app import make_server_app
 from .task import PRESETS_DIR
 
 
-def build_config(argv: list[str] | None = None) -> tuple[RunConfig, str]:
+def build_config(argv: list[str] | None = None) -> tuple[RunConfig, str, str]:
+    """The resolved config, the API (``message``, ``legacy`` or ``fedavg``) and the runtime."""
     parser = argparse.ArgumentParser(prog="python -m simulation", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="fmnist",
@@ -34,14 +38,17 @@ def build_config(argv: list[str] | None = None) -> tuple[RunConfig, str]:
     parser.add_argument("--algorithm", choices=("fedgkt", "fedavg"), default="fedgkt",
                         help="FedGKT (default) or the FedAvg baseline: Flower's FedAvg training "
                              "the full model (edge stem + server body) on the same partitions")
+    parser.add_argument("--runtime", choices=("ray", "inprocess"), default="ray",
+                        help="Flower's Ray simulation (default) or an in-process grid running the "
+                             "ClientApp in this process, one node at a time (no Ray)")
     args = parser.parse_args(argv)
     cfg = resolve_config({"preset": args.preset, **parse_overrides(args.overrides)}, PRESETS_DIR)
-    return cfg, "fedavg" if args.algorithm == "fedavg" else args.api
+    return cfg, "fedavg" if args.algorithm == "fedavg" else args.api, args.runtime
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, api = build_config(argv)
-    print(f"flwr-gkt simulation ({api}): {cfg.num_clients} nodes, {cfg.num_server_rounds} "
+    cfg, api, runtime = build_config(argv)
+    print(f"flwr-gkt simulation ({api}, {runtime}): {cfg.num_clients} nodes, {cfg.num_server_rounds} "
           f"rounds, edge {cfg.edge_model}, server {cfg.server_model}", flush=True)
     if api == "fedavg":
         server_app, client_app = make_fedavg_apps(cfg)
@@ -49,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         server_app, client_app = make_legacy_apps(cfg)
     else:
         server_app, client_app = make_server_app(cfg), make_client_app(cfg)
+    if runtime == "inprocess":
+        run_inprocess(server_app, client_app, cfg.num_clients)
+        return 0
     run_simulation(
         server_app=server_app,
         client_app=client_app,

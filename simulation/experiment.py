@@ -7,6 +7,7 @@
     title: FedGKT vs FedAvg on Fashion-MNIST
     preset: compare          # base preset of every run
     pretrain: {out: "{experiment-dir}/edge.pt"}   # optional: EcoFed extractor
+    runtime: inprocess       # optional: ray (default) or inprocess (no Ray, one process)
     set: {num-server-rounds: 5}   # overrides for every run (optional)
     runs:
       fedgkt-iid: {algorithm: fedgkt, set: {partition: iid}}
@@ -80,7 +81,8 @@ def run_command(spec: dict[str, Any], run: str, out_dir: Path, extra: dict[str, 
     values = {k: _expand(v, out_dir) for k, v in values.items()}
     preset = str(body.get("preset", spec.get("preset", "fmnist")))
     cmd = [sys.executable, "-m", "simulation", "--preset", preset,
-           "--algorithm", str(body.get("algorithm", "fedgkt"))]
+           "--algorithm", str(body.get("algorithm", "fedgkt")),
+           "--runtime", str(body.get("runtime", spec.get("runtime", "ray")))]
     for key, value in values.items():
         cmd += ["--set", f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"]
     return cmd
