@@ -75,6 +75,10 @@ class RunConfig:
     # wire
     feature_dtype: str = "float32"
     logit_dtype: str = "float32"
+    # privacy (applied on the nodes, see flwr_gkt.privacy; node config overrides)
+    privacy_clip: float = 0.0
+    privacy_logit_clip: float = 0.0
+    privacy_noise: float = 0.0
     # runtime
     seed: int = 0
     device: str = "auto"
@@ -83,6 +87,18 @@ class RunConfig:
     client_cpus: float = 1.0
     results_dir: str = "results"
     run_name: str = ""
+    # reliability
+    checkpoint: int = 1
+    resume: int = 0
+    node_state_dir: str = ""
+    max_payload_mb: float = 0.0
+    max_samples: int = 0
+    outlier_threshold: float = 10.0
+    logit_clip: float = 0.0
+    # fault injection (simulation and tests; see flwr_gkt.faults)
+    faults: str = ""
+    fault_rate: float = 0.0
+    fault_kinds: str = ""
 
     @classmethod
     def keys(cls) -> list[str]:

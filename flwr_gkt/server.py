@@ -10,12 +10,19 @@ go back to the nodes.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import math
 import time
+import types
 from collections.abc import Iterable
 from dataclasses import dataclass
+from logging import WARNING
 from pathlib import Path
+from typing import Any
 
 import torch
+from flwr.supercore import log
 from torch import Tensor, nn
 
 from .losses import KDMode
@@ -126,6 +133,30 @@ class GKTServer:
             self.stored_round.pop(node, None)
         return gone
 
+    def state_dict(self) -> dict[str, Any]:
+        """Model, optimizer, per-node ``Z_s`` and rounds, shuffling generator (for checkpoints).
+
+        The feature store is not included: features are re-sent by the nodes
+        (the strategy asks a node for its features whenever it holds none).
+        """
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr": self.lr,
+            "logits": {int(n): t.clone() for n, t in self.logits.items()},
+            "stored-round": {int(n): int(r) for n, r in self.stored_round.items()},
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (the store stays as it is)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr = float(state["lr"])
+        self.logits = {int(n): t for n, t in state["logits"].items()}
+        self.stored_round = {int(n): int(r) for n, r in state["stored-round"].items() if int(n) in self.store}
+        self.generator.set_state(state["generator"])
+
     def server_logits(self, node_id: int) -> Tensor | None:
         """The server logits ``Z_s`` computed for ``node_id``'s samples, if any."""
         return self.logits.get(node_id)
@@ -144,6 +175,34 @@ class GKTServer:
         nodes = sorted(self.store if nodes is None else set(nodes) & set(self.store))
         if not nodes:
             return ServerRoundResult(0.0, 0.0, 0, 0, 0.0)
+        with self._guard() as guard:
+            result = self._train_round(nodes)
+        return result if guard.ok else ServerRoundResult(float("nan"), 0.0, 0, len(nodes), result.seconds)
+
+    @contextlib.contextmanager
+    def _guard(self):  # noqa: ANN202
+        """Undo a training step that left the model non-finite (a hostile payload got through).
+
+        The model and optimizer are copied before and restored when the loss or
+        any weight is NaN/Inf afterwards; ``Z_s`` are then left as they were.
+        """
+        saved_model = copy.deepcopy(self.model.state_dict())
+        saved_opt = copy.deepcopy(self.optimizer.state_dict())
+        saved_logits = dict(self.logits)
+        guard = types.SimpleNamespace(ok=True)
+        yield guard
+        finite = all(torch.isfinite(t).all() for t in self.model.state_dict().values() if t.is_floating_point())
+        last = getattr(self, "_last_loss", 0.0)
+        if finite and math.isfinite(last):
+            return
+        guard.ok = False
+        self.model.load_state_dict(saved_model)
+        self.optimizer.load_state_dict(saved_opt)
+        self.logits = saved_logits
+        log(WARNING, "GKTServer: server training produced non-finite %s; model, optimizer and server "
+            "logits restored to their state before the update", "weights" if not finite else "loss")
+
+    def _train_round(self, nodes: list[int]) -> ServerRoundResult:
         labels = self.store.labels(nodes)
         teacher = self.store.logits(nodes) if self.kd_mode.server_distills else None
         total = len(labels)
@@ -170,6 +229,7 @@ class GKTServer:
             all_logits = predict(self.model, self.store.batches(nodes, self.batch_size), self.device)
             loss_sum, correct = evaluate_logits(all_logits, labels)
             loss, acc, secs = loss_sum / total, correct / total, 0.0
+        self._last_loss = loss
         sizes = [self.store.num_samples(n) for n in nodes]
         for node, part in zip(nodes, torch.split(all_logits, sizes), strict=True):
             self.logits[node] = part.clone()
@@ -187,6 +247,11 @@ class GKTServer:
         """
         if node not in self.store:
             return ServerRoundResult(0.0, 0.0, 0, 0, 0.0)
+        with self._guard() as guard:
+            result = self._train_update(node, lr_scale)
+        return result if guard.ok else ServerRoundResult(float("nan"), 0.0, 0, result.num_nodes, result.seconds)
+
+    def _train_update(self, node: int, lr_scale: float) -> ServerRoundResult:
         start = time.perf_counter()
         set_lr(self.optimizer, self.lr * lr_scale)
         nodes = sorted(self.store)
@@ -203,6 +268,7 @@ class GKTServer:
         if self.epochs == 0:
             loss_sum, correct = evaluate_logits(logits, self.store.labels([node]))
             loss, accuracy = loss_sum / size, correct / size
+        self._last_loss = loss
         return ServerRoundResult(loss, accuracy, size, len(nodes), time.perf_counter() - start)
 
     def predict(self, features: Tensor) -> Tensor:

@@ -23,18 +23,22 @@ One round (Algorithm 1):
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, replace
 from logging import INFO, WARNING
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
+from flwr.serverapp.strategy import Result, Strategy
+from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info, sample_nodes
 from flwr.supercore import log
 
+from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .edge import EdgeRoundConfig
+from .robust import find_outliers, payload_stats
 from .server import GKTServer, ServerRoundResult
 from .training import lr_factor
 from .wire import (
@@ -124,6 +128,20 @@ class FedGKT(Strategy):
         A node whose features the server does not hold is always asked for them.
     seed : int
         Seed sent to the nodes for their data shuffling.
+    max_payload_bytes : int, optional
+        Largest serialized size of one reply's arrays; larger replies are
+        rejected before they are decoded.
+    outlier_threshold : float
+        Robust check of each round's payloads against each other (see
+        :mod:`flwr_gkt.robust`): a reply whose feature or logit scale is more
+        than this many robust deviations from the round's median is rejected;
+        needs 3 or more replies. ``0`` turns the check off.
+    logit_clip : float
+        Client logits are clipped to ``[-logit_clip, logit_clip]`` before the
+        server distils from them; ``0``: not clipped.
+    checkpoint_path : str or Path, optional
+        Where to write a checkpoint after every completed round (atomically,
+        see :mod:`flwr_gkt.checkpoint`); :meth:`resume` reads it back.
     """
 
     def __init__(
@@ -147,6 +165,10 @@ class FedGKT(Strategy):
         lr_schedule: str = "constant",
         feature_upload_every: int = 1,
         seed: int = 0,
+        max_payload_bytes: int | None = None,
+        outlier_threshold: float = 10.0,
+        logit_clip: float = 0.0,
+        checkpoint_path: str | Path | None = None,
     ) -> None:
         self.server = server
         self.spec = PayloadSpec(num_classes, feature_shape, max_samples)
@@ -182,13 +204,120 @@ class FedGKT(Strategy):
         self._round_start = 0.0
         self._run_start = time.perf_counter()
         self._bytes_sent = 0
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+        self.max_payload_bytes = max_payload_bytes
+        self.outlier_threshold = outlier_threshold
+        self.logit_clip = logit_clip
+        #: Replies of the latest ``_accept`` ignored as ``late`` or ``duplicate``.
+        self.ignored: Counter[str] = Counter()
+        #: Last round that ran to its end (training and evaluation).
+        self.completed_round = 0
 
     # ------------------------------------------------------------------ helpers
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, *args: Any, **kwargs: Any) -> Any:
-        """Run FedGKT (see :meth:`flwr.serverapp.strategy.Strategy.start`)."""
+    def start(  # noqa: PLR0913 - Flower's signature
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Run rounds ``completed_round + 1 .. num_rounds`` (see :meth:`Strategy.start`).
+
+        The same loop as Flower's (train, evaluate, centralized evaluation), but
+        it starts after the last completed round -- ``1`` unless :meth:`resume`
+        loaded a checkpoint -- and writes a checkpoint at the end of every round
+        when ``checkpoint_path`` is set.
+        """
         self.num_rounds = num_rounds
         self._run_start = time.perf_counter()
-        return super().start(grid, initial_arrays, num_rounds, *args, **kwargs)
+        log(INFO, "Starting %s strategy:", self.__class__.__name__)
+        log_strategy_start_info(num_rounds, initial_arrays, train_config, evaluate_config)
+        self.summary()
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        result = Result()
+        arrays = initial_arrays
+        first = self.completed_round + 1
+        if first > 1:
+            log(INFO, "FedGKT: resuming after round %d of %d", self.completed_round, num_rounds)
+            arrays = ArrayRecord(self.server.model.state_dict())
+        elif evaluate_fn and (res := evaluate_fn(0, initial_arrays)) is not None:
+            result.evaluate_metrics_serverapp[0] = res
+        for server_round in range(first, num_rounds + 1):
+            log(INFO, "")
+            log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
+            replies = grid.send_and_receive(
+                messages=self.configure_train(server_round, arrays, train_config, grid), timeout=timeout)
+            agg_arrays, train_metrics = self.aggregate_train(server_round, replies)
+            del replies
+            if agg_arrays is not None:
+                result.arrays = arrays = agg_arrays
+            if train_metrics is not None:
+                result.train_metrics_clientapp[server_round] = train_metrics
+            replies = grid.send_and_receive(
+                messages=self.configure_evaluate(server_round, arrays, evaluate_config, grid), timeout=timeout)
+            eval_metrics = self.aggregate_evaluate(server_round, replies)
+            del replies
+            if eval_metrics is not None:
+                result.evaluate_metrics_clientapp[server_round] = eval_metrics
+            if evaluate_fn and (res := evaluate_fn(server_round, arrays)) is not None:
+                result.evaluate_metrics_serverapp[server_round] = res
+            self.completed_round = server_round
+            if self.checkpoint_path is not None:
+                save_checkpoint(self.checkpoint_path, self.state_dict())
+        log(INFO, "Strategy execution finished in %.2fs", time.perf_counter() - self._run_start)
+        return result
+
+    # ------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs: round, server, per-node state, RNG, history."""
+        return {
+            "format": 1,
+            "round": self.completed_round,
+            "num-rounds": self.num_rounds,
+            "server": self.server.state_dict(),
+            "feature-shape": list(self.spec.feature_shape) if self.spec.feature_shape else None,
+            "scheduler": {"lr-schedule": self.lr_schedule, "round": self.completed_round,
+                          "num-rounds": self.num_rounds,
+                          "next-lr-factor": self._lr_factor(self.completed_round + 1)},
+            "rng": rng_state(),
+            "history": self.history,
+            "node-history": self.node_history,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if state.get("format") != 1:
+            raise CheckpointError(f"unknown checkpoint format {state.get('format')!r}")
+        if state["scheduler"]["lr-schedule"] != self.lr_schedule:
+            raise CheckpointError(f"checkpoint was written with lr-schedule "
+                                  f"{state['scheduler']['lr-schedule']!r}, this run uses {self.lr_schedule!r}")
+        self.server.load_state_dict(state["server"])
+        if state["feature-shape"] is not None:
+            self.spec = replace(self.spec, feature_shape=tuple(state["feature-shape"]))
+        set_rng_state(state["rng"])
+        self.history = list(state["history"])
+        self.node_history = list(state["node-history"])
+        self.completed_round = int(state["round"])
+        self.feature_round.clear()  # the store is empty: every node sends its features again
+
+    def resume(self, path: str | Path | None = None) -> int:
+        """Load the checkpoint at ``path`` (default ``checkpoint_path``); return its round.
+
+        ``0`` when there is none: the run starts from the beginning.
+        """
+        path = Path(path) if path else self.checkpoint_path
+        state = load_checkpoint(path) if path else None
+        if state is None:
+            log(INFO, "FedGKT: no checkpoint at %s, starting from round 1", path)
+            return 0
+        self.load_state_dict(state)
+        log(INFO, "FedGKT: resumed from %s after round %d (%d nodes with server logits)",
+            path, self.completed_round, len(self.server.logits))
+        return self.completed_round
 
     def _lr_factor(self, server_round: int) -> float:
         return lr_factor(self.lr_schedule, server_round, max(self.num_rounds, server_round))
@@ -247,49 +376,116 @@ class FedGKT(Strategy):
     ) -> tuple[list[tuple[int, Payload | None, MetricRecord]], int, int]:
         """Decode and validate replies; return accepted ones, bytes and rejects.
 
+        A reply is rejected -- logged with the node id and the reason, recorded
+        in :attr:`node_history`, never raised -- when it is an error reply, its
+        arrays exceed ``max_payload_bytes``, it fails the wire format's
+        validation (:mod:`flwr_gkt.wire`) or, with ``outlier_threshold`` and at
+        least three payloads, its scale statistics are far from the others'
+        (:mod:`flwr_gkt.robust`). A reply that answers no instruction of this
+        stage (late: its round is over) or answers one a second time
+        (duplicate) is ignored with status ``late`` / ``duplicate``; the
+        counts are in :attr:`ignored`. Client logits are clipped to
+        ``logit_clip`` when set.
+
         With ``consume``, each accepted payload is handed to it as soon as it is
         validated, the reply's arrays are released, and the returned list holds
         ``None`` in place of the payload: one decoded reply at a time is held,
         whatever the number of replies (bounded server memory).
         """
-        accepted: list[tuple[int, Payload | None, MetricRecord]] = []
-        nbytes, rejected = 0, 0
         stage = "train" if with_logits else "evaluate"
+        instructions = self._sent_train if with_logits else self._sent_eval
         # The Grid sets each instruction's message id when it sends it; an error
         # reply made by the SuperLink (e.g. node unavailable) names the
-        # instruction it answers, not the node.
-        sent = {m.metadata.message_id: m.metadata.dst_node_id
-                for m in (self._sent_train if with_logits else self._sent_eval) if m.metadata.message_id}
+        # instruction it answers, not the node. Instructions that never went
+        # through a Grid (tests driving the strategy by hand) have no id.
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in instructions if m.metadata.message_id}
+        targets = {m.metadata.dst_node_id for m in instructions}
+        self.ignored = Counter()
+        answered: set[Any] = set()
+        candidates: list[tuple[int, Message, dict[str, Any]]] = []
+        nbytes, rejected = 0, 0
+
+        def reject(record: dict[str, Any], status: str, reason: str) -> None:
+            nonlocal rejected
+            rejected += 1
+            record.update(status=status, reason=reason)
+            log(WARNING, "FedGKT round %d: %s reply of node %d rejected: %s",
+                server_round, stage, record["node-id"], reason)
+
         for msg in replies:
-            node = sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+            reply_to = msg.metadata.reply_to_message_id
+            node = sent.get(reply_to, msg.metadata.src_node_id)
+            key = reply_to if sent else node
             record: dict[str, Any] = {"round": server_round, "stage": stage, "node-id": node}
             self.node_history.append(record)
+            if (reply_to not in sent) if sent else (node not in targets):
+                status, reason = "late", f"answers no {stage} instruction of this round (late or unknown)"
+            elif key in answered:
+                status, reason = "duplicate", "a second reply to the same instruction"
+            else:
+                status = ""
+            if status:
+                self.ignored[status] += 1
+                record.update(status=status, reason=reason)
+                log(WARNING, "FedGKT round %d: %s reply from node %d ignored: %s",
+                    server_round, stage, node, reason)
+                continue
+            answered.add(key)
             if msg.has_error():
-                rejected += 1
-                record.update(status="error", reason=f"node error {msg.error.code}: {msg.error.reason}")
-                log(WARNING, "FedGKT round %d: %s reply of node %d rejected: node error: %s",
-                    server_round, stage, node, msg.error.reason)
+                reject(record, "error", f"node error {msg.error.code}: {msg.error.reason}")
                 continue
             size = record_nbytes(msg.content)
             nbytes += size
             record["bytes-up"] = size
-            try:
-                if with_logits and not self._features_asked.get(node, True):
-                    if node not in self.server.store:
-                        raise PayloadError("logits-only reply but no features stored for this node")
-                    logits = decode_logits(msg.content, self.spec, self.server.store.num_samples(node))
-                    payload = Payload.logits_only(logits)
+            if self.max_payload_bytes and size > self.max_payload_bytes:
+                reject(record, "rejected", f"payload of {size / _MB:.2f} MB, over the limit of "
+                       f"{self.max_payload_bytes / _MB:.2f} MB")
+                msg.content.array_records.pop(ARRAYS_KEY, None)
+                continue
+            candidates.append((node, msg, record))
+
+        def decode(node: int, msg: Message) -> Payload:
+            if with_logits and not self._features_asked.get(node, True):
+                if node not in self.server.store:
+                    raise PayloadError("logits-only reply but no features stored for this node")
+                logits = decode_logits(msg.content, self.spec, self.server.store.num_samples(node))
+                return Payload.logits_only(logits)
+            return decode_payload(msg.content, self.spec, with_logits)
+
+        def failed(err: Exception) -> str:
+            return str(err) if isinstance(err, PayloadError) else f"malformed payload: {err!r}"
+
+        if self.outlier_threshold and len(candidates) >= 3:
+            stats: list[dict[str, float] | None] = []
+            for node, msg, record in candidates:  # one decoded payload at a time
+                try:
+                    stats.append(payload_stats(decode(node, msg)))
+                except Exception as err:  # noqa: BLE001 - a reply must never end the run
+                    reject(record, "rejected", failed(err))
+                    stats.append(None)
+            reasons = find_outliers(stats, self.outlier_threshold)
+            kept = []
+            for (node, msg, record), stat, reason in zip(candidates, stats, reasons, strict=True):
+                if stat is not None and reason is not None:
+                    reject(record, "rejected", reason)
+                if stat is not None and reason is None:
+                    kept.append((node, msg, record))
                 else:
-                    payload = decode_payload(msg.content, self.spec, with_logits)
+                    msg.content.array_records.pop(ARRAYS_KEY, None)
+            candidates = kept
+
+        accepted: list[tuple[int, Payload | None, MetricRecord]] = []
+        for node, msg, record in candidates:
+            try:
+                payload = decode(node, msg)
             except Exception as err:  # noqa: BLE001 - a reply must never end the run
-                reason = str(err) if isinstance(err, PayloadError) else f"malformed payload: {err!r}"
-                rejected += 1
-                record.update(status="rejected", reason=reason)
-                log(WARNING, "FedGKT round %d: %s reply of node %d rejected: %s",
-                    server_round, stage, node, reason)
+                reject(record, "rejected", failed(err))
+                msg.content.array_records.pop(ARRAYS_KEY, None)
                 continue
             if self.spec.feature_shape is None and payload.has_features:
                 self.spec = replace(self.spec, feature_shape=tuple(payload.features.shape[1:]))
+            if self.logit_clip and payload.logits is not None:
+                payload.logits = payload.logits.clamp(-self.logit_clip, self.logit_clip)
             metrics = msg.content.metric_records[METRICS_KEY]
             record.update(status="accepted", reason="", **{k: v for k, v in metrics.items()})
             if consume is None:
@@ -325,7 +521,7 @@ class FedGKT(Strategy):
         for record in reversed(self.node_history):  # this round's records are the newest
             if record["round"] != server_round:
                 break
-            if record["stage"] == stage:
+            if record["stage"] == stage and record.get("status") not in ("late", "duplicate"):
                 answered.add(record["node-id"])
         sent = self._sent_train if stage == "train" else self._sent_eval
         lost = [m.metadata.dst_node_id for m in sent if m.metadata.dst_node_id not in answered]
@@ -380,6 +576,7 @@ class FedGKT(Strategy):
             self._store(node, payload, server_round)
 
         accepted, nbytes, rejected = self._accept(server_round, replies, with_logits=True, consume=store)
+        ignored = dict(self.ignored)
         del replies
         lost = self._lost_nodes(server_round, "train")
         if self.store_max_age > 0:
@@ -400,6 +597,8 @@ class FedGKT(Strategy):
             "nodes-replied": len(accepted),
             "nodes-rejected": rejected,
             "nodes-lost": lost,
+            "replies-late": ignored.get("late", 0),
+            "replies-duplicate": ignored.get("duplicate", 0),
             "nodes-sent-features": with_features,
             "store-memory-mb": self.server.store.memory_bytes / _MB,
             "store-disk-mb": self.server.store.disk_bytes / _MB,
@@ -476,6 +675,7 @@ class FedGKT(Strategy):
             NUM_EXAMPLES: n,
             "eval-nodes": len(accepted),
             "eval-rejected": rejected,
+            "eval-replies-ignored": sum(self.ignored.values()),
             "bytes-up-eval": nbytes,
             "round-seconds": time.perf_counter() - self._round_start,
         }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from logging import INFO
+from logging import INFO, WARNING
 
 import torch
 from flwr.app import Context
@@ -12,6 +12,7 @@ from flwr.supercore import log
 
 from flwr_gkt.async_strategy import AsyncFedGKT
 from flwr_gkt.config import RunConfig
+from flwr_gkt.faults import FaultPlan, FaultyGrid
 from flwr_gkt.strategy import FedGKT
 
 from .task import (
@@ -24,6 +25,10 @@ from .task import (
     results_dir,
     write_results,
 )
+
+
+#: The checkpoint written after every round in the run's results directory.
+CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def strategy_class(cfg: RunConfig) -> tuple[type[FedGKT], dict]:
@@ -46,7 +51,14 @@ def strategy_class(cfg: RunConfig) -> tuple[type[FedGKT], dict]:
 def run_fedgkt(grid: Grid, cfg: RunConfig) -> FedGKT:
     """Run ``cfg.num_server_rounds`` rounds of FedGKT on ``grid``; write results."""
     cls, mode_args = strategy_class(cfg)
+    if cfg.resume and not cfg.run_name:
+        raise ValueError("resume needs run-name: the checkpoint is <results-dir>/<run-name>/checkpoint.pt")
     out = results_dir(cfg)
+    if cfg.server_mode == "sync" and cfg.checkpoint:
+        mode_args["checkpoint_path"] = out / CHECKPOINT_FILE
+    elif cfg.resume:
+        raise ValueError("resume needs server-mode sync and checkpoint 1 (checkpoints are written "
+                         "after each synchronous round)")
     server = make_gkt_server(cfg, spill_dir=out / "spill")
     strategy = cls(
         server,
@@ -66,9 +78,20 @@ def run_fedgkt(grid: Grid, cfg: RunConfig) -> FedGKT:
         lr_schedule=cfg.lr_schedule,
         feature_upload_every=cfg.feature_upload_every,
         seed=cfg.seed,
+        max_samples=cfg.max_samples or None,
+        max_payload_bytes=int(cfg.max_payload_mb * 1024 * 1024) or None,
+        outlier_threshold=cfg.outlier_threshold,
+        logit_clip=cfg.logit_clip,
         **mode_args,
     )
+    plan = FaultPlan.from_config(cfg.faults, cfg.fault_rate, cfg.fault_kinds, cfg.seed)
+    if plan:
+        grid = FaultyGrid(grid, plan)
+        log(WARNING, "FedGKT: fault injection on (%s, rate %.2f)", cfg.faults or "random faults only",
+            cfg.fault_rate)
     log(INFO, "FedGKT: results go to %s", out)
+    if cfg.resume:
+        strategy.resume()
     start = time.perf_counter()
     strategy.start(grid=grid, initial_arrays=strategy.initial_arrays(), num_rounds=cfg.num_server_rounds,
                    timeout=cfg.round_timeout)
@@ -77,7 +100,8 @@ def run_fedgkt(grid: Grid, cfg: RunConfig) -> FedGKT:
     final = strategy.history[-1] if strategy.history else {}
     torch.save(server.model.state_dict(), out / "server_model.pt")
     write_results(out, cfg, strategy.history,
-                  {"seconds": elapsed, "final": final, "server-peak-rss-mb": peak_rss_mb()},
+                  {"seconds": elapsed, "final": final, "server-peak-rss-mb": peak_rss_mb(),
+                   "faults-injected": dict(grid.injected) if isinstance(grid, FaultyGrid) else {}},
                   nodes=strategy.node_history)
     log(
         INFO,

@@ -19,6 +19,7 @@ from flwr_gkt.data import dataset_info as data_info
 from flwr_gkt.edge import EdgeRoundConfig
 from flwr_gkt.efficiency import run_costs
 from flwr_gkt.models import FEATURE_CHANNELS, EdgeModel, load_pretrained
+from flwr_gkt.privacy import PrivacyConfig
 from flwr_gkt.registry import build_edge_model, build_server_model
 from flwr_gkt.server import GKTServer
 
@@ -73,13 +74,18 @@ class NodeSetup:
     its own data). ``data-dir``: where the node's files are (overrides the run
     config's ``data-dir``). ``state-dir``: where the node saves its state after
     each round, so that a restarted SuperNode keeps it (no ``state-dir``: a
-    restarted node starts fresh).
+    restarted node starts fresh; in simulation, the run config's
+    ``node-state-dir`` gives each partition ``<node-state-dir>/node-<id>``).
+    ``privacy-clip`` / ``privacy-logit-clip`` /
+    ``privacy-noise``: the node's own privacy settings (over the run config's;
+    see :mod:`flwr_gkt.privacy`).
     """
 
     partition_id: int
     num_partitions: int
     cfg: RunConfig
     state_dir: str
+    privacy: PrivacyConfig | None = None
 
 
 def node_setup(cfg: RunConfig, node_config: Mapping[str, Any]) -> NodeSetup:
@@ -89,7 +95,12 @@ def node_setup(cfg: RunConfig, node_config: Mapping[str, Any]) -> NodeSetup:
     data_dir = str(node_config.get("data-dir", "") or "")
     if data_dir:
         cfg = dataclasses.replace(cfg, data_dir=data_dir)
-    return NodeSetup(pid, num, cfg, str(node_config.get("state-dir", "") or ""))
+    state_dir = str(node_config.get("state-dir", "") or "")
+    if not state_dir and cfg.node_state_dir:  # simulation: one directory per partition
+        state_dir = str(Path(cfg.node_state_dir) / f"node-{pid}")
+    privacy = PrivacyConfig.from_mapping(
+        node_config, PrivacyConfig(cfg.privacy_clip, cfg.privacy_logit_clip, cfg.privacy_noise))
+    return NodeSetup(pid, num, cfg, state_dir, privacy if privacy.enabled else None)
 
 
 def node_data(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[NodeSetup, ClientData]:

@@ -1,0 +1,74 @@
+"""Robust checks of the nodes' payloads against each other (median-based).
+
+A payload can pass every format check -- right shapes and dtypes, finite
+values -- and still be hostile: features scaled by ``1e6`` make the server's
+loss explode, logits of ``1e4`` dominate the KD term. :func:`payload_stats`
+summarises a payload in a few scale statistics (the median per-sample L2 norm
+of its feature maps and of its logits); :func:`find_outliers` compares each
+payload's statistics with the median over the round's payloads and flags those
+more than ``threshold`` robust deviations away::
+
+    scale = max(1.4826 * MAD, rel_floor * |median|)
+    outlier  <=>  |stat - median| > threshold * scale
+
+MAD is the median absolute deviation (``1.4826 * MAD`` estimates the standard
+deviation of normal data); the floor keeps nearly identical honest payloads
+(MAD close to 0) from being flagged for tiny differences: with the defaults
+(``threshold = 10``, ``rel_floor = 0.1``) a payload is an outlier only when a
+statistic is more than twice the median. A median needs a majority of honest
+payloads, so the check runs only with at least ``min_payloads`` (3) of them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .wire import Payload
+
+__all__ = ["payload_stats", "find_outliers"]
+
+
+def _median_norm(x: torch.Tensor) -> float:
+    norms = x.detach().flatten(1).double().norm(dim=1)
+    return float(norms.median()) if len(norms) else 0.0
+
+
+def payload_stats(payload: Payload) -> dict[str, float]:
+    """Scale statistics of a payload: ``feature-norm`` and/or ``logit-norm`` (medians over samples)."""
+    stats = {}
+    if payload.has_features:
+        stats["feature-norm"] = _median_norm(payload.features)
+    if payload.logits is not None:
+        stats["logit-norm"] = _median_norm(payload.logits)
+    return stats
+
+
+def find_outliers(
+    stats: Sequence[dict[str, float] | None],
+    threshold: float,
+    rel_floor: float = 0.1,
+    min_payloads: int = 3,
+) -> list[str | None]:
+    """For each payload's statistics, ``None`` or why it is an outlier.
+
+    ``None`` entries (payloads already rejected) are skipped. With fewer than
+    ``min_payloads`` payloads having a statistic, that statistic is not checked.
+    """
+    reasons: list[str | None] = [None] * len(stats)
+    keys = sorted({k for s in stats if s for k in s})
+    for key in keys:
+        values = [(i, s[key]) for i, s in enumerate(stats) if s and key in s]
+        finite = [v for _, v in values if math.isfinite(v)]
+        if len(values) < min_payloads or len(finite) < min_payloads:
+            continue
+        med = float(torch.tensor(finite, dtype=torch.float64).median())
+        mad = float(torch.tensor([abs(v - med) for v in finite], dtype=torch.float64).median())
+        scale = max(1.4826 * mad, rel_floor * abs(med), 1e-12)
+        for i, value in values:
+            if reasons[i] is None and (not math.isfinite(value) or abs(value - med) > threshold * scale):
+                reasons[i] = (f"outlier: {key} {value:.4g} vs median {med:.4g} of {len(values)} payloads "
+                              f"(more than {threshold:g} x {scale:.3g} away)")
+    return reasons
