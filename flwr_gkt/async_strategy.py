@@ -495,8 +495,10 @@ class AsyncFedGKT(FedGKT):
             replies = list(grid.pull_messages(list(flights))) if flights else []
             for reply in replies:
                 flight = flights.pop(reply.metadata.reply_to_message_id, None)
-                if flight is None:
-                    continue  # not ours, or already given up on
+                if flight is None:  # late (given up on) or a second copy: never used twice
+                    log(WARNING, "AsyncFedGKT: reply from node %d ignored: it answers no instruction "
+                        "in flight (late or duplicate)", reply.metadata.src_node_id)
+                    continue
                 busy.discard(flight.node)
                 if flight.kind == "train":
                     on_train_reply(flight, reply)

@@ -38,6 +38,8 @@ from .wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
     METRICS_KEY,
+    NODE_KEY,
+    NODE_UID,
     PayloadError,
     decode_server_logits,
     encode_logits,
@@ -49,6 +51,7 @@ from .wire import (
 __all__ = [
     "handle_train",
     "handle_evaluate",
+    "handle_query",
     "edge_round",
     "edge_round_config",
     "load_edge_model",
@@ -214,6 +217,7 @@ def handle_train(
     device: str = "auto",
     state_dir: str | Path | None = None,
     privacy: PrivacyConfig | None = None,
+    node_uid: str = "",
 ) -> Message:
     """Run ``ClientTrain`` for one round and reply with ``H``, ``Z_c``, ``Y``.
 
@@ -225,6 +229,7 @@ def handle_train(
     from there when the node (re)starts and saved after every round. With
     ``privacy``, features and logits are clipped and noised before they leave
     the node (:mod:`flwr_gkt.privacy`); the node's setting, not the server's.
+    ``node_uid``: the node's stable identity, sent along (see :func:`handle_query`).
     """
     config = _config(msg)
     cfg = edge_round_config(config)
@@ -263,7 +268,23 @@ def handle_train(
     if state_dir:
         save_state(context, state_dir, server_round)
     content = RecordDict({ARRAYS_KEY: payload, METRICS_KEY: metrics})
+    if node_uid:
+        content[NODE_KEY] = ConfigRecord({NODE_UID: node_uid})
     return Message(content=content, reply_to=msg)
+
+
+def handle_query(msg: Message, context: Context, node_uid: str) -> Message:
+    """Answer the server's identity query with ``node_uid``.
+
+    A server resuming from a checkpoint asks its nodes who they are: node ids
+    can change when nodes or the server restart (a Ray simulation draws new
+    ones), ``node_uid`` does not (e.g. ``partition-3-of-10``, or a SuperNode's
+    ``node-uid`` node config). Unknown queries get an error reply.
+    """
+    config = _config(msg)
+    if config.get("query") != NODE_UID:
+        raise ValueError(f"unknown query {config.get('query')!r}")
+    return Message(content=RecordDict({NODE_KEY: ConfigRecord({NODE_UID: node_uid})}), reply_to=msg)
 
 
 def handle_evaluate(

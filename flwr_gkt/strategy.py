@@ -45,6 +45,8 @@ from .wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
     METRICS_KEY,
+    NODE_KEY,
+    NODE_UID,
     NUM_EXAMPLES,
     Payload,
     PayloadError,
@@ -208,6 +210,8 @@ class FedGKT(Strategy):
         self.max_payload_bytes = max_payload_bytes
         self.outlier_threshold = outlier_threshold
         self.logit_clip = logit_clip
+        #: Stable identity (``node-uid``) each node id sent with its replies.
+        self.node_uids: dict[int, str] = {}
         #: Replies of the latest ``_accept`` ignored as ``late`` or ``duplicate``.
         self.ignored: Counter[str] = Counter()
         #: Last round that ran to its end (training and evaluation).
@@ -244,6 +248,7 @@ class FedGKT(Strategy):
         if first > 1:
             log(INFO, "FedGKT: resuming after round %d of %d", self.completed_round, num_rounds)
             arrays = ArrayRecord(self.server.model.state_dict())
+            self.reidentify_nodes(grid, timeout)
         elif evaluate_fn and (res := evaluate_fn(0, initial_arrays)) is not None:
             result.evaluate_metrics_serverapp[0] = res
         for server_round in range(first, num_rounds + 1):
@@ -286,6 +291,7 @@ class FedGKT(Strategy):
             "rng": rng_state(),
             "history": self.history,
             "node-history": self.node_history,
+            "node-uids": dict(self.node_uids),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -302,7 +308,54 @@ class FedGKT(Strategy):
         self.history = list(state["history"])
         self.node_history = list(state["node-history"])
         self.completed_round = int(state["round"])
+        self.node_uids = {int(n): str(u) for n, u in state.get("node-uids", {}).items()}
         self.feature_round.clear()  # the store is empty: every node sends its features again
+
+    def reidentify_nodes(self, grid: Grid, timeout: float = 60.0) -> dict[int, int]:
+        """Find the checkpointed nodes again under their current node ids; return ``{old: new}``.
+
+        Node ids are not stable across restarts (a Ray simulation draws new
+        ones; a SuperNode that re-registers may get a new one). Every connected
+        node is asked for its ``node-uid`` (a ``query`` message, see
+        :func:`flwr_gkt.client_app.handle_query`); a node whose uid the
+        checkpoint knows under another id takes over that id's per-node state
+        (server logits ``Z_s``). Nodes that do not answer, and uids that are
+        not unique, keep nothing.
+        """
+        if not self.node_uids:
+            return {}
+        deadline = time.monotonic() + min(timeout, max(self.node_wait_timeout, 60.0))
+        while len(ids := sorted(grid.get_node_ids())) < self.min_available_nodes and time.monotonic() < deadline:
+            time.sleep(1.0)
+        query = ConfigRecord({"query": NODE_UID})
+        messages = [Message(RecordDict({CONFIG_KEY: query}), dst_node_id=n, message_type=MessageType.QUERY)
+                    for n in ids]
+        found: dict[str, list[int]] = {}
+        for reply in grid.send_and_receive(messages, timeout=min(timeout, 60.0)):
+            if reply.has_error():
+                continue
+            uid = reply.content.config_records.get(NODE_KEY, ConfigRecord()).get(NODE_UID)
+            if isinstance(uid, str) and uid:
+                found.setdefault(uid, []).append(reply.metadata.src_node_id)
+        known: dict[str, list[int]] = {}
+        for node, uid in self.node_uids.items():
+            known.setdefault(uid, []).append(node)
+        mapping, ambiguous = {}, 0
+        for uid, olds in known.items():
+            news = found.get(uid, [])
+            if len(olds) == 1 and len(news) == 1:
+                mapping[olds[0]] = news[0]
+            elif news:
+                ambiguous += 1
+        moved = {old: new for old, new in mapping.items() if old != new}
+        if moved:
+            server = self.server
+            server.logits = {moved.get(n, n): t for n, t in server.logits.items()}
+            server.stored_round = {moved.get(n, n): r for n, r in server.stored_round.items()}
+            self.node_uids = {moved.get(n, n): u for n, u in self.node_uids.items()}
+        log(INFO, "FedGKT: %d of %d checkpointed nodes found (%d under a new node id), %d uid(s) ambiguous",
+            len(mapping), len(self.node_uids), len(moved), ambiguous)
+        return moved
 
     def resume(self, path: str | Path | None = None) -> int:
         """Load the checkpoint at ``path`` (default ``checkpoint_path``); return its round.
@@ -488,6 +541,9 @@ class FedGKT(Strategy):
                 payload.logits = payload.logits.clamp(-self.logit_clip, self.logit_clip)
             metrics = msg.content.metric_records[METRICS_KEY]
             record.update(status="accepted", reason="", **{k: v for k, v in metrics.items()})
+            uid = msg.content.config_records.get(NODE_KEY, ConfigRecord()).get(NODE_UID)
+            if isinstance(uid, str) and uid:
+                self.node_uids[node] = uid
             if consume is None:
                 accepted.append((node, payload, metrics))
                 continue

@@ -11,6 +11,9 @@ Train reply (node -> server):
     "metrics": MetricRecord{"num-examples", ...}}``
 Evaluate reply (node -> server):
     ``RecordDict{"gkt": ArrayRecord{"features", "labels"}, "metrics": ...}``
+Train and query replies may carry ``"node": ConfigRecord{"node-uid": str}``,
+the node's stable identity (a checkpointed server finds its nodes again under
+new node ids).
 Logits-only train reply (replay rounds, EcoFed): the server asked with
 ``send-features = False`` because it still holds the node's features:
     ``RecordDict{"gkt": ArrayRecord{"logits"}, "metrics": ...}``
@@ -58,6 +61,10 @@ ARRAYS_KEY = "gkt"
 METRICS_KEY = "metrics"
 CONFIG_KEY = "config"
 NUM_EXAMPLES = "num-examples"
+#: Optional ConfigRecord of a train or query reply naming the node: ``{"node-uid": str}``,
+#: an identity that survives restarts (node ids may not; see ``FedGKT.resume``).
+NODE_KEY = "node"
+NODE_UID = "node-uid"
 
 #: Accepted on-the-wire dtypes. ``int8`` features are the affine per-channel
 #: quantization of :func:`quantize_int8`, sent with ``feature-min`` and

@@ -11,10 +11,10 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from flwr_gkt.client_app import handle_evaluate, handle_train
+from flwr_gkt.client_app import handle_evaluate, handle_query, handle_train
 from flwr_gkt.config import RunConfig
 
-from .task import config_from_run_config, edge_builder, node_data
+from .task import config_from_run_config, edge_builder, node_data, node_setup
 
 
 def make_client_app(fixed: RunConfig | None = None) -> ClientApp:
@@ -31,13 +31,19 @@ def make_client_app(fixed: RunConfig | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         node, data, build = setup(context)
-        return handle_train(msg, context, data, build, node.cfg.device, node.state_dir or None, node.privacy)
+        return handle_train(msg, context, data, build, node.cfg.device, node.state_dir or None, node.privacy,
+                            node.uid)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         node, data, build = setup(context)
         return handle_evaluate(msg, context, data, build, node.cfg.device, node.state_dir or None,
                                node.privacy)
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        cfg = fixed or config_from_run_config(context.run_config)
+        return handle_query(msg, context, node_setup(cfg, context.node_config).uid)
 
     return app
 

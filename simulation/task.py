@@ -78,7 +78,9 @@ class NodeSetup:
     ``node-state-dir`` gives each partition ``<node-state-dir>/node-<id>``).
     ``privacy-clip`` / ``privacy-logit-clip`` /
     ``privacy-noise``: the node's own privacy settings (over the run config's;
-    see :mod:`flwr_gkt.privacy`).
+    see :mod:`flwr_gkt.privacy`). ``node-uid``: the node's identity across
+    restarts (default ``partition-<id>-of-<n>``), by which a resumed server
+    finds the node again.
     """
 
     partition_id: int
@@ -86,6 +88,7 @@ class NodeSetup:
     cfg: RunConfig
     state_dir: str
     privacy: PrivacyConfig | None = None
+    uid: str = ""
 
 
 def node_setup(cfg: RunConfig, node_config: Mapping[str, Any]) -> NodeSetup:
@@ -100,7 +103,8 @@ def node_setup(cfg: RunConfig, node_config: Mapping[str, Any]) -> NodeSetup:
         state_dir = str(Path(cfg.node_state_dir) / f"node-{pid}")
     privacy = PrivacyConfig.from_mapping(
         node_config, PrivacyConfig(cfg.privacy_clip, cfg.privacy_logit_clip, cfg.privacy_noise))
-    return NodeSetup(pid, num, cfg, state_dir, privacy if privacy.enabled else None)
+    uid = str(node_config.get("node-uid", "") or f"partition-{pid}-of-{num}")
+    return NodeSetup(pid, num, cfg, state_dir, privacy if privacy.enabled else None, uid)
 
 
 def node_data(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[NodeSetup, ClientData]:

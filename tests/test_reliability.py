@@ -193,3 +193,29 @@ def test_crash_timeout_late_and_duplicate_replies_the_rounds_go_on(tmp_path):
     import json
     injected = json.loads((out / "results.json").read_text())["faults-injected"]
     assert injected == {"late": 2, "crash": 2, "timeout": 2, "duplicate": 2}  # train + evaluate each
+
+
+def test_resume_finds_the_nodes_again_under_new_node_ids(tmp_path, caplog):
+    from flwr.app import Context, RecordDict
+
+    from simulation.inprocess import InProcessGrid
+
+    values = {"preset": "smoke", "server-epochs": 1, "results-dir": str(tmp_path), "run-name": "r"}
+    cfg = resolve_config({**values, "num-server-rounds": 1}, PRESETS_DIR)
+    run_inprocess(make_server_app(cfg), make_client_app(cfg), cfg.num_clients)  # nodes 1001, 1002
+    before = load_checkpoint(tmp_path / "r" / "checkpoint.pt")
+    assert sorted(before["node-uids"].values()) == ["partition-0-of-2", "partition-1-of-2"]
+
+    # A restarted federation: same partitions, new node ids, fresh node contexts (no node state on disk).
+    cfg = resolve_config({**values, "num-server-rounds": 2, "resume": 1}, PRESETS_DIR)
+    grid = InProcessGrid(make_client_app(cfg), 2, node_ids=[2001, 2002])
+    with caplog.at_level("INFO"):
+        make_server_app(cfg)(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                                           run_config={}))
+    assert "2 of 2 checkpointed nodes found (2 under a new node id)" in caplog.text
+    after = load_checkpoint(tmp_path / "r" / "checkpoint.pt")
+    assert sorted(after["server"]["logits"]) == [2001, 2002]
+    rows = [r for r in _csv(tmp_path / "r" / "nodes.csv") if r["round"] == "2" and r["stage"] == "train"]
+    # each node got its own Z_s of round 1 back and distilled from it
+    assert sorted(int(r["node-id"]) for r in rows) == [2001, 2002]
+    assert all(r["status"] == "accepted" and float(r["used-server-logits"]) == 1.0 for r in rows)
