@@ -127,6 +127,7 @@ from flwr.serverapp.strategy import Result
 from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
 from flwr.supercore import log
 
+from .checkpoint import save_checkpoint
 from .server import GKTServer, ServerRoundResult
 from .strategy import _MB, FedGKT
 from .wire import NUM_EXAMPLES, Payload, record_nbytes
@@ -318,9 +319,13 @@ class AsyncFedGKT(FedGKT):
             if res is not None:
                 result.evaluate_metrics_serverapp[0] = res
 
+        first = self.completed_round + 1
+        if first > 1:
+            log(INFO, "AsyncFedGKT: resuming after round %d of %d", self.completed_round, num_rounds)
+            self.reidentify_nodes(grid, timeout)
         train_nodes = self._sample(grid, self.fraction_train, self.min_train_nodes)
         k = len(train_nodes)
-        needed = num_rounds * k
+        needed = max(num_rounds - self.completed_round, 0) * k
         log(INFO, "AsyncFedGKT: %d training nodes, %d rounds of %d server updates", k, num_rounds, k)
         if self.max_staleness is not None and k > 1 and self.max_staleness < k - 1:
             log(WARNING, "AsyncFedGKT: max-staleness %d is below %d: with %d nodes of similar speed "
@@ -335,7 +340,7 @@ class AsyncFedGKT(FedGKT):
         pending_eval: dict[int, list[_EvalRound]] = {}
         evals: deque[_EvalRound] = deque()
         accepted = 0
-        server_round = 1
+        server_round = first
         tally = _Tally(start=time.perf_counter())
 
         def outstanding_train() -> int:
@@ -398,6 +403,11 @@ class AsyncFedGKT(FedGKT):
                 res = evaluate_fn(server_round, ArrayRecord(self.server.model.state_dict()))
                 if res is not None:
                     result.evaluate_metrics_serverapp[server_round] = res
+            self.completed_round = server_round
+            if self.checkpoint_path is not None:
+                state = self.state_dict()  # rows whose evaluation is still in flight go in as they are
+                state["history"] = [*self.history, *(e.row for e in evals)]
+                save_checkpoint(self.checkpoint_path, state)
             server_round += 1
             tally = _Tally(start=now)
 

@@ -54,11 +54,10 @@ def run_fedgkt(grid: Grid, cfg: RunConfig) -> FedGKT:
     if cfg.resume and not cfg.run_name:
         raise ValueError("resume needs run-name: the checkpoint is <results-dir>/<run-name>/checkpoint.pt")
     out = results_dir(cfg)
-    if cfg.server_mode == "sync" and cfg.checkpoint:
+    if cfg.checkpoint:
         mode_args["checkpoint_path"] = out / CHECKPOINT_FILE
     elif cfg.resume:
-        raise ValueError("resume needs server-mode sync and checkpoint 1 (checkpoints are written "
-                         "after each synchronous round)")
+        raise ValueError("resume needs checkpoint 1")
     server = make_gkt_server(cfg, spill_dir=out / "spill")
     strategy = cls(
         server,

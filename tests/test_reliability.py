@@ -219,3 +219,19 @@ def test_resume_finds_the_nodes_again_under_new_node_ids(tmp_path, caplog):
     # each node got its own Z_s of round 1 back and distilled from it
     assert sorted(int(r["node-id"]) for r in rows) == [2001, 2002]
     assert all(r["status"] == "accepted" and float(r["used-server-logits"]) == 1.0 for r in rows)
+
+
+def test_async_mode_checkpoints_each_round_and_resumes(tmp_path, caplog):
+    values = {"preset": "smoke", "server-epochs": 1, "server-mode": "async", "results-dir": str(tmp_path),
+              "run-name": "a"}
+    cfg = resolve_config({**values, "num-server-rounds": 1}, PRESETS_DIR)
+    run_inprocess(make_server_app(cfg), make_client_app(cfg), cfg.num_clients)
+    assert load_checkpoint(tmp_path / "a" / "checkpoint.pt")["round"] == 1
+    cfg = resolve_config({**values, "num-server-rounds": 2, "resume": 1}, PRESETS_DIR)
+    with caplog.at_level("INFO"):
+        run_inprocess(make_server_app(cfg), make_client_app(cfg), cfg.num_clients)
+    assert "resuming after round 1 of 2" in caplog.text
+    assert load_checkpoint(tmp_path / "a" / "checkpoint.pt")["round"] == 2
+    history = _csv(tmp_path / "a" / "metrics.csv")
+    assert [int(float(h["round"])) for h in history] == [1, 2]
+    assert int(float(history[1]["nodes-replied"])) == 2 and float(history[1]["accuracy"]) > 0.1
