@@ -23,7 +23,7 @@ from simulation.task import PRESETS_DIR, edge_builder, node_data  # noqa: E402
 from flwr_gkt.config import resolve_config  # noqa: E402
 
 out, mode = sys.argv[1], sys.argv[2]
-cfg = resolve_config({"preset": "smoke", "num-server-rounds": 3, "num-clients": 3, "min-nodes": 3,
+cfg = resolve_config({"preset": "smoke", "num-server-rounds": 3, "num-clients": 3, "min-nodes": 3, "server-epochs": 1,
                       "results-dir": out, "run-name": mode}, PRESETS_DIR)
 client = ClientApp()
 

@@ -86,6 +86,7 @@ def test_fedgkt_and_fedavg_side_by_side_on_the_same_dirichlet_partitions(tmp_pat
     exp.write_text(
         "title: mini comparison\n"
         "preset: smoke\n"
+        "runtime: inprocess\n"
         "set: {partition: dirichlet, dirichlet-alpha: 0.5, min-partition-size: 20, server-epochs: 1}\n"
         "runs:\n"
         "  gkt: {algorithm: fedgkt}\n"

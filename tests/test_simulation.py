@@ -1,9 +1,9 @@
 """End-to-end runs through Flower's runtimes (Ray simulation), as a user runs them.
 
-Each test starts a real process: ``python -m simulation --api legacy``
-(``run_simulation``), ``flwr run`` on a private SuperLink, and a Ray simulation
+Each test starts a real process: ``python -m simulation --api legacy`` (in the
+in-process runtime), ``flwr run`` on a private SuperLink, and a Ray simulation
 with faulty nodes. (The Message API entry and the FedAvg baseline run in
-``test_experiments.py``.)
+``test_experiments.py``, the in-process runtime in ``test_reliability.py``.)
 """
 
 import json
@@ -43,7 +43,7 @@ def _check_learned(history, rounds=2, nodes=2):
 
 
 def test_legacy_strategy_api_runs_in_simulation(tmp_path):
-    log = _run(["-m", "simulation", "--api", "legacy", "--preset", "smoke", "--set",
+    log = _run(["-m", "simulation", "--api", "legacy", "--runtime", "inprocess", "--preset", "smoke", "--set",
                 f"results-dir={tmp_path}", "run-name=legacy"], ROOT)
     assert "FedGKT round 2 fit" in log
     data = _results(tmp_path / "legacy")
