@@ -11,6 +11,11 @@ with ``p = softmax(z / T)``. As in the reference implementation the KL term is
 averaged over the batch and multiplied by ``T**2`` (Hinton et al.) so that its
 gradient scale does not depend on ``T``. ``alpha`` weights the KD term
 (``alpha = 1`` is the paper's equation).
+
+FedAgg (Wu et al., INFOCOM 2024) distils over bridge samples with the same
+KD term (:func:`fedagg_leaf_loss`, :func:`fedagg_nonleaf_loss`, paper eqs. 2
+and 4); FedEEC's rectification of the teacher's probabilities plugs into
+:func:`kd_loss` (``rectify``, see :mod:`flwr_gkt.rectify`).
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from enum import Enum
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["KDMode", "kd_loss", "gkt_loss"]
+from .rectify import Rectifier
+
+__all__ = ["KDMode", "kd_loss", "gkt_loss", "fedagg_leaf_loss", "fedagg_nonleaf_loss"]
 
 
 class KDMode(str, Enum):
@@ -46,7 +53,13 @@ class KDMode(str, Enum):
         return self is KDMode.BOTH
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+def kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float,
+    rectify: Rectifier | None = None,
+    labels: Tensor | None = None,
+) -> Tensor:
     """``T**2 * D_KL(softmax(teacher/T) || softmax(student/T))``, batch mean.
 
     Parameters
@@ -57,11 +70,21 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) 
         Logits of the teacher, shape ``(B, C)``; no gradient flows into them.
     temperature : float
         Softmax temperature ``T > 0``.
+    rectify : callable, optional
+        FedEEC self-knowledge rectification ``rectify(teacher_probs, labels)``
+        applied to ``softmax(teacher/T)`` (see :mod:`flwr_gkt.rectify`); needs
+        ``labels``.
     """
     t = float(temperature)
     log_p_student = F.log_softmax(student_logits / t, dim=1)
     log_p_teacher = F.log_softmax(teacher_logits.detach() / t, dim=1)
-    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    if rectify is not None:
+        if labels is None:
+            raise ValueError("rectification needs the labels")
+        p_teacher = rectify(log_p_teacher.exp(), labels)
+        kl = F.kl_div(log_p_student, p_teacher, reduction="batchmean")
+    else:
+        kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
     return kl * (t * t)
 
 
@@ -71,6 +94,7 @@ def gkt_loss(
     teacher_logits: Tensor | None,
     temperature: float,
     alpha: float,
+    rectify: Rectifier | None = None,
 ) -> Tensor:
     """``CE(logits, labels) + alpha * kd_loss(logits, teacher_logits, T)``.
 
@@ -80,5 +104,40 @@ def gkt_loss(
     """
     loss = F.cross_entropy(logits, labels)
     if teacher_logits is not None and alpha != 0.0:
-        loss = loss + alpha * kd_loss(logits, teacher_logits, temperature)
+        loss = loss + alpha * kd_loss(logits, teacher_logits, temperature, rectify, labels)
     return loss
+
+
+def fedagg_leaf_loss(
+    real_logits: Tensor,
+    bridge_logits: Tensor,
+    labels: Tensor,
+    teacher_logits: Tensor | None,
+    temperature: float = 3.0,
+    beta: float = 10.0,
+    gamma: float = 1.0,
+    rectify: Rectifier | None = None,
+) -> Tensor:
+    """FedAgg's end-device loss: ``CE(f(x), y) + gamma * [CE(f(dec eps), y) + beta * KL_T]``.
+
+    ``real_logits`` are the device model's outputs on its real images,
+    ``bridge_logits`` on the bridge samples of the *same* samples (index
+    aligned, same ``labels``), ``teacher_logits`` the parent's logits on those
+    bridge samples. The paper's defaults ``T = 3``, ``beta = 10``,
+    ``gamma = 1`` (the official code uses ``beta = 1`` on leaves: we follow
+    the paper).
+    """
+    bridge = gkt_loss(bridge_logits, labels, teacher_logits, temperature, beta, rectify)
+    return F.cross_entropy(real_logits, labels) + gamma * bridge
+
+
+def fedagg_nonleaf_loss(
+    bridge_logits: Tensor,
+    labels: Tensor,
+    teacher_logits: Tensor | None,
+    temperature: float = 3.0,
+    beta: float = 10.0,
+    rectify: Rectifier | None = None,
+) -> Tensor:
+    """FedAgg's edge/cloud loss: ``CE(f(dec eps), y) + beta * KL_T(f(dec eps), z_teacher)``."""
+    return gkt_loss(bridge_logits, labels, teacher_logits, temperature, beta, rectify)

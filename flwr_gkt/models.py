@@ -46,6 +46,10 @@ __all__ = [
     "resnet110",
     "FEATURE_CHANNELS",
     "load_pretrained",
+    "TierCNN",
+    "tier_cnn",
+    "tier_resnet10",
+    "tier_resnet18",
 ]
 
 #: Channels of the feature map the edge extractor outputs (16 in the paper).
@@ -293,3 +297,49 @@ def load_pretrained(model: EdgeModel, path: str | Path, part: str = "extractor")
     else:
         model.load_state_dict(state)
     return model
+
+
+# --------------------------------------------------------------- FedAgg tiers
+class TierCNN(nn.Module):
+    """FedAgg's end-device CNN (``Net`` in the official code).
+
+    Conv 7x7 (stride 2, no bias) + BN + ReLU + max-pool 3 (stride 2) to 64
+    maps, global average pooling, FC 64 -> 48 + ReLU, FC 48 -> classes: 13,146
+    parameters for RGB and 10 classes.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False),
+            nn.BatchNorm2d(64), nn.ReLU(inplace=True), nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+        )
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 48), nn.ReLU(inplace=True),
+                                  nn.Linear(48, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.stem(x))
+
+
+def tier_cnn(num_classes: int = 10, in_channels: int = 3) -> TierCNN:
+    """FedAgg's end-device model M1."""
+    return TierCNN(num_classes, in_channels)
+
+
+def _torchvision_resnet(layers: list[int], num_classes: int, in_channels: int) -> nn.Module:
+    from torchvision.models.resnet import ResNet
+
+    model = ResNet(BasicBlock, layers, num_classes=num_classes)
+    if in_channels != 3:  # the ImageNet stem, for other image channels
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    return model
+
+
+def tier_resnet10(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """FedAgg's edge model M2: torchvision ResNet with BasicBlocks [1, 1, 1, 1]."""
+    return _torchvision_resnet([1, 1, 1, 1], num_classes, in_channels)
+
+
+def tier_resnet18(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """FedAgg's cloud model M3: torchvision ResNet-18."""
+    return _torchvision_resnet([2, 2, 2, 2], num_classes, in_channels)

@@ -12,6 +12,11 @@ first time a name is not found.
 
 Builders take ``(num_classes, in_channels)``: for an edge model ``in_channels``
 is the image channels; for a server model it is the feature-map channels.
+
+Tier models (FedAgg / FedEEC: every tier classifies images, bridge samples
+included) are a third table: ``cnn`` (end device), ``resnet10``, ``resnet18``
+(torchvision ResNets with the ImageNet stem), plus any edge model (used whole)
+-- :func:`register_tier_model`, :func:`build_tier_model`.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ __all__ = [
     "build_edge_model",
     "build_server_model",
     "build_full_model",
+    "register_tier_model",
+    "build_tier_model",
     "available_models",
 ]
 
@@ -48,6 +55,11 @@ _SERVER: dict[str, ServerBuilder] = {
     "resnet55": models.server_resnet55,
     "resnet109": models.server_resnet109,
 }
+_TIER: dict[str, ServerBuilder] = {
+    "cnn": models.tier_cnn,
+    "resnet10": models.tier_resnet10,
+    "resnet18": models.tier_resnet18,
+}
 _ENTRY_POINT_GROUP = "flwr_gkt.models"
 _entry_points_loaded = False
 
@@ -60,6 +72,11 @@ def register_edge_model(name: str, builder: EdgeBuilder) -> None:
 def register_server_model(name: str, builder: ServerBuilder) -> None:
     """Register a server model builder under ``name`` (overrides an existing one)."""
     _SERVER[name] = builder
+
+
+def register_tier_model(name: str, builder: ServerBuilder) -> None:
+    """Register an image classifier for a FedAgg tier under ``name``."""
+    _TIER[name] = builder
 
 
 def _load_entry_points() -> None:
@@ -104,6 +121,13 @@ def build_server_model(
     return _lookup(_SERVER, name, "server")(num_classes, in_channels)  # type: ignore[arg-type]
 
 
+def build_tier_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
+    """Build the tier model (image -> logits) ``name``; an edge model name builds that edge model whole."""
+    if name not in _TIER and name in _EDGE:
+        return _EDGE[name](num_classes, in_channels)
+    return _lookup(_TIER, name, "tier")(num_classes, in_channels)  # type: ignore[arg-type]
+
+
 def build_full_model(server_name: str, num_classes: int, in_channels: int) -> nn.Module:
     """The full model (edge stem + server body) that FedAvg trains on every node.
 
@@ -119,4 +143,4 @@ def build_full_model(server_name: str, num_classes: int, in_channels: int) -> nn
 def available_models() -> dict[str, list[str]]:
     """Return the registered edge and server model names."""
     _load_entry_points()
-    return {"edge": sorted(_EDGE), "server": sorted(_SERVER)}
+    return {"edge": sorted(_EDGE), "server": sorted(_SERVER), "tier": sorted(_TIER)}

@@ -20,9 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .losses import gkt_loss
+from .rectify import Rectifier
 
 __all__ = [
     "Batch",
+    "StepLoss",
     "TensorBatches",
     "FitResult",
     "get_device",
@@ -37,6 +39,8 @@ __all__ = [
 ]
 
 Batch = tuple[Tensor, Tensor, Tensor]
+#: ``(model, inputs, labels, batch_teacher_logits) -> (loss, logits)``, see :func:`fit`.
+StepLoss = Callable[[nn.Module, Tensor, Tensor, "Tensor | None"], "tuple[Tensor, Tensor]"]
 
 
 def get_device(preference: str = "auto") -> torch.device:
@@ -197,6 +201,8 @@ def fit(
     temperature: float = 3.0,
     alpha: float = 1.0,
     capture_logits: int | None = None,
+    rectify: Rectifier | None = None,
+    loss_fn: StepLoss | None = None,
 ) -> FitResult:
     """Train ``model`` for ``epochs`` passes with CE (+ KD from a teacher).
 
@@ -220,6 +226,14 @@ def fit(
     capture_logits : int, optional
         Number of samples ``N``; when given, the outputs of the last epoch are
         stored per sample index and returned.
+    rectify : callable, optional
+        Rectification of the teacher's probabilities (FedEEC, see
+        :mod:`flwr_gkt.rectify`).
+    loss_fn : callable, optional
+        ``loss_fn(model, inputs, labels, batch_teacher) -> (loss, logits)``
+        replaces the forward pass and :func:`~flwr_gkt.losses.gkt_loss` (e.g.
+        FedAgg's leaf loss, which needs two forward passes); ``logits`` are
+        what accuracy and ``capture_logits`` use.
     """
     start = time.perf_counter()
     teacher = teacher_logits.to(device) if teacher_logits is not None else None
@@ -232,9 +246,12 @@ def fit(
         for inputs, labels, index in batches:
             inputs = to_device(inputs, device)
             labels = labels.to(device, non_blocking=True)
-            logits = model(inputs)
             batch_teacher = teacher[index.to(device)] if teacher is not None else None
-            loss = gkt_loss(logits, labels, batch_teacher, temperature, alpha)
+            if loss_fn is None:
+                logits = model(inputs)
+                loss = gkt_loss(logits, labels, batch_teacher, temperature, alpha, rectify)
+            else:
+                loss, logits = loss_fn(model, inputs, labels, batch_teacher)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

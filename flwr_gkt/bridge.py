@@ -1,0 +1,186 @@
+"""Bridge samples (FedAgg, Wu et al., INFOCOM 2024): a small frozen autoencoder.
+
+End devices encode their training images once into small embeddings
+``eps = enc(x)`` (``4 x 8 x 8`` for ``32 x 32`` inputs, ``4 x 7 x 7`` for
+``28 x 28``) and send them with the labels up the tree; every node holds the
+same frozen decoder and regenerates the *bridge samples* ``dec(eps)`` itself,
+so that afterwards a parent and a child exchange only logits computed on them
+(BSBODP). The architecture is the one of the official code
+(``autoencoder_pretrained.py``: encoder 1.9K, decoder 2.5K parameters for RGB).
+
+The official weights were pre-trained on ImageNet, which is not available
+offline here. :func:`pretrain_autoencoder` (``python -m flwr_gkt.bridge``)
+trains it on training images no node holds (the complement of the
+federation's ``data-fraction`` subset, as :mod:`flwr_gkt.pretrain` does),
+writes it to a file, and :func:`load_autoencoder` reads it back by path.
+
+Difference from the official code: the decoder ends in a Sigmoid (pixels in
+``[0, 1]``) while the models are trained on mean/std-normalised images; the
+official code feeds the ``[0, 1]`` bridge samples unnormalised. We normalise
+them with the dataset's mean and std (:meth:`BridgeAutoencoder.bridge`), so
+real and bridge samples have the same scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .data import DatasetInfo, dataset_info, load_dataset
+from .partition import held_out_indices
+from .training import get_device
+
+__all__ = ["BridgeAutoencoder", "pretrain_autoencoder", "load_autoencoder", "EMBEDDING_CHANNELS"]
+
+EMBEDDING_CHANNELS = 4
+
+
+def _conv(cin: int, cout: int, bn: bool = True) -> list[nn.Module]:
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, padding=1)]
+    if bn:
+        layers.append(nn.BatchNorm2d(cout))
+    return [*layers, nn.ReLU(inplace=True)]
+
+
+class BridgeAutoencoder(nn.Module):
+    """Encoder (end devices) and decoder (every node) of the bridge samples.
+
+    Parameters
+    ----------
+    channels : int
+        Image channels (1 for Fashion-MNIST, 3 for CIFAR).
+    mean, std : sequence of float, optional
+        Per-channel normalisation of the models' inputs; :meth:`bridge`
+        applies it to the decoded ``[0, 1]`` images.
+    """
+
+    def __init__(self, channels: int = 3, mean: tuple[float, ...] | None = None,
+                 std: tuple[float, ...] | None = None) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(
+            *_conv(channels, 16), nn.MaxPool2d(2),
+            *_conv(16, 8), nn.MaxPool2d(2),
+            nn.Conv2d(8, EMBEDDING_CHANNELS, 3, padding=1), nn.ReLU(inplace=True),
+        )
+        self.decoder = nn.Sequential(
+            *_conv(EMBEDDING_CHANNELS, 8, bn=False), *_conv(8, 8),
+            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), *_conv(8, 16),
+            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+            nn.Conv2d(16, channels, 3, padding=1), nn.Sigmoid(),
+        )
+        self.register_buffer("mean", torch.tensor(mean or (0.0,) * channels).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std or (1.0,) * channels).view(1, -1, 1, 1))
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        """Reconstruction in ``[0, 1]`` of images in ``[0, 1]``."""
+        return self.decoder(self.encoder(pixels))
+
+    @torch.no_grad()
+    def encode(self, pixels: Tensor, batch_size: int = 256) -> Tensor:
+        """Embeddings of images in ``[0, 1]`` (eval mode, no gradient)."""
+        self.eval()
+        return torch.cat([self.encoder(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)])
+
+    @torch.no_grad()
+    def bridge(self, embeddings: Tensor, batch_size: int = 256) -> Tensor:
+        """Bridge samples ``dec(eps)``, normalised like the models' real inputs."""
+        self.eval()
+        out = [self.decoder(embeddings[i:i + batch_size]) for i in range(0, len(embeddings), batch_size)]
+        return (torch.cat(out) - self.mean) / self.std
+
+    def freeze(self) -> BridgeAutoencoder:
+        """Eval mode, no gradients: the autoencoder is identical on every node and never trained."""
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self
+
+
+def _for_dataset(info: DatasetInfo) -> BridgeAutoencoder:
+    return BridgeAutoencoder(info.channels, tuple(info.mean), tuple(info.std))
+
+
+def pretrain_autoencoder(
+    out: str | Path,
+    *,
+    dataset: str = "fashion-mnist",
+    data_dir: str = "",
+    fraction: float = 0.5,
+    num_partitions: int = 4,
+    seed: int = 0,
+    samples: int = 5000,
+    epochs: int = 3,
+    batch_size: int = 64,
+    lr: float = 0.003,
+    device: str = "auto",
+) -> dict[str, float]:
+    """Train the autoencoder (MSE on pixels) on images no node holds; save it to ``out``.
+
+    ``fraction`` / ``num_partitions`` / ``seed`` are the federation's
+    (``data-fraction``, ``num-clients``, ``seed``), as for
+    :func:`flwr_gkt.pretrain.pretrain_edge`. Returns the number of samples and
+    the reconstruction MSE on the test set.
+    """
+    raw = load_dataset(dataset, data_dir)
+    held_out = held_out_indices(len(raw.y_train), num_partitions, seed=seed, fraction=fraction)
+    if len(held_out) == 0:
+        raise ValueError("no held-out samples: the federation uses the whole training set")
+    rng = np.random.default_rng(seed + 11)
+    idx = torch.from_numpy(rng.permutation(held_out)[:samples])
+    x = raw.x_train[idx].float() / 255.0
+    torch.manual_seed(seed)
+    model = _for_dataset(raw.info)
+    dev = get_device(device)
+    model.to(dev).train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for batch in torch.randperm(len(x), generator=gen).split(batch_size):
+            pixels = x[batch].to(dev)
+            loss = nn.functional.mse_loss(model(pixels), pixels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        test = raw.x_test[:2000].float().to(dev) / 255.0
+        mse = float(nn.functional.mse_loss(model(test), test))
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"dataset": dataset, "state": {k: v.cpu() for k, v in model.state_dict().items()}}, path)
+    return {"samples": float(len(idx)), "test-mse": mse}
+
+
+def load_autoencoder(path: str | Path, dataset: str = "fashion-mnist") -> BridgeAutoencoder:
+    """The frozen autoencoder saved by :func:`pretrain_autoencoder` (a local file, no download)."""
+    saved = torch.load(Path(path), map_location="cpu", weights_only=True)
+    model = _for_dataset(dataset_info(str(saved.get("dataset", dataset))))
+    model.load_state_dict(saved["state"])
+    return model.freeze()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="where to write the autoencoder (.pt)")
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--data-dir", default="")
+    parser.add_argument("--fraction", type=float, default=0.5, help="the federation's data-fraction")
+    parser.add_argument("--num-partitions", type=int, default=4, help="the federation's num-clients")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--samples", type=int, default=5000)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    result = pretrain_autoencoder(args.out, dataset=args.dataset, data_dir=args.data_dir, fraction=args.fraction,
+                                  num_partitions=args.num_partitions, seed=args.seed, samples=args.samples,
+                                  epochs=args.epochs, device=args.device)
+    print(f"bridge autoencoder trained on {int(result['samples'])} held-out {args.dataset} images: "
+          f"test reconstruction MSE {result['test-mse']:.4f}; saved to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Self-knowledge rectification (FedEEC): fix the teacher's wrong predictions before KD.
+
+FedEEC (Wu et al., arXiv 2501.00693) adds a *self-knowledge rectification*
+step that "refines the transferred knowledge": the teacher's probabilities are
+corrected on the samples it gets wrong before the student distils from them.
+The exact rule is not public (the paper's full text was not available to us);
+the rules below are our readings. A rule is a function
+``rectify(teacher_probs (B, C), labels (B,)) -> probs (B, C)`` that changes
+only the rows whose argmax is not the label and keeps every row a probability
+distribution:
+
+``swap`` (default, our reading of "correct propagated probabilities")
+    Exchange the probability of the wrong top class with the true class's:
+    the label becomes the top class, the shape of the distribution (the "dark
+    knowledge") is kept. This is the knowledge-adjustment idea of Wen et al.
+    (2019).
+``peak``
+    Label-aware version of FedDKC's knowledge congruence: move mass linearly
+    so that the true class gets probability ``max(p)`` (the former peak) and
+    the rest keeps its relative order, ``p' = a*p + b`` on the other classes.
+``self``
+    Replace the wrong row by the one-hot label (the student then learns the
+    label there, as with cross-entropy).
+``none``
+    No rectification.
+
+:func:`flwr_gkt.losses.kd_loss` takes a rule through its ``rectify``
+argument; :data:`RECTIFIERS` maps the names above to the functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["Rectifier", "RECTIFIERS", "get_rectifier", "rectify_swap", "rectify_peak", "rectify_self"]
+
+Rectifier = Callable[[Tensor, Tensor], Tensor]
+
+
+def _wrong(probs: Tensor, labels: Tensor) -> Tensor:
+    return probs.argmax(dim=1) != labels
+
+
+def rectify_swap(probs: Tensor, labels: Tensor) -> Tensor:
+    """Swap the top probability with the true class's on the rows the teacher gets wrong."""
+    out = probs.clone()
+    wrong = _wrong(probs, labels)
+    if wrong.any():
+        rows = wrong.nonzero(as_tuple=True)[0]
+        top = probs[rows].argmax(dim=1)
+        true = labels[rows]
+        out[rows, top] = probs[rows, true]
+        out[rows, true] = probs[rows, top]
+    return out
+
+
+def rectify_peak(probs: Tensor, labels: Tensor) -> Tensor:
+    """Give the true class the peak probability, rescaling the others to sum to ``1 - peak``."""
+    out = probs.clone()
+    wrong = _wrong(probs, labels)
+    if wrong.any():
+        rows = wrong.nonzero(as_tuple=True)[0]
+        p = probs[rows]
+        peak = p.max(dim=1).values
+        true = labels[rows]
+        others = p.clone()
+        others[torch.arange(len(rows)), true] = 0.0
+        mass = others.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        new = others / mass * (1.0 - peak).unsqueeze(1)
+        new[torch.arange(len(rows)), true] = peak
+        out[rows] = new
+    return out
+
+
+def rectify_self(probs: Tensor, labels: Tensor) -> Tensor:
+    """Replace the rows the teacher gets wrong by the one-hot label."""
+    out = probs.clone()
+    wrong = _wrong(probs, labels)
+    if wrong.any():
+        out[wrong] = F.one_hot(labels[wrong], probs.shape[1]).to(probs.dtype)
+    return out
+
+
+RECTIFIERS: dict[str, Rectifier | None] = {
+    "none": None,
+    "swap": rectify_swap,
+    "peak": rectify_peak,
+    "self": rectify_self,
+}
+
+
+def get_rectifier(name: str) -> Rectifier | None:
+    """The rule named ``name`` (``none`` gives ``None``)."""
+    if name not in RECTIFIERS:
+        raise ValueError(f"unknown rectification {name!r}; known: {sorted(RECTIFIERS)}")
+    return RECTIFIERS[name]
