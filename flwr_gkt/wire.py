@@ -18,6 +18,11 @@ Logits-only train reply (replay rounds, EcoFed): the server asked with
 ``send-features = False`` because it still holds the node's features:
     ``RecordDict{"gkt": ArrayRecord{"logits"}, "metrics": ...}``
 
+FedAgg embeddings upload (end device -> cloud, once): ``RecordDict{"gkt":
+ArrayRecord{"embeddings", "labels"}, "metrics": ...}``
+(:func:`encode_embeddings` / :func:`decode_embeddings`); afterwards parents
+and children exchange logits only (``encode_logits`` / ``decode_logits``).
+
 Decoding validates every payload (:func:`decode_payload`) and raises
 :class:`PayloadError` with a one-line reason; the strategy turns that into a
 rejected reply.
@@ -51,6 +56,8 @@ __all__ = [
     "encode_server_logits",
     "encode_logits",
     "decode_logits",
+    "encode_embeddings",
+    "decode_embeddings",
     "decode_server_logits",
     "validate_server_logits",
     "validate_arrays",
@@ -219,6 +226,44 @@ def decode_logits(content: RecordDict, spec: PayloadSpec, num_samples: int) -> T
     if not np.isfinite(logits).all():
         raise PayloadError("'logits' contain NaN or Inf")
     return _tensor(logits.astype(np.float32, copy=False))
+
+
+def encode_embeddings(embeddings: Tensor | np.ndarray, labels: Tensor | np.ndarray) -> ArrayRecord:
+    """Encode bridge-sample embeddings ``eps`` (``N x 4 x h x w``) and labels (FedAgg, sent once)."""
+    return ArrayRecord({
+        "embeddings": Array(np.ascontiguousarray(_to_numpy(embeddings).astype(np.float32))),
+        "labels": Array(np.ascontiguousarray(_to_numpy(labels).astype(np.int64))),
+    })
+
+
+def decode_embeddings(
+    content: RecordDict, num_classes: int, channels: int = 4, max_samples: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Decode and validate an embeddings upload; return ``(embeddings, labels)``.
+
+    Checks dtypes, an ``N x channels x h x w`` shape, finite values, labels in
+    ``[0, num_classes)``, ``N`` against ``num-examples`` and ``max_samples``.
+    """
+    record = _record(content)
+    num_examples = _num_examples(content)
+    eps = _load(record, "embeddings", ("float32",))
+    labels = _load(record, "labels", LABEL_DTYPES)
+    if eps.ndim != 4 or eps.shape[1] != channels:
+        raise PayloadError(f"'embeddings' must be N x {channels} x h x w, got shape {list(eps.shape)}")
+    n = eps.shape[0]
+    if n == 0:
+        raise PayloadError("payload has no samples")
+    if max_samples is not None and n > max_samples:
+        raise PayloadError(f"payload has {n} samples, more than the limit {max_samples}")
+    if labels.shape != (n,):
+        raise PayloadError(f"'labels' has shape {list(labels.shape)}, expected [{n}] (count mismatch)")
+    if num_examples != n:
+        raise PayloadError(f"'{NUM_EXAMPLES}' says {num_examples} but the payload has {n} samples")
+    if not np.isfinite(eps).all():
+        raise PayloadError("'embeddings' contain NaN or Inf")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise PayloadError(f"'labels' outside [0, {num_classes}): min {labels.min()}, max {labels.max()}")
+    return _tensor(eps), _tensor(labels)
 
 
 def _npy_view(data: bytes) -> np.ndarray:

@@ -109,3 +109,33 @@ def test_bsbodp_directions_learn_from_the_teacher(autoencoder):
     assert out.num_examples == len(bridge) and out.accuracy > 0.3  # chance: 0.1
     with pytest.raises(ValueError):
         train_leaf(leaf, data.x_train[:5], bridge, data.y_train, z, cfg, CPU)
+
+
+def test_embeddings_on_the_wire_are_validated():
+    import numpy as np
+    from flwr.app import Array, RecordDict
+
+    from flwr_gkt.wire import ARRAYS_KEY, METRICS_KEY, PayloadError, decode_embeddings, encode_embeddings, metrics_record
+
+    eps, y = torch.rand(20, 4, 7, 7), torch.randint(0, 10, (20,))
+
+    def content(record, n=20):
+        return RecordDict({ARRAYS_KEY: record, METRICS_KEY: metrics_record(n)})
+
+    got_eps, got_y = decode_embeddings(content(encode_embeddings(eps, y)), 10)
+    assert torch.equal(got_eps, eps) and torch.equal(got_y, y)
+    assert len(encode_embeddings(eps, y)["embeddings"].data) < 20 * 4 * 7 * 7 * 4 + 200  # 784 B per sample
+    bad = eps.clone()
+    bad[3, 0, 0, 0] = float("nan")
+    for record, n, reason in [
+        (encode_embeddings(bad, y), 20, "NaN"),
+        (encode_embeddings(eps, y + 5), 20, "outside"),
+        (encode_embeddings(eps, y), 21, "says 21"),
+        (encode_embeddings(eps[:, :3], y), 20, "N x 4"),
+    ]:
+        with pytest.raises(PayloadError, match=reason):
+            decode_embeddings(content(record, n), 10)
+    record = encode_embeddings(eps, y)
+    record["embeddings"] = Array(np.zeros((20, 4, 7, 7), dtype=np.float64))
+    with pytest.raises(PayloadError, match="dtype"):
+        decode_embeddings(content(record), 10)
