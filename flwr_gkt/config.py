@@ -95,6 +95,16 @@ class RunConfig:
     max_samples: int = 0
     outlier_threshold: float = 10.0
     logit_clip: float = 0.0
+    # FedAgg / FedEEC (see docs/fedagg.md; BSBODP uses batch-size, edge-optimizer, edge-lr, edge-epochs)
+    fedagg_edges: int = 0
+    end_model: str = "cnn"
+    edge_tier_model: str = "resnet10"
+    cloud_model: str = "resnet18"
+    bridge_autoencoder: str = ""
+    rectify: str = "none"
+    fedagg_beta: float = 10.0
+    fedagg_gamma: float = 1.0
+    fedagg_migrate: str = ""
     # fault injection (simulation and tests; see flwr_gkt.faults)
     faults: str = ""
     fault_rate: float = 0.0

@@ -58,6 +58,8 @@ __all__ = [
     "decode_logits",
     "encode_embeddings",
     "decode_embeddings",
+    "encode_named_logits",
+    "decode_named_logits",
     "decode_server_logits",
     "validate_server_logits",
     "validate_arrays",
@@ -264,6 +266,24 @@ def decode_embeddings(
     if labels.min() < 0 or labels.max() >= num_classes:
         raise PayloadError(f"'labels' outside [0, {num_classes}): min {labels.min()}, max {labels.max()}")
     return _tensor(eps), _tensor(labels)
+
+
+def encode_named_logits(logits: Mapping[str, Tensor | np.ndarray], logit_dtype: str = "float32") -> ArrayRecord:
+    """Several logit arrays in one record, by name (FedAgg: one per neighbour's subtree)."""
+    if logit_dtype not in LOGIT_DTYPES:
+        raise ValueError(f"logit dtype {logit_dtype!r} not in {LOGIT_DTYPES}")
+    return ArrayRecord({k: Array(np.ascontiguousarray(_to_numpy(v).astype(logit_dtype))) for k, v in logits.items()})
+
+
+def decode_named_logits(record: ArrayRecord, expected: Mapping[str, int], num_classes: int) -> dict[str, Tensor]:
+    """Decode the arrays named in ``expected`` (name -> number of rows), validated like ``Z_s``."""
+    out = {}
+    for name, rows in expected.items():
+        try:
+            out[name] = validate_server_logits(_load(record, name, LOGIT_DTYPES), rows, num_classes)
+        except PayloadError as err:
+            raise PayloadError(f"{name}: {err}") from None
+    return out
 
 
 def _npy_view(data: bytes) -> np.ndarray:

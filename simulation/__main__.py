@@ -17,6 +17,7 @@ from flwr.simulation import run_simulation
 from flwr_gkt.config import RunConfig, parse_overrides, resolve_config
 
 from .client_app import make_client_app
+from .fedagg_app import make_fedagg_apps
 from .fedavg_app import make_fedavg_apps
 from .inprocess import run_inprocess
 from .legacy_app import make_legacy_apps
@@ -25,7 +26,7 @@ from .task import PRESETS_DIR
 
 
 def build_config(argv: list[str] | None = None) -> tuple[RunConfig, str, str]:
-    """The resolved config, the API (``message``, ``legacy`` or ``fedavg``) and the runtime."""
+    """The resolved config, the API (``message``, ``legacy``, ``fedavg`` or ``fedagg``) and the runtime."""
     parser = argparse.ArgumentParser(prog="python -m simulation", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="fmnist",
@@ -35,34 +36,39 @@ def build_config(argv: list[str] | None = None) -> tuple[RunConfig, str, str]:
     parser.add_argument("--api", choices=("message", "legacy"), default="message",
                         help="Flower API: the Message API strategy (default) or the legacy "
                              "configure_fit/aggregate_fit adapter with a NumPyClient")
-    parser.add_argument("--algorithm", choices=("fedgkt", "fedavg"), default="fedgkt",
-                        help="FedGKT (default) or the FedAvg baseline: Flower's FedAvg training "
-                             "the full model (edge stem + server body) on the same partitions")
+    parser.add_argument("--algorithm", choices=("fedgkt", "fedavg", "fedagg"), default="fedgkt",
+                        help="FedGKT (default), the FedAvg baseline (Flower's FedAvg training the full "
+                             "model, edge stem + server body, on the same partitions) or FedAgg "
+                             "(end-edge-cloud tree: num-clients end devices under fedagg-edges edges)")
     parser.add_argument("--runtime", choices=("ray", "inprocess"), default="ray",
                         help="Flower's Ray simulation (default) or an in-process grid running the "
                              "ClientApp in this process, one node at a time (no Ray)")
     args = parser.parse_args(argv)
     cfg = resolve_config({"preset": args.preset, **parse_overrides(args.overrides)}, PRESETS_DIR)
-    return cfg, "fedavg" if args.algorithm == "fedavg" else args.api, args.runtime
+    return cfg, args.algorithm if args.algorithm in ("fedavg", "fedagg") else args.api, args.runtime
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg, api, runtime = build_config(argv)
     print(f"flwr-gkt simulation ({api}, {runtime}): {cfg.num_clients} nodes, {cfg.num_server_rounds} "
           f"rounds, edge {cfg.edge_model}, server {cfg.server_model}", flush=True)
+    num_nodes = cfg.num_clients
     if api == "fedavg":
         server_app, client_app = make_fedavg_apps(cfg)
+    elif api == "fedagg":
+        server_app, client_app = make_fedagg_apps(cfg)
+        num_nodes += cfg.fedagg_edges
     elif api == "legacy":
         server_app, client_app = make_legacy_apps(cfg)
     else:
         server_app, client_app = make_server_app(cfg), make_client_app(cfg)
     if runtime == "inprocess":
-        run_inprocess(server_app, client_app, cfg.num_clients)
+        run_inprocess(server_app, client_app, num_nodes)
         return 0
     run_simulation(
         server_app=server_app,
         client_app=client_app,
-        num_supernodes=cfg.num_clients,
+        num_supernodes=num_nodes,
         backend_config={
             "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 0.0},
             "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},

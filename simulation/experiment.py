@@ -63,7 +63,7 @@ def load_experiment(name: str) -> tuple[str, dict[str, Any]]:
         raise ValueError(f"{path}: an experiment needs a non-empty 'runs' mapping")
     for run, body in spec["runs"].items():
         algorithm = (body or {}).get("algorithm", "fedgkt")
-        if algorithm not in ("fedgkt", "fedavg"):
+        if algorithm not in ("fedgkt", "fedavg", "fedagg"):
             raise ValueError(f"{path}: run {run!r} has unknown algorithm {algorithm!r}")
     return path.stem, spec
 

@@ -1,0 +1,189 @@
+"""ClientApp side of FedAgg / FedEEC: end devices and edge servers.
+
+Every node runs :func:`handle_fedagg` on the cloud's ``train`` messages; the
+message's ``fedagg-stage`` says what to do (see ``docs/fedagg.md``):
+
+``init`` (end devices, once)
+    Encode the local training images with the frozen bridge encoder and reply
+    with the embeddings and labels (:func:`flwr_gkt.wire.encode_embeddings`).
+``store`` (edge servers)
+    Keep the embeddings of the leaves now under this node (``fedagg-emb/<uid>``
+    records), drop those listed in ``drop`` (a leaf that migrated away).
+``teach``
+    For every ``teach/<name>`` entry (a comma-separated list of leaf uids),
+    compute this node's logits on the bridge samples of those leaves, in that
+    order, and reply them by name (logits only).
+``learn``
+    For every ``learn/<name>`` entry, train one BSBODP pass with the
+    neighbour's logits sent under ``<name>`` (end device:
+    :func:`flwr_gkt.fedagg.train_leaf` on its real images and their bridge
+    samples; edge: :func:`flwr_gkt.fedagg.train_nonleaf`).
+
+:func:`handle_topology_query` answers the cloud's ``query``: the node's uid,
+tier and parent. The node's model and the embeddings it holds live in
+``context.state``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from torch import Tensor, nn
+
+from .bridge import BridgeAutoencoder
+from .data import ClientData
+from .fedagg import BSBODPConfig, teacher_logits, train_leaf, train_nonleaf
+from .rectify import get_rectifier
+from .training import get_device, prepare_model
+from .wire import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    METRICS_KEY,
+    NODE_KEY,
+    NODE_UID,
+    decode_named_logits,
+    encode_embeddings,
+    encode_named_logits,
+    metrics_record,
+)
+
+__all__ = ["TierRole", "handle_fedagg", "handle_topology_query", "EMB_PREFIX", "STATE_MODEL",
+           "bsbodp_config", "leaves_of"]
+
+STATE_MODEL = "fedagg-model"
+#: ``context.state.array_records[EMB_PREFIX + leaf_uid]``: that leaf's embeddings and labels.
+EMB_PREFIX = "fedagg-emb/"
+
+
+@dataclass(frozen=True)
+class TierRole:
+    """Where a node sits in the tree: its uid, ``end`` or ``edge``, and its parent's uid (or ``cloud``)."""
+
+    uid: str
+    tier: str
+    parent: str
+
+    def __post_init__(self) -> None:
+        if self.tier not in ("end", "edge"):
+            raise ValueError(f"tier must be 'end' or 'edge', got {self.tier!r}")
+
+
+def leaves_of(spec: str) -> list[str]:
+    """``"a,b,c"`` -> ``["a", "b", "c"]``."""
+    return [uid for uid in str(spec).split(",") if uid]
+
+
+def bsbodp_config(config: ConfigRecord) -> BSBODPConfig:
+    """The BSBODP settings sent with a ``learn`` instruction."""
+    d = BSBODPConfig()
+    return BSBODPConfig(
+        temperature=float(config.get("temperature", d.temperature)),  # type: ignore[arg-type]
+        beta=float(config.get("beta", d.beta)),  # type: ignore[arg-type]
+        gamma=float(config.get("gamma", d.gamma)),  # type: ignore[arg-type]
+        batch_size=int(config.get("batch-size", d.batch_size)),  # type: ignore[arg-type]
+        optimizer=str(config.get("optimizer", d.optimizer)),
+        lr=float(config.get("lr", d.lr)),  # type: ignore[arg-type]
+        weight_decay=float(config.get("weight-decay", d.weight_decay)),  # type: ignore[arg-type]
+        epochs=int(config.get("epochs", d.epochs)),  # type: ignore[arg-type]
+    )
+
+
+def handle_topology_query(msg: Message, role: TierRole) -> Message:
+    """Tell the cloud who this node is and where it hangs."""
+    info = ConfigRecord({NODE_UID: role.uid, "tier": role.tier, "parent": role.parent})
+    return Message(content=RecordDict({NODE_KEY: info}), reply_to=msg)
+
+
+def _model(context: Context, build: Callable[[], nn.Module], device: torch.device) -> nn.Module:
+    model = build()
+    state = context.state.array_records.get(STATE_MODEL)
+    if state is not None:
+        model.load_state_dict(state.to_torch_state_dict())
+    return prepare_model(model, device)
+
+
+def _embeddings(context: Context, leaves: list[str]) -> tuple[Tensor, Tensor]:
+    eps, labels = [], []
+    for uid in leaves:
+        record = context.state.array_records.get(EMB_PREFIX + uid)
+        if record is None:
+            raise KeyError(f"no embeddings of leaf {uid!r} on this node")
+        eps.append(torch.from_numpy(record["embeddings"].numpy()))
+        labels.append(torch.from_numpy(record["labels"].numpy()))
+    return torch.cat(eps), torch.cat(labels)
+
+
+def handle_fedagg(
+    msg: Message,
+    context: Context,
+    role: TierRole,
+    autoencoder: BridgeAutoencoder,
+    build_model: Callable[[], nn.Module],
+    data: ClientData | None = None,
+    device: str = "auto",
+) -> Message:
+    """Run one FedAgg stage on this node (see the module docstring); reply to the cloud."""
+    config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+    stage = str(config.get("fedagg-stage", ""))
+    dev = get_device(device)
+    start = time.perf_counter()
+    if stage == "init":
+        if role.tier != "end" or data is None:
+            raise ValueError("only an end device with data uploads embeddings")
+        pixels = data.x_train * autoencoder.std + autoencoder.mean  # the encoder reads [0, 1] images
+        eps = autoencoder.encode(pixels)
+        record = encode_embeddings(eps, data.y_train)
+        context.state.array_records[EMB_PREFIX + role.uid] = record
+        content = RecordDict({ARRAYS_KEY: record, METRICS_KEY: metrics_record(len(eps))})
+        return Message(content=content, reply_to=msg)
+    if stage == "store":
+        for key, record in msg.content.array_records.items():
+            if key.startswith(EMB_PREFIX):
+                context.state.array_records[key] = record
+        for uid in leaves_of(str(config.get("drop", ""))):
+            context.state.array_records.pop(EMB_PREFIX + uid, None)
+        held = sum(1 for k in context.state.array_records if k.startswith(EMB_PREFIX))
+        return Message(content=RecordDict({METRICS_KEY: metrics_record(held)}), reply_to=msg)
+    model = _model(context, build_model, dev)
+    if stage == "teach":
+        logits = {}
+        for key in config:
+            if key.startswith("teach/"):
+                eps, _ = _embeddings(context, leaves_of(str(config[key])))
+                logits[key[len("teach/"):]] = teacher_logits(model, autoencoder.bridge(eps), dev)
+        n = sum(len(z) for z in logits.values())
+        content = RecordDict({ARRAYS_KEY: encode_named_logits(logits, str(config.get("logit-dtype", "float32"))),
+                              METRICS_KEY: metrics_record(n)})
+        return Message(content=content, reply_to=msg)
+    if stage != "learn":
+        raise ValueError(f"unknown fedagg-stage {stage!r}")
+    cfg = bsbodp_config(config)
+    rectify = get_rectifier(str(config.get("rectify", "none")))
+    lessons = {key[len("learn/"):]: leaves_of(str(config[key])) for key in config if key.startswith("learn/")}
+    embedded = {name: _embeddings(context, leaves) for name, leaves in lessons.items()}
+    teachers = decode_named_logits(msg.content.array_records.get(ARRAYS_KEY, ArrayRecord()),
+                                   {name: len(labels) for name, (_, labels) in embedded.items()},
+                                   int(config.get("num-classes", 10)))  # type: ignore[arg-type]
+    gen = torch.Generator().manual_seed(int(config.get("seed", 0)) * 100_003  # type: ignore[arg-type]
+                                        + int(config.get("server-round", 0)))  # type: ignore[arg-type]
+    loss_sum, correct_sum, seen = 0.0, 0.0, 0
+    for name in sorted(lessons, key=lambda n: (n != "parent", n)):  # parent first, then children
+        eps, labels = embedded[name]
+        bridge = autoencoder.bridge(eps)
+        if role.tier == "end":
+            if data is None:
+                raise ValueError("an end device needs its data")
+            result = train_leaf(model, data.x_train, bridge, labels, teachers[name], cfg, dev, gen, rectify)
+        else:
+            result = train_nonleaf(model, bridge, labels, teachers[name], cfg, dev, gen, rectify)
+        loss_sum += result.loss * result.num_examples
+        correct_sum += result.accuracy * result.num_examples
+        seen += result.num_examples
+    context.state.array_records[STATE_MODEL] = ArrayRecord(model.state_dict())
+    metrics = metrics_record(seen, **{"train-loss": loss_sum / max(seen, 1), "train-accuracy": correct_sum / max(seen, 1),
+                                      "seconds": time.perf_counter() - start})
+    return Message(content=RecordDict({METRICS_KEY: metrics}), reply_to=msg)

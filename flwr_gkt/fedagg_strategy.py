@@ -1,0 +1,399 @@
+"""FedAgg / FedEEC as a Flower strategy: the cloud of an end-edge-cloud tree.
+
+The ServerApp is the cloud; edge servers and end devices are SuperNodes that
+say where they hang in their node config (``tier``, ``parent``,
+``node-uid``), and every parent-child exchange is relayed by the cloud (Flower
+nodes do not talk to each other). One round (``docs/fedagg.md``):
+
+1. *topology*: a ``query`` to every node (uid, tier, parent), plus the
+   configured migrations; moves are logged;
+2. *init*: end devices whose embeddings the cloud lacks upload them once
+   (validated, :func:`flwr_gkt.wire.decode_embeddings`);
+3. *store*: each edge gets the embeddings of the leaves newly under it and
+   drops those that left (migration);
+4. *teach*: every node computes logits on the bridge samples its neighbours
+   need (the cloud too, locally);
+5. *learn*: every node trains one BSBODP pass per neighbour with the
+   neighbour's logits; the cloud learns from each child;
+6. the cloud model is evaluated on the test set.
+
+After the first round only logits travel. Bytes are counted per stage and
+per logical link (``end-edge``, ``edge-cloud``, ``end-cloud``): what a tree
+without the cloud relay would send, once per transfer (``init-<link>``: the
+embeddings; ``logits-up-<link>`` / ``logits-down-<link>``: child to parent /
+parent to child). The training math is
+in :mod:`flwr_gkt.fedagg` and :mod:`flwr_gkt.fedagg_client`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterable
+from logging import INFO, WARNING
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log
+from torch import Tensor, nn
+
+from .bridge import BridgeAutoencoder
+from .fedagg import BSBODPConfig, teacher_logits, train_nonleaf
+from .fedagg_client import EMB_PREFIX, TierRole
+from .rectify import get_rectifier
+from .training import TensorBatches, evaluate_logits, get_device, predict, prepare_model
+from .wire import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    NODE_KEY,
+    NODE_UID,
+    PayloadError,
+    decode_embeddings,
+    decode_named_logits,
+    encode_embeddings,
+    encode_named_logits,
+    record_nbytes,
+)
+
+__all__ = ["FedAgg", "parse_migrations"]
+
+CLOUD = "cloud"
+
+
+def parse_migrations(spec: str) -> list[tuple[str, str, int]]:
+    """``"end-3:edge-0@2, ..."`` -> ``[("end-3", "edge-0", 2), ...]`` (node uid, new parent, from round)."""
+    out = []
+    for item in spec.replace(";", ",").split(","):
+        item = item.strip()
+        if item:
+            try:
+                uid, rest = item.split(":", 1)
+                parent, rnd = rest.split("@", 1)
+                out.append((uid.strip(), parent.strip(), int(rnd)))
+            except ValueError:
+                raise ValueError(f"bad migration {item!r} (expected uid:new-parent@round)") from None
+    return out
+
+
+class _Tree:
+    """The tree of one round: node ids, roles, children and leaves per node."""
+
+    def __init__(self, roles: dict[str, tuple[int, TierRole]], with_embeddings: set[str]) -> None:
+        self.node_id = {uid: nid for uid, (nid, _) in roles.items()}
+        self.role = {uid: role for uid, (_, role) in roles.items()}
+        self.children: dict[str, list[str]] = {CLOUD: []}
+        for uid, role in sorted(self.role.items()):
+            if role.tier == "end" and uid not in with_embeddings:
+                continue
+            if role.parent != CLOUD and (role.parent not in self.role or self.role[role.parent].tier != "edge"):
+                log(WARNING, "FedAgg: node %s names parent %r, which is not a connected edge; left out", uid,
+                    role.parent)
+                continue
+            self.children.setdefault(role.parent, []).append(uid)
+
+    def members(self) -> list[str]:
+        return sorted(c for kids in self.children.values() for c in kids)
+
+    def leaves(self, uid: str) -> list[str]:
+        if uid != CLOUD and self.role[uid].tier == "end":
+            return [uid]
+        return sorted(leaf for child in self.children.get(uid, []) for leaf in self.leaves(child))
+
+    def link(self, uid: str) -> str:
+        parent = self.role[uid].parent
+        return f"{self.role[uid].tier}-{'cloud' if parent == CLOUD else 'edge'}"
+
+
+class FedAgg(Strategy):
+    """The cloud of FedAgg (Wu et al., INFOCOM 2024), with FedEEC's rectification.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The cloud model (an image classifier, e.g. ``resnet18``).
+    autoencoder : BridgeAutoencoder
+        The frozen bridge autoencoder (the same file on every node).
+    num_classes : int
+        Number of classes.
+    test_x, test_y : Tensor
+        The cloud's test set (normalised images, labels).
+    bsbodp : BSBODPConfig
+        Settings of every BSBODP pass, sent to the nodes too.
+    rectify : str
+        FedEEC rectification rule (:mod:`flwr_gkt.rectify`), ``none`` for FedAgg.
+    migrations : iterable of (uid, new parent, round)
+        Nodes that move to another parent from a round on (simulation).
+    logit_dtype : str
+        ``float32`` or ``float16`` logits on the wire.
+    device : str
+        Where the cloud model trains (``auto``: CUDA when available).
+    seed : int
+        Seed of the shuffling.
+    """
+
+    def __init__(self, model: nn.Module, autoencoder: BridgeAutoencoder, num_classes: int, test_x: Tensor,
+                 test_y: Tensor, *, bsbodp: BSBODPConfig | None = None, rectify: str = "none",
+                 migrations: Iterable[tuple[str, str, int]] = (), logit_dtype: str = "float32",
+                 device: str = "auto", seed: int = 0) -> None:
+        self.device = get_device(device)
+        self.model = prepare_model(model, self.device)
+        self.autoencoder = autoencoder.freeze()
+        self.num_classes = num_classes
+        self.test_x, self.test_y = test_x, test_y
+        self.bsbodp = bsbodp or BSBODPConfig()
+        self.rectify_name = rectify
+        self.rectify = get_rectifier(rectify)
+        self.migrations = list(migrations)
+        self.logit_dtype = logit_dtype
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+        #: Embeddings and labels of every leaf, by uid (uploaded once).
+        self.embeddings: dict[str, tuple[Tensor, Tensor]] = {}
+        #: Leaves whose embeddings each edge holds.
+        self.edge_holds: dict[str, set[str]] = {}
+        self.parents: dict[str, str] = {}
+        self.history: list[dict[str, float]] = []
+        self.node_history: list[dict[str, Any]] = []
+        self.moves: list[tuple[int, str, str, str]] = []
+
+    # Flower's round-by-round hooks are not used: the tree needs several message waves per round.
+    def configure_train(self, server_round, arrays, config, grid):  # noqa: ANN001, ANN201, D102
+        raise NotImplementedError("FedAgg runs its own rounds: call start()")
+
+    def aggregate_train(self, server_round, replies):  # noqa: ANN001, ANN201, D102
+        raise NotImplementedError("FedAgg runs its own rounds: call start()")
+
+    def configure_evaluate(self, server_round, arrays, config, grid):  # noqa: ANN001, ANN201, D102
+        raise NotImplementedError("FedAgg runs its own rounds: call start()")
+
+    def aggregate_evaluate(self, server_round, replies):  # noqa: ANN001, ANN201, D102
+        raise NotImplementedError("FedAgg runs its own rounds: call start()")
+
+    def summary(self) -> None:
+        """Log the configuration."""
+        log(INFO, "\t├──> FedAgg: cloud model %s on %s, rectification %s", type(self.model).__name__, self.device,
+            self.rectify_name)
+        log(INFO, "\t└──> BSBODP: %s", self.bsbodp)
+
+    # ------------------------------------------------------------------ helpers
+    def _config(self, server_round: int, stage: str, **extra: Any) -> ConfigRecord:
+        cfg = self.bsbodp
+        return ConfigRecord({
+            "fedagg-stage": stage, "server-round": server_round, "seed": self.seed,
+            "num-classes": self.num_classes, "logit-dtype": self.logit_dtype, "rectify": self.rectify_name,
+            "temperature": cfg.temperature, "beta": cfg.beta, "gamma": cfg.gamma, "batch-size": cfg.batch_size,
+            "optimizer": cfg.optimizer, "lr": cfg.lr, "weight-decay": cfg.weight_decay, "epochs": cfg.epochs,
+            **extra,
+        })
+
+    def _exchange(self, grid: Grid, messages: dict[str, Message], timeout: float, server_round: int,
+                  stage: str) -> dict[str, Message]:
+        """Send one wave; return the successful replies by uid (errors and lost nodes logged)."""
+        if not messages:
+            return {}
+        by_id = {m.metadata.dst_node_id: uid for uid, m in messages.items()}
+        replies: dict[str, Message] = {}
+        for reply in grid.send_and_receive(list(messages.values()), timeout=timeout):
+            uid = by_id.get(reply.metadata.src_node_id)
+            if uid is None or uid in replies:
+                continue
+            if reply.has_error():
+                self.node_history.append({"round": server_round, "stage": stage, "node": uid, "status": "error",
+                                          "reason": reply.error.reason})
+                log(WARNING, "FedAgg round %d: %s reply of %s rejected: node error: %s", server_round, stage, uid,
+                    reply.error.reason)
+                continue
+            replies[uid] = reply
+        for uid in sorted(set(messages) - set(replies)):
+            if not any(r["node"] == uid and r["round"] == server_round and r["stage"] == stage
+                       for r in self.node_history[-len(messages):]):
+                self.node_history.append({"round": server_round, "stage": stage, "node": uid, "status": "lost"})
+                log(WARNING, "FedAgg round %d: %s: no reply from %s", server_round, stage, uid)
+        return replies
+
+    def _topology(self, grid: Grid, server_round: int, timeout: float) -> dict[str, tuple[int, TierRole]]:
+        ids = sorted(grid.get_node_ids())
+        query = ConfigRecord({"query": "fedagg-topology"})
+        messages = [Message(RecordDict({CONFIG_KEY: query}), dst_node_id=n, message_type=MessageType.QUERY)
+                    for n in ids]
+        roles: dict[str, tuple[int, TierRole]] = {}
+        for reply in grid.send_and_receive(messages, timeout=timeout):
+            if reply.has_error():
+                continue
+            info = reply.content.config_records.get(NODE_KEY, ConfigRecord())
+            try:
+                role = TierRole(str(info[NODE_UID]), str(info["tier"]), str(info["parent"]))
+            except (KeyError, ValueError) as err:
+                log(WARNING, "FedAgg: node %d gave no valid tier/parent (%s)", reply.metadata.src_node_id, err)
+                continue
+            roles[role.uid] = (reply.metadata.src_node_id, role)
+        for uid, parent, first in self.migrations:
+            if server_round >= first and uid in roles:
+                nid, role = roles[uid]
+                roles[uid] = (nid, TierRole(role.uid, role.tier, parent))
+        for uid, (_, role) in sorted(roles.items()):
+            old = self.parents.get(uid)
+            if old is not None and old != role.parent:
+                self.moves.append((server_round, uid, old, role.parent))
+                log(INFO, "FedAgg round %d: node %s migrated from %s to %s (with its subtree)", server_round, uid,
+                    old, role.parent)
+            self.parents[uid] = role.parent
+        return roles
+
+    # ------------------------------------------------------------------ round
+    def start(self, grid: Grid, num_rounds: int = 3, timeout: float = 3600) -> list[dict[str, float]]:
+        """Run ``num_rounds`` FedAgg rounds on ``grid``; return the history (one row per round)."""
+        log(INFO, "Starting FedAgg strategy:")
+        self.summary()
+        run_start = time.perf_counter()
+        for rnd in range(1, num_rounds + 1):
+            log(INFO, "")
+            log(INFO, "[ROUND %s/%s]", rnd, num_rounds)
+            start = time.perf_counter()
+            nbytes: Counter[str] = Counter()
+            roles = self._topology(grid, rnd, timeout)
+            self._init(grid, roles, rnd, timeout, nbytes)
+            tree = _Tree(roles, set(self.embeddings))
+            self._store(grid, tree, rnd, timeout, nbytes)
+            teach = self._teach(grid, tree, rnd, timeout, nbytes)
+            cloud_z = {c: teacher_logits(self.model, self._bridge(tree.leaves(c)), self.device)
+                       for c in tree.children[CLOUD]}
+            learned = self._learn(grid, tree, rnd, timeout, teach, cloud_z, nbytes)
+            cloud_loss = self._cloud_learn(tree, teach)
+            loss_sum, correct = self.evaluate()
+            row: dict[str, float] = {
+                "round": rnd, "accuracy": correct / len(self.test_y), "loss": loss_sum / len(self.test_y),
+                "cloud-train-loss": cloud_loss, "nodes": len(tree.members()), "leaves": len(tree.leaves(CLOUD)),
+                "nodes-learned": learned, "migrations": sum(1 for m in self.moves if m[0] == rnd),
+                "round-seconds": time.perf_counter() - start,
+                **{f"bytes-{k}": float(v) for k, v in sorted(nbytes.items())},
+            }
+            self.history.append(row)
+            log(INFO, "FedAgg round %d: cloud accuracy %.4f on %d test samples, %d nodes (%d leaves), "
+                "%.1fs, %s", rnd, row["accuracy"], len(self.test_y), row["nodes"], row["leaves"],
+                row["round-seconds"], ", ".join(f"{k} {v / 1024:.1f} KB" for k, v in sorted(nbytes.items())))
+        log(INFO, "FedAgg finished %d rounds in %.1fs", num_rounds, time.perf_counter() - run_start)
+        return self.history
+
+    def _bridge(self, leaves: list[str]) -> Tensor:
+        return self.autoencoder.bridge(torch.cat([self.embeddings[u][0] for u in leaves]))
+
+    def _labels(self, leaves: list[str]) -> Tensor:
+        return torch.cat([self.embeddings[u][1] for u in leaves])
+
+    def _init(self, grid: Grid, roles: dict[str, tuple[int, TierRole]], rnd: int, timeout: float,
+              nbytes: Counter[str]) -> None:
+        """End devices the cloud has no embeddings of upload them (once)."""
+        todo = {uid: Message(RecordDict({CONFIG_KEY: self._config(rnd, "init")}), dst_node_id=nid,
+                             message_type=MessageType.TRAIN)
+                for uid, (nid, role) in roles.items() if role.tier == "end" and uid not in self.embeddings}
+        for uid, reply in self._exchange(grid, todo, timeout, rnd, "init").items():
+            link = f"end-{'cloud' if roles[uid][1].parent == CLOUD else 'edge'}"
+            nbytes[f"init-{link}"] += record_nbytes(reply.content)
+            try:
+                eps, labels = decode_embeddings(reply.content, self.num_classes)
+            except PayloadError as err:
+                self.node_history.append({"round": rnd, "stage": "init", "node": uid, "status": "rejected",
+                                          "reason": str(err)})
+                log(WARNING, "FedAgg round %d: embeddings of %s rejected: %s", rnd, uid, err)
+                continue
+            self.embeddings[uid] = (eps.clone(), labels.clone())
+
+    def _store(self, grid: Grid, tree: _Tree, rnd: int, timeout: float, nbytes: Counter[str]) -> None:
+        """Each edge holds the embeddings of exactly the leaves under it."""
+        messages = {}
+        for uid, role in tree.role.items():
+            if role.tier != "edge" or uid not in tree.members():
+                continue
+            want, held = set(tree.leaves(uid)), self.edge_holds.get(uid, set())
+            add, drop = sorted(want - held), sorted(held - want)
+            if not add and not drop:
+                continue
+            content = RecordDict({CONFIG_KEY: self._config(rnd, "store", drop=",".join(drop))})
+            for leaf in add:
+                content[EMB_PREFIX + leaf] = encode_embeddings(*self.embeddings[leaf])
+            nbytes[f"init-{tree.link(uid)}"] += record_nbytes(content)  # the subtree's embeddings
+            messages[uid] = Message(content, dst_node_id=tree.node_id[uid], message_type=MessageType.TRAIN)
+        for uid in self._exchange(grid, messages, timeout, rnd, "store"):
+            self.edge_holds[uid] = set(tree.leaves(uid))
+
+    def _teach(self, grid: Grid, tree: _Tree, rnd: int, timeout: float,
+               nbytes: Counter[str]) -> dict[tuple[str, str], Tensor]:
+        """Every node's logits for its neighbours: ``{(teacher uid, name): logits}``."""
+        messages, expected = {}, {}
+        for uid in tree.members():
+            if tree.role[uid].tier == "edge" and uid not in self.edge_holds:
+                continue  # its embeddings did not arrive
+            requests = {"parent": tree.leaves(uid)}
+            if tree.role[uid].tier == "edge":
+                requests.update({f"child/{c}": tree.leaves(c) for c in tree.children.get(uid, [])})
+            requests = {k: v for k, v in requests.items() if v}
+            if not requests:
+                continue
+            expected[uid] = {k: len(self._labels(v)) for k, v in requests.items()}
+            config = self._config(rnd, "teach", **{f"teach/{k}": ",".join(v) for k, v in requests.items()})
+            messages[uid] = Message(RecordDict({CONFIG_KEY: config}), dst_node_id=tree.node_id[uid],
+                                    message_type=MessageType.TRAIN)
+        out: dict[tuple[str, str], Tensor] = {}
+        for uid, reply in self._exchange(grid, messages, timeout, rnd, "teach").items():
+            record = reply.content.array_records.get(ARRAYS_KEY, ArrayRecord())
+            try:
+                logits = decode_named_logits(record, expected[uid], self.num_classes)
+            except PayloadError as err:
+                log(WARNING, "FedAgg round %d: logits of %s rejected: %s", rnd, uid, err)
+                continue
+            for name, z in logits.items():
+                out[(uid, name)] = z.clone()
+                # counted once per logical transfer (teacher -> student), not per relay hop
+                link = tree.link(uid) if name == "parent" else tree.link(name.split("/", 1)[1])
+                nbytes[f"logits-up-{link}" if name == "parent" else f"logits-down-{link}"] += len(record[name].data)
+        return out
+
+    def _learn(self, grid: Grid, tree: _Tree, rnd: int, timeout: float, teach: dict[tuple[str, str], Tensor],
+               cloud_z: dict[str, Tensor], nbytes: Counter[str]) -> int:
+        """Every node trains with its neighbours' logits; return how many did."""
+        messages = {}
+        for uid in tree.members():
+            parent = tree.role[uid].parent
+            lessons: dict[str, tuple[list[str], Tensor]] = {}
+            z_parent = cloud_z.get(uid) if parent == CLOUD else teach.get((parent, f"child/{uid}"))
+            if z_parent is not None:
+                lessons["parent"] = (tree.leaves(uid), z_parent)
+            for child in tree.children.get(uid, []):
+                if (child, "parent") in teach:
+                    lessons[f"child/{child}"] = (tree.leaves(child), teach[(child, "parent")])
+            if not lessons:
+                continue
+            config = self._config(rnd, "learn", **{f"learn/{k}": ",".join(v[0]) for k, v in lessons.items()})
+            record = encode_named_logits({k: v[1] for k, v in lessons.items()}, self.logit_dtype)
+            if parent == CLOUD and "parent" in record:  # the other lessons were counted in _teach
+                nbytes[f"logits-down-{tree.link(uid)}"] += len(record["parent"].data)
+            messages[uid] = Message(RecordDict({CONFIG_KEY: config, ARRAYS_KEY: record}),
+                                    dst_node_id=tree.node_id[uid], message_type=MessageType.TRAIN)
+        replies = self._exchange(grid, messages, timeout, rnd, "learn")
+        for uid, reply in replies.items():
+            metrics = reply.content.metric_records.get("metrics", MetricRecord())
+            self.node_history.append({"round": rnd, "stage": "learn", "node": uid, "status": "accepted",
+                                      **{k: v for k, v in metrics.items()}})
+        return len(replies)
+
+    def _cloud_learn(self, tree: _Tree, teach: dict[tuple[str, str], Tensor]) -> float:
+        """The cloud learns from each child over the child's subtree (eq. 4)."""
+        loss, seen = 0.0, 0
+        for child in tree.children[CLOUD]:
+            z = teach.get((child, "parent"))
+            if z is None:
+                continue
+            leaves = tree.leaves(child)
+            result = train_nonleaf(self.model, self._bridge(leaves), self._labels(leaves), z, self.bsbodp,
+                                   self.device, self.generator, self.rectify)
+            loss, seen = loss + result.loss * result.num_examples, seen + result.num_examples
+        return loss / max(seen, 1)
+
+    def evaluate(self) -> tuple[float, int]:
+        """``(summed CE loss, correct)`` of the cloud model on its test set."""
+        logits = predict(self.model, TensorBatches(self.test_x, self.test_y, 256), self.device)
+        return evaluate_logits(logits, self.test_y)
