@@ -19,7 +19,8 @@ with the paper's ``T = 3``, ``beta = 10``, ``gamma = 1`` as defaults. FedEEC's
 self-knowledge rectification is the ``rectify`` argument (applied to the
 teacher's probabilities, see :mod:`flwr_gkt.rectify`). Both use the library's
 one training loop (:func:`flwr_gkt.training.fit`); the optimizer is created
-anew for every call, as in the official code.
+anew for every call and an incomplete last batch is skipped, as in the
+official code (``drop_last``).
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def train_leaf(
         raise ValueError(f"real {list(real.shape)} and bridge {list(bridge.shape)} samples must pair up")
     pairs = torch.stack([real, bridge], dim=1)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
-    return fit(model, TensorBatches(pairs, labels, cfg.batch_size, True, generator), optimizer,
+    return fit(model, TensorBatches(pairs, labels, cfg.batch_size, True, generator, drop_last=True), optimizer,
                epochs=cfg.epochs, device=device, teacher_logits=teacher,
                loss_fn=partial(_leaf_step, cfg, rectify))
 
@@ -100,6 +101,6 @@ def train_nonleaf(
 ) -> FitResult:
     """An edge or the cloud learns from a neighbour over the bridge samples of a subtree (eq. 4)."""
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
-    return fit(model, TensorBatches(bridge, labels, cfg.batch_size, True, generator), optimizer,
+    return fit(model, TensorBatches(bridge, labels, cfg.batch_size, True, generator, drop_last=True), optimizer,
                epochs=cfg.epochs, device=device, teacher_logits=teacher, temperature=cfg.temperature,
                alpha=cfg.beta, rectify=rectify)

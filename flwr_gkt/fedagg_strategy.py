@@ -270,6 +270,9 @@ class FedAgg(Strategy):
                 "nodes-learned": learned, "migrations": sum(1 for m in self.moves if m[0] == rnd),
                 "round-seconds": time.perf_counter() - start,
                 **{f"bytes-{k}": float(v) for k, v in sorted(nbytes.items())},
+                # totals in FedGKT's terms: towards the cloud (embeddings, logits up) / away from it
+                "bytes-up-train": float(sum(v for k, v in nbytes.items() if "-up-" in k or k.startswith("init-"))),
+                "bytes-down-train": float(sum(v for k, v in nbytes.items() if "-down-" in k)),
             }
             self.history.append(row)
             log(INFO, "FedAgg round %d: cloud accuracy %.4f on %d test samples, %d nodes (%d leaves), "

@@ -87,6 +87,9 @@ class TensorBatches:
         ``transform(inputs, generator)`` applied to every batch of inputs (e.g.
         :class:`flwr_gkt.data.RandomCropFlip`); the index still names the
         original samples.
+    drop_last : bool
+        Skip a last, incomplete batch when there is at least one full one
+        (batch-norm cannot train on a batch of one sample).
     """
 
     def __init__(
@@ -97,6 +100,7 @@ class TensorBatches:
         shuffle: bool = False,
         generator: torch.Generator | None = None,
         transform: Callable[[Tensor, torch.Generator | None], Tensor] | None = None,
+        drop_last: bool = False,
     ) -> None:
         if len(inputs) != len(labels):
             raise ValueError(f"{len(inputs)} inputs but {len(labels)} labels")
@@ -106,14 +110,17 @@ class TensorBatches:
         self.shuffle = shuffle
         self.generator = generator
         self.transform = transform
+        self.drop_last = drop_last and len(labels) >= self.batch_size
 
     def __len__(self) -> int:
+        if self.drop_last:
+            return len(self.labels) // self.batch_size
         return -(-len(self.labels) // self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
         n = len(self.labels)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else None
-        for start in range(0, n, self.batch_size):
+        for start in range(0, n - (n % self.batch_size if self.drop_last else 0), self.batch_size):
             if order is None:
                 idx = torch.arange(start, min(start + self.batch_size, n))
                 inputs, labels = self.inputs[start : start + self.batch_size], self.labels[start : start + self.batch_size]

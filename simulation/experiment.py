@@ -7,6 +7,7 @@
     title: FedGKT vs FedAvg on Fashion-MNIST
     preset: compare          # base preset of every run
     pretrain: {out: "{experiment-dir}/edge.pt"}   # optional: EcoFed extractor
+    bridge: {out: "{experiment-dir}/bridge.pt"}   # optional: FedAgg bridge autoencoder
     runtime: inprocess       # optional: ray (default) or inprocess (no Ray, one process)
     set: {num-server-rounds: 5}   # overrides for every run (optional)
     runs:
@@ -47,7 +48,7 @@ from .report import find_runs, load_run, markdown_table, plot_runs, write_long_c
 EXPERIMENTS_DIR = Path(__file__).parent / "experiments"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _LOG_PREFIX = re.compile(r"^(INFO|WARNING|ERROR|DEBUG)\s*:\s*")
-_PROGRESS_MARKERS = (" eval: accuracy", " rejected: ", "ERROR", "Traceback")
+_PROGRESS_MARKERS = (" eval: accuracy", ": cloud accuracy", " rejected: ", "ERROR", "Traceback")
 
 
 def load_experiment(name: str) -> tuple[str, dict[str, Any]]:
@@ -117,6 +118,35 @@ def pretrain(spec: dict[str, Any], out_dir: Path, extra: dict[str, Any]) -> Path
     return path
 
 
+def pretrain_bridge(spec: dict[str, Any], out_dir: Path, extra: dict[str, Any]) -> Path | None:
+    """Train the FedAgg bridge autoencoder named by the experiment's ``bridge`` section, once.
+
+    ``bridge: {out: "{experiment-dir}/bridge.pt", samples: 5000, epochs: 3}`` trains it on
+    training images no node holds (:mod:`flwr_gkt.bridge`); runs load it with
+    ``bridge-autoencoder``.
+    """
+    section = spec.get("bridge")
+    if not section:
+        return None
+    path = Path(_expand(str(section["out"]), out_dir))
+    if path.is_file():
+        return path
+    from flwr_gkt.bridge import pretrain_autoencoder
+    from flwr_gkt.config import resolve_config
+
+    from .task import PRESETS_DIR
+
+    cfg = resolve_config({"preset": spec.get("preset", "fmnist"), **(spec.get("set") or {}), **extra},
+                         PRESETS_DIR)
+    result = pretrain_autoencoder(path, dataset=cfg.dataset, data_dir=cfg.data_dir, fraction=cfg.data_fraction,
+                                  num_partitions=cfg.num_clients, seed=cfg.seed,
+                                  samples=int(section.get("samples", 5000)), epochs=int(section.get("epochs", 3)),
+                                  device=cfg.device)
+    print(f"bridge autoencoder trained on {int(result['samples'])} held-out images "
+          f"(test MSE {result['test-mse']:.4f}) -> {path}", flush=True)
+    return path
+
+
 def _run(cmd: list[str], log_path: Path, label: str) -> int:
     """Run one simulation, log everything to ``log_path``, echo progress lines."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -160,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         print(f"experiment {name}: {len(runs)} runs -> {out_dir}", flush=True)
         pretrain(spec, out_dir, extra)
+        pretrain_bridge(spec, out_dir, extra)
         for i, run in enumerate(runs, 1):
             run_dir = out_dir / run
             run_dir.mkdir(parents=True, exist_ok=True)

@@ -106,7 +106,7 @@ def test_bsbodp_directions_learn_from_the_teacher(autoencoder):
     z = teacher_logits(parent, bridge, CPU)
     assert z.shape == (len(bridge), 10)
     out = train_leaf(leaf, data.x_train, bridge, data.y_train, z, cfg, CPU, gen, rectify=rectify_swap)
-    assert out.num_examples == len(bridge) and out.accuracy > 0.3  # chance: 0.1
+    assert out.num_examples == len(bridge) // 16 * 16 and out.accuracy > 0.3  # full batches; chance 0.1
     with pytest.raises(ValueError):
         train_leaf(leaf, data.x_train[:5], bridge, data.y_train, z, cfg, CPU)
 
