@@ -26,12 +26,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .data import DatasetInfo, dataset_info, load_dataset
-from .partition import held_out_indices
+from .partition import held_out_sample
 from .training import get_device
 
 __all__ = ["BridgeAutoencoder", "pretrain_autoencoder", "load_autoencoder", "EMBEDDING_CHANNELS"]
@@ -126,11 +125,8 @@ def pretrain_autoencoder(
     the reconstruction MSE on the test set.
     """
     raw = load_dataset(dataset, data_dir)
-    held_out = held_out_indices(len(raw.y_train), num_partitions, seed=seed, fraction=fraction)
-    if len(held_out) == 0:
-        raise ValueError("no held-out samples: the federation uses the whole training set")
-    rng = np.random.default_rng(seed + 11)
-    idx = torch.from_numpy(rng.permutation(held_out)[:samples])
+    idx = torch.from_numpy(held_out_sample(len(raw.y_train), num_partitions, samples, seed=seed,
+                                           fraction=fraction, stream=11))
     x = raw.x_train[idx].float() / 255.0
     torch.manual_seed(seed)
     model = _for_dataset(raw.info)

@@ -30,7 +30,6 @@ from flwr.supercore import log
 
 from .data import ClientData
 from .edge import EdgeRoundConfig, extract, train_edge
-from .losses import KDMode
 from .models import EdgeModel
 from .privacy import PrivacyConfig, apply_privacy
 from .training import FitResult, evaluate_logits, get_device, prepare_model
@@ -45,6 +44,7 @@ from .wire import (
     encode_logits,
     encode_payload,
     metrics_record,
+    settings_from_config,
     validate_server_logits,
 )
 
@@ -70,18 +70,7 @@ STATE_FILE = "gkt-node-state.pt"
 
 def edge_round_config(config: ConfigRecord) -> EdgeRoundConfig:
     """Read the per-round edge settings from the instruction's ConfigRecord."""
-    d = EdgeRoundConfig()
-    return EdgeRoundConfig(
-        epochs=int(config.get("epochs", d.epochs)),  # type: ignore[arg-type]
-        batch_size=int(config.get("batch-size", d.batch_size)),  # type: ignore[arg-type]
-        optimizer=str(config.get("optimizer", d.optimizer)),
-        lr=float(config.get("lr", d.lr)),  # type: ignore[arg-type]
-        weight_decay=float(config.get("weight-decay", d.weight_decay)),  # type: ignore[arg-type]
-        temperature=float(config.get("temperature", d.temperature)),  # type: ignore[arg-type]
-        alpha=float(config.get("alpha", d.alpha)),  # type: ignore[arg-type]
-        kd_mode=KDMode(str(config.get("kd-mode", d.kd_mode.value))),
-        freeze_extractor=bool(config.get("freeze-extractor", d.freeze_extractor)),
-    )
+    return settings_from_config(EdgeRoundConfig, config)
 
 
 def load_edge_model(

@@ -49,6 +49,7 @@ from .wire import (
     encode_embeddings,
     encode_named_logits,
     metrics_record,
+    settings_from_config,
 )
 
 __all__ = ["TierRole", "handle_fedagg", "handle_topology_query", "EMB_PREFIX", "STATE_MODEL",
@@ -79,17 +80,7 @@ def leaves_of(spec: str) -> list[str]:
 
 def bsbodp_config(config: ConfigRecord) -> BSBODPConfig:
     """The BSBODP settings sent with a ``learn`` instruction."""
-    d = BSBODPConfig()
-    return BSBODPConfig(
-        temperature=float(config.get("temperature", d.temperature)),  # type: ignore[arg-type]
-        beta=float(config.get("beta", d.beta)),  # type: ignore[arg-type]
-        gamma=float(config.get("gamma", d.gamma)),  # type: ignore[arg-type]
-        batch_size=int(config.get("batch-size", d.batch_size)),  # type: ignore[arg-type]
-        optimizer=str(config.get("optimizer", d.optimizer)),
-        lr=float(config.get("lr", d.lr)),  # type: ignore[arg-type]
-        weight_decay=float(config.get("weight-decay", d.weight_decay)),  # type: ignore[arg-type]
-        epochs=int(config.get("epochs", d.epochs)),  # type: ignore[arg-type]
-    )
+    return settings_from_config(BSBODPConfig, config)
 
 
 def handle_topology_query(msg: Message, role: TierRole) -> Message:

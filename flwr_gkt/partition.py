@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["partition_indices", "held_out_indices", "label_matched_split", "label_counts"]
+__all__ = ["partition_indices", "held_out_indices", "held_out_sample", "label_matched_split", "label_counts"]
 
 PARTITIONS = ("iid", "dirichlet")
 
@@ -40,6 +40,19 @@ def held_out_indices(num_samples: int, num_partitions: int, *, seed: int = 0,
     """
     used = _subset(num_samples, fraction, num_partitions, np.random.default_rng(seed))
     return np.setdiff1d(np.arange(num_samples), used)
+
+
+def held_out_sample(num_samples: int, num_partitions: int, samples: int, *, seed: int = 0,
+                    fraction: float = 1.0, stream: int = 0) -> np.ndarray:
+    """Up to ``samples`` random indices of :func:`held_out_indices` (``stream``: which random draw).
+
+    Raises ``ValueError`` when nothing is held out (``fraction`` 1).
+    """
+    held_out = held_out_indices(num_samples, num_partitions, seed=seed, fraction=fraction)
+    if len(held_out) == 0:
+        raise ValueError("no held-out samples: the federation uses the whole training set "
+                         "(pre-train with a data-fraction below 1)")
+    return np.random.default_rng(seed + stream).permutation(held_out)[:samples]
 
 
 def partition_indices(

@@ -19,11 +19,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .data import load_dataset, normalize
-from .partition import held_out_indices
+from .partition import held_out_sample
 from .registry import build_edge_model
 from .training import TensorBatches, evaluate_logits, fit, get_device, make_optimizer, predict
 
@@ -53,12 +52,8 @@ def pretrain_edge(
     the accuracy on the test set.
     """
     raw = load_dataset(dataset, data_dir)
-    held_out = held_out_indices(len(raw.y_train), num_partitions, seed=seed, fraction=fraction)
-    if len(held_out) == 0:
-        raise ValueError("no held-out samples: the federation uses the whole training set "
-                         "(pre-train with a data-fraction below 1)")
-    rng = np.random.default_rng(seed + 7)
-    idx = torch.from_numpy(rng.permutation(held_out)[:samples])
+    idx = torch.from_numpy(held_out_sample(len(raw.y_train), num_partitions, samples, seed=seed,
+                                           fraction=fraction, stream=7))
     x, y = normalize(raw.x_train[idx], raw.info), raw.y_train[idx]
     torch.manual_seed(seed)
     model = build_edge_model(edge_model, raw.info.num_classes, raw.info.channels)

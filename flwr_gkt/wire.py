@@ -30,10 +30,13 @@ rejected reply.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import io
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -64,7 +67,10 @@ __all__ = [
     "validate_server_logits",
     "validate_arrays",
     "record_nbytes",
+    "settings_from_config",
 ]
+
+T = TypeVar("T")
 
 ARRAYS_KEY = "gkt"
 METRICS_KEY = "metrics"
@@ -465,6 +471,24 @@ def validate_server_logits(logits: np.ndarray, num_samples: int, num_classes: in
     if not np.isfinite(logits).all():
         raise PayloadError("'server-logits' contain NaN or Inf")
     return _tensor(logits.astype(np.float32, copy=False))
+
+
+def settings_from_config(cls: type[T], config: Mapping[str, Any]) -> T:
+    """A settings dataclass from a ConfigRecord: field ``batch_size`` <- key ``batch-size``.
+
+    Missing keys keep the field's default; present values are cast to the
+    field's default's type (``int``, ``float``, ``bool``, ``str`` or an
+    ``Enum``), so a ConfigRecord from any sender gives well-typed settings.
+    """
+    base = cls()
+    values = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        key = f.name.replace("_", "-")
+        if key in config:
+            default = getattr(base, f.name)
+            caster = type(default)
+            values[f.name] = caster(config[key]) if not isinstance(default, enum.Enum) else caster(str(config[key]))
+    return dataclasses.replace(base, **values)  # type: ignore[type-var]
 
 
 def record_nbytes(content: RecordDict | Mapping[str, ArrayRecord]) -> int:

@@ -89,62 +89,52 @@ def run_command(spec: dict[str, Any], run: str, out_dir: Path, extra: dict[str, 
     return cmd
 
 
-def pretrain(spec: dict[str, Any], out_dir: Path, extra: dict[str, Any]) -> Path | None:
-    """Pre-train the edge model named by the experiment's ``pretrain`` section, once.
+def _section_target(spec: dict[str, Any], key: str, out_dir: Path, extra: dict[str, Any]):
+    """``(section, output path, base config)`` of a one-time training section; ``None`` if absent or done."""
+    section = spec.get(key)
+    if not section:
+        return None
+    path = Path(_expand(str(section["out"]), out_dir))
+    if path.is_file():
+        return None
+    from flwr_gkt.config import resolve_config
+
+    from .task import PRESETS_DIR
+
+    cfg = resolve_config({"preset": spec.get("preset", "fmnist"), **(spec.get("set") or {}), **extra},
+                         PRESETS_DIR)
+    return section, path, cfg
+
+
+def pretrain(spec: dict[str, Any], out_dir: Path, extra: dict[str, Any]) -> None:
+    """Run the experiment's one-time training sections before its runs.
 
     ``pretrain: {out: "{experiment-dir}/edge.pt", samples: 5000, epochs: 2}``
     trains the base preset's edge model on training images no node holds
-    (:mod:`flwr_gkt.pretrain`); runs load it with ``edge-pretrained``.
+    (:mod:`flwr_gkt.pretrain`; runs load it with ``edge-pretrained``).
+    ``bridge: {out: "{experiment-dir}/bridge.pt", samples: 5000, epochs: 3}``
+    trains the FedAgg bridge autoencoder the same way (:mod:`flwr_gkt.bridge`;
+    runs load it with ``bridge-autoencoder``). A file that exists is kept.
     """
-    section = spec.get("pretrain")
-    if not section:
-        return None
-    path = Path(_expand(str(section["out"]), out_dir))
-    if path.is_file():
-        return path
-    from flwr_gkt.config import resolve_config
+    from flwr_gkt.bridge import pretrain_autoencoder
     from flwr_gkt.pretrain import pretrain_edge
 
-    from .task import PRESETS_DIR
-
-    cfg = resolve_config({"preset": spec.get("preset", "fmnist"), **(spec.get("set") or {}), **extra},
-                         PRESETS_DIR)
-    result = pretrain_edge(path, dataset=cfg.dataset, data_dir=cfg.data_dir, edge_model=cfg.edge_model,
-                           fraction=cfg.data_fraction, num_partitions=cfg.num_clients, seed=cfg.seed,
-                           samples=int(section.get("samples", 5000)), epochs=int(section.get("epochs", 2)),
-                           device=cfg.device)
-    print(f"pre-trained {cfg.edge_model} on {int(result['samples'])} held-out images "
-          f"(test accuracy {100 * result['test-accuracy']:.2f}%) -> {path}", flush=True)
-    return path
-
-
-def pretrain_bridge(spec: dict[str, Any], out_dir: Path, extra: dict[str, Any]) -> Path | None:
-    """Train the FedAgg bridge autoencoder named by the experiment's ``bridge`` section, once.
-
-    ``bridge: {out: "{experiment-dir}/bridge.pt", samples: 5000, epochs: 3}`` trains it on
-    training images no node holds (:mod:`flwr_gkt.bridge`); runs load it with
-    ``bridge-autoencoder``.
-    """
-    section = spec.get("bridge")
-    if not section:
-        return None
-    path = Path(_expand(str(section["out"]), out_dir))
-    if path.is_file():
-        return path
-    from flwr_gkt.bridge import pretrain_autoencoder
-    from flwr_gkt.config import resolve_config
-
-    from .task import PRESETS_DIR
-
-    cfg = resolve_config({"preset": spec.get("preset", "fmnist"), **(spec.get("set") or {}), **extra},
-                         PRESETS_DIR)
-    result = pretrain_autoencoder(path, dataset=cfg.dataset, data_dir=cfg.data_dir, fraction=cfg.data_fraction,
-                                  num_partitions=cfg.num_clients, seed=cfg.seed,
-                                  samples=int(section.get("samples", 5000)), epochs=int(section.get("epochs", 3)),
-                                  device=cfg.device)
-    print(f"bridge autoencoder trained on {int(result['samples'])} held-out images "
-          f"(test MSE {result['test-mse']:.4f}) -> {path}", flush=True)
-    return path
+    if (target := _section_target(spec, "pretrain", out_dir, extra)) is not None:
+        section, path, cfg = target
+        result = pretrain_edge(path, dataset=cfg.dataset, data_dir=cfg.data_dir, edge_model=cfg.edge_model,
+                               fraction=cfg.data_fraction, num_partitions=cfg.num_clients, seed=cfg.seed,
+                               samples=int(section.get("samples", 5000)), epochs=int(section.get("epochs", 2)),
+                               device=cfg.device)
+        print(f"pre-trained {cfg.edge_model} on {int(result['samples'])} held-out images "
+              f"(test accuracy {100 * result['test-accuracy']:.2f}%) -> {path}", flush=True)
+    if (target := _section_target(spec, "bridge", out_dir, extra)) is not None:
+        section, path, cfg = target
+        result = pretrain_autoencoder(path, dataset=cfg.dataset, data_dir=cfg.data_dir, fraction=cfg.data_fraction,
+                                      num_partitions=cfg.num_clients, seed=cfg.seed,
+                                      samples=int(section.get("samples", 5000)),
+                                      epochs=int(section.get("epochs", 3)), device=cfg.device)
+        print(f"bridge autoencoder trained on {int(result['samples'])} held-out images "
+              f"(test MSE {result['test-mse']:.4f}) -> {path}", flush=True)
 
 
 def _run(cmd: list[str], log_path: Path, label: str) -> int:
@@ -190,7 +180,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         print(f"experiment {name}: {len(runs)} runs -> {out_dir}", flush=True)
         pretrain(spec, out_dir, extra)
-        pretrain_bridge(spec, out_dir, extra)
         for i, run in enumerate(runs, 1):
             run_dir = out_dir / run
             run_dir.mkdir(parents=True, exist_ok=True)
