@@ -178,6 +178,7 @@ class FaultyGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids: list[str] = []
         to_push: list[Message] = []
+        kinds: list[str | None] = []  # the fault of each pushed message's reply
         for msg in messages:
             config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
             server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
@@ -197,11 +198,9 @@ class FaultyGrid(Grid):
                 ids.append(msg_id)
                 continue
             to_push.append(msg)
-            if kind is not None:
-                self._kind[f"pending-{len(to_push) - 1}"] = kind
+            kinds.append(kind)
         pushed = list(self.grid.push_messages(to_push))
-        for i, (msg, msg_id) in enumerate(zip(to_push, pushed, strict=True)):
-            kind = self._kind.pop(f"pending-{i}", None)
+        for msg, msg_id, kind in zip(to_push, pushed, kinds, strict=True):
             if kind is not None:
                 self._kind[msg_id] = kind
                 self._instructions[msg_id] = msg

@@ -196,22 +196,22 @@ class FedAgg(Strategy):
             return {}
         by_id = {m.metadata.dst_node_id: uid for uid, m in messages.items()}
         replies: dict[str, Message] = {}
+        failed: set[str] = set()
         for reply in grid.send_and_receive(list(messages.values()), timeout=timeout):
             uid = by_id.get(reply.metadata.src_node_id)
-            if uid is None or uid in replies:
+            if uid is None or uid in replies or uid in failed:
                 continue
             if reply.has_error():
+                failed.add(uid)
                 self.node_history.append({"round": server_round, "stage": stage, "node": uid, "status": "error",
                                           "reason": reply.error.reason})
                 log(WARNING, "FedAgg round %d: %s reply of %s rejected: node error: %s", server_round, stage, uid,
                     reply.error.reason)
                 continue
             replies[uid] = reply
-        for uid in sorted(set(messages) - set(replies)):
-            if not any(r["node"] == uid and r["round"] == server_round and r["stage"] == stage
-                       for r in self.node_history[-len(messages):]):
-                self.node_history.append({"round": server_round, "stage": stage, "node": uid, "status": "lost"})
-                log(WARNING, "FedAgg round %d: %s: no reply from %s", server_round, stage, uid)
+        for uid in sorted(set(messages) - set(replies) - failed):
+            self.node_history.append({"round": server_round, "stage": stage, "node": uid, "status": "lost"})
+            log(WARNING, "FedAgg round %d: %s: no reply from %s", server_round, stage, uid)
         return replies
 
     def _topology(self, grid: Grid, server_round: int, timeout: float) -> dict[str, tuple[int, TierRole]]:
