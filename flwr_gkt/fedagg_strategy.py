@@ -93,9 +93,8 @@ class _Tree:
                     role.parent)
                 continue
             self.children.setdefault(role.parent, []).append(uid)
-
-    def members(self) -> list[str]:
-        return sorted(c for kids in self.children.values() for c in kids)
+        #: The nodes in the tree this round (connected, placed under a parent), sorted.
+        self.members = sorted(c for kids in self.children.values() for c in kids)
 
     def leaves(self, uid: str) -> list[str]:
         if uid != CLOUD and self.role[uid].tier == "end":
@@ -266,7 +265,7 @@ class FedAgg(Strategy):
             loss_sum, correct = self.evaluate()
             row: dict[str, float] = {
                 "round": rnd, "accuracy": correct / len(self.test_y), "loss": loss_sum / len(self.test_y),
-                "cloud-train-loss": cloud_loss, "nodes": len(tree.members()), "leaves": len(tree.leaves(CLOUD)),
+                "cloud-train-loss": cloud_loss, "nodes": len(tree.members), "leaves": len(tree.leaves(CLOUD)),
                 "nodes-learned": learned, "migrations": sum(1 for m in self.moves if m[0] == rnd),
                 "round-seconds": time.perf_counter() - start,
                 **{f"bytes-{k}": float(v) for k, v in sorted(nbytes.items())},
@@ -309,7 +308,7 @@ class FedAgg(Strategy):
         """Each edge holds the embeddings of exactly the leaves under it."""
         messages = {}
         for uid, role in tree.role.items():
-            if role.tier != "edge" or uid not in tree.members():
+            if role.tier != "edge" or uid not in tree.members:
                 continue
             want, held = set(tree.leaves(uid)), self.edge_holds.get(uid, set())
             add, drop = sorted(want - held), sorted(held - want)
@@ -327,7 +326,7 @@ class FedAgg(Strategy):
                nbytes: Counter[str]) -> dict[tuple[str, str], Tensor]:
         """Every node's logits for its neighbours: ``{(teacher uid, name): logits}``."""
         messages, expected = {}, {}
-        for uid in tree.members():
+        for uid in tree.members:
             if tree.role[uid].tier == "edge" and uid not in self.edge_holds:
                 continue  # its embeddings did not arrive
             requests = {"parent": tree.leaves(uid)}
@@ -336,7 +335,7 @@ class FedAgg(Strategy):
             requests = {k: v for k, v in requests.items() if v}
             if not requests:
                 continue
-            expected[uid] = {k: len(self._labels(v)) for k, v in requests.items()}
+            expected[uid] = {k: sum(len(self.embeddings[leaf][1]) for leaf in v) for k, v in requests.items()}
             config = self._config(rnd, "teach", **{f"teach/{k}": ",".join(v) for k, v in requests.items()})
             messages[uid] = Message(RecordDict({CONFIG_KEY: config}), dst_node_id=tree.node_id[uid],
                                     message_type=MessageType.TRAIN)
@@ -359,7 +358,7 @@ class FedAgg(Strategy):
                cloud_z: dict[str, Tensor], nbytes: Counter[str]) -> int:
         """Every node trains with its neighbours' logits; return how many did."""
         messages = {}
-        for uid in tree.members():
+        for uid in tree.members:
             parent = tree.role[uid].parent
             lessons: dict[str, tuple[list[str], Tensor]] = {}
             z_parent = cloud_z.get(uid) if parent == CLOUD else teach.get((parent, f"child/{uid}"))
