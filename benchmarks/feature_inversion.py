@@ -30,12 +30,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flwr_gkt.data import load_dataset, normalize  # noqa: E402
-from flwr_gkt.edge import extract  # noqa: E402
-from flwr_gkt.models import load_pretrained  # noqa: E402
-from flwr_gkt.pretrain import pretrain_edge  # noqa: E402
-from flwr_gkt.privacy import privatize  # noqa: E402
-from flwr_gkt.registry import build_edge_model  # noqa: E402
+from flwr_gkt.data import load_dataset, normalize
+from flwr_gkt.edge import extract
+from flwr_gkt.models import load_pretrained
+from flwr_gkt.pretrain import pretrain_edge
+from flwr_gkt.privacy import privatize
+from flwr_gkt.registry import build_edge_model
 
 
 def ridge_dual(x: torch.Tensor, y: torch.Tensor, lam: float) -> torch.Tensor:
@@ -51,7 +51,9 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--noise", default="0,0.01,0.04,0.16,1")
     parser.add_argument("--clip", type=float, default=25.0)
     parser.add_argument("--public", type=int, default=2000, help="attacker's public images")
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     raw = load_dataset("fashion-mnist", "")
     perm = torch.randperm(len(raw.y_test), generator=torch.Generator().manual_seed(args.seed))
-    pub, vic = perm[: args.public], perm[args.public: args.public + args.victims]
+    pub, vic = perm[: args.public], perm[args.public : args.public + args.victims]
     pixels = raw.x_test.float() / 255.0 if raw.x_test.dtype == torch.uint8 else raw.x_test.float()
     x_all = normalize(raw.x_test, raw.info)
     model = build_edge_model("resnet8", raw.info.num_classes, raw.info.channels)
@@ -71,21 +73,33 @@ def main(argv: list[str] | None = None) -> int:
         load_pretrained(model, args.pretrained, "all")
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            info = pretrain_edge(Path(tmp) / "edge.pt", samples=5000, epochs=1, fraction=0.1, seed=args.seed,
-                                 device="cpu")
+            info = pretrain_edge(
+                Path(tmp) / "edge.pt",
+                samples=5000,
+                epochs=1,
+                fraction=0.1,
+                seed=args.seed,
+                device="cpu",
+            )
             load_pretrained(model, Path(tmp) / "edge.pt", "all")
-        print(f"extractor: ResNet-8 pre-trained on 5,000 training images, test accuracy "
-              f"{info['test-accuracy']:.4f}")
+        print(
+            f"extractor: ResNet-8 pre-trained on 5,000 training images, test accuracy "
+            f"{info['test-accuracy']:.4f}"
+        )
     dev = torch.device("cpu")
     f_pub, _ = extract(model, x_all[pub], 256, dev)
     f_vic, _ = extract(model, x_all[vic], 256, dev)
     y_pub, y_vic = pixels[pub].flatten(1), pixels[vic].flatten(1)
     norms = f_pub.flatten(1).norm(dim=1)
-    print(f"feature maps {list(f_pub.shape[1:])} ({f_pub[0].numel()} values, the image has {y_pub.shape[1]}); "
-          f"per-sample L2 norm median {norms.median():.1f}, clip {args.clip:g}")
+    print(
+        f"feature maps {list(f_pub.shape[1:])} ({f_pub[0].numel()} values, the image has {y_pub.shape[1]}); "
+        f"per-sample L2 norm median {norms.median():.1f}, clip {args.clip:g}"
+    )
     mean_img = y_pub.mean(dim=0, keepdim=True).expand_as(y_vic)
-    print(f"baseline (mean public image): PSNR {psnr(mean_img, y_vic):.2f} dB, "
-          f"re-identification {1 / args.candidates:.1%} (chance)\n")
+    print(
+        f"baseline (mean public image): PSNR {psnr(mean_img, y_vic):.2f} dB, "
+        f"re-identification {1 / args.candidates:.1%} (chance)\n"
+    )
     print("| privacy-noise | noise-to-clip norm ratio | PSNR dB | re-identification |")
     print("|---|---|---|---|")
     gen = torch.Generator().manual_seed(args.seed + 1)

@@ -62,19 +62,37 @@ def child(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     side, classes = 28, 10
     row = 16 * side * side * 4
-    dataset_bytes = int(args.ratio * args.budget_mb * _MB) if args.ratio else int(args.dataset_mb * _MB)
+    dataset_bytes = (
+        int(args.ratio * args.budget_mb * _MB) if args.ratio else int(args.dataset_mb * _MB)
+    )
     per_node = max(1, dataset_bytes // row // args.nodes)
     budget = int(args.budget_mb * _MB) if args.budget_mb > 0 else None
     spill = tempfile.mkdtemp(prefix="gkt-bench-spill-")
     torch.manual_seed(0)
-    server = GKTServer(build_server_model(args.server_model, classes, 16), epochs=args.epochs,
-                       batch_size=args.batch_size, device="cpu", memory_budget=budget, spill_dir=spill)
-    strategy = FedGKT(server, classes, feature_shape=(16, side, side), min_train_nodes=args.per_round,
-                      min_available_nodes=args.per_round)
+    server = GKTServer(
+        build_server_model(args.server_model, classes, 16),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        device="cpu",
+        memory_budget=budget,
+        spill_dir=spill,
+    )
+    strategy = FedGKT(
+        server,
+        classes,
+        feature_shape=(16, side, side),
+        min_train_nodes=args.per_round,
+        min_available_nodes=args.per_round,
+    )
     # Warm-up: one training step on a tiny payload, then forget it.
     g = torch.Generator().manual_seed(1)
-    server.put(-1, Payload(torch.randn(args.batch_size, 16, side, side, generator=g),
-                           torch.randint(0, classes, (args.batch_size,), generator=g)))
+    server.put(
+        -1,
+        Payload(
+            torch.randn(args.batch_size, 16, side, side, generator=g),
+            torch.randint(0, classes, (args.batch_size,), generator=g),
+        ),
+    )
     server.train_round()
     server.evict(before_round=1)
     base = _rss_mb()
@@ -88,8 +106,12 @@ def child(args: argparse.Namespace) -> dict:
             feats = torch.relu(torch.randn(per_node, 16, side, side, generator=g))
             labels = torch.randint(0, classes, (per_node,), generator=g)
             logits = torch.randn(per_node, classes, generator=g)
-            content = RecordDict({ARRAYS_KEY: encode_payload(feats, labels, logits),
-                                  METRICS_KEY: metrics_record(per_node)})
+            content = RecordDict(
+                {
+                    ARRAYS_KEY: encode_payload(feats, labels, logits),
+                    METRICS_KEY: metrics_record(per_node),
+                }
+            )
             del feats
             replies.append(Message(content=content, reply_to=msg))
         del instructions
@@ -115,42 +137,70 @@ def child(args: argparse.Namespace) -> dict:
 
 
 def run_child(argv: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", *argv], check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", *argv], check=True, capture_output=True, text=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(budget_mb: float, ratios: list[float], nodes: int = 16, per_round: int = 4,
-            server_model: str = "resnet10", epochs: int = 1) -> list[dict]:
+def measure(
+    budget_mb: float,
+    ratios: list[float],
+    nodes: int = 16,
+    per_round: int = 4,
+    server_model: str = "resnet10",
+    epochs: int = 1,
+) -> list[dict]:
     """Peak RSS without the budget (largest dataset) and with it (each ratio)."""
-    common = ["--nodes", str(nodes), "--per-round", str(per_round), "--server-model", server_model,
-              "--epochs", str(epochs)]
+    common = [
+        "--nodes",
+        str(nodes),
+        "--per-round",
+        str(per_round),
+        "--server-model",
+        server_model,
+        "--epochs",
+        str(epochs),
+    ]
     biggest = max(ratios) * budget_mb
-    results = [run_child([*common, "--budget-mb", "0", "--dataset-mb", str(biggest), "--ratio", "0"])]
+    results = [
+        run_child([*common, "--budget-mb", "0", "--dataset-mb", str(biggest), "--ratio", "0"])
+    ]
     for ratio in ratios:
         results.append(run_child([*common, "--budget-mb", str(budget_mb), "--ratio", str(ratio)]))
     return results
 
 
 def print_table(results: list[dict]) -> None:
-    print(f"{'budget MB':>10} {'dataset MB':>11} {'one reply MB':>13} {'peak RSS above base MB':>23} "
-          f"{'store RAM MB':>13} {'store disk MB':>14} {'time s':>7}")
+    print(
+        f"{'budget MB':>10} {'dataset MB':>11} {'one reply MB':>13} {'peak RSS above base MB':>23} "
+        f"{'store RAM MB':>13} {'store disk MB':>14} {'time s':>7}"
+    )
     for r in results:
         budget = f"{r['budget-mb']:.0f}" if r["budget-mb"] > 0 else "none"
-        print(f"{budget:>10} {r['dataset-mb']:>11.0f} {r['reply-mb']:>13.0f} {r['peak-above-base-mb']:>23.0f} "
-              f"{r['store-memory-mb']:>13.0f} {r['store-disk-mb']:>14.0f} {r['seconds']:>7.1f}")
+        print(
+            f"{budget:>10} {r['dataset-mb']:>11.0f} {r['reply-mb']:>13.0f} {r['peak-above-base-mb']:>23.0f} "
+            f"{r['store-memory-mb']:>13.0f} {r['store-disk-mb']:>14.0f} {r['seconds']:>7.1f}"
+        )
     budgeted = [r for r in results if r["budget-mb"] > 0]
     for r in budgeted:
         overhead = r["peak-above-base-mb"] - r["budget-mb"]
-        print(f"dataset {r['dataset-mb'] / r['budget-mb']:.0f}x the budget: peak - base = budget + "
-              f"{overhead:.0f} MB ({overhead / r['reply-mb']:.1f} replies' worth of overhead)")
+        print(
+            f"dataset {r['dataset-mb'] / r['budget-mb']:.0f}x the budget: peak - base = budget + "
+            f"{overhead:.0f} MB ({overhead / r['reply-mb']:.1f} replies' worth of overhead)"
+        )
     unbounded = [r for r in results if r["budget-mb"] <= 0]
     if unbounded and budgeted:
-        print(f"peak RSS above base, no budget / with budget at the same dataset size = "
-              f"{unbounded[0]['peak-above-base-mb'] / budgeted[-1]['peak-above-base-mb']:.2f}")
+        print(
+            f"peak RSS above base, no budget / with budget at the same dataset size = "
+            f"{unbounded[0]['peak-above-base-mb'] / budgeted[-1]['peak-above-base-mb']:.2f}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--budget-mb", type=float, default=64)
     parser.add_argument("--ratios", default="2,4", help="dataset sizes as multiples of the budget")
     parser.add_argument("--ratio", type=float, default=4, help=argparse.SUPPRESS)
@@ -167,9 +217,13 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(child(args)))
         return
     ratios = [float(r) for r in args.ratios.split(",")]
-    print(f"server {args.server_model}, {args.nodes} nodes, {args.per_round} replying per round, "
-          f"16x28x28 float32 features, E_s={args.epochs}")
-    print_table(measure(args.budget_mb, ratios, args.nodes, args.per_round, args.server_model, args.epochs))
+    print(
+        f"server {args.server_model}, {args.nodes} nodes, {args.per_round} replying per round, "
+        f"16x28x28 float32 features, E_s={args.epochs}"
+    )
+    print_table(
+        measure(args.budget_mb, ratios, args.nodes, args.per_round, args.server_model, args.epochs)
+    )
 
 
 if __name__ == "__main__":

@@ -28,11 +28,11 @@ from flwr.supercore.task_identity import TaskIdentity
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flwr_gkt.registry import build_server_model  # noqa: E402
-from flwr_gkt.server import GKTServer  # noqa: E402
-from flwr_gkt.strategy import FedGKT  # noqa: E402
-from flwr_gkt.training import get_device, make_optimizer, prepare_model, to_device  # noqa: E402
-from flwr_gkt.wire import ARRAYS_KEY, METRICS_KEY, encode_payload, metrics_record  # noqa: E402
+from flwr_gkt.registry import build_server_model
+from flwr_gkt.server import GKTServer
+from flwr_gkt.strategy import FedGKT
+from flwr_gkt.training import get_device, make_optimizer, prepare_model, to_device
+from flwr_gkt.wire import ARRAYS_KEY, METRICS_KEY, encode_payload, metrics_record
 
 
 class _Grid:
@@ -56,16 +56,29 @@ def _data(nodes: int, samples: int, side: int, classes: int, seed: int):
 
 def time_strategy(model, data, args, device: str) -> float:
     """Seconds of ``aggregate_train`` for one round (replies already received)."""
-    server = GKTServer(copy.deepcopy(model), epochs=args.epochs, batch_size=args.batch_size,
-                       optimizer="adam", lr=1e-3, temperature=3.0, alpha=1.0, kd_mode="both",
-                       device=device, seed=0)
+    server = GKTServer(
+        copy.deepcopy(model),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        optimizer="adam",
+        lr=1e-3,
+        temperature=3.0,
+        alpha=1.0,
+        kd_mode="both",
+        device=device,
+        seed=0,
+    )
     strategy = FedGKT(server, args.classes, feature_shape=(16, args.side, args.side))
     node_ids = list(range(1, len(data) + 1))
     instructions = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), _Grid(node_ids)))
     replies = []
     for msg, (feats, labels, logits) in zip(instructions, data, strict=True):
-        content = RecordDict({ARRAYS_KEY: encode_payload(feats, labels, logits),
-                              METRICS_KEY: metrics_record(len(labels))})
+        content = RecordDict(
+            {
+                ARRAYS_KEY: encode_payload(feats, labels, logits),
+                METRICS_KEY: metrics_record(len(labels)),
+            }
+        )
         replies.append(Message(content=content, reply_to=msg))
     start = time.perf_counter()
     arrays, _ = strategy.aggregate_train(1, replies)
@@ -92,8 +105,16 @@ def time_plain(model, data, args, device: str) -> float:
             idx = order[i : i + args.batch_size]
             x, y, z = to_device(feats[idx], dev), labels[idx].to(dev), teacher[idx].to(dev)
             out = model(x)
-            kd = F.kl_div(F.log_softmax(out / t, 1), F.log_softmax(z / t, 1), reduction="batchmean",
-                          log_target=True) * t * t
+            kd = (
+                F.kl_div(
+                    F.log_softmax(out / t, 1),
+                    F.log_softmax(z / t, 1),
+                    reduction="batchmean",
+                    log_target=True,
+                )
+                * t
+                * t
+            )
             loss = F.cross_entropy(out, y) + kd
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -104,10 +125,14 @@ def time_plain(model, data, args, device: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--nodes", type=int, default=4)
     parser.add_argument("--samples", type=int, default=1000, help="samples per node")
-    parser.add_argument("--side", type=int, default=28, help="feature map side (28 Fashion-MNIST, 32 CIFAR)")
+    parser.add_argument(
+        "--side", type=int, default=28, help="feature map side (28 Fashion-MNIST, 32 CIFAR)"
+    )
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--server-model", default="resnet10")
     parser.add_argument("--epochs", type=int, default=1, help="server epochs E_s")
@@ -124,9 +149,11 @@ def main(argv: list[str] | None = None) -> None:
     model = build_server_model(args.server_model, args.classes, 16)
     data = _data(args.nodes, args.samples, args.side, args.classes, seed=1)
     n = args.nodes * args.samples
-    print(f"server {args.server_model} on {get_device(args.device)}, {args.nodes} nodes x {args.samples} "
-          f"samples of 16x{args.side}x{args.side}, E_s={args.epochs}, batch {args.batch_size}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"server {args.server_model} on {get_device(args.device)}, {args.nodes} nodes x {args.samples} "
+        f"samples of 16x{args.side}x{args.side}, E_s={args.epochs}, batch {args.batch_size}, "
+        f"{torch.get_num_threads()} threads"
+    )
     time_strategy(model, data, args, args.device)  # warm-up (allocator, kernels)
     time_plain(model, data, args, args.device)
     strat, plain = [], []

@@ -29,11 +29,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flwr_gkt.config import resolve_config  # noqa: E402
-from simulation.client_app import make_client_app  # noqa: E402
-from simulation.inprocess import run_inprocess  # noqa: E402
-from simulation.server_app import make_server_app  # noqa: E402
-from simulation.task import PRESETS_DIR  # noqa: E402
+from flwr_gkt.config import resolve_config
+from simulation.client_app import make_client_app
+from simulation.inprocess import run_inprocess
+from simulation.server_app import make_server_app
+from simulation.task import PRESETS_DIR
 
 _ROUND = re.compile(r"\[ROUND (\d+)/\d+\]")
 
@@ -61,7 +61,9 @@ class _RoundWatcher(logging.Handler):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--nodes", type=int, default=4)
     parser.add_argument("--fault-rate", type=float, default=0.2)
@@ -70,10 +72,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     values = {
-        "preset": "smoke", "num-clients": args.nodes, "min-nodes": args.nodes, "num-server-rounds": args.rounds,
-        "data-fraction": 0.004, "test-fraction": 0.02, "server-epochs": 1, "round-timeout": 1.0,
-        "fault-rate": args.fault_rate, "memory-budget-mb": 4, "results-dir": str(out.parent),
-        "run-name": out.name, "node-state-dir": str(out / "nodes"), "client-threads": 1,
+        "preset": "smoke",
+        "num-clients": args.nodes,
+        "min-nodes": args.nodes,
+        "num-server-rounds": args.rounds,
+        "data-fraction": 0.004,
+        "test-fraction": 0.02,
+        "server-epochs": 1,
+        "round-timeout": 1.0,
+        "fault-rate": args.fault_rate,
+        "memory-budget-mb": 4,
+        "results-dir": str(out.parent),
+        "run-name": out.name,
+        "node-state-dir": str(out / "nodes"),
+        "client-threads": 1,
     }
     values.update(dict(item.split("=", 1) for item in args.overrides))
     cfg = resolve_config(values, PRESETS_DIR)
@@ -85,8 +97,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def sample() -> None:
         while not done.is_set():
-            samples.append({"round": watcher.round, "rss-mb": _rss_mb(), "files": _files(out),
-                            "fds": len(os.listdir("/proc/self/fd")), "t": time.perf_counter()})
+            samples.append(
+                {
+                    "round": watcher.round,
+                    "rss-mb": _rss_mb(),
+                    "files": _files(out),
+                    "fds": len(os.listdir("/proc/self/fd")),
+                    "t": time.perf_counter(),
+                }
+            )
             done.wait(0.5)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -130,18 +149,26 @@ def main(argv: list[str] | None = None) -> int:
         "fds-last-tenth": avg("fds", late),
         "seconds": elapsed,
     }
-    (out / "soak.json").write_text(json.dumps({"summary": summary, "per-round": per_round}, indent=2))
-    print(f"\nsoak: {summary['rounds-completed']}/{args.rounds} rounds in {elapsed:.0f}s, "
-          f"{args.nodes} nodes, fault rate {args.fault_rate}")
+    (out / "soak.json").write_text(
+        json.dumps({"summary": summary, "per-round": per_round}, indent=2)
+    )
+    print(
+        f"\nsoak: {summary['rounds-completed']}/{args.rounds} rounds in {elapsed:.0f}s, "
+        f"{args.nodes} nodes, fault rate {args.fault_rate}"
+    )
     print(f"faults injected: {summary['faults-injected']} (train + evaluate instructions)")
-    print(f"replies: {summary['replies-accepted']} accepted, {summary['replies-rejected']} rejected, "
-          f"{summary['replies-lost']} lost, {summary['replies-late-ignored']} late and "
-          f"{summary['replies-duplicate-ignored']} duplicate ignored; final accuracy "
-          f"{summary['final-accuracy']:.4f}")
-    print(f"peak RSS {summary['peak-rss-mb']:.0f} MB; RSS first/last tenth of the rounds "
-          f"{summary['rss-mb-first-tenth']:.0f} / {summary['rss-mb-last-tenth']:.0f} MB; files "
-          f"{summary['files-first-tenth']:.0f} / {summary['files-last-tenth']:.0f}; open fds "
-          f"{summary['fds-first-tenth']:.0f} / {summary['fds-last-tenth']:.0f}")
+    print(
+        f"replies: {summary['replies-accepted']} accepted, {summary['replies-rejected']} rejected, "
+        f"{summary['replies-lost']} lost, {summary['replies-late-ignored']} late and "
+        f"{summary['replies-duplicate-ignored']} duplicate ignored; final accuracy "
+        f"{summary['final-accuracy']:.4f}"
+    )
+    print(
+        f"peak RSS {summary['peak-rss-mb']:.0f} MB; RSS first/last tenth of the rounds "
+        f"{summary['rss-mb-first-tenth']:.0f} / {summary['rss-mb-last-tenth']:.0f} MB; files "
+        f"{summary['files-first-tenth']:.0f} / {summary['files-last-tenth']:.0f}; open fds "
+        f"{summary['fds-first-tenth']:.0f} / {summary['fds-last-tenth']:.0f}"
+    )
     return 0 if summary["rounds-completed"] == args.rounds else 1
 
 

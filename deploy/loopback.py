@@ -75,8 +75,13 @@ class Federation:
         ``state-dir=/var/lib/gkt/node-{i}``).
     """
 
-    def __init__(self, workdir: Path, num_supernodes: int = 2, auth: bool = False,
-                 node_config: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        num_supernodes: int = 2,
+        auth: bool = False,
+        node_config: dict[str, str] | None = None,
+    ) -> None:
         self.workdir = Path(workdir).resolve()
         self.num_supernodes = num_supernodes
         self.auth = auth
@@ -88,45 +93,89 @@ class Federation:
         self.superlink: subprocess.Popen | None = None
         self.supernodes: dict[int, subprocess.Popen] = {}
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-        self.env = {**os.environ, "PATH": path, "FLWR_HOME": str(self.home),
-                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1"}
+        self.env = {
+            **os.environ,
+            "PATH": path,
+            "FLWR_HOME": str(self.home),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
 
     # ------------------------------------------------------------- processes
-    def _popen(self, cmd: list[str], log_name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    def _popen(
+        self, cmd: list[str], log_name: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen:
         with open(self.workdir / log_name, "ab") as out:
-            return subprocess.Popen(cmd, cwd=self.workdir, env=env or self.env, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            return subprocess.Popen(
+                cmd,
+                cwd=self.workdir,
+                env=env or self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         """Run a ``flwr`` CLI command against this federation's connection."""
-        return subprocess.run(["flwr", *args], cwd=self.workdir, env=self.env, capture_output=True,
-                              text=True, timeout=timeout)
+        return subprocess.run(
+            ["flwr", *args],
+            cwd=self.workdir,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def start(self, timeout: float = 90.0) -> None:
         """Certificates, keys, SuperLink, key registration, SuperNodes; wait until all are online."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.home.mkdir(exist_ok=True)
-        subprocess.run(["bash", str(DEPLOY_DIR / "gen_certs.sh"), str(self.certs)], check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["bash", str(DEPLOY_DIR / "gen_certs.sh"), str(self.certs)],
+            check=True,
+            capture_output=True,
+        )
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.certs / "ca.crt"}"\n'
         )
-        cmd = ["flower-superlink", "--host", "127.0.0.1", "--port", str(self.port),
-               "--ssl-ca-certfile", str(self.certs / "ca.crt"),
-               "--ssl-certfile", str(self.certs / "server.pem"),
-               "--ssl-keyfile", str(self.certs / "server.key"),
-               "--isolation", "subprocess", "--disable-runtime-dependency-installation",
-               "--database", str(self.workdir / "state.db")]
+        cmd = [
+            "flower-superlink",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--ssl-ca-certfile",
+            str(self.certs / "ca.crt"),
+            "--ssl-certfile",
+            str(self.certs / "server.pem"),
+            "--ssl-keyfile",
+            str(self.certs / "server.key"),
+            "--isolation",
+            "subprocess",
+            "--disable-runtime-dependency-installation",
+            "--database",
+            str(self.workdir / "state.db"),
+        ]
         if self.auth:
             cmd.append("--enable-supernode-auth")
         self.superlink = self._popen(cmd, "superlink.log")
         self._wait_healthy(timeout)
         if self.auth:
-            subprocess.run(["bash", str(DEPLOY_DIR / "gen_node_keys.sh"), str(self.keys),
-                            str(self.num_supernodes)], check=True, capture_output=True)
+            subprocess.run(
+                [
+                    "bash",
+                    str(DEPLOY_DIR / "gen_node_keys.sh"),
+                    str(self.keys),
+                    str(self.num_supernodes),
+                ],
+                check=True,
+                capture_output=True,
+            )
             for i in range(self.num_supernodes):
-                res = self.flwr("supernode", "register", str(self.keys / f"node{i + 1}.pub"), CONNECTION)
+                res = self.flwr(
+                    "supernode", "register", str(self.keys / f"node{i + 1}.pub"), CONNECTION
+                )
                 if res.returncode != 0:
                     raise RuntimeError(f"registering node{i + 1} failed: {res.stdout} {res.stderr}")
         for i in range(self.num_supernodes):
@@ -139,11 +188,14 @@ class Federation:
         while time.monotonic() < deadline:
             assert self.superlink is not None
             if self.superlink.poll() is not None:
-                raise RuntimeError(f"flower-superlink exited with {self.superlink.returncode}; "
-                                   f"see {self.workdir / 'superlink.log'}")
+                raise RuntimeError(
+                    f"flower-superlink exited with {self.superlink.returncode}; "
+                    f"see {self.workdir / 'superlink.log'}"
+                )
             try:
-                with urllib.request.urlopen(f"https://127.0.0.1:{self.port}/health", timeout=2,
-                                            context=context):
+                with urllib.request.urlopen(
+                    f"https://127.0.0.1:{self.port}/health", timeout=2, context=context
+                ):
                     return
             except OSError:
                 time.sleep(0.5)
@@ -151,12 +203,27 @@ class Federation:
 
     def supernode_command(self, i: int, key: Path | None = None) -> list[str]:
         """The ``flower-supernode`` command line of node ``i`` (``key``: another auth key)."""
-        config = {"partition-id": str(i), "num-partitions": str(self.num_supernodes),
-                  **{k: v.replace("{i}", str(i)) for k, v in self.node_config.items()}}
-        node_config = " ".join(f"{k}={v if v.lstrip('-').isdigit() else repr(v)}" for k, v in config.items())
-        cmd = ["flower-supernode", "--superlink", f"127.0.0.1:{self.port}",
-               "--root-certificates", str(self.certs / "ca.crt"),
-               "--port", str(free_port()), "--node-config", node_config, "--isolation", "subprocess"]
+        config = {
+            "partition-id": str(i),
+            "num-partitions": str(self.num_supernodes),
+            **{k: v.replace("{i}", str(i)) for k, v in self.node_config.items()},
+        }
+        node_config = " ".join(
+            f"{k}={v if v.lstrip('-').isdigit() else repr(v)}" for k, v in config.items()
+        )
+        cmd = [
+            "flower-supernode",
+            "--superlink",
+            f"127.0.0.1:{self.port}",
+            "--root-certificates",
+            str(self.certs / "ca.crt"),
+            "--port",
+            str(free_port()),
+            "--node-config",
+            node_config,
+            "--isolation",
+            "subprocess",
+        ]
         if self.auth or key is not None:
             cmd += ["--auth-supernode-private-key", str(key or self.keys / f"node{i + 1}")]
         return cmd
@@ -165,8 +232,11 @@ class Federation:
         """Start (or restart) SuperNode ``i`` with its own Flower home."""
         home = self.workdir / f"supernode-{i}"
         home.mkdir(exist_ok=True)
-        proc = self._popen(self.supernode_command(i, key), f"supernode-{i}.log",
-                           {**self.env, "FLWR_HOME": str(home)})
+        proc = self._popen(
+            self.supernode_command(i, key),
+            f"supernode-{i}.log",
+            {**self.env, "FLWR_HOME": str(home)},
+        )
         self.supernodes[i] = proc
         return proc
 
@@ -189,8 +259,10 @@ class Federation:
                 return
             for i, proc in self.supernodes.items():
                 if proc.poll() is not None:
-                    raise RuntimeError(f"supernode {i} exited with {proc.returncode}; "
-                                       f"see {self.workdir / f'supernode-{i}.log'}")
+                    raise RuntimeError(
+                        f"supernode {i} exited with {proc.returncode}; "
+                        f"see {self.workdir / f'supernode-{i}.log'}"
+                    )
             time.sleep(1.0)
         raise TimeoutError(f"fewer than {count} SuperNodes online after {timeout}s")
 
@@ -199,8 +271,15 @@ class Federation:
         cmd = ["flwr", "run", str(APP_DIR), CONNECTION, "--stream"]
         if run_config:
             cmd += ["--run-config", run_config]
-        return subprocess.Popen(cmd, cwd=self.workdir, env=self.env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        return subprocess.Popen(
+            cmd,
+            cwd=self.workdir,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
 
     def status(self, run_id: int) -> str:
         res = self.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json")
@@ -273,8 +352,11 @@ class Federation:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deploy.loopback", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m deploy.loopback",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--num-supernodes", type=int, default=2)
     parser.add_argument("--run-config", default="preset='smoke'")
     parser.add_argument("--auth", action="store_true", help="require SuperNode authentication")
@@ -284,8 +366,11 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="gkt-deploy-"))
     node_config = {"data-dir": args.data_dir} if args.data_dir else {}
     with Federation(workdir, args.num_supernodes, args.auth, node_config) as fed:
-        print(f"SuperLink https://127.0.0.1:{fed.port}, {args.num_supernodes} SuperNodes online; "
-              f"logs in {workdir}", flush=True)
+        print(
+            f"SuperLink https://127.0.0.1:{fed.port}, {args.num_supernodes} SuperNodes online; "
+            f"logs in {workdir}",
+            flush=True,
+        )
         status, _ = fed.run(args.run_config)
     print(f"run status: {status}", flush=True)
     return 0 if status == "finished:completed" else 1

@@ -247,8 +247,14 @@ class AsyncFedGKT(FedGKT):
             return list(self._only)
         return super()._sample(grid, fraction, min_nodes)
 
-    def _build(self, configure: Callable[..., Iterable[Message]], server_round: int, node: int,
-               config: ConfigRecord, grid: Grid) -> Message:
+    def _build(
+        self,
+        configure: Callable[..., Iterable[Message]],
+        server_round: int,
+        node: int,
+        config: ConfigRecord,
+        grid: Grid,
+    ) -> Message:
         """One node's instruction from ``configure_train`` / ``configure_evaluate``."""
         saved = (self._round_start, self._bytes_sent, self._sent_train, self._sent_eval)
         self._only = [node]
@@ -262,12 +268,16 @@ class AsyncFedGKT(FedGKT):
     def summary(self) -> None:
         """Log the strategy's configuration."""
         super().summary()
-        log(INFO, "\t└──> Asynchronous: max staleness %s, update scope %s, poll every %.2fs",
-            "unbounded" if self.max_staleness is None else self.max_staleness, self.update_scope,
-            self.poll_interval)
+        log(
+            INFO,
+            "\t└──> Asynchronous: max staleness %s, update scope %s, poll every %.2fs",
+            "unbounded" if self.max_staleness is None else self.max_staleness,
+            self.update_scope,
+            self.poll_interval,
+        )
 
     # --------------------------------------------------------------- start
-    def start(  # noqa: C901 - the event loop
+    def start(
         self,
         grid: Grid,
         initial_arrays: ArrayRecord,
@@ -321,16 +331,26 @@ class AsyncFedGKT(FedGKT):
 
         first = self.completed_round + 1
         if first > 1:
-            log(INFO, "AsyncFedGKT: resuming after round %d of %d", self.completed_round, num_rounds)
+            log(
+                INFO, "AsyncFedGKT: resuming after round %d of %d", self.completed_round, num_rounds
+            )
             self.reidentify_nodes(grid, timeout)
         train_nodes = self._sample(grid, self.fraction_train, self.min_train_nodes)
         k = len(train_nodes)
         needed = max(num_rounds - self.completed_round, 0) * k
-        log(INFO, "AsyncFedGKT: %d training nodes, %d rounds of %d server updates", k, num_rounds, k)
+        log(
+            INFO, "AsyncFedGKT: %d training nodes, %d rounds of %d server updates", k, num_rounds, k
+        )
         if self.max_staleness is not None and k > 1 and self.max_staleness < k - 1:
-            log(WARNING, "AsyncFedGKT: max-staleness %d is below %d: with %d nodes of similar speed "
+            log(
+                WARNING,
+                "AsyncFedGKT: max-staleness %d is below %d: with %d nodes of similar speed "
                 "most replies are about %d updates stale and will be rejected",
-                self.max_staleness, k - 1, k, k - 1)
+                self.max_staleness,
+                k - 1,
+                k,
+                k - 1,
+            )
 
         active = set(train_nodes)  # training nodes still in the run
         dropped: set[int] = set()  # lost or failing nodes: no more instructions
@@ -349,8 +369,12 @@ class AsyncFedGKT(FedGKT):
         def push(message: Message, flight: _Flight) -> bool:
             ids = list(grid.push_messages([message]))
             if not ids:
-                log(WARNING, "AsyncFedGKT: the %s instruction to node %d could not be sent",
-                    flight.kind, flight.node)
+                log(
+                    WARNING,
+                    "AsyncFedGKT: the %s instruction to node %d could not be sent",
+                    flight.kind,
+                    flight.node,
+                )
                 return False
             flights[str(ids[0])] = flight
             busy.add(flight.node)
@@ -361,8 +385,15 @@ class AsyncFedGKT(FedGKT):
             dropped.add(node)
             for er in pending_eval.pop(node, []):
                 er.waiting.discard(node)
-                self.node_history.append({"round": er.server_round, "stage": "evaluate", "node-id": node,
-                                          "status": "lost", "reason": f"node dropped ({why})"})
+                self.node_history.append(
+                    {
+                        "round": er.server_round,
+                        "stage": "evaluate",
+                        "node-id": node,
+                        "status": "lost",
+                        "reason": f"node dropped ({why})",
+                    }
+                )
             log(WARNING, "AsyncFedGKT: node %d takes no further part in the run (%s)", node, why)
 
         def dispatch(node: int) -> None:
@@ -371,9 +402,12 @@ class AsyncFedGKT(FedGKT):
                 return
             if pending_eval.get(node):
                 rounds = pending_eval.pop(node)
-                msg = self._build(self.configure_evaluate, rounds[-1].server_round, node,
-                                  evaluate_config, grid)
-                if push(msg, _Flight(msg, "evaluate", node, time.monotonic(), self.version, rounds)):
+                msg = self._build(
+                    self.configure_evaluate, rounds[-1].server_round, node, evaluate_config, grid
+                )
+                if push(
+                    msg, _Flight(msg, "evaluate", node, time.monotonic(), self.version, rounds)
+                ):
                     for er in rounds:
                         er.messages.append(msg)
                 else:
@@ -392,9 +426,13 @@ class AsyncFedGKT(FedGKT):
             now = time.perf_counter()
             row = self._train_row(server_round, tally, now)
             result.train_metrics_clientapp[server_round] = MetricRecord(
-                {k_: float(v) for k_, v in row.items()})
-            eval_nodes = [n for n in self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
-                          if n not in dropped]
+                {k_: float(v) for k_, v in row.items()}
+            )
+            eval_nodes = [
+                n
+                for n in self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
+                if n not in dropped
+            ]
             er = _EvalRound(server_round, row, tally.start, now, set(eval_nodes))
             evals.append(er)
             for node in eval_nodes:
@@ -405,7 +443,9 @@ class AsyncFedGKT(FedGKT):
                     result.evaluate_metrics_serverapp[server_round] = res
             self.completed_round = server_round
             if self.checkpoint_path is not None:
-                state = self.state_dict()  # rows whose evaluation is still in flight go in as they are
+                state = (
+                    self.state_dict()
+                )  # rows whose evaluation is still in flight go in as they are
                 state["history"] = [*self.history, *(e.row for e in evals)]
                 save_checkpoint(self.checkpoint_path, state)
             server_round += 1
@@ -422,18 +462,34 @@ class AsyncFedGKT(FedGKT):
             nonlocal accepted
             node = flight.node
             staleness = self.version - flight.version
-            if (not reply.has_error() and self.max_staleness is not None
-                    and staleness > self.max_staleness):
+            if (
+                not reply.has_error()
+                and self.max_staleness is not None
+                and staleness > self.max_staleness
+            ):
                 size = record_nbytes(reply.content)
                 tally.rejected += 1
                 tally.stale += 1
                 tally.bytes_up += size
                 reason = f"stale (staleness {staleness} > max-staleness {self.max_staleness})"
-                self.node_history.append({"round": server_round, "stage": "train", "node-id": node,
-                                          "status": "stale", "reason": reason, "staleness": staleness,
-                                          "bytes-up": size})
-                log(WARNING, "FedGKT round %d: train reply of node %d rejected: %s",
-                    server_round, node, reason)
+                self.node_history.append(
+                    {
+                        "round": server_round,
+                        "stage": "train",
+                        "node-id": node,
+                        "status": "stale",
+                        "reason": reason,
+                        "staleness": staleness,
+                        "bytes-up": size,
+                    }
+                )
+                log(
+                    WARNING,
+                    "FedGKT round %d: train reply of node %d rejected: %s",
+                    server_round,
+                    node,
+                    reason,
+                )
                 return
             self._sent_train = [flight.message]
             with_features = []
@@ -442,7 +498,9 @@ class AsyncFedGKT(FedGKT):
                 with_features.append(payload.has_features)
                 self._store(node_, payload, server_round)
 
-            ok, nbytes, rejected = self._accept(server_round, [reply], with_logits=True, consume=store)
+            ok, nbytes, rejected = self._accept(
+                server_round, [reply], with_logits=True, consume=store
+            )
             self.node_history[-1]["staleness"] = staleness
             tally.bytes_up += nbytes
             if rejected:
@@ -456,8 +514,13 @@ class AsyncFedGKT(FedGKT):
             if self.store_max_age > 0:
                 for gone in self.server.evict(server_round - self.store_max_age + 1):
                     self.feature_round.pop(gone, None)
-                    log(WARNING, "FedGKT round %d: features of node %d dropped (no reply for %d rounds)",
-                        server_round, gone, self.store_max_age)
+                    log(
+                        WARNING,
+                        "FedGKT round %d: features of node %d dropped (no reply for %d rounds)",
+                        server_round,
+                        gone,
+                        self.store_max_age,
+                    )
             res = self._train_update(node, self._lr_factor(server_round))
             self.version += 1
             accepted += 1
@@ -469,9 +532,20 @@ class AsyncFedGKT(FedGKT):
             tally.correct_sum += res.accuracy * res.num_examples
             tally.examples += res.num_examples
             tally.server_seconds += res.seconds
-            log(INFO, "FedGKT round %d update %d/%d: node %d (staleness %d), server loss %.4f acc %.4f "
-                "on %d samples (%.1fs)", server_round, tally.updates, k, node, staleness, res.loss,
-                res.accuracy, res.num_examples, res.seconds)
+            log(
+                INFO,
+                "FedGKT round %d update %d/%d: node %d (staleness %d), server loss %.4f acc %.4f "
+                "on %d samples (%.1fs)",
+                server_round,
+                tally.updates,
+                k,
+                node,
+                staleness,
+                res.loss,
+                res.accuracy,
+                res.num_examples,
+                res.seconds,
+            )
             if accepted % k == 0:
                 end_round()
 
@@ -479,11 +553,21 @@ class AsyncFedGKT(FedGKT):
             node = flight.node
             if flight.kind == "train":
                 tally.lost += 1
-                self.node_history.append({"round": server_round, "stage": "train", "node-id": node,
-                                          "status": "lost",
-                                          "reason": f"no reply within the {timeout:.0f}s timeout"})
-                log(WARNING, "FedGKT round %d: node %d did not reply to the train instruction (lost)",
-                    server_round, node)
+                self.node_history.append(
+                    {
+                        "round": server_round,
+                        "stage": "train",
+                        "node-id": node,
+                        "status": "lost",
+                        "reason": f"no reply within the {timeout:.0f}s timeout",
+                    }
+                )
+                log(
+                    WARNING,
+                    "FedGKT round %d: node %d did not reply to the train instruction (lost)",
+                    server_round,
+                    node,
+                )
                 drop(node, "lost")
             else:  # recorded as lost by aggregate_evaluate (its message has no reply)
                 for er in flight.rounds:
@@ -493,9 +577,17 @@ class AsyncFedGKT(FedGKT):
         for node in train_nodes:
             dispatch(node)
         while True:
-            if accepted < needed and not active and not any(f.kind == "train" for f in flights.values()):
-                log(WARNING, "AsyncFedGKT: no training node left; stopping after %d of %d rounds",
-                    server_round - 1, num_rounds)
+            if (
+                accepted < needed
+                and not active
+                and not any(f.kind == "train" for f in flights.values())
+            ):
+                log(
+                    WARNING,
+                    "AsyncFedGKT: no training node left; stopping after %d of %d rounds",
+                    server_round - 1,
+                    num_rounds,
+                )
                 needed = accepted
             if accepted >= needed and not flights:
                 for er in evals:  # nothing more can answer
@@ -506,8 +598,12 @@ class AsyncFedGKT(FedGKT):
             for reply in replies:
                 flight = flights.pop(reply.metadata.reply_to_message_id, None)
                 if flight is None:  # late (given up on) or a second copy: never used twice
-                    log(WARNING, "AsyncFedGKT: reply from node %d ignored: it answers no instruction "
-                        "in flight (late or duplicate)", reply.metadata.src_node_id)
+                    log(
+                        WARNING,
+                        "AsyncFedGKT: reply from node %d ignored: it answers no instruction "
+                        "in flight (late or duplicate)",
+                        reply.metadata.src_node_id,
+                    )
                     continue
                 busy.discard(flight.node)
                 if flight.kind == "train":
@@ -515,8 +611,9 @@ class AsyncFedGKT(FedGKT):
                 else:
                     for i, er in enumerate(flight.rounds):
                         # aggregate_evaluate releases a reply's arrays: each round its own view
-                        er.replies.append(reply if i == len(flight.rounds) - 1
-                                          else _view(reply, flight.message))
+                        er.replies.append(
+                            reply if i == len(flight.rounds) - 1 else _view(reply, flight.message)
+                        )
                         er.waiting.discard(flight.node)
                 flush_evals()
                 dispatch(flight.node)
@@ -533,8 +630,12 @@ class AsyncFedGKT(FedGKT):
                 time.sleep(self.poll_interval)
 
         result.arrays = ArrayRecord(self.server.model.state_dict())
-        log(INFO, "Strategy execution finished in %.2fs (%d server updates)",
-            time.perf_counter() - self._run_start, self.version)
+        log(
+            INFO,
+            "Strategy execution finished in %.2fs (%d server updates)",
+            time.perf_counter() - self._run_start,
+            self.version,
+        )
         for line in io.StringIO(str(result)):
             log(INFO, "\t%s", line.strip("\n"))
         return result
@@ -587,9 +688,19 @@ class AsyncFedGKT(FedGKT):
             "FedGKT round %d train: %d updates (%d rejected, %d stale, %d lost), staleness max %d "
             "mean %.1f, server loss %.4f acc %.4f on %d samples (%.1fs), edge acc %.4f, up %.2f MB, "
             "down %.2f MB",
-            server_round, t.updates, t.rejected, t.stale, t.lost, row["staleness-max"],
-            row["staleness-mean"], row["server-train-loss"], row["server-train-accuracy"], t.examples,
-            t.server_seconds, row.get("edge-train-accuracy", float("nan")), t.bytes_up / _MB,
+            server_round,
+            t.updates,
+            t.rejected,
+            t.stale,
+            t.lost,
+            row["staleness-max"],
+            row["staleness-mean"],
+            row["server-train-loss"],
+            row["server-train-accuracy"],
+            t.examples,
+            t.server_seconds,
+            row.get("edge-train-accuracy", float("nan")),
+            t.bytes_up / _MB,
             t.bytes_down / _MB,
         )
         return row

@@ -33,7 +33,7 @@ from .data import DatasetInfo, dataset_info, load_dataset
 from .partition import held_out_sample
 from .training import get_device
 
-__all__ = ["BridgeAutoencoder", "pretrain_autoencoder", "load_autoencoder", "EMBEDDING_CHANNELS"]
+__all__ = ["EMBEDDING_CHANNELS", "BridgeAutoencoder", "load_autoencoder", "pretrain_autoencoder"]
 
 EMBEDDING_CHANNELS = 4
 
@@ -57,19 +57,29 @@ class BridgeAutoencoder(nn.Module):
         applies it to the decoded ``[0, 1]`` images.
     """
 
-    def __init__(self, channels: int = 3, mean: tuple[float, ...] | None = None,
-                 std: tuple[float, ...] | None = None) -> None:
+    def __init__(
+        self,
+        channels: int = 3,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+    ) -> None:
         super().__init__()
         self.encoder = nn.Sequential(
-            *_conv(channels, 16), nn.MaxPool2d(2),
-            *_conv(16, 8), nn.MaxPool2d(2),
-            nn.Conv2d(8, EMBEDDING_CHANNELS, 3, padding=1), nn.ReLU(inplace=True),
+            *_conv(channels, 16),
+            nn.MaxPool2d(2),
+            *_conv(16, 8),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, EMBEDDING_CHANNELS, 3, padding=1),
+            nn.ReLU(inplace=True),
         )
         self.decoder = nn.Sequential(
-            *_conv(EMBEDDING_CHANNELS, 8, bn=False), *_conv(8, 8),
-            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), *_conv(8, 16),
+            *_conv(EMBEDDING_CHANNELS, 8, bn=False),
+            *_conv(8, 8),
             nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-            nn.Conv2d(16, channels, 3, padding=1), nn.Sigmoid(),
+            *_conv(8, 16),
+            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+            nn.Conv2d(16, channels, 3, padding=1),
+            nn.Sigmoid(),
         )
         self.register_buffer("mean", torch.tensor(mean or (0.0,) * channels).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std or (1.0,) * channels).view(1, -1, 1, 1))
@@ -82,13 +92,18 @@ class BridgeAutoencoder(nn.Module):
     def encode(self, pixels: Tensor, batch_size: int = 256) -> Tensor:
         """Embeddings of images in ``[0, 1]`` (eval mode, no gradient)."""
         self.eval()
-        return torch.cat([self.encoder(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)])
+        return torch.cat(
+            [self.encoder(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)]
+        )
 
     @torch.no_grad()
     def bridge(self, embeddings: Tensor, batch_size: int = 256) -> Tensor:
         """Bridge samples ``dec(eps)``, normalised like the models' real inputs."""
         self.eval()
-        out = [self.decoder(embeddings[i:i + batch_size]) for i in range(0, len(embeddings), batch_size)]
+        out = [
+            self.decoder(embeddings[i : i + batch_size])
+            for i in range(0, len(embeddings), batch_size)
+        ]
         return (torch.cat(out) - self.mean) / self.std
 
     def freeze(self) -> BridgeAutoencoder:
@@ -125,8 +140,11 @@ def pretrain_autoencoder(
     the reconstruction MSE on the test set.
     """
     raw = load_dataset(dataset, data_dir)
-    idx = torch.from_numpy(held_out_sample(len(raw.y_train), num_partitions, samples, seed=seed,
-                                           fraction=fraction, stream=11))
+    idx = torch.from_numpy(
+        held_out_sample(
+            len(raw.y_train), num_partitions, samples, seed=seed, fraction=fraction, stream=11
+        )
+    )
     x = raw.x_train[idx].float() / 255.0
     torch.manual_seed(seed)
     model = _for_dataset(raw.info)
@@ -147,7 +165,9 @@ def pretrain_autoencoder(
         mse = float(nn.functional.mse_loss(model(test), test))
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"dataset": dataset, "state": {k: v.cpu() for k, v in model.state_dict().items()}}, path)
+    torch.save(
+        {"dataset": dataset, "state": {k: v.cpu() for k, v in model.state_dict().items()}}, path
+    )
     return {"samples": float(len(idx)), "test-mse": mse}
 
 
@@ -164,18 +184,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="where to write the autoencoder (.pt)")
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--data-dir", default="")
-    parser.add_argument("--fraction", type=float, default=0.5, help="the federation's data-fraction")
-    parser.add_argument("--num-partitions", type=int, default=4, help="the federation's num-clients")
+    parser.add_argument(
+        "--fraction", type=float, default=0.5, help="the federation's data-fraction"
+    )
+    parser.add_argument(
+        "--num-partitions", type=int, default=4, help="the federation's num-clients"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples", type=int, default=5000)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
-    result = pretrain_autoencoder(args.out, dataset=args.dataset, data_dir=args.data_dir, fraction=args.fraction,
-                                  num_partitions=args.num_partitions, seed=args.seed, samples=args.samples,
-                                  epochs=args.epochs, device=args.device)
-    print(f"bridge autoencoder trained on {int(result['samples'])} held-out {args.dataset} images: "
-          f"test reconstruction MSE {result['test-mse']:.4f}; saved to {args.out}")
+    result = pretrain_autoencoder(
+        args.out,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        fraction=args.fraction,
+        num_partitions=args.num_partitions,
+        seed=args.seed,
+        samples=args.samples,
+        epochs=args.epochs,
+        device=args.device,
+    )
+    print(
+        f"bridge autoencoder trained on {int(result['samples'])} held-out {args.dataset} images: "
+        f"test reconstruction MSE {result['test-mse']:.4f}; saved to {args.out}"
+    )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
+__all__ = ["CheckpointError", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
 
 _MAGIC = b"FLWR-GKT-CHECKPOINT 1\n"
 
@@ -78,14 +78,18 @@ def load_checkpoint(path: str | Path) -> dict[str, Any] | None:
         return None
     raw = path.read_bytes()
     header_end = len(_MAGIC) + 64 + 1
-    if not raw.startswith(_MAGIC) or len(raw) < header_end or raw[header_end - 1:header_end] != b"\n":
+    if (
+        not raw.startswith(_MAGIC)
+        or len(raw) < header_end
+        or raw[header_end - 1 : header_end] != b"\n"
+    ):
         raise CheckpointError(f"{path} is not a flwr-gkt checkpoint")
-    digest, data = raw[len(_MAGIC):header_end - 1], raw[header_end:]
+    digest, data = raw[len(_MAGIC) : header_end - 1], raw[header_end:]
     if hashlib.sha256(data).hexdigest().encode() != digest:
         raise CheckpointError(f"{path} is corrupt (checksum mismatch); remove it to start over")
     try:
         return torch.load(io.BytesIO(data), weights_only=True)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         raise CheckpointError(f"{path} cannot be loaded: {err}") from err
 
 
@@ -95,7 +99,13 @@ def rng_state(*generators: torch.Generator) -> dict[str, Any]:
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     return {
         "python": [py_version, list(py_state), py_gauss],
-        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
+        "numpy": [
+            np_name,
+            torch.from_numpy(np_keys.astype(np.int64)),
+            np_pos,
+            np_has_gauss,
+            np_gauss,
+        ],
         "torch": torch.get_rng_state(),
         "generators": [g.get_state() for g in generators],
     }

@@ -49,17 +49,17 @@ from .wire import (
 )
 
 __all__ = [
-    "handle_train",
-    "handle_evaluate",
-    "handle_query",
+    "STATE_FILE",
+    "STATE_LOGITS",
+    "STATE_MODEL",
     "edge_round",
     "edge_round_config",
+    "handle_evaluate",
+    "handle_query",
+    "handle_train",
     "load_edge_model",
-    "save_state",
     "restore_state",
-    "STATE_MODEL",
-    "STATE_LOGITS",
-    "STATE_FILE",
+    "save_state",
 ]
 
 STATE_MODEL = "gkt-edge-model"
@@ -100,7 +100,9 @@ def edge_round(
     """
     model = load_edge_model(context, build_model, device)
     gen = torch.Generator().manual_seed(seed)
-    result = train_edge(model, data.x_train, data.y_train, server_logits, cfg, device, gen, data.augment)
+    result = train_edge(
+        model, data.x_train, data.y_train, server_logits, cfg, device, gen, data.augment
+    )
     start = time.perf_counter()
     features, logits = extract(model, data.x_train, cfg.batch_size, device, data.augment, gen)
     seconds = result.seconds + time.perf_counter() - start
@@ -123,7 +125,7 @@ def _read_state(path: Path) -> tuple[int, dict] | None:
         return None
     try:
         data = torch.load(path, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - a damaged file means: start fresh
+    except Exception as err:
         log(WARNING, "node state %s cannot be read (%s); ignored", path, err)
         return None
     if "arrays" not in data:  # written before states carried their round
@@ -153,12 +155,17 @@ def save_state(context: Context, state_dir: str | Path, server_round: int = 0) -
     path = Path(state_dir) / STATE_FILE
     prev = path.with_name(STATE_FILE.replace(".pt", ".prev.pt"))
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {key: {name: torch.from_numpy(array.numpy()) for name, array in record.items()}
-              for key, record in context.state.array_records.items() if key in (STATE_MODEL, STATE_LOGITS)}
+    arrays = {
+        key: {name: torch.from_numpy(array.numpy()) for name, array in record.items()}
+        for key, record in context.state.array_records.items()
+        if key in (STATE_MODEL, STATE_LOGITS)
+    }
     latest = _read_state(path)
     if latest is not None and latest[0] < server_round:
         os.replace(path, prev)  # the previous round's state becomes the fallback
-    elif latest is not None:  # this round again (after a server resume): keep an older fallback only
+    elif (
+        latest is not None
+    ):  # this round again (after a server resume): keep an older fallback only
         kept = _read_state(prev)
         if kept is not None and kept[0] >= server_round:
             prev.unlink()
@@ -181,8 +188,16 @@ def restore_state(context: Context, state_dir: str | Path, up_to_round: int | No
         if saved is None or (up_to_round is not None and saved[0] > up_to_round):
             continue
         for key, arrays in saved[1].items():
-            context.state.array_records[key] = ArrayRecord({n: Array(t.numpy()) for n, t in arrays.items()})
-        log(INFO, "node %d: state restored from %s (saved after round %d)", context.node_id, candidate, saved[0])
+            context.state.array_records[key] = ArrayRecord(
+                {n: Array(t.numpy()) for n, t in arrays.items()}
+            )
+        log(
+            INFO,
+            "node %d: state restored from %s (saved after round %d)",
+            context.node_id,
+            candidate,
+            saved[0],
+        )
         return True
     return False
 
@@ -192,7 +207,8 @@ def _stored_server_logits(context: Context, n: int, num_classes: int) -> torch.T
         return None
     try:
         return validate_server_logits(
-            context.state.array_records[STATE_LOGITS]["server-logits"].numpy(), n, num_classes)
+            context.state.array_records[STATE_LOGITS]["server-logits"].numpy(), n, num_classes
+        )
     except PayloadError:  # e.g. a restored state from another partition: not used
         del context.state.array_records[STATE_LOGITS]
         return None
@@ -241,8 +257,13 @@ def handle_train(
         features, logits = apply_privacy(features, logits, privacy)
     logit_dtype = str(config.get("logit-dtype", "float32"))
     if bool(config.get("send-features", True)):
-        payload = encode_payload(features, data.y_train, logits, logit_dtype=logit_dtype,
-                                 feature_dtype=str(config.get("feature-dtype", "float32")))
+        payload = encode_payload(
+            features,
+            data.y_train,
+            logits,
+            logit_dtype=logit_dtype,
+            feature_dtype=str(config.get("feature-dtype", "float32")),
+        )
     else:  # replay round: the server still holds this node's features
         payload = encode_logits(logits, logit_dtype)
     metrics = metrics_record(

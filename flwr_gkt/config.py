@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["RunConfig", "load_preset", "resolve_config", "parse_overrides"]
+__all__ = ["RunConfig", "load_preset", "parse_overrides", "resolve_config"]
 
 
 @dataclass(frozen=True)

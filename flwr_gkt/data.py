@@ -51,18 +51,18 @@ from torchvision.datasets.utils import extract_archive
 from .partition import label_matched_split, partition_indices
 
 __all__ = [
-    "DEFAULT_FASHION_MNIST_DIR",
     "DATASETS",
+    "DEFAULT_FASHION_MNIST_DIR",
+    "ClientData",
     "DatasetInfo",
     "DatasetMissingError",
-    "RawDataset",
     "RandomCropFlip",
-    "ClientData",
+    "RawDataset",
+    "clear_caches",
+    "client_data",
     "dataset_info",
     "load_dataset",
-    "clear_caches",
     "normalize",
-    "client_data",
 ]
 
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -104,16 +104,31 @@ DATASETS: dict[str, DatasetInfo] = {
     "fashion-mnist": DatasetInfo("fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,), False),
     # Statistics as in the reference implementation's data loaders.
     "cifar10": DatasetInfo(
-        "cifar10", 10, 3, 32, (0.49139968, 0.48215827, 0.44653124),
-        (0.24703233, 0.24348505, 0.26158768), True,
+        "cifar10",
+        10,
+        3,
+        32,
+        (0.49139968, 0.48215827, 0.44653124),
+        (0.24703233, 0.24348505, 0.26158768),
+        True,
     ),
     "cifar100": DatasetInfo(
-        "cifar100", 100, 3, 32, (0.5070751592371323, 0.48654887331495095, 0.4409178433670343),
-        (0.2673342858792401, 0.2564384629170883, 0.27615047132568404), True,
+        "cifar100",
+        100,
+        3,
+        32,
+        (0.5070751592371323, 0.48654887331495095, 0.4409178433670343),
+        (0.2673342858792401, 0.2564384629170883, 0.27615047132568404),
+        True,
     ),
     "cinic10": DatasetInfo(
-        "cinic10", 10, 3, 32, (0.47889522, 0.47227842, 0.43047404),
-        (0.24205776, 0.23828046, 0.25874835), True,
+        "cinic10",
+        10,
+        3,
+        32,
+        (0.47889522, 0.47227842, 0.43047404),
+        (0.24205776, 0.23828046, 0.25874835),
+        True,
     ),
 }
 
@@ -147,7 +162,10 @@ def default_data_dir(name: str) -> Path:
 
 def _atomic_copy(src: Path, dst: Path, opener: Callable = open) -> None:
     """Copy ``src`` to ``dst`` via a temporary file and a rename."""
-    with opener(src, "rb") as fin, tempfile.NamedTemporaryFile(dir=dst.parent, delete=False) as fout:
+    with (
+        opener(src, "rb") as fin,
+        tempfile.NamedTemporaryFile(dir=dst.parent, delete=False) as fout,
+    ):
         shutil.copyfileobj(fin, fout)
     os.replace(fout.name, dst)
 
@@ -219,8 +237,20 @@ class _LocalCIFAR100(_LocalCIFAR10, CIFAR100):
 
 
 _CIFAR = {
-    "cifar10": (_LocalCIFAR10, "CIFAR-10", "cifar-10-batches-py", "cifar-10-python.tar.gz", "CIFAR10"),
-    "cifar100": (_LocalCIFAR100, "CIFAR-100", "cifar-100-python", "cifar-100-python.tar.gz", "CIFAR100"),
+    "cifar10": (
+        _LocalCIFAR10,
+        "CIFAR-10",
+        "cifar-10-batches-py",
+        "cifar-10-python.tar.gz",
+        "CIFAR10",
+    ),
+    "cifar100": (
+        _LocalCIFAR100,
+        "CIFAR-100",
+        "cifar-100-python",
+        "cifar-100-python.tar.gz",
+        "CIFAR100",
+    ),
 }
 
 
@@ -243,16 +273,22 @@ def _load_cifar(name: str, data_dir: Path) -> tuple[Tensor, ...]:
     out: list[Tensor] = []
     for train in (True, False):
         ds = cls(str(root), train=train, download=False)
-        out += [torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),
-                torch.tensor(ds.targets, dtype=torch.long)]
+        out += [
+            torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),
+            torch.tensor(ds.targets, dtype=torch.long),
+        ]
     return tuple(out)
 
 
-def _load_image_folder(split_dir: Path, classes: list[str] | None) -> tuple[Tensor, Tensor, list[str]]:
+def _load_image_folder(
+    split_dir: Path, classes: list[str] | None
+) -> tuple[Tensor, Tensor, list[str]]:
     """Decode an ImageFolder split to uint8 tensors, cached as ``.npz``."""
     folder = ImageFolder(str(split_dir), loader=str)
     if classes is not None and folder.classes != classes:
-        raise ValueError(f"{split_dir}: classes {folder.classes} differ from the train split's {classes}")
+        raise ValueError(
+            f"{split_dir}: classes {folder.classes} differ from the train split's {classes}"
+        )
     key = hashlib.sha1(
         f"{split_dir.resolve()}|{len(folder.samples)}|{split_dir.stat().st_mtime_ns}".encode()
     ).hexdigest()[:16]
@@ -260,7 +296,9 @@ def _load_image_folder(split_dir: Path, classes: list[str] | None) -> tuple[Tens
     if cache.is_file():
         with np.load(cache) as npz:
             return torch.from_numpy(npz["x"]), torch.from_numpy(npz["y"]), folder.classes
-    images = [torch.from_numpy(np.array(pil_loader(path))).permute(2, 0, 1) for path, _ in folder.samples]
+    images = [
+        torch.from_numpy(np.array(pil_loader(path))).permute(2, 0, 1) for path, _ in folder.samples
+    ]
     if len({tuple(img.shape) for img in images}) > 1:
         raise ValueError(f"{split_dir}: images of different sizes; expected 32x32 CINIC-10 images")
     x = torch.stack(images) if images else torch.empty(0, 3, 32, 32, dtype=torch.uint8)
@@ -313,8 +351,10 @@ def load_dataset(name: str, data_dir: str = "") -> RawDataset:
     x_tr, y_tr, x_te, y_te = tensors
     for x in (x_tr, x_te):
         if len(x) and tuple(x.shape[1:]) != (info.channels, info.side, info.side):
-            raise ValueError(f"{name}: images of shape {tuple(x.shape[1:])}, expected "
-                             f"{(info.channels, info.side, info.side)}")
+            raise ValueError(
+                f"{name}: images of shape {tuple(x.shape[1:])}, expected "
+                f"{(info.channels, info.side, info.side)}"
+            )
     return RawDataset(x_tr, y_tr, x_te, y_te, info)
 
 
@@ -362,7 +402,11 @@ class RandomCropFlip:
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         n, c, h, w = x.shape
         p = self.padding
-        fill = torch.tensor(self.fill, dtype=x.dtype).view(1, -1, 1, 1).expand(n, c, h + 2 * p, w + 2 * p)
+        fill = (
+            torch.tensor(self.fill, dtype=x.dtype)
+            .view(1, -1, 1, 1)
+            .expand(n, c, h + 2 * p, w + 2 * p)
+        )
         padded = fill.clone()
         padded[:, :, p : p + h, p : p + w] = x
         dy = torch.randint(0, 2 * p + 1, (n,), generator=generator)
@@ -400,15 +444,30 @@ class ClientData:
 
 @functools.lru_cache(maxsize=8)
 def _partitions(
-    dataset: str, data_dir: str, split: str, num_partitions: int, method: str, seed: int,
-    fraction: float, alpha: float, min_size: int,
+    dataset: str,
+    data_dir: str,
+    split: str,
+    num_partitions: int,
+    method: str,
+    seed: int,
+    fraction: float,
+    alpha: float,
+    min_size: int,
 ) -> list[np.ndarray]:
     """All nodes' index arrays of one split (cached: a process serving many
-    nodes computes the partition once)."""
+    nodes computes the partition once).
+    """
     raw = load_dataset(dataset, data_dir)
     labels = (raw.y_train if split == "train" else raw.y_test).numpy()
-    return partition_indices(labels, num_partitions, method, seed=seed, fraction=fraction, alpha=alpha,
-                             min_partition_size=min_size)
+    return partition_indices(
+        labels,
+        num_partitions,
+        method,
+        seed=seed,
+        fraction=fraction,
+        alpha=alpha,
+        min_partition_size=min_size,
+    )
 
 
 def client_data(
@@ -457,23 +516,40 @@ def client_data(
         raise ValueError(f"partition-id {partition_id} not in [0, {num_partitions})")
     raw = load_dataset(dataset, data_dir)
     info = raw.info
-    train_idx = _partitions(dataset, data_dir, "train", num_partitions, partition, seed, fraction,
-                            dirichlet_alpha, min_partition_size)[partition_id]
+    train_idx = _partitions(
+        dataset,
+        data_dir,
+        "train",
+        num_partitions,
+        partition,
+        seed,
+        fraction,
+        dirichlet_alpha,
+        min_partition_size,
+    )[partition_id]
     if test_split == "global":
-        test_idx = _partitions(dataset, data_dir, "test", num_partitions, "iid", seed + 1, test_fraction,
-                               0.0, 0)[partition_id]
+        test_idx = _partitions(
+            dataset, data_dir, "test", num_partitions, "iid", seed + 1, test_fraction, 0.0, 0
+        )[partition_id]
     elif test_split == "local":
         y_te = raw.y_test.numpy()
         size = max(1, int(round(len(y_te) * test_fraction / num_partitions)))
-        test_idx = label_matched_split(y_te, raw.y_train.numpy()[train_idx], size, info.num_classes,
-                                       seed=seed * 7919 + partition_id)
+        test_idx = label_matched_split(
+            y_te,
+            raw.y_train.numpy()[train_idx],
+            size,
+            info.num_classes,
+            seed=seed * 7919 + partition_id,
+        )
     else:
         raise ValueError(f"unknown test-split {test_split!r} (expected 'global' or 'local')")
     tr, te = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
     use_aug = info.augment if augment is None else augment
     return ClientData(
-        normalize(raw.x_train[tr], info), raw.y_train[tr],
-        normalize(raw.x_test[te], info), raw.y_test[te],
+        normalize(raw.x_train[tr], info),
+        raw.y_train[tr],
+        normalize(raw.x_test[te], info),
+        raw.y_test[te],
         num_classes=info.num_classes,
         augment=RandomCropFlip.for_dataset(info) if use_aug else None,
     )

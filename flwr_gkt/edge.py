@@ -18,7 +18,7 @@ from .losses import KDMode
 from .models import EdgeModel
 from .training import FitResult, TensorBatches, fit, make_optimizer, to_device
 
-__all__ = ["EdgeRoundConfig", "train_edge", "extract"]
+__all__ = ["EdgeRoundConfig", "extract", "train_edge"]
 
 #: ``augment(inputs, generator) -> inputs``, e.g. :class:`flwr_gkt.data.RandomCropFlip`.
 Augment = Callable[[Tensor, "torch.Generator | None"], Tensor]
@@ -66,7 +66,9 @@ def train_edge(
         model.freeze_extractor()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
-    batches = TensorBatches(x, y, cfg.batch_size, shuffle=True, generator=generator, transform=augment)
+    batches = TensorBatches(
+        x, y, cfg.batch_size, shuffle=True, generator=generator, transform=augment
+    )
     return fit(
         model,
         batches,

@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import models
 
-__all__ = ["ModelCost", "forward_flops", "num_parameters", "edge_cost_table", "run_costs"]
+__all__ = ["ModelCost", "edge_cost_table", "forward_flops", "num_parameters", "run_costs"]
 
 
 def num_parameters(model: nn.Module) -> int:
@@ -93,29 +93,40 @@ def run_costs(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m flwr_gkt.efficiency", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m flwr_gkt.efficiency",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--in-channels", type=int, default=3)
     parser.add_argument("--size", type=int, default=32)
     args = parser.parse_args(argv)
     rows = edge_cost_table(args.num_classes, args.in_channels, args.size)
     base = rows[0]
-    print(f"Edge cost per sample, {args.in_channels}x{args.size}x{args.size} input, "
-          f"{args.num_classes} classes\n")
+    print(
+        f"Edge cost per sample, {args.in_channels}x{args.size}x{args.size} input, "
+        f"{args.num_classes} classes\n"
+    )
     print("| model | MFLOPs / sample | parameters | FLOPs vs ResNet-8 | params vs ResNet-8 |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r.name} | {r.flops / 1e6:.1f} | {r.params:,} | {r.flops / base.flops:.1f}x | "
-              f"{r.params / base.params:.1f}x |")
-    print("\nServer side (FedGKT): one feature map of 16x%dx%d per sample\n" % (args.size, args.size))
+        print(
+            f"| {r.name} | {r.flops / 1e6:.1f} | {r.params:,} | {r.flops / base.flops:.1f}x | "
+            f"{r.params / base.params:.1f}x |"
+        )
+    print(
+        "\nServer side (FedGKT): one feature map of 16x%dx%d per sample\n" % (args.size, args.size)
+    )
     print("| server model | MFLOPs / sample | parameters |")
     print("| --- | ---: | ---: |")
     for name in ("resnet55", "resnet109"):
         cost = run_costs("resnet8", name, args.num_classes, args.in_channels, args.size)
         print(f"| {name} | {cost['server-flops'] / 1e6:.1f} | {cost['server-params']:,} |")
-    print("\nPaper (Section 4.3): ResNet-8 needs 9x / 17x fewer FLOPs than ResNet-56 / ResNet-110 "
-          "and has 54x / 105x fewer parameters (~11K).")
+    print(
+        "\nPaper (Section 4.3): ResNet-8 needs 9x / 17x fewer FLOPs than ResNet-56 / ResNet-110 "
+        "and has 54x / 105x fewer parameters (~11K)."
+    )
 
 
 if __name__ == "__main__":

@@ -82,7 +82,9 @@ def parse_faults(spec: str) -> list[Fault]:
             first, _, last = rounds.partition("-")
             faults.append(Fault(kind.strip(), int(node), int(first), int(last or first)))
         except ValueError as err:
-            raise ValueError(f"bad fault {item!r} (expected kind:node@round[-round]): {err}") from None
+            raise ValueError(
+                f"bad fault {item!r} (expected kind:node@round[-round]): {err}"
+            ) from None
     return faults
 
 
@@ -102,13 +104,20 @@ class FaultPlan:
         Seed of the random faults (the same seed, the same faults).
     """
 
-    def __init__(self, faults: Sequence[Fault] = (), rate: float = 0.0,
-                 kinds: Sequence[str] = FAULT_KINDS, seed: int = 0) -> None:
+    def __init__(
+        self,
+        faults: Sequence[Fault] = (),
+        rate: float = 0.0,
+        kinds: Sequence[str] = FAULT_KINDS,
+        seed: int = 0,
+    ) -> None:
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"fault rate must be in [0, 1], got {rate}")
         unknown = set(kinds) - set(FAULT_KINDS)
         if unknown or not kinds:
-            raise ValueError(f"fault kinds must be a non-empty subset of {FAULT_KINDS}, got {list(kinds)}")
+            raise ValueError(
+                f"fault kinds must be a non-empty subset of {FAULT_KINDS}, got {list(kinds)}"
+            )
         self.faults = list(faults)
         self.rate = rate
         self.kinds = tuple(kinds)
@@ -141,7 +150,9 @@ class FaultyGrid(Grid):
     def __init__(self, grid: Grid, plan: FaultPlan, pull_interval: float | None = None) -> None:
         self.grid = grid
         self.plan = plan
-        self.pull_interval = pull_interval if pull_interval is not None else getattr(grid, "pull_interval", 0.1)
+        self.pull_interval = (
+            pull_interval if pull_interval is not None else getattr(grid, "pull_interval", 0.1)
+        )
         #: Faults injected so far, by kind.
         self.injected: Counter[str] = Counter()
         self._order: list[int] = []
@@ -152,15 +163,21 @@ class FaultyGrid(Grid):
         self._held: list[Message] = []  # late replies waiting for a later request
 
     # --------------------------------------------------------- delegation
-    def set_run(self, run):  # noqa: ANN001, ANN201 - Grid's signature
+    def set_run(self, run):
         return self.grid.set_run(run)
 
     @property
-    def run(self):  # noqa: ANN201
+    def run(self):
         return self.grid.run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
@@ -186,14 +203,24 @@ class FaultyGrid(Grid):
             kind = self.plan.fault(self._index(node), server_round) if server_round > 0 else None
             if kind is not None:
                 self.injected[kind] += 1
-                log(WARNING, "fault injection: %s of node %d (index %d) in round %d (%s instruction)",
-                    kind, node, self._index(node), server_round, msg.metadata.message_type)
+                log(
+                    WARNING,
+                    "fault injection: %s of node %d (index %d) in round %d (%s instruction)",
+                    kind,
+                    node,
+                    self._index(node),
+                    server_round,
+                    msg.metadata.message_type,
+                )
             if kind == "crash":  # never delivered; the link answers for the node
                 msg_id = str(uuid.uuid4())
                 msg.metadata.__dict__["_message_id"] = msg_id
                 self._crashed[msg_id] = Message(
-                    Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node unavailable (injected crash)"),
-                    reply_to=msg)
+                    Error(
+                        code=ErrorCode.NODE_UNAVAILABLE, reason="node unavailable (injected crash)"
+                    ),
+                    reply_to=msg,
+                )
                 self._synthetic.add(msg_id)
                 ids.append(msg_id)
                 continue
@@ -225,12 +252,17 @@ class FaultyGrid(Grid):
                 continue
             out.append(reply)
             if kind == "duplicate" and instruction is not None:
-                twin = Message(copy.deepcopy(reply.content), reply_to=instruction) if not reply.has_error() \
+                twin = (
+                    Message(copy.deepcopy(reply.content), reply_to=instruction)
+                    if not reply.has_error()
                     else Message(reply.error, reply_to=instruction)
+                )
                 out.append(twin)
         return out
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
         """Push, then pull until every instruction is answered or ``timeout`` passes."""
         msg_ids = set(self.push_messages(messages))
         end = time.time() + (timeout if timeout is not None else 0.0)

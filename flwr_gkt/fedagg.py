@@ -52,19 +52,28 @@ class BSBODPConfig:
     epochs: int = 1
 
 
-def teacher_logits(model: nn.Module, bridge: Tensor, device: torch.device, batch_size: int = 256) -> Tensor:
+def teacher_logits(
+    model: nn.Module, bridge: Tensor, device: torch.device, batch_size: int = 256
+) -> Tensor:
     """The teacher's logits on bridge samples (eval mode, no gradient), on the CPU."""
     labels = torch.zeros(len(bridge), dtype=torch.long)
     return predict(model, TensorBatches(bridge, labels, batch_size), device)
 
 
-def _leaf_step(cfg: BSBODPConfig, rectify: Rectifier | None, model: nn.Module, inputs: Tensor, labels: Tensor,
-               teacher: Tensor | None) -> tuple[Tensor, Tensor]:
+def _leaf_step(
+    cfg: BSBODPConfig,
+    rectify: Rectifier | None,
+    model: nn.Module,
+    inputs: Tensor,
+    labels: Tensor,
+    teacher: Tensor | None,
+) -> tuple[Tensor, Tensor]:
     real, bridge = inputs[:, 0], inputs[:, 1]  # index-aligned pairs: image and its bridge sample
     real_logits = model(to_device(real.contiguous(), labels.device))
     bridge_logits = model(to_device(bridge.contiguous(), labels.device))
-    loss = fedagg_leaf_loss(real_logits, bridge_logits, labels, teacher, cfg.temperature, cfg.beta, cfg.gamma,
-                            rectify)
+    loss = fedagg_leaf_loss(
+        real_logits, bridge_logits, labels, teacher, cfg.temperature, cfg.beta, cfg.gamma, rectify
+    )
     return loss, real_logits
 
 
@@ -81,12 +90,20 @@ def train_leaf(
 ) -> FitResult:
     """An end device learns from its parent: real images plus their bridge samples (eq. 2)."""
     if real.shape != bridge.shape:
-        raise ValueError(f"real {list(real.shape)} and bridge {list(bridge.shape)} samples must pair up")
+        raise ValueError(
+            f"real {list(real.shape)} and bridge {list(bridge.shape)} samples must pair up"
+        )
     pairs = torch.stack([real, bridge], dim=1)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
-    return fit(model, TensorBatches(pairs, labels, cfg.batch_size, True, generator, drop_last=True), optimizer,
-               epochs=cfg.epochs, device=device, teacher_logits=teacher,
-               loss_fn=partial(_leaf_step, cfg, rectify))
+    return fit(
+        model,
+        TensorBatches(pairs, labels, cfg.batch_size, True, generator, drop_last=True),
+        optimizer,
+        epochs=cfg.epochs,
+        device=device,
+        teacher_logits=teacher,
+        loss_fn=partial(_leaf_step, cfg, rectify),
+    )
 
 
 def train_nonleaf(
@@ -101,6 +118,14 @@ def train_nonleaf(
 ) -> FitResult:
     """An edge or the cloud learns from a neighbour over the bridge samples of a subtree (eq. 4)."""
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
-    return fit(model, TensorBatches(bridge, labels, cfg.batch_size, True, generator, drop_last=True), optimizer,
-               epochs=cfg.epochs, device=device, teacher_logits=teacher, temperature=cfg.temperature,
-               alpha=cfg.beta, rectify=rectify)
+    return fit(
+        model,
+        TensorBatches(bridge, labels, cfg.batch_size, True, generator, drop_last=True),
+        optimizer,
+        epochs=cfg.epochs,
+        device=device,
+        teacher_logits=teacher,
+        temperature=cfg.temperature,
+        alpha=cfg.beta,
+        rectify=rectify,
+    )

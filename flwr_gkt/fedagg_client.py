@@ -52,8 +52,15 @@ from .wire import (
     settings_from_config,
 )
 
-__all__ = ["TierRole", "handle_fedagg", "handle_topology_query", "EMB_PREFIX", "STATE_MODEL",
-           "bsbodp_config", "leaves_of"]
+__all__ = [
+    "EMB_PREFIX",
+    "STATE_MODEL",
+    "TierRole",
+    "bsbodp_config",
+    "handle_fedagg",
+    "handle_topology_query",
+    "leaves_of",
+]
 
 STATE_MODEL = "fedagg-model"
 #: ``context.state.array_records[EMB_PREFIX + leaf_uid]``: that leaf's embeddings and labels.
@@ -125,7 +132,9 @@ def handle_fedagg(
     if stage == "init":
         if role.tier != "end" or data is None:
             raise ValueError("only an end device with data uploads embeddings")
-        pixels = data.x_train * autoencoder.std + autoencoder.mean  # the encoder reads [0, 1] images
+        pixels = (
+            data.x_train * autoencoder.std + autoencoder.mean
+        )  # the encoder reads [0, 1] images
         eps = autoencoder.encode(pixels)
         record = encode_embeddings(eps, data.y_train)
         context.state.array_records[EMB_PREFIX + role.uid] = record
@@ -145,22 +154,34 @@ def handle_fedagg(
         for key in config:
             if key.startswith("teach/"):
                 eps, _ = _embeddings(context, leaves_of(str(config[key])))
-                logits[key[len("teach/"):]] = teacher_logits(model, autoencoder.bridge(eps), dev)
+                logits[key[len("teach/") :]] = teacher_logits(model, autoencoder.bridge(eps), dev)
         n = sum(len(z) for z in logits.values())
-        content = RecordDict({ARRAYS_KEY: encode_named_logits(logits, str(config.get("logit-dtype", "float32"))),
-                              METRICS_KEY: metrics_record(n)})
+        content = RecordDict(
+            {
+                ARRAYS_KEY: encode_named_logits(logits, str(config.get("logit-dtype", "float32"))),
+                METRICS_KEY: metrics_record(n),
+            }
+        )
         return Message(content=content, reply_to=msg)
     if stage != "learn":
         raise ValueError(f"unknown fedagg-stage {stage!r}")
     cfg = bsbodp_config(config)
     rectify = get_rectifier(str(config.get("rectify", "none")))
-    lessons = {key[len("learn/"):]: leaves_of(str(config[key])) for key in config if key.startswith("learn/")}
+    lessons = {
+        key[len("learn/") :]: leaves_of(str(config[key]))
+        for key in config
+        if key.startswith("learn/")
+    }
     embedded = {name: _embeddings(context, leaves) for name, leaves in lessons.items()}
-    teachers = decode_named_logits(msg.content.array_records.get(ARRAYS_KEY, ArrayRecord()),
-                                   {name: len(labels) for name, (_, labels) in embedded.items()},
-                                   int(config.get("num-classes", 10)))  # type: ignore[arg-type]
-    gen = torch.Generator().manual_seed(int(config.get("seed", 0)) * 100_003  # type: ignore[arg-type]
-                                        + int(config.get("server-round", 0)))  # type: ignore[arg-type]
+    teachers = decode_named_logits(
+        msg.content.array_records.get(ARRAYS_KEY, ArrayRecord()),
+        {name: len(labels) for name, (_, labels) in embedded.items()},
+        int(config.get("num-classes", 10)),
+    )  # type: ignore[arg-type]
+    gen = torch.Generator().manual_seed(
+        int(config.get("seed", 0)) * 100_003  # type: ignore[arg-type]
+        + int(config.get("server-round", 0))
+    )  # type: ignore[arg-type]
     loss_sum, correct_sum, seen = 0.0, 0.0, 0
     for name in sorted(lessons, key=lambda n: (n != "parent", n)):  # parent first, then children
         eps, labels = embedded[name]
@@ -168,13 +189,21 @@ def handle_fedagg(
         if role.tier == "end":
             if data is None:
                 raise ValueError("an end device needs its data")
-            result = train_leaf(model, data.x_train, bridge, labels, teachers[name], cfg, dev, gen, rectify)
+            result = train_leaf(
+                model, data.x_train, bridge, labels, teachers[name], cfg, dev, gen, rectify
+            )
         else:
             result = train_nonleaf(model, bridge, labels, teachers[name], cfg, dev, gen, rectify)
         loss_sum += result.loss * result.num_examples
         correct_sum += result.accuracy * result.num_examples
         seen += result.num_examples
     context.state.array_records[STATE_MODEL] = ArrayRecord(model.state_dict())
-    metrics = metrics_record(seen, **{"train-loss": loss_sum / max(seen, 1), "train-accuracy": correct_sum / max(seen, 1),
-                                      "seconds": time.perf_counter() - start})
+    metrics = metrics_record(
+        seen,
+        **{
+            "train-loss": loss_sum / max(seen, 1),
+            "train-accuracy": correct_sum / max(seen, 1),
+            "seconds": time.perf_counter() - start,
+        },
+    )
     return Message(content=RecordDict({METRICS_KEY: metrics}), reply_to=msg)

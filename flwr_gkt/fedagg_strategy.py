@@ -74,7 +74,9 @@ def parse_migrations(spec: str) -> list[tuple[str, str, int]]:
                 parent, rnd = rest.split("@", 1)
                 out.append((uid.strip(), parent.strip(), int(rnd)))
             except ValueError:
-                raise ValueError(f"bad migration {item!r} (expected uid:new-parent@round)") from None
+                raise ValueError(
+                    f"bad migration {item!r} (expected uid:new-parent@round)"
+                ) from None
     return out
 
 
@@ -88,9 +90,15 @@ class _Tree:
         for uid, role in sorted(self.role.items()):
             if role.tier == "end" and uid not in with_embeddings:
                 continue
-            if role.parent != CLOUD and (role.parent not in self.role or self.role[role.parent].tier != "edge"):
-                log(WARNING, "FedAgg: node %s names parent %r, which is not a connected edge; left out", uid,
-                    role.parent)
+            if role.parent != CLOUD and (
+                role.parent not in self.role or self.role[role.parent].tier != "edge"
+            ):
+                log(
+                    WARNING,
+                    "FedAgg: node %s names parent %r, which is not a connected edge; left out",
+                    uid,
+                    role.parent,
+                )
                 continue
             self.children.setdefault(role.parent, []).append(uid)
         #: The nodes in the tree this round (connected, placed under a parent), sorted.
@@ -133,10 +141,21 @@ class FedAgg(Strategy):
         Seed of the shuffling.
     """
 
-    def __init__(self, model: nn.Module, autoencoder: BridgeAutoencoder, num_classes: int, test_x: Tensor,
-                 test_y: Tensor, *, bsbodp: BSBODPConfig | None = None, rectify: str = "none",
-                 migrations: Iterable[tuple[str, str, int]] = (), logit_dtype: str = "float32",
-                 device: str = "auto", seed: int = 0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        autoencoder: BridgeAutoencoder,
+        num_classes: int,
+        test_x: Tensor,
+        test_y: Tensor,
+        *,
+        bsbodp: BSBODPConfig | None = None,
+        rectify: str = "none",
+        migrations: Iterable[tuple[str, str, int]] = (),
+        logit_dtype: str = "float32",
+        device: str = "auto",
+        seed: int = 0,
+    ) -> None:
         self.device = get_device(device)
         self.model = prepare_model(model, self.device)
         self.autoencoder = autoencoder.freeze()
@@ -159,37 +178,60 @@ class FedAgg(Strategy):
         self.moves: list[tuple[int, str, str, str]] = []
 
     # Flower's round-by-round hooks are not used: the tree needs several message waves per round.
-    def configure_train(self, server_round, arrays, config, grid):  # noqa: ANN001, ANN201, D102
+    def configure_train(self, server_round, arrays, config, grid):  # noqa: D102
         raise NotImplementedError("FedAgg runs its own rounds: call start()")
 
-    def aggregate_train(self, server_round, replies):  # noqa: ANN001, ANN201, D102
+    def aggregate_train(self, server_round, replies):  # noqa: D102
         raise NotImplementedError("FedAgg runs its own rounds: call start()")
 
-    def configure_evaluate(self, server_round, arrays, config, grid):  # noqa: ANN001, ANN201, D102
+    def configure_evaluate(self, server_round, arrays, config, grid):  # noqa: D102
         raise NotImplementedError("FedAgg runs its own rounds: call start()")
 
-    def aggregate_evaluate(self, server_round, replies):  # noqa: ANN001, ANN201, D102
+    def aggregate_evaluate(self, server_round, replies):  # noqa: D102
         raise NotImplementedError("FedAgg runs its own rounds: call start()")
 
     def summary(self) -> None:
         """Log the configuration."""
-        log(INFO, "\t├──> FedAgg: cloud model %s on %s, rectification %s", type(self.model).__name__, self.device,
-            self.rectify_name)
+        log(
+            INFO,
+            "\t├──> FedAgg: cloud model %s on %s, rectification %s",
+            type(self.model).__name__,
+            self.device,
+            self.rectify_name,
+        )
         log(INFO, "\t└──> BSBODP: %s", self.bsbodp)
 
     # ------------------------------------------------------------------ helpers
     def _config(self, server_round: int, stage: str, **extra: Any) -> ConfigRecord:
         cfg = self.bsbodp
-        return ConfigRecord({
-            "fedagg-stage": stage, "server-round": server_round, "seed": self.seed,
-            "num-classes": self.num_classes, "logit-dtype": self.logit_dtype, "rectify": self.rectify_name,
-            "temperature": cfg.temperature, "beta": cfg.beta, "gamma": cfg.gamma, "batch-size": cfg.batch_size,
-            "optimizer": cfg.optimizer, "lr": cfg.lr, "weight-decay": cfg.weight_decay, "epochs": cfg.epochs,
-            **extra,
-        })
+        return ConfigRecord(
+            {
+                "fedagg-stage": stage,
+                "server-round": server_round,
+                "seed": self.seed,
+                "num-classes": self.num_classes,
+                "logit-dtype": self.logit_dtype,
+                "rectify": self.rectify_name,
+                "temperature": cfg.temperature,
+                "beta": cfg.beta,
+                "gamma": cfg.gamma,
+                "batch-size": cfg.batch_size,
+                "optimizer": cfg.optimizer,
+                "lr": cfg.lr,
+                "weight-decay": cfg.weight_decay,
+                "epochs": cfg.epochs,
+                **extra,
+            }
+        )
 
-    def _exchange(self, grid: Grid, messages: dict[str, Message], timeout: float, server_round: int,
-                  stage: str) -> dict[str, Message]:
+    def _exchange(
+        self,
+        grid: Grid,
+        messages: dict[str, Message],
+        timeout: float,
+        server_round: int,
+        stage: str,
+    ) -> dict[str, Message]:
         """Send one wave; return the successful replies by uid (errors and lost nodes logged)."""
         if not messages:
             return {}
@@ -202,22 +244,41 @@ class FedAgg(Strategy):
                 continue
             if reply.has_error():
                 failed.add(uid)
-                self.node_history.append({"round": server_round, "stage": stage, "node": uid, "status": "error",
-                                          "reason": reply.error.reason})
-                log(WARNING, "FedAgg round %d: %s reply of %s rejected: node error: %s", server_round, stage, uid,
-                    reply.error.reason)
+                self.node_history.append(
+                    {
+                        "round": server_round,
+                        "stage": stage,
+                        "node": uid,
+                        "status": "error",
+                        "reason": reply.error.reason,
+                    }
+                )
+                log(
+                    WARNING,
+                    "FedAgg round %d: %s reply of %s rejected: node error: %s",
+                    server_round,
+                    stage,
+                    uid,
+                    reply.error.reason,
+                )
                 continue
             replies[uid] = reply
         for uid in sorted(set(messages) - set(replies) - failed):
-            self.node_history.append({"round": server_round, "stage": stage, "node": uid, "status": "lost"})
+            self.node_history.append(
+                {"round": server_round, "stage": stage, "node": uid, "status": "lost"}
+            )
             log(WARNING, "FedAgg round %d: %s: no reply from %s", server_round, stage, uid)
         return replies
 
-    def _topology(self, grid: Grid, server_round: int, timeout: float) -> dict[str, tuple[int, TierRole]]:
+    def _topology(
+        self, grid: Grid, server_round: int, timeout: float
+    ) -> dict[str, tuple[int, TierRole]]:
         ids = sorted(grid.get_node_ids())
         query = ConfigRecord({"query": "fedagg-topology"})
-        messages = [Message(RecordDict({CONFIG_KEY: query}), dst_node_id=n, message_type=MessageType.QUERY)
-                    for n in ids]
+        messages = [
+            Message(RecordDict({CONFIG_KEY: query}), dst_node_id=n, message_type=MessageType.QUERY)
+            for n in ids
+        ]
         roles: dict[str, tuple[int, TierRole]] = {}
         for reply in grid.send_and_receive(messages, timeout=timeout):
             if reply.has_error():
@@ -226,7 +287,12 @@ class FedAgg(Strategy):
             try:
                 role = TierRole(str(info[NODE_UID]), str(info["tier"]), str(info["parent"]))
             except (KeyError, ValueError) as err:
-                log(WARNING, "FedAgg: node %d gave no valid tier/parent (%s)", reply.metadata.src_node_id, err)
+                log(
+                    WARNING,
+                    "FedAgg: node %d gave no valid tier/parent (%s)",
+                    reply.metadata.src_node_id,
+                    err,
+                )
                 continue
             roles[role.uid] = (reply.metadata.src_node_id, role)
         for uid, parent, first in self.migrations:
@@ -237,13 +303,21 @@ class FedAgg(Strategy):
             old = self.parents.get(uid)
             if old is not None and old != role.parent:
                 self.moves.append((server_round, uid, old, role.parent))
-                log(INFO, "FedAgg round %d: node %s migrated from %s to %s (with its subtree)", server_round, uid,
-                    old, role.parent)
+                log(
+                    INFO,
+                    "FedAgg round %d: node %s migrated from %s to %s (with its subtree)",
+                    server_round,
+                    uid,
+                    old,
+                    role.parent,
+                )
             self.parents[uid] = role.parent
         return roles
 
     # ------------------------------------------------------------------ round
-    def start(self, grid: Grid, num_rounds: int = 3, timeout: float = 3600) -> list[dict[str, float]]:
+    def start(
+        self, grid: Grid, num_rounds: int = 3, timeout: float = 3600
+    ) -> list[dict[str, float]]:
         """Run ``num_rounds`` FedAgg rounds on ``grid``; return the history (one row per round)."""
         log(INFO, "Starting FedAgg strategy:")
         self.summary()
@@ -258,25 +332,43 @@ class FedAgg(Strategy):
             tree = _Tree(roles, set(self.embeddings))
             self._store(grid, tree, rnd, timeout, nbytes)
             teach = self._teach(grid, tree, rnd, timeout, nbytes)
-            cloud_z = {c: teacher_logits(self.model, self._bridge(tree.leaves(c)), self.device)
-                       for c in tree.children[CLOUD]}
+            cloud_z = {
+                c: teacher_logits(self.model, self._bridge(tree.leaves(c)), self.device)
+                for c in tree.children[CLOUD]
+            }
             learned = self._learn(grid, tree, rnd, timeout, teach, cloud_z, nbytes)
             cloud_loss = self._cloud_learn(tree, teach)
             loss_sum, correct = self.evaluate()
             row: dict[str, float] = {
-                "round": rnd, "accuracy": correct / len(self.test_y), "loss": loss_sum / len(self.test_y),
-                "cloud-train-loss": cloud_loss, "nodes": len(tree.members), "leaves": len(tree.leaves(CLOUD)),
-                "nodes-learned": learned, "migrations": sum(1 for m in self.moves if m[0] == rnd),
+                "round": rnd,
+                "accuracy": correct / len(self.test_y),
+                "loss": loss_sum / len(self.test_y),
+                "cloud-train-loss": cloud_loss,
+                "nodes": len(tree.members),
+                "leaves": len(tree.leaves(CLOUD)),
+                "nodes-learned": learned,
+                "migrations": sum(1 for m in self.moves if m[0] == rnd),
                 "round-seconds": time.perf_counter() - start,
                 **{f"bytes-{k}": float(v) for k, v in sorted(nbytes.items())},
                 # totals in FedGKT's terms: towards the cloud (embeddings, logits up) / away from it
-                "bytes-up-train": float(sum(v for k, v in nbytes.items() if "-up-" in k or k.startswith("init-"))),
+                "bytes-up-train": float(
+                    sum(v for k, v in nbytes.items() if "-up-" in k or k.startswith("init-"))
+                ),
                 "bytes-down-train": float(sum(v for k, v in nbytes.items() if "-down-" in k)),
             }
             self.history.append(row)
-            log(INFO, "FedAgg round %d: cloud accuracy %.4f on %d test samples, %d nodes (%d leaves), "
-                "%.1fs, %s", rnd, row["accuracy"], len(self.test_y), row["nodes"], row["leaves"],
-                row["round-seconds"], ", ".join(f"{k} {v / 1024:.1f} KB" for k, v in sorted(nbytes.items())))
+            log(
+                INFO,
+                "FedAgg round %d: cloud accuracy %.4f on %d test samples, %d nodes (%d leaves), "
+                "%.1fs, %s",
+                rnd,
+                row["accuracy"],
+                len(self.test_y),
+                row["nodes"],
+                row["leaves"],
+                row["round-seconds"],
+                ", ".join(f"{k} {v / 1024:.1f} KB" for k, v in sorted(nbytes.items())),
+            )
         log(INFO, "FedAgg finished %d rounds in %.1fs", num_rounds, time.perf_counter() - run_start)
         return self.history
 
@@ -286,25 +378,46 @@ class FedAgg(Strategy):
     def _labels(self, leaves: list[str]) -> Tensor:
         return torch.cat([self.embeddings[u][1] for u in leaves])
 
-    def _init(self, grid: Grid, roles: dict[str, tuple[int, TierRole]], rnd: int, timeout: float,
-              nbytes: Counter[str]) -> None:
+    def _init(
+        self,
+        grid: Grid,
+        roles: dict[str, tuple[int, TierRole]],
+        rnd: int,
+        timeout: float,
+        nbytes: Counter[str],
+    ) -> None:
         """End devices the cloud has no embeddings of upload them (once)."""
-        todo = {uid: Message(RecordDict({CONFIG_KEY: self._config(rnd, "init")}), dst_node_id=nid,
-                             message_type=MessageType.TRAIN)
-                for uid, (nid, role) in roles.items() if role.tier == "end" and uid not in self.embeddings}
+        todo = {
+            uid: Message(
+                RecordDict({CONFIG_KEY: self._config(rnd, "init")}),
+                dst_node_id=nid,
+                message_type=MessageType.TRAIN,
+            )
+            for uid, (nid, role) in roles.items()
+            if role.tier == "end" and uid not in self.embeddings
+        }
         for uid, reply in self._exchange(grid, todo, timeout, rnd, "init").items():
             link = f"end-{'cloud' if roles[uid][1].parent == CLOUD else 'edge'}"
             nbytes[f"init-{link}"] += record_nbytes(reply.content)
             try:
                 eps, labels = decode_embeddings(reply.content, self.num_classes)
             except PayloadError as err:
-                self.node_history.append({"round": rnd, "stage": "init", "node": uid, "status": "rejected",
-                                          "reason": str(err)})
+                self.node_history.append(
+                    {
+                        "round": rnd,
+                        "stage": "init",
+                        "node": uid,
+                        "status": "rejected",
+                        "reason": str(err),
+                    }
+                )
                 log(WARNING, "FedAgg round %d: embeddings of %s rejected: %s", rnd, uid, err)
                 continue
             self.embeddings[uid] = (eps.clone(), labels.clone())
 
-    def _store(self, grid: Grid, tree: _Tree, rnd: int, timeout: float, nbytes: Counter[str]) -> None:
+    def _store(
+        self, grid: Grid, tree: _Tree, rnd: int, timeout: float, nbytes: Counter[str]
+    ) -> None:
         """Each edge holds the embeddings of exactly the leaves under it."""
         messages = {}
         for uid, role in tree.role.items():
@@ -318,12 +431,15 @@ class FedAgg(Strategy):
             for leaf in add:
                 content[EMB_PREFIX + leaf] = encode_embeddings(*self.embeddings[leaf])
             nbytes[f"init-{tree.link(uid)}"] += record_nbytes(content)  # the subtree's embeddings
-            messages[uid] = Message(content, dst_node_id=tree.node_id[uid], message_type=MessageType.TRAIN)
+            messages[uid] = Message(
+                content, dst_node_id=tree.node_id[uid], message_type=MessageType.TRAIN
+            )
         for uid in self._exchange(grid, messages, timeout, rnd, "store"):
             self.edge_holds[uid] = set(tree.leaves(uid))
 
-    def _teach(self, grid: Grid, tree: _Tree, rnd: int, timeout: float,
-               nbytes: Counter[str]) -> dict[tuple[str, str], Tensor]:
+    def _teach(
+        self, grid: Grid, tree: _Tree, rnd: int, timeout: float, nbytes: Counter[str]
+    ) -> dict[tuple[str, str], Tensor]:
         """Every node's logits for its neighbours: ``{(teacher uid, name): logits}``."""
         messages, expected = {}, {}
         for uid in tree.members:
@@ -335,10 +451,17 @@ class FedAgg(Strategy):
             requests = {k: v for k, v in requests.items() if v}
             if not requests:
                 continue
-            expected[uid] = {k: sum(len(self.embeddings[leaf][1]) for leaf in v) for k, v in requests.items()}
-            config = self._config(rnd, "teach", **{f"teach/{k}": ",".join(v) for k, v in requests.items()})
-            messages[uid] = Message(RecordDict({CONFIG_KEY: config}), dst_node_id=tree.node_id[uid],
-                                    message_type=MessageType.TRAIN)
+            expected[uid] = {
+                k: sum(len(self.embeddings[leaf][1]) for leaf in v) for k, v in requests.items()
+            }
+            config = self._config(
+                rnd, "teach", **{f"teach/{k}": ",".join(v) for k, v in requests.items()}
+            )
+            messages[uid] = Message(
+                RecordDict({CONFIG_KEY: config}),
+                dst_node_id=tree.node_id[uid],
+                message_type=MessageType.TRAIN,
+            )
         out: dict[tuple[str, str], Tensor] = {}
         for uid, reply in self._exchange(grid, messages, timeout, rnd, "teach").items():
             record = reply.content.array_records.get(ARRAYS_KEY, ArrayRecord())
@@ -351,11 +474,21 @@ class FedAgg(Strategy):
                 out[(uid, name)] = z.clone()
                 # counted once per logical transfer (teacher -> student), not per relay hop
                 link = tree.link(uid) if name == "parent" else tree.link(name.split("/", 1)[1])
-                nbytes[f"logits-up-{link}" if name == "parent" else f"logits-down-{link}"] += len(record[name].data)
+                nbytes[f"logits-up-{link}" if name == "parent" else f"logits-down-{link}"] += len(
+                    record[name].data
+                )
         return out
 
-    def _learn(self, grid: Grid, tree: _Tree, rnd: int, timeout: float, teach: dict[tuple[str, str], Tensor],
-               cloud_z: dict[str, Tensor], nbytes: Counter[str]) -> int:
+    def _learn(
+        self,
+        grid: Grid,
+        tree: _Tree,
+        rnd: int,
+        timeout: float,
+        teach: dict[tuple[str, str], Tensor],
+        cloud_z: dict[str, Tensor],
+        nbytes: Counter[str],
+    ) -> int:
         """Every node trains with its neighbours' logits; return how many did."""
         messages = {}
         for uid in tree.members:
@@ -369,17 +502,29 @@ class FedAgg(Strategy):
                     lessons[f"child/{child}"] = (tree.leaves(child), teach[(child, "parent")])
             if not lessons:
                 continue
-            config = self._config(rnd, "learn", **{f"learn/{k}": ",".join(v[0]) for k, v in lessons.items()})
+            config = self._config(
+                rnd, "learn", **{f"learn/{k}": ",".join(v[0]) for k, v in lessons.items()}
+            )
             record = encode_named_logits({k: v[1] for k, v in lessons.items()}, self.logit_dtype)
             if parent == CLOUD and "parent" in record:  # the other lessons were counted in _teach
                 nbytes[f"logits-down-{tree.link(uid)}"] += len(record["parent"].data)
-            messages[uid] = Message(RecordDict({CONFIG_KEY: config, ARRAYS_KEY: record}),
-                                    dst_node_id=tree.node_id[uid], message_type=MessageType.TRAIN)
+            messages[uid] = Message(
+                RecordDict({CONFIG_KEY: config, ARRAYS_KEY: record}),
+                dst_node_id=tree.node_id[uid],
+                message_type=MessageType.TRAIN,
+            )
         replies = self._exchange(grid, messages, timeout, rnd, "learn")
         for uid, reply in replies.items():
             metrics = reply.content.metric_records.get("metrics", MetricRecord())
-            self.node_history.append({"round": rnd, "stage": "learn", "node": uid, "status": "accepted",
-                                      **{k: v for k, v in metrics.items()}})
+            self.node_history.append(
+                {
+                    "round": rnd,
+                    "stage": "learn",
+                    "node": uid,
+                    "status": "accepted",
+                    **{k: v for k, v in metrics.items()},
+                }
+            )
         return len(replies)
 
     def _cloud_learn(self, tree: _Tree, teach: dict[tuple[str, str], Tensor]) -> float:
@@ -390,8 +535,16 @@ class FedAgg(Strategy):
             if z is None:
                 continue
             leaves = tree.leaves(child)
-            result = train_nonleaf(self.model, self._bridge(leaves), self._labels(leaves), z, self.bsbodp,
-                                   self.device, self.generator, self.rectify)
+            result = train_nonleaf(
+                self.model,
+                self._bridge(leaves),
+                self._labels(leaves),
+                z,
+                self.bsbodp,
+                self.device,
+                self.generator,
+                self.rectify,
+            )
             loss, seen = loss + result.loss * result.num_examples, seen + result.num_examples
         return loss / max(seen, 1)
 

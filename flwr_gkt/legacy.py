@@ -133,7 +133,9 @@ class FedGKTLegacy(Strategy):
     ) -> list[tuple[ClientProxy, FitIns]]:
         """Each node gets its own server logits and the round config."""
         lr = self.edge_config.lr * self._lr_factor(server_round)
-        config = dict(edge_config_record(self.edge_config, **{"server-round": server_round, "lr": lr}))
+        config = dict(
+            edge_config_record(self.edge_config, **{"server-round": server_round, "lr": lr})
+        )
         out = []
         for proxy in self._sample(client_manager, self.min_fit_clients):
             logits = self.server.server_logits(int(proxy.cid))
@@ -155,11 +157,19 @@ class FedGKTLegacy(Strategy):
             try:
                 arrays = parameters_to_ndarrays(res.parameters)
                 if len(arrays) != 3:
-                    raise PayloadError(f"expected [features, logits, labels], got {len(arrays)} arrays")
+                    raise PayloadError(
+                        f"expected [features, logits, labels], got {len(arrays)} arrays"
+                    )
                 features, logits, labels = arrays
                 payload = validate_arrays(features, labels, logits, self.spec, res.num_examples)
             except (PayloadError, ValueError) as err:
-                log(WARNING, "FedGKT round %d: fit reply of node %s rejected: %s", server_round, proxy.cid, err)
+                log(
+                    WARNING,
+                    "FedGKT round %d: fit reply of node %s rejected: %s",
+                    server_round,
+                    proxy.cid,
+                    err,
+                )
                 continue
             self.server.put(int(proxy.cid), payload)
             accepted += 1
@@ -181,7 +191,9 @@ class FedGKTLegacy(Strategy):
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
         """Send the server model to the nodes for on-node evaluation."""
-        ins = EvaluateIns(parameters, {"server-round": server_round, "batch-size": self.edge_config.batch_size})
+        ins = EvaluateIns(
+            parameters, {"server-round": server_round, "batch-size": self.edge_config.batch_size}
+        )
         return [(p, ins) for p in self._sample(client_manager, self.min_evaluate_clients)]
 
     def aggregate_evaluate(
@@ -205,7 +217,9 @@ class FedGKTLegacy(Strategy):
         log(INFO, "FedGKT round %d evaluate: loss %.4f %s", server_round, loss, metrics)
         return loss, metrics
 
-    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+    def evaluate(
+        self, server_round: int, parameters: Parameters
+    ) -> tuple[float, dict[str, Scalar]] | None:
         """No centralized evaluation."""
         return None
 
@@ -242,7 +256,9 @@ class GKTNumPyClient(NumPyClient):
         self.build_server = build_server
         self.device = get_device(device)
 
-    def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
+    def fit(
+        self, parameters: list[np.ndarray], config: dict[str, Any]
+    ) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
         """Train ``E_c`` epochs with KD from the server logits; return ``[H, Z_c, Y]``."""
         cfg = edge_round_config(config)  # type: ignore[arg-type]
         n = len(self.data.y_train)
@@ -251,17 +267,27 @@ class GKTNumPyClient(NumPyClient):
             server_logits = validate_server_logits(parameters[0], n, self.data.num_classes)
             self.ctx.state.array_records[STATE_LOGITS] = encode_server_logits(server_logits)
         features, logits, result, _ = edge_round(
-            self.ctx, self.data, self.build_edge, server_logits, cfg, self.device, round_seed(config)
+            self.ctx,
+            self.data,
+            self.build_edge,
+            server_logits,
+            cfg,
+            self.device,
+            round_seed(config),
         )
         arrays = [features.numpy(), logits.numpy(), self.data.y_train.numpy()]
         return arrays, n, {"edge-train-loss": result.loss, "edge-train-accuracy": result.accuracy}
 
-    def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict[str, Scalar]]:
+    def evaluate(
+        self, parameters: list[np.ndarray], config: dict[str, Any]
+    ) -> tuple[float, int, dict[str, Scalar]]:
         """Accuracy of extractor + server model, and of the edge model alone."""
         edge = load_edge_model(self.ctx, self.build_edge, self.device)
         server = self.build_server()
         keys = list(server.state_dict().keys())
-        server.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in zip(keys, parameters, strict=True)})
+        server.load_state_dict(
+            {k: torch.from_numpy(np.asarray(v)) for k, v in zip(keys, parameters, strict=True)}
+        )
         server = prepare_model(server, self.device)
         batch_size = int(config.get("batch-size", 64))
         features, edge_logits = extract(edge, self.data.x_test, batch_size, self.device)

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .rectify import Rectifier
 
-__all__ = ["KDMode", "kd_loss", "gkt_loss", "fedagg_leaf_loss", "fedagg_nonleaf_loss"]
+__all__ = ["KDMode", "fedagg_leaf_loss", "fedagg_nonleaf_loss", "gkt_loss", "kd_loss"]
 
 
 class KDMode(str, Enum):

@@ -30,23 +30,23 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1, conv3x3
 
 __all__ = [
+    "FEATURE_CHANNELS",
     "BasicBlock",
     "Bottleneck",
     "EdgeModel",
-    "ServerResNet",
     "FullResNet",
+    "ServerResNet",
+    "TierCNN",
+    "full_resnet",
+    "load_pretrained",
     "resnet4",
     "resnet6",
     "resnet8",
+    "resnet56",
+    "resnet110",
     "server_resnet",
     "server_resnet55",
     "server_resnet109",
-    "full_resnet",
-    "resnet56",
-    "resnet110",
-    "FEATURE_CHANNELS",
-    "load_pretrained",
-    "TierCNN",
     "tier_cnn",
     "tier_resnet10",
     "tier_resnet18",
@@ -65,9 +65,7 @@ def _make_stage(
     downsample = None
     outplanes = planes * block.expansion
     if stride != 1 or inplanes != outplanes:
-        downsample = nn.Sequential(
-            conv1x1(inplanes, outplanes, stride), nn.BatchNorm2d(outplanes)
-        )
+        downsample = nn.Sequential(conv1x1(inplanes, outplanes, stride), nn.BatchNorm2d(outplanes))
     layers: list[nn.Module] = [block(inplanes, planes, stride, downsample)]
     layers += [block(outplanes, planes) for _ in range(1, blocks)]
     return nn.Sequential(*layers), outplanes
@@ -140,9 +138,7 @@ class EdgeModel(nn.Module):
         return self.classifier(features), features
 
 
-def _edge_resnet(
-    block: Block, blocks: int, num_classes: int, in_channels: int
-) -> EdgeModel:
+def _edge_resnet(block: Block, blocks: int, num_classes: int, in_channels: int) -> EdgeModel:
     stage, width = _make_stage(block, FEATURE_CHANNELS, FEATURE_CHANNELS, blocks, 1)
     classifier = nn.Sequential(
         stage,
@@ -234,9 +230,7 @@ class FullResNet(nn.Module):
 def _blocks_for_depth(depth: int, offset: int) -> int:
     blocks, rest = divmod(depth - offset, 9)
     if rest or blocks < 1:
-        raise ValueError(
-            f"depth {depth} is not 9n+{offset} for a 3-stage bottleneck ResNet"
-        )
+        raise ValueError(f"depth {depth} is not 9n+{offset} for a 3-stage bottleneck ResNet")
     return blocks
 
 
@@ -248,16 +242,12 @@ def server_resnet(
     return ServerResNet((n, n, n), num_classes, in_channels)
 
 
-def server_resnet55(
-    num_classes: int = 10, in_channels: int = FEATURE_CHANNELS
-) -> ServerResNet:
+def server_resnet55(num_classes: int = 10, in_channels: int = FEATURE_CHANNELS) -> ServerResNet:
     """ResNet-55 server model (ResNet-56 without its stem)."""
     return server_resnet(55, num_classes, in_channels)
 
 
-def server_resnet109(
-    num_classes: int = 10, in_channels: int = FEATURE_CHANNELS
-) -> ServerResNet:
+def server_resnet109(num_classes: int = 10, in_channels: int = FEATURE_CHANNELS) -> ServerResNet:
     """ResNet-109 server model (ResNet-110 without its stem)."""
     return server_resnet(109, num_classes, in_channels)
 
@@ -293,7 +283,9 @@ def load_pretrained(model: EdgeModel, path: str | Path, part: str = "extractor")
         state = {f"extractor.{k}": v for k, v in state.items()}
     if part == "extractor":
         prefix = "extractor."
-        model.extractor.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        model.extractor.load_state_dict(
+            {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        )
     else:
         model.load_state_dict(state)
     return model
@@ -312,10 +304,17 @@ class TierCNN(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False),
-            nn.BatchNorm2d(64), nn.ReLU(inplace=True), nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
         )
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 48), nn.ReLU(inplace=True),
-                                  nn.Linear(48, num_classes))
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(64, 48),
+            nn.ReLU(inplace=True),
+            nn.Linear(48, num_classes),
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.stem(x))

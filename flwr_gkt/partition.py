@@ -18,20 +18,29 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["partition_indices", "held_out_indices", "held_out_sample", "label_matched_split", "label_counts"]
+__all__ = [
+    "held_out_indices",
+    "held_out_sample",
+    "label_counts",
+    "label_matched_split",
+    "partition_indices",
+]
 
 PARTITIONS = ("iid", "dirichlet")
 
 
-def _subset(num_samples: int, fraction: float, minimum: int, rng: np.random.Generator) -> np.ndarray:
+def _subset(
+    num_samples: int, fraction: float, minimum: int, rng: np.random.Generator
+) -> np.ndarray:
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     perm = rng.permutation(num_samples)
     return perm[: max(minimum, int(round(num_samples * fraction)))]
 
 
-def held_out_indices(num_samples: int, num_partitions: int, *, seed: int = 0,
-                     fraction: float = 1.0) -> np.ndarray:
+def held_out_indices(
+    num_samples: int, num_partitions: int, *, seed: int = 0, fraction: float = 1.0
+) -> np.ndarray:
     """Indices :func:`partition_indices` leaves out with the same ``seed`` and ``fraction``.
 
     With ``fraction < 1`` the nodes share a random subset of the samples; the
@@ -42,16 +51,25 @@ def held_out_indices(num_samples: int, num_partitions: int, *, seed: int = 0,
     return np.setdiff1d(np.arange(num_samples), used)
 
 
-def held_out_sample(num_samples: int, num_partitions: int, samples: int, *, seed: int = 0,
-                    fraction: float = 1.0, stream: int = 0) -> np.ndarray:
+def held_out_sample(
+    num_samples: int,
+    num_partitions: int,
+    samples: int,
+    *,
+    seed: int = 0,
+    fraction: float = 1.0,
+    stream: int = 0,
+) -> np.ndarray:
     """Up to ``samples`` random indices of :func:`held_out_indices` (``stream``: which random draw).
 
     Raises ``ValueError`` when nothing is held out (``fraction`` 1).
     """
     held_out = held_out_indices(num_samples, num_partitions, seed=seed, fraction=fraction)
     if len(held_out) == 0:
-        raise ValueError("no held-out samples: the federation uses the whole training set "
-                         "(pre-train with a data-fraction below 1)")
+        raise ValueError(
+            "no held-out samples: the federation uses the whole training set "
+            "(pre-train with a data-fraction below 1)"
+        )
     return np.random.default_rng(seed + stream).permutation(held_out)[:samples]
 
 
@@ -111,12 +129,19 @@ def partition_indices(
                 f"{min_partition_size} samples each; lower min-partition-size or raise data-fraction"
             )
         partitioner = DirichletPartitioner(
-            num_partitions, "label", alpha, min_partition_size=min_partition_size,
-            self_balancing=True, shuffle=True, seed=int(rng.integers(2**31)),
+            num_partitions,
+            "label",
+            alpha,
+            min_partition_size=min_partition_size,
+            self_balancing=True,
+            shuffle=True,
+            seed=int(rng.integers(2**31)),
         )
     partitioner.dataset = table
-    return [used[np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64)]
-            for i in range(num_partitions)]
+    return [
+        used[np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64)]
+        for i in range(num_partitions)
+    ]
 
 
 def label_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -149,6 +174,8 @@ def label_matched_split(
     picked = []
     for cls in np.nonzero(wanted)[0]:
         candidates = np.nonzero(pool_labels == cls)[0]
-        picked.append(rng.choice(candidates, size=min(int(wanted[cls]), len(candidates)), replace=False))
+        picked.append(
+            rng.choice(candidates, size=min(int(wanted[cls]), len(candidates)), replace=False)
+        )
     out = np.concatenate(picked) if picked else np.empty(0, dtype=np.int64)
     return rng.permutation(out).astype(np.int64)

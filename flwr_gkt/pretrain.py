@@ -52,16 +52,24 @@ def pretrain_edge(
     the accuracy on the test set.
     """
     raw = load_dataset(dataset, data_dir)
-    idx = torch.from_numpy(held_out_sample(len(raw.y_train), num_partitions, samples, seed=seed,
-                                           fraction=fraction, stream=7))
+    idx = torch.from_numpy(
+        held_out_sample(
+            len(raw.y_train), num_partitions, samples, seed=seed, fraction=fraction, stream=7
+        )
+    )
     x, y = normalize(raw.x_train[idx], raw.info), raw.y_train[idx]
     torch.manual_seed(seed)
     model = build_edge_model(edge_model, raw.info.num_classes, raw.info.channels)
     dev = get_device(device)
     model.to(dev)
     gen = torch.Generator().manual_seed(seed)
-    fit(model, TensorBatches(x, y, batch_size, True, gen), make_optimizer("adam", model.parameters(), lr),
-        epochs=epochs, device=dev)
+    fit(
+        model,
+        TensorBatches(x, y, batch_size, True, gen),
+        make_optimizer("adam", model.parameters(), lr),
+        epochs=epochs,
+        device=dev,
+    )
     x_test, y_test = normalize(raw.x_test, raw.info), raw.y_test
     logits = predict(model, TensorBatches(x_test, y_test, 256), dev)
     _, correct = evaluate_logits(logits, y_test)
@@ -77,18 +85,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--data-dir", default="")
     parser.add_argument("--edge-model", default="resnet8")
-    parser.add_argument("--fraction", type=float, default=0.5, help="the federation's data-fraction")
-    parser.add_argument("--num-partitions", type=int, default=4, help="the federation's num-clients")
+    parser.add_argument(
+        "--fraction", type=float, default=0.5, help="the federation's data-fraction"
+    )
+    parser.add_argument(
+        "--num-partitions", type=int, default=4, help="the federation's num-clients"
+    )
     parser.add_argument("--seed", type=int, default=0, help="the federation's seed")
     parser.add_argument("--samples", type=int, default=5000)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
-    result = pretrain_edge(args.out, dataset=args.dataset, data_dir=args.data_dir, edge_model=args.edge_model,
-                           fraction=args.fraction, num_partitions=args.num_partitions, seed=args.seed,
-                           samples=args.samples, epochs=args.epochs, device=args.device)
-    print(f"pre-trained {args.edge_model} on {int(result['samples'])} held-out {args.dataset} images: "
-          f"test accuracy {result['test-accuracy']:.4f}; saved to {args.out}")
+    result = pretrain_edge(
+        args.out,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        edge_model=args.edge_model,
+        fraction=args.fraction,
+        num_partitions=args.num_partitions,
+        seed=args.seed,
+        samples=args.samples,
+        epochs=args.epochs,
+        device=args.device,
+    )
+    print(
+        f"pre-trained {args.edge_model} on {int(result['samples'])} held-out {args.dataset} images: "
+        f"test accuracy {result['test-accuracy']:.4f}; saved to {args.out}"
+    )
 
 
 if __name__ == "__main__":

@@ -53,15 +53,19 @@ class PrivacyConfig:
         if min(self.clip, self.logit_clip, self.noise) < 0:
             raise ValueError(f"privacy settings must be >= 0, got {self}")
         if self.noise > 0 and not (self.clip > 0 or self.logit_clip > 0):
-            raise ValueError("privacy-noise needs privacy-clip and/or privacy-logit-clip: "
-                             "the noise scale is noise * clip")
+            raise ValueError(
+                "privacy-noise needs privacy-clip and/or privacy-logit-clip: "
+                "the noise scale is noise * clip"
+            )
 
     @property
     def enabled(self) -> bool:
         return self.clip > 0 or self.logit_clip > 0
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], base: PrivacyConfig | None = None) -> PrivacyConfig:
+    def from_mapping(
+        cls, values: Mapping[str, Any], base: PrivacyConfig | None = None
+    ) -> PrivacyConfig:
         """Read ``privacy-clip`` / ``privacy-logit-clip`` / ``privacy-noise``; missing keys keep ``base``."""
         base = base or cls()
         return cls(
@@ -83,7 +87,9 @@ def clip_per_sample(x: Tensor, max_norm: float) -> Tensor:
     return x * scale.view(-1, *([1] * (x.dim() - 1)))
 
 
-def privatize(x: Tensor, clip: float, noise: float, generator: torch.Generator | None = None) -> Tensor:
+def privatize(
+    x: Tensor, clip: float, noise: float, generator: torch.Generator | None = None
+) -> Tensor:
     """Clip each sample to L2 norm ``clip``, then add ``N(0, (noise * clip)^2)`` to every value.
 
     ``clip == 0`` returns ``x`` unchanged. ``generator`` defaults to
@@ -99,7 +105,10 @@ def privatize(x: Tensor, clip: float, noise: float, generator: torch.Generator |
 
 
 def apply_privacy(
-    features: Tensor, logits: Tensor | None, cfg: PrivacyConfig, generator: torch.Generator | None = None
+    features: Tensor,
+    logits: Tensor | None,
+    cfg: PrivacyConfig,
+    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """:func:`privatize` features (``cfg.clip``) and logits (``cfg.logit_clip``) for upload."""
     if not cfg.enabled:

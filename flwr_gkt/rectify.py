@@ -36,7 +36,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Rectifier", "RECTIFIERS", "get_rectifier", "rectify_swap", "rectify_peak", "rectify_self"]
+__all__ = [
+    "RECTIFIERS",
+    "Rectifier",
+    "get_rectifier",
+    "rectify_peak",
+    "rectify_self",
+    "rectify_swap",
+]
 
 Rectifier = Callable[[Tensor, Tensor], Tensor]
 

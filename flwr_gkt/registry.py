@@ -33,14 +33,14 @@ from .models import EdgeModel
 __all__ = [
     "EdgeBuilder",
     "ServerBuilder",
+    "available_models",
+    "build_edge_model",
+    "build_full_model",
+    "build_server_model",
+    "build_tier_model",
     "register_edge_model",
     "register_server_model",
-    "build_edge_model",
-    "build_server_model",
-    "build_full_model",
     "register_tier_model",
-    "build_tier_model",
-    "available_models",
 ]
 
 EdgeBuilder = Callable[[int, int], EdgeModel]
@@ -88,7 +88,9 @@ def _load_entry_points() -> None:
         ep.load()()
 
 
-def _lookup(table: dict[str, Callable[[int, int], nn.Module]], name: str, kind: str) -> Callable[[int, int], nn.Module]:
+def _lookup(
+    table: dict[str, Callable[[int, int], nn.Module]], name: str, kind: str
+) -> Callable[[int, int], nn.Module]:
     if name not in table:
         _load_entry_points()
     if name in table:

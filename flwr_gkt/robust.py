@@ -28,7 +28,7 @@ import torch
 
 from .wire import Payload
 
-__all__ = ["payload_stats", "find_outliers"]
+__all__ = ["find_outliers", "payload_stats"]
 
 
 def _median_norm(x: torch.Tensor) -> float:
@@ -68,7 +68,11 @@ def find_outliers(
         mad = float(torch.tensor([abs(v - med) for v in finite], dtype=torch.float64).median())
         scale = max(1.4826 * mad, rel_floor * abs(med), 1e-12)
         for i, value in values:
-            if reasons[i] is None and (not math.isfinite(value) or abs(value - med) > threshold * scale):
-                reasons[i] = (f"outlier: {key} {value:.4g} vs median {med:.4g} of {len(values)} payloads "
-                              f"(more than {threshold:g} x {scale:.3g} away)")
+            if reasons[i] is None and (
+                not math.isfinite(value) or abs(value - med) > threshold * scale
+            ):
+                reasons[i] = (
+                    f"outlier: {key} {value:.4g} vs median {med:.4g} of {len(values)} payloads "
+                    f"(more than {threshold:g} x {scale:.3g} away)"
+                )
     return reasons

@@ -154,14 +154,18 @@ class GKTServer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr = float(state["lr"])
         self.logits = {int(n): t for n, t in state["logits"].items()}
-        self.stored_round = {int(n): int(r) for n, r in state["stored-round"].items() if int(n) in self.store}
+        self.stored_round = {
+            int(n): int(r) for n, r in state["stored-round"].items() if int(n) in self.store
+        }
         self.generator.set_state(state["generator"])
 
     def server_logits(self, node_id: int) -> Tensor | None:
         """The server logits ``Z_s`` computed for ``node_id``'s samples, if any."""
         return self.logits.get(node_id)
 
-    def train_round(self, lr_scale: float = 1.0, nodes: Iterable[int] | None = None) -> ServerRoundResult:
+    def train_round(
+        self, lr_scale: float = 1.0, nodes: Iterable[int] | None = None
+    ) -> ServerRoundResult:
         """Train ``E_s`` epochs on every stored node's features, then set ``Z_s``.
 
         All nodes' samples are shuffled together. The logits returned to each
@@ -177,10 +181,14 @@ class GKTServer:
             return ServerRoundResult(0.0, 0.0, 0, 0, 0.0)
         with self._guard() as guard:
             result = self._train_round(nodes)
-        return result if guard.ok else ServerRoundResult(float("nan"), 0.0, 0, len(nodes), result.seconds)
+        return (
+            result
+            if guard.ok
+            else ServerRoundResult(float("nan"), 0.0, 0, len(nodes), result.seconds)
+        )
 
     @contextlib.contextmanager
-    def _guard(self):  # noqa: ANN202
+    def _guard(self):
         """Undo a training step that left the model non-finite (a hostile payload got through).
 
         The model and optimizer are copied before and restored when the loss or
@@ -191,7 +199,11 @@ class GKTServer:
         saved_logits = dict(self.logits)
         guard = types.SimpleNamespace(ok=True)
         yield guard
-        finite = all(torch.isfinite(t).all() for t in self.model.state_dict().values() if t.is_floating_point())
+        finite = all(
+            torch.isfinite(t).all()
+            for t in self.model.state_dict().values()
+            if t.is_floating_point()
+        )
         last = getattr(self, "_last_loss", 0.0)
         if finite and math.isfinite(last):
             return
@@ -199,8 +211,12 @@ class GKTServer:
         self.model.load_state_dict(saved_model)
         self.optimizer.load_state_dict(saved_opt)
         self.logits = saved_logits
-        log(WARNING, "GKTServer: server training produced non-finite %s; model, optimizer and server "
-            "logits restored to their state before the update", "weights" if not finite else "loss")
+        log(
+            WARNING,
+            "GKTServer: server training produced non-finite %s; model, optimizer and server "
+            "logits restored to their state before the update",
+            "weights" if not finite else "loss",
+        )
 
     def _train_round(self, nodes: list[int]) -> ServerRoundResult:
         labels = self.store.labels(nodes)
@@ -226,7 +242,9 @@ class GKTServer:
                 result.seconds,
             )
         else:
-            all_logits = predict(self.model, self.store.batches(nodes, self.batch_size), self.device)
+            all_logits = predict(
+                self.model, self.store.batches(nodes, self.batch_size), self.device
+            )
             loss_sum, correct = evaluate_logits(all_logits, labels)
             loss, acc, secs = loss_sum / total, correct / total, 0.0
         self._last_loss = loss
@@ -249,7 +267,11 @@ class GKTServer:
             return ServerRoundResult(0.0, 0.0, 0, 0, 0.0)
         with self._guard() as guard:
             result = self._train_update(node, lr_scale)
-        return result if guard.ok else ServerRoundResult(float("nan"), 0.0, 0, result.num_nodes, result.seconds)
+        return (
+            result
+            if guard.ok
+            else ServerRoundResult(float("nan"), 0.0, 0, result.num_nodes, result.seconds)
+        )
 
     def _train_update(self, node: int, lr_scale: float) -> ServerRoundResult:
         start = time.perf_counter()
@@ -259,9 +281,16 @@ class GKTServer:
         loss = accuracy = 0.0
         if self.epochs > 0:
             teacher = self.store.logits(nodes) if self.kd_mode.server_distills else None
-            result = fit(self.model, self.store.batches(nodes, self.batch_size, True, self.generator, size=size),
-                         self.optimizer, epochs=self.epochs, device=self.device, teacher_logits=teacher,
-                         temperature=self.temperature, alpha=self.alpha)
+            result = fit(
+                self.model,
+                self.store.batches(nodes, self.batch_size, True, self.generator, size=size),
+                self.optimizer,
+                epochs=self.epochs,
+                device=self.device,
+                teacher_logits=teacher,
+                temperature=self.temperature,
+                alpha=self.alpha,
+            )
             loss, accuracy = result.loss, result.accuracy
         logits = predict(self.model, self.store.batches([node], self.batch_size), self.device)
         self.logits[node] = logits

@@ -124,7 +124,9 @@ class FeatureStore(Mapping[int, Payload]):
         temporary directory when not given, removed by :meth:`close`).
     """
 
-    def __init__(self, memory_budget: int | None = None, spill_dir: str | Path | None = None) -> None:
+    def __init__(
+        self, memory_budget: int | None = None, spill_dir: str | Path | None = None
+    ) -> None:
         self.memory_budget = None if memory_budget is None else int(memory_budget)
         if self.memory_budget is not None:
             return_large_blocks_to_os()
@@ -193,15 +195,20 @@ class FeatureStore(Mapping[int, Payload]):
         payload = self._payloads[node]
         self._spilled[node] = self._write(node, payload.features)
         # Labels and logits stay in memory (small); the features' reference is dropped.
-        self._payloads[node] = Payload(features=torch.empty(0), labels=payload.labels.clone(),
-                                       logits=None if payload.logits is None else payload.logits.clone())
+        self._payloads[node] = Payload(
+            features=torch.empty(0),
+            labels=payload.labels.clone(),
+            logits=None if payload.logits is None else payload.logits.clone(),
+        )
 
     def set_logits(self, node: int, logits: Tensor | None) -> None:
         """Replace the client logits of ``node`` (replay rounds send logits only)."""
         payload = self._payloads[node]
         if logits is not None and len(logits) != len(payload):
             raise ValueError(f"node {node}: {len(logits)} logits for {len(payload)} stored samples")
-        self._payloads[node] = Payload(features=payload.features, labels=payload.labels, logits=logits)
+        self._payloads[node] = Payload(
+            features=payload.features, labels=payload.labels, logits=logits
+        )
 
     def remove(self, node: int) -> None:
         """Forget ``node`` (and delete its spill file)."""
@@ -225,7 +232,7 @@ class FeatureStore(Mapping[int, Payload]):
     def __del__(self) -> None:
         try:
             self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
+        except Exception:
             pass
 
     def _write(self, node: int, features: Tensor) -> _Spilled:
@@ -241,8 +248,14 @@ class FeatureStore(Mapping[int, Payload]):
         return _Spilled(path, offset, tuple(array.shape), array.dtype)
 
     # --------------------------------------------------------------- reading
-    def batches(self, nodes: Sequence[int], batch_size: int, shuffle: bool = False,
-                generator: torch.Generator | None = None, size: int | None = None) -> StoreBatches:
+    def batches(
+        self,
+        nodes: Sequence[int],
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        size: int | None = None,
+    ) -> StoreBatches:
         """Mini-batches over ``nodes``' samples, concatenated in that order.
 
         ``size``: each pass covers only this many samples, drawn at random
@@ -292,9 +305,15 @@ class StoreBatches:
     :class:`flwr_gkt.training.TensorBatches`.
     """
 
-    def __init__(self, store: FeatureStore, nodes: Sequence[int], batch_size: int,
-                 shuffle: bool = False, generator: torch.Generator | None = None,
-                 size: int | None = None) -> None:
+    def __init__(
+        self,
+        store: FeatureStore,
+        nodes: Sequence[int],
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        size: int | None = None,
+    ) -> None:
         self.store = store
         self.nodes = list(nodes)
         self.labels = store.labels(self.nodes) if self.nodes else torch.empty(0, dtype=torch.long)

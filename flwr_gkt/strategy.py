@@ -218,7 +218,7 @@ class FedGKT(Strategy):
         self.completed_round = 0
 
     # ------------------------------------------------------------------ helpers
-    def start(  # noqa: PLR0913 - Flower's signature
+    def start(
         self,
         grid: Grid,
         initial_arrays: ArrayRecord,
@@ -255,7 +255,9 @@ class FedGKT(Strategy):
             log(INFO, "")
             log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
             replies = grid.send_and_receive(
-                messages=self.configure_train(server_round, arrays, train_config, grid), timeout=timeout)
+                messages=self.configure_train(server_round, arrays, train_config, grid),
+                timeout=timeout,
+            )
             agg_arrays, train_metrics = self.aggregate_train(server_round, replies)
             del replies
             if agg_arrays is not None:
@@ -263,7 +265,9 @@ class FedGKT(Strategy):
             if train_metrics is not None:
                 result.train_metrics_clientapp[server_round] = train_metrics
             replies = grid.send_and_receive(
-                messages=self.configure_evaluate(server_round, arrays, evaluate_config, grid), timeout=timeout)
+                messages=self.configure_evaluate(server_round, arrays, evaluate_config, grid),
+                timeout=timeout,
+            )
             eval_metrics = self.aggregate_evaluate(server_round, replies)
             del replies
             if eval_metrics is not None:
@@ -285,9 +289,12 @@ class FedGKT(Strategy):
             "num-rounds": self.num_rounds,
             "server": self.server.state_dict(),
             "feature-shape": list(self.spec.feature_shape) if self.spec.feature_shape else None,
-            "scheduler": {"lr-schedule": self.lr_schedule, "round": self.completed_round,
-                          "num-rounds": self.num_rounds,
-                          "next-lr-factor": self._lr_factor(self.completed_round + 1)},
+            "scheduler": {
+                "lr-schedule": self.lr_schedule,
+                "round": self.completed_round,
+                "num-rounds": self.num_rounds,
+                "next-lr-factor": self._lr_factor(self.completed_round + 1),
+            },
             "rng": rng_state(),
             "history": self.history,
             "node-history": self.node_history,
@@ -299,8 +306,10 @@ class FedGKT(Strategy):
         if state.get("format") != 1:
             raise CheckpointError(f"unknown checkpoint format {state.get('format')!r}")
         if state["scheduler"]["lr-schedule"] != self.lr_schedule:
-            raise CheckpointError(f"checkpoint was written with lr-schedule "
-                                  f"{state['scheduler']['lr-schedule']!r}, this run uses {self.lr_schedule!r}")
+            raise CheckpointError(
+                f"checkpoint was written with lr-schedule "
+                f"{state['scheduler']['lr-schedule']!r}, this run uses {self.lr_schedule!r}"
+            )
         self.server.load_state_dict(state["server"])
         if state["feature-shape"] is not None:
             self.spec = replace(self.spec, feature_shape=tuple(state["feature-shape"]))
@@ -325,11 +334,16 @@ class FedGKT(Strategy):
         if not self.node_uids:
             return {}
         deadline = time.monotonic() + min(timeout, max(self.node_wait_timeout, 60.0))
-        while len(ids := sorted(grid.get_node_ids())) < self.min_available_nodes and time.monotonic() < deadline:
+        while (
+            len(ids := sorted(grid.get_node_ids())) < self.min_available_nodes
+            and time.monotonic() < deadline
+        ):
             time.sleep(1.0)
         query = ConfigRecord({"query": NODE_UID})
-        messages = [Message(RecordDict({CONFIG_KEY: query}), dst_node_id=n, message_type=MessageType.QUERY)
-                    for n in ids]
+        messages = [
+            Message(RecordDict({CONFIG_KEY: query}), dst_node_id=n, message_type=MessageType.QUERY)
+            for n in ids
+        ]
         found: dict[str, list[int]] = {}
         for reply in grid.send_and_receive(messages, timeout=min(timeout, 60.0)):
             if reply.has_error():
@@ -353,8 +367,14 @@ class FedGKT(Strategy):
             server.logits = {moved.get(n, n): t for n, t in server.logits.items()}
             server.stored_round = {moved.get(n, n): r for n, r in server.stored_round.items()}
             self.node_uids = {moved.get(n, n): u for n, u in self.node_uids.items()}
-        log(INFO, "FedGKT: %d of %d checkpointed nodes found (%d under a new node id), %d uid(s) ambiguous",
-            len(mapping), len(self.node_uids), len(moved), ambiguous)
+        log(
+            INFO,
+            "FedGKT: %d of %d checkpointed nodes found (%d under a new node id), %d uid(s) ambiguous",
+            len(mapping),
+            len(self.node_uids),
+            len(moved),
+            ambiguous,
+        )
         return moved
 
     def resume(self, path: str | Path | None = None) -> int:
@@ -368,8 +388,13 @@ class FedGKT(Strategy):
             log(INFO, "FedGKT: no checkpoint at %s, starting from round 1", path)
             return 0
         self.load_state_dict(state)
-        log(INFO, "FedGKT: resumed from %s after round %d (%d nodes with server logits)",
-            path, self.completed_round, len(self.server.logits))
+        log(
+            INFO,
+            "FedGKT: resumed from %s after round %d (%d nodes with server logits)",
+            path,
+            self.completed_round,
+            len(self.server.logits),
+        )
         return self.completed_round
 
     def _lr_factor(self, server_round: int) -> float:
@@ -381,7 +406,12 @@ class FedGKT(Strategy):
 
     def summary(self) -> None:
         """Log the strategy's configuration."""
-        log(INFO, "\t├──> FedGKT: server model %s on %s", type(self.server.model).__name__, self.server.device)
+        log(
+            INFO,
+            "\t├──> FedGKT: server model %s on %s",
+            type(self.server.model).__name__,
+            self.server.device,
+        )
         log(
             INFO,
             "\t│\t├── server: E_s=%d, batch %d, T=%.1f, alpha=%.2f, KD mode %s",
@@ -412,8 +442,14 @@ class FedGKT(Strategy):
                 time.sleep(min(1.0, self.node_wait_timeout))
             connected = len(list(grid.get_node_ids()))
             if connected < wanted:
-                log(WARNING, "FedGKT: %d node(s) connected after %.0fs, fewer than the %d wanted; "
-                    "going on with them", connected, self.node_wait_timeout, wanted)
+                log(
+                    WARNING,
+                    "FedGKT: %d node(s) connected after %.0fs, fewer than the %d wanted; "
+                    "going on with them",
+                    connected,
+                    self.node_wait_timeout,
+                    wanted,
+                )
                 wanted = max(connected, 1)
                 min_nodes = min(min_nodes, wanted)
         num_nodes = int(len(list(grid.get_node_ids())) * fraction)
@@ -451,7 +487,11 @@ class FedGKT(Strategy):
         # reply made by the SuperLink (e.g. node unavailable) names the
         # instruction it answers, not the node. Instructions that never went
         # through a Grid (tests driving the strategy by hand) have no id.
-        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in instructions if m.metadata.message_id}
+        sent = {
+            m.metadata.message_id: m.metadata.dst_node_id
+            for m in instructions
+            if m.metadata.message_id
+        }
         targets = {m.metadata.dst_node_id for m in instructions}
         self.ignored = Counter()
         answered: set[Any] = set()
@@ -462,8 +502,14 @@ class FedGKT(Strategy):
             nonlocal rejected
             rejected += 1
             record.update(status=status, reason=reason)
-            log(WARNING, "FedGKT round %d: %s reply of node %d rejected: %s",
-                server_round, stage, record["node-id"], reason)
+            log(
+                WARNING,
+                "FedGKT round %d: %s reply of node %d rejected: %s",
+                server_round,
+                stage,
+                record["node-id"],
+                reason,
+            )
 
         for msg in replies:
             reply_to = msg.metadata.reply_to_message_id
@@ -472,7 +518,10 @@ class FedGKT(Strategy):
             record: dict[str, Any] = {"round": server_round, "stage": stage, "node-id": node}
             self.node_history.append(record)
             if (reply_to not in sent) if sent else (node not in targets):
-                status, reason = "late", f"answers no {stage} instruction of this round (late or unknown)"
+                status, reason = (
+                    "late",
+                    f"answers no {stage} instruction of this round (late or unknown)",
+                )
             elif key in answered:
                 status, reason = "duplicate", "a second reply to the same instruction"
             else:
@@ -480,8 +529,14 @@ class FedGKT(Strategy):
             if status:
                 self.ignored[status] += 1
                 record.update(status=status, reason=reason)
-                log(WARNING, "FedGKT round %d: %s reply from node %d ignored: %s",
-                    server_round, stage, node, reason)
+                log(
+                    WARNING,
+                    "FedGKT round %d: %s reply from node %d ignored: %s",
+                    server_round,
+                    stage,
+                    node,
+                    reason,
+                )
                 continue
             answered.add(key)
             if msg.has_error():
@@ -491,8 +546,12 @@ class FedGKT(Strategy):
             nbytes += size
             record["bytes-up"] = size
             if self.max_payload_bytes and size > self.max_payload_bytes:
-                reject(record, "rejected", f"payload of {size / _MB:.2f} MB, over the limit of "
-                       f"{self.max_payload_bytes / _MB:.2f} MB")
+                reject(
+                    record,
+                    "rejected",
+                    f"payload of {size / _MB:.2f} MB, over the limit of "
+                    f"{self.max_payload_bytes / _MB:.2f} MB",
+                )
                 msg.content.array_records.pop(ARRAYS_KEY, None)
                 continue
             candidates.append((node, msg, record))
@@ -513,7 +572,7 @@ class FedGKT(Strategy):
             for node, msg, record in candidates:  # one decoded payload at a time
                 try:
                     stats.append(payload_stats(decode(node, msg)))
-                except Exception as err:  # noqa: BLE001 - a reply must never end the run
+                except Exception as err:
                     reject(record, "rejected", failed(err))
                     stats.append(None)
             reasons = find_outliers(stats, self.outlier_threshold)
@@ -531,7 +590,7 @@ class FedGKT(Strategy):
         for node, msg, record in candidates:
             try:
                 payload = decode(node, msg)
-            except Exception as err:  # noqa: BLE001 - a reply must never end the run
+            except Exception as err:
                 reject(record, "rejected", failed(err))
                 msg.content.array_records.pop(ARRAYS_KEY, None)
                 continue
@@ -582,10 +641,22 @@ class FedGKT(Strategy):
         sent = self._sent_train if stage == "train" else self._sent_eval
         lost = [m.metadata.dst_node_id for m in sent if m.metadata.dst_node_id not in answered]
         for node in lost:
-            self.node_history.append({"round": server_round, "stage": stage, "node-id": node,
-                                      "status": "lost", "reason": "no reply before the round timeout"})
-            log(WARNING, "FedGKT round %d: node %d did not reply to the %s instruction (lost)",
-                server_round, node, stage)
+            self.node_history.append(
+                {
+                    "round": server_round,
+                    "stage": stage,
+                    "node-id": node,
+                    "status": "lost",
+                    "reason": "no reply before the round timeout",
+                }
+            )
+            log(
+                WARNING,
+                "FedGKT round %d: node %d did not reply to the %s instruction (lost)",
+                server_round,
+                node,
+                stage,
+            )
         return len(lost)
 
     # ------------------------------------------------------------------ train
@@ -598,7 +669,11 @@ class FedGKT(Strategy):
         log(INFO, "configure_train: sampled %d nodes", len(node_ids))
         round_config = edge_config_record(
             self.edge_config,
-            **{"feature-dtype": self.feature_dtype, "logit-dtype": self.logit_dtype, "seed": self.seed},
+            **{
+                "feature-dtype": self.feature_dtype,
+                "logit-dtype": self.logit_dtype,
+                "seed": self.seed,
+            },
         )
         round_config["lr"] = self.edge_config.lr * self._lr_factor(server_round)
         round_config.update(config)
@@ -611,10 +686,14 @@ class FedGKT(Strategy):
                 node_config = ConfigRecord({**round_config, "send-features": False})
             content = RecordDict({CONFIG_KEY: node_config})
             # Z_s travels only when the edge distils from it (not in KD modes without it).
-            logits = self.server.server_logits(node) if self.edge_config.kd_mode.edge_distills else None
+            logits = (
+                self.server.server_logits(node) if self.edge_config.kd_mode.edge_distills else None
+            )
             if logits is not None:
                 content[ARRAYS_KEY] = encode_server_logits(logits, self.logit_dtype)
-            messages.append(Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN))
+            messages.append(
+                Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN)
+            )
         self._bytes_sent = sum(record_nbytes(m.content) for m in messages)
         self._sent_train = messages
         return messages
@@ -631,21 +710,33 @@ class FedGKT(Strategy):
             with_features += payload.has_features
             self._store(node, payload, server_round)
 
-        accepted, nbytes, rejected = self._accept(server_round, replies, with_logits=True, consume=store)
+        accepted, nbytes, rejected = self._accept(
+            server_round, replies, with_logits=True, consume=store
+        )
         ignored = dict(self.ignored)
         del replies
         lost = self._lost_nodes(server_round, "train")
         if self.store_max_age > 0:
             for node in self.server.evict(server_round - self.store_max_age + 1):
                 self.feature_round.pop(node, None)
-                log(WARNING, "FedGKT round %d: features of node %d dropped (no reply for %d rounds)",
-                    server_round, node, self.store_max_age)
+                log(
+                    WARNING,
+                    "FedGKT round %d: features of node %d dropped (no reply for %d rounds)",
+                    server_round,
+                    node,
+                    self.store_max_age,
+                )
         if len(accepted) >= self.min_train_replies:
             result = self.server.train_round(lr_scale=self._lr_factor(server_round))
         else:
-            log(WARNING, "FedGKT round %d: %d accepted train replies, fewer than the minimum %d: "
-                "the server model is not trained this round", server_round, len(accepted),
-                self.min_train_replies)
+            log(
+                WARNING,
+                "FedGKT round %d: %d accepted train replies, fewer than the minimum %d: "
+                "the server model is not trained this round",
+                server_round,
+                len(accepted),
+                self.min_train_replies,
+            )
             result = ServerRoundResult(0.0, 0.0, 0, 0, 0.0)
         n_edge = sum(int(m[NUM_EXAMPLES]) for *_, m in accepted)
         row: dict[str, float] = {
@@ -667,7 +758,10 @@ class FedGKT(Strategy):
         }
         for key in ("edge-train-loss", "edge-train-accuracy"):
             if n_edge:
-                row[key] = sum(float(m[key]) * int(m[NUM_EXAMPLES]) for *_, m in accepted if key in m) / n_edge
+                row[key] = (
+                    sum(float(m[key]) * int(m[NUM_EXAMPLES]) for *_, m in accepted if key in m)
+                    / n_edge
+                )
         edge_seconds = [float(m.get("edge-seconds", 0.0)) for *_, m in accepted]
         row["edge-seconds-max"] = max(edge_seconds, default=0.0)
         row["edge-seconds-mean"] = sum(edge_seconds) / max(len(edge_seconds), 1)
@@ -676,9 +770,17 @@ class FedGKT(Strategy):
             INFO,
             "FedGKT round %d train: %d nodes (%d rejected), server loss %.4f acc %.4f on %d samples "
             "(%.1fs), edge loss %.4f acc %.4f, up %.2f MB, down %.2f MB",
-            server_round, len(accepted), rejected, result.loss, result.accuracy, result.num_examples,
-            result.seconds, row.get("edge-train-loss", float("nan")),
-            row.get("edge-train-accuracy", float("nan")), nbytes / _MB, self._bytes_sent / _MB,
+            server_round,
+            len(accepted),
+            rejected,
+            result.loss,
+            result.accuracy,
+            result.num_examples,
+            result.seconds,
+            row.get("edge-train-loss", float("nan")),
+            row.get("edge-train-accuracy", float("nan")),
+            nbytes / _MB,
+            self._bytes_sent / _MB,
         )
         if result.num_examples == 0:
             return None, MetricRecord({k: float(v) for k, v in row.items()})
@@ -698,8 +800,11 @@ class FedGKT(Strategy):
         eval_config.update(config)
         eval_config["server-round"] = server_round
         self._sent_eval = [
-            Message(content=RecordDict({CONFIG_KEY: eval_config}), dst_node_id=node,
-                    message_type=MessageType.EVALUATE)
+            Message(
+                content=RecordDict({CONFIG_KEY: eval_config}),
+                dst_node_id=node,
+                message_type=MessageType.EVALUATE,
+            )
             for node in node_ids
         ]
         return self._sent_eval
@@ -718,7 +823,9 @@ class FedGKT(Strategy):
             edge_correct += float(metrics.get("edge-accuracy", 0.0)) * len(payload)
             edge_loss += float(metrics.get("edge-loss", 0.0)) * len(payload)
 
-        accepted, nbytes, rejected = self._accept(server_round, replies, with_logits=False, consume=evaluate)
+        accepted, nbytes, rejected = self._accept(
+            server_round, replies, with_logits=False, consume=evaluate
+        )
         del replies
         self._lost_nodes(server_round, "evaluate")
         if not accepted:
@@ -735,7 +842,9 @@ class FedGKT(Strategy):
             "bytes-up-eval": nbytes,
             "round-seconds": time.perf_counter() - self._round_start,
         }
-        row = self.history[-1] if self.history and self.history[-1]["round"] == server_round else None
+        row = (
+            self.history[-1] if self.history and self.history[-1]["round"] == server_round else None
+        )
         if row is None:
             row = {"round": server_round}
             self.history.append(row)
@@ -744,8 +853,16 @@ class FedGKT(Strategy):
             INFO,
             "FedGKT round %d eval: accuracy %.4f (edge+server), edge-only %.4f, loss %.4f on %d "
             "test samples from %d nodes, eval up %.2f MB, round %.1fs [%s]",
-            server_round, metrics["accuracy"], metrics["edge-accuracy"], metrics["loss"], n,
-            len(accepted), nbytes / _MB, metrics["round-seconds"],
+            server_round,
+            metrics["accuracy"],
+            metrics["edge-accuracy"],
+            metrics["loss"],
+            n,
+            len(accepted),
+            nbytes / _MB,
+            metrics["round-seconds"],
             progress(server_round, self.num_rounds, time.perf_counter() - self._run_start),
         )
-        return MetricRecord({k: float(v) if k != NUM_EXAMPLES else int(v) for k, v in metrics.items()})
+        return MetricRecord(
+            {k: float(v) if k != NUM_EXAMPLES else int(v) for k, v in metrics.items()}
+        )

@@ -24,18 +24,18 @@ from .rectify import Rectifier
 
 __all__ = [
     "Batch",
+    "FitResult",
     "StepLoss",
     "TensorBatches",
-    "FitResult",
-    "get_device",
-    "to_device",
-    "prepare_model",
-    "make_optimizer",
-    "lr_factor",
-    "set_lr",
-    "fit",
-    "predict",
     "evaluate_logits",
+    "fit",
+    "get_device",
+    "lr_factor",
+    "make_optimizer",
+    "predict",
+    "prepare_model",
+    "set_lr",
+    "to_device",
 ]
 
 Batch = tuple[Tensor, Tensor, Tensor]
@@ -123,7 +123,10 @@ class TensorBatches:
         for start in range(0, n - (n % self.batch_size if self.drop_last else 0), self.batch_size):
             if order is None:
                 idx = torch.arange(start, min(start + self.batch_size, n))
-                inputs, labels = self.inputs[start : start + self.batch_size], self.labels[start : start + self.batch_size]
+                inputs, labels = (
+                    self.inputs[start : start + self.batch_size],
+                    self.labels[start : start + self.batch_size],
+                )
             else:
                 idx = order[start : start + self.batch_size]
                 inputs, labels = self.inputs[idx], self.labels[idx]
@@ -282,9 +285,7 @@ def fit(
 
 
 @torch.inference_mode()
-def predict(
-    model: nn.Module, batches: Iterable[Batch], device: torch.device
-) -> Tensor:
+def predict(model: nn.Module, batches: Iterable[Batch], device: torch.device) -> Tensor:
     """Logits of ``model`` in eval mode for every batch, concatenated on the CPU."""
     model.eval()
     outs = [model(to_device(inputs, device)).float().cpu() for inputs, _, _ in batches]

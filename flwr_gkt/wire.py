@@ -45,29 +45,29 @@ from torch import Tensor
 
 __all__ = [
     "ARRAYS_KEY",
-    "METRICS_KEY",
     "CONFIG_KEY",
     "FEATURE_DTYPES",
     "LOGIT_DTYPES",
+    "METRICS_KEY",
+    "Payload",
     "PayloadError",
     "PayloadSpec",
-    "Payload",
-    "quantize_int8",
-    "dequantize_int8",
-    "encode_payload",
-    "decode_payload",
-    "encode_server_logits",
-    "encode_logits",
-    "decode_logits",
-    "encode_embeddings",
     "decode_embeddings",
-    "encode_named_logits",
+    "decode_logits",
     "decode_named_logits",
+    "decode_payload",
     "decode_server_logits",
-    "validate_server_logits",
-    "validate_arrays",
+    "dequantize_int8",
+    "encode_embeddings",
+    "encode_logits",
+    "encode_named_logits",
+    "encode_payload",
+    "encode_server_logits",
+    "quantize_int8",
     "record_nbytes",
     "settings_from_config",
+    "validate_arrays",
+    "validate_server_logits",
 ]
 
 T = TypeVar("T")
@@ -189,7 +189,9 @@ def encode_payload(
     arrays = {"labels": Array(np.ascontiguousarray(_to_numpy(labels).astype(np.int64)))}
     if feature_dtype == "int8":
         q, lo, scale = quantize_int8(feats)
-        arrays.update({"features": Array(q), "feature-min": Array(lo), "feature-scale": Array(scale)})
+        arrays.update(
+            {"features": Array(q), "feature-min": Array(lo), "feature-scale": Array(scale)}
+        )
     else:
         arrays["features"] = Array(np.ascontiguousarray(feats.astype(feature_dtype)))
     if logits is not None:
@@ -210,7 +212,9 @@ def encode_logits(logits: Tensor | np.ndarray, logit_dtype: str = "float32") -> 
     """Encode a logits-only train reply (``Z_c`` without features, replay rounds)."""
     if logit_dtype not in LOGIT_DTYPES:
         raise ValueError(f"logit dtype {logit_dtype!r} not in {LOGIT_DTYPES}")
-    return ArrayRecord({"logits": Array(np.ascontiguousarray(_to_numpy(logits).astype(logit_dtype)))})
+    return ArrayRecord(
+        {"logits": Array(np.ascontiguousarray(_to_numpy(logits).astype(logit_dtype)))}
+    )
 
 
 def decode_logits(content: RecordDict, spec: PayloadSpec, num_samples: int) -> Tensor:
@@ -230,7 +234,9 @@ def decode_logits(content: RecordDict, spec: PayloadSpec, num_samples: int) -> T
             "(the stored samples of this node)"
         )
     if num_examples != num_samples:
-        raise PayloadError(f"'{NUM_EXAMPLES}' says {num_examples} but {num_samples} samples are stored")
+        raise PayloadError(
+            f"'{NUM_EXAMPLES}' says {num_examples} but {num_samples} samples are stored"
+        )
     if not np.isfinite(logits).all():
         raise PayloadError("'logits' contain NaN or Inf")
     return _tensor(logits.astype(np.float32, copy=False))
@@ -238,10 +244,12 @@ def decode_logits(content: RecordDict, spec: PayloadSpec, num_samples: int) -> T
 
 def encode_embeddings(embeddings: Tensor | np.ndarray, labels: Tensor | np.ndarray) -> ArrayRecord:
     """Encode bridge-sample embeddings ``eps`` (``N x 4 x h x w``) and labels (FedAgg, sent once)."""
-    return ArrayRecord({
-        "embeddings": Array(np.ascontiguousarray(_to_numpy(embeddings).astype(np.float32))),
-        "labels": Array(np.ascontiguousarray(_to_numpy(labels).astype(np.int64))),
-    })
+    return ArrayRecord(
+        {
+            "embeddings": Array(np.ascontiguousarray(_to_numpy(embeddings).astype(np.float32))),
+            "labels": Array(np.ascontiguousarray(_to_numpy(labels).astype(np.int64))),
+        }
+    )
 
 
 def decode_embeddings(
@@ -257,31 +265,46 @@ def decode_embeddings(
     eps = _load(record, "embeddings", ("float32",))
     labels = _load(record, "labels", LABEL_DTYPES)
     if eps.ndim != 4 or eps.shape[1] != channels:
-        raise PayloadError(f"'embeddings' must be N x {channels} x h x w, got shape {list(eps.shape)}")
+        raise PayloadError(
+            f"'embeddings' must be N x {channels} x h x w, got shape {list(eps.shape)}"
+        )
     n = eps.shape[0]
     if n == 0:
         raise PayloadError("payload has no samples")
     if max_samples is not None and n > max_samples:
         raise PayloadError(f"payload has {n} samples, more than the limit {max_samples}")
     if labels.shape != (n,):
-        raise PayloadError(f"'labels' has shape {list(labels.shape)}, expected [{n}] (count mismatch)")
+        raise PayloadError(
+            f"'labels' has shape {list(labels.shape)}, expected [{n}] (count mismatch)"
+        )
     if num_examples != n:
         raise PayloadError(f"'{NUM_EXAMPLES}' says {num_examples} but the payload has {n} samples")
     if not np.isfinite(eps).all():
         raise PayloadError("'embeddings' contain NaN or Inf")
     if labels.min() < 0 or labels.max() >= num_classes:
-        raise PayloadError(f"'labels' outside [0, {num_classes}): min {labels.min()}, max {labels.max()}")
+        raise PayloadError(
+            f"'labels' outside [0, {num_classes}): min {labels.min()}, max {labels.max()}"
+        )
     return _tensor(eps), _tensor(labels)
 
 
-def encode_named_logits(logits: Mapping[str, Tensor | np.ndarray], logit_dtype: str = "float32") -> ArrayRecord:
+def encode_named_logits(
+    logits: Mapping[str, Tensor | np.ndarray], logit_dtype: str = "float32"
+) -> ArrayRecord:
     """Several logit arrays in one record, by name (FedAgg: one per neighbour's subtree)."""
     if logit_dtype not in LOGIT_DTYPES:
         raise ValueError(f"logit dtype {logit_dtype!r} not in {LOGIT_DTYPES}")
-    return ArrayRecord({k: Array(np.ascontiguousarray(_to_numpy(v).astype(logit_dtype))) for k, v in logits.items()})
+    return ArrayRecord(
+        {
+            k: Array(np.ascontiguousarray(_to_numpy(v).astype(logit_dtype)))
+            for k, v in logits.items()
+        }
+    )
 
 
-def decode_named_logits(record: ArrayRecord, expected: Mapping[str, int], num_classes: int) -> dict[str, Tensor]:
+def decode_named_logits(
+    record: ArrayRecord, expected: Mapping[str, int], num_classes: int
+) -> dict[str, Tensor]:
     """Decode the arrays named in ``expected`` (name -> number of rows), validated like ``Z_s``."""
     out = {}
     for name, rows in expected.items():
@@ -375,7 +398,9 @@ def validate_arrays(
             f"expected {list(spec.feature_shape)}"
         )
     if labels.shape != (n,):
-        raise PayloadError(f"'labels' has shape {list(labels.shape)}, expected [{n}] (count mismatch)")
+        raise PayloadError(
+            f"'labels' has shape {list(labels.shape)}, expected [{n}] (count mismatch)"
+        )
     if num_examples is not None and num_examples != n:
         raise PayloadError(f"'{NUM_EXAMPLES}' says {num_examples} but the payload has {n} samples")
     if not np.isfinite(features).all():
@@ -440,7 +465,9 @@ def _dequantize(q: np.ndarray, record: ArrayRecord) -> np.ndarray:
     for key in ("feature-min", "feature-scale"):
         value = _load(record, key, ("float32",))
         if value.shape != (channels,):
-            raise PayloadError(f"'{key}' has shape {list(value.shape)}, expected [{channels}] (one per channel)")
+            raise PayloadError(
+                f"'{key}' has shape {list(value.shape)}, expected [{channels}] (one per channel)"
+            )
         if not np.isfinite(value).all():
             raise PayloadError(f"'{key}' contains NaN or Inf")
         params[key] = value
@@ -449,20 +476,22 @@ def _dequantize(q: np.ndarray, record: ArrayRecord) -> np.ndarray:
     return dequantize_int8(q, params["feature-min"], params["feature-scale"])
 
 
-def decode_server_logits(
-    content: RecordDict, num_samples: int, num_classes: int
-) -> Tensor | None:
+def decode_server_logits(content: RecordDict, num_samples: int, num_classes: int) -> Tensor | None:
     """Decode the server logits a node received; ``None`` when none were sent."""
     record = content.array_records.get(ARRAYS_KEY)
     if record is None or "server-logits" not in record:
         return None
-    return validate_server_logits(_load(record, "server-logits", LOGIT_DTYPES), num_samples, num_classes)
+    return validate_server_logits(
+        _load(record, "server-logits", LOGIT_DTYPES), num_samples, num_classes
+    )
 
 
 def validate_server_logits(logits: np.ndarray, num_samples: int, num_classes: int) -> Tensor:
     """Check server logits against the node's training set; return them as a tensor."""
     if str(logits.dtype) not in LOGIT_DTYPES:
-        raise PayloadError(f"'server-logits' has dtype {logits.dtype}, expected {list(LOGIT_DTYPES)}")
+        raise PayloadError(
+            f"'server-logits' has dtype {logits.dtype}, expected {list(LOGIT_DTYPES)}"
+        )
     if logits.shape != (num_samples, num_classes):
         raise PayloadError(
             f"'server-logits' has shape {list(logits.shape)}, "
@@ -487,7 +516,11 @@ def settings_from_config(cls: type[T], config: Mapping[str, Any]) -> T:
         if key in config:
             default = getattr(base, f.name)
             caster = type(default)
-            values[f.name] = caster(config[key]) if not isinstance(default, enum.Enum) else caster(str(config[key]))
+            values[f.name] = (
+                caster(config[key])
+                if not isinstance(default, enum.Enum)
+                else caster(str(config[key]))
+            )
     return dataclasses.replace(base, **values)  # type: ignore[type-var]
 
 
@@ -499,4 +532,6 @@ def record_nbytes(content: RecordDict | Mapping[str, ArrayRecord]) -> int:
 
 def metrics_record(num_examples: int, **metrics: float) -> MetricRecord:
     """A reply's MetricRecord with the ``num-examples`` weight first."""
-    return MetricRecord({NUM_EXAMPLES: int(num_examples), **{k: float(v) for k, v in metrics.items()}})
+    return MetricRecord(
+        {NUM_EXAMPLES: int(num_examples), **{k: float(v) for k, v in metrics.items()}}
+    )

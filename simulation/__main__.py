@@ -27,22 +27,47 @@ from .task import PRESETS_DIR
 
 def build_config(argv: list[str] | None = None) -> tuple[RunConfig, str, str]:
     """The resolved config, the API (``message``, ``legacy``, ``fedavg`` or ``fedagg``) and the runtime."""
-    parser = argparse.ArgumentParser(prog="python -m simulation", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="fmnist",
-                        help="preset name in simulation/presets/ or a path to a YAML file")
-    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="override a config key (repeatable; also 'k1=v1 k2=v2')")
-    parser.add_argument("--api", choices=("message", "legacy"), default="message",
-                        help="Flower API: the Message API strategy (default) or the legacy "
-                             "configure_fit/aggregate_fit adapter with a NumPyClient")
-    parser.add_argument("--algorithm", choices=("fedgkt", "fedavg", "fedagg"), default="fedgkt",
-                        help="FedGKT (default), the FedAvg baseline (Flower's FedAvg training the full "
-                             "model, edge stem + server body, on the same partitions) or FedAgg "
-                             "(end-edge-cloud tree: num-clients end devices under fedagg-edges edges)")
-    parser.add_argument("--runtime", choices=("ray", "inprocess"), default="ray",
-                        help="Flower's Ray simulation (default) or an in-process grid running the "
-                             "ClientApp in this process, one node at a time (no Ray)")
+    parser = argparse.ArgumentParser(
+        prog="python -m simulation",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--preset",
+        default="fmnist",
+        help="preset name in simulation/presets/ or a path to a YAML file",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (repeatable; also 'k1=v1 k2=v2')",
+    )
+    parser.add_argument(
+        "--api",
+        choices=("message", "legacy"),
+        default="message",
+        help="Flower API: the Message API strategy (default) or the legacy "
+        "configure_fit/aggregate_fit adapter with a NumPyClient",
+    )
+    parser.add_argument(
+        "--algorithm",
+        choices=("fedgkt", "fedavg", "fedagg"),
+        default="fedgkt",
+        help="FedGKT (default), the FedAvg baseline (Flower's FedAvg training the full "
+        "model, edge stem + server body, on the same partitions) or FedAgg "
+        "(end-edge-cloud tree: num-clients end devices under fedagg-edges edges)",
+    )
+    parser.add_argument(
+        "--runtime",
+        choices=("ray", "inprocess"),
+        default="ray",
+        help="Flower's Ray simulation (default) or an in-process grid running the "
+        "ClientApp in this process, one node at a time (no Ray)",
+    )
     args = parser.parse_args(argv)
     cfg = resolve_config({"preset": args.preset, **parse_overrides(args.overrides)}, PRESETS_DIR)
     return cfg, args.algorithm if args.algorithm in ("fedavg", "fedagg") else args.api, args.runtime
@@ -50,8 +75,11 @@ def build_config(argv: list[str] | None = None) -> tuple[RunConfig, str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     cfg, api, runtime = build_config(argv)
-    print(f"flwr-gkt simulation ({api}, {runtime}): {cfg.num_clients} nodes, {cfg.num_server_rounds} "
-          f"rounds, edge {cfg.edge_model}, server {cfg.server_model}", flush=True)
+    print(
+        f"flwr-gkt simulation ({api}, {runtime}): {cfg.num_clients} nodes, {cfg.num_server_rounds} "
+        f"rounds, edge {cfg.edge_model}, server {cfg.server_model}",
+        flush=True,
+    )
     num_nodes = cfg.num_clients
     if api == "fedavg":
         server_app, client_app = make_fedavg_apps(cfg)

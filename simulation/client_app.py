@@ -31,14 +31,23 @@ def make_client_app(fixed: RunConfig | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         node, data, build = setup(context)
-        return handle_train(msg, context, data, build, node.cfg.device, node.state_dir or None, node.privacy,
-                            node.uid)
+        return handle_train(
+            msg,
+            context,
+            data,
+            build,
+            node.cfg.device,
+            node.state_dir or None,
+            node.privacy,
+            node.uid,
+        )
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         node, data, build = setup(context)
-        return handle_evaluate(msg, context, data, build, node.cfg.device, node.state_dir or None,
-                               node.privacy)
+        return handle_evaluate(
+            msg, context, data, build, node.cfg.device, node.state_dir or None, node.privacy
+        )
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:

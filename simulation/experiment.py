@@ -77,15 +77,31 @@ def _expand(value: Any, out_dir: Path) -> Any:
 def run_command(spec: dict[str, Any], run: str, out_dir: Path, extra: dict[str, Any]) -> list[str]:
     """The ``python -m simulation`` command line of one run."""
     body = spec["runs"][run] or {}
-    values = {**(spec.get("set") or {}), **(body.get("set") or {}), **extra,
-              "results-dir": str(out_dir), "run-name": run}
+    values = {
+        **(spec.get("set") or {}),
+        **(body.get("set") or {}),
+        **extra,
+        "results-dir": str(out_dir),
+        "run-name": run,
+    }
     values = {k: _expand(v, out_dir) for k, v in values.items()}
     preset = str(body.get("preset", spec.get("preset", "fmnist")))
-    cmd = [sys.executable, "-m", "simulation", "--preset", preset,
-           "--algorithm", str(body.get("algorithm", "fedgkt")),
-           "--runtime", str(body.get("runtime", spec.get("runtime", "ray")))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "simulation",
+        "--preset",
+        preset,
+        "--algorithm",
+        str(body.get("algorithm", "fedgkt")),
+        "--runtime",
+        str(body.get("runtime", spec.get("runtime", "ray"))),
+    ]
     for key, value in values.items():
-        cmd += ["--set", f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"]
+        cmd += [
+            "--set",
+            f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}",
+        ]
     return cmd
 
 
@@ -101,8 +117,9 @@ def _section_target(spec: dict[str, Any], key: str, out_dir: Path, extra: dict[s
 
     from .task import PRESETS_DIR
 
-    cfg = resolve_config({"preset": spec.get("preset", "fmnist"), **(spec.get("set") or {}), **extra},
-                         PRESETS_DIR)
+    cfg = resolve_config(
+        {"preset": spec.get("preset", "fmnist"), **(spec.get("set") or {}), **extra}, PRESETS_DIR
+    )
     return section, path, cfg
 
 
@@ -121,29 +138,57 @@ def pretrain(spec: dict[str, Any], out_dir: Path, extra: dict[str, Any]) -> None
 
     if (target := _section_target(spec, "pretrain", out_dir, extra)) is not None:
         section, path, cfg = target
-        result = pretrain_edge(path, dataset=cfg.dataset, data_dir=cfg.data_dir, edge_model=cfg.edge_model,
-                               fraction=cfg.data_fraction, num_partitions=cfg.num_clients, seed=cfg.seed,
-                               samples=int(section.get("samples", 5000)), epochs=int(section.get("epochs", 2)),
-                               device=cfg.device)
-        print(f"pre-trained {cfg.edge_model} on {int(result['samples'])} held-out images "
-              f"(test accuracy {100 * result['test-accuracy']:.2f}%) -> {path}", flush=True)
+        result = pretrain_edge(
+            path,
+            dataset=cfg.dataset,
+            data_dir=cfg.data_dir,
+            edge_model=cfg.edge_model,
+            fraction=cfg.data_fraction,
+            num_partitions=cfg.num_clients,
+            seed=cfg.seed,
+            samples=int(section.get("samples", 5000)),
+            epochs=int(section.get("epochs", 2)),
+            device=cfg.device,
+        )
+        print(
+            f"pre-trained {cfg.edge_model} on {int(result['samples'])} held-out images "
+            f"(test accuracy {100 * result['test-accuracy']:.2f}%) -> {path}",
+            flush=True,
+        )
     if (target := _section_target(spec, "bridge", out_dir, extra)) is not None:
         section, path, cfg = target
-        result = pretrain_autoencoder(path, dataset=cfg.dataset, data_dir=cfg.data_dir, fraction=cfg.data_fraction,
-                                      num_partitions=cfg.num_clients, seed=cfg.seed,
-                                      samples=int(section.get("samples", 5000)),
-                                      epochs=int(section.get("epochs", 3)), device=cfg.device)
-        print(f"bridge autoencoder trained on {int(result['samples'])} held-out images "
-              f"(test MSE {result['test-mse']:.4f}) -> {path}", flush=True)
+        result = pretrain_autoencoder(
+            path,
+            dataset=cfg.dataset,
+            data_dir=cfg.data_dir,
+            fraction=cfg.data_fraction,
+            num_partitions=cfg.num_clients,
+            seed=cfg.seed,
+            samples=int(section.get("samples", 5000)),
+            epochs=int(section.get("epochs", 3)),
+            device=cfg.device,
+        )
+        print(
+            f"bridge autoencoder trained on {int(result['samples'])} held-out images "
+            f"(test MSE {result['test-mse']:.4f}) -> {path}",
+            flush=True,
+        )
 
 
 def _run(cmd: list[str], log_path: Path, label: str) -> int:
     """Run one simulation, log everything to ``log_path``, echo progress lines."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "w") as log, subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-        start_new_session=True,
-    ) as proc:
+    with (
+        open(log_path, "w") as log,
+        subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,
+        ) as proc,
+    ):
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
@@ -154,16 +199,35 @@ def _run(cmd: list[str], log_path: Path, label: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulation.experiment", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m simulation.experiment",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("experiment", help="name in simulation/experiments/ or a YAML path")
-    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
-                        metavar="KEY=VALUE", help="override a config key in every run")
-    parser.add_argument("--only", nargs="+", default=None, metavar="RUN", help="run only these runs")
-    parser.add_argument("--results-dir", default="results", help="parent of the experiment directory")
-    parser.add_argument("--name", default="", help="experiment directory name (default: the experiment's)")
-    parser.add_argument("--report-only", action="store_true",
-                        help="do not run anything; rebuild the comparison from existing runs")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key in every run",
+    )
+    parser.add_argument(
+        "--only", nargs="+", default=None, metavar="RUN", help="run only these runs"
+    )
+    parser.add_argument(
+        "--results-dir", default="results", help="parent of the experiment directory"
+    )
+    parser.add_argument(
+        "--name", default="", help="experiment directory name (default: the experiment's)"
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="do not run anything; rebuild the comparison from existing runs",
+    )
     args = parser.parse_args(argv)
 
     name, spec = load_experiment(args.experiment)
@@ -184,17 +248,25 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = out_dir / run
             run_dir.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
-            print(f"[{i}/{len(runs)}] {run}: started ({time.perf_counter() - start:.0f}s into the experiment)",
-                  flush=True)
+            print(
+                f"[{i}/{len(runs)}] {run}: started ({time.perf_counter() - start:.0f}s into the experiment)",
+                flush=True,
+            )
             rc = _run(run_command(spec, run, out_dir, extra), run_dir / "run.log", run)
             ok = rc == 0 and (run_dir / "results.json").is_file()
             if ok:
                 t = load_run(run_dir).totals()
-                print(f"[{i}/{len(runs)}] {run}: done in {time.perf_counter() - t0:.0f}s, accuracy "
-                      f"{100 * t['final-accuracy']:.2f}%, {t['mb-up'] + t['mb-down']:.1f} MB", flush=True)
+                print(
+                    f"[{i}/{len(runs)}] {run}: done in {time.perf_counter() - t0:.0f}s, accuracy "
+                    f"{100 * t['final-accuracy']:.2f}%, {t['mb-up'] + t['mb-down']:.1f} MB",
+                    flush=True,
+                )
             else:
                 failed.append(run)
-                print(f"[{i}/{len(runs)}] {run}: FAILED (exit {rc}); see {run_dir / 'run.log'}", flush=True)
+                print(
+                    f"[{i}/{len(runs)}] {run}: FAILED (exit {rc}); see {run_dir / 'run.log'}",
+                    flush=True,
+                )
 
     done = [r for r in find_runs([out_dir]) if r.path.name in spec["runs"]]
     order = {r: i for i, r in enumerate(spec["runs"])}
@@ -205,8 +277,11 @@ def main(argv: list[str] | None = None) -> int:
         plot_runs(done, out_dir / "comparison.png", title=title)
         table = markdown_table(done, spec.get("columns"))
         (out_dir / "summary.md").write_text(f"# {title}\n\n{table}")
-        print(f"\n{table}\nwritten: {out_dir / 'comparison.csv'}, {out_dir / 'comparison.png'}, "
-              f"{out_dir / 'summary.md'}", flush=True)
+        print(
+            f"\n{table}\nwritten: {out_dir / 'comparison.csv'}, {out_dir / 'comparison.png'}, "
+            f"{out_dir / 'summary.md'}",
+            flush=True,
+        )
     if failed:
         print(f"failed runs: {failed}", flush=True)
         return 1

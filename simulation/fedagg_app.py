@@ -39,7 +39,9 @@ from .task import config_from_run_config, dataset_info, load_client_data, result
 @functools.lru_cache(maxsize=4)
 def _autoencoder(path: str, dataset: str) -> BridgeAutoencoder:
     if not path:
-        raise ValueError("FedAgg needs bridge-autoencoder: a file made by `python -m flwr_gkt.bridge --out FILE`")
+        raise ValueError(
+            "FedAgg needs bridge-autoencoder: a file made by `python -m flwr_gkt.bridge --out FILE`"
+        )
     return load_autoencoder(path, dataset)
 
 
@@ -48,19 +50,33 @@ def tier_role(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[TierRole,
     pid = int(node_config.get("partition-id", 0))
     if "tier" in node_config:  # deployment: everything explicit
         tier = str(node_config["tier"])
-        role = TierRole(str(node_config.get("node-uid", f"{tier}-{pid}")), tier,
-                        str(node_config.get("parent", "cloud")))
+        role = TierRole(
+            str(node_config.get("node-uid", f"{tier}-{pid}")),
+            tier,
+            str(node_config.get("parent", "cloud")),
+        )
         return role, (pid if tier == "end" else -1), int(node_config.get("num-partitions", 1))
     edges = cfg.fedagg_edges
     if pid < cfg.num_clients:
-        return TierRole(f"end-{pid}", "end", f"edge-{pid % edges}" if edges else "cloud"), pid, cfg.num_clients
+        return (
+            TierRole(f"end-{pid}", "end", f"edge-{pid % edges}" if edges else "cloud"),
+            pid,
+            cfg.num_clients,
+        )
     return TierRole(f"edge-{pid - cfg.num_clients}", "edge", "cloud"), -1, cfg.num_clients
 
 
 def bsbodp(cfg: RunConfig) -> BSBODPConfig:
-    return BSBODPConfig(temperature=cfg.temperature, beta=cfg.fedagg_beta, gamma=cfg.fedagg_gamma,
-                        batch_size=cfg.batch_size, optimizer=cfg.edge_optimizer, lr=cfg.edge_lr,
-                        weight_decay=0.0, epochs=cfg.edge_epochs)
+    return BSBODPConfig(
+        temperature=cfg.temperature,
+        beta=cfg.fedagg_beta,
+        gamma=cfg.fedagg_gamma,
+        batch_size=cfg.batch_size,
+        optimizer=cfg.edge_optimizer,
+        lr=cfg.edge_lr,
+        weight_decay=0.0,
+        epochs=cfg.edge_epochs,
+    )
 
 
 def _tier_model(cfg: RunConfig, tier: str):
@@ -80,21 +96,45 @@ def run_fedagg(grid: Grid, cfg: RunConfig) -> FedAgg:
     num_classes, _, _ = dataset_info(cfg)
     raw = load_dataset(cfg.dataset, cfg.data_dir)
     n_test = max(1, int(len(raw.y_test) * cfg.test_fraction))
-    test_idx = torch.randperm(len(raw.y_test), generator=torch.Generator().manual_seed(cfg.seed))[:n_test]
-    strategy = FedAgg(_tier_model(cfg, "cloud")(), _autoencoder(cfg.bridge_autoencoder, cfg.dataset), num_classes,
-                      normalize(raw.x_test[test_idx], raw.info), raw.y_test[test_idx], bsbodp=bsbodp(cfg),
-                      rectify=cfg.rectify, migrations=parse_migrations(cfg.fedagg_migrate),
-                      logit_dtype=cfg.logit_dtype, device=cfg.device, seed=cfg.seed)
+    test_idx = torch.randperm(len(raw.y_test), generator=torch.Generator().manual_seed(cfg.seed))[
+        :n_test
+    ]
+    strategy = FedAgg(
+        _tier_model(cfg, "cloud")(),
+        _autoencoder(cfg.bridge_autoencoder, cfg.dataset),
+        num_classes,
+        normalize(raw.x_test[test_idx], raw.info),
+        raw.y_test[test_idx],
+        bsbodp=bsbodp(cfg),
+        rectify=cfg.rectify,
+        migrations=parse_migrations(cfg.fedagg_migrate),
+        logit_dtype=cfg.logit_dtype,
+        device=cfg.device,
+        seed=cfg.seed,
+    )
     start = time.perf_counter()
     strategy.start(grid, cfg.num_server_rounds, timeout=cfg.round_timeout)
     elapsed = time.perf_counter() - start
     torch.save(strategy.model.state_dict(), out / "cloud_model.pt")
     final = strategy.history[-1] if strategy.history else {}
-    write_results(out, cfg, strategy.history,
-                  {"algorithm": "fedagg-rectify" if cfg.rectify != "none" else "fedagg", "seconds": elapsed,
-                   "final": final, "migrations": [list(m) for m in strategy.moves]},
-                  nodes=strategy.node_history)
-    log(INFO, "FedAgg finished: cloud accuracy %.4f; results in %s", final.get("accuracy", float("nan")), out)
+    write_results(
+        out,
+        cfg,
+        strategy.history,
+        {
+            "algorithm": "fedagg-rectify" if cfg.rectify != "none" else "fedagg",
+            "seconds": elapsed,
+            "final": final,
+            "migrations": [list(m) for m in strategy.moves],
+        },
+        nodes=strategy.node_history,
+    )
+    log(
+        INFO,
+        "FedAgg finished: cloud accuracy %.4f; results in %s",
+        final.get("accuracy", float("nan")),
+        out,
+    )
     return strategy
 
 
@@ -122,7 +162,14 @@ def make_fedagg_apps(fixed: RunConfig | None = None) -> tuple[ServerApp, ClientA
     @client.train()
     def train(msg: Message, context: Context) -> Message:
         cfg, role, data = setup(context)
-        return handle_fedagg(msg, context, role, _autoencoder(cfg.bridge_autoencoder, cfg.dataset),
-                             _tier_model(cfg, role.tier), data, cfg.device)
+        return handle_fedagg(
+            msg,
+            context,
+            role,
+            _autoencoder(cfg.bridge_autoencoder, cfg.dataset),
+            _tier_model(cfg, role.tier),
+            data,
+            cfg.device,
+        )
 
     return server, client

@@ -56,8 +56,9 @@ class MeasuredFedAvg(FedAvg):
         self._down, self._start = 0, 0.0
         self._run_start = time.perf_counter()
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self._start = time.perf_counter()
         config["lr-factor"] = lr_factor(self.lr_schedule, server_round, self.num_rounds)
         messages = list(super().configure_train(server_round, arrays, config, grid))
@@ -68,17 +69,28 @@ class MeasuredFedAvg(FedAvg):
         replies = list(replies)
         up = sum(record_nbytes(m.content) for m in replies if not m.has_error())
         arrays, metrics = super().aggregate_train(server_round, replies)
-        row = {"round": server_round, "bytes-up-train": up, "bytes-down-train": self._down,
-               "nodes-replied": sum(not m.has_error() for m in replies)}
+        row = {
+            "round": server_round,
+            "bytes-up-train": up,
+            "bytes-down-train": self._down,
+            "nodes-replied": sum(not m.has_error() for m in replies),
+        }
         if metrics is not None:
             row.update({k: float(v) for k, v in metrics.items() if k != "num-examples"})
         self.history.append(row)
-        log(INFO, "FedAvg round %d train: %d nodes, up %.2f MB, down %.2f MB", server_round,
-            row["nodes-replied"], up / _MB, self._down / _MB)
+        log(
+            INFO,
+            "FedAvg round %d train: %d nodes, up %.2f MB, down %.2f MB",
+            server_round,
+            row["nodes-replied"],
+            up / _MB,
+            self._down / _MB,
+        )
         return arrays, metrics
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         self._down_eval = sum(record_nbytes(m.content) for m in messages)
         return messages
@@ -89,12 +101,18 @@ class MeasuredFedAvg(FedAvg):
         if metrics is not None:
             self.history[-1].update({k: float(v) for k, v in metrics.items()})
             self.history[-1]["num-examples"] = sum(
-                int(m.content["metrics"]["num-examples"]) for m in replies if not m.has_error())
+                int(m.content["metrics"]["num-examples"]) for m in replies if not m.has_error()
+            )
             self.history[-1]["bytes-down-eval"] = getattr(self, "_down_eval", 0)
             self.history[-1]["round-seconds"] = time.perf_counter() - self._start
-            log(INFO, "FedAvg round %d eval: accuracy %.4f, loss %.4f [%s]", server_round,
-                metrics["accuracy"], metrics["loss"],
-                progress(server_round, self.num_rounds, time.perf_counter() - self._run_start))
+            log(
+                INFO,
+                "FedAvg round %d eval: accuracy %.4f, loss %.4f [%s]",
+                server_round,
+                metrics["accuracy"],
+                metrics["loss"],
+                progress(server_round, self.num_rounds, time.perf_counter() - self._run_start),
+            )
         return metrics
 
 
@@ -102,23 +120,35 @@ def run_fedavg(grid: Grid, cfg: RunConfig) -> MeasuredFedAvg:
     """Run FedAvg for ``cfg.num_server_rounds`` rounds and write results."""
     model = build_model(cfg)
     strategy = MeasuredFedAvg(
-        fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
-        min_train_nodes=cfg.min_nodes, min_evaluate_nodes=cfg.min_nodes,
-        min_available_nodes=cfg.min_nodes, lr_schedule=cfg.lr_schedule,
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_train_nodes=cfg.min_nodes,
+        min_evaluate_nodes=cfg.min_nodes,
+        min_available_nodes=cfg.min_nodes,
+        lr_schedule=cfg.lr_schedule,
         num_rounds=cfg.num_server_rounds,
     )
     out = results_dir(cfg)
     start = time.perf_counter()
-    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
-                            num_rounds=cfg.num_server_rounds)
+    result = strategy.start(
+        grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=cfg.num_server_rounds
+    )
     elapsed = time.perf_counter() - start
     if result.arrays is not None:
         model.load_state_dict(result.arrays.to_torch_state_dict())
     torch.save(model.state_dict(), out / "fedavg_model.pt")
     final = strategy.history[-1] if strategy.history else {}
-    write_results(out, cfg, strategy.history, {"algorithm": "fedavg", "seconds": elapsed, "final": final})
-    log(INFO, "FedAvg finished %d rounds in %.1fs: accuracy %.4f; results in %s",
-        cfg.num_server_rounds, elapsed, final.get("accuracy", float("nan")), out)
+    write_results(
+        out, cfg, strategy.history, {"algorithm": "fedavg", "seconds": elapsed, "final": final}
+    )
+    log(
+        INFO,
+        "FedAvg finished %d rounds in %.1fs: accuracy %.4f; results in %s",
+        cfg.num_server_rounds,
+        elapsed,
+        final.get("accuracy", float("nan")),
+        out,
+    )
     return strategy
 
 
@@ -147,11 +177,21 @@ def make_fedavg_apps(fixed: RunConfig | None = None) -> tuple[ServerApp, ClientA
         lr = cfg.edge_lr * float(config.get("lr-factor", 1.0))
         optimizer = make_optimizer(cfg.edge_optimizer, model.parameters(), lr, cfg.weight_decay)
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + int(config["server-round"]))
-        res = fit(model, TensorBatches(data.x_train, data.y_train, cfg.batch_size, True, gen, data.augment),
-                  optimizer, epochs=cfg.edge_epochs, device=device)
-        metrics = metrics_record(len(data.y_train), **{"train-loss": res.loss,
-                                                       "train-accuracy": res.accuracy,
-                                                       "client-seconds": res.seconds})
+        res = fit(
+            model,
+            TensorBatches(data.x_train, data.y_train, cfg.batch_size, True, gen, data.augment),
+            optimizer,
+            epochs=cfg.edge_epochs,
+            device=device,
+        )
+        metrics = metrics_record(
+            len(data.y_train),
+            **{
+                "train-loss": res.loss,
+                "train-accuracy": res.accuracy,
+                "client-seconds": res.seconds,
+            },
+        )
         content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
         return Message(content=content, reply_to=msg)
 

@@ -89,33 +89,64 @@ def run(
     # The SuperLink starts flower-superexec / flwr-simulation by name: make this
     # environment's executables the ones found, activated venv or not.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = {**os.environ, "PATH": path, "FLWR_HOME": str(flwr_home),
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    env = {
+        **os.environ,
+        "PATH": path,
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    }
     with open(flwr_home / "superlink.out", "wb") as out:
         superlink = subprocess.Popen(
-            ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
-             "--host", "127.0.0.1", "--port", str(port),
-             "--disable-runtime-dependency-installation",
-             "--log-file", str(flwr_home / "superlink.log")],
-            cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                "flower-superlink",
+                "--insecure",
+                "--simulation",
+                "--isolation",
+                "subprocess",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--disable-runtime-dependency-installation",
+                "--log-file",
+                str(flwr_home / "superlink.log"),
+            ],
+            cwd=workdir,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         _wait_healthy(port, superlink)
-        cmd = ["flwr", "run", str(app_dir), "local-simulation", "--stream",
-               "--federation-config",
-               f"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus} "
-               "client-resources-num-gpus=0.0"]
+        cmd = [
+            "flwr",
+            "run",
+            str(app_dir),
+            "local-simulation",
+            "--stream",
+            "--federation-config",
+            f"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus} "
+            "client-resources-num-gpus=0.0",
+        ]
         if run_config:
             cmd += ["--run-config", run_config]
-        proc = subprocess.run(cmd, env=env, cwd=workdir, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            cmd, env=env, cwd=workdir, capture_output=True, text=True, timeout=timeout
+        )
         log = proc.stdout + proc.stderr
         sys.stdout.write(log)
         match = re.search(r"run (\d+)", log)
         if proc.returncode != 0 or not match:
             return f"flwr run failed (exit {proc.returncode})", log
-        ls = subprocess.run(["flwr", "ls", "local-simulation", "--run-id", match.group(1),
-                             "--format", "json"], env=env, cwd=workdir, capture_output=True,
-                            text=True, timeout=120)
+        ls = subprocess.run(
+            ["flwr", "ls", "local-simulation", "--run-id", match.group(1), "--format", "json"],
+            env=env,
+            cwd=workdir,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         try:
             status = json.loads(ls.stdout)["runs"][0]["status"]
         except (ValueError, KeyError, IndexError):
@@ -126,10 +157,15 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulation.flwr_local", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m simulation.flwr_local",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--app", default=str(APP_DIR), help="Flower app directory")
-    parser.add_argument("--run-config", default="", help='e.g. "preset=\'smoke\' num-server-rounds=2"')
+    parser.add_argument(
+        "--run-config", default="", help="e.g. \"preset='smoke' num-server-rounds=2\""
+    )
     parser.add_argument("--num-supernodes", type=int, default=4)
     parser.add_argument("--client-cpus", type=int, default=1)
     parser.add_argument("--flwr-home", default="", help="Flower home (default: a temporary one)")
@@ -137,8 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     home = Path(args.flwr_home) if args.flwr_home else Path(tempfile.mkdtemp(prefix="flwr-home-"))
     try:
-        status, _ = run(Path(args.app), args.run_config, args.num_supernodes, home,
-                        Path(args.workdir).resolve(), args.client_cpus)
+        status, _ = run(
+            Path(args.app),
+            args.run_config,
+            args.num_supernodes,
+            home,
+            Path(args.workdir).resolve(),
+            args.client_cpus,
+        )
     finally:
         if not args.flwr_home:
             shutil.rmtree(home, ignore_errors=True)

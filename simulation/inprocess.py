@@ -131,8 +131,13 @@ class InProcessGrid(Grid):
         for i, node_id in enumerate(node_ids):
             node_config = {"partition-id": i, "num-partitions": num_nodes}
             node_config.update(node_configs[i] if node_configs is not None else {})
-            self._contexts[node_id] = Context(run_id=RUN_ID, node_id=node_id, node_config=node_config,
-                                              state=RecordDict(), run_config=dict(self.run_config))
+            self._contexts[node_id] = Context(
+                run_id=RUN_ID,
+                node_id=node_id,
+                node_config=node_config,
+                state=RecordDict(),
+                run_config=dict(self.run_config),
+            )
         self._queue: dict[str, Message] = {}  # message id -> pushed, not yet handled (push order)
         self.handled = 0  # messages the ClientApp ran on (replies and error replies)
 
@@ -163,9 +168,13 @@ class InProcessGrid(Grid):
         with self._lock:
             if node_id in self._contexts or node_id in (0, SUPERLINK_NODE_ID):
                 raise ValueError(f"node id {node_id} is taken or reserved")
-            self._contexts[node_id] = Context(run_id=self._run.run_id, node_id=node_id,
-                                              node_config=dict(node_config or {}), state=RecordDict(),
-                                              run_config=dict(self.run_config))
+            self._contexts[node_id] = Context(
+                run_id=self._run.run_id,
+                node_id=node_id,
+                node_config=dict(node_config or {}),
+                state=RecordDict(),
+                run_config=dict(self.run_config),
+            )
 
     def remove_node(self, node_id: int) -> None:
         """Disconnect a node: its pending messages get ``NODE_UNAVAILABLE`` error replies."""
@@ -202,7 +211,9 @@ class InProcessGrid(Grid):
                 msg.metadata.__dict__["_message_id"] = str(uuid4())
                 self._check_message(msg)
                 if msg.metadata.dst_node_id not in self._contexts:
-                    raise ValueError(f"Invalid destination node ID for Message: {msg.metadata.dst_node_id}")
+                    raise ValueError(
+                        f"Invalid destination node ID for Message: {msg.metadata.dst_node_id}"
+                    )
                 self._queue[msg.metadata.message_id] = msg
                 ids.append(msg.metadata.message_id)
         return ids
@@ -242,11 +253,18 @@ class InProcessGrid(Grid):
         node_id = msg.metadata.dst_node_id
         context = self._contexts.get(node_id)
         if context is None:
-            reply = Message(Error(code=ErrorCode.NODE_UNAVAILABLE,
-                                  reason=f"node {node_id} is not connected"), reply_to=msg)
+            reply = Message(
+                Error(code=ErrorCode.NODE_UNAVAILABLE, reason=f"node {node_id} is not connected"),
+                reply_to=msg,
+            )
         elif msg.metadata.created_at + msg.metadata.ttl < now().timestamp():
-            reply = Message(Error(code=ErrorCode.MESSAGE_UNAVAILABLE,
-                                  reason=f"message {msg.metadata.message_id} has expired"), reply_to=msg)
+            reply = Message(
+                Error(
+                    code=ErrorCode.MESSAGE_UNAVAILABLE,
+                    reason=f"message {msg.metadata.message_id} has expired",
+                ),
+                reply_to=msg,
+            )
         else:
             reply = self._run_client_app(msg, context)
         self.handled += 1
@@ -270,11 +288,19 @@ class InProcessGrid(Grid):
                     f"src_node_id={meta.src_node_id}) is not a reply to message "
                     f"{msg.metadata.message_id!r} from node {node_id}; use Message(content, reply_to=msg)"
                 )
-        except Exception as ex:  # noqa: BLE001 - a ClientApp failure is a reply, never a crash
-            log(WARNING, "In-process node %d: the ClientApp raised on a %r message: %s",
-                node_id, msg.metadata.message_type, _exception_reason(ex), exc_info=ex)
-            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=_exception_reason(ex)),
-                           reply_to=msg)
+        except Exception as ex:
+            log(
+                WARNING,
+                "In-process node %d: the ClientApp raised on a %r message: %s",
+                node_id,
+                msg.metadata.message_type,
+                _exception_reason(ex),
+                exc_info=ex,
+            )
+            return Message(
+                Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=_exception_reason(ex)),
+                reply_to=msg,
+            )
         self._contexts[node_id] = work  # kept only when the ClientApp succeeded, as on a SuperNode
         return copy.deepcopy(reply)  # the server gets its own copy, too
 
@@ -292,6 +318,11 @@ def run_inprocess(
     as ``run_simulation`` gives a ServerApp.
     """
     grid = InProcessGrid(client_app, num_nodes, run_config=run_config, node_configs=node_configs)
-    context = Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(),
-                      run_config=dict(run_config or {}))
+    context = Context(
+        run_id=grid.run.run_id,
+        node_id=0,
+        node_config={},
+        state=RecordDict(),
+        run_config=dict(run_config or {}),
+    )
     server_main(grid, context)

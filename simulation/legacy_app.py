@@ -53,19 +53,26 @@ def make_legacy_apps(fixed: RunConfig | None = None) -> tuple[ServerApp, ClientA
             dataset_info(cfg)[0],
             feature_shape=feature_shape(cfg),
             edge_config=edge_config(cfg),
-            min_fit_clients=cfg.min_nodes, min_evaluate_clients=cfg.min_nodes,
+            min_fit_clients=cfg.min_nodes,
+            min_evaluate_clients=cfg.min_nodes,
             min_available_clients=cfg.min_nodes,
             lr_schedule=cfg.lr_schedule,
             num_rounds=cfg.num_server_rounds,
             cfg=cfg,
         )
-        return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=cfg.num_server_rounds))
+        return ServerAppComponents(
+            strategy=strategy, config=ServerConfig(num_rounds=cfg.num_server_rounds)
+        )
 
     def client_fn(context: Context) -> Client:
         cfg = fixed or config_from_run_config(context.run_config)
         node, data = node_data(cfg, context.node_config)
         return GKTNumPyClient(
-            context, data, edge_builder(cfg, node.partition_id), functools.partial(build_server, cfg), cfg.device
+            context,
+            data,
+            edge_builder(cfg, node.partition_id),
+            functools.partial(build_server, cfg),
+            cfg.device,
         ).to_client()
 
     return ServerApp(server_fn=server_fn), ClientApp(client_fn=client_fn)

@@ -16,12 +16,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Run", "load_run", "find_runs", "write_long_csv", "plot_runs", "markdown_table"]
+__all__ = ["Run", "find_runs", "load_run", "markdown_table", "plot_runs", "write_long_csv"]
 
 _MB = 1024 * 1024
 # Config keys that never distinguish runs in a table.
-_IGNORED_KEYS = {"run-name", "results-dir", "data-dir", "device", "server-threads", "client-threads",
-                 "client-cpus"}
+_IGNORED_KEYS = {
+    "run-name",
+    "results-dir",
+    "data-dir",
+    "device",
+    "server-threads",
+    "client-threads",
+    "client-cpus",
+}
 
 
 @dataclass
@@ -40,7 +47,10 @@ class Run:
 
     def train_bytes(self) -> list[float]:
         """Training bytes (up + down) of each round."""
-        return [float(r.get("bytes-up-train", 0)) + float(r.get("bytes-down-train", 0)) for r in self.history]
+        return [
+            float(r.get("bytes-up-train", 0)) + float(r.get("bytes-down-train", 0))
+            for r in self.history
+        ]
 
     def cumulative_mb(self) -> list[float]:
         total, out = 0.0, []
@@ -62,14 +72,28 @@ class Run:
             "best-accuracy": max(acc) if acc else float("nan"),
             "mb-up": sum(float(r.get("bytes-up-train", 0)) for r in h) / _MB,
             "mb-down": sum(float(r.get("bytes-down-train", 0)) for r in h) / _MB,
-            "mb-eval": sum(float(r.get("bytes-up-eval", 0)) + float(r.get("bytes-down-eval", 0)) for r in h) / _MB,
-            "seconds": float(self.extra.get("seconds", sum(float(r.get("round-seconds", 0)) for r in h))),
+            "mb-eval": sum(
+                float(r.get("bytes-up-eval", 0)) + float(r.get("bytes-down-eval", 0)) for r in h
+            )
+            / _MB,
+            "seconds": float(
+                self.extra.get("seconds", sum(float(r.get("round-seconds", 0)) for r in h))
+            ),
             "server-seconds": sum(float(r.get("server-seconds", 0)) for r in h),
-            "client-seconds": sum(float(r.get("edge-seconds-max", r.get("client-seconds", 0))) for r in h),
+            "client-seconds": sum(
+                float(r.get("edge-seconds-max", r.get("client-seconds", 0))) for r in h
+            ),
         }
         if h and "edge-accuracy" in h[-1]:
             out["edge-accuracy"] = float(h[-1]["edge-accuracy"])
-        for key in ("edge-flops", "edge-params", "server-flops", "server-params", "full-flops", "full-params"):
+        for key in (
+            "edge-flops",
+            "edge-params",
+            "server-flops",
+            "server-params",
+            "full-flops",
+            "full-params",
+        ):
             if key in self.extra.get("costs", {}):
                 out[key] = float(self.extra["costs"][key])
         return out
@@ -110,8 +134,14 @@ def write_long_csv(runs: Sequence[Run], path: Path) -> None:
         writer.writeheader()
         for run in runs:
             for row, mb in zip(run.history, run.cumulative_mb(), strict=True):
-                writer.writerow({"run": run.name, "algorithm": run.algorithm, **row,
-                                 "cumulative-train-mb": round(mb, 6)})
+                writer.writerow(
+                    {
+                        "run": run.name,
+                        "algorithm": run.algorithm,
+                        **row,
+                        "cumulative-train-mb": round(mb, 6),
+                    }
+                )
 
 
 def plot_runs(runs: Sequence[Run], path: Path, title: str = "") -> None:
@@ -126,10 +156,15 @@ def plot_runs(runs: Sequence[Run], path: Path, title: str = "") -> None:
         rounds = [int(r["round"]) for r in run.history]
         style = "--" if run.algorithm == "fedavg" else "-"
         ax_round.plot(rounds, run.accuracies(), style, marker="o", ms=3, label=run.name)
-        ax_bytes.plot(run.cumulative_mb(), run.accuracies(), style, marker="o", ms=3, label=run.name)
+        ax_bytes.plot(
+            run.cumulative_mb(), run.accuracies(), style, marker="o", ms=3, label=run.name
+        )
     ax_round.set(xlabel="round", ylabel="test accuracy", title="accuracy vs round")
-    ax_bytes.set(xlabel="training traffic, up + down (MB, cumulative)", ylabel="test accuracy",
-                 title="accuracy vs bytes communicated")
+    ax_bytes.set(
+        xlabel="training traffic, up + down (MB, cumulative)",
+        ylabel="test accuracy",
+        title="accuracy vs bytes communicated",
+    )
     if any(mb > 0 for run in runs for mb in run.cumulative_mb()):
         ax_bytes.set_xscale("log")
     for ax in (ax_round, ax_bytes):
@@ -165,15 +200,36 @@ def markdown_table(runs: Sequence[Run], columns: Sequence[str] | None = None) ->
     if columns is None:
         keys = [k for k in runs[0].config if k not in _IGNORED_KEYS]
         columns = [k for k in keys if len({str(r.config.get(k)) for r in runs}) > 1]
-    header = ["run", "algorithm", *columns, "rounds", "accuracy", "best", "edge-only",
-              "MB up", "MB down", "time (s)", "server s", "client s"]
+    header = [
+        "run",
+        "algorithm",
+        *columns,
+        "rounds",
+        "accuracy",
+        "best",
+        "edge-only",
+        "MB up",
+        "MB down",
+        "time (s)",
+        "server s",
+        "client s",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
         t = run.totals()
-        cells = [run.name, run.algorithm, *(_fmt(run.config.get(c, "")) for c in columns),
-                 f"{t['rounds']:.0f}", f"{100 * t['final-accuracy']:.2f}%", f"{100 * t['best-accuracy']:.2f}%",
-                 f"{100 * t['edge-accuracy']:.2f}%" if "edge-accuracy" in t else "-",
-                 _mb(t["mb-up"]), _mb(t["mb-down"]), f"{t['seconds']:.0f}",
-                 f"{t['server-seconds']:.0f}", f"{t['client-seconds']:.0f}"]
+        cells = [
+            run.name,
+            run.algorithm,
+            *(_fmt(run.config.get(c, "")) for c in columns),
+            f"{t['rounds']:.0f}",
+            f"{100 * t['final-accuracy']:.2f}%",
+            f"{100 * t['best-accuracy']:.2f}%",
+            f"{100 * t['edge-accuracy']:.2f}%" if "edge-accuracy" in t else "-",
+            _mb(t["mb-up"]),
+            _mb(t["mb-down"]),
+            f"{t['seconds']:.0f}",
+            f"{t['server-seconds']:.0f}",
+            f"{t['client-seconds']:.0f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -26,7 +26,6 @@ from .task import (
     write_results,
 )
 
-
 #: The checkpoint written after every round in the run's results directory.
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -43,8 +42,10 @@ def strategy_class(cfg: RunConfig) -> tuple[type[FedGKT], dict]:
     if cfg.server_mode == "sync":
         return FedGKT, {}
     if cfg.server_mode == "async":
-        return AsyncFedGKT, {"max_staleness": cfg.max_staleness if cfg.max_staleness >= 0 else None,
-                             "update_scope": cfg.async_update}
+        return AsyncFedGKT, {
+            "max_staleness": cfg.max_staleness if cfg.max_staleness >= 0 else None,
+            "update_scope": cfg.async_update,
+        }
     raise ValueError(f"unknown server-mode {cfg.server_mode!r} (expected 'sync' or 'async')")
 
 
@@ -52,7 +53,9 @@ def run_fedgkt(grid: Grid, cfg: RunConfig) -> FedGKT:
     """Run ``cfg.num_server_rounds`` rounds of FedGKT on ``grid``; write results."""
     cls, mode_args = strategy_class(cfg)
     if cfg.resume and not cfg.run_name:
-        raise ValueError("resume needs run-name: the checkpoint is <results-dir>/<run-name>/checkpoint.pt")
+        raise ValueError(
+            "resume needs run-name: the checkpoint is <results-dir>/<run-name>/checkpoint.pt"
+        )
     out = results_dir(cfg)
     if cfg.checkpoint:
         mode_args["checkpoint_path"] = out / CHECKPOINT_FILE
@@ -86,27 +89,46 @@ def run_fedgkt(grid: Grid, cfg: RunConfig) -> FedGKT:
     plan = FaultPlan.from_config(cfg.faults, cfg.fault_rate, cfg.fault_kinds, cfg.seed)
     if plan:
         grid = FaultyGrid(grid, plan)
-        log(WARNING, "FedGKT: fault injection on (%s, rate %.2f)", cfg.faults or "random faults only",
-            cfg.fault_rate)
+        log(
+            WARNING,
+            "FedGKT: fault injection on (%s, rate %.2f)",
+            cfg.faults or "random faults only",
+            cfg.fault_rate,
+        )
     log(INFO, "FedGKT: results go to %s", out)
     if cfg.resume:
         strategy.resume()
     start = time.perf_counter()
-    strategy.start(grid=grid, initial_arrays=strategy.initial_arrays(), num_rounds=cfg.num_server_rounds,
-                   timeout=cfg.round_timeout)
+    strategy.start(
+        grid=grid,
+        initial_arrays=strategy.initial_arrays(),
+        num_rounds=cfg.num_server_rounds,
+        timeout=cfg.round_timeout,
+    )
     elapsed = time.perf_counter() - start
     server.store.close()  # spilled features are not results
     final = strategy.history[-1] if strategy.history else {}
     torch.save(server.model.state_dict(), out / "server_model.pt")
-    write_results(out, cfg, strategy.history,
-                  {"seconds": elapsed, "final": final, "server-peak-rss-mb": peak_rss_mb(),
-                   "faults-injected": dict(grid.injected) if isinstance(grid, FaultyGrid) else {}},
-                  nodes=strategy.node_history)
+    write_results(
+        out,
+        cfg,
+        strategy.history,
+        {
+            "seconds": elapsed,
+            "final": final,
+            "server-peak-rss-mb": peak_rss_mb(),
+            "faults-injected": dict(grid.injected) if isinstance(grid, FaultyGrid) else {},
+        },
+        nodes=strategy.node_history,
+    )
     log(
         INFO,
         "FedGKT finished %d rounds in %.1fs: accuracy %.4f (edge+server), edge-only %.4f; results in %s",
-        cfg.num_server_rounds, elapsed, final.get("accuracy", float("nan")),
-        final.get("edge-accuracy", float("nan")), out,
+        cfg.num_server_rounds,
+        elapsed,
+        final.get("accuracy", float("nan")),
+        final.get("edge-accuracy", float("nan")),
+        out,
     )
     return strategy
 

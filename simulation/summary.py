@@ -18,13 +18,20 @@ from .report import find_runs, markdown_table, plot_runs, write_long_csv
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulation.summary", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("paths", nargs="+", help="run directories, results.json files, or parents of them")
+    parser = argparse.ArgumentParser(
+        prog="python -m simulation.summary",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "paths", nargs="+", help="run directories, results.json files, or parents of them"
+    )
     parser.add_argument("--columns", nargs="+", default=None, help="config keys to show")
     parser.add_argument("--output", default="", help="also write the table to this file")
     parser.add_argument("--plot", default="", help="also plot the runs into this PNG")
-    parser.add_argument("--csv", default="", help="also write one row per run and round to this CSV")
+    parser.add_argument(
+        "--csv", default="", help="also write one row per run and round to this CSV"
+    )
     args = parser.parse_args(argv)
     runs = find_runs(args.paths)
     if not runs:

@@ -102,7 +102,8 @@ def node_setup(cfg: RunConfig, node_config: Mapping[str, Any]) -> NodeSetup:
     if not state_dir and cfg.node_state_dir:  # simulation: one directory per partition
         state_dir = str(Path(cfg.node_state_dir) / f"node-{pid}")
     privacy = PrivacyConfig.from_mapping(
-        node_config, PrivacyConfig(cfg.privacy_clip, cfg.privacy_logit_clip, cfg.privacy_noise))
+        node_config, PrivacyConfig(cfg.privacy_clip, cfg.privacy_logit_clip, cfg.privacy_noise)
+    )
     uid = str(node_config.get("node-uid", "") or f"partition-{pid}-of-{num}")
     return NodeSetup(pid, num, cfg, state_dir, privacy if privacy.enabled else None, uid)
 
@@ -206,8 +207,13 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
-def write_results(path: Path, cfg: RunConfig, history: list[dict[str, float]], extra: dict[str, Any],
-                  nodes: list[dict[str, Any]] | None = None) -> None:
+def write_results(
+    path: Path,
+    cfg: RunConfig,
+    history: list[dict[str, float]],
+    extra: dict[str, Any],
+    nodes: list[dict[str, Any]] | None = None,
+) -> None:
     """Write metrics.csv (one row per round), results.json (config, history,
     model costs, ``extra``), metrics.png (accuracy vs round and vs bytes) and,
     when given, nodes.csv (one row per node, stage and round)."""
@@ -218,4 +224,8 @@ def write_results(path: Path, cfg: RunConfig, history: list[dict[str, float]], e
     with open(path / "results.json", "w") as f:
         json.dump({"config": cfg.to_dict(), "history": history, **extra}, f, indent=2)
     run = Run(cfg.run_name or path.name, path, cfg.to_dict(), history, extra)
-    plot_runs([run], path / "metrics.png", title=f"{run.algorithm}: {cfg.dataset}, {cfg.num_clients} nodes")
+    plot_runs(
+        [run],
+        path / "metrics.png",
+        title=f"{run.algorithm}: {cfg.dataset}, {cfg.num_clients} nodes",
+    )

@@ -6,7 +6,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from local_federation import set_task_identity  # noqa: E402
+from local_federation import set_task_identity
 
 
 @pytest.fixture(autouse=True)

@@ -16,15 +16,25 @@ from flwr.simulation import run_simulation
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flwr_gkt.client_app import handle_evaluate, handle_train  # noqa: E402
-from flwr_gkt.wire import ARRAYS_KEY  # noqa: E402
-from simulation.server_app import make_server_app  # noqa: E402
-from simulation.task import PRESETS_DIR, edge_builder, node_data  # noqa: E402
-from flwr_gkt.config import resolve_config  # noqa: E402
+from flwr_gkt.client_app import handle_evaluate, handle_train
+from flwr_gkt.config import resolve_config
+from flwr_gkt.wire import ARRAYS_KEY
+from simulation.server_app import make_server_app
+from simulation.task import PRESETS_DIR, edge_builder, node_data
 
 out, mode = sys.argv[1], sys.argv[2]
-cfg = resolve_config({"preset": "smoke", "num-server-rounds": 3, "num-clients": 3, "min-nodes": 3, "server-epochs": 1,
-                      "results-dir": out, "run-name": mode}, PRESETS_DIR)
+cfg = resolve_config(
+    {
+        "preset": "smoke",
+        "num-server-rounds": 3,
+        "num-clients": 3,
+        "min-nodes": 3,
+        "server-epochs": 1,
+        "results-dir": out,
+        "run-name": mode,
+    },
+    PRESETS_DIR,
+)
 client = ClientApp()
 
 
@@ -57,6 +67,12 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 if __name__ == "__main__":
-    run_simulation(server_app=make_server_app(cfg), client_app=client, num_supernodes=3,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"include_dashboard": False}})
+    run_simulation(
+        server_app=make_server_app(cfg),
+        client_app=client,
+        num_supernodes=3,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"include_dashboard": False},
+        },
+    )

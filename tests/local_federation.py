@@ -27,10 +27,12 @@ def set_task_identity() -> None:
 
 def seeded_builders(make: Callable[[], EdgeModel], count: int) -> list[Callable[[], EdgeModel]]:
     """``count`` edge-model builders; builder ``i`` seeds torch with ``i`` before ``make()``."""
+
     def builder(i: int) -> Callable[[], EdgeModel]:
         def build() -> EdgeModel:
             torch.manual_seed(i)
             return make()
+
         return build
 
     return [builder(i) for i in range(count)]
@@ -49,12 +51,17 @@ class FakeGrid:
 class LocalFederation:
     """Nodes ``node_ids[i]`` hold ``datas[i]`` and build ``builders[i]()``."""
 
-    def __init__(self, node_ids: list[int], datas: list[ClientData],
-                 builders: list[Callable[[], EdgeModel]]):
+    def __init__(
+        self, node_ids: list[int], datas: list[ClientData], builders: list[Callable[[], EdgeModel]]
+    ):
         set_task_identity()
         self.grid = FakeGrid(node_ids)
         self.nodes = {
-            nid: (Context(run_id=1, node_id=nid, node_config={}, state=RecordDict(), run_config={}), d, b)
+            nid: (
+                Context(run_id=1, node_id=nid, node_config={}, state=RecordDict(), run_config={}),
+                d,
+                b,
+            )
             for nid, d, b in zip(node_ids, datas, builders)
         }
         self.tamper: Callable[[int, int, Message], Message] | None = None
@@ -75,7 +82,9 @@ class LocalFederation:
         self.last_train_messages = train_msgs
         replies = [self.reply(m, server_round) for m in train_msgs]
         train_out = strategy.aggregate_train(server_round, replies)
-        eval_msgs = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), self.grid))
+        eval_msgs = list(
+            strategy.configure_evaluate(server_round, arrays, ConfigRecord(), self.grid)
+        )
         eval_replies = [self.reply(m, server_round) for m in eval_msgs]
         eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
         return train_out, eval_metrics

@@ -13,6 +13,7 @@ import pytest
 import torch
 from flwr.app import Array
 from flwr.serverapp.strategy import Result
+from local_federation import LocalFederation, seeded_builders
 
 from flwr_gkt.async_strategy import AsyncFedGKT
 from flwr_gkt.config import RunConfig
@@ -22,7 +23,6 @@ from flwr_gkt.models import resnet4, resnet8
 from flwr_gkt.registry import build_server_model
 from flwr_gkt.server import GKTServer
 from flwr_gkt.wire import ARRAYS_KEY, decode_server_logits
-from local_federation import LocalFederation, seeded_builders
 
 NODES = [11, 22, 33]
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,14 +64,23 @@ class AsyncGrid:
             mid = str(uuid.uuid4())
             msg.metadata.__dict__["_message_id"] = mid
             node, kind = msg.metadata.dst_node_id, msg.metadata.message_type
-            assert not any(q["node"] == node for q in self.queue), f"two messages in flight to {node}"
+            assert not any(q["node"] == node for q in self.queue), (
+                f"two messages in flight to {node}"
+            )
             if self.on_push is not None:
                 self.on_push(msg)
             self.events.append(("push", node, kind, mid))
             if node not in self.silent:
                 rnd = int(msg.content.config_records["config"]["server-round"])
-                self.queue.append({"id": mid, "node": node, "kind": kind, "at": self.train_releases,
-                                   "reply": self.fed.reply(msg, rnd)})
+                self.queue.append(
+                    {
+                        "id": mid,
+                        "node": node,
+                        "kind": kind,
+                        "at": self.train_releases,
+                        "reply": self.fed.reply(msg, rnd),
+                    }
+                )
             ids.append(mid)
         return ids
 
@@ -94,27 +103,49 @@ class AsyncGrid:
 
 def tiny_server_model():
     """A small head on the 16-channel feature maps: keeps the protocol tests fast."""
-    return torch.nn.Sequential(torch.nn.Conv2d(16, 8, 3, stride=2), torch.nn.ReLU(),
-                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10))
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(16, 8, 3, stride=2),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 10),
+    )
 
 
-def make_async(sizes=(3, 2, 4), fraction=0.001, test_fraction=0.005, epochs=1, edge=resnet4,
-               server_model=tiny_server_model, **kwargs):
+def make_async(
+    sizes=(3, 2, 4),
+    fraction=0.001,
+    test_fraction=0.005,
+    epochs=1,
+    edge=resnet4,
+    server_model=tiny_server_model,
+    **kwargs,
+):
     """Three nodes with different sample counts (``sizes`` = partitions of the split)."""
-    datas = [client_data(i, n, fraction=fraction, test_fraction=test_fraction, seed=0)
-             for i, n in enumerate(sizes)]
+    datas = [
+        client_data(i, n, fraction=fraction, test_fraction=test_fraction, seed=0)
+        for i, n in enumerate(sizes)
+    ]
     fed = LocalFederation(NODES, datas, seeded_builders(lambda: edge(10, 1), 3))
     torch.manual_seed(0)
     server = GKTServer(server_model(), epochs=epochs, batch_size=32, device="cpu")
     kwargs.setdefault("poll_interval", 0.0)
-    strategy = AsyncFedGKT(server, 10, feature_shape=(16, 28, 28), min_train_nodes=3,
-                           min_evaluate_nodes=3, min_available_nodes=3,
-                           edge_config=EdgeRoundConfig(batch_size=32), **kwargs)
+    strategy = AsyncFedGKT(
+        server,
+        10,
+        feature_shape=(16, 28, 28),
+        min_train_nodes=3,
+        min_evaluate_nodes=3,
+        min_available_nodes=3,
+        edge_config=EdgeRoundConfig(batch_size=32),
+        **kwargs,
+    )
     return fed, strategy, dict(zip(NODES, datas))
 
 
 def logits_checker(strategy, datas, seen):
     """on_push hook: a train instruction carries the node's own current server logits."""
+
     def check(msg):
         if msg.metadata.message_type != "train":
             return
@@ -128,6 +159,7 @@ def logits_checker(strategy, datas, seen):
             assert got is not None and got.shape == (n, 10)
             torch.testing.assert_close(got, expected)
         seen.append((node, None if got is None else got.shape[0]))
+
     return check
 
 
@@ -176,18 +208,26 @@ def test_out_of_order_replies_get_their_own_logits_and_staleness_is_recorded(sco
     result = strategy.start(grid, strategy.initial_arrays(), num_rounds=3)
 
     assert isinstance(result, Result)
-    assert sorted(result.train_metrics_clientapp) == sorted(result.evaluate_metrics_clientapp) == [1, 2, 3]
+    assert (
+        sorted(result.train_metrics_clientapp)
+        == sorted(result.evaluate_metrics_clientapp)
+        == [1, 2, 3]
+    )
     records = train_records(strategy)
     assert all(r["status"] == "accepted" for r in records) and len(records) == 9
     # replies came back out of order: node 33's first reply after other nodes' second ones
-    releases = [node for what, node, kind, _ in grid.events if what == "release" and kind == "train"]
+    releases = [
+        node for what, node, kind, _ in grid.events if what == "release" and kind == "train"
+    ]
     assert releases.index(33) > 3 and releases[:4].count(11) == 2
     # the staleness recorded is the number of server updates between send and reply
     assert [(r["node-id"], r["staleness"]) for r in records] == expected_staleness(grid.events)
     assert max(r["staleness"] for r in records if r["node-id"] == 33) == 4
     # every instruction carried the node's own logits (checked at push), with its sample count
     assert len(seen) == sum(1 for e in grid.events if e[0] == "push" and e[2] == "train")
-    assert {(node, n) for node, n in seen if n is not None} <= {(k, len(d.y_train)) for k, d in datas.items()}
+    assert {(node, n) for node, n in seen if n is not None} <= {
+        (k, len(d.y_train)) for k, d in datas.items()
+    }
     assert len({n for _, n in seen if n is not None}) == 3  # three different sample counts
     # one server update per accepted reply, in reply order, setting that node's Z_s only,
     # on as many samples per pass as the node has
@@ -207,12 +247,25 @@ def test_out_of_order_replies_get_their_own_logits_and_staleness_is_recorded(sco
     # evaluation: every node each round, the sync keys
     assert all(row["eval-nodes"] == 3 for row in h)
     assert h[-1]["num-examples"] == sum(len(d.y_test) for d in datas.values())
-    for key in ("accuracy", "edge-accuracy", "bytes-up-train", "bytes-down-train", "bytes-up-eval",
-                "server-train-loss", "server-train-accuracy", "server-seconds", "edge-train-accuracy",
-                "round-seconds", "nodes-rejected", "nodes-lost"):
+    for key in (
+        "accuracy",
+        "edge-accuracy",
+        "bytes-up-train",
+        "bytes-down-train",
+        "bytes-up-eval",
+        "server-train-loss",
+        "server-train-accuracy",
+        "server-seconds",
+        "edge-train-accuracy",
+        "round-seconds",
+        "nodes-rejected",
+        "nodes-lost",
+    ):
         assert all(key in row for row in h), key
     # no train instruction after the last round: nothing left to drain
-    last_release = max(i for i, e in enumerate(grid.events) if e[0] == "release" and e[2] == "train")
+    last_release = max(
+        i for i, e in enumerate(grid.events) if e[0] == "release" and e[2] == "train"
+    )
     assert not [e for e in grid.events[last_release:] if e[0] == "push" and e[2] == "train"]
     assert not grid.queue
 
@@ -236,15 +289,21 @@ def test_reply_staler_than_the_bound_is_rejected_not_trained_on_and_resent(caplo
     assert len(updates) == strategy.version == 9
     assert all(r["staleness"] <= 2 for r in accepted)
     train_releases = [e for e in grid.events if e[0] == "release" and e[2] == "train"]
-    stale_ids = {e[3] for e, r in zip(train_releases, records, strict=True) if r["status"] == "stale"}
-    assert [(r["node-id"], r["staleness"]) for r in records] == expected_staleness(grid.events, stale_ids)
+    stale_ids = {
+        e[3] for e, r in zip(train_releases, records, strict=True) if r["status"] == "stale"
+    }
+    assert [(r["node-id"], r["staleness"]) for r in records] == expected_staleness(
+        grid.events, stale_ids
+    )
     # after each stale reply, node 33 was sent a fresh train instruction right away --
     # or first the evaluation of a round that ended while it was training
     ev = [e for e in grid.events if e[1] == 33]
     for i, e in enumerate(ev):
         if e[3] in stale_ids and e[0] == "release":
             assert ev[i + 1][:3] in (("push", 33, "train"), ("push", 33, "evaluate"))
-    assert sum(1 for e in ev if e[:3] == ("push", 33, "train")) >= len(stale) + 1 - (ev[-1][2] == "evaluate")
+    assert sum(1 for e in ev if e[:3] == ("push", 33, "train")) >= len(stale) + 1 - (
+        ev[-1][2] == "evaluate"
+    )
     h = strategy.history
     assert [row["round"] for row in h] == [1, 2, 3]
     assert sum(row["replies-stale"] for row in h) == len(stale)
@@ -290,7 +349,9 @@ def test_silent_node_is_lost_after_the_timeout_and_the_others_finish(caplog):
     lost = [r for r in strategy.node_history if r["status"] == "lost"]
     assert [(r["node-id"], r["stage"]) for r in lost if r["stage"] == "train"] == [(33, "train")]
     # evaluations it was due for when it was dropped are recorded as lost too
-    assert all(r["node-id"] == 33 and "dropped" in r["reason"] for r in lost if r["stage"] == "evaluate")
+    assert all(
+        r["node-id"] == 33 and "dropped" in r["reason"] for r in lost if r["stage"] == "evaluate"
+    )
     assert any("node 33 did not reply" in r.getMessage() for r in caplog.records)
     h = strategy.history
     assert [row["round"] for row in h] == [1, 2]
@@ -301,14 +362,22 @@ def test_silent_node_is_lost_after_the_timeout_and_the_others_finish(caplog):
 
 
 def test_in_process_async_run_learns_above_chance():
-    fed, strategy, datas = make_async(sizes=(3, 3, 3), fraction=0.01, test_fraction=0.01, epochs=2,
-                                      edge=resnet8, server_model=lambda: build_server_model("resnet10", 10))
+    fed, strategy, datas = make_async(
+        sizes=(3, 3, 3),
+        fraction=0.01,
+        test_fraction=0.01,
+        epochs=2,
+        edge=resnet8,
+        server_model=lambda: build_server_model("resnet10", 10),
+    )
     grid = AsyncGrid(fed, hold={22: 2})
     result = strategy.start(grid, strategy.initial_arrays(), num_rounds=3)
     h = strategy.history
     assert [row["round"] for row in h] == [1, 2, 3]
     assert h[-1]["accuracy"] > 0.3  # 10 classes: chance is 0.1
-    assert h[-1]["num-examples"] == sum(len(d.y_test) for d in datas.values()) == 100  # 1% of the test set
+    assert (
+        h[-1]["num-examples"] == sum(len(d.y_test) for d in datas.values()) == 100
+    )  # 1% of the test set
     assert result.evaluate_metrics_clientapp[3]["accuracy"] == h[-1]["accuracy"]
     assert set(result.arrays.keys()) == set(strategy.server.model.state_dict().keys())
 
@@ -319,8 +388,9 @@ def test_server_app_picks_the_strategy_of_the_server_mode():
     assert strategy_class(RunConfig())[0].__name__ == "FedGKT"
     cls, extra = strategy_class(RunConfig(server_mode="async", max_staleness=3))
     assert cls is AsyncFedGKT and extra == {"max_staleness": 3, "update_scope": "store"}
-    assert strategy_class(RunConfig(server_mode="async", max_staleness=-1, async_update="node"))[1] == {
-        "max_staleness": None, "update_scope": "node"}
+    assert strategy_class(RunConfig(server_mode="async", max_staleness=-1, async_update="node"))[
+        1
+    ] == {"max_staleness": None, "update_scope": "node"}
     assert RunConfig().max_staleness == -1  # default: no bound
     with pytest.raises(ValueError, match="server-mode 'bogus'"):
         strategy_class(RunConfig(server_mode="bogus"))
@@ -329,9 +399,24 @@ def test_server_app_picks_the_strategy_of_the_server_mode():
 def test_async_mode_in_a_ray_simulation(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "simulation", "--preset", "smoke", "--set", f"results-dir={tmp_path}",
-         "run-name=async", "server-mode=async", "server-threads=1"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "simulation",
+            "--preset",
+            "smoke",
+            "--set",
+            f"results-dir={tmp_path}",
+            "run-name=async",
+            "server-mode=async",
+            "server-threads=1",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
     assert "FedGKT round 2 update 2/2" in log

@@ -3,15 +3,15 @@
 import pytest
 
 from flwr_gkt.config import RunConfig, load_preset, parse_overrides, resolve_config
-
 from simulation.task import PRESETS_DIR
 
 
 def test_config_precedence_and_types(tmp_path):
     cfg = resolve_config({"preset": "smoke"}, PRESETS_DIR)
     assert cfg.num_server_rounds == 2 and cfg.server_model == "resnet10"
-    cfg = resolve_config({"preset": "smoke", "num-server-rounds": 7, "server-model": "",
-                          "alpha": "0.5"}, PRESETS_DIR)
+    cfg = resolve_config(
+        {"preset": "smoke", "num-server-rounds": 7, "server-model": "", "alpha": "0.5"}, PRESETS_DIR
+    )
     assert cfg.num_server_rounds == 7 and cfg.server_model == "resnet10" and cfg.alpha == 0.5
     assert resolve_config({}, PRESETS_DIR) == RunConfig()
     with pytest.raises(KeyError, match="unknown config key"):

@@ -79,7 +79,9 @@ def test_missing_fashion_mnist_names_the_debian_package(tmp_path, cache):
         load_dataset("fashion-mnist", str(tmp_path / "empty"))
 
 
-@pytest.mark.skipif(not Path(DEFAULT_FASHION_MNIST_DIR).is_dir(), reason="needs dataset-fashion-mnist")
+@pytest.mark.skipif(
+    not Path(DEFAULT_FASHION_MNIST_DIR).is_dir(), reason="needs dataset-fashion-mnist"
+)
 def test_real_fashion_mnist_partitions_cover_the_test_set():
     parts = [client_data(i, 4, fraction=0.01, test_fraction=1.0) for i in range(4)]
     assert sum(len(p.y_test) for p in parts) == 10_000
@@ -91,7 +93,9 @@ def test_real_fashion_mnist_partitions_cover_the_test_set():
 
 
 # ------------------------------------------------------------------ CIFAR
-def _write_cifar(root: Path, kind: str, n_per_file: int = 6, seed: int = 0) -> dict[str, np.ndarray]:
+def _write_cifar(
+    root: Path, kind: str, n_per_file: int = 6, seed: int = 0
+) -> dict[str, np.ndarray]:
     """torchvision's pickled CIFAR layout with random images; returns what was written."""
     rng = np.random.default_rng(seed)
     if kind == "cifar10":
@@ -120,7 +124,12 @@ def test_cifar_loader_reads_torchvision_format(tmp_path, cache, kind):
     written = _write_cifar(tmp_path / "data", kind)
     raw = load_dataset(kind, str(tmp_path / "data"))
     train_files = [n for n in written if n not in ("test_batch", "test")]
-    assert raw.x_train.shape == (6 * len(train_files), 3, 32, 32) and raw.x_test.shape == (6, 3, 32, 32)
+    assert raw.x_train.shape == (6 * len(train_files), 3, 32, 32) and raw.x_test.shape == (
+        6,
+        3,
+        32,
+        32,
+    )
     first_data, first_labels = written[train_files[0]]
     # torchvision's layout: 3072 bytes = 3 planes of 32x32 (R, G, B)
     assert np.array_equal(raw.x_train[0].numpy(), first_data[0].reshape(3, 32, 32))
@@ -141,9 +150,14 @@ def test_cifar_archive_is_extracted_on_first_use(tmp_path, cache):
     assert len(raw.y_train) == 30 and (tmp_path / "data" / "cifar-10-batches-py").is_dir()
 
 
-@pytest.mark.parametrize("kind,expected", [("cifar10", "cifar-10-batches-py"),
-                                           ("cifar100", "cifar-100-python"),
-                                           ("cinic10", "train/<class>")])
+@pytest.mark.parametrize(
+    "kind,expected",
+    [
+        ("cifar10", "cifar-10-batches-py"),
+        ("cifar100", "cifar-100-python"),
+        ("cinic10", "train/<class>"),
+    ],
+)
 def test_missing_dataset_says_where_and_how(tmp_path, cache, kind, expected):
     with pytest.raises(DatasetMissingError) as err:
         load_dataset(kind, str(tmp_path / "nowhere"))
@@ -189,8 +203,15 @@ def test_random_crop_flip_matches_padded_crops_per_sample():
     padded[:, :, 2:10, 2:10] = x
     seen_offsets, flips = set(), 0
     for i in range(32):
-        matches = [(dy, dx, f) for dy in range(5) for dx in range(5) for f in (False, True)
-                   if torch.equal(out[i], (lambda w: w.flip(2) if f else w)(padded[i, :, dy:dy + 8, dx:dx + 8]))]
+        matches = [
+            (dy, dx, f)
+            for dy in range(5)
+            for dx in range(5)
+            for f in (False, True)
+            if torch.equal(
+                out[i], (lambda w: w.flip(2) if f else w)(padded[i, :, dy : dy + 8, dx : dx + 8])
+            )
+        ]
         assert matches, f"sample {i} is not a (flipped) crop of its padded image"
         seen_offsets.add(matches[0][:2])
         flips += matches[0][2]
@@ -229,7 +250,9 @@ def test_iid_partition_is_disjoint_reproducible_and_sized():
 def _skew(y, parts, classes=10):
     """Mean over nodes of the total-variation distance to the global label mix."""
     glob = label_counts(y, classes) / len(y)
-    return float(np.mean([0.5 * np.abs(label_counts(y[p], classes) / len(p) - glob).sum() for p in parts]))
+    return float(
+        np.mean([0.5 * np.abs(label_counts(y[p], classes) / len(p) - glob).sum() for p in parts])
+    )
 
 
 def test_dirichlet_partition_skews_labels_reproducibly():
@@ -238,19 +261,33 @@ def test_dirichlet_partition_skews_labels_reproducibly():
     flat = np.concatenate(parts)
     assert len(flat) == len(y) == len(np.unique(flat))  # disjoint, complete
     assert min(len(p) for p in parts) >= 20
-    assert all(np.array_equal(a, b) for a, b in zip(
-        parts, partition_indices(y, 8, "dirichlet", seed=1, alpha=0.5, min_partition_size=20)))
-    assert not all(np.array_equal(a, b) for a, b in zip(
-        parts, partition_indices(y, 8, "dirichlet", seed=2, alpha=0.5, min_partition_size=20)))
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(
+            parts, partition_indices(y, 8, "dirichlet", seed=1, alpha=0.5, min_partition_size=20)
+        )
+    )
+    assert not all(
+        np.array_equal(a, b)
+        for a, b in zip(
+            parts, partition_indices(y, 8, "dirichlet", seed=2, alpha=0.5, min_partition_size=20)
+        )
+    )
     iid = _skew(y, partition_indices(y, 8, "iid", seed=1))
     skew_05 = _skew(y, parts)
-    skew_01 = _skew(y, partition_indices(y, 8, "dirichlet", seed=1, alpha=0.1, min_partition_size=20))
-    skew_100 = _skew(y, partition_indices(y, 8, "dirichlet", seed=1, alpha=100.0, min_partition_size=20))
+    skew_01 = _skew(
+        y, partition_indices(y, 8, "dirichlet", seed=1, alpha=0.1, min_partition_size=20)
+    )
+    skew_100 = _skew(
+        y, partition_indices(y, 8, "dirichlet", seed=1, alpha=100.0, min_partition_size=20)
+    )
     assert iid < 0.1 and skew_100 < 0.1
     assert skew_01 > skew_05 > 0.25 > iid
     # some node misses a class entirely at alpha 0.1
-    assert any((label_counts(y[p], 10) == 0).any() for p in
-               partition_indices(y, 8, "dirichlet", seed=1, alpha=0.1, min_partition_size=20))
+    assert any(
+        (label_counts(y[p], 10) == 0).any()
+        for p in partition_indices(y, 8, "dirichlet", seed=1, alpha=0.1, min_partition_size=20)
+    )
     with pytest.raises(ValueError, match="min-partition-size"):
         partition_indices(y[:50], 8, "dirichlet", min_partition_size=10)
 
@@ -265,14 +302,24 @@ def test_label_matched_split_follows_the_reference_mix():
 
 def test_client_data_partitions_generated_cifar(tmp_path, cache):
     _write_cifar(tmp_path / "data", "cifar10", n_per_file=40)
-    kwargs = dict(dataset="cifar10", data_dir=str(tmp_path / "data"), partition="dirichlet",
-                  dirichlet_alpha=0.5, min_partition_size=5, seed=3)
+    kwargs = dict(
+        dataset="cifar10",
+        data_dir=str(tmp_path / "data"),
+        partition="dirichlet",
+        dirichlet_alpha=0.5,
+        min_partition_size=5,
+        seed=3,
+    )
     nodes = [client_data(i, 4, **kwargs) for i in range(4)]
     assert sum(len(n.y_train) for n in nodes) == 200 and sum(len(n.y_test) for n in nodes) == 40
-    assert all(n.x_train.dtype == torch.float32 and n.x_train.shape[1:] == (3, 32, 32) for n in nodes)
+    assert all(
+        n.x_train.dtype == torch.float32 and n.x_train.shape[1:] == (3, 32, 32) for n in nodes
+    )
     assert all(isinstance(n.augment, RandomCropFlip) for n in nodes)
     again = client_data(2, 4, **kwargs)
-    assert torch.equal(again.x_train, nodes[2].x_train) and torch.equal(again.y_test, nodes[2].y_test)
+    assert torch.equal(again.x_train, nodes[2].x_train) and torch.equal(
+        again.y_test, nodes[2].y_test
+    )
     local = client_data(2, 4, **{**kwargs, "test_split": "local"}, augment=False)
     assert local.augment is None
     train_mix = label_counts(local.y_train.numpy(), 10) / len(local.y_train)

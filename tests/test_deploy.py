@@ -21,22 +21,32 @@ def _csv(path: Path) -> list[dict[str, str]]:
 
 
 def _run_config(results: Path, rounds: int, **extra: object) -> str:
-    values = {"preset": "smoke", "num-server-rounds": rounds, "server-epochs": 1,
-              "results-dir": str(results), "run-name": "run", **extra}
+    values = {
+        "preset": "smoke",
+        "num-server-rounds": rounds,
+        "server-epochs": 1,
+        "results-dir": str(results),
+        "run-name": "run",
+        **extra,
+    }
     return " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in values.items())
 
 
 def test_tls_federation_with_node_auth_completes_with_both_nodes(tmp_path):
     results = tmp_path / "results"
-    fed = Federation(tmp_path / "fed", 2, auth=True, node_config={"state-dir": str(tmp_path / "state-{i}")})
+    fed = Federation(
+        tmp_path / "fed", 2, auth=True, node_config={"state-dir": str(tmp_path / "state-{i}")}
+    )
     try:
         fed.start()
         status, log = fed.run(_run_config(results, 2), timeout=600)
         assert status == "finished:completed", log[-3000:]
         # A SuperNode whose key was never registered is refused (node authentication).
         stranger = tmp_path / "stranger"
-        subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(stranger)],
-                       check=True)
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(stranger)],
+            check=True,
+        )
         fed.start_supernode(2, key=stranger)
         time.sleep(10)
         assert len(fed.online_nodes()) == 2
@@ -47,7 +57,9 @@ def test_tls_federation_with_node_auth_completes_with_both_nodes(tmp_path):
     for rnd in ("1", "2"):
         for stage in ("train", "evaluate"):
             got = [r for r in rows if r["round"] == rnd and r["stage"] == stage]
-            assert len({r["node-id"] for r in got}) == 2 and all(r["status"] == "accepted" for r in got)
+            assert len({r["node-id"] for r in got}) == 2 and all(
+                r["status"] == "accepted" for r in got
+            )
     history = _csv(results / "run" / "metrics.csv")
     assert [int(float(h["nodes-replied"])) for h in history] == [2, 2]
     assert float(history[-1]["accuracy"]) > 0.3  # above chance (0.1)
@@ -61,7 +73,9 @@ def test_killed_supernode_round_finishes_with_the_other_and_the_node_rejoins(tmp
     lines: list[str] = []
     try:
         fed.start()
-        proc = fed.submit(_run_config(results, 3, **{"node-wait-timeout": 120.0, "round-timeout": 300.0}))
+        proc = fed.submit(
+            _run_config(results, 3, **{"node-wait-timeout": 120.0, "round-timeout": 300.0})
+        )
         deadline = time.monotonic() + 600
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -70,7 +84,9 @@ def test_killed_supernode_round_finishes_with_the_other_and_the_node_rejoins(tmp
                 fed.kill_supernode(1, signal.SIGKILL)  # no goodbye: the SuperLink must notice
                 killed = True
             if killed and not rejoined and "train reply of node" in line and "rejected" in line:
-                fed.start_supernode(1)  # the loss was noticed: restart, same node config and state-dir
+                fed.start_supernode(
+                    1
+                )  # the loss was noticed: restart, same node config and state-dir
                 rejoined = True
             assert time.monotonic() < deadline, "".join(lines)[-3000:]
         proc.wait()
@@ -87,7 +103,9 @@ def test_killed_supernode_round_finishes_with_the_other_and_the_node_rejoins(tmp
     round2 = [r for r in rows if r["round"] == "2" and r["stage"] == "train"]
     lost = [r for r in round2 if r["status"] != "accepted"]
     assert len(lost) == 1 and lost[0]["status"] == "error", round2
-    assert f"train reply of node {lost[0]['node-id']} rejected: node error" in log  # which node was lost
+    assert (
+        f"train reply of node {lost[0]['node-id']} rejected: node error" in log
+    )  # which node was lost
     round3 = [r for r in rows if r["round"] == "3" and r["stage"] == "train"]
     assert len(round3) == 2 and all(r["status"] == "accepted" for r in round3)
     # the restarted SuperNode picked up the state its predecessor saved after round 1

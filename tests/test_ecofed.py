@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
+from local_federation import LocalFederation, seeded_builders
 
 from flwr_gkt.data import client_data, load_dataset
 from flwr_gkt.edge import EdgeRoundConfig, extract, train_edge
@@ -15,14 +16,22 @@ from flwr_gkt.pretrain import pretrain_edge
 from flwr_gkt.registry import build_server_model
 from flwr_gkt.server import GKTServer
 from flwr_gkt.strategy import FedGKT
-from flwr_gkt.wire import ARRAYS_KEY, METRICS_KEY, PayloadError, PayloadSpec, decode_logits, encode_logits, metrics_record
-from local_federation import LocalFederation, seeded_builders
+from flwr_gkt.wire import (
+    ARRAYS_KEY,
+    METRICS_KEY,
+    PayloadError,
+    PayloadSpec,
+    decode_logits,
+    encode_logits,
+    metrics_record,
+)
 
 NODES = [11, 22, 33]
 
 
 def federation(every, freeze=False, pretrained=None):
     datas = [client_data(i, 3, fraction=0.005, test_fraction=0.03, seed=0) for i in range(3)]
+
     def make():
         model = resnet8(10, 1)
         return load_pretrained(model, pretrained) if pretrained else model
@@ -30,9 +39,16 @@ def federation(every, freeze=False, pretrained=None):
     fed = LocalFederation(NODES, datas, seeded_builders(make, 3))
     torch.manual_seed(0)
     server = GKTServer(build_server_model("resnet10", 10), epochs=2, batch_size=32, device="cpu")
-    strategy = FedGKT(server, 10, feature_shape=(16, 28, 28), min_train_nodes=3, min_evaluate_nodes=3,
-                      min_available_nodes=3, feature_upload_every=every,
-                      edge_config=EdgeRoundConfig(batch_size=32, freeze_extractor=freeze))
+    strategy = FedGKT(
+        server,
+        10,
+        feature_shape=(16, 28, 28),
+        min_train_nodes=3,
+        min_evaluate_nodes=3,
+        min_available_nodes=3,
+        feature_upload_every=every,
+        edge_config=EdgeRoundConfig(batch_size=32, freeze_extractor=freeze),
+    )
     return fed, strategy, datas
 
 
@@ -111,18 +127,35 @@ def test_logits_only_reply_with_wrong_count_or_features_is_rejected(caplog):
 
 def test_decode_logits_validates():
     spec = PayloadSpec(10)
-    good = RecordDict({ARRAYS_KEY: encode_logits(np.zeros((5, 10)), "float16"), METRICS_KEY: metrics_record(5)})
+    good = RecordDict(
+        {ARRAYS_KEY: encode_logits(np.zeros((5, 10)), "float16"), METRICS_KEY: metrics_record(5)}
+    )
     assert decode_logits(good, spec, 5).shape == (5, 10)
     with pytest.raises(PayloadError, match="says 5 but 6 samples are stored"):
-        decode_logits(RecordDict({ARRAYS_KEY: encode_logits(np.zeros((6, 10))), METRICS_KEY: metrics_record(5)}),
-                      spec, 6)
+        decode_logits(
+            RecordDict(
+                {ARRAYS_KEY: encode_logits(np.zeros((6, 10))), METRICS_KEY: metrics_record(5)}
+            ),
+            spec,
+            6,
+        )
     nan = np.zeros((5, 10), np.float32)
     nan[2, 3] = np.nan
     with pytest.raises(PayloadError, match="NaN"):
-        decode_logits(RecordDict({ARRAYS_KEY: encode_logits(nan), METRICS_KEY: metrics_record(5)}), spec, 5)
+        decode_logits(
+            RecordDict({ARRAYS_KEY: encode_logits(nan), METRICS_KEY: metrics_record(5)}), spec, 5
+        )
     with pytest.raises(PayloadError, match="dtype"):
-        decode_logits(RecordDict({ARRAYS_KEY: ArrayRecord({"logits": Array(np.zeros((5, 10), np.int32))}),
-                                  METRICS_KEY: metrics_record(5)}), spec, 5)
+        decode_logits(
+            RecordDict(
+                {
+                    ARRAYS_KEY: ArrayRecord({"logits": Array(np.zeros((5, 10), np.int32))}),
+                    METRICS_KEY: metrics_record(5),
+                }
+            ),
+            spec,
+            5,
+        )
 
 
 def test_frozen_extractor_keeps_features_fixed_while_the_classifier_learns():
@@ -133,7 +166,15 @@ def test_frozen_extractor_keeps_features_fixed_while_the_classifier_learns():
     classifier = {k: v.clone() for k, v in model.classifier.state_dict().items()}
     before, _ = extract(model, data.x_train, 32, torch.device("cpu"))
     cfg = EdgeRoundConfig(batch_size=16, epochs=2, lr=0.01, freeze_extractor=True)
-    train_edge(model, data.x_train, data.y_train, None, cfg, torch.device("cpu"), torch.Generator().manual_seed(0))
+    train_edge(
+        model,
+        data.x_train,
+        data.y_train,
+        None,
+        cfg,
+        torch.device("cpu"),
+        torch.Generator().manual_seed(0),
+    )
     after, _ = extract(model, data.x_train, 32, torch.device("cpu"))
     # Weights and batch-norm statistics of f_e unchanged: identical features.
     assert all(torch.equal(v, extractor[k]) for k, v in model.extractor.state_dict().items())
@@ -142,8 +183,15 @@ def test_frozen_extractor_keeps_features_fixed_while_the_classifier_learns():
     # Without freezing, the same training changes the features.
     torch.manual_seed(0)
     free = resnet8(10, 1)
-    train_edge(free, data.x_train, data.y_train, None, EdgeRoundConfig(batch_size=16, epochs=2, lr=0.01),
-               torch.device("cpu"), torch.Generator().manual_seed(0))
+    train_edge(
+        free,
+        data.x_train,
+        data.y_train,
+        None,
+        EdgeRoundConfig(batch_size=16, epochs=2, lr=0.01),
+        torch.device("cpu"),
+        torch.Generator().manual_seed(0),
+    )
     assert not torch.equal(extract(free, data.x_train, 32, torch.device("cpu"))[0], before)
 
 
@@ -155,14 +203,19 @@ def test_pretrain_on_held_out_samples_and_load_the_extractor(tmp_path):
     assert len(np.intersect1d(held, used)) == 0 and len(held) + len(used) == len(labels)
 
     path = tmp_path / "edge.pt"
-    result = pretrain_edge(path, fraction=0.01, num_partitions=3, samples=1024, epochs=3, batch_size=32,
-                           device="cpu")
+    result = pretrain_edge(
+        path, fraction=0.01, num_partitions=3, samples=1024, epochs=3, batch_size=32, device="cpu"
+    )
     assert result["samples"] == 1024 and result["test-accuracy"] > 0.3  # 10 classes: chance is 0.1
     torch.manual_seed(5)
     model = load_pretrained(resnet8(10, 1), path)
     saved = torch.load(path, weights_only=True)
-    assert all(torch.equal(v, saved[f"extractor.{k}"]) for k, v in model.extractor.state_dict().items())
-    assert not torch.equal(model.classifier[-1].weight, saved["classifier.3.weight"])  # extractor only
+    assert all(
+        torch.equal(v, saved[f"extractor.{k}"]) for k, v in model.extractor.state_dict().items()
+    )
+    assert not torch.equal(
+        model.classifier[-1].weight, saved["classifier.3.weight"]
+    )  # extractor only
     # An extractor-only file loads too.
     torch.save(model.extractor.state_dict(), tmp_path / "extractor.pt")
     other = load_pretrained(resnet8(10, 1), tmp_path / "extractor.pt")
@@ -171,7 +224,9 @@ def test_pretrain_on_held_out_samples_and_load_the_extractor(tmp_path):
 
 def test_ecofed_federation_with_pretrained_frozen_extractor_learns(tmp_path):
     path = tmp_path / "edge.pt"
-    pretrain_edge(path, fraction=0.005, num_partitions=3, samples=1024, epochs=2, batch_size=32, device="cpu")
+    pretrain_edge(
+        path, fraction=0.005, num_partitions=3, samples=1024, epochs=2, batch_size=32, device="cpu"
+    )
     fed, strategy, datas = federation(every=0, freeze=True, pretrained=str(path))
     seen = record_replies(fed)
     for rnd in (1, 2, 3):

@@ -6,17 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from flwr.app import ArrayRecord
 
 from flwr_gkt.config import RunConfig
-from flwr_gkt.registry import build_full_model
-from flwr_gkt.wire import record_nbytes
 from flwr_gkt.efficiency import forward_flops, run_costs
 from flwr_gkt.models import resnet8
+from flwr_gkt.registry import build_full_model
+from flwr_gkt.wire import record_nbytes
 from simulation.experiment import EXPERIMENTS_DIR, load_experiment, run_command
-from simulation.summary import main as summary_main
 from simulation.report import find_runs, markdown_table, write_long_csv
+from simulation.summary import main as summary_main
 from simulation.task import PRESETS_DIR, config_from_run_config, load_client_data, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,8 +23,16 @@ MB = 1024 * 1024
 
 
 def _history(acc, up, down):
-    return [{"round": i + 1, "accuracy": a, "bytes-up-train": u, "bytes-down-train": d, "round-seconds": 1.0}
-            for i, (a, u, d) in enumerate(zip(acc, up, down))]
+    return [
+        {
+            "round": i + 1,
+            "accuracy": a,
+            "bytes-up-train": u,
+            "bytes-down-train": d,
+            "round-seconds": 1.0,
+        }
+        for i, (a, u, d) in enumerate(zip(acc, up, down))
+    ]
 
 
 def test_results_files_and_markdown_table(tmp_path):
@@ -51,7 +58,12 @@ def test_results_files_and_markdown_table(tmp_path):
         rows = list(csv.DictReader(f))
     assert [float(r["cumulative-train-mb"]) for r in rows if r["run"] == "kd-none"] == [3.0, 7.0]
     # the summary command renders the same table, and a plot
-    assert summary_main([str(tmp_path), "--output", str(tmp_path / "t.md"), "--plot", str(tmp_path / "p.png")]) == 0
+    assert (
+        summary_main(
+            [str(tmp_path), "--output", str(tmp_path / "t.md"), "--plot", str(tmp_path / "p.png")]
+        )
+        == 0
+    )
     assert (tmp_path / "t.md").read_text() == table and (tmp_path / "p.png").stat().st_size > 10_000
     assert summary_main([str(tmp_path / "nothing-here")]) == 1
 
@@ -93,8 +105,18 @@ def test_fedgkt_and_fedavg_side_by_side_on_the_same_dirichlet_partitions(tmp_pat
         "  avg: {algorithm: fedavg}\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "simulation.experiment", str(exp), "--results-dir", str(tmp_path / "res")],
-        cwd=ROOT, capture_output=True, text=True, timeout=400,
+        [
+            sys.executable,
+            "-m",
+            "simulation.experiment",
+            str(exp),
+            "--results-dir",
+            str(tmp_path / "res"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[1/2] gkt: started" in proc.stdout and "eval: accuracy" in proc.stdout  # progress
@@ -102,7 +124,11 @@ def test_fedgkt_and_fedavg_side_by_side_on_the_same_dirichlet_partitions(tmp_pat
     with open(out / "comparison.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["run"], r["algorithm"], r["round"]) for r in rows] == [
-        ("gkt", "fedgkt", "1"), ("gkt", "fedgkt", "2"), ("avg", "fedavg", "1"), ("avg", "fedavg", "2")]
+        ("gkt", "fedgkt", "1"),
+        ("gkt", "fedgkt", "2"),
+        ("avg", "fedavg", "1"),
+        ("avg", "fedavg", "2"),
+    ]
     assert (out / "comparison.png").stat().st_size > 10_000
     summary = (out / "summary.md").read_text()
     assert "| gkt | fedgkt |" in summary and "| avg | fedavg |" in summary
@@ -110,7 +136,9 @@ def test_fedgkt_and_fedavg_side_by_side_on_the_same_dirichlet_partitions(tmp_pat
     avg = {int(r["round"]): r for r in rows if r["run"] == "avg"}
     # Same partitions: the server trained on exactly the nodes' Dirichlet partitions,
     # FedAvg's nodes evaluated the same test splits.
-    cfg = config_from_run_config({"preset": "smoke", "partition": "dirichlet", "min-partition-size": 20})
+    cfg = config_from_run_config(
+        {"preset": "smoke", "partition": "dirichlet", "min-partition-size": 20}
+    )
     sizes = [len(load_client_data(cfg, i, 2).y_train) for i in range(2)]
     assert sizes[0] != sizes[1]  # label skew gives unequal sizes
     assert float(gkt[2]["server-train-examples"]) == sum(sizes)
@@ -122,7 +150,11 @@ def test_fedgkt_and_fedavg_side_by_side_on_the_same_dirichlet_partitions(tmp_pat
     assert float(gkt[1]["bytes-up-train"]) > sum(sizes) * 16 * 28 * 28 * 4  # fp32 feature maps
     assert float(gkt[1]["bytes-down-train"]) == 0  # no server logits before round 2
     assert float(gkt[2]["bytes-down-train"]) > sum(sizes) * 10 * 4
-    model_bytes = record_nbytes({"arrays": ArrayRecord(build_full_model("resnet10", 10, 1).state_dict())})
+    model_bytes = record_nbytes(
+        {"arrays": ArrayRecord(build_full_model("resnet10", 10, 1).state_dict())}
+    )
     for row in avg.values():  # FedAvg ships the full model (ResNet-11) to and from both nodes
         assert float(row["bytes-down-train"]) == float(row["bytes-up-train"]) == 2 * model_bytes
-    assert (out / "gkt" / "server_model.pt").is_file() and (out / "avg" / "fedavg_model.pt").is_file()
+    assert (out / "gkt" / "server_model.pt").is_file() and (
+        out / "avg" / "fedavg_model.pt"
+    ).is_file()

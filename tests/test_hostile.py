@@ -7,6 +7,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from local_federation import FakeGrid
 
 from flwr_gkt.robust import find_outliers
 from flwr_gkt.server import GKTServer
@@ -21,7 +22,6 @@ from flwr_gkt.wire import (
     encode_payload,
     metrics_record,
 )
-from local_federation import FakeGrid
 
 SHAPE = (16, 8, 8)
 NODES = [11, 22, 33, 44]
@@ -29,15 +29,27 @@ N = 12  # samples per node
 
 
 def tiny_server_model() -> torch.nn.Module:
-    return torch.nn.Sequential(torch.nn.Conv2d(SHAPE[0], 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10))
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(SHAPE[0], 8, 3),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 10),
+    )
 
 
 def make_strategy(nodes=NODES, **kwargs):
     torch.manual_seed(0)
     server = GKTServer(tiny_server_model(), epochs=1, batch_size=16, device="cpu")
-    return FedGKT(server, 10, feature_shape=SHAPE, min_train_nodes=len(nodes), min_available_nodes=len(nodes),
-                  **kwargs)
+    return FedGKT(
+        server,
+        10,
+        feature_shape=SHAPE,
+        min_train_nodes=len(nodes),
+        min_available_nodes=len(nodes),
+        **kwargs,
+    )
 
 
 def honest(node: int, rnd: int):
@@ -49,14 +61,20 @@ def honest(node: int, rnd: int):
 
 
 def reply_to(instruction: Message, features, labels, logits, num_examples=None) -> Message:
-    content = RecordDict({ARRAYS_KEY: encode_payload(features, labels, logits),
-                          METRICS_KEY: metrics_record(len(labels) if num_examples is None else num_examples)})
+    content = RecordDict(
+        {
+            ARRAYS_KEY: encode_payload(features, labels, logits),
+            METRICS_KEY: metrics_record(len(labels) if num_examples is None else num_examples),
+        }
+    )
     return Message(content, reply_to=instruction)
 
 
 def train_round(strategy, rnd, tamper=None, nodes=NODES):
     """One train round with honest replies, except what ``tamper(node, f, y, z)`` changes."""
-    instructions = list(strategy.configure_train(rnd, ArrayRecord(), ConfigRecord(), FakeGrid(nodes)))
+    instructions = list(
+        strategy.configure_train(rnd, ArrayRecord(), ConfigRecord(), FakeGrid(nodes))
+    )
     replies = []
     for msg in instructions:
         node = msg.metadata.dst_node_id
@@ -68,7 +86,11 @@ def train_round(strategy, rnd, tamper=None, nodes=NODES):
 
 
 def statuses(strategy, rnd):
-    return {r["node-id"]: (r["status"], r.get("reason", "")) for r in strategy.node_history if r["round"] == rnd}
+    return {
+        r["node-id"]: (r["status"], r.get("reason", ""))
+        for r in strategy.node_history
+        if r["round"] == rnd
+    }
 
 
 def test_scaled_features_are_an_outlier_the_others_train_and_the_stored_payload_stays(caplog):
@@ -90,7 +112,9 @@ def test_scaled_features_are_an_outlier_the_others_train_and_the_stored_payload_
 def test_huge_logits_are_an_outlier_and_clipped_when_the_check_is_off():
     strategy = make_strategy()
     train_round(strategy, 1, lambda n, f, y, z: (f, y, z * 1e4) if n == 22 else (f, y, z))
-    assert statuses(strategy, 1)[22][0] == "rejected" and "logit-norm" in statuses(strategy, 1)[22][1]
+    assert (
+        statuses(strategy, 1)[22][0] == "rejected" and "logit-norm" in statuses(strategy, 1)[22][1]
+    )
     clipped = make_strategy(outlier_threshold=0.0, logit_clip=20.0)
     train_round(clipped, 1, lambda n, f, y, z: (f, y, z * 1e4) if n == 22 else (f, y, z))
     assert statuses(clipped, 1)[22][0] == "accepted"
@@ -104,7 +128,9 @@ def test_size_and_sample_count_limits_reject_before_anything_is_stored():
     def big(n, f, y, z):
         if n == 11:  # 4x the samples: over the byte limit
             return f.repeat(4, 1, 1, 1), y.repeat(4), z.repeat(4, 1)
-        if n == 22:  # under the byte limit (smaller maps would fail the shape check anyway) but too many samples
+        if (
+            n == 22
+        ):  # under the byte limit (smaller maps would fail the shape check anyway) but too many samples
             return f.repeat(3, 1, 1, 1)[:, :, :4], y.repeat(3), z.repeat(3, 1)
         return f, y, z
 
@@ -117,12 +143,19 @@ def test_size_and_sample_count_limits_reject_before_anything_is_stored():
 
 
 def test_a_poisoned_update_is_undone_by_the_training_guard(caplog):
-    strategy = make_strategy(nodes=[11, 22], outlier_threshold=0.0)  # 2 nodes: no median to compare with
+    strategy = make_strategy(
+        nodes=[11, 22], outlier_threshold=0.0
+    )  # 2 nodes: no median to compare with
     train_round(strategy, 1, nodes=[11, 22])
     weights = {k: v.clone() for k, v in strategy.server.model.state_dict().items()}
     logits = strategy.server.server_logits(11).clone()
     with caplog.at_level(logging.WARNING):
-        train_round(strategy, 2, lambda n, f, y, z: (f * 3e38, y, z) if n == 22 else (f, y, z), nodes=[11, 22])
+        train_round(
+            strategy,
+            2,
+            lambda n, f, y, z: (f * 3e38, y, z) if n == 22 else (f, y, z),
+            nodes=[11, 22],
+        )
     assert "server training produced non-finite" in caplog.text
     for key, value in strategy.server.model.state_dict().items():
         assert torch.equal(value, weights[key]), key
@@ -142,17 +175,37 @@ def test_find_outliers_needs_three_payloads_and_tolerates_honest_spread():
 # ------------------------------------------------------------------------- fuzzing
 DTYPES = ["float32", "float16", "float64", "int8", "int32", "int64", "uint8", "bool"]
 KEYS = ["features", "labels", "logits", "feature-min", "feature-scale", "extra"]
-VALUES = st.sampled_from([0.0, -1.0, 1.0, 9.0, 10.0, 1e4, 3e38, -3e38, np.nan, np.inf, -np.inf, 255.0])
+VALUES = st.sampled_from(
+    [0.0, -1.0, 1.0, 9.0, 10.0, 1e4, 3e38, -3e38, np.nan, np.inf, -np.inf, 255.0]
+)
 
 
 @st.composite
 def arrays(draw):
     """A random Array: a real numpy array of random dtype/shape/values, or garbage bytes."""
     if draw(st.integers(0, 9)) == 0:
-        return Array(dtype=draw(st.sampled_from(DTYPES)), shape=tuple(draw(st.lists(st.integers(0, 40), max_size=4))),
-                     stype="numpy.ndarray", data=draw(st.binary(max_size=200)))
-    shape = draw(st.sampled_from([(N, *SHAPE), (N,), (N, 10), (16,), (N, 16, 8), (0, *SHAPE), (3, 10),
-                                  (N, 10, 1), (), (2, *SHAPE)]))
+        return Array(
+            dtype=draw(st.sampled_from(DTYPES)),
+            shape=tuple(draw(st.lists(st.integers(0, 40), max_size=4))),
+            stype="numpy.ndarray",
+            data=draw(st.binary(max_size=200)),
+        )
+    shape = draw(
+        st.sampled_from(
+            [
+                (N, *SHAPE),
+                (N,),
+                (N, 10),
+                (16,),
+                (N, 16, 8),
+                (0, *SHAPE),
+                (3, 10),
+                (N, 10, 1),
+                (),
+                (2, *SHAPE),
+            ]
+        )
+    )
     dtype = draw(st.sampled_from(DTYPES))
     base = draw(VALUES)
     with np.errstate(all="ignore"):
@@ -166,13 +219,25 @@ def arrays(draw):
 def contents(draw):
     """Reply content: a mutated honest payload or a random one, with random metrics."""
     f, y, z = honest(11, 1)
-    record = encode_payload(f, y, z, feature_dtype=draw(st.sampled_from(["float32", "float16", "int8"])))
+    record = encode_payload(
+        f, y, z, feature_dtype=draw(st.sampled_from(["float32", "float16", "int8"]))
+    )
     if draw(st.booleans()):
         record = ArrayRecord({k: v for k, v in record.items() if draw(st.booleans())})
     for key in draw(st.lists(st.sampled_from(KEYS), max_size=3)):
         record[key] = draw(arrays())
-    metrics = draw(st.sampled_from([{"num-examples": N}, {"num-examples": N + 1}, {"num-examples": -1},
-                                    {"num-examples": 2**40}, {"num-examples": 1.5}, {}]))
+    metrics = draw(
+        st.sampled_from(
+            [
+                {"num-examples": N},
+                {"num-examples": N + 1},
+                {"num-examples": -1},
+                {"num-examples": 2**40},
+                {"num-examples": 1.5},
+                {},
+            ]
+        )
+    )
     content = RecordDict({METRICS_KEY: MetricRecord(metrics)})
     if draw(st.integers(0, 9)):
         content[ARRAYS_KEY] = record
@@ -182,13 +247,20 @@ def contents(draw):
 FUZZ = {"decoded": 0, "aggregated": 0}
 
 
-@settings(max_examples=400, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=400,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(contents(), st.booleans())
 def test_fuzz_decoder_returns_a_valid_payload_or_a_payload_error(content, with_logits):
     FUZZ["decoded"] += 1
     spec = PayloadSpec(10, SHAPE, max_samples=100)
-    for decode in (lambda: decode_payload(content, spec, with_logits), lambda: decode_logits(content, spec, N)):
+    for decode in (
+        lambda: decode_payload(content, spec, with_logits),
+        lambda: decode_logits(content, spec, N),
+    ):
         try:
             payload = decode()
         except PayloadError:
@@ -205,15 +277,21 @@ def test_fuzz_decoder_returns_a_valid_payload_or_a_payload_error(content, with_l
 FUZZ_STRATEGY = make_strategy(nodes=[11, 22])
 
 
-@settings(max_examples=150, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(contents())
 def test_fuzz_aggregation_never_raises_and_keeps_the_honest_node(content):
     FUZZ["aggregated"] += 1
     strategy = FUZZ_STRATEGY
     strategy.server.epochs = 1
     rnd = len(strategy.history) + 1
-    instructions = list(strategy.configure_train(rnd, ArrayRecord(), ConfigRecord(), FakeGrid([11, 22])))
+    instructions = list(
+        strategy.configure_train(rnd, ArrayRecord(), ConfigRecord(), FakeGrid([11, 22]))
+    )
     by_node = {m.metadata.dst_node_id: m for m in instructions}
     stored = strategy.server.store.get(11)
     replies = [Message(content, reply_to=by_node[11]), reply_to(by_node[22], *honest(22, rnd))]
@@ -227,5 +305,7 @@ def test_fuzz_aggregation_never_raises_and_keeps_the_honest_node(content):
 
 def test_fuzz_counts():
     """Runs after the fuzz tests (file order): how many payloads they threw."""
-    print(f"\nfuzz: {FUZZ['decoded']} payloads at the decoder, {FUZZ['aggregated']} through aggregate_train")
+    print(
+        f"\nfuzz: {FUZZ['decoded']} payloads at the decoder, {FUZZ['aggregated']} through aggregate_train"
+    )
     assert FUZZ["decoded"] >= 300 and FUZZ["aggregated"] >= 100

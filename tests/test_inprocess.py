@@ -1,12 +1,10 @@
 """The in-process runtime (``simulation.inprocess``): a real ClientApp behind a Grid, no Ray."""
 
-
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from simulation.inprocess import InProcessGrid, run_inprocess
-
 
 
 def _counting_app(fail_on: set[int] = frozenset()) -> ClientApp:
@@ -21,9 +19,14 @@ def _counting_app(fail_on: set[int] = frozenset()) -> ClientApp:
         i = int(msg.content["config"]["i"])
         if i in fail_on:
             raise RuntimeError(f"boom on message {i}")
-        metrics = MetricRecord({"n": counts["n"], "partition-id": context.node_config["partition-id"],
-                                "num-partitions": context.node_config["num-partitions"],
-                                "node-id": context.node_id})
+        metrics = MetricRecord(
+            {
+                "n": counts["n"],
+                "partition-id": context.node_config["partition-id"],
+                "num-partitions": context.node_config["num-partitions"],
+                "node-id": context.node_id,
+            }
+        )
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
     return app
@@ -34,7 +37,9 @@ def _train(dst: int, i: int) -> Message:
 
 
 def test_reply_metadata_node_ids_and_configs():
-    grid = InProcessGrid(_counting_app(), 3, run_config={"k": 1}, node_configs=[{}, {"extra": "x"}, {}])
+    grid = InProcessGrid(
+        _counting_app(), 3, run_config={"k": 1}, node_configs=[{}, {"extra": "x"}, {}]
+    )
     assert list(grid.get_node_ids()) == [1001, 1002, 1003]
     assert grid.context(1002).node_config == {"partition-id": 1, "num-partitions": 3, "extra": "x"}
     assert grid.context(1002).run_config == {"k": 1}

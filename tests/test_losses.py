@@ -65,7 +65,9 @@ def test_gkt_loss_is_ce_plus_alpha_kd():
     assert gkt_loss(logits, labels, None, 3.0, 1.0).item() == pytest.approx(ce.item())
     for alpha in (0.0, 0.5, 2.0):
         expected = ce + alpha * kd_loss(logits, teacher, 3.0)
-        assert gkt_loss(logits, labels, teacher, 3.0, alpha).item() == pytest.approx(expected.item())
+        assert gkt_loss(logits, labels, teacher, 3.0, alpha).item() == pytest.approx(
+            expected.item()
+        )
 
 
 def test_kd_modes():

@@ -29,13 +29,17 @@ def test_edge_models_extract_16_channels_at_input_resolution(builder, in_ch, sid
     assert torch.allclose(model(x), logits)
 
 
-@pytest.mark.parametrize("builder,layers", [(models.server_resnet55, 54), (models.server_resnet109, 108)])
+@pytest.mark.parametrize(
+    "builder,layers", [(models.server_resnet55, 54), (models.server_resnet109, 108)]
+)
 def test_server_models_take_feature_maps(builder, layers):
     model = builder(num_classes=10).eval()
     out = model(torch.randn(2, 16, 32, 32))
     assert out.shape == (2, 10)
-    convs = sum(isinstance(m, torch.nn.Conv2d) and "downsample" not in name
-                for name, m in model.named_modules())
+    convs = sum(
+        isinstance(m, torch.nn.Conv2d) and "downsample" not in name
+        for name, m in model.named_modules()
+    )
     assert convs == layers  # 3 convs per bottleneck, downsample projections not counted
 
 
@@ -51,7 +55,11 @@ def test_parameter_counts_match_reference_architecture():
     ratio56 = n_params(models.resnet56(10, 3)) / n_params(models.resnet8(10, 3))
     ratio110 = n_params(models.resnet110(10, 3)) / n_params(models.resnet8(10, 3))
     assert 50 < ratio56 < 60 and 100 < ratio110 < 115
-    assert n_params(models.resnet4(10, 3)) < n_params(models.resnet6(10, 3)) < n_params(models.resnet8(10, 3))
+    assert (
+        n_params(models.resnet4(10, 3))
+        < n_params(models.resnet6(10, 3))
+        < n_params(models.resnet8(10, 3))
+    )
 
 
 def test_full_resnet_is_stem_plus_server():
@@ -65,20 +73,28 @@ def test_registry_builds_by_name_and_accepts_user_models():
     assert {"resnet4", "resnet6", "resnet8"} <= set(available_models()["edge"])
     assert {"resnet55", "resnet109"} <= set(available_models()["server"])
     assert n_params(build_server_model("resnet55", 10)) == 590_858
-    assert n_params(build_server_model("resnet10", 10)) < n_params(build_server_model("resnet19", 10))
+    assert n_params(build_server_model("resnet10", 10)) < n_params(
+        build_server_model("resnet19", 10)
+    )
     with pytest.raises(ValueError):
         build_server_model("resnet12", 10)
     with pytest.raises(KeyError):
         build_edge_model("no-such-model", 10, 3)
 
     def tiny_edge(num_classes, in_channels):
-        return EdgeModel(torch.nn.Conv2d(in_channels, 16, 3, padding=1),
-                         torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                                             torch.nn.Linear(16, num_classes)))
+        return EdgeModel(
+            torch.nn.Conv2d(in_channels, 16, 3, padding=1),
+            torch.nn.Sequential(
+                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, num_classes)
+            ),
+        )
 
     def tiny_server(num_classes, in_channels):
-        return torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                                   torch.nn.Linear(in_channels, num_classes))
+        return torch.nn.Sequential(
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+            torch.nn.Linear(in_channels, num_classes),
+        )
 
     register_edge_model("tiny-test", tiny_edge)
     register_server_model("tiny-test", tiny_server)
@@ -111,6 +127,8 @@ def test_full_model_for_fedavg_matches_edge_stem_plus_server():
 
     assert n_params(build_full_model("resnet55", 10, 3)) == n_params(models.resnet56(10, 3))
     full = build_full_model("resnet10", 10, 1)
-    assert n_params(full) == n_params(models.server_resnet(10, 10)) + n_params(models.resnet8(10, 1).extractor)
+    assert n_params(full) == n_params(models.server_resnet(10, 10)) + n_params(
+        models.resnet8(10, 1).extractor
+    )
     with pytest.raises(KeyError):
         build_full_model("tiny-test", 10, 1)

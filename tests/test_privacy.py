@@ -5,12 +5,12 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from flwr_gkt.client_app import handle_evaluate, handle_train
+from flwr_gkt.config import RunConfig
 from flwr_gkt.data import client_data
 from flwr_gkt.models import resnet8
 from flwr_gkt.privacy import PrivacyConfig, clip_per_sample, privatize
 from flwr_gkt.wire import PayloadSpec, decode_payload
 from simulation.task import node_setup
-from flwr_gkt.config import RunConfig
 
 
 def test_clipping_bounds_every_sample_and_leaves_small_ones_alone():
@@ -41,14 +41,24 @@ def test_the_node_uploads_clipped_noisy_features_and_keeps_its_own_metrics_exact
     build = lambda: (torch.manual_seed(0), resnet8(10, 1))[1]  # noqa: E731
     spec = PayloadSpec(10, (16, 28, 28))
     replies = {}
-    for name, privacy in {"plain": None, "clip": PrivacyConfig(clip=5.0, logit_clip=1.0),
-                          "noise": PrivacyConfig(clip=5.0, logit_clip=1.0, noise=0.1)}.items():
+    for name, privacy in {
+        "plain": None,
+        "clip": PrivacyConfig(clip=5.0, logit_clip=1.0),
+        "noise": PrivacyConfig(clip=5.0, logit_clip=1.0, noise=0.1),
+    }.items():
         context = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
-        train = handle_train(_instruction(MessageType.TRAIN), context, data, build, "cpu", privacy=privacy)
-        evaluate = handle_evaluate(_instruction(MessageType.EVALUATE), context, data, build, "cpu",
-                                   privacy=privacy)
-        replies[name] = (decode_payload(train.content, spec, True), decode_payload(evaluate.content, spec, False),
-                         train.content.metric_records["metrics"], evaluate.content.metric_records["metrics"])
+        train = handle_train(
+            _instruction(MessageType.TRAIN), context, data, build, "cpu", privacy=privacy
+        )
+        evaluate = handle_evaluate(
+            _instruction(MessageType.EVALUATE), context, data, build, "cpu", privacy=privacy
+        )
+        replies[name] = (
+            decode_payload(train.content, spec, True),
+            decode_payload(evaluate.content, spec, False),
+            train.content.metric_records["metrics"],
+            evaluate.content.metric_records["metrics"],
+        )
     plain, clip, noise = replies["plain"], replies["clip"], replies["noise"]
     assert plain[0].features.flatten(1).norm(dim=1).max() > 5.0  # the bound does bite
     for payload in (clip[0], clip[1]):

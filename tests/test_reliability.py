@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from flwr_gkt.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from flwr_gkt.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from flwr_gkt.config import resolve_config
 from flwr_gkt.faults import FaultPlan, parse_faults
 from simulation.client_app import make_client_app
@@ -73,34 +79,72 @@ def test_rng_state_roundtrip():
 
     gen = torch.Generator().manual_seed(5)
     state = rng_state(gen)
-    first = (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=gen).item())
+    first = (
+        random.random(),
+        np.random.rand(),
+        torch.rand(1).item(),
+        torch.rand(1, generator=gen).item(),
+    )
     set_rng_state(state, gen)
-    assert (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=gen).item()) == first
+    assert (
+        random.random(),
+        np.random.rand(),
+        torch.rand(1).item(),
+        torch.rand(1, generator=gen).item(),
+    ) == first
 
 
 # ------------------------------------------------------------- SIGKILL and resume
 def _sim_cmd(results: Path, name: str, state_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "simulation", "--preset", "smoke", "--runtime", "inprocess", "--set",
-            f"results-dir={results}", f"run-name={name}", "num-server-rounds=3", "server-epochs=1",
-            f"node-state-dir={state_dir}", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "simulation",
+        "--preset",
+        "smoke",
+        "--runtime",
+        "inprocess",
+        "--set",
+        f"results-dir={results}",
+        f"run-name={name}",
+        "num-server-rounds=3",
+        "server-epochs=1",
+        f"node-state-dir={state_dir}",
+        *extra,
+    ]
 
 
 def test_sigkill_during_a_round_then_resume_finishes_like_an_uninterrupted_run(tmp_path):
     results = tmp_path / "results"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # Reference: the same run without interruption.
-    ref = subprocess.run(_sim_cmd(results, "ref", tmp_path / "ref-nodes"), cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
+    ref = subprocess.run(
+        _sim_cmd(results, "ref", tmp_path / "ref-nodes"),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
     ref_history = _csv(results / "ref" / "metrics.csv")  # the in-process runtime runs the whole app
-    assert [(int(h["round"]), int(h["nodes-replied"]), int(h["nodes-rejected"])) for h in ref_history] == \
-        [(1, 2, 0), (2, 2, 0), (3, 2, 0)]
-    assert float(ref_history[-1]["accuracy"]) > max(0.3, float(ref_history[0]["accuracy"]))  # chance: 0.1
+    assert [
+        (int(h["round"]), int(h["nodes-replied"]), int(h["nodes-rejected"])) for h in ref_history
+    ] == [(1, 2, 0), (2, 2, 0), (3, 2, 0)]
+    assert float(ref_history[-1]["accuracy"]) > max(
+        0.3, float(ref_history[0]["accuracy"])
+    )  # chance: 0.1
 
     # Killed: SIGKILL in the middle of round 3 -- the nodes have trained and saved their round-3
     # state, the server has trained, the round's evaluation and checkpoint have not happened.
-    proc = subprocess.Popen(_sim_cmd(results, "run", tmp_path / "nodes"), cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        _sim_cmd(results, "run", tmp_path / "nodes"),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines = []
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -119,8 +163,14 @@ def test_sigkill_during_a_round_then_resume_finishes_like_an_uninterrupted_run(t
         assert torch.load(tmp_path / "nodes" / node / "gkt-node-state.pt")["round"] == 3
         assert torch.load(tmp_path / "nodes" / node / "gkt-node-state.prev.pt")["round"] == 2
 
-    resumed = subprocess.run(_sim_cmd(results, "run", tmp_path / "nodes", "resume=1"), cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        _sim_cmd(results, "run", tmp_path / "nodes", "resume=1"),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     log = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, log[-3000:]
     assert "resumed from" in log and "after round 2" in log
@@ -144,26 +194,40 @@ def test_sigkill_during_a_round_then_resume_finishes_like_an_uninterrupted_run(t
 
 # ------------------------------------------------------------------ fault injection
 def test_fault_plan_parsing_and_random_faults_are_reproducible():
-    assert [(f.kind, f.node, f.first, f.last) for f in parse_faults("crash:1@2-3, late:0@4")] == \
-        [("crash", 1, 2, 3), ("late", 0, 4, 4)]
+    assert [(f.kind, f.node, f.first, f.last) for f in parse_faults("crash:1@2-3, late:0@4")] == [
+        ("crash", 1, 2, 3),
+        ("late", 0, 4, 4),
+    ]
     with pytest.raises(ValueError):
         parse_faults("explode:1@2")
     plan = FaultPlan(parse_faults("timeout:0@1"), rate=0.3, seed=7)
     drawn = [plan.fault(n, r) for n in range(5) for r in range(1, 21)]
     assert plan.fault(0, 1) == "timeout"
-    assert drawn == [FaultPlan(parse_faults("timeout:0@1"), rate=0.3, seed=7).fault(n, r)
-                     for n in range(5) for r in range(1, 21)]
+    assert drawn == [
+        FaultPlan(parse_faults("timeout:0@1"), rate=0.3, seed=7).fault(n, r)
+        for n in range(5)
+        for r in range(1, 21)
+    ]
     assert 10 < sum(d is not None for d in drawn) < 50  # ~30% of 100
     assert {d for d in drawn if d} == {"crash", "timeout", "late", "duplicate"}
 
 
 def test_crash_timeout_late_and_duplicate_replies_the_rounds_go_on(tmp_path):
-    cfg = resolve_config({
-        "preset": "smoke", "num-clients": 3, "min-nodes": 3, "num-server-rounds": 3, "server-epochs": 1,
-        "round-timeout": 2.0, "results-dir": str(tmp_path), "run-name": "faults",
-        # node indices 0, 1, 2 = the nodes in node-id order
-        "faults": "late:2@1, crash:0@2, timeout:1@2, duplicate:2@3",
-    }, PRESETS_DIR)
+    cfg = resolve_config(
+        {
+            "preset": "smoke",
+            "num-clients": 3,
+            "min-nodes": 3,
+            "num-server-rounds": 3,
+            "server-epochs": 1,
+            "round-timeout": 2.0,
+            "results-dir": str(tmp_path),
+            "run-name": "faults",
+            # node indices 0, 1, 2 = the nodes in node-id order
+            "faults": "late:2@1, crash:0@2, timeout:1@2, duplicate:2@3",
+        },
+        PRESETS_DIR,
+    )
     run_inprocess(make_server_app(cfg), make_client_app(cfg), cfg.num_clients)
     out = tmp_path / "faults"
     history = {int(float(h["round"])): h for h in _csv(out / "metrics.csv")}
@@ -172,8 +236,11 @@ def test_crash_timeout_late_and_duplicate_replies_the_rounds_go_on(tmp_path):
     assert len(ids) == 3
 
     def status(rnd, stage, node):
-        return [r["status"] for r in nodes if int(r["round"]) == rnd and r["stage"] == stage
-                and int(r["node-id"]) == ids[node]]
+        return [
+            r["status"]
+            for r in nodes
+            if int(r["round"]) == rnd and r["stage"] == stage and int(r["node-id"]) == ids[node]
+        ]
 
     # Round 1: node 2 answers after the deadline -> lost for the round; its late train reply
     # turns up during the evaluation and is ignored there.
@@ -184,18 +251,29 @@ def test_crash_timeout_late_and_duplicate_replies_the_rounds_go_on(tmp_path):
     assert status(2, "train", 0) == ["error"]
     assert status(2, "train", 1) == ["lost"]
     assert status(2, "train", 2) == ["late", "accepted"]
-    assert int(float(history[2]["nodes-replied"])) == 1 and int(float(history[2]["nodes-lost"])) == 1
+    assert (
+        int(float(history[2]["nodes-replied"])) == 1 and int(float(history[2]["nodes-lost"])) == 1
+    )
     assert int(float(history[2]["replies-late"])) == 1
     assert float(history[2]["server-train-examples"]) > 0  # the server still trained (>= 1 reply)
     # Round 3: everybody is back; node 2's second copy is ignored, not counted twice.
-    assert int(float(history[3]["nodes-replied"])) == 3 and int(float(history[3]["replies-duplicate"])) == 1
+    assert (
+        int(float(history[3]["nodes-replied"])) == 3
+        and int(float(history[3]["replies-duplicate"])) == 1
+    )
     assert status(3, "train", 2) == ["accepted", "duplicate"]
     assert status(3, "evaluate", 2) == ["accepted", "duplicate"]
     assert int(float(history[3]["eval-nodes"])) == 3
     assert float(history[3]["accuracy"]) > 0.3  # above chance (0.1)
     import json
+
     injected = json.loads((out / "results.json").read_text())["faults-injected"]
-    assert injected == {"late": 2, "crash": 2, "timeout": 2, "duplicate": 2}  # train + evaluate each
+    assert injected == {
+        "late": 2,
+        "crash": 2,
+        "timeout": 2,
+        "duplicate": 2,
+    }  # train + evaluate each
 
 
 def test_resume_finds_the_nodes_again_under_new_node_ids(tmp_path, caplog):
@@ -213,20 +291,28 @@ def test_resume_finds_the_nodes_again_under_new_node_ids(tmp_path, caplog):
     cfg = resolve_config({**values, "num-server-rounds": 2, "resume": 1}, PRESETS_DIR)
     grid = InProcessGrid(make_client_app(cfg), 2, node_ids=[2001, 2002])
     with caplog.at_level("INFO"):
-        make_server_app(cfg)(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                                           run_config={}))
+        make_server_app(cfg)(
+            grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+        )
     assert "2 of 2 checkpointed nodes found (2 under a new node id)" in caplog.text
     after = load_checkpoint(tmp_path / "r" / "checkpoint.pt")
     assert sorted(after["server"]["logits"]) == [2001, 2002]
-    rows = [r for r in _csv(tmp_path / "r" / "nodes.csv") if r["round"] == "2" and r["stage"] == "train"]
+    rows = [
+        r for r in _csv(tmp_path / "r" / "nodes.csv") if r["round"] == "2" and r["stage"] == "train"
+    ]
     # each node got its own Z_s of round 1 back and distilled from it
     assert sorted(int(r["node-id"]) for r in rows) == [2001, 2002]
     assert all(r["status"] == "accepted" and float(r["used-server-logits"]) == 1.0 for r in rows)
 
 
 def test_async_mode_checkpoints_each_round_and_resumes(tmp_path, caplog):
-    values = {"preset": "smoke", "server-epochs": 1, "server-mode": "async", "results-dir": str(tmp_path),
-              "run-name": "a"}
+    values = {
+        "preset": "smoke",
+        "server-epochs": 1,
+        "server-mode": "async",
+        "results-dir": str(tmp_path),
+        "run-name": "a",
+    }
     cfg = resolve_config({**values, "num-server-rounds": 1}, PRESETS_DIR)
     run_inprocess(make_server_app(cfg), make_client_app(cfg), cfg.num_clients)
     assert load_checkpoint(tmp_path / "a" / "checkpoint.pt")["round"] == 1

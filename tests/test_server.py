@@ -15,8 +15,11 @@ def linear_server():
 
 def payload(n, seed, logits=True):
     g = torch.Generator().manual_seed(seed)
-    return Payload(torch.randn(n, 4, 3, 3, generator=g), torch.randint(0, 5, (n,), generator=g),
-                   torch.randn(n, 5, generator=g) if logits else None)
+    return Payload(
+        torch.randn(n, 4, 3, 3, generator=g),
+        torch.randint(0, 5, (n,), generator=g),
+        torch.randn(n, 5, generator=g) if logits else None,
+    )
 
 
 def test_server_logits_belong_to_exactly_the_nodes_samples_in_order():
@@ -54,7 +57,9 @@ def test_server_learns_a_separable_task():
     feats = torch.randn(200, 4, 3, 3, generator=g) * 0.3
     feats[torch.arange(200), labels % 4, 0, 0] += 3.0
     feats[torch.arange(200), 0, 1, 1] += (labels == 4).float() * 3.0
-    server = GKTServer(linear_server(), epochs=20, batch_size=32, lr=0.01, device="cpu", kd_mode="none")
+    server = GKTServer(
+        linear_server(), epochs=20, batch_size=32, lr=0.01, device="cpu", kd_mode="none"
+    )
     server.put(1, Payload(feats, labels, None))
     res = server.train_round()
     assert res.accuracy > 0.9
@@ -71,8 +76,15 @@ def test_fit_aligns_teacher_rows_with_sample_index():
 
     def run(alpha, teacher):
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
-        return fit(model, batches, opt, epochs=1, device=torch.device("cpu"),
-                   teacher_logits=teacher, alpha=alpha).loss
+        return fit(
+            model,
+            batches,
+            opt,
+            epochs=1,
+            device=torch.device("cpu"),
+            teacher_logits=teacher,
+            alpha=alpha,
+        ).loss
 
     ce_only = run(0.0, own)
     assert abs(run(10.0, own) - ce_only) < 1e-5
@@ -83,7 +95,9 @@ def test_fit_aligns_teacher_rows_with_sample_index():
 def test_tensor_batches_index_matches_rows():
     x, y = torch.arange(10.0).reshape(10, 1), torch.arange(10)
     seen = []
-    for xb, yb, idx in TensorBatches(x, y, 3, shuffle=True, generator=torch.Generator().manual_seed(0)):
+    for xb, yb, idx in TensorBatches(
+        x, y, 3, shuffle=True, generator=torch.Generator().manual_seed(0)
+    ):
         assert torch.equal(xb[:, 0].long(), idx) and torch.equal(yb, idx)
         seen += idx.tolist()
     assert sorted(seen) == list(range(10))

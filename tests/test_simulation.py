@@ -12,16 +12,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-
-
 ROOT = Path(__file__).resolve().parent.parent
-
 
 
 def _run(args, cwd, timeout=420):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
     return log
@@ -43,8 +41,22 @@ def _check_learned(history, rounds=2, nodes=2):
 
 
 def test_legacy_strategy_api_runs_in_simulation(tmp_path):
-    log = _run(["-m", "simulation", "--api", "legacy", "--runtime", "inprocess", "--preset", "smoke", "--set",
-                f"results-dir={tmp_path}", "run-name=legacy"], ROOT)
+    log = _run(
+        [
+            "-m",
+            "simulation",
+            "--api",
+            "legacy",
+            "--runtime",
+            "inprocess",
+            "--preset",
+            "smoke",
+            "--set",
+            f"results-dir={tmp_path}",
+            "run-name=legacy",
+        ],
+        ROOT,
+    )
     assert "FedGKT round 2 fit" in log
     data = _results(tmp_path / "legacy")
     _check_learned(data["history"])
@@ -57,9 +69,21 @@ def _leftover_processes(marker):
 
 def test_flwr_run_on_a_local_superlink(tmp_path):
     home = tmp_path / "flwr-home"
-    log = _run(["-m", "simulation.flwr_local", "--num-supernodes", "2", "--flwr-home", str(home),
-                "--workdir", str(tmp_path), "--run-config",
-                f"preset='smoke' results-dir='{tmp_path / 'out'}' run-name='flwr'"], ROOT)
+    log = _run(
+        [
+            "-m",
+            "simulation.flwr_local",
+            "--num-supernodes",
+            "2",
+            "--flwr-home",
+            str(home),
+            "--workdir",
+            str(tmp_path),
+            "--run-config",
+            f"preset='smoke' results-dir='{tmp_path / 'out'}' run-name='flwr'",
+        ],
+        ROOT,
+    )
     assert "flwr run status: finished:completed" in log
     assert "FedGKT round 2 eval: accuracy" in log  # ServerApp log streamed back
     data = _results(tmp_path / "out" / "flwr")
@@ -74,9 +98,25 @@ def test_flwr_local_reports_failed_runs(tmp_path):
     home = tmp_path / "flwr-home"
     env = {**os.environ}
     proc = subprocess.run(
-        [sys.executable, "-m", "simulation.flwr_local", "--num-supernodes", "2", "--flwr-home",
-         str(home), "--workdir", str(tmp_path), "--run-config", "preset='no-such-preset'"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "simulation.flwr_local",
+            "--num-supernodes",
+            "2",
+            "--flwr-home",
+            str(home),
+            "--workdir",
+            str(tmp_path),
+            "--run-config",
+            "preset='no-such-preset'",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1
     assert "flwr run status: finished:failed" in proc.stdout
     assert not _leftover_processes(str(home))

@@ -12,9 +12,11 @@ from flwr_gkt.wire import Payload
 
 def payload(n, seed, shape=(4, 5, 5), classes=10):
     g = torch.Generator().manual_seed(seed)
-    return Payload(features=torch.randn((n, *shape), generator=g),
-                   labels=torch.randint(0, classes, (n,), generator=g),
-                   logits=torch.randn((n, classes), generator=g))
+    return Payload(
+        features=torch.randn((n, *shape), generator=g),
+        labels=torch.randint(0, classes, (n,), generator=g),
+        logits=torch.randn((n, classes), generator=g),
+    )
 
 
 def feature_bytes(p):
@@ -31,9 +33,14 @@ def test_spilled_store_returns_exactly_what_was_stored(tmp_path):
         store.put(node, p)
         assert store.memory_bytes <= budget
     assert not store.is_spilled(1) and store.is_spilled(2) and store.is_spilled(3)
-    assert sorted(p.name for p in (tmp_path / "spill").iterdir()) == ["node-2-v1.npy", "node-3-v1.npy"]
+    assert sorted(p.name for p in (tmp_path / "spill").iterdir()) == [
+        "node-2-v1.npy",
+        "node-3-v1.npy",
+    ]
     # The spill files are plain .npy files holding the features.
-    assert torch.equal(torch.from_numpy(np.load(tmp_path / "spill" / "node-3-v1.npy")), payloads[3].features)
+    assert torch.equal(
+        torch.from_numpy(np.load(tmp_path / "spill" / "node-3-v1.npy")), payloads[3].features
+    )
     for node, p in payloads.items():
         got = store[node]
         assert torch.equal(got.features, p.features)
@@ -47,7 +54,9 @@ def test_labels_and_logits_of_spilled_nodes_push_older_features_out(tmp_path):
     store = FeatureStore(memory_budget=feature_bytes(payload(30, 1)) + 1500, spill_dir=tmp_path)
     store.put(1, payload(30, 1))
     assert not store.is_spilled(1)
-    store.put(2, payload(40, 2))  # its labels + logits (1,920 bytes) no longer leave room for node 1
+    store.put(
+        2, payload(40, 2)
+    )  # its labels + logits (1,920 bytes) no longer leave room for node 1
     assert store.is_spilled(1) and store.is_spilled(2)
     assert store.memory_bytes <= store.memory_budget
     assert torch.equal(store[1].features, payload(30, 1).features)
@@ -63,7 +72,9 @@ def test_streamed_batches_cover_every_sample_once_with_its_label(tmp_path):
     features = torch.cat([payloads[n].features for n in nodes])
     labels = torch.cat([payloads[n].labels for n in nodes])
     seen = []
-    for x, y, idx in store.batches(nodes, 8, shuffle=True, generator=torch.Generator().manual_seed(0)):
+    for x, y, idx in store.batches(
+        nodes, 8, shuffle=True, generator=torch.Generator().manual_seed(0)
+    ):
         assert torch.equal(x, features[idx]) and torch.equal(y, labels[idx])
         seen.append(idx)
     seen = torch.cat(seen)
@@ -108,8 +119,14 @@ def test_server_training_from_disk_equals_training_in_memory(tmp_path, budget):
 
     def run(memory_budget):
         torch.manual_seed(0)
-        server = GKTServer(build_server_model("resnet10", 10), epochs=2, batch_size=16, device="cpu",
-                           memory_budget=memory_budget, spill_dir=tmp_path / str(memory_budget))
+        server = GKTServer(
+            build_server_model("resnet10", 10),
+            epochs=2,
+            batch_size=16,
+            device="cpu",
+            memory_budget=memory_budget,
+            spill_dir=tmp_path / str(memory_budget),
+        )
         for node, p in payloads.items():
             server.put(node, p)
         result = server.train_round()
@@ -121,7 +138,9 @@ def test_server_training_from_disk_equals_training_in_memory(tmp_path, budget):
     if budget == 0:  # every node's features on disk (labels and logits alone exceed a zero budget)
         assert all(spilled.store.is_spilled(n) for n in payloads)
     else:
-        assert spilled.store.memory_bytes <= budget and not all(spilled.store.is_spilled(n) for n in payloads)
+        assert spilled.store.memory_bytes <= budget and not all(
+            spilled.store.is_spilled(n) for n in payloads
+        )
     assert result.num_examples == ref_result.num_examples == 64
     assert result.loss == pytest.approx(ref_result.loss, rel=1e-5)
     for node in payloads:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message
+from local_federation import LocalFederation, seeded_builders
 
 from flwr_gkt.data import client_data
 from flwr_gkt.edge import EdgeRoundConfig
@@ -14,7 +15,6 @@ from flwr_gkt.registry import build_server_model
 from flwr_gkt.server import GKTServer
 from flwr_gkt.strategy import FedGKT
 from flwr_gkt.wire import ARRAYS_KEY, decode_server_logits
-from local_federation import LocalFederation, seeded_builders
 
 NODES = [11, 22, 33]
 
@@ -24,9 +24,15 @@ def make_federation(fraction=0.005):
     fed = LocalFederation(NODES, datas, seeded_builders(lambda: resnet8(10, 1), 3))
     torch.manual_seed(0)
     server = GKTServer(build_server_model("resnet10", 10), epochs=2, batch_size=32, device="cpu")
-    strategy = FedGKT(server, 10, feature_shape=(16, 28, 28), min_train_nodes=3,
-                      min_evaluate_nodes=3, min_available_nodes=3,
-                      edge_config=EdgeRoundConfig(batch_size=32))
+    strategy = FedGKT(
+        server,
+        10,
+        feature_shape=(16, 28, 28),
+        min_train_nodes=3,
+        min_evaluate_nodes=3,
+        min_available_nodes=3,
+        edge_config=EdgeRoundConfig(batch_size=32),
+    )
     return fed, strategy, datas
 
 
@@ -61,7 +67,9 @@ def test_cosine_schedule_scales_edge_and_server_learning_rates():
         factor = 0.5 * (1 + np.cos(np.pi * (rnd - 1) / 4))
         sent = [m.content["config"]["lr"] for m in fed.last_train_messages]
         assert sent == pytest.approx([base_edge * factor] * 3)
-        assert strategy.server.optimizer.param_groups[0]["lr"] == pytest.approx(base_server * factor)
+        assert strategy.server.optimizer.param_groups[0]["lr"] == pytest.approx(
+            base_server * factor
+        )
 
 
 def _nan_features(nid, rnd, reply):
@@ -75,15 +83,19 @@ def _nan_features(nid, rnd, reply):
 def _wrong_shape(nid, rnd, reply):
     if nid == 22 and rnd == 2 and reply.metadata.message_type == "train":
         feats = reply.content.array_records[ARRAYS_KEY]["features"].numpy()
-        reply.content.array_records[ARRAYS_KEY]["features"] = Array(np.ascontiguousarray(feats[:, :, :14]))
+        reply.content.array_records[ARRAYS_KEY]["features"] = Array(
+            np.ascontiguousarray(feats[:, :, :14])
+        )
     return reply
 
 
-
-@pytest.mark.parametrize("tamper,reason", [
-    (_nan_features, "NaN or Inf"),
-    (_wrong_shape, "maps have shape [16, 14, 28]"),
-])
+@pytest.mark.parametrize(
+    "tamper,reason",
+    [
+        (_nan_features, "NaN or Inf"),
+        (_wrong_shape, "maps have shape [16, 14, 28]"),
+    ],
+)
 def test_bad_reply_is_rejected_round_continues_and_nothing_stored_is_lost(tamper, reason, caplog):
     fed, strategy, _ = make_federation()
     fed.run_round(strategy, 1)
@@ -97,7 +109,9 @@ def test_bad_reply_is_rejected_round_continues_and_nothing_stored_is_lost(tamper
     assert arrays is not None and eval_metrics["accuracy"] > 0
     # node 22's round-1 features are still stored, untouched, and still trained on
     assert strategy.server.store[22] is before
-    assert train_metrics["server-train-examples"] == sum(len(p) for p in strategy.server.store.values())
+    assert train_metrics["server-train-examples"] == sum(
+        len(p) for p in strategy.server.store.values()
+    )
     assert strategy.server.server_logits(22).shape == (len(before), 10)
     # the next round serves node 22 again and accepts its reply
     fed.tamper = None
@@ -120,7 +134,9 @@ def test_node_error_reply_is_logged_and_skipped(caplog):
     with caplog.at_level(logging.WARNING):
         (_, metrics), _ = fed.run_round(strategy, 2)
     assert metrics["nodes-replied"] == 2
-    assert any("node 22" in r.getMessage() and "node crashed" in r.getMessage() for r in caplog.records)
+    assert any(
+        "node 22" in r.getMessage() and "node crashed" in r.getMessage() for r in caplog.records
+    )
 
 
 def test_in_process_federation_learns_above_chance():
@@ -167,8 +183,17 @@ def test_bytes_per_round_equal_the_serialized_array_payloads():
     # Sizes are taken as the replies are made: the strategy releases a reply's
     # arrays once it has stored them.
     seen: list[tuple[int, str, int, int]] = []
-    fed.tamper = lambda nid, rnd, reply: seen.append(
-        (rnd, reply.metadata.message_type, array_bytes(reply), message_to_proto(reply).ByteSize())) or reply
+    fed.tamper = lambda nid, rnd, reply: (
+        seen.append(
+            (
+                rnd,
+                reply.metadata.message_type,
+                array_bytes(reply),
+                message_to_proto(reply).ByteSize(),
+            )
+        )
+        or reply
+    )
     fed.run_round(strategy, 1)
     fed.run_round(strategy, 2)
     row = strategy.history[-1]
@@ -192,14 +217,25 @@ def test_bytes_per_round_equal_the_serialized_array_payloads():
 
 def test_generated_cifar10_round_end_to_end_with_augmentation(tmp_path, monkeypatch):
     """3-channel 32x32 data, Dirichlet partitions, augmented edge batches: a full round."""
-    from flwr_gkt.data import RandomCropFlip, clear_caches
     from test_data import _write_cifar
+
+    from flwr_gkt.data import RandomCropFlip, clear_caches
 
     monkeypatch.setenv("FLWR_GKT_CACHE", str(tmp_path / "cache"))
     clear_caches()
     _write_cifar(tmp_path / "c10", "cifar10", n_per_file=20)
-    datas = [client_data(i, 2, dataset="cifar10", data_dir=str(tmp_path / "c10"), partition="dirichlet",
-                         min_partition_size=10, seed=1) for i in range(2)]
+    datas = [
+        client_data(
+            i,
+            2,
+            dataset="cifar10",
+            data_dir=str(tmp_path / "c10"),
+            partition="dirichlet",
+            min_partition_size=10,
+            seed=1,
+        )
+        for i in range(2)
+    ]
     assert all(isinstance(d.augment, RandomCropFlip) for d in datas)
     calls = []
     for d in datas:  # count augmentation calls on the edge
@@ -207,8 +243,15 @@ def test_generated_cifar10_round_end_to_end_with_augmentation(tmp_path, monkeypa
         d.augment = lambda x, g, real=real: calls.append(len(x)) or real(x, g)
     fed = LocalFederation([5, 6], datas, [lambda: resnet8(10, 3)] * 2)
     server = GKTServer(build_server_model("resnet10", 10), epochs=1, batch_size=16, device="cpu")
-    strategy = FedGKT(server, 10, feature_shape=(16, 32, 32), min_train_nodes=2, min_evaluate_nodes=2,
-                      min_available_nodes=2, edge_config=EdgeRoundConfig(batch_size=16))
+    strategy = FedGKT(
+        server,
+        10,
+        feature_shape=(16, 32, 32),
+        min_train_nodes=2,
+        min_evaluate_nodes=2,
+        min_available_nodes=2,
+        edge_config=EdgeRoundConfig(batch_size=16),
+    )
     (_, train_metrics), eval_metrics = fed.run_round(strategy, 1)
     n = sum(len(d.y_train) for d in datas)
     assert train_metrics["server-train-examples"] == n == 100
@@ -224,7 +267,9 @@ def test_no_server_logits_travel_when_the_edge_does_not_distil():
     fed.run_round(strategy, 2)
     assert all(ARRAYS_KEY not in m.content.array_records for m in fed.last_train_messages)
     assert strategy.history[-1]["bytes-down-train"] == 0
-    assert all(m.content.config_records["config"]["kd-mode"] == "none" for m in fed.last_train_messages)
+    assert all(
+        m.content.config_records["config"]["kd-mode"] == "none" for m in fed.last_train_messages
+    )
 
 
 def test_int8_features_and_float16_logits_end_to_end():
@@ -234,7 +279,9 @@ def test_int8_features_and_float16_logits_end_to_end():
         fed.run_round(strategy, rnd)
     h = strategy.history
     n = sum(len(d.y_train) for d in datas)
-    assert n * 16 * 28 * 28 < h[-1]["bytes-up-train"] < n * (16 * 28 * 28 + 10 * 2 + 8) + 4096  # 1 byte/value
+    assert (
+        n * 16 * 28 * 28 < h[-1]["bytes-up-train"] < n * (16 * 28 * 28 + 10 * 2 + 8) + 4096
+    )  # 1 byte/value
     assert h[-1]["bytes-down-train"] < n * 10 * 2 + 1024  # float16 server logits
     assert h[-1]["accuracy"] > 0.4  # still learns (chance: 0.1)
 
@@ -243,7 +290,9 @@ def test_node_that_never_replies_is_recorded_as_lost(caplog):
     fed, strategy, _ = make_federation()
     fed.run_round(strategy, 1)
     messages = list(strategy.configure_train(2, ArrayRecord(), ConfigRecord(), fed.grid))
-    replies = [fed.reply(m, 2) for m in messages if m.metadata.dst_node_id != 22]  # node 22 is silent
+    replies = [
+        fed.reply(m, 2) for m in messages if m.metadata.dst_node_id != 22
+    ]  # node 22 is silent
     with caplog.at_level(logging.WARNING):
         _, metrics = strategy.aggregate_train(2, replies)
     assert metrics["nodes-replied"] == 2 and metrics["nodes-lost"] == 1

@@ -23,8 +23,11 @@ SPEC = PayloadSpec(num_classes=10, feature_shape=(16, 8, 8))
 
 def make(n=5, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, 16, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g),
-            torch.randn(n, 10, generator=g))
+    return (
+        torch.randn(n, 16, 8, 8, generator=g),
+        torch.randint(0, 10, (n,), generator=g),
+        torch.randn(n, 10, generator=g),
+    )
 
 
 def content(features, labels, logits, num_examples=None, feature_dtype="float32"):
@@ -35,7 +38,9 @@ def content(features, labels, logits, num_examples=None, feature_dtype="float32"
 
 def raw_content(arrays: dict, num_examples: int):
     record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
-    return RecordDict({ARRAYS_KEY: record, METRICS_KEY: MetricRecord({"num-examples": num_examples})})
+    return RecordDict(
+        {ARRAYS_KEY: record, METRICS_KEY: MetricRecord({"num-examples": num_examples})}
+    )
 
 
 def test_round_trip_is_exact():
@@ -87,13 +92,17 @@ def test_rejects_wrong_shapes_and_counts():
     _reject(content(h, y, z[:3]), r"'logits' has shape \[3, 10\]")
     _reject(content(h, y, z, num_examples=6), "'num-examples' says 6")
     _reject(content(h[:0], y[:0], z[:0]), "no samples")
-    _reject(content(h, y, z), "more than the limit", spec=PayloadSpec(10, (16, 8, 8), max_samples=4))
+    _reject(
+        content(h, y, z), "more than the limit", spec=PayloadSpec(10, (16, 8, 8), max_samples=4)
+    )
 
 
 def test_rejects_wrong_dtypes():
     h, y, z = make()
     arrays = {"features": h.numpy(), "labels": y.numpy(), "logits": z.numpy()}
-    _reject(raw_content({**arrays, "features": h.double().numpy()}, 5), "'features' has dtype float64")
+    _reject(
+        raw_content({**arrays, "features": h.double().numpy()}, 5), "'features' has dtype float64"
+    )
     _reject(raw_content({**arrays, "labels": y.int().numpy()}, 5), "'labels' has dtype int32")
     _reject(raw_content({**arrays, "labels": y.float().numpy()}, 5), "'labels' has dtype float32")
     _reject(raw_content({**arrays, "logits": z.double().numpy()}, 5), "'logits' has dtype float64")
@@ -112,7 +121,9 @@ def test_rejects_missing_parts_and_lying_metadata():
     _reject(RecordDict({METRICS_KEY: metrics_record(5)}), "missing ArrayRecord")
     _reject(RecordDict({ARRAYS_KEY: encode_payload(h, y, z)}), "missing MetricRecord")
     _reject(raw_content({"features": h.numpy(), "labels": y.numpy()}, 5), "missing array 'logits'")
-    c = RecordDict({ARRAYS_KEY: encode_payload(h, y, z), METRICS_KEY: MetricRecord({"num-examples": 5.0})})
+    c = RecordDict(
+        {ARRAYS_KEY: encode_payload(h, y, z), METRICS_KEY: MetricRecord({"num-examples": 5.0})}
+    )
     _reject(c, "not an integer")
     c = content(h, y, z)
     c.array_records[ARRAYS_KEY]["features"].shape = [5, 16, 8, 9]  # header says otherwise
@@ -134,7 +145,9 @@ def test_server_logits_round_trip_and_validation():
 # --------------------------------------------------------------- feature codecs
 def _relu_features(n=64, seed=1):
     g = torch.Generator().manual_seed(seed)
-    x = torch.relu(torch.randn(n, 16, 8, 8, generator=g)) * torch.linspace(0.1, 5.0, 16).view(1, -1, 1, 1)
+    x = torch.relu(torch.randn(n, 16, 8, 8, generator=g)) * torch.linspace(0.1, 5.0, 16).view(
+        1, -1, 1, 1
+    )
     x[:, 3] = 0.7  # a constant channel
     return x
 
@@ -173,7 +186,9 @@ def test_float16_logits_both_directions():
     x, labels, logits = make()
     record = encode_payload(x, labels, logits, logit_dtype="float16")
     assert record["logits"].dtype == "float16"
-    payload = decode_payload(RecordDict({ARRAYS_KEY: record, METRICS_KEY: metrics_record(5)}), SPEC, True)
+    payload = decode_payload(
+        RecordDict({ARRAYS_KEY: record, METRICS_KEY: metrics_record(5)}), SPEC, True
+    )
     assert payload.logits.dtype == torch.float32
     assert torch.allclose(payload.logits, logits, rtol=1e-3, atol=1e-3)
     down = RecordDict({ARRAYS_KEY: encode_server_logits(logits, "float16")})
@@ -187,23 +202,31 @@ def _int8_arrays(**overrides):
 
     x, labels, logits = make()
     q, lo, scale = quantize_int8(x.numpy())
-    arrays = {"features": q, "feature-min": lo, "feature-scale": scale,
-              "labels": labels.numpy(), "logits": logits.numpy()}
+    arrays = {
+        "features": q,
+        "feature-min": lo,
+        "feature-scale": scale,
+        "labels": labels.numpy(),
+        "logits": logits.numpy(),
+    }
     arrays.update(overrides)
     return {k: v for k, v in arrays.items() if v is not None}
 
 
-@pytest.mark.parametrize("overrides,reason", [
-    ({"feature-scale": None}, "missing array 'feature-scale'"),
-    ({"feature-min": None}, "missing array 'feature-min'"),
-    ({"feature-scale": np.ones(15, np.float32)}, "one per channel"),
-    ({"feature-min": np.zeros((16, 1), np.float32)}, "one per channel"),
-    ({"feature-scale": np.full(16, np.nan, np.float32)}, "NaN or Inf"),
-    ({"feature-scale": -np.ones(16, np.float32)}, "must be positive"),
-    ({"feature-scale": np.zeros(16, np.float32)}, "must be positive"),
-    ({"feature-scale": np.ones(16, np.float64)}, "dtype float64"),
-    ({"features": np.zeros((5, 16, 8), np.int8)}, "N x C x H x W"),
-])
+@pytest.mark.parametrize(
+    "overrides,reason",
+    [
+        ({"feature-scale": None}, "missing array 'feature-scale'"),
+        ({"feature-min": None}, "missing array 'feature-min'"),
+        ({"feature-scale": np.ones(15, np.float32)}, "one per channel"),
+        ({"feature-min": np.zeros((16, 1), np.float32)}, "one per channel"),
+        ({"feature-scale": np.full(16, np.nan, np.float32)}, "NaN or Inf"),
+        ({"feature-scale": -np.ones(16, np.float32)}, "must be positive"),
+        ({"feature-scale": np.zeros(16, np.float32)}, "must be positive"),
+        ({"feature-scale": np.ones(16, np.float64)}, "dtype float64"),
+        ({"features": np.zeros((5, 16, 8), np.int8)}, "N x C x H x W"),
+    ],
+)
 def test_malformed_quantized_payloads_are_rejected(overrides, reason):
     with pytest.raises(PayloadError, match=reason.replace("(", r"\(")):
         decode_payload(raw_content(_int8_arrays(**overrides), 5), SPEC, True)
