@@ -9,6 +9,20 @@ sys.path.insert(0, str(Path(__file__).parent))
 from local_federation import set_task_identity
 
 
+@pytest.fixture(scope="session")
+def bridge_autoencoder(tmp_path_factory):
+    """A bridge autoencoder trained once per session on held-out Fashion-MNIST: ``(path, info)``.
+
+    Shared by the FedAgg building-block tests and the FedAgg runs (training it
+    is the slow part of both).
+    """
+    from flwr_gkt.bridge import pretrain_autoencoder
+
+    path = tmp_path_factory.mktemp("bridge") / "bridge.pt"
+    info = pretrain_autoencoder(path, samples=2000, epochs=2, fraction=0.1, device="cpu")
+    return path, info
+
+
 @pytest.fixture(autouse=True)
 def _task_identity():
     set_task_identity()

@@ -62,7 +62,7 @@ class LocalFederation:
                 d,
                 b,
             )
-            for nid, d, b in zip(node_ids, datas, builders)
+            for nid, d, b in zip(node_ids, datas, builders, strict=True)
         }
         self.tamper: Callable[[int, int, Message], Message] | None = None
 

@@ -140,7 +140,7 @@ def make_async(
         edge_config=EdgeRoundConfig(batch_size=32),
         **kwargs,
     )
-    return fed, strategy, dict(zip(NODES, datas))
+    return fed, strategy, dict(zip(NODES, datas, strict=True))
 
 
 def logits_checker(strategy, datas, seen):
@@ -166,7 +166,7 @@ def logits_checker(strategy, datas, seen):
 def expected_staleness(events, rejected=()):
     """Staleness of each train reply from the grid's log: accepted train releases in between."""
     pushed_at, out, accepted = {}, [], 0
-    for i, (what, node, kind, mid) in enumerate(events):
+    for _i, (what, node, kind, mid) in enumerate(events):
         if kind != "train":
             continue
         if what == "push":
@@ -271,7 +271,7 @@ def test_out_of_order_replies_get_their_own_logits_and_staleness_is_recorded(sco
 
 
 def test_reply_staler_than_the_bound_is_rejected_not_trained_on_and_resent(caplog):
-    fed, strategy, datas = make_async(max_staleness=2)
+    fed, strategy, _datas = make_async(max_staleness=2)
     grid = AsyncGrid(fed, hold={33: 4})
     updates = track_updates(strategy)
     with caplog.at_level(logging.WARNING):

@@ -238,7 +238,7 @@ def test_iid_partition_is_disjoint_reproducible_and_sized():
     assert [len(p) for p in parts] == [125] * 4
     assert len(np.unique(np.concatenate(parts))) == 500
     again = partition_indices(y, 4, "iid", seed=3, fraction=0.5)
-    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
     other = partition_indices(y, 4, "iid", seed=4, fraction=0.5)
     assert not np.array_equal(parts[0], other[0])
     with pytest.raises(ValueError):
@@ -264,13 +264,17 @@ def test_dirichlet_partition_skews_labels_reproducibly():
     assert all(
         np.array_equal(a, b)
         for a, b in zip(
-            parts, partition_indices(y, 8, "dirichlet", seed=1, alpha=0.5, min_partition_size=20)
+            parts,
+            partition_indices(y, 8, "dirichlet", seed=1, alpha=0.5, min_partition_size=20),
+            strict=False,
         )
     )
     assert not all(
         np.array_equal(a, b)
         for a, b in zip(
-            parts, partition_indices(y, 8, "dirichlet", seed=2, alpha=0.5, min_partition_size=20)
+            parts,
+            partition_indices(y, 8, "dirichlet", seed=2, alpha=0.5, min_partition_size=20),
+            strict=False,
         )
     )
     iid = _skew(y, partition_indices(y, 8, "iid", seed=1))

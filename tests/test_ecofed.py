@@ -227,7 +227,7 @@ def test_ecofed_federation_with_pretrained_frozen_extractor_learns(tmp_path):
     pretrain_edge(
         path, fraction=0.005, num_partitions=3, samples=1024, epochs=2, batch_size=32, device="cpu"
     )
-    fed, strategy, datas = federation(every=0, freeze=True, pretrained=str(path))
+    fed, strategy, _datas = federation(every=0, freeze=True, pretrained=str(path))
     seen = record_replies(fed)
     for rnd in (1, 2, 3):
         _, eval_metrics = fed.run_round(strategy, rnd)

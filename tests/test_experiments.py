@@ -31,7 +31,7 @@ def _history(acc, up, down):
             "bytes-down-train": d,
             "round-seconds": 1.0,
         }
-        for i, (a, u, d) in enumerate(zip(acc, up, down))
+        for i, (a, u, d) in enumerate(zip(acc, up, down, strict=True))
     ]
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flwr_gkt.bridge import BridgeAutoencoder, load_autoencoder, pretrain_autoencoder
+from flwr_gkt.bridge import BridgeAutoencoder, load_autoencoder
 from flwr_gkt.data import client_data, load_dataset
 from flwr_gkt.fedagg import BSBODPConfig, teacher_logits, train_leaf, train_nonleaf
 from flwr_gkt.losses import fedagg_leaf_loss, fedagg_nonleaf_loss, gkt_loss, kd_loss
@@ -15,9 +15,8 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def autoencoder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ae") / "bridge.pt"
-    info = pretrain_autoencoder(path, samples=2000, epochs=2, fraction=0.1, device="cpu")
+def autoencoder(bridge_autoencoder):
+    path, info = bridge_autoencoder
     return load_autoencoder(path), info
 
 

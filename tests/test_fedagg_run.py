@@ -6,7 +6,6 @@ import json
 import pytest
 from flwr.app import Context, RecordDict
 
-from flwr_gkt.bridge import pretrain_autoencoder
 from flwr_gkt.config import resolve_config
 from simulation.fedagg_app import make_fedagg_apps
 from simulation.inprocess import InProcessGrid
@@ -14,10 +13,8 @@ from simulation.task import PRESETS_DIR
 
 
 @pytest.fixture(scope="module")
-def bridge(tmp_path_factory):
-    path = tmp_path_factory.mktemp("bridge") / "ae.pt"
-    pretrain_autoencoder(path, samples=2000, epochs=2, fraction=0.1, device="cpu")
-    return path
+def bridge(bridge_autoencoder):
+    return bridge_autoencoder[0]
 
 
 class RecordingGrid(InProcessGrid):
@@ -31,7 +28,7 @@ class RecordingGrid(InProcessGrid):
     def push_messages(self, messages):
         messages = list(messages)
         ids = list(super().push_messages(messages))
-        for msg, msg_id in zip(messages, ids):
+        for msg, msg_id in zip(messages, ids, strict=True):
             if msg.metadata.message_type == "train":
                 self._round[msg_id] = int(msg.content.config_records["config"]["server-round"])
                 self.seen.append((self._round[msg_id], msg))

@@ -53,7 +53,7 @@ def test_reply_metadata_node_ids_and_configs():
 
     replies = list(grid.pull_messages(ids[::-1]))  # handled in push order
     assert grid.handled == 3
-    for msg, reply in zip(msgs, replies):
+    for msg, reply in zip(msgs, replies, strict=True):
         assert not reply.has_error()
         assert reply.metadata.reply_to_message_id == msg.metadata.message_id
         assert reply.metadata.src_node_id == msg.metadata.dst_node_id

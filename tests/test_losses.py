@@ -12,12 +12,12 @@ from flwr_gkt.losses import KDMode, gkt_loss, kd_loss
 def _hand_kd(student, teacher, t):
     """T^2 * mean over the batch of sum_c p_t * (log p_t - log p_s), written out."""
     total = 0.0
-    for s_row, t_row in zip(student.tolist(), teacher.tolist()):
+    for s_row, t_row in zip(student.tolist(), teacher.tolist(), strict=True):
         zs = [v / t for v in s_row]
         zt = [v / t for v in t_row]
         log_norm_s = math.log(sum(math.exp(v) for v in zs))
         log_norm_t = math.log(sum(math.exp(v) for v in zt))
-        for a, b in zip(zs, zt):
+        for a, b in zip(zs, zt, strict=True):
             log_ps, log_pt = a - log_norm_s, b - log_norm_t
             total += math.exp(log_pt) * (log_pt - log_ps)
     return t * t * total / len(student)

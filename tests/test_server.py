@@ -63,7 +63,7 @@ def test_server_learns_a_separable_task():
     server.put(1, Payload(feats, labels, None))
     res = server.train_round()
     assert res.accuracy > 0.9
-    loss_sum, correct = server.evaluate(feats, labels)
+    _loss_sum, correct = server.evaluate(feats, labels)
     assert correct / 200 > 0.9
 
 
