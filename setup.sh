@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # Install everything flwr-gkt needs on a fresh Debian machine: the offline
 # Fashion-MNIST files (Debian package dataset-fashion-mnist) and a virtual
-# environment .venv with the pinned torch / torchvision / flwr.
+# environment .venv with the pinned torch / torchvision / flwr and the check tools
+# (ruff, mypy, pre-commit); `make` for `make check`.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+apt_packages=()
+[ -d /usr/share/datasets/fashion-mnist ] || apt_packages+=(dataset-fashion-mnist)
+command -v make >/dev/null || apt_packages+=(make)  # `make check`
+if [ ${#apt_packages[@]} -gt 0 ]; then
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
-    $SUDO apt-get install -y -qq dataset-fashion-mnist
+    $SUDO apt-get install -y -qq "${apt_packages[@]}"
 fi
 
 PYTHON="${PYTHON:-python3}"

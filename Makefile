@@ -1,0 +1,30 @@
+# Developer checks. `make check` is what CI runs after `bash setup.sh`.
+PY ?= .venv/bin/python
+
+.PHONY: check lint format types test wheel-smoke
+
+check: lint types test wheel-smoke
+
+## ruff lint + format check (the whole tree)
+lint:
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+## apply ruff's fixes and formatting
+format:
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+## mypy --strict on the library (configuration: [tool.mypy] in pyproject.toml)
+types:
+	$(PY) -m mypy
+
+## the test suite (pytest's exit code 5, "no tests collected", is a failure)
+test:
+	@$(PY) -m pytest -q; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; \
+	exit $$status
+
+## build the wheel, install it into a fresh venv, import it and run a 1-round simulation
+wheel-smoke:
+	bash .ci/wheel_smoke.sh
