@@ -129,8 +129,8 @@ from flwr.supercore import log
 
 from .checkpoint import save_checkpoint
 from .server import GKTServer, ServerRoundResult
-from .strategy import _MB, FedGKT
-from .wire import NUM_EXAMPLES, Payload, record_nbytes
+from .strategy import _MB, FedGKT, edge_train_metrics
+from .wire import NUM_EXAMPLES, Payload, record_nbytes, scalar
 
 __all__ = ["AsyncFedGKT"]
 
@@ -164,7 +164,7 @@ class _Tally:
     server_seconds: float = 0.0
     with_features: int = 0
     staleness: list[int] = field(default_factory=list)
-    edge: list[tuple[int, MetricRecord]] = field(default_factory=list)
+    edge: list[tuple[float, MetricRecord]] = field(default_factory=list)
 
 
 @dataclass
@@ -181,7 +181,7 @@ class _EvalRound:
 
 
 def _view(reply: Message, instruction: Message) -> Message:
-    """A reply with the same records in a new RecordDict (arrays are not copied)."""
+    """Return a reply with the same records in a new RecordDict (arrays are not copied)."""
     if reply.has_error():
         return reply
     return Message(RecordDict(dict(reply.content.items())), reply_to=instruction)
@@ -290,6 +290,10 @@ class AsyncFedGKT(FedGKT):
         """Run asynchronous FedGKT for ``num_rounds`` rounds.
 
         Same signature and result as :meth:`flwr.serverapp.strategy.Strategy.start`.
+        After :meth:`resume`, it goes on after the checkpoint's round and first
+        finds the checkpointed nodes again (:meth:`reidentify_nodes`); with
+        ``checkpoint_path`` set, a checkpoint is written at the end of every
+        round.
 
         Parameters
         ----------
@@ -299,16 +303,16 @@ class AsyncFedGKT(FedGKT):
             The server model's initial weights (only logged and passed to
             ``evaluate_fn``; the server model lives in :attr:`server`).
         num_rounds : int
-            Rounds to run; a round is as many accepted server updates as there
-            are training nodes.
+            Total number of rounds, the resumed ones included; a round is as
+            many accepted server updates as there are training nodes.
         timeout : float
             Longest wait in seconds for the reply to any one instruction; a node
             that does not answer in time is recorded as lost and dropped.
         train_config, evaluate_config : ConfigRecord, optional
             Entries added to every train / evaluate instruction's config.
-        evaluate_fn : callable, optional
-            Centralized evaluation ``(round, arrays) -> MetricRecord``, called
-            before the first round and at the end of every round.
+        evaluate_fn : Callable[[int, ArrayRecord], MetricRecord | None], optional
+            Centralized evaluation of the server model's weights, called before
+            the first round and at the end of every round.
 
         Returns
         -------
@@ -527,7 +531,7 @@ class AsyncFedGKT(FedGKT):
             tally.updates += 1
             tally.staleness.append(staleness)
             tally.with_features += sum(with_features)
-            tally.edge.append((int(metrics[NUM_EXAMPLES]), metrics))
+            tally.edge.append((scalar(metrics, NUM_EXAMPLES), metrics))
             tally.loss_sum += res.loss * res.num_examples
             tally.correct_sum += res.accuracy * res.num_examples
             tally.examples += res.num_examples
@@ -654,7 +658,7 @@ class AsyncFedGKT(FedGKT):
 
     # ------------------------------------------------------------ metrics
     def _train_row(self, server_round: int, t: _Tally, now: float) -> dict[str, float]:
-        """The train part of a round's history row (keys of ``aggregate_train``'s)."""
+        """Build the train part of a round's history row (keys of ``aggregate_train``'s)."""
         n = max(t.examples, 1)
         row: dict[str, float] = {
             "round": server_round,
@@ -671,13 +675,7 @@ class AsyncFedGKT(FedGKT):
             "bytes-up-train": t.bytes_up,
             "bytes-down-train": t.bytes_down,
         }
-        n_edge = sum(size for size, _ in t.edge)
-        for key in ("edge-train-loss", "edge-train-accuracy"):
-            if n_edge:
-                row[key] = sum(float(m[key]) * size for size, m in t.edge if key in m) / n_edge
-        edge_seconds = [float(m.get("edge-seconds", 0.0)) for _, m in t.edge]
-        row["edge-seconds-max"] = max(edge_seconds, default=0.0)
-        row["edge-seconds-mean"] = sum(edge_seconds) / max(len(edge_seconds), 1)
+        row.update(edge_train_metrics(t.edge))
         row["replies-stale"] = t.stale
         row["staleness-max"] = max(t.staleness, default=0)
         row["staleness-mean"] = sum(t.staleness) / max(len(t.staleness), 1)

@@ -57,6 +57,9 @@ class BridgeAutoencoder(nn.Module):
         applies it to the decoded ``[0, 1]`` images.
     """
 
+    mean: Tensor  # buffers: the dataset's per-channel normalisation
+    std: Tensor
+
     def __init__(
         self,
         channels: int = 3,
@@ -86,7 +89,8 @@ class BridgeAutoencoder(nn.Module):
 
     def forward(self, pixels: Tensor) -> Tensor:
         """Reconstruction in ``[0, 1]`` of images in ``[0, 1]``."""
-        return self.decoder(self.encoder(pixels))
+        out: Tensor = self.decoder(self.encoder(pixels))
+        return out
 
     @torch.no_grad()
     def encode(self, pixels: Tensor, batch_size: int = 256) -> Tensor:

@@ -35,7 +35,21 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Atomically write ``state`` to ``path`` (see the module docstring)."""
+    """Atomically write ``state`` to ``path`` (see the module docstring).
+
+    Parameters
+    ----------
+    path : str or Path
+        The checkpoint file; its directory is created if needed.
+    state : dict[str, Any]
+        Tensors, numbers, strings and containers of them (what
+        ``torch.load(weights_only=True)`` can read back).
+
+    Returns
+    -------
+    Path
+        The path written.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
@@ -62,14 +76,26 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any] | None:
-    """The state saved at ``path``; ``None`` when there is no checkpoint.
+    """Read the state saved at ``path``.
 
     Leftover temporary files of an interrupted save are removed.
+
+    Parameters
+    ----------
+    path : str or Path
+        The checkpoint file.
+
+    Returns
+    -------
+    dict[str, Any] | None
+        The state given to :func:`save_checkpoint`; ``None`` when there is no
+        checkpoint.
 
     Raises
     ------
     CheckpointError
-        When the file is not a checkpoint or its checksum does not match.
+        When the file is not a checkpoint, its checksum does not match or it
+        cannot be loaded.
     """
     path = Path(path)
     for tmp in path.parent.glob(path.name + ".*.tmp"):
@@ -88,15 +114,29 @@ def load_checkpoint(path: str | Path) -> dict[str, Any] | None:
     if hashlib.sha256(data).hexdigest().encode() != digest:
         raise CheckpointError(f"{path} is corrupt (checksum mismatch); remove it to start over")
     try:
-        return torch.load(io.BytesIO(data), weights_only=True)
+        state: dict[str, Any] = torch.load(io.BytesIO(data), weights_only=True)
     except Exception as err:
         raise CheckpointError(f"{path} cannot be loaded: {err}") from err
+    return state
 
 
 def rng_state(*generators: torch.Generator) -> dict[str, Any]:
-    """Python, NumPy and torch global RNG states, plus those of ``generators``."""
+    """Return the Python, NumPy and torch global RNG states, plus those of ``generators``.
+
+    Parameters
+    ----------
+    *generators : torch.Generator
+        Further generators whose state is saved, in order.
+
+    Returns
+    -------
+    dict[str, Any]
+        The states, as lists, numbers and tensors (checkpoint-safe).
+    """
     py_version, py_state, py_gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # the legacy form of the global MT19937 state
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np_state
     return {
         "python": [py_version, list(py_state), py_gauss],
         "numpy": [
@@ -112,7 +152,20 @@ def rng_state(*generators: torch.Generator) -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any], *generators: torch.Generator) -> None:
-    """Restore what :func:`rng_state` returned (same generators, same order)."""
+    """Restore what :func:`rng_state` returned.
+
+    Parameters
+    ----------
+    state : dict[str, Any]
+        A state returned by :func:`rng_state`.
+    *generators : torch.Generator
+        The same generators, in the same order, as given to :func:`rng_state`.
+
+    Raises
+    ------
+    ValueError
+        If the number of generators differs from the saved one.
+    """
     version, py_state, gauss = state["python"]
     random.setstate((version, tuple(py_state), gauss))
     name, keys, pos, has_gauss, np_gauss = state["numpy"]

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from logging import INFO, WARNING
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -44,6 +45,7 @@ from .wire import (
     encode_logits,
     encode_payload,
     metrics_record,
+    scalar,
     settings_from_config,
     validate_server_logits,
 )
@@ -69,14 +71,42 @@ STATE_FILE = "gkt-node-state.pt"
 
 
 def edge_round_config(config: ConfigRecord) -> EdgeRoundConfig:
-    """Read the per-round edge settings from the instruction's ConfigRecord."""
+    """Read the per-round edge settings from the instruction's ConfigRecord.
+
+    Parameters
+    ----------
+    config : ConfigRecord
+        The train instruction's config; key ``batch-size`` sets field
+        ``batch_size``, and so on (see :func:`flwr_gkt.wire.settings_from_config`).
+
+    Returns
+    -------
+    EdgeRoundConfig
+        The settings; missing keys keep their defaults.
+    """
     return settings_from_config(EdgeRoundConfig, config)
 
 
 def load_edge_model(
     context: Context, build: Callable[[], EdgeModel], device: torch.device
 ) -> EdgeModel:
-    """The node's edge model: built, with its weights from ``context.state`` if any."""
+    """Build the node's edge model, with its weights from ``context.state`` if any.
+
+    Parameters
+    ----------
+    context : Context
+        The node's context; its state holds the edge model's weights from the
+        previous round, if any.
+    build : Callable[[], EdgeModel]
+        Builds the (untrained) edge model.
+    device : torch.device
+        Device to move the model to.
+
+    Returns
+    -------
+    EdgeModel
+        The model, on ``device``.
+    """
     model = build()
     state = context.state.array_records.get(STATE_MODEL)
     if state is not None:
@@ -93,10 +123,34 @@ def edge_round(
     device: torch.device,
     seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor, FitResult, float]:
-    """``ClientTrain``: train, extract ``(H, Z_c)`` in sample order, keep the model.
+    """Run ``ClientTrain``: train, extract ``(H, Z_c)`` in sample order, keep the model.
 
-    Returns ``(features, logits, fit result, seconds)``; the trained weights are
-    stored in ``context.state`` for the next round.
+    The trained weights are stored in ``context.state`` for the next round.
+
+    Parameters
+    ----------
+    context : Context
+        The node's context (edge model weights in its state).
+    data : ClientData
+        The node's local data; the training split is used.
+    build_model : Callable[[], EdgeModel]
+        Builds the (untrained) edge model.
+    server_logits : torch.Tensor, optional
+        Per-sample server logits ``Z_s`` to distil from; ``None`` trains
+        without them.
+    cfg : EdgeRoundConfig
+        The round's edge settings.
+    device : torch.device
+        Device to train on.
+    seed : int
+        Seed of the data shuffling (and augmentation) generator.
+
+    Returns
+    -------
+    tuple[torch.Tensor, torch.Tensor, FitResult, float]
+        ``(features, logits, fit result, seconds)``: the training split's
+        features ``H`` and logits ``Z_c`` after training, the training loss
+        and accuracy, and the seconds spent training and extracting.
     """
     model = load_edge_model(context, build_model, device)
     gen = torch.Generator().manual_seed(seed)
@@ -110,16 +164,27 @@ def edge_round(
     return features, logits, result, seconds
 
 
-def round_seed(config: ConfigRecord | dict) -> int:
-    """Seed of the node's data shuffling for this round."""
-    return int(config.get("seed", 0)) * 100_003 + int(config.get("server-round", 0))  # type: ignore[arg-type]
+def round_seed(config: Mapping[str, Any]) -> int:
+    """Return the seed of the node's data shuffling for this round.
+
+    Parameters
+    ----------
+    config : Mapping[str, Any]
+        The instruction's config; ``seed`` and ``server-round`` (both default 0).
+
+    Returns
+    -------
+    int
+        ``seed * 100003 + server-round``.
+    """
+    return int(scalar(config, "seed", 0)) * 100_003 + int(scalar(config, "server-round", 0))
 
 
 def _config(msg: Message) -> ConfigRecord:
     return msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
 
 
-def _read_state(path: Path) -> tuple[int, dict] | None:
+def _read_state(path: Path) -> tuple[int, dict[str, Any]] | None:
     """``(round, arrays)`` of a saved node state, ``None`` if absent or unreadable."""
     if not path.is_file():
         return None
@@ -133,7 +198,7 @@ def _read_state(path: Path) -> tuple[int, dict] | None:
     return int(data["round"]), data["arrays"]
 
 
-def _write_state(path: Path, server_round: int, arrays: dict) -> None:
+def _write_state(path: Path, server_round: int, arrays: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         torch.save({"round": server_round, "arrays": arrays}, f)
@@ -151,6 +216,20 @@ def save_state(context: Context, state_dir: str | Path, server_round: int = 0) -
     checkpoint may repeat the round this node already finished, and the node
     must then start that round from the state it had before (see
     :func:`restore_state`). Two files, whatever the number of rounds.
+
+    Parameters
+    ----------
+    context : Context
+        The node's context; its edge model and server logits are saved.
+    state_dir : str or Path
+        Directory of the state files (created if needed).
+    server_round : int
+        The round after which the state is saved.
+
+    Returns
+    -------
+    Path
+        The state file written.
     """
     path = Path(state_dir) / STATE_FILE
     prev = path.with_name(STATE_FILE.replace(".pt", ".prev.pt"))
@@ -174,11 +253,27 @@ def save_state(context: Context, state_dir: str | Path, server_round: int = 0) -
 
 
 def restore_state(context: Context, state_dir: str | Path, up_to_round: int | None = None) -> bool:
-    """Load a saved node state into an empty ``context.state``; ``True`` if loaded.
+    """Load a saved node state into an empty ``context.state``.
 
-    ``up_to_round``: the newest saved state from this round or before (a train
-    instruction for round ``r`` restores the state after round ``r - 1``, so a
-    node repeats a round the resumed server repeats from the same state).
+    Nothing is loaded when the context already holds an edge model (the node
+    did not restart). Unreadable state files are logged and skipped.
+
+    Parameters
+    ----------
+    context : Context
+        The node's context.
+    state_dir : str or Path
+        Directory of the state files written by :func:`save_state`.
+    up_to_round : int, optional
+        Load the newest saved state from this round or before (a train
+        instruction for round ``r`` restores the state after round ``r - 1``,
+        so a node repeats a round the resumed server repeats from the same
+        state). ``None``: the newest state.
+
+    Returns
+    -------
+    bool
+        ``True`` if a state was loaded.
     """
     if STATE_MODEL in context.state.array_records:
         return False
@@ -227,14 +322,45 @@ def handle_train(
     """Run ``ClientTrain`` for one round and reply with ``H``, ``Z_c``, ``Y``.
 
     In a replay round (``send-features`` false in the instruction, EcoFed) the
-    reply carries ``Z_c`` alone.
+    reply carries ``Z_c`` alone. Server logits received are kept in
+    ``context.state``; when an instruction carries none, the kept ones are
+    used (if they still match the training set).
 
-    Raises (and so replies with an error) when the server logits do not match
-    the local training set. With ``state_dir``, the node's state is restored
-    from there when the node (re)starts and saved after every round. With
-    ``privacy``, features and logits are clipped and noised before they leave
-    the node (:mod:`flwr_gkt.privacy`); the node's setting, not the server's.
-    ``node_uid``: the node's stable identity, sent along (see :func:`handle_query`).
+    Parameters
+    ----------
+    msg : Message
+        The train instruction: round config, and optionally the node's server
+        logits ``Z_s``.
+    context : Context
+        The node's context (edge model and server logits in its state).
+    data : ClientData
+        The node's local data; the training split is used.
+    build_model : Callable[[], EdgeModel]
+        Builds the (untrained) edge model.
+    device : str
+        ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    state_dir : str or Path, optional
+        With it, the node's state is restored from there when the node
+        (re)starts and saved after every round (see :func:`save_state`).
+    privacy : PrivacyConfig, optional
+        With it, features and logits are clipped and noised before they leave
+        the node (:mod:`flwr_gkt.privacy`); the node's setting, not the
+        server's.
+    node_uid : str
+        The node's stable identity, sent along when not empty (see
+        :func:`handle_query`).
+
+    Returns
+    -------
+    Message
+        The reply: the encoded payload (features, logits, labels, or logits
+        alone) and the edge metrics, weighted by the number of examples.
+
+    Raises
+    ------
+    PayloadError
+        If the server logits do not match the local training set (Flower then
+        replies with an error).
     """
     config = _config(msg)
     cfg = edge_round_config(config)
@@ -290,6 +416,25 @@ def handle_query(msg: Message, context: Context, node_uid: str) -> Message:
     can change when nodes or the server restart (a Ray simulation draws new
     ones), ``node_uid`` does not (e.g. ``partition-3-of-10``, or a SuperNode's
     ``node-uid`` node config). Unknown queries get an error reply.
+
+    Parameters
+    ----------
+    msg : Message
+        The query instruction; its config's ``query`` must be ``node-uid``.
+    context : Context
+        The node's context (not used).
+    node_uid : str
+        The node's stable identity.
+
+    Returns
+    -------
+    Message
+        The reply, with ``node_uid`` in its ``node`` ConfigRecord.
+
+    Raises
+    ------
+    ValueError
+        If the query is not ``node-uid``.
     """
     config = _config(msg)
     if config.get("query") != NODE_UID:
@@ -310,8 +455,33 @@ def handle_evaluate(
 
     The server classifies the features with its model (edge extractor + server
     model accuracy); the edge model's own accuracy is computed here and sent
-    as a metric. ``privacy`` applies to the uploaded test features as to the
-    training ones (the edge metrics are computed before).
+    as a metric.
+
+    Parameters
+    ----------
+    msg : Message
+        The evaluate instruction (``batch-size``, ``feature-dtype``,
+        ``server-round``).
+    context : Context
+        The node's context (edge model in its state).
+    data : ClientData
+        The node's local data; the test split is used.
+    build_model : Callable[[], EdgeModel]
+        Builds the (untrained) edge model.
+    device : str
+        ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    state_dir : str or Path, optional
+        With it, the node's state is restored from there when the node
+        (re)starts (see :func:`restore_state`).
+    privacy : PrivacyConfig, optional
+        Applies to the uploaded test features as to the training ones (the
+        edge metrics are computed before).
+
+    Returns
+    -------
+    Message
+        The reply: the test features and labels, and ``edge-loss`` /
+        ``edge-accuracy`` weighted by the number of examples.
     """
     config = _config(msg)
     dev = get_device(device)

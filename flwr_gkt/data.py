@@ -40,6 +40,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -160,7 +161,7 @@ def default_data_dir(name: str) -> Path:
     return Path(root) / name
 
 
-def _atomic_copy(src: Path, dst: Path, opener: Callable = open) -> None:
+def _atomic_copy(src: Path, dst: Path, opener: Callable[..., Any] = open) -> None:
     """Copy ``src`` to ``dst`` via a temporary file and a rename."""
     with (
         opener(src, "rb") as fin,
@@ -533,7 +534,7 @@ def client_data(
         )[partition_id]
     elif test_split == "local":
         y_te = raw.y_test.numpy()
-        size = max(1, int(round(len(y_te) * test_fraction / num_partitions)))
+        size = max(1, round(len(y_te) * test_fraction / num_partitions))
         test_idx = label_matched_split(
             y_te,
             raw.y_train.numpy()[train_idx],

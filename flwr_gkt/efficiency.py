@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{r.params / base.params:.1f}x |"
         )
     print(
-        "\nServer side (FedGKT): one feature map of 16x%dx%d per sample\n" % (args.size, args.size)
+        f"\nServer side (FedGKT): one feature map of 16x{args.size}x{args.size} per sample\n"
     )
     print("| server model | MFLOPs / sample | parameters |")
     print("| --- | ---: | ---: |")

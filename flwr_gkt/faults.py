@@ -45,6 +45,7 @@ from flwr.app import ConfigRecord, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore import log
+from flwr.supercore.run import Run
 
 from .wire import CONFIG_KEY
 
@@ -55,7 +56,27 @@ FAULT_KINDS = ("crash", "timeout", "late", "duplicate")
 
 @dataclass(frozen=True)
 class Fault:
-    """Node ``node`` (index in the sorted node ids) shows ``kind`` in rounds ``first..last``."""
+    """Node ``node`` (index in the sorted node ids) shows ``kind`` in rounds ``first..last``.
+
+    Parameters
+    ----------
+    kind : str
+        One of :data:`FAULT_KINDS`: ``crash``, ``timeout``, ``late`` or
+        ``duplicate``.
+    node : int
+        Index of the node in the sorted node ids seen first (``0`` = the
+        smallest id).
+    first : int
+        First round of the fault (from 1).
+    last : int
+        Last round of the fault (inclusive, at least ``first``).
+
+    Raises
+    ------
+    ValueError
+        If the kind is unknown, ``node`` is negative, ``first`` is below 1
+        or ``last`` is below ``first``.
+    """
 
     kind: str
     node: int
@@ -63,6 +84,7 @@ class Fault:
     last: int
 
     def __post_init__(self) -> None:
+        """Check the kind, the node index and the rounds."""
         if self.kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault {self.kind!r}; expected one of {FAULT_KINDS}")
         if self.node < 0 or self.first < 1 or self.last < self.first:
@@ -70,7 +92,24 @@ class Fault:
 
 
 def parse_faults(spec: str) -> list[Fault]:
-    """Parse ``"kind:node@round[-round], ..."`` (e.g. ``"crash:1@2-3, late:0@2"``)."""
+    """Parse a fault spec such as ``"crash:1@2-3, late:0@2"``.
+
+    Parameters
+    ----------
+    spec : str
+        Items ``kind:node@round`` or ``kind:node@first-last`` separated by
+        ``,`` or ``;``; blank items are skipped.
+
+    Returns
+    -------
+    list[Fault]
+        One fault per item.
+
+    Raises
+    ------
+    ValueError
+        If an item is malformed or describes an invalid fault.
+    """
     faults = []
     for item in spec.replace(";", ",").split(","):
         item = item.strip()
@@ -93,15 +132,21 @@ class FaultPlan:
 
     Parameters
     ----------
-    faults : sequence of Fault
+    faults : Sequence[Fault]
         Explicit faults (they take precedence over random ones).
     rate : float
         Probability that a (node, round) without an explicit fault gets a
         random one from ``kinds``.
-    kinds : sequence of str
+    kinds : Sequence[str]
         The kinds random faults are drawn from.
     seed : int
         Seed of the random faults (the same seed, the same faults).
+
+    Raises
+    ------
+    ValueError
+        If ``rate`` is outside ``[0, 1]`` or ``kinds`` is empty or holds an
+        unknown kind.
     """
 
     def __init__(
@@ -125,15 +170,53 @@ class FaultPlan:
 
     @classmethod
     def from_config(cls, spec: str, rate: float = 0.0, kinds: str = "", seed: int = 0) -> FaultPlan:
-        """A plan from the run config's ``faults`` / ``fault-rate`` / ``fault-kinds``."""
+        """Build a plan from the run config's ``faults`` / ``fault-rate`` / ``fault-kinds``.
+
+        Parameters
+        ----------
+        spec : str
+            Explicit faults (see :func:`parse_faults`).
+        rate : float
+            Probability of a random fault per (node, round).
+        kinds : str
+            Comma-separated kinds of the random faults; empty: all kinds.
+        seed : int
+            Seed of the random faults.
+
+        Returns
+        -------
+        FaultPlan
+            The plan.
+
+        Raises
+        ------
+        ValueError
+            If the spec, the rate or the kinds are invalid.
+        """
         names = [k.strip() for k in kinds.split(",") if k.strip()] or list(FAULT_KINDS)
         return cls(parse_faults(spec), rate, names, seed)
 
     def __bool__(self) -> bool:
+        """Return whether the plan can inject any fault."""
         return bool(self.faults) or self.rate > 0
 
     def fault(self, node: int, server_round: int) -> str | None:
-        """The fault of node index ``node`` in ``server_round``, if any."""
+        """Return the fault of node index ``node`` in ``server_round``, if any.
+
+        Parameters
+        ----------
+        node : int
+            Index of the node in the sorted node ids seen first.
+        server_round : int
+            The round.
+
+        Returns
+        -------
+        str | None
+            The kind of fault: the first matching explicit fault, else a
+            random one drawn with probability ``rate`` (the same for the same
+            seed, node and round); ``None`` when the node is healthy.
+        """
         for f in self.faults:
             if f.node == node and f.first <= server_round <= f.last:
                 return f.kind
@@ -145,7 +228,18 @@ class FaultPlan:
 
 
 class FaultyGrid(Grid):
-    """A :class:`~flwr.serverapp.Grid` that injects the faults of ``plan`` (see the module doc)."""
+    """A :class:`~flwr.serverapp.Grid` that injects the faults of ``plan`` (see the module doc).
+
+    Parameters
+    ----------
+    grid : Grid
+        The Grid to wrap; everything not faulted goes through it.
+    plan : FaultPlan
+        Which node misbehaves how in which round.
+    pull_interval : float, optional
+        Seconds between two pulls in :meth:`send_and_receive`; defaults to
+        the wrapped grid's ``pull_interval``, else 0.1.
+    """
 
     def __init__(self, grid: Grid, plan: FaultPlan, pull_interval: float | None = None) -> None:
         self.grid = grid
@@ -163,11 +257,13 @@ class FaultyGrid(Grid):
         self._held: list[Message] = []  # late replies waiting for a later request
 
     # --------------------------------------------------------- delegation
-    def set_run(self, run):
-        return self.grid.set_run(run)
+    def set_run(self, run: Run) -> None:
+        """Set the run on the wrapped grid."""
+        self.grid.set_run(run)
 
     @property
-    def run(self):
+    def run(self) -> Run:
+        """Run information of the wrapped grid."""
         return self.grid.run
 
     def create_message(
@@ -178,9 +274,37 @@ class FaultyGrid(Grid):
         group_id: str,
         ttl: float | None = None,
     ) -> Message:
+        """Create a new message (not sent yet).
+
+        Parameters
+        ----------
+        content : RecordDict
+            The records to send.
+        message_type : str
+            The type of the message (``train``, ``evaluate``, ``query``...).
+        dst_node_id : int
+            The destination node.
+        group_id : str
+            The group of the message (e.g. the round).
+        ttl : float, optional
+            Time-to-live of the round trip in seconds; Flower's default when
+            unset.
+
+        Returns
+        -------
+        Message
+            The new message.
+        """
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
+        """Return the wrapped grid's node ids.
+
+        Returns
+        -------
+        Iterable[int]
+            The ids of the connected nodes.
+        """
         return self.grid.get_node_ids()
 
     # ------------------------------------------------------------ faults
@@ -193,6 +317,23 @@ class FaultyGrid(Grid):
         return self._order.index(node_id)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Push messages, injecting the plan's faults for their node and round.
+
+        The round is the ``server-round`` of each message's config (messages
+        without one are never faulted). A ``crash`` message is not pushed: it
+        gets a made-up id and a ``NODE_UNAVAILABLE`` error reply; the replies
+        of the other faulted messages are altered by :meth:`pull_messages`.
+
+        Parameters
+        ----------
+        messages : Iterable[Message]
+            The instructions to send.
+
+        Returns
+        -------
+        Iterable[str]
+            The ids of the messages, crashed ones first, to pull replies with.
+        """
         ids: list[str] = []
         to_push: list[Message] = []
         kinds: list[str | None] = []  # the fault of each pushed message's reply
@@ -234,10 +375,28 @@ class FaultyGrid(Grid):
         return ids + pushed
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Pull the replies to ``message_ids``, with the faults applied.
+
+        Returned: the error replies of crashed messages, late replies held
+        back from earlier requests (those that answer none of
+        ``message_ids``), and the wrapped grid's replies -- less those of
+        ``timeout`` messages (dropped) and ``late`` ones (held back for a
+        later call), plus a second copy of those of ``duplicate`` ones.
+
+        Parameters
+        ----------
+        message_ids : Iterable[str]
+            Ids returned by :meth:`push_messages`.
+
+        Returns
+        -------
+        Iterable[Message]
+            The replies.
+        """
         wanted = set(message_ids)
         out = [self._crashed.pop(i) for i in list(wanted) if i in self._crashed]
         # Late replies of earlier requests arrive now, with the replies of another request.
-        still_held = []
+        still_held: list[Message] = []
         for reply in self._held:
             (still_held if reply.metadata.reply_to_message_id in wanted else out).append(reply)
         self._held = still_held
@@ -263,7 +422,20 @@ class FaultyGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        """Push, then pull until every instruction is answered or ``timeout`` passes."""
+        """Push, then pull until every instruction is answered or ``timeout`` passes.
+
+        Parameters
+        ----------
+        messages : Iterable[Message]
+            The instructions to send.
+        timeout : float, optional
+            Seconds to wait for the replies; ``None``: until all are answered.
+
+        Returns
+        -------
+        Iterable[Message]
+            The replies received, late replies of earlier requests included.
+        """
         msg_ids = set(self.push_messages(messages))
         end = time.time() + (timeout if timeout is not None else 0.0)
         replies: list[Message] = []

@@ -35,6 +35,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from torch import Tensor, nn
 
 from .bridge import BridgeAutoencoder
+from .client_app import round_seed
 from .data import ClientData
 from .fedagg import BSBODPConfig, teacher_logits, train_leaf, train_nonleaf
 from .rectify import get_rectifier
@@ -49,6 +50,7 @@ from .wire import (
     encode_embeddings,
     encode_named_logits,
     metrics_record,
+    scalar,
     settings_from_config,
 )
 
@@ -69,29 +71,81 @@ EMB_PREFIX = "fedagg-emb/"
 
 @dataclass(frozen=True)
 class TierRole:
-    """Where a node sits in the tree: its uid, ``end`` or ``edge``, and its parent's uid (or ``cloud``)."""
+    """Where a node sits in the tree.
+
+    Parameters
+    ----------
+    uid : str
+        The node's stable identity.
+    tier : str
+        ``end`` (end device) or ``edge`` (edge server).
+    parent : str
+        The parent's uid, or ``cloud``.
+
+    Raises
+    ------
+    ValueError
+        If ``tier`` is neither ``end`` nor ``edge``.
+    """
 
     uid: str
     tier: str
     parent: str
 
     def __post_init__(self) -> None:
+        """Check the tier."""
         if self.tier not in ("end", "edge"):
             raise ValueError(f"tier must be 'end' or 'edge', got {self.tier!r}")
 
 
 def leaves_of(spec: str) -> list[str]:
-    """``"a,b,c"`` -> ``["a", "b", "c"]``."""
+    """Split a comma-separated list of leaf uids.
+
+    Parameters
+    ----------
+    spec : str
+        For example ``"a,b,c"``; empty items are skipped.
+
+    Returns
+    -------
+    list[str]
+        The uids, e.g. ``["a", "b", "c"]``.
+    """
     return [uid for uid in str(spec).split(",") if uid]
 
 
 def bsbodp_config(config: ConfigRecord) -> BSBODPConfig:
-    """The BSBODP settings sent with a ``learn`` instruction."""
+    """Read the BSBODP settings sent with a ``learn`` instruction.
+
+    Parameters
+    ----------
+    config : ConfigRecord
+        The instruction's config (see :func:`flwr_gkt.wire.settings_from_config`).
+
+    Returns
+    -------
+    BSBODPConfig
+        The settings; missing keys keep their defaults.
+    """
     return settings_from_config(BSBODPConfig, config)
 
 
 def handle_topology_query(msg: Message, role: TierRole) -> Message:
-    """Tell the cloud who this node is and where it hangs."""
+    """Tell the cloud who this node is and where it hangs.
+
+    Parameters
+    ----------
+    msg : Message
+        The cloud's topology query.
+    role : TierRole
+        This node's place in the tree.
+
+    Returns
+    -------
+    Message
+        The reply, with ``node-uid``, ``tier`` and ``parent`` in its ``node``
+        ConfigRecord.
+    """
     info = ConfigRecord({NODE_UID: role.uid, "tier": role.tier, "parent": role.parent})
     return Message(content=RecordDict({NODE_KEY: info}), reply_to=msg)
 
@@ -124,7 +178,44 @@ def handle_fedagg(
     data: ClientData | None = None,
     device: str = "auto",
 ) -> Message:
-    """Run one FedAgg stage on this node (see the module docstring); reply to the cloud."""
+    """Run one FedAgg stage on this node (see the module docstring); reply to the cloud.
+
+    Parameters
+    ----------
+    msg : Message
+        The cloud's ``train`` message; its config's ``fedagg-stage`` is
+        ``init``, ``store``, ``teach`` or ``learn``.
+    context : Context
+        The node's context; its state holds the node's model and the
+        embeddings it holds.
+    role : TierRole
+        This node's place in the tree.
+    autoencoder : BridgeAutoencoder
+        The frozen bridge autoencoder (the same on every node).
+    build_model : Callable[[], nn.Module]
+        Builds the node's (untrained) model.
+    data : ClientData, optional
+        The local data; required on end devices (``init`` and ``learn``).
+    device : str
+        ``"auto"``, ``"cpu"`` or ``"cuda"``.
+
+    Returns
+    -------
+    Message
+        ``init``: the embeddings and labels; ``store``: the number of leaves
+        held; ``teach``: the logits by name; ``learn``: the training loss,
+        accuracy and seconds. Each with ``num-examples``.
+
+    Raises
+    ------
+    ValueError
+        If the stage is unknown, or an end device's data is missing (or an
+        edge server is asked to ``init``).
+    KeyError
+        If the node lacks the embeddings of a leaf it is asked about.
+    PayloadError
+        If the teachers' logits of a ``learn`` message fail validation.
+    """
     config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
     stage = str(config.get("fedagg-stage", ""))
     dev = get_device(device)
@@ -176,12 +267,9 @@ def handle_fedagg(
     teachers = decode_named_logits(
         msg.content.array_records.get(ARRAYS_KEY, ArrayRecord()),
         {name: len(labels) for name, (_, labels) in embedded.items()},
-        int(config.get("num-classes", 10)),
-    )  # type: ignore[arg-type]
-    gen = torch.Generator().manual_seed(
-        int(config.get("seed", 0)) * 100_003  # type: ignore[arg-type]
-        + int(config.get("server-round", 0))
-    )  # type: ignore[arg-type]
+        int(scalar(config, "num-classes", 10)),
+    )
+    gen = torch.Generator().manual_seed(round_seed(config))
     loss_sum, correct_sum, seen = 0.0, 0.0, 0
     for name in sorted(lessons, key=lambda n: (n != "parent", n)):  # parent first, then children
         eps, labels = embedded[name]

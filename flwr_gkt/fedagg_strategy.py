@@ -29,14 +29,14 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
 from torch import Tensor, nn
 
@@ -64,7 +64,25 @@ CLOUD = "cloud"
 
 
 def parse_migrations(spec: str) -> list[tuple[str, str, int]]:
-    """``"end-3:edge-0@2, ..."`` -> ``[("end-3", "edge-0", 2), ...]`` (node uid, new parent, from round)."""
+    """Parse a migration spec such as ``"end-3:edge-0@2, end-4:cloud@3"``.
+
+    Parameters
+    ----------
+    spec : str
+        Items ``uid:new-parent@round`` separated by ``,`` or ``;``; blank
+        items are skipped.
+
+    Returns
+    -------
+    list[tuple[str, str, int]]
+        ``(node uid, new parent, from round)`` per item, e.g.
+        ``[("end-3", "edge-0", 2), ("end-4", "cloud", 3)]``.
+
+    Raises
+    ------
+    ValueError
+        If an item is not of the form ``uid:new-parent@round``.
+    """
     out = []
     for item in spec.replace(";", ",").split(","):
         item = item.strip()
@@ -178,16 +196,52 @@ class FedAgg(Strategy):
         self.moves: list[tuple[int, str, str, str]] = []
 
     # Flower's round-by-round hooks are not used: the tree needs several message waves per round.
-    def configure_train(self, server_round, arrays, config, grid):  # noqa: D102
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Refuse: a FedAgg round needs several message waves (see :meth:`start`).
+
+        Raises
+        ------
+        NotImplementedError
+            Always; FedAgg runs its own rounds in :meth:`start`.
+        """
         raise NotImplementedError("FedAgg runs its own rounds: call start()")
 
-    def aggregate_train(self, server_round, replies):  # noqa: D102
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Refuse: a FedAgg round needs several message waves (see :meth:`start`).
+
+        Raises
+        ------
+        NotImplementedError
+            Always; FedAgg runs its own rounds in :meth:`start`.
+        """
         raise NotImplementedError("FedAgg runs its own rounds: call start()")
 
-    def configure_evaluate(self, server_round, arrays, config, grid):  # noqa: D102
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Refuse: a FedAgg round needs several message waves (see :meth:`start`).
+
+        Raises
+        ------
+        NotImplementedError
+            Always; FedAgg runs its own rounds in :meth:`start`.
+        """
         raise NotImplementedError("FedAgg runs its own rounds: call start()")
 
-    def aggregate_evaluate(self, server_round, replies):  # noqa: D102
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Refuse: a FedAgg round needs several message waves (see :meth:`start`).
+
+        Raises
+        ------
+        NotImplementedError
+            Always; FedAgg runs its own rounds in :meth:`start`.
+        """
         raise NotImplementedError("FedAgg runs its own rounds: call start()")
 
     def summary(self) -> None:
@@ -316,9 +370,54 @@ class FedAgg(Strategy):
 
     # ------------------------------------------------------------------ round
     def start(
-        self, grid: Grid, num_rounds: int = 3, timeout: float = 3600
-    ) -> list[dict[str, float]]:
-        """Run ``num_rounds`` FedAgg rounds on ``grid``; return the history (one row per round)."""
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord | None = None,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Run ``num_rounds`` FedAgg rounds on ``grid``.
+
+        Each round queries the topology, then relays the teach and learn waves
+        between the tree's nodes and evaluates the cloud model.
+
+        Parameters
+        ----------
+        grid : Grid
+            The Flower grid of the run.
+        initial_arrays : ArrayRecord | None
+            Must be ``None``: every tree node builds and keeps its own model.
+        num_rounds : int
+            Number of rounds.
+        timeout : float
+            Seconds to wait for each wave of replies.
+        train_config, evaluate_config : ConfigRecord | None
+            Must be ``None`` (the settings come from the constructor).
+        evaluate_fn : Callable[[int, ArrayRecord], MetricRecord | None] | None
+            Must be ``None`` (the cloud model is evaluated on the test set given
+            to the constructor).
+
+        Returns
+        -------
+        Result
+            ``arrays``: the cloud model's weights; ``train_metrics_clientapp``:
+            each round's history row (also in :attr:`history`).
+
+        Raises
+        ------
+        ValueError
+            If ``initial_arrays``, ``train_config``, ``evaluate_config`` or
+            ``evaluate_fn`` is not ``None``.
+        """
+        if any(x is not None for x in (initial_arrays, train_config, evaluate_config, evaluate_fn)):
+            raise ValueError(
+                "FedAgg keeps a model on every tree node and takes its settings from the "
+                "constructor: initial_arrays, train_config, evaluate_config and evaluate_fn "
+                "must be None"
+            )
         log(INFO, "Starting FedAgg strategy:")
         self.summary()
         run_start = time.perf_counter()
@@ -370,7 +469,13 @@ class FedAgg(Strategy):
                 ", ".join(f"{k} {v / 1024:.1f} KB" for k, v in sorted(nbytes.items())),
             )
         log(INFO, "FedAgg finished %d rounds in %.1fs", num_rounds, time.perf_counter() - run_start)
-        return self.history
+        return Result(
+            arrays=ArrayRecord(self.model.state_dict()),
+            train_metrics_clientapp={
+                int(row["round"]): MetricRecord({k: float(v) for k, v in row.items()})
+                for row in self.history
+            },
+        )
 
     def _bridge(self, leaves: list[str]) -> Tensor:
         return self.autoencoder.bridge(torch.cat([self.embeddings[u][0] for u in leaves]))
@@ -528,7 +633,7 @@ class FedAgg(Strategy):
         return len(replies)
 
     def _cloud_learn(self, tree: _Tree, teach: dict[tuple[str, str], Tensor]) -> float:
-        """The cloud learns from each child over the child's subtree (eq. 4)."""
+        """Train the cloud on each child's logits over its subtree (eq. 4); return the loss."""
         loss, seen = 0.0, 0
         for child in tree.children[CLOUD]:
             z = teach.get((child, "parent"))
@@ -549,6 +654,12 @@ class FedAgg(Strategy):
         return loss / max(seen, 1)
 
     def evaluate(self) -> tuple[float, int]:
-        """``(summed CE loss, correct)`` of the cloud model on its test set."""
+        """Evaluate the cloud model on its test set.
+
+        Returns
+        -------
+        tuple[float, int]
+            ``(summed cross-entropy loss, number correct)`` over the test set.
+        """
         logits = predict(self.model, TensorBatches(self.test_x, self.test_y, 256), self.device)
         return evaluate_logits(logits, self.test_y)

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Context
+from flwr.app import ConfigRecord, Context
 from flwr.client import NumPyClient
 from flwr.common import (
     EvaluateIns,
@@ -54,6 +54,7 @@ from .wire import (
     PayloadError,
     PayloadSpec,
     encode_server_logits,
+    scalar,
     validate_arrays,
     validate_server_logits,
 )
@@ -63,6 +64,16 @@ __all__ = ["FedGKTLegacy", "GKTNumPyClient"]
 
 def _state_arrays(model: nn.Module) -> list[np.ndarray]:
     return [v.detach().cpu().numpy() for v in model.state_dict().values()]
+
+
+def _scalars(config: ConfigRecord) -> dict[str, Scalar]:
+    """Return a legacy ``FitIns`` config (scalars only) built from a ConfigRecord."""
+    out: dict[str, Scalar] = {}
+    for key, value in config.items():
+        if not isinstance(value, int | float | str | bytes):
+            raise TypeError(f"config {key!r}: the legacy API carries scalars only")
+        out[key] = value
+    return out
 
 
 class FedGKTLegacy(Strategy):
@@ -112,17 +123,29 @@ class FedGKTLegacy(Strategy):
         self.history: list[dict[str, float]] = []
 
     def __repr__(self) -> str:
+        """Return the strategy's name with its server model's class."""
         return f"FedGKTLegacy(server={type(self.server.model).__name__})"
 
     def _lr_factor(self, server_round: int) -> float:
         return lr_factor(self.lr_schedule, server_round, max(self.num_rounds, server_round))
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
-        """The server model's initial weights (what ``History`` tracks)."""
+        """Return the server model's initial weights (what ``History`` tracks).
+
+        Parameters
+        ----------
+        client_manager : ClientManager
+            Not used.
+
+        Returns
+        -------
+        Parameters | None
+            The server model's ``state_dict`` values, in order.
+        """
         return ndarrays_to_parameters(_state_arrays(self.server.model))
 
     def _sample(self, client_manager: ClientManager, minimum: int) -> list[ClientProxy]:
-        client_manager.wait_for(max(minimum, self.min_available_clients))
+        client_manager.wait_for(max(minimum, self.min_available_clients), timeout=86400)
         return client_manager.sample(
             num_clients=max(client_manager.num_available(), minimum),
             min_num_clients=self.min_available_clients,
@@ -131,9 +154,28 @@ class FedGKTLegacy(Strategy):
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
-        """Each node gets its own server logits and the round config."""
+        """Send every available node its own server logits and the round config.
+
+        Parameters
+        ----------
+        server_round : int
+            The current round, starting from 1.
+        parameters : Parameters
+            The server model's weights; not sent (the edge and server models
+            differ).
+        client_manager : ClientManager
+            Waits for and samples the nodes (all available ones, at least
+            ``min_fit_clients``).
+
+        Returns
+        -------
+        list[tuple[ClientProxy, FitIns]]
+            Per node: its server logits ``Z_s`` as ``float32`` (no array in its
+            first round) and the edge settings with ``server-round`` and the
+            scheduled ``lr``.
+        """
         lr = self.edge_config.lr * self._lr_factor(server_round)
-        config = dict(
+        config = _scalars(
             edge_config_record(self.edge_config, **{"server-round": server_round, "lr": lr})
         )
         out = []
@@ -149,7 +191,29 @@ class FedGKTLegacy(Strategy):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """Validate and store ``(H, Z_c, Y)`` per node, then train the server model."""
+        """Validate and store ``(H, Z_c, Y)`` per node, then train the server model.
+
+        A reply that is not three arrays or fails validation
+        (:func:`flwr_gkt.wire.validate_arrays`) is rejected with a log line;
+        failures are logged and counted as rejected. The server model then
+        trains ``E_s`` epochs on all stored features.
+
+        Parameters
+        ----------
+        server_round : int
+            The current round, starting from 1.
+        results : list[tuple[ClientProxy, FitRes]]
+            The nodes' fit replies.
+        failures : list[tuple[ClientProxy, FitRes] | BaseException]
+            Failed fit calls.
+
+        Returns
+        -------
+        tuple[Parameters | None, dict[str, Scalar]]
+            The server model's weights (``None`` when it trained on no
+            example) and the round's node counts and server train loss,
+            accuracy and examples.
+        """
         accepted = 0
         for failure in failures:
             log(WARNING, "FedGKT round %d: a node failed: %r", server_round, failure)
@@ -181,7 +245,7 @@ class FedGKTLegacy(Strategy):
             "server-train-accuracy": result.accuracy,
             "server-train-examples": result.num_examples,
         }
-        self.history.append({"round": server_round, **{k: float(v) for k, v in metrics.items()}})  # type: ignore[arg-type]
+        self.history.append({"round": server_round, **{k: scalar(metrics, k) for k in metrics}})
         log(INFO, "FedGKT round %d fit: %s", server_round, metrics)
         if result.num_examples == 0:
             return None, metrics
@@ -190,7 +254,24 @@ class FedGKTLegacy(Strategy):
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
-        """Send the server model to the nodes for on-node evaluation."""
+        """Send the server model to the nodes for on-node evaluation.
+
+        Parameters
+        ----------
+        server_round : int
+            The current round, starting from 1.
+        parameters : Parameters
+            The server model's weights, sent as they are.
+        client_manager : ClientManager
+            Waits for and samples the nodes (all available ones, at least
+            ``min_evaluate_clients``).
+
+        Returns
+        -------
+        list[tuple[ClientProxy, EvaluateIns]]
+            The same instruction for every node: the weights, ``server-round``
+            and ``batch-size``.
+        """
         ins = EvaluateIns(
             parameters, {"server-round": server_round, "batch-size": self.edge_config.batch_size}
         )
@@ -202,7 +283,23 @@ class FedGKTLegacy(Strategy):
         results: list[tuple[ClientProxy, EvaluateRes]],
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
-        """Example-weighted loss, accuracy and edge-only accuracy."""
+        """Average the nodes' loss, accuracy and edge-only accuracy by examples.
+
+        Parameters
+        ----------
+        server_round : int
+            The current round, starting from 1.
+        results : list[tuple[ClientProxy, EvaluateRes]]
+            The nodes' evaluate replies.
+        failures : list[tuple[ClientProxy, EvaluateRes] | BaseException]
+            Failed evaluate calls (not used).
+
+        Returns
+        -------
+        tuple[float | None, dict[str, Scalar]]
+            The loss and ``accuracy``, ``edge-accuracy`` and ``num-examples``;
+            ``(None, {})`` when no example was reported.
+        """
         n = sum(r.num_examples for _, r in results)
         if n == 0:
             return None, {}
@@ -213,14 +310,27 @@ class FedGKTLegacy(Strategy):
         }
         metrics["num-examples"] = n
         if self.history and self.history[-1]["round"] == server_round:
-            self.history[-1].update({"loss": loss, **{k: float(v) for k, v in metrics.items()}})  # type: ignore[arg-type]
+            self.history[-1].update({"loss": loss, **{k: scalar(metrics, k) for k in metrics}})
         log(INFO, "FedGKT round %d evaluate: loss %.4f %s", server_round, loss, metrics)
         return loss, metrics
 
     def evaluate(
         self, server_round: int, parameters: Parameters
     ) -> tuple[float, dict[str, Scalar]] | None:
-        """No centralized evaluation."""
+        """Skip centralized evaluation.
+
+        Parameters
+        ----------
+        server_round : int
+            The current round.
+        parameters : Parameters
+            The server model's weights.
+
+        Returns
+        -------
+        tuple[float, dict[str, Scalar]] | None
+            Always ``None``.
+        """
         return None
 
 
@@ -259,7 +369,28 @@ class GKTNumPyClient(NumPyClient):
     def fit(
         self, parameters: list[np.ndarray], config: dict[str, Any]
     ) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
-        """Train ``E_c`` epochs with KD from the server logits; return ``[H, Z_c, Y]``."""
+        """Train ``E_c`` epochs with KD from the server logits; return ``[H, Z_c, Y]``.
+
+        Parameters
+        ----------
+        parameters : list[np.ndarray]
+            ``[server_logits]`` for the local training set, or empty (first
+            round); received logits are also kept in the context's state.
+        config : dict[str, Any]
+            The edge round settings (see :func:`flwr_gkt.client_app.edge_round_config`).
+
+        Returns
+        -------
+        tuple[list[np.ndarray], int, dict[str, Scalar]]
+            ``[features, client_logits, labels]`` in sample order, the number
+            of training examples, and ``edge-train-loss`` /
+            ``edge-train-accuracy``.
+
+        Raises
+        ------
+        PayloadError
+            If the server logits do not match the local training set.
+        """
         cfg = edge_round_config(config)  # type: ignore[arg-type]
         n = len(self.data.y_train)
         server_logits = None
@@ -281,7 +412,22 @@ class GKTNumPyClient(NumPyClient):
     def evaluate(
         self, parameters: list[np.ndarray], config: dict[str, Any]
     ) -> tuple[float, int, dict[str, Scalar]]:
-        """Accuracy of extractor + server model, and of the edge model alone."""
+        """Evaluate the edge extractor + server model, and the edge model alone.
+
+        Parameters
+        ----------
+        parameters : list[np.ndarray]
+            The server model's weights, in ``state_dict`` order.
+        config : dict[str, Any]
+            ``batch-size`` (default 64).
+
+        Returns
+        -------
+        tuple[float, int, dict[str, Scalar]]
+            The mean cross-entropy loss of extractor + server model on the
+            local test split, its number of examples, and ``accuracy``
+            (extractor + server model) and ``edge-accuracy`` (edge model alone).
+        """
         edge = load_edge_model(self.ctx, self.build_edge, self.device)
         server = self.build_server()
         keys = list(server.state_dict().keys())

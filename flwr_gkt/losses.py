@@ -20,7 +20,7 @@ and 4); FedEEC's rectification of the teacher's probabilities plugs into
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -30,7 +30,7 @@ from .rectify import Rectifier
 __all__ = ["KDMode", "fedagg_leaf_loss", "fedagg_nonleaf_loss", "gkt_loss", "kd_loss"]
 
 
-class KDMode(str, Enum):
+class KDMode(StrEnum):
     """Which directions of knowledge transfer are on (paper Table 2).
 
     ``none``: both sides train with CE only. ``server_to_edge``: only the edge

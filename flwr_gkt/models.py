@@ -130,7 +130,8 @@ class EdgeModel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Return the edge logits ``f_c(f_e(x))``."""
-        return self.classifier(self.extractor(x))
+        logits: Tensor = self.classifier(self.extractor(x))
+        return logits
 
     def forward_with_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``(logits, features)`` for one batch."""
@@ -201,7 +202,8 @@ class ServerResNet(nn.Module):
     def forward(self, h: Tensor) -> Tensor:
         """Return logits for a batch of feature maps."""
         out = self.layer3(self.layer2(self.layer1(h)))
-        return self.fc(torch.flatten(self.avgpool(out), 1))
+        logits: Tensor = self.fc(torch.flatten(self.avgpool(out), 1))
+        return logits
 
 
 class FullResNet(nn.Module):
@@ -224,7 +226,8 @@ class FullResNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Return logits for a batch of images."""
-        return self.body(self.stem(x))
+        logits: Tensor = self.body(self.stem(x))
+        return logits
 
 
 def _blocks_for_depth(depth: int, offset: int) -> int:
@@ -317,7 +320,8 @@ class TierCNN(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.stem(x))
+        logits: Tensor = self.head(self.stem(x))
+        return logits
 
 
 def tier_cnn(num_classes: int = 10, in_channels: int = 3) -> TierCNN:
@@ -328,7 +332,7 @@ def tier_cnn(num_classes: int = 10, in_channels: int = 3) -> TierCNN:
 def _torchvision_resnet(layers: list[int], num_classes: int, in_channels: int) -> nn.Module:
     from torchvision.models.resnet import ResNet
 
-    model = ResNet(BasicBlock, layers, num_classes=num_classes)
+    model: nn.Module = ResNet(BasicBlock, layers, num_classes=num_classes)
     if in_channels != 3:  # the ImageNet stem, for other image channels
         model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
     return model

@@ -35,7 +35,7 @@ def _subset(
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     perm = rng.permutation(num_samples)
-    return perm[: max(minimum, int(round(num_samples * fraction)))]
+    return perm[: max(minimum, round(num_samples * fraction))]
 
 
 def held_out_indices(

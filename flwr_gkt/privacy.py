@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import Tensor
@@ -43,6 +43,11 @@ class PrivacyConfig:
         Noise multiplier ``sigma``: every uploaded value gets Gaussian noise of
         standard deviation ``sigma * clip`` (features) or ``sigma * logit_clip``
         (logits). Needs the matching clip to be set; ``0``: no noise.
+
+    Raises
+    ------
+    ValueError
+        If a setting is negative, or ``noise`` is set without a clip.
     """
 
     clip: float = 0.0
@@ -50,6 +55,7 @@ class PrivacyConfig:
     noise: float = 0.0
 
     def __post_init__(self) -> None:
+        """Check the settings."""
         if min(self.clip, self.logit_clip, self.noise) < 0:
             raise ValueError(f"privacy settings must be >= 0, got {self}")
         if self.noise > 0 and not (self.clip > 0 or self.logit_clip > 0):
@@ -60,13 +66,32 @@ class PrivacyConfig:
 
     @property
     def enabled(self) -> bool:
+        """Whether anything is clipped (and so possibly noised) before upload."""
         return self.clip > 0 or self.logit_clip > 0
 
     @classmethod
     def from_mapping(
         cls, values: Mapping[str, Any], base: PrivacyConfig | None = None
     ) -> PrivacyConfig:
-        """Read ``privacy-clip`` / ``privacy-logit-clip`` / ``privacy-noise``; missing keys keep ``base``."""
+        """Read ``privacy-clip`` / ``privacy-logit-clip`` / ``privacy-noise`` from a config.
+
+        Parameters
+        ----------
+        values : Mapping[str, Any]
+            The run or node config.
+        base : PrivacyConfig, optional
+            Settings kept for missing keys; defaults to no privacy.
+
+        Returns
+        -------
+        PrivacyConfig
+            The settings (empty or falsy values read as ``0``).
+
+        Raises
+        ------
+        ValueError
+            If the settings are invalid (see :class:`PrivacyConfig`).
+        """
         base = base or cls()
         return cls(
             clip=float(values.get("privacy-clip", base.clip) or 0.0),
@@ -76,15 +101,35 @@ class PrivacyConfig:
 
 
 def secure_generator() -> torch.Generator:
-    """A torch generator seeded from the OS entropy pool (not from the run's seed)."""
+    """Return a torch generator seeded from the OS entropy pool (not from the run's seed).
+
+    Returns
+    -------
+    torch.Generator
+        A CPU generator with a 63-bit seed from :func:`os.urandom`.
+    """
     return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
 
 
 def clip_per_sample(x: Tensor, max_norm: float) -> Tensor:
-    """Scale each sample (row of dim 0) down to L2 norm ``max_norm`` if it is larger."""
+    """Scale each sample (row of dim 0) down to L2 norm ``max_norm`` if it is larger.
+
+    Parameters
+    ----------
+    x : Tensor
+        A batch, samples on dim 0.
+    max_norm : float
+        Largest L2 norm of one sample (all its values together).
+
+    Returns
+    -------
+    Tensor
+        A new tensor of the same shape; samples within the norm are unchanged.
+    """
     norms = x.detach().flatten(1).norm(dim=1)
     scale = (max_norm / norms.clamp_min(1e-12)).clamp(max=1.0)
-    return x * scale.view(-1, *([1] * (x.dim() - 1)))
+    clipped: Tensor = x * scale.view(-1, *([1] * (x.dim() - 1)))
+    return clipped
 
 
 def privatize(
@@ -92,8 +137,21 @@ def privatize(
 ) -> Tensor:
     """Clip each sample to L2 norm ``clip``, then add ``N(0, (noise * clip)^2)`` to every value.
 
-    ``clip == 0`` returns ``x`` unchanged. ``generator`` defaults to
-    :func:`secure_generator`.
+    Parameters
+    ----------
+    x : Tensor
+        A batch, samples on dim 0 (clipped as float32).
+    clip : float
+        Largest L2 norm of one sample; ``0`` (or less) returns ``x`` unchanged.
+    noise : float
+        Noise multiplier; ``0``: clipping only.
+    generator : torch.Generator, optional
+        Source of the noise; defaults to :func:`secure_generator`.
+
+    Returns
+    -------
+    Tensor
+        The clipped and noised batch.
     """
     if clip <= 0:
         return x
@@ -104,13 +162,51 @@ def privatize(
     return out
 
 
+@overload
+def apply_privacy(
+    features: Tensor,
+    logits: Tensor,
+    cfg: PrivacyConfig,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]: ...
+
+
+@overload
+def apply_privacy(
+    features: Tensor,
+    logits: None,
+    cfg: PrivacyConfig,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, None]: ...
+
+
 def apply_privacy(
     features: Tensor,
     logits: Tensor | None,
     cfg: PrivacyConfig,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """:func:`privatize` features (``cfg.clip``) and logits (``cfg.logit_clip``) for upload."""
+    """Privatize features and logits for upload (see :func:`privatize`).
+
+    Parameters
+    ----------
+    features : Tensor
+        Feature maps, clipped to ``cfg.clip``.
+    logits : Tensor | None
+        Client logits, clipped to ``cfg.logit_clip``; ``None`` in evaluate
+        replies.
+    cfg : PrivacyConfig
+        The node's privacy settings; when nothing is clipped, the inputs are
+        returned unchanged.
+    generator : torch.Generator, optional
+        Source of the noise, shared by features and logits; defaults to
+        :func:`secure_generator`.
+
+    Returns
+    -------
+    tuple[Tensor, Tensor | None]
+        The features and logits to upload.
+    """
     if not cfg.enabled:
         return features, logits
     gen = generator or secure_generator()

@@ -120,14 +120,14 @@ def build_server_model(
     match = re.fullmatch(r"resnet(\d+)", name)
     if name not in _SERVER and match:
         return models.server_resnet(int(match.group(1)), num_classes, in_channels)
-    return _lookup(_SERVER, name, "server")(num_classes, in_channels)  # type: ignore[arg-type]
+    return _lookup(_SERVER, name, "server")(num_classes, in_channels)
 
 
 def build_tier_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
     """Build the tier model (image -> logits) ``name``; an edge model name builds that edge model whole."""
     if name not in _TIER and name in _EDGE:
         return _EDGE[name](num_classes, in_channels)
-    return _lookup(_TIER, name, "tier")(num_classes, in_channels)  # type: ignore[arg-type]
+    return _lookup(_TIER, name, "tier")(num_classes, in_channels)
 
 
 def build_full_model(server_name: str, num_classes: int, in_channels: int) -> nn.Module:

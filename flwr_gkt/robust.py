@@ -37,7 +37,19 @@ def _median_norm(x: torch.Tensor) -> float:
 
 
 def payload_stats(payload: Payload) -> dict[str, float]:
-    """Scale statistics of a payload: ``feature-norm`` and/or ``logit-norm`` (medians over samples)."""
+    """Summarise a payload's scale for :func:`find_outliers`.
+
+    Parameters
+    ----------
+    payload : Payload
+        A decoded, validated payload.
+
+    Returns
+    -------
+    dict[str, float]
+        ``feature-norm`` (when it has features) and ``logit-norm`` (when it
+        has logits): the median over samples of the per-sample L2 norm.
+    """
     stats = {}
     if payload.has_features:
         stats["feature-norm"] = _median_norm(payload.features)
@@ -52,10 +64,28 @@ def find_outliers(
     rel_floor: float = 0.1,
     min_payloads: int = 3,
 ) -> list[str | None]:
-    """For each payload's statistics, ``None`` or why it is an outlier.
+    """Flag the payloads whose statistics are far from the round's median.
 
-    ``None`` entries (payloads already rejected) are skipped. With fewer than
-    ``min_payloads`` payloads having a statistic, that statistic is not checked.
+    Each statistic is checked on its own (see the module docstring); a
+    non-finite value is always an outlier once the statistic is checked.
+
+    Parameters
+    ----------
+    stats : Sequence[dict[str, float] | None]
+        The :func:`payload_stats` of each payload; ``None`` entries (payloads
+        already rejected) are skipped.
+    threshold : float
+        Largest accepted distance from the median, in robust deviations.
+    rel_floor : float
+        Smallest robust deviation, as a fraction of ``|median|``.
+    min_payloads : int
+        With fewer payloads having a statistic (or fewer finite values of it),
+        that statistic is not checked.
+
+    Returns
+    -------
+    list[str | None]
+        For each entry of ``stats``, ``None`` or why it is an outlier.
     """
     reasons: list[str | None] = [None] * len(stats)
     keys = sorted({k for s in stats if s for k in s})

@@ -15,7 +15,7 @@ import copy
 import math
 import time
 import types
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from logging import WARNING
 from pathlib import Path
@@ -44,7 +44,22 @@ __all__ = ["GKTServer", "ServerRoundResult"]
 
 @dataclass
 class ServerRoundResult:
-    """Metrics of one round of server training."""
+    """Metrics of one round (or one asynchronous update) of server training.
+
+    Parameters
+    ----------
+    loss : float
+        Mean training loss (``NaN`` when the update was undone because it left
+        the model non-finite).
+    accuracy : float
+        Training accuracy on the samples seen.
+    num_examples : int
+        Number of samples trained on (``0``: no training happened).
+    num_nodes : int
+        Number of nodes whose features were trained on.
+    seconds : float
+        Wall-clock seconds of the training.
+    """
 
     loss: float
     accuracy: float
@@ -116,7 +131,17 @@ class GKTServer:
         self.stored_round: dict[int, int] = {}
 
     def put(self, node_id: int, payload: Payload, server_round: int = 0) -> None:
-        """Store (replace) the latest validated payload of ``node_id``."""
+        """Store (replace) the latest validated payload of ``node_id``.
+
+        Parameters
+        ----------
+        node_id : int
+            The node the payload came from.
+        payload : Payload
+            Its validated features, client logits and labels.
+        server_round : int
+            The round of the payload (see :meth:`evict`).
+        """
         self.store.put(node_id, payload)
         self.stored_round[node_id] = server_round
 
@@ -125,6 +150,16 @@ class GKTServer:
 
         A node that left -- or came back under a new node id -- stops being
         trained on once its features are older than the strategy's limit.
+
+        Parameters
+        ----------
+        before_round : int
+            Nodes whose payload was last stored in an earlier round are dropped.
+
+        Returns
+        -------
+        list[int]
+            The node ids dropped.
         """
         gone = [n for n, r in self.stored_round.items() if r < before_round]
         for node in gone:
@@ -134,10 +169,17 @@ class GKTServer:
         return gone
 
     def state_dict(self) -> dict[str, Any]:
-        """Model, optimizer, per-node ``Z_s`` and rounds, shuffling generator (for checkpoints).
+        """Return the state a checkpoint needs.
 
         The feature store is not included: features are re-sent by the nodes
         (the strategy asks a node for its features whenever it holds none).
+
+        Returns
+        -------
+        dict[str, Any]
+            The model's and optimizer's state, the base learning rate, the
+            per-node server logits ``Z_s`` and stored rounds, and the state of
+            the shuffling generator.
         """
         return {
             "model": self.model.state_dict(),
@@ -149,7 +191,16 @@ class GKTServer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (the store stays as it is)."""
+        """Restore what :meth:`state_dict` returned.
+
+        The store stays as it is; stored rounds are kept only for nodes it
+        holds.
+
+        Parameters
+        ----------
+        state : dict[str, Any]
+            A state returned by :meth:`state_dict`.
+        """
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr = float(state["lr"])
@@ -160,7 +211,19 @@ class GKTServer:
         self.generator.set_state(state["generator"])
 
     def server_logits(self, node_id: int) -> Tensor | None:
-        """The server logits ``Z_s`` computed for ``node_id``'s samples, if any."""
+        """Return the server logits ``Z_s`` computed for ``node_id``'s samples.
+
+        Parameters
+        ----------
+        node_id : int
+            The node.
+
+        Returns
+        -------
+        Tensor | None
+            One row of logits per sample of the node, in its sample order;
+            ``None`` when none were computed yet.
+        """
         return self.logits.get(node_id)
 
     def train_round(
@@ -170,10 +233,25 @@ class GKTServer:
 
         All nodes' samples are shuffled together. The logits returned to each
         node are the outputs of the last epoch's forward passes, per sample
-        (Algorithm 1, lines 10-11). ``lr_scale`` multiplies the base learning
-        rate for this round (learning-rate schedule). ``nodes`` restricts the
-        round to these stored nodes (asynchronous training: the node whose
-        reply just arrived); only their ``Z_s`` are updated.
+        (Algorithm 1, lines 10-11); with ``E_s = 0`` they are the model's
+        eval-mode outputs. A round that leaves the model non-finite is undone
+        (model, optimizer and ``Z_s`` restored, loss reported as ``NaN``).
+
+        Parameters
+        ----------
+        lr_scale : float
+            Multiplies the base learning rate for this round (learning-rate
+            schedule).
+        nodes : Iterable[int], optional
+            Restricts the round to these stored nodes (asynchronous training:
+            the node whose reply just arrived); only their ``Z_s`` are updated.
+            ``None``: every stored node.
+
+        Returns
+        -------
+        ServerRoundResult
+            The round's loss, accuracy, examples, nodes and seconds; all zero
+            when no stored node is to be trained on.
         """
         set_lr(self.optimizer, self.lr * lr_scale)
         nodes = sorted(self.store if nodes is None else set(nodes) & set(self.store))
@@ -188,7 +266,7 @@ class GKTServer:
         )
 
     @contextlib.contextmanager
-    def _guard(self):
+    def _guard(self) -> Iterator[types.SimpleNamespace]:
         """Undo a training step that left the model non-finite (a hostile payload got through).
 
         The model and optimizer are copied before and restored when the loss or
@@ -254,14 +332,28 @@ class GKTServer:
         return ServerRoundResult(loss, acc, total, len(nodes), secs)
 
     def train_update(self, node: int, lr_scale: float = 1.0) -> ServerRoundResult:
-        """One asynchronous server update after ``node``'s reply; sets its ``Z_s``.
+        """Make one asynchronous server update after ``node``'s reply and set its ``Z_s``.
 
         ``E_s`` passes, each over as many samples as ``node`` holds, drawn at
         random from *every* stored node's features (the fresh ones of ``node``
         included), with ``CE + alpha * KD``; then ``Z_s`` of ``node`` is the
         model's output (eval mode) on its features. Over one update per node,
         the server sees the same number of samples, from the same mixture of
-        nodes, as one synchronous :meth:`train_round`.
+        nodes, as one synchronous :meth:`train_round`. An update that leaves
+        the model non-finite is undone, as in :meth:`train_round`.
+
+        Parameters
+        ----------
+        node : int
+            The node whose reply was just stored.
+        lr_scale : float
+            Multiplies the base learning rate for this update.
+
+        Returns
+        -------
+        ServerRoundResult
+            The update's loss, accuracy, examples (``node``'s sample count),
+            nodes and seconds; all zero when ``node`` is not stored.
         """
         if node not in self.store:
             return ServerRoundResult(0.0, 0.0, 0, 0, 0.0)
@@ -301,10 +393,34 @@ class GKTServer:
         return ServerRoundResult(loss, accuracy, size, len(nodes), time.perf_counter() - start)
 
     def predict(self, features: Tensor) -> Tensor:
-        """Server logits for feature maps, eval mode, on the CPU."""
+        """Compute the server model's logits for feature maps (eval mode).
+
+        Parameters
+        ----------
+        features : Tensor
+            Feature maps ``(N, C, H, W)``.
+
+        Returns
+        -------
+        Tensor
+            Logits ``(N, num_classes)``, on the CPU.
+        """
         labels = torch.zeros(len(features), dtype=torch.long)
         return predict(self.model, TensorBatches(features, labels, self.batch_size), self.device)
 
     def evaluate(self, features: Tensor, labels: Tensor) -> tuple[float, int]:
-        """Return ``(summed CE loss, correct)`` of the server model on features."""
+        """Evaluate the server model on feature maps.
+
+        Parameters
+        ----------
+        features : Tensor
+            Feature maps ``(N, C, H, W)``.
+        labels : Tensor
+            Their labels ``(N,)``.
+
+        Returns
+        -------
+        tuple[float, int]
+            ``(summed cross-entropy loss, number correct)``.
+        """
         return evaluate_logits(self.predict(features), labels)

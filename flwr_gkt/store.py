@@ -94,8 +94,17 @@ def return_large_blocks_to_os(threshold: int = _MMAP_THRESHOLD) -> bool:
     process (fragmentation): resident memory then grows with the number of
     replies seen, whatever the store keeps. A fixed threshold (``mallopt``
     ``M_MMAP_THRESHOLD``, as the ``MALLOC_MMAP_THRESHOLD_`` environment variable
-    would set) returns every large block to the OS when it is freed. Returns
-    ``False`` where this is not glibc.
+    would set) returns every large block to the OS when it is freed.
+
+    Parameters
+    ----------
+    threshold : int
+        Allocations above this many bytes are served with ``mmap``.
+
+    Returns
+    -------
+    bool
+        Whether the setting was applied; ``False`` where this is not glibc.
     """
     try:
         import ctypes
@@ -138,6 +147,7 @@ class FeatureStore(Mapping[int, Payload]):
 
     # ---------------------------------------------------------------- mapping
     def __getitem__(self, node: int) -> Payload:
+        """Return ``node``'s payload, its features read back from disk if spilled."""
         payload = self._payloads[node]
         spilled = self._spilled.get(node)
         if spilled is None:
@@ -146,21 +156,51 @@ class FeatureStore(Mapping[int, Payload]):
         return Payload(features=features, labels=payload.labels, logits=payload.logits)
 
     def __iter__(self) -> Iterator[int]:
+        """Iterate over the stored node ids, in the order they were stored."""
         return iter(self._payloads)
 
     def __len__(self) -> int:
+        """Return the number of stored nodes."""
         return len(self._payloads)
 
     def __contains__(self, node: object) -> bool:
+        """Return whether a payload of ``node`` is stored (without reading it)."""
         return node in self._payloads
 
     # ------------------------------------------------------------------ sizes
     def num_samples(self, node: int) -> int:
-        """Number of samples stored for ``node``."""
+        """Return the number of samples stored for ``node``.
+
+        Parameters
+        ----------
+        node : int
+            A stored node.
+
+        Returns
+        -------
+        int
+            The number of samples.
+
+        Raises
+        ------
+        KeyError
+            If ``node`` is not stored.
+        """
         return len(self._payloads[node])
 
     def is_spilled(self, node: int) -> bool:
-        """Whether ``node``'s features are on disk."""
+        """Return whether ``node``'s features are on disk.
+
+        Parameters
+        ----------
+        node : int
+            A node id.
+
+        Returns
+        -------
+        bool
+            ``True`` if its features were spilled to the spill directory.
+        """
         return node in self._spilled
 
     @property
@@ -180,6 +220,13 @@ class FeatureStore(Mapping[int, Payload]):
         The newest features spill first; if the labels and logits that stay in
         memory push the total over the budget, earlier nodes' features follow
         (newest first) until it fits.
+
+        Parameters
+        ----------
+        node : int
+            The node the payload came from.
+        payload : Payload
+            Its validated features, labels and client logits.
         """
         self.remove(node)
         self._payloads[node] = payload
@@ -202,7 +249,23 @@ class FeatureStore(Mapping[int, Payload]):
         )
 
     def set_logits(self, node: int, logits: Tensor | None) -> None:
-        """Replace the client logits of ``node`` (replay rounds send logits only)."""
+        """Replace the client logits of ``node`` (replay rounds send logits only).
+
+        Parameters
+        ----------
+        node : int
+            A stored node.
+        logits : Tensor | None
+            Its new client logits, one row per stored sample; ``None`` removes
+            them.
+
+        Raises
+        ------
+        KeyError
+            If ``node`` is not stored.
+        ValueError
+            If the number of logits differs from the number of stored samples.
+        """
         payload = self._payloads[node]
         if logits is not None and len(logits) != len(payload):
             raise ValueError(f"node {node}: {len(logits)} logits for {len(payload)} stored samples")
@@ -211,14 +274,24 @@ class FeatureStore(Mapping[int, Payload]):
         )
 
     def remove(self, node: int) -> None:
-        """Forget ``node`` (and delete its spill file)."""
+        """Forget ``node`` and delete its spill file; a node not stored is ignored.
+
+        Parameters
+        ----------
+        node : int
+            The node to forget.
+        """
         self._payloads.pop(node, None)
         spilled = self._spilled.pop(node, None)
         if spilled is not None:
             spilled.path.unlink(missing_ok=True)
 
     def close(self) -> None:
-        """Remove every spill file, and the spill directory when it is left empty."""
+        """Remove every spill file, and the spill directory when it is left empty.
+
+        Spilled nodes are forgotten; nodes held in memory stay. A temporary
+        spill directory created by the store is removed with its contents.
+        """
         for node in list(self._spilled):
             self.remove(node)
         if self._spill_dir is None:
@@ -230,6 +303,7 @@ class FeatureStore(Mapping[int, Payload]):
             self._spill_dir.rmdir()
 
     def __del__(self) -> None:
+        """Call :meth:`close`, ignoring errors."""
         try:
             self.close()
         except Exception:
@@ -256,26 +330,81 @@ class FeatureStore(Mapping[int, Payload]):
         generator: torch.Generator | None = None,
         size: int | None = None,
     ) -> StoreBatches:
-        """Mini-batches over ``nodes``' samples, concatenated in that order.
+        """Return mini-batches over ``nodes``' samples, concatenated in that order.
 
-        ``size``: each pass covers only this many samples, drawn at random
-        (without replacement) anew on every pass.
+        Parameters
+        ----------
+        nodes : Sequence[int]
+            Stored nodes whose samples are iterated over.
+        batch_size : int
+            Samples per batch.
+        shuffle : bool
+            Shuffle the samples anew on every pass.
+        generator : torch.Generator, optional
+            Generator of the shuffling.
+        size : int, optional
+            Each pass covers only this many samples, drawn at random (without
+            replacement) anew on every pass. ``None``: all samples.
+
+        Returns
+        -------
+        StoreBatches
+            An iterable of ``(features, labels, index)`` batches, read from
+            memory or disk one batch at a time.
         """
         return StoreBatches(self, nodes, batch_size, shuffle, generator, size)
 
     def labels(self, nodes: Iterable[int]) -> Tensor:
-        """Labels of ``nodes``, concatenated."""
+        """Return the labels of ``nodes``, concatenated.
+
+        Parameters
+        ----------
+        nodes : Iterable[int]
+            Stored nodes (at least one).
+
+        Returns
+        -------
+        Tensor
+            Their labels, in the order of ``nodes``.
+        """
         return torch.cat([self._payloads[n].labels for n in nodes])
 
     def logits(self, nodes: Iterable[int]) -> Tensor | None:
-        """Client logits of ``nodes``, concatenated; ``None`` unless every node has them."""
+        """Return the client logits of ``nodes``, concatenated.
+
+        Parameters
+        ----------
+        nodes : Iterable[int]
+            Stored nodes.
+
+        Returns
+        -------
+        Tensor | None
+            Their client logits, in the order of ``nodes``; ``None`` unless
+            there is at least one node and every node has logits.
+        """
         parts = [self._payloads[n].logits for n in nodes]
         if not parts or any(p is None for p in parts):
             return None
         return torch.cat([p for p in parts if p is not None])
 
     def gather(self, nodes: Sequence[int], index: Tensor) -> Tensor:
-        """Feature rows ``index`` of the concatenation of ``nodes``' features."""
+        """Return feature rows of the concatenation of ``nodes``' features.
+
+        Spilled rows are read from disk; the concatenation is never built.
+
+        Parameters
+        ----------
+        nodes : Sequence[int]
+            Stored nodes, in concatenation order.
+        index : Tensor
+            Rows to gather (positions in the concatenation, not empty).
+
+        Returns
+        -------
+        Tensor
+            The rows, in the order of ``index``.
+        """
         sizes = np.array([len(self._payloads[n]) for n in nodes])
         starts = np.concatenate([[0], np.cumsum(sizes)])
         idx = index.numpy()
@@ -303,6 +432,21 @@ class StoreBatches:
     ``index`` is the position in the concatenation of ``nodes``' samples (the
     row of the teacher logits and of the captured server logits), as with
     :class:`flwr_gkt.training.TensorBatches`.
+
+    Parameters
+    ----------
+    store : FeatureStore
+        The store to read from.
+    nodes : Sequence[int]
+        Stored nodes whose samples are iterated over, in this order.
+    batch_size : int
+        Samples per batch.
+    shuffle : bool
+        Shuffle the samples anew on every pass (implied by ``size``).
+    generator : torch.Generator, optional
+        Generator of the shuffling.
+    size : int, optional
+        Samples per pass, drawn at random anew on every pass; ``None``: all.
     """
 
     def __init__(
@@ -323,9 +467,11 @@ class StoreBatches:
         self.size = len(self.labels) if size is None else min(int(size), len(self.labels))
 
     def __len__(self) -> int:
+        """Return the number of batches per pass."""
         return -(-self.size // self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
+        """Yield one pass of ``(features, labels, index)`` batches."""
         n = len(self.labels)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         order = order[: self.size]

@@ -55,23 +55,82 @@ from .wire import (
     decode_payload,
     encode_server_logits,
     record_nbytes,
+    scalar,
 )
 
-__all__ = ["FedGKT", "progress"]
+__all__ = ["FedGKT", "edge_train_metrics", "progress"]
 
 _MB = 1024 * 1024
 
 
 def progress(server_round: int, num_rounds: int, elapsed: float) -> str:
-    """``"round 3/10, 42s elapsed, ~98s left"``: a progress note for long runs."""
+    """Format a progress note for long runs.
+
+    Parameters
+    ----------
+    server_round : int
+        The round that just ended.
+    num_rounds : int
+        Total number of rounds; ``0`` or less when unknown (no estimate of the
+        time left is given then).
+    elapsed : float
+        Seconds since the run started.
+
+    Returns
+    -------
+    str
+        For example ``"round 3/10, 42s elapsed, ~98s left"``; the time left is
+        extrapolated from the mean time per round so far.
+    """
     if num_rounds <= 0:
         return f"round {server_round}, {elapsed:.0f}s elapsed"
     left = elapsed / max(server_round, 1) * max(num_rounds - server_round, 0)
     return f"round {server_round}/{num_rounds}, {elapsed:.0f}s elapsed, ~{left:.0f}s left"
 
 
+def edge_train_metrics(replies: Iterable[tuple[float, MetricRecord]]) -> dict[str, float]:
+    """Summarise the edge side of a round's train replies.
+
+    Parameters
+    ----------
+    replies : Iterable[tuple[float, MetricRecord]]
+        ``(num_examples, metrics)`` of each accepted reply.
+
+    Returns
+    -------
+    dict[str, float]
+        ``edge-train-loss`` / ``edge-train-accuracy`` weighted by the examples
+        (absent when no examples were reported), ``edge-seconds-max`` and
+        ``edge-seconds-mean``.
+    """
+    replies = list(replies)
+    row: dict[str, float] = {}
+    n_edge = sum(size for size, _ in replies)
+    for key in ("edge-train-loss", "edge-train-accuracy"):
+        if n_edge:
+            row[key] = sum(scalar(m, key) * size for size, m in replies if key in m) / n_edge
+    seconds = [scalar(m, "edge-seconds", 0.0) for _, m in replies]
+    row["edge-seconds-max"] = max(seconds, default=0.0)
+    row["edge-seconds-mean"] = sum(seconds) / max(len(seconds), 1)
+    return row
+
+
 def edge_config_record(cfg: EdgeRoundConfig, **extra: Any) -> ConfigRecord:
-    """The edge settings as the ConfigRecord sent with each train instruction."""
+    """Build the ConfigRecord of edge settings sent with each train instruction.
+
+    Parameters
+    ----------
+    cfg : EdgeRoundConfig
+        The edge settings; each field ``a_b`` becomes the key ``a-b`` and the
+        KD mode is sent as its string value.
+    **extra : Any
+        Further entries, added as given (they override the settings' keys).
+
+    Returns
+    -------
+    ConfigRecord
+        The record sent to the nodes.
+    """
     values = {k.replace("_", "-"): v for k, v in asdict(cfg).items()}
     values["kd-mode"] = cfg.kd_mode.value
     values.update(extra)
@@ -233,7 +292,37 @@ class FedGKT(Strategy):
         The same loop as Flower's (train, evaluate, centralized evaluation), but
         it starts after the last completed round -- ``1`` unless :meth:`resume`
         loaded a checkpoint -- and writes a checkpoint at the end of every round
-        when ``checkpoint_path`` is set.
+        when ``checkpoint_path`` is set. A resumed run first finds the
+        checkpointed nodes again (:meth:`reidentify_nodes`) and starts from the
+        restored server model's weights instead of ``initial_arrays``.
+
+        Parameters
+        ----------
+        grid : Grid
+            The Grid used to send messages to and receive replies from the nodes.
+        initial_arrays : ArrayRecord
+            Initial server model weights (see :meth:`initial_arrays`); nodes
+            never receive them, they are what ``evaluate_fn`` gets in round 0.
+        num_rounds : int
+            Total number of rounds, the resumed ones included; also sets the
+            length of the learning-rate schedule.
+        timeout : float
+            Seconds to wait for the replies of each train / evaluate stage.
+        train_config : ConfigRecord, optional
+            Entries added to every train instruction, over the edge settings.
+            If unset, an empty ConfigRecord is used.
+        evaluate_config : ConfigRecord, optional
+            Entries added to every evaluate instruction. If unset, an empty
+            ConfigRecord is used.
+        evaluate_fn : Callable[[int, ArrayRecord], MetricRecord | None], optional
+            Centralized evaluation of the server model weights; called before
+            the first round (not on a resumed run) and after each round.
+
+        Returns
+        -------
+        Result
+            The final server model weights and the train, evaluate and
+            centralized-evaluation metrics of the rounds run by this call.
         """
         self.num_rounds = num_rounds
         self._run_start = time.perf_counter()
@@ -282,7 +371,17 @@ class FedGKT(Strategy):
 
     # ------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed run needs: round, server, per-node state, RNG, history."""
+        """Return everything a resumed run needs.
+
+        Returns
+        -------
+        dict[str, Any]
+            The last completed round, the server's state (model, optimizer,
+            per-node server logits), the feature shape, the learning-rate
+            schedule's position, the RNG states, the round and node histories
+            and the nodes' ``node-uid`` (see :meth:`load_state_dict`). The
+            stored features are not included: nodes send them again.
+        """
         return {
             "format": 1,
             "round": self.completed_round,
@@ -302,7 +401,23 @@ class FedGKT(Strategy):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+        """Restore what :meth:`state_dict` returned.
+
+        The feature store stays empty: every node is asked for its features
+        again in its next train round.
+
+        Parameters
+        ----------
+        state : dict[str, Any]
+            A state returned by :meth:`state_dict` (e.g. read back by
+            :func:`flwr_gkt.checkpoint.load_checkpoint`).
+
+        Raises
+        ------
+        CheckpointError
+            If the state has an unknown format or was written with another
+            learning-rate schedule.
+        """
         if state.get("format") != 1:
             raise CheckpointError(f"unknown checkpoint format {state.get('format')!r}")
         if state["scheduler"]["lr-schedule"] != self.lr_schedule:
@@ -321,7 +436,7 @@ class FedGKT(Strategy):
         self.feature_round.clear()  # the store is empty: every node sends its features again
 
     def reidentify_nodes(self, grid: Grid, timeout: float = 60.0) -> dict[int, int]:
-        """Find the checkpointed nodes again under their current node ids; return ``{old: new}``.
+        """Find the checkpointed nodes again under their current node ids.
 
         Node ids are not stable across restarts (a Ray simulation draws new
         ones; a SuperNode that re-registers may get a new one). Every connected
@@ -330,6 +445,22 @@ class FedGKT(Strategy):
         checkpoint knows under another id takes over that id's per-node state
         (server logits ``Z_s``). Nodes that do not answer, and uids that are
         not unique, keep nothing.
+
+        Parameters
+        ----------
+        grid : Grid
+            The Grid used to list the connected nodes and query them.
+        timeout : float
+            Upper bound, in seconds, on each of the two waits: for
+            ``min_available_nodes`` nodes to connect (otherwise at most
+            ``max(node_wait_timeout, 60)``), and for the query replies
+            (otherwise at most 60).
+
+        Returns
+        -------
+        dict[int, int]
+            ``{old node id: new node id}`` of the nodes found under a new id;
+            empty when the checkpoint knows no ``node-uid``.
         """
         if not self.node_uids:
             return {}
@@ -378,9 +509,26 @@ class FedGKT(Strategy):
         return moved
 
     def resume(self, path: str | Path | None = None) -> int:
-        """Load the checkpoint at ``path`` (default ``checkpoint_path``); return its round.
+        """Load the checkpoint at ``path`` and return its round.
 
-        ``0`` when there is none: the run starts from the beginning.
+        Call it before :meth:`start`, which then goes on after that round.
+
+        Parameters
+        ----------
+        path : str or Path, optional
+            The checkpoint file; defaults to ``checkpoint_path``.
+
+        Returns
+        -------
+        int
+            The last completed round of the checkpoint; ``0`` when there is
+            none (or no path): the run starts from the beginning.
+
+        Raises
+        ------
+        CheckpointError
+            If the checkpoint cannot be read or does not fit this strategy
+            (see :meth:`load_state_dict`).
         """
         path = Path(path) if path else self.checkpoint_path
         state = load_checkpoint(path) if path else None
@@ -401,7 +549,13 @@ class FedGKT(Strategy):
         return lr_factor(self.lr_schedule, server_round, max(self.num_rounds, server_round))
 
     def initial_arrays(self) -> ArrayRecord:
-        """The server model's weights, to pass to :meth:`start`."""
+        """Return the server model's current weights, to pass to :meth:`start`.
+
+        Returns
+        -------
+        ArrayRecord
+            The server model's ``state_dict``.
+        """
         return ArrayRecord(self.server.model.state_dict())
 
     def summary(self) -> None:
@@ -577,10 +731,10 @@ class FedGKT(Strategy):
                     stats.append(None)
             reasons = find_outliers(stats, self.outlier_threshold)
             kept = []
-            for (node, msg, record), stat, reason in zip(candidates, stats, reasons, strict=True):
-                if stat is not None and reason is not None:
-                    reject(record, "rejected", reason)
-                if stat is not None and reason is None:
+            for (node, msg, record), stat, why in zip(candidates, stats, reasons, strict=True):
+                if stat is not None and why is not None:
+                    reject(record, "rejected", why)
+                if stat is not None and why is None:
                     kept.append((node, msg, record))
                 else:
                     msg.content.array_records.pop(ARRAYS_KEY, None)
@@ -663,7 +817,33 @@ class FedGKT(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Send each sampled node the round config and its own server logits."""
+        """Send each sampled node the round config and its own server logits.
+
+        The config holds the edge settings (learning rate scaled by the
+        schedule), the wire dtypes and the seed, then the entries of
+        ``config``, then ``server-round``. A node that needs not upload its
+        features this round (replay, see ``feature_upload_every``) also gets
+        ``send-features = False``. The node's server logits ``Z_s`` travel
+        only when the KD mode has the edge distil from them and the server
+        holds some for that node.
+
+        Parameters
+        ----------
+        server_round : int
+            The current round, starting from 1.
+        arrays : ArrayRecord
+            The server model's weights; not sent (the edge and server models
+            differ).
+        config : ConfigRecord
+            Entries added to every instruction, over the edge settings.
+        grid : Grid
+            The Grid used to sample the nodes.
+
+        Returns
+        -------
+        Iterable[Message]
+            One ``train`` message per sampled node.
+        """
         self._round_start = time.perf_counter()
         node_ids = self._sample(grid, self.fraction_train, self.min_train_nodes)
         log(INFO, "configure_train: sampled %d nodes", len(node_ids))
@@ -701,7 +881,31 @@ class FedGKT(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate and store replies, then train the server model on all stored features."""
+        """Validate and store replies, then train the server model on all stored features.
+
+        Each reply is validated (a bad one is rejected and logged, see
+        ``_accept``) and stored as soon as it is accepted; nodes that did not
+        reply are recorded as lost, and with ``store_max_age`` the features of
+        nodes silent for too long are dropped. With at least
+        ``min_train_replies`` accepted replies the server model trains for
+        ``E_s`` epochs and computes the new ``Z_s`` of each node; otherwise it
+        does not train this round. The round's metrics are appended to
+        :attr:`history`.
+
+        Parameters
+        ----------
+        server_round : int
+            The current round, starting from 1.
+        replies : Iterable[Message]
+            The nodes' replies to :meth:`configure_train`'s instructions.
+
+        Returns
+        -------
+        tuple[ArrayRecord | None, MetricRecord | None]
+            The server model's weights (``None`` when it trained on no
+            example this round) and the round's metrics: node counts, server
+            and edge loss / accuracy, store size, seconds and bytes.
+        """
         replies = list(replies)
         with_features = 0
 
@@ -738,7 +942,6 @@ class FedGKT(Strategy):
                 self.min_train_replies,
             )
             result = ServerRoundResult(0.0, 0.0, 0, 0, 0.0)
-        n_edge = sum(int(m[NUM_EXAMPLES]) for *_, m in accepted)
         row: dict[str, float] = {
             "round": server_round,
             "nodes-replied": len(accepted),
@@ -756,15 +959,7 @@ class FedGKT(Strategy):
             "bytes-up-train": nbytes,
             "bytes-down-train": self._bytes_sent,
         }
-        for key in ("edge-train-loss", "edge-train-accuracy"):
-            if n_edge:
-                row[key] = (
-                    sum(float(m[key]) * int(m[NUM_EXAMPLES]) for *_, m in accepted if key in m)
-                    / n_edge
-                )
-        edge_seconds = [float(m.get("edge-seconds", 0.0)) for *_, m in accepted]
-        row["edge-seconds-max"] = max(edge_seconds, default=0.0)
-        row["edge-seconds-mean"] = sum(edge_seconds) / max(len(edge_seconds), 1)
+        row.update(edge_train_metrics([(scalar(m, NUM_EXAMPLES), m) for *_, m in accepted]))
         self.history.append(row)
         log(
             INFO,
@@ -792,7 +987,25 @@ class FedGKT(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Ask sampled nodes for the features of their local test split."""
+        """Ask sampled nodes for the features of their local test split.
+
+        Parameters
+        ----------
+        server_round : int
+            The current round, starting from 1.
+        arrays : ArrayRecord
+            The server model's weights; not sent.
+        config : ConfigRecord
+            Entries added to every instruction, over the batch size and the
+            feature dtype.
+        grid : Grid
+            The Grid used to sample the nodes.
+
+        Returns
+        -------
+        Iterable[Message]
+            One ``evaluate`` message per sampled node.
+        """
         node_ids = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
         eval_config = ConfigRecord(
             {"batch-size": self.edge_config.batch_size, "feature-dtype": self.feature_dtype}
@@ -812,7 +1025,27 @@ class FedGKT(Strategy):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Classify the nodes' test features with the server model."""
+        """Classify the nodes' test features with the server model.
+
+        Replies are validated as in :meth:`aggregate_train` and evaluated one
+        at a time. The metrics are also merged into the round's row of
+        :attr:`history`.
+
+        Parameters
+        ----------
+        server_round : int
+            The current round, starting from 1.
+        replies : Iterable[Message]
+            The nodes' replies to :meth:`configure_evaluate`'s instructions.
+
+        Returns
+        -------
+        MetricRecord | None
+            ``accuracy`` / ``loss`` (edge extractor + server model) and
+            ``edge-accuracy`` / ``edge-loss`` (edge model alone), weighted by
+            examples, with ``num-examples``, node counts, bytes and the round's
+            seconds; ``None`` when no reply was accepted.
+        """
         replies = list(replies)
         loss_sum, correct, n, edge_correct, edge_loss = 0.0, 0, 0, 0.0, 0.0
 
@@ -820,8 +1053,8 @@ class FedGKT(Strategy):
             nonlocal loss_sum, correct, n, edge_correct, edge_loss
             l_sum, c = self.server.evaluate(payload.features, payload.labels)
             loss_sum, correct, n = loss_sum + l_sum, correct + c, n + len(payload)
-            edge_correct += float(metrics.get("edge-accuracy", 0.0)) * len(payload)
-            edge_loss += float(metrics.get("edge-loss", 0.0)) * len(payload)
+            edge_correct += scalar(metrics, "edge-accuracy", 0.0) * len(payload)
+            edge_loss += scalar(metrics, "edge-loss", 0.0) * len(payload)
 
         accepted, nbytes, rejected = self._accept(
             server_round, replies, with_logits=False, consume=evaluate

@@ -63,7 +63,7 @@ def to_device(x: Tensor, device: torch.device) -> Tensor:
 
 def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
     """Move ``model`` to ``device`` in channels-last layout (in place)."""
-    return model.to(device=device, memory_format=torch.channels_last)
+    return model.to(device=device).to(memory_format=torch.channels_last)
 
 
 class TensorBatches:

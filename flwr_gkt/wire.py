@@ -65,6 +65,7 @@ __all__ = [
     "encode_server_logits",
     "quantize_int8",
     "record_nbytes",
+    "scalar",
     "settings_from_config",
     "validate_arrays",
     "validate_server_logits",
@@ -103,7 +104,7 @@ class PayloadSpec:
     ----------
     num_classes : int
         Number of classes: logits have this many columns, labels are below it.
-    feature_shape : tuple[int, int, int], optional
+    feature_shape : tuple[int, ...], optional
         Expected ``(C, H, W)`` of one feature map; ``None`` accepts any 3-D map.
     max_samples : int, optional
         Largest number of samples one payload may carry.
@@ -116,23 +117,50 @@ class PayloadSpec:
 
 @dataclass
 class Payload:
-    """A decoded, validated payload (tensors on the CPU)."""
+    """A decoded, validated payload (tensors on the CPU).
+
+    Tensors may be read-only views of the message bytes: do not modify them
+    in place.
+
+    Parameters
+    ----------
+    features : Tensor
+        Feature maps ``H`` (``N x C x H x W``, float32); empty in a
+        logits-only payload.
+    labels : Tensor
+        Labels ``Y`` (``N``, int64); empty in a logits-only payload.
+    logits : Tensor, optional
+        Client logits ``Z_c`` (``N x num_classes``, float32); ``None`` in an
+        evaluate reply.
+    """
 
     features: Tensor
     labels: Tensor
     logits: Tensor | None = None
 
     def __len__(self) -> int:
+        """Return the number of samples (labels); ``0`` for a logits-only payload."""
         return len(self.labels)
 
     @classmethod
     def logits_only(cls, logits: Tensor) -> Payload:
-        """A replay-round reply: client logits for samples the server already holds."""
+        """Build a replay-round payload: client logits for samples the server already holds.
+
+        Parameters
+        ----------
+        logits : Tensor
+            The client logits ``Z_c``, one row per stored sample.
+
+        Returns
+        -------
+        Payload
+            A payload with empty features and labels.
+        """
         return cls(features=torch.empty(0), labels=torch.empty(0, dtype=torch.long), logits=logits)
 
     @property
     def has_features(self) -> bool:
-        """``False`` for a :meth:`logits_only` payload."""
+        """Whether the payload carries feature maps (``False`` for :meth:`logits_only`)."""
         return self.features.dim() == 4
 
 
@@ -143,10 +171,20 @@ def _to_numpy(x: Tensor | np.ndarray) -> np.ndarray:
 
 
 def quantize_int8(features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Affine int8 quantization per channel of ``N x C x H x W`` features.
+    """Quantize ``N x C x H x W`` features to int8, per channel (affine).
 
-    Returns ``(q, minimum, scale)`` with ``x ~= (q + 128) * scale + minimum``;
-    the error is at most ``scale / 2`` per channel (``scale = (max - min) / 255``).
+    Parameters
+    ----------
+    features : np.ndarray
+        Feature maps, channels on axis 1 (cast to float32).
+
+    Returns
+    -------
+    tuple[np.ndarray, np.ndarray, np.ndarray]
+        ``(q, minimum, scale)`` with ``x ~= (q + 128) * scale + minimum``:
+        int8 ``q`` of the features' shape, float32 ``minimum`` and ``scale``
+        with one value per channel. The error is at most ``scale / 2`` per
+        channel (``scale = (max - min) / 255``; ``1`` for a constant channel).
     """
     x = np.asarray(features, dtype=np.float32)
     axes = (0, *range(2, x.ndim))
@@ -163,9 +201,25 @@ def quantize_int8(features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 
 def dequantize_int8(q: np.ndarray, minimum: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`quantize_int8` (float32)."""
+    """Invert :func:`quantize_int8`.
+
+    Parameters
+    ----------
+    q : np.ndarray
+        Quantized int8 features, channels on axis 1.
+    minimum : np.ndarray
+        Per-channel minimum.
+    scale : np.ndarray
+        Per-channel scale.
+
+    Returns
+    -------
+    np.ndarray
+        The float32 features ``(q + 128) * scale + minimum``.
+    """
     shape = (1, -1) + (1,) * (q.ndim - 2)
-    return (q.astype(np.float32) + 128.0) * scale.reshape(shape) + minimum.reshape(shape)
+    out: np.ndarray = (q.astype(np.float32) + 128.0) * scale.reshape(shape) + minimum.reshape(shape)
+    return out
 
 
 def encode_payload(
@@ -177,9 +231,30 @@ def encode_payload(
 ) -> ArrayRecord:
     """Encode features ``H``, labels ``Y`` and optionally logits ``Z_c``.
 
-    ``feature_dtype``: ``float32``, ``float16`` or ``int8`` (per-channel affine
-    quantization, 4x fewer bytes than float32); ``logit_dtype``: ``float32``
-    or ``float16``.
+    Parameters
+    ----------
+    features : Tensor | np.ndarray
+        Feature maps ``N x C x H x W``.
+    labels : Tensor | np.ndarray
+        Labels (sent as int64).
+    logits : Tensor | np.ndarray, optional
+        Client logits ``N x num_classes``; left out of evaluate replies.
+    feature_dtype : str
+        ``float32``, ``float16`` or ``int8`` (per-channel affine quantization,
+        4x fewer bytes than float32, sent with ``feature-min`` and
+        ``feature-scale``).
+    logit_dtype : str
+        ``float32`` or ``float16``.
+
+    Returns
+    -------
+    ArrayRecord
+        ``features``, ``labels`` and, when given, ``logits``.
+
+    Raises
+    ------
+    ValueError
+        If a dtype is not one of the accepted ones.
     """
     if feature_dtype not in FEATURE_DTYPES:
         raise ValueError(f"feature dtype {feature_dtype!r} not in {FEATURE_DTYPES}")
@@ -200,7 +275,25 @@ def encode_payload(
 
 
 def encode_server_logits(logits: Tensor | np.ndarray, logit_dtype: str = "float32") -> ArrayRecord:
-    """Encode the per-sample server logits ``Z_s`` sent to one node."""
+    """Encode the per-sample server logits ``Z_s`` sent to one node.
+
+    Parameters
+    ----------
+    logits : Tensor | np.ndarray
+        The node's server logits, ``N x num_classes``.
+    logit_dtype : str
+        ``float32`` or ``float16``.
+
+    Returns
+    -------
+    ArrayRecord
+        The logits under ``server-logits``.
+
+    Raises
+    ------
+    ValueError
+        If ``logit_dtype`` is not one of the accepted ones.
+    """
     if logit_dtype not in LOGIT_DTYPES:
         raise ValueError(f"logit dtype {logit_dtype!r} not in {LOGIT_DTYPES}")
     return ArrayRecord(
@@ -209,7 +302,25 @@ def encode_server_logits(logits: Tensor | np.ndarray, logit_dtype: str = "float3
 
 
 def encode_logits(logits: Tensor | np.ndarray, logit_dtype: str = "float32") -> ArrayRecord:
-    """Encode a logits-only train reply (``Z_c`` without features, replay rounds)."""
+    """Encode a logits-only train reply (``Z_c`` without features, replay rounds).
+
+    Parameters
+    ----------
+    logits : Tensor | np.ndarray
+        The client logits, ``N x num_classes``.
+    logit_dtype : str
+        ``float32`` or ``float16``.
+
+    Returns
+    -------
+    ArrayRecord
+        The logits under ``logits``.
+
+    Raises
+    ------
+    ValueError
+        If ``logit_dtype`` is not one of the accepted ones.
+    """
     if logit_dtype not in LOGIT_DTYPES:
         raise ValueError(f"logit dtype {logit_dtype!r} not in {LOGIT_DTYPES}")
     return ArrayRecord(
@@ -222,6 +333,26 @@ def decode_logits(content: RecordDict, spec: PayloadSpec, num_samples: int) -> T
 
     A reply that carries features when none were asked for is rejected too: the
     server did not budget for them.
+
+    Parameters
+    ----------
+    content : RecordDict
+        The reply's content.
+    spec : PayloadSpec
+        Gives the number of classes.
+    num_samples : int
+        Number of samples the server stores for the node.
+
+    Returns
+    -------
+    Tensor
+        The client logits as float32, ``num_samples x num_classes``.
+
+    Raises
+    ------
+    PayloadError
+        If the reply carries features, lacks ``num-examples`` or ``logits``,
+        or the logits have a wrong dtype, shape or count, or non-finite values.
     """
     record = _record(content)
     if "features" in record:
@@ -243,7 +374,21 @@ def decode_logits(content: RecordDict, spec: PayloadSpec, num_samples: int) -> T
 
 
 def encode_embeddings(embeddings: Tensor | np.ndarray, labels: Tensor | np.ndarray) -> ArrayRecord:
-    """Encode bridge-sample embeddings ``eps`` (``N x 4 x h x w``) and labels (FedAgg, sent once)."""
+    """Encode bridge-sample embeddings and labels (FedAgg, sent once).
+
+    Parameters
+    ----------
+    embeddings : Tensor | np.ndarray
+        Embeddings ``eps`` of the bridge samples (``N x 4 x h x w``), sent
+        as float32.
+    labels : Tensor | np.ndarray
+        Their labels, sent as int64.
+
+    Returns
+    -------
+    ArrayRecord
+        ``embeddings`` and ``labels``.
+    """
     return ArrayRecord(
         {
             "embeddings": Array(np.ascontiguousarray(_to_numpy(embeddings).astype(np.float32))),
@@ -255,10 +400,31 @@ def encode_embeddings(embeddings: Tensor | np.ndarray, labels: Tensor | np.ndarr
 def decode_embeddings(
     content: RecordDict, num_classes: int, channels: int = 4, max_samples: int | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Decode and validate an embeddings upload; return ``(embeddings, labels)``.
+    """Decode and validate an embeddings upload.
 
     Checks dtypes, an ``N x channels x h x w`` shape, finite values, labels in
     ``[0, num_classes)``, ``N`` against ``num-examples`` and ``max_samples``.
+
+    Parameters
+    ----------
+    content : RecordDict
+        The reply's content.
+    num_classes : int
+        Labels must be below it.
+    channels : int
+        Expected number of embedding channels.
+    max_samples : int, optional
+        Largest accepted number of samples.
+
+    Returns
+    -------
+    tuple[Tensor, Tensor]
+        ``(embeddings, labels)``, float32 and int64.
+
+    Raises
+    ------
+    PayloadError
+        If any check fails.
     """
     record = _record(content)
     num_examples = _num_examples(content)
@@ -291,7 +457,25 @@ def decode_embeddings(
 def encode_named_logits(
     logits: Mapping[str, Tensor | np.ndarray], logit_dtype: str = "float32"
 ) -> ArrayRecord:
-    """Several logit arrays in one record, by name (FedAgg: one per neighbour's subtree)."""
+    """Encode several logit arrays in one record, by name (FedAgg: one per neighbour's subtree).
+
+    Parameters
+    ----------
+    logits : Mapping[str, Tensor | np.ndarray]
+        The logit arrays, by name.
+    logit_dtype : str
+        ``float32`` or ``float16``.
+
+    Returns
+    -------
+    ArrayRecord
+        One array per name.
+
+    Raises
+    ------
+    ValueError
+        If ``logit_dtype`` is not one of the accepted ones.
+    """
     if logit_dtype not in LOGIT_DTYPES:
         raise ValueError(f"logit dtype {logit_dtype!r} not in {LOGIT_DTYPES}")
     return ArrayRecord(
@@ -305,7 +489,29 @@ def encode_named_logits(
 def decode_named_logits(
     record: ArrayRecord, expected: Mapping[str, int], num_classes: int
 ) -> dict[str, Tensor]:
-    """Decode the arrays named in ``expected`` (name -> number of rows), validated like ``Z_s``."""
+    """Decode the arrays named in ``expected``, validated like ``Z_s``.
+
+    Parameters
+    ----------
+    record : ArrayRecord
+        The record of named logits (see :func:`encode_named_logits`).
+    expected : Mapping[str, int]
+        Name -> number of rows of each array to decode; other arrays are
+        ignored.
+    num_classes : int
+        Number of columns of every array.
+
+    Returns
+    -------
+    dict[str, Tensor]
+        The float32 logits, by name.
+
+    Raises
+    ------
+    PayloadError
+        If an expected array is missing or fails validation (the message
+        starts with its name).
+    """
     out = {}
     for name, rows in expected.items():
         try:
@@ -316,7 +522,7 @@ def decode_named_logits(
 
 
 def _npy_view(data: bytes) -> np.ndarray:
-    """A read-only array over ``.npy`` bytes, without copying the data.
+    """Return a read-only array over ``.npy`` bytes, without copying the data.
 
     ``Array.numpy()`` goes through ``np.load`` and copies every payload; a
     round's features are hundreds of MB, so the server reads them in place.
@@ -375,11 +581,32 @@ def validate_arrays(
 ) -> Payload:
     """Validate decoded arrays against ``spec``; return them as tensors.
 
+    Parameters
+    ----------
+    features : np.ndarray
+        Feature maps ``N x C x H x W``, float32 or float16 (int8 features
+        dequantized first).
+    labels : np.ndarray
+        Labels ``N``, int64.
+    logits : np.ndarray, optional
+        Client logits ``N x num_classes``, float32 or float16; ``None`` for an
+        evaluate reply.
+    spec : PayloadSpec
+        Number of classes, expected feature shape and sample limit.
+    num_examples : int, optional
+        The count the node reported; must equal ``N`` when given.
+
+    Returns
+    -------
+    Payload
+        Float32 features and logits and int64 labels, possibly sharing
+        (read-only) memory with the arrays.
+
     Raises
     ------
     PayloadError
-        On wrong dtypes, shapes or counts, non-finite values or labels outside
-        ``[0, num_classes)``.
+        On wrong dtypes, shapes or counts, no samples or more than the
+        limit, non-finite values or labels outside ``[0, num_classes)``.
     """
     if str(features.dtype) not in _FLOAT_DTYPES:  # int8 arrives here dequantized
         raise PayloadError(f"'features' has dtype {features.dtype}, expected {list(_FLOAT_DTYPES)}")
@@ -430,7 +657,28 @@ def validate_arrays(
 
 
 def decode_payload(content: RecordDict, spec: PayloadSpec, with_logits: bool) -> Payload:
-    """Decode and validate a train (``with_logits=True``) or evaluate reply."""
+    """Decode and validate a train (``with_logits=True``) or evaluate reply.
+
+    Parameters
+    ----------
+    content : RecordDict
+        The reply's content.
+    spec : PayloadSpec
+        What a valid payload looks like.
+    with_logits : bool
+        Whether the reply must carry client logits (train replies).
+
+    Returns
+    -------
+    Payload
+        The validated payload (int8 features dequantized).
+
+    Raises
+    ------
+    PayloadError
+        If a record or array is missing, cannot be decoded, or fails
+        validation (see :func:`validate_arrays`).
+    """
     record = _record(content)
     num_examples = _num_examples(content)
     features = _load(record, "features", FEATURE_DTYPES)
@@ -477,7 +725,28 @@ def _dequantize(q: np.ndarray, record: ArrayRecord) -> np.ndarray:
 
 
 def decode_server_logits(content: RecordDict, num_samples: int, num_classes: int) -> Tensor | None:
-    """Decode the server logits a node received; ``None`` when none were sent."""
+    """Decode the server logits a node received.
+
+    Parameters
+    ----------
+    content : RecordDict
+        The train instruction's content.
+    num_samples : int
+        Number of samples of the node's training set.
+    num_classes : int
+        Number of classes.
+
+    Returns
+    -------
+    Tensor | None
+        The float32 server logits; ``None`` when none were sent.
+
+    Raises
+    ------
+    PayloadError
+        If they do not match the training set (see
+        :func:`validate_server_logits`) or cannot be decoded.
+    """
     record = content.array_records.get(ARRAYS_KEY)
     if record is None or "server-logits" not in record:
         return None
@@ -487,7 +756,28 @@ def decode_server_logits(content: RecordDict, num_samples: int, num_classes: int
 
 
 def validate_server_logits(logits: np.ndarray, num_samples: int, num_classes: int) -> Tensor:
-    """Check server logits against the node's training set; return them as a tensor."""
+    """Check server logits against the node's training set; return them as a tensor.
+
+    Parameters
+    ----------
+    logits : np.ndarray
+        The server logits.
+    num_samples : int
+        Expected number of rows.
+    num_classes : int
+        Expected number of columns.
+
+    Returns
+    -------
+    Tensor
+        The logits as float32.
+
+    Raises
+    ------
+    PayloadError
+        If the dtype is not float32/float16, the shape is not
+        ``num_samples x num_classes`` or a value is not finite.
+    """
     if str(logits.dtype) not in LOGIT_DTYPES:
         raise PayloadError(
             f"'server-logits' has dtype {logits.dtype}, expected {list(LOGIT_DTYPES)}"
@@ -503,11 +793,25 @@ def validate_server_logits(logits: np.ndarray, num_samples: int, num_classes: in
 
 
 def settings_from_config(cls: type[T], config: Mapping[str, Any]) -> T:
-    """A settings dataclass from a ConfigRecord: field ``batch_size`` <- key ``batch-size``.
+    """Build a settings dataclass from a ConfigRecord.
 
-    Missing keys keep the field's default; present values are cast to the
-    field's default's type (``int``, ``float``, ``bool``, ``str`` or an
-    ``Enum``), so a ConfigRecord from any sender gives well-typed settings.
+    Field ``batch_size`` is read from key ``batch-size``, and so on. Missing
+    keys keep the field's default; present values are cast to the field's
+    default's type (``int``, ``float``, ``bool``, ``str`` or an ``Enum``), so
+    a ConfigRecord from any sender gives well-typed settings.
+
+    Parameters
+    ----------
+    cls : type[T]
+        The dataclass; every field must have a default.
+    config : Mapping[str, Any]
+        The ConfigRecord (or any mapping); keys that are not fields are
+        ignored.
+
+    Returns
+    -------
+    T
+        The settings.
     """
     base = cls()
     values = {}
@@ -525,13 +829,69 @@ def settings_from_config(cls: type[T], config: Mapping[str, Any]) -> T:
 
 
 def record_nbytes(content: RecordDict | Mapping[str, ArrayRecord]) -> int:
-    """Bytes of all array payloads in a message's content (serialized size)."""
+    """Count the bytes of all array payloads in a message's content.
+
+    Parameters
+    ----------
+    content : RecordDict | Mapping[str, ArrayRecord]
+        A message's content, or its ArrayRecords by name.
+
+    Returns
+    -------
+    int
+        The serialized size of every array.
+    """
     records = content.array_records if isinstance(content, RecordDict) else content
     return sum(len(array.data) for record in records.values() for array in record.values())
 
 
+def scalar(record: Mapping[str, Any], key: str, default: float | None = None) -> float:
+    """Read one numeric value from a MetricRecord or ConfigRecord.
+
+    Parameters
+    ----------
+    record : Mapping[str, Any]
+        The record to read (a MetricRecord, a ConfigRecord or a dict).
+    key : str
+        The key of the value.
+    default : float | None
+        Returned when ``key`` is absent; ``None`` makes a missing key an error.
+
+    Returns
+    -------
+    float
+        The value (integers and booleans converted).
+
+    Raises
+    ------
+    PayloadError
+        If the key is missing (and there is no default) or the value is not a number.
+    """
+    if key not in record:
+        if default is None:
+            raise PayloadError(f"'{key}' missing")
+        return default
+    value = record[key]
+    if not isinstance(value, int | float):
+        raise PayloadError(f"'{key}' is not a number: {type(value).__name__}")
+    return float(value)
+
+
 def metrics_record(num_examples: int, **metrics: float) -> MetricRecord:
-    """A reply's MetricRecord with the ``num-examples`` weight first."""
+    """Build a reply's MetricRecord with the ``num-examples`` weight first.
+
+    Parameters
+    ----------
+    num_examples : int
+        The weight of the reply (stored as an int).
+    **metrics : float
+        Further metrics (stored as floats).
+
+    Returns
+    -------
+    MetricRecord
+        ``num-examples`` followed by ``metrics``.
+    """
     return MetricRecord(
         {NUM_EXAMPLES: int(num_examples), **{k: float(v) for k, v in metrics.items()}}
     )

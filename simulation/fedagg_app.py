@@ -113,7 +113,7 @@ def run_fedagg(grid: Grid, cfg: RunConfig) -> FedAgg:
         seed=cfg.seed,
     )
     start = time.perf_counter()
-    strategy.start(grid, cfg.num_server_rounds, timeout=cfg.round_timeout)
+    strategy.start(grid, num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout)
     elapsed = time.perf_counter() - start
     torch.save(strategy.model.state_dict(), out / "cloud_model.pt")
     final = strategy.history[-1] if strategy.history else {}
