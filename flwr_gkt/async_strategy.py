@@ -194,10 +194,6 @@ class AsyncFedGKT(FedGKT):
 
     Parameters
     ----------
-    server : GKTServer
-        Server model, optimizer and feature store.
-    num_classes : int
-        Number of classes.
     max_staleness : int or None
         Largest accepted staleness (server updates made between sending a
         node its instruction and handling its reply); staler replies are

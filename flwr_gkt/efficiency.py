@@ -115,9 +115,7 @@ def main(argv: list[str] | None = None) -> None:
             f"| {r.name} | {r.flops / 1e6:.1f} | {r.params:,} | {r.flops / base.flops:.1f}x | "
             f"{r.params / base.params:.1f}x |"
         )
-    print(
-        f"\nServer side (FedGKT): one feature map of 16x{args.size}x{args.size} per sample\n"
-    )
+    print(f"\nServer side (FedGKT): one feature map of 16x{args.size}x{args.size} per sample\n")
     print("| server model | MFLOPs / sample | parameters |")
     print("| --- | ---: | ---: |")
     for name in ("resnet55", "resnet109"):

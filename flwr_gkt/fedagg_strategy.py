@@ -98,6 +98,11 @@ def parse_migrations(spec: str) -> list[tuple[str, str, int]]:
     return out
 
 
+def _own_rounds() -> NotImplementedError:
+    """Return the error of Flower's round-by-round hooks, which FedAgg does not use."""
+    return NotImplementedError("FedAgg runs its own rounds (several message waves): call start()")
+
+
 class _Tree:
     """The tree of one round: node ids, roles, children and leaves per node."""
 
@@ -199,50 +204,26 @@ class FedAgg(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Refuse: a FedAgg round needs several message waves (see :meth:`start`).
-
-        Raises
-        ------
-        NotImplementedError
-            Always; FedAgg runs its own rounds in :meth:`start`.
-        """
-        raise NotImplementedError("FedAgg runs its own rounds: call start()")
+        """Raise ``NotImplementedError``: FedAgg runs its own rounds in :meth:`start`."""
+        raise _own_rounds()
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Refuse: a FedAgg round needs several message waves (see :meth:`start`).
-
-        Raises
-        ------
-        NotImplementedError
-            Always; FedAgg runs its own rounds in :meth:`start`.
-        """
-        raise NotImplementedError("FedAgg runs its own rounds: call start()")
+        """Raise ``NotImplementedError``: FedAgg runs its own rounds in :meth:`start`."""
+        raise _own_rounds()
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Refuse: a FedAgg round needs several message waves (see :meth:`start`).
-
-        Raises
-        ------
-        NotImplementedError
-            Always; FedAgg runs its own rounds in :meth:`start`.
-        """
-        raise NotImplementedError("FedAgg runs its own rounds: call start()")
+        """Raise ``NotImplementedError``: FedAgg runs its own rounds in :meth:`start`."""
+        raise _own_rounds()
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Refuse: a FedAgg round needs several message waves (see :meth:`start`).
-
-        Raises
-        ------
-        NotImplementedError
-            Always; FedAgg runs its own rounds in :meth:`start`.
-        """
-        raise NotImplementedError("FedAgg runs its own rounds: call start()")
+        """Raise ``NotImplementedError``: FedAgg runs its own rounds in :meth:`start`."""
+        raise _own_rounds()
 
     def summary(self) -> None:
         """Log the configuration."""

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from .losses import KDMode
 from .store import FeatureStore
 from .training import (
+    FitResult,
     TensorBatches,
     evaluate_logits,
     fit,
@@ -296,22 +297,32 @@ class GKTServer:
             "weights" if not finite else "loss",
         )
 
+    def _fit(
+        self, nodes: list[int], size: int | None = None, capture_logits: int | None = None
+    ) -> FitResult:
+        """Run ``E_s`` epochs of CE (+ KD from the stored ``Z_c``) over ``nodes``' stored samples.
+
+        ``size``: samples per epoch drawn from them (default: all);
+        ``capture_logits``: keep the last epoch's logits of that many samples.
+        """
+        teacher = self.store.logits(nodes) if self.kd_mode.server_distills else None
+        return fit(
+            self.model,
+            self.store.batches(nodes, self.batch_size, True, self.generator, size=size),
+            self.optimizer,
+            epochs=self.epochs,
+            device=self.device,
+            teacher_logits=teacher,
+            temperature=self.temperature,
+            alpha=self.alpha,
+            capture_logits=capture_logits,
+        )
+
     def _train_round(self, nodes: list[int]) -> ServerRoundResult:
         labels = self.store.labels(nodes)
-        teacher = self.store.logits(nodes) if self.kd_mode.server_distills else None
         total = len(labels)
         if self.epochs > 0:
-            result = fit(
-                self.model,
-                self.store.batches(nodes, self.batch_size, True, self.generator),
-                self.optimizer,
-                epochs=self.epochs,
-                device=self.device,
-                teacher_logits=teacher,
-                temperature=self.temperature,
-                alpha=self.alpha,
-                capture_logits=total,
-            )
+            result = self._fit(nodes, capture_logits=total)
             assert result.last_epoch_logits is not None
             all_logits, loss, acc, secs = (
                 result.last_epoch_logits,
@@ -372,17 +383,7 @@ class GKTServer:
         size = self.store.num_samples(node)
         loss = accuracy = 0.0
         if self.epochs > 0:
-            teacher = self.store.logits(nodes) if self.kd_mode.server_distills else None
-            result = fit(
-                self.model,
-                self.store.batches(nodes, self.batch_size, True, self.generator, size=size),
-                self.optimizer,
-                epochs=self.epochs,
-                device=self.device,
-                teacher_logits=teacher,
-                temperature=self.temperature,
-                alpha=self.alpha,
-            )
+            result = self._fit(nodes, size=size)
             loss, accuracy = result.loss, result.accuracy
         logits = predict(self.model, self.store.batches([node], self.batch_size), self.device)
         self.logits[node] = logits

@@ -294,11 +294,7 @@ def encode_server_logits(logits: Tensor | np.ndarray, logit_dtype: str = "float3
     ValueError
         If ``logit_dtype`` is not one of the accepted ones.
     """
-    if logit_dtype not in LOGIT_DTYPES:
-        raise ValueError(f"logit dtype {logit_dtype!r} not in {LOGIT_DTYPES}")
-    return ArrayRecord(
-        {"server-logits": Array(np.ascontiguousarray(_to_numpy(logits).astype(logit_dtype)))}
-    )
+    return _logits_record("server-logits", logits, logit_dtype)
 
 
 def encode_logits(logits: Tensor | np.ndarray, logit_dtype: str = "float32") -> ArrayRecord:
@@ -321,11 +317,13 @@ def encode_logits(logits: Tensor | np.ndarray, logit_dtype: str = "float32") -> 
     ValueError
         If ``logit_dtype`` is not one of the accepted ones.
     """
+    return _logits_record("logits", logits, logit_dtype)
+
+
+def _logits_record(key: str, logits: Tensor | np.ndarray, logit_dtype: str) -> ArrayRecord:
     if logit_dtype not in LOGIT_DTYPES:
         raise ValueError(f"logit dtype {logit_dtype!r} not in {LOGIT_DTYPES}")
-    return ArrayRecord(
-        {"logits": Array(np.ascontiguousarray(_to_numpy(logits).astype(logit_dtype)))}
-    )
+    return ArrayRecord({key: Array(np.ascontiguousarray(_to_numpy(logits).astype(logit_dtype)))})
 
 
 def decode_logits(content: RecordDict, spec: PayloadSpec, num_samples: int) -> Tensor:
