@@ -1,7 +1,7 @@
 # Developer checks. `make check` is what CI runs after `bash setup.sh`.
 PY ?= .venv/bin/python
 
-.PHONY: check lint format types test wheel-smoke
+.PHONY: check lint format types test test-serial wheel-smoke
 
 check: lint types test wheel-smoke
 
@@ -19,8 +19,13 @@ format:
 types:
 	$(PY) -m mypy
 
-## the test suite (pytest's exit code 5, "no tests collected", is a failure)
+## the test suite: the deployment tests (real processes, mostly waiting) beside the rest
+## (pytest's exit code 5, "no tests collected", is a failure)
 test:
+	PY=$(PY) bash .ci/test.sh
+
+## the same tests in one plain pytest process
+test-serial:
 	@$(PY) -m pytest -q; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; \
 	exit $$status
