@@ -2,7 +2,8 @@
 
 The built-in configs offer ``partition: iid`` and ``partition: dirichlet``.
 Any other split -- one of the partitioners of ``flwr_datasets.partitioner``
-or your own -- takes a ClientApp of your own, a few lines long: this script
+or your own -- plugs into the project's ClientApp through its ``data_fn``
+hook (:func:`simulation.client_app.make_client_app`): this script
 
 1. loads Fashion-MNIST offline with the project's loader
    (:func:`flwr_gkt.data.load_dataset`, from ``/usr/share/datasets/fashion-mnist``)
@@ -13,9 +14,8 @@ or your own -- takes a ClientApp of your own, a few lines long: this script
    ``shard``: label-sorted shards, ``--shards-per-node`` each; ``dirichlet``:
    label skew with ``--alpha``; ``iid``) and prints every node's label counts;
 3. runs FedGKT in this process: the project's ServerApp logic
-   (:func:`simulation.server_app.run_fedgkt`, unchanged) and a ClientApp whose
-   nodes train on those partitions with the library's handlers
-   (:func:`flwr_gkt.client_app.handle_train` / ``handle_evaluate``).
+   (:func:`simulation.server_app.run_fedgkt`, unchanged) and the project's
+   ClientApp whose ``data_fn`` hands each node its partition.
 
 Evaluation (``--test-split``): ``global`` splits a test subset IID across the
 nodes, so the example-weighted accuracy is the accuracy on that whole subset;
@@ -43,8 +43,6 @@ import json
 import numpy as np
 import torch
 from datasets import Array3D, ClassLabel, Dataset, Features
-from flwr.app import Context, Message
-from flwr.clientapp import ClientApp
 from flwr_datasets.partitioner import (
     DirichletPartitioner,
     IidPartitioner,
@@ -53,14 +51,14 @@ from flwr_datasets.partitioner import (
     ShardPartitioner,
 )
 
-from flwr_gkt.client_app import handle_evaluate, handle_train
 from flwr_gkt.config import RunConfig, parse_overrides, resolve_config
 from flwr_gkt.data import ClientData, RawDataset, load_dataset, normalize
 from flwr_gkt.partition import label_matched_split
 from flwr_gkt.strategy import FedGKT
+from simulation.client_app import make_client_app
 from simulation.inprocess import run_inprocess
 from simulation.server_app import run_fedgkt
-from simulation.task import PRESETS_DIR, edge_builder
+from simulation.task import PRESETS_DIR, NodeSetup
 
 CLASSES = [
     "T-shirt/top",
@@ -159,29 +157,6 @@ def node_datasets(raw: RawDataset, args: argparse.Namespace) -> list[ClientData]
     return nodes
 
 
-# ------------------------------------------------------------ ClientApp
-def make_client_app(cfg: RunConfig, nodes: list[ClientData]) -> ClientApp:
-    """A FedGKT ClientApp whose node ``i`` (node config ``partition-id``) holds ``nodes[i]``.
-
-    In a real deployment each SuperNode would instead load its own partition
-    here, e.g. ``partitioner.load_partition(context.node_config["partition-id"])``.
-    """
-    app = ClientApp()
-
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        pid = int(context.node_config["partition-id"])
-        # edge_builder: the configured edge model (edge-model key), seeded per node.
-        return handle_train(msg, context, nodes[pid], edge_builder(cfg, pid), cfg.device)
-
-    @app.evaluate()
-    def evaluate(msg: Message, context: Context) -> Message:
-        pid = int(context.node_config["partition-id"])
-        return handle_evaluate(msg, context, nodes[pid], edge_builder(cfg, pid), cfg.device)
-
-    return app
-
-
 def run(cfg: RunConfig, nodes: list[ClientData]) -> FedGKT:
     """The project's ServerApp logic against our ClientApp, in this process."""
     done: dict[str, FedGKT] = {}
@@ -191,7 +166,15 @@ def run(cfg: RunConfig, nodes: list[ClientData]) -> FedGKT:
         # unchanged ServerApp logic works with any partitioning.
         done["strategy"] = run_fedgkt(grid, cfg)
 
-    run_inprocess(server_main, make_client_app(cfg, nodes), len(nodes))
+    # The project's ClientApp, with our partitions instead of the configured
+    # `partition` scheme: data_fn gets each node's setup (partition id, number
+    # of partitions, config). On a real SuperNode it would load its own
+    # partition here, e.g. `partitioner.load_partition(node.partition_id)`.
+    def data_fn(node: NodeSetup) -> ClientData:
+        return nodes[node.partition_id]
+
+    app = make_client_app(cfg, data_fn=data_fn)
+    run_inprocess(server_main, app, len(nodes))
     return done["strategy"]
 
 

@@ -7,25 +7,53 @@ server's instructions and the run config.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from flwr_gkt.client_app import handle_evaluate, handle_query, handle_train
 from flwr_gkt.config import RunConfig
+from flwr_gkt.data import ClientData
+from flwr_gkt.models import EdgeModel
 
-from .task import config_from_run_config, edge_builder, node_data, node_setup
+from .task import NodeSetup, config_from_run_config, edge_builder, node_data, node_setup
 
 
-def make_client_app(fixed: RunConfig | None = None) -> ClientApp:
-    """Build the ClientApp; ``fixed`` replaces the Flower run config when given."""
+def make_client_app(
+    fixed: RunConfig | None = None,
+    data_fn: Callable[[NodeSetup], ClientData] | None = None,
+) -> ClientApp:
+    """Build the FedGKT ClientApp.
+
+    Parameters
+    ----------
+    fixed : RunConfig | None
+        Replaces the Flower run config when given.
+    data_fn : Callable[[NodeSetup], ClientData] | None
+        Builds a node's data from its setup (``partition_id``,
+        ``num_partitions``, resolved config) instead of the configured
+        ``partition`` scheme, e.g. with a flwr-datasets partitioner
+        (``examples/flwr_datasets_partitioners.py``). Called on every message;
+        cache inside it. State directory, privacy and node uid work as usual.
+
+    Returns
+    -------
+    ClientApp
+        The app with ``train``, ``evaluate`` and ``query`` handlers.
+    """
     app = ClientApp()
 
-    def setup(context: Context):
+    def setup(context: Context) -> tuple[NodeSetup, ClientData, Callable[[], EdgeModel]]:
         cfg = fixed or config_from_run_config(context.run_config)
         if cfg.client_threads > 0:
             torch.set_num_threads(cfg.client_threads)
-        node, data = node_data(cfg, context.node_config)
+        if data_fn is None:
+            node, data = node_data(cfg, context.node_config)
+        else:
+            node = node_setup(cfg, context.node_config)
+            data = data_fn(node)
         return node, data, edge_builder(node.cfg, node.partition_id)
 
     @app.train()
