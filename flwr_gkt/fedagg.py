@@ -10,10 +10,10 @@ only those logits cross the link, and the student trains one pass with
 
 * end device (leaf, :func:`train_leaf`): ``CE(f(x), y) + gamma * [CE(f(dec eps), y)
   + beta * KL_T(f(dec eps), z_teacher)]`` on its real images ``x`` and the
-  bridge samples of the same images (paper eq. 2),
+  bridge samples of the same images (paper eqs. 4 and 5),
 * edge or cloud (:func:`train_nonleaf`): ``CE(f(dec eps), y) + beta *
   KL_T(f(dec eps), z_teacher)`` on the bridge samples of the child's subtree
-  (paper eq. 4),
+  (paper eq. 2),
 
 with the paper's ``T = 3``, ``beta = 10``, ``gamma = 1`` as defaults. FedEEC's
 self-knowledge rectification is the ``rectify`` argument (applied to the
@@ -88,7 +88,7 @@ def train_leaf(
     generator: torch.Generator | None = None,
     rectify: Rectifier | None = None,
 ) -> FitResult:
-    """An end device learns from its parent: real images plus their bridge samples (eq. 2)."""
+    """An end device learns from its parent: real images plus their bridge samples (eq. 4)."""
     if real.shape != bridge.shape:
         raise ValueError(
             f"real {list(real.shape)} and bridge {list(bridge.shape)} samples must pair up"
@@ -116,7 +116,7 @@ def train_nonleaf(
     generator: torch.Generator | None = None,
     rectify: Rectifier | None = None,
 ) -> FitResult:
-    """An edge or the cloud learns from a neighbour over the bridge samples of a subtree (eq. 4)."""
+    """An edge or the cloud learns from a neighbour over the bridge samples of a subtree (eq. 2)."""
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
     return fit(
         model,

@@ -614,7 +614,7 @@ class FedAgg(Strategy):
         return len(replies)
 
     def _cloud_learn(self, tree: _Tree, teach: dict[tuple[str, str], Tensor]) -> float:
-        """Train the cloud on each child's logits over its subtree (eq. 4); return the loss."""
+        """Train the cloud on each child's logits over its subtree (eq. 2); return the loss."""
         loss, seen = 0.0, 0
         for child in tree.children[CLOUD]:
             z = teach.get((child, "parent"))

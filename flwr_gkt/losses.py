@@ -13,8 +13,8 @@ gradient scale does not depend on ``T``. ``alpha`` weights the KD term
 (``alpha = 1`` is the paper's equation).
 
 FedAgg (Wu et al., INFOCOM 2024) distils over bridge samples with the same
-KD term (:func:`fedagg_leaf_loss`, :func:`fedagg_nonleaf_loss`, paper eqs. 2
-and 4); FedEEC's rectification of the teacher's probabilities plugs into
+KD term (:func:`fedagg_leaf_loss`, paper eq. 4; :func:`fedagg_nonleaf_loss`,
+paper eq. 2); FedEEC's rectification of the teacher's probabilities plugs into
 :func:`kd_loss` (``rectify``, see :mod:`flwr_gkt.rectify`).
 """
 
