@@ -48,13 +48,18 @@ def _conv(cin: int, cout: int, bn: bool = True) -> list[nn.Module]:
 class BridgeAutoencoder(nn.Module):
     """Encoder (end devices) and decoder (every node) of the bridge samples.
 
+    The encoder (two conv-BN-ReLU + max-pool stages, then a conv to
+    :data:`EMBEDDING_CHANNELS` channels) divides height and width by 4; the
+    decoder upsamples back and ends in a Sigmoid.
+
     Parameters
     ----------
     channels : int
         Image channels (1 for Fashion-MNIST, 3 for CIFAR).
-    mean, std : sequence of float, optional
+    mean, std : tuple[float, ...], optional
         Per-channel normalisation of the models' inputs; :meth:`bridge`
-        applies it to the decoded ``[0, 1]`` images.
+        applies it to the decoded ``[0, 1]`` images. ``None``: mean 0, std 1
+        (no normalisation). Kept as buffers, so saved with the weights.
     """
 
     mean: Tensor  # buffers: the dataset's per-channel normalisation
@@ -88,13 +93,41 @@ class BridgeAutoencoder(nn.Module):
         self.register_buffer("std", torch.tensor(std or (1.0,) * channels).view(1, -1, 1, 1))
 
     def forward(self, pixels: Tensor) -> Tensor:
-        """Reconstruction in ``[0, 1]`` of images in ``[0, 1]``."""
+        """Return the reconstruction ``dec(enc(pixels))`` in ``[0, 1]`` of images in ``[0, 1]``.
+
+        Parameters
+        ----------
+        pixels : Tensor
+            Unnormalised images in ``[0, 1]``, ``N x channels x H x W`` (``H`` and
+            ``W`` multiples of 4 for an exact-size reconstruction).
+
+        Returns
+        -------
+        Tensor
+            The reconstructed images (not normalised), differentiable.
+        """
         out: Tensor = self.decoder(self.encoder(pixels))
         return out
 
     @torch.no_grad()
     def encode(self, pixels: Tensor, batch_size: int = 256) -> Tensor:
-        """Embeddings of images in ``[0, 1]`` (eval mode, no gradient)."""
+        """Return the embeddings ``eps = enc(x)`` of images in ``[0, 1]`` (eval mode, no gradient).
+
+        Puts the module in eval mode.
+
+        Parameters
+        ----------
+        pixels : Tensor
+            Unnormalised images in ``[0, 1]``, ``N x channels x H x W``, on the
+            module's device.
+        batch_size : int
+            Number of images per encoder pass.
+
+        Returns
+        -------
+        Tensor
+            Embeddings ``N x 4 x H/4 x W/4`` (``4 x 8 x 8`` for ``32 x 32``).
+        """
         self.eval()
         return torch.cat(
             [self.encoder(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)]
@@ -102,7 +135,23 @@ class BridgeAutoencoder(nn.Module):
 
     @torch.no_grad()
     def bridge(self, embeddings: Tensor, batch_size: int = 256) -> Tensor:
-        """Bridge samples ``dec(eps)``, normalised like the models' real inputs."""
+        """Return the bridge samples ``dec(eps)``, normalised like the models' real inputs.
+
+        Puts the module in eval mode; runs without gradient. The decoded
+        ``[0, 1]`` images are normalised as ``(dec(eps) - mean) / std``.
+
+        Parameters
+        ----------
+        embeddings : Tensor
+            Embeddings ``eps`` from :meth:`encode`, on the module's device.
+        batch_size : int
+            Number of embeddings per decoder pass.
+
+        Returns
+        -------
+        Tensor
+            Normalised bridge samples ``N x channels x H x W``.
+        """
         self.eval()
         out = [
             self.decoder(embeddings[i : i + batch_size])
@@ -111,7 +160,16 @@ class BridgeAutoencoder(nn.Module):
         return (torch.cat(out) - self.mean) / self.std
 
     def freeze(self) -> BridgeAutoencoder:
-        """Eval mode, no gradients: the autoencoder is identical on every node and never trained."""
+        """Freeze the autoencoder: eval mode, no gradients.
+
+        The autoencoder is identical on every node and never trained during a
+        run.
+
+        Returns
+        -------
+        BridgeAutoencoder
+            The module itself.
+        """
         self.eval()
         for p in self.parameters():
             p.requires_grad_(False)
@@ -140,8 +198,47 @@ def pretrain_autoencoder(
 
     ``fraction`` / ``num_partitions`` / ``seed`` are the federation's
     (``data-fraction``, ``num-clients``, ``seed``), as for
-    :func:`flwr_gkt.pretrain.pretrain_edge`. Returns the number of samples and
-    the reconstruction MSE on the test set.
+    :func:`flwr_gkt.pretrain.pretrain_edge`: the images are drawn from the
+    training samples the federation leaves out
+    (:func:`flwr_gkt.partition.held_out_sample`). Training uses Adam on the
+    MSE between images in ``[0, 1]`` and their reconstructions.
+
+    Parameters
+    ----------
+    out : str | Path
+        File to write (``torch.save`` of ``{"dataset", "state"}``); parent
+        directories are created.
+    dataset : str
+        Dataset name (see :func:`flwr_gkt.data.load_dataset`).
+    data_dir : str
+        Where the dataset files are; ``""`` for the default location.
+    fraction : float
+        The federation's ``data-fraction``; must be below 1.
+    num_partitions : int
+        The federation's ``num-clients``.
+    seed : int
+        The federation's ``seed``; also seeds the autoencoder's training.
+    samples : int
+        Largest number of held-out images to train on.
+    epochs : int
+        Passes over those images.
+    batch_size : int
+        Mini-batch size.
+    lr : float
+        Adam learning rate.
+    device : str
+        ``auto``, ``cpu``, ``cuda``... (see :func:`flwr_gkt.training.get_device`).
+
+    Returns
+    -------
+    dict[str, float]
+        ``"samples"``: the number of training images; ``"test-mse"``: the
+        reconstruction MSE on the first 2,000 test images.
+
+    Raises
+    ------
+    ValueError
+        If nothing is held out (``fraction`` 1).
     """
     raw = load_dataset(dataset, data_dir)
     idx = torch.from_numpy(
@@ -176,7 +273,23 @@ def pretrain_autoencoder(
 
 
 def load_autoencoder(path: str | Path, dataset: str = "fashion-mnist") -> BridgeAutoencoder:
-    """The frozen autoencoder saved by :func:`pretrain_autoencoder` (a local file, no download)."""
+    """Load the frozen autoencoder saved by :func:`pretrain_autoencoder` (a local file, no download).
+
+    Parameters
+    ----------
+    path : str | Path
+        The file written by :func:`pretrain_autoencoder`; read onto the CPU
+        with ``weights_only=True``.
+    dataset : str
+        Dataset whose channels and normalisation to use when the file does
+        not name one.
+
+    Returns
+    -------
+    BridgeAutoencoder
+        The autoencoder with the saved weights, frozen (see
+        :meth:`BridgeAutoencoder.freeze`).
+    """
     saved = torch.load(Path(path), map_location="cpu", weights_only=True)
     model = _for_dataset(dataset_info(str(saved.get("dataset", dataset))))
     model.load_state_dict(saved["state"])
@@ -184,6 +297,7 @@ def load_autoencoder(path: str | Path, dataset: str = "fashion-mnist") -> Bridge
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run ``python -m flwr_gkt.bridge``: pre-train the bridge autoencoder and save it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="where to write the autoencoder (.pt)")
     parser.add_argument("--dataset", default="fashion-mnist")

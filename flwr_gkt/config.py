@@ -23,7 +23,145 @@ __all__ = ["RunConfig", "load_preset", "parse_overrides", "resolve_config"]
 
 @dataclass(frozen=True)
 class RunConfig:
-    """All settings of a FedGKT run (see the presets for documented values)."""
+    """All settings of a FedGKT run (see the presets for documented values).
+
+    Immutable; build modified copies with :meth:`with_values`. Each field
+    ``a_b`` is the config key ``a-b``. Numeric settings where ``0`` (or ``""``
+    for strings) means "off" or "default" are noted.
+
+    Parameters
+    ----------
+    dataset : str
+        ``fashion-mnist``, ``cifar10``, ``cifar100`` or ``cinic10``.
+    data_dir : str
+        Directory of the dataset files; ``""``: the default location.
+    data_fraction, test_fraction : float
+        Shares of the training set split over the nodes and of the test set
+        used for evaluation.
+    partition : str
+        ``iid`` or ``dirichlet`` (label skew).
+    dirichlet_alpha : float
+        Dirichlet concentration.
+    min_partition_size : int
+        Dirichlet: fewest samples per node.
+    test_split : str
+        ``global`` (test set split IID over the nodes) or ``local`` (each
+        node's test samples follow its training label mix).
+    augment : str
+        ``auto`` (the dataset's choice), ``on`` or ``off``: random crop + flip.
+    num_clients : int
+        Number of nodes.
+    num_server_rounds : int
+        Number of rounds.
+    fraction_train, fraction_evaluate : float
+        Share of the nodes sampled for training / evaluation each round.
+    min_nodes : int
+        Fewest nodes for a round (train, evaluate and available).
+    min_train_replies : int
+        Fewest accepted train replies for the server model to train in a round.
+    store_max_age : int
+        Rounds a node's stored features stay in use without a fresh reply
+        (``0``: forever).
+    node_wait_timeout : float
+        Seconds to wait for ``min-nodes`` connected nodes (``0``: forever).
+    round_timeout : float
+        Seconds a round waits for the nodes' replies.
+    server_mode : str
+        ``sync`` (:class:`~flwr_gkt.strategy.FedGKT`) or ``async``
+        (:class:`~flwr_gkt.async_strategy.AsyncFedGKT`).
+    max_staleness : int
+        Async: largest accepted staleness of a reply (``-1``: no bound).
+    async_update : str
+        Async: what one server update trains on (``store``: every node's
+        stored features; ``node``: the replying node's only).
+    memory_budget_mb : float
+        Memory budget of the server's feature store (``0``: unbounded).
+    spill_dir : str
+        Where features beyond the budget are written; ``""``: ``<run>/spill``.
+    feature_upload_every : int
+        Replay (EcoFed): nodes upload features every this many rounds
+        (``0``: once).
+    edge_model, server_model : str
+        Registered model names (see :mod:`flwr_gkt.registry`).
+    edge_pretrained : str
+        Local file of pre-trained extractor weights (``""``: none).
+    freeze_extractor : int
+        ``1``: freeze the edge extractor (EcoFed).
+    edge_epochs, batch_size : int
+        Local epochs ``E_c`` and edge mini-batch size.
+    edge_optimizer : str
+        ``adam`` or ``sgd``.
+    edge_lr : float
+        Edge learning rate.
+    server_epochs, server_batch_size : int
+        Server epochs ``E_s`` per round and server mini-batch size.
+    server_optimizer : str
+        ``adam`` or ``sgd``.
+    server_lr : float
+        Server learning rate.
+    weight_decay : float
+        Weight decay of ``sgd``.
+    lr_schedule : str
+        ``constant`` or ``cosine`` (see :func:`flwr_gkt.training.lr_factor`).
+    temperature, alpha : float
+        KD temperature ``T`` and weight ``alpha``.
+    kd_mode : str
+        ``both``, ``server_to_edge`` or ``none`` (see
+        :class:`~flwr_gkt.losses.KDMode`).
+    feature_dtype : str
+        Feature codec on the wire: ``float32``, ``float16`` or ``int8``.
+    logit_dtype : str
+        Logit dtype on the wire: ``float32`` or ``float16``.
+    privacy_clip, privacy_logit_clip, privacy_noise : float
+        Per-sample L2 clipping bounds of features and logits and Gaussian
+        noise multiplier, applied on the nodes (``0``: off).
+    seed : int
+        Seed of partitions, initialisation and training.
+    device : str
+        ``auto`` (CUDA when available), ``cpu``, ``cuda``...
+    server_threads, client_threads : int
+        Torch threads of the server and of each node (``0``: torch's default).
+    client_cpus : float
+        CPUs each simulated node asks for.
+    results_dir : str
+        Directory of the run folders.
+    run_name : str
+        Name of the run's folder; ``""``: a timestamp.
+    checkpoint, resume : int
+        ``1``: write a checkpoint after every round / resume from it.
+    node_state_dir : str
+        Simulation: directory of the nodes' persistent state (``""``: none).
+    max_payload_mb : float
+        Largest accepted reply (``0``: no limit).
+    max_samples : int
+        Largest number of samples one reply may carry (``0``: no limit).
+    outlier_threshold : float
+        Robust deviations from the round's median beyond which a payload is
+        rejected.
+    logit_clip : float
+        Bound client logits are clipped to before the server distils from
+        them (``0``: off).
+    fedagg_edges : int
+        FedAgg: number of edge servers (``0``: two tiers).
+    end_model, edge_tier_model, cloud_model : str
+        FedAgg: tier model names (see
+        :func:`flwr_gkt.registry.build_tier_model`).
+    bridge_autoencoder : str
+        FedAgg: file of the pre-trained bridge autoencoder.
+    rectify : str
+        FedEEC rectification: ``none``, ``swap``, ``peak`` or ``self``.
+    fedagg_beta, fedagg_gamma : float
+        FedAgg's KD weight ``beta`` and bridge-loss weight ``gamma``.
+    fedagg_migrate : str
+        FedAgg: node migrations, e.g. ``"end-3:edge-0@5"``.
+    faults : str
+        Injected faults, e.g. ``"crash:1@2-3, timeout:0@4"`` (see
+        :mod:`flwr_gkt.faults`).
+    fault_rate : float
+        Probability of a random fault per node and round.
+    fault_kinds : str
+        Kinds of random faults to choose among (``""``: all).
+    """
 
     # data
     dataset: str = "fashion-mnist"
@@ -112,11 +250,39 @@ class RunConfig:
 
     @classmethod
     def keys(cls) -> list[str]:
-        """The kebab-case keys accepted in presets and run config."""
+        """Return the kebab-case keys accepted in presets and run config.
+
+        Returns
+        -------
+        list[str]
+            One key per field, in field order (``num-server-rounds``, ...).
+        """
         return [f.name.replace("_", "-") for f in fields(cls)]
 
     def with_values(self, values: Mapping[str, Any]) -> RunConfig:
-        """Return a copy with kebab-case ``values`` applied; ``""`` means unset."""
+        """Return a copy with kebab-case ``values`` applied; ``""`` means unset.
+
+        Each value is cast to the field's type (``int``, ``float`` or ``str``).
+
+        Parameters
+        ----------
+        values : Mapping[str, Any]
+            New values by kebab-case key; a value ``""`` leaves the field as
+            it is.
+
+        Returns
+        -------
+        RunConfig
+            The updated copy (``self`` is unchanged).
+
+        Raises
+        ------
+        KeyError
+            If a key is not a field of :class:`RunConfig`.
+        ValueError
+            If a value cannot be cast to the field's type (a float with a
+            fractional part for an ``int`` field included).
+        """
         types = {f.name: f.type for f in fields(self)}
         changes: dict[str, Any] = {}
         for key, value in values.items():
@@ -132,12 +298,40 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """Kebab-case dict of all values."""
+        """Return all values as a dict with kebab-case keys.
+
+        Returns
+        -------
+        dict[str, Any]
+            ``{key: value}`` for every field, e.g. ``{"dataset": "fashion-mnist", ...}``.
+        """
         return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
 
 
 def load_preset(preset: str, presets_dir: str | Path | None = None) -> dict[str, Any]:
-    """Read a YAML preset given by name (in ``presets_dir``) or by path."""
+    """Read a YAML preset given by name (in ``presets_dir``) or by path.
+
+    Parameters
+    ----------
+    preset : str
+        A path ending in ``.yaml`` / ``.yml``, or a name looked up as
+        ``<presets_dir>/<name>.yaml``.
+    presets_dir : str | Path, optional
+        Directory of the named presets.
+
+    Returns
+    -------
+    dict[str, Any]
+        The preset's keys and values (empty for an empty file).
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file does not exist, or a name is given without
+        ``presets_dir``; the message lists the available presets.
+    ValueError
+        If the file does not hold a mapping.
+    """
     path = Path(preset)
     if path.suffix not in (".yaml", ".yml"):
         if presets_dir is None:
@@ -155,7 +349,33 @@ def load_preset(preset: str, presets_dir: str | Path | None = None) -> dict[str,
 def resolve_config(
     overrides: Mapping[str, Any], presets_dir: str | Path | None = None
 ) -> RunConfig:
-    """Defaults <- preset named by ``overrides['preset']`` <- other overrides."""
+    """Build the run's :class:`RunConfig`: defaults <- preset <- overrides.
+
+    Starts from the field defaults, applies the preset named by
+    ``overrides["preset"]`` (if set and not empty), then the other overrides.
+
+    Parameters
+    ----------
+    overrides : Mapping[str, Any]
+        Kebab-case keys and values (e.g. the Flower run config); ``""`` values
+        are ignored. Not modified.
+    presets_dir : str | Path, optional
+        Directory of the named presets (see :func:`load_preset`).
+
+    Returns
+    -------
+    RunConfig
+        The resolved configuration.
+
+    Raises
+    ------
+    KeyError
+        If a key is unknown.
+    FileNotFoundError
+        If the preset is not found.
+    ValueError
+        If the preset is not a mapping or a value has the wrong type.
+    """
     overrides = dict(overrides)
     preset = str(overrides.pop("preset", "") or "")
     config = RunConfig()
@@ -165,7 +385,26 @@ def resolve_config(
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """Parse ``key=value`` strings; values are read as YAML scalars."""
+    """Parse ``key=value`` strings; values are read as YAML scalars.
+
+    Each item may hold several whitespace-separated ``key=value`` pairs
+    (``"a=1 b=x"``); ``key=`` gives ``""``.
+
+    Parameters
+    ----------
+    items : list[str]
+        The strings, e.g. the ``--set`` arguments of the command line.
+
+    Returns
+    -------
+    dict[str, Any]
+        Values by key (later pairs win).
+
+    Raises
+    ------
+    ValueError
+        If a pair has no ``=``.
+    """
     out: dict[str, Any] = {}
     for item in items:
         for part in item.split():

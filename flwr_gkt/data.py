@@ -139,7 +139,24 @@ class DatasetMissingError(FileNotFoundError):
 
 
 def dataset_info(name: str) -> DatasetInfo:
-    """The :class:`DatasetInfo` of ``name`` (``ValueError`` for an unknown one)."""
+    """Return the :class:`DatasetInfo` of dataset ``name``.
+
+    Parameters
+    ----------
+    name : str
+        A key of :data:`DATASETS`: ``fashion-mnist``, ``cifar10``, ``cifar100``
+        or ``cinic10``.
+
+    Returns
+    -------
+    DatasetInfo
+        Classes, image shape, channel statistics and augmentation choice.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not a known dataset.
+    """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {sorted(DATASETS)}")
     return DATASETS[name]
@@ -150,10 +167,21 @@ def _cache_dir() -> Path:
 
 
 def default_data_dir(name: str) -> Path:
-    """Where a dataset is looked for when ``data-dir`` is not set.
+    """Return where a dataset is looked for when ``data-dir`` is not set.
 
     Fashion-MNIST: the Debian package's directory. Others:
-    ``$FLWR_GKT_DATA/<name>`` (default ``~/.cache/flwr_gkt/data/<name>``).
+    ``$FLWR_GKT_DATA/<name>`` (default ``$FLWR_GKT_CACHE/data/<name>``, with
+    ``FLWR_GKT_CACHE`` defaulting to ``~/.cache/flwr_gkt``).
+
+    Parameters
+    ----------
+    name : str
+        The dataset name.
+
+    Returns
+    -------
+    Path
+        The default data directory of ``name``.
     """
     if name == "fashion-mnist":
         return Path(DEFAULT_FASHION_MNIST_DIR)
@@ -174,7 +202,17 @@ def _atomic_copy(src: Path, dst: Path, opener: Callable[..., Any] = open) -> Non
 # ----------------------------------------------------------------- raw loaders
 @dataclass(frozen=True)
 class RawDataset:
-    """A whole dataset as ``uint8`` images ``N x C x H x W`` and int64 labels."""
+    """A whole dataset as ``uint8`` images ``N x C x H x W`` and int64 labels.
+
+    Attributes
+    ----------
+    x_train, y_train : Tensor
+        Training images and labels.
+    x_test, y_test : Tensor
+        Test images and labels.
+    info : DatasetInfo
+        The dataset's static facts.
+    """
 
     x_train: Tensor
     y_train: Tensor
@@ -335,11 +373,20 @@ def load_dataset(name: str, data_dir: str = "") -> RawDataset:
     data_dir : str
         Directory of the files; ``""`` for :func:`default_data_dir`.
 
+    Returns
+    -------
+    RawDataset
+        Training and test images (``uint8``) and labels (int64), with the
+        dataset's :class:`DatasetInfo`. The same object is returned for the
+        same arguments until :func:`clear_caches`.
+
     Raises
     ------
     DatasetMissingError
         The files are not there; the message says what is expected and how to
         obtain it.
+    ValueError
+        If ``name`` is unknown, or the images do not have the dataset's shape.
     """
     info = dataset_info(name)
     path = Path(data_dir).expanduser() if data_dir else default_data_dir(name)
@@ -366,7 +413,22 @@ def clear_caches() -> None:
 
 
 def normalize(x: Tensor, info: DatasetInfo) -> Tensor:
-    """``uint8`` images to float32, scaled to [0, 1] and standardised per channel."""
+    """Convert ``uint8`` images to float32, scaled to [0, 1] and standardised per channel.
+
+    Computes ``(x / 255 - mean) / std`` with ``info``'s per-channel statistics.
+
+    Parameters
+    ----------
+    x : Tensor
+        Images ``N x C x H x W`` with values in ``[0, 255]``.
+    info : DatasetInfo
+        The dataset whose ``mean`` and ``std`` to use.
+
+    Returns
+    -------
+    Tensor
+        The normalised float32 images, same shape.
+    """
     mean = torch.tensor(info.mean).view(1, -1, 1, 1)
     std = torch.tensor(info.std).view(1, -1, 1, 1)
     return (x.float() / 255.0 - mean) / std
@@ -397,10 +459,41 @@ class RandomCropFlip:
 
     @classmethod
     def for_dataset(cls, info: DatasetInfo, padding: int = 4) -> RandomCropFlip:
-        """Augmentation with black padding in ``info``'s normalised units."""
+        """Build the augmentation with black padding in ``info``'s normalised units.
+
+        Parameters
+        ----------
+        info : DatasetInfo
+            The dataset; the fill is ``-mean / std`` per channel.
+        padding : int
+            Pixels of padding on each side.
+
+        Returns
+        -------
+        RandomCropFlip
+            The augmentation for ``info``'s normalised images.
+        """
         return cls(padding, tuple(-m / s for m, s in zip(info.mean, info.std, strict=True)))
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Return a randomly cropped and flipped copy of a batch.
+
+        Each sample is padded by ``padding`` pixels of ``fill``, cropped back to
+        ``H x W`` at a uniform random offset and flipped horizontally with
+        probability 1/2.
+
+        Parameters
+        ----------
+        x : Tensor
+            A batch of normalised images, ``N x C x H x W``.
+        generator : torch.Generator, optional
+            Source of the crop offsets and flips.
+
+        Returns
+        -------
+        Tensor
+            The augmented batch, same shape and dtype.
+        """
         n, c, h, w = x.shape
         p = self.padding
         fill = (
@@ -429,6 +522,17 @@ class ClientData:
 
     ``augment`` (when set) is applied to training batches, see
     :class:`RandomCropFlip`.
+
+    Parameters
+    ----------
+    x_train, y_train : Tensor
+        Normalised float32 training images ``N x C x H x W`` and their labels.
+    x_test, y_test : Tensor
+        Normalised float32 test images and their labels.
+    num_classes : int
+        Number of classes of the dataset.
+    augment : Callable[[Tensor, torch.Generator | None], Tensor] | None
+        ``augment(inputs, generator)`` for training batches, or ``None``.
     """
 
     x_train: Tensor
@@ -440,6 +544,7 @@ class ClientData:
 
     @property
     def in_channels(self) -> int:
+        """Image channels of the training images (``x_train.shape[1]``)."""
         return int(self.x_train.shape[1])
 
 
@@ -455,8 +560,9 @@ def _partitions(
     alpha: float,
     min_size: int,
 ) -> list[np.ndarray]:
-    """All nodes' index arrays of one split (cached: a process serving many
-    nodes computes the partition once).
+    """Return all nodes' index arrays of one split.
+
+    Cached: a process serving many nodes computes the partition once.
     """
     raw = load_dataset(dataset, data_dir)
     labels = (raw.y_train if split == "train" else raw.y_test).numpy()
@@ -486,7 +592,10 @@ def client_data(
     augment: bool | None = None,
     seed: int = 0,
 ) -> ClientData:
-    """Node ``partition_id``'s data of ``num_partitions``, reproducible by ``seed``.
+    """Return node ``partition_id``'s data of ``num_partitions``, reproducible by ``seed``.
+
+    The partitions are computed once per process and cached; images are
+    normalised with the dataset's channel statistics.
 
     Parameters
     ----------
@@ -512,6 +621,21 @@ def client_data(
         Random crop + flip on training batches; default: the dataset's choice.
     seed : int
         Seed of every random choice.
+
+    Returns
+    -------
+    ClientData
+        The node's normalised training and test splits, with the dataset's
+        number of classes and the training augmentation (or ``None``).
+
+    Raises
+    ------
+    ValueError
+        If ``partition_id`` is not in ``[0, num_partitions)``, ``test_split``
+        is unknown, or the partition cannot be made (see
+        :func:`flwr_gkt.partition.partition_indices`).
+    DatasetMissingError
+        If the dataset files are not found (see :func:`load_dataset`).
     """
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} not in [0, {num_partitions})")

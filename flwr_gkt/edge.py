@@ -26,7 +26,35 @@ Augment = Callable[[Tensor, "torch.Generator | None"], Tensor]
 
 @dataclass
 class EdgeRoundConfig:
-    """Per-round edge settings, sent by the server in the train instruction."""
+    """Per-round edge settings, sent by the server in the train instruction.
+
+    Parameters
+    ----------
+    epochs : int
+        Local epochs ``E_c`` per round.
+    batch_size : int
+        Mini-batch size of local training and of feature extraction.
+    optimizer : str
+        ``adam`` or ``sgd`` (see :func:`flwr_gkt.training.make_optimizer`).
+    lr : float
+        Learning rate of the edge optimizer.
+    weight_decay : float
+        Weight decay of ``sgd`` (``adam`` uses a fixed 1e-4).
+    temperature : float
+        KD temperature ``T``.
+    alpha : float
+        Weight of the KD term in ``CE + alpha * KD``.
+    kd_mode : KDMode
+        Directions of knowledge transfer; a string value (``"both"``) is
+        converted to :class:`~flwr_gkt.losses.KDMode`.
+    freeze_extractor : bool
+        EcoFed: train only the classifier ``f_c`` on top of a frozen ``f_e``.
+
+    Raises
+    ------
+    ValueError
+        If ``kd_mode`` is not a valid :class:`~flwr_gkt.losses.KDMode` value.
+    """
 
     epochs: int = 1
     batch_size: int = 64
@@ -40,6 +68,7 @@ class EdgeRoundConfig:
     freeze_extractor: bool = False
 
     def __post_init__(self) -> None:
+        """Convert ``kd_mode`` to :class:`~flwr_gkt.losses.KDMode`."""
         self.kd_mode = KDMode(self.kd_mode)
 
 
@@ -60,6 +89,31 @@ def train_edge(
     first round, or the ``none`` ablation). ``augment`` transforms every
     training batch (random crop + flip for CIFAR/CINIC). With
     ``cfg.freeze_extractor`` only the classifier is trained.
+
+    Parameters
+    ----------
+    model : EdgeModel
+        The edge model, already on ``device``; trained in place.
+    x : Tensor
+        Local training inputs, ``N x C x H x W``.
+    y : Tensor
+        Their labels, shape ``(N,)``.
+    server_logits : Tensor | None
+        Server logits ``Z_s`` of the previous round, shape ``(N, num_classes)``,
+        or ``None`` when there are none yet.
+    cfg : EdgeRoundConfig
+        Epochs, optimizer, learning rate, KD temperature, weight and mode.
+    device : torch.device
+        Where ``model`` lives; batches are moved there.
+    generator : torch.Generator, optional
+        Source of randomness for shuffling and augmentation.
+    augment : Augment, optional
+        ``augment(inputs, generator) -> inputs`` applied to every batch.
+
+    Returns
+    -------
+    FitResult
+        Loss, accuracy, sample count and wall time of the local training.
     """
     teacher = server_logits if cfg.kd_mode.edge_distills else None
     if cfg.freeze_extractor:
@@ -90,11 +144,32 @@ def extract(
     augment: Augment | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Features ``H`` and logits ``Z_c`` of every sample, in order, eval mode.
+    """Return the features ``H`` and logits ``Z_c`` of every sample, in order, in eval mode.
 
     With ``augment``, each sample is seen through one random augmented view
     (a new one every round), as the reference implementation extracts from its
     augmenting training loader: the server then trains on augmented features.
+
+    Parameters
+    ----------
+    model : EdgeModel
+        The edge model, on ``device``; it is put in eval mode.
+    x : Tensor
+        Inputs, ``N x C x H x W``, processed in their order.
+    batch_size : int
+        Number of samples per forward pass.
+    device : torch.device
+        Where ``model`` lives; inputs are moved there.
+    augment : Augment, optional
+        ``augment(inputs, generator) -> inputs`` applied to every batch.
+    generator : torch.Generator, optional
+        Source of randomness for ``augment``.
+
+    Returns
+    -------
+    tuple[Tensor, Tensor]
+        Feature maps ``H`` (``N x C' x H' x W'``, contiguous) and logits
+        ``Z_c`` (``N x num_classes``), both float32 on the CPU.
     """
     model.eval()
     feats, logits = [], []

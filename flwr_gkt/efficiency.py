@@ -22,13 +22,44 @@ __all__ = ["ModelCost", "edge_cost_table", "forward_flops", "num_parameters", "r
 
 
 def num_parameters(model: nn.Module) -> int:
-    """Number of parameters (weights and biases, BatchNorm affine included)."""
+    """Count the parameters of ``model`` (weights and biases, BatchNorm affine included).
+
+    Buffers (BatchNorm running statistics) are not counted; frozen parameters
+    are.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model.
+
+    Returns
+    -------
+    int
+        Total number of parameter elements.
+    """
     return sum(p.numel() for p in model.parameters())
 
 
 @torch.no_grad()
 def forward_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """FLOPs of one eval-mode forward pass of one sample of ``input_shape``."""
+    """Count the FLOPs of one eval-mode forward pass of one sample of ``input_shape``.
+
+    The model runs on a zero batch of one sample on the CPU, without gradient,
+    under :class:`torch.utils.flop_counter.FlopCounterMode`; its training mode
+    is restored afterwards.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model, on the CPU.
+    input_shape : tuple[int, ...]
+        Shape of one sample, without the batch dimension (e.g. ``(3, 32, 32)``).
+
+    Returns
+    -------
+    int
+        FLOPs as counted by PyTorch (a multiply-accumulate counts as 2).
+    """
     was_training = model.training
     model.eval()
     with FlopCounterMode(display=False) as counter:
@@ -39,7 +70,17 @@ def forward_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
 
 @dataclass
 class ModelCost:
-    """FLOPs per sample and parameters of one model."""
+    """FLOPs per sample and parameters of one model.
+
+    Parameters
+    ----------
+    name : str
+        Display name of the model.
+    flops : int
+        FLOPs of one forward pass of one sample (see :func:`forward_flops`).
+    params : int
+        Number of parameters (see :func:`num_parameters`).
+    """
 
     name: str
     flops: int
@@ -47,7 +88,23 @@ class ModelCost:
 
 
 def edge_cost_table(num_classes: int = 10, in_channels: int = 3, size: int = 32) -> list[ModelCost]:
-    """Costs of the FedGKT edge models and of the full models FedAvg trains on the edge."""
+    """Return the costs of the FedGKT edge models and of the full models FedAvg trains on the edge.
+
+    Parameters
+    ----------
+    num_classes : int
+        Number of output classes.
+    in_channels : int
+        Image channels.
+    size : int
+        Image side (square images).
+
+    Returns
+    -------
+    list[ModelCost]
+        ResNet-8, ResNet-6, ResNet-4 (FedGKT edge), then ResNet-56 and
+        ResNet-110 (FedAvg edge), in that order.
+    """
     shape = (in_channels, size, size)
     builders = {
         "ResNet-8 (FedGKT edge)": models.resnet8,
@@ -66,12 +123,34 @@ def edge_cost_table(num_classes: int = 10, in_channels: int = 3, size: int = 32)
 def run_costs(
     edge_model: str, server_model: str, num_classes: int, in_channels: int, size: int
 ) -> dict[str, int]:
-    """FLOPs per sample and parameters of a run's models, by registry name.
+    """Return the FLOPs per sample and parameters of a run's models, by registry name.
 
-    Keys: ``edge-flops``/``edge-params`` (edge model on the image),
-    ``server-flops``/``server-params`` (server model on one feature map) and,
-    where the registry knows it, ``full-flops``/``full-params`` (the full model
-    FedAvg trains on every node).
+    Parameters
+    ----------
+    edge_model : str
+        Registered edge model name.
+    server_model : str
+        Registered server model name (or ``resnet<9n+1>``).
+    num_classes : int
+        Number of output classes.
+    in_channels : int
+        Image channels.
+    size : int
+        Image side; the server model is measured on one
+        ``16 x size x size`` feature map.
+
+    Returns
+    -------
+    dict[str, int]
+        Keys: ``edge-flops``/``edge-params`` (edge model on the image),
+        ``server-flops``/``server-params`` (server model on one feature map)
+        and, where the registry knows it, ``full-flops``/``full-params`` (the
+        full model FedAvg trains on every node).
+
+    Raises
+    ------
+    KeyError
+        If ``edge_model`` or ``server_model`` is not registered.
     """
     from .registry import build_edge_model, build_full_model, build_server_model
 
@@ -93,6 +172,7 @@ def run_costs(
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run ``python -m flwr_gkt.efficiency``: print the edge and server cost tables."""
     parser = argparse.ArgumentParser(
         prog="python -m flwr_gkt.efficiency",
         description=__doc__,

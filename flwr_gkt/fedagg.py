@@ -40,7 +40,27 @@ __all__ = ["BSBODPConfig", "teacher_logits", "train_leaf", "train_nonleaf"]
 
 @dataclass(frozen=True)
 class BSBODPConfig:
-    """Settings of one BSBODP direction (FedAgg paper defaults)."""
+    """Settings of one BSBODP direction (FedAgg paper defaults).
+
+    Parameters
+    ----------
+    temperature : float
+        KD temperature ``T``.
+    beta : float
+        Weight of the KD term on the bridge samples.
+    gamma : float
+        Weight of an end device's whole bridge-sample loss (leaves only).
+    batch_size : int
+        Mini-batch size; an incomplete last batch is skipped.
+    optimizer : str
+        ``sgd`` or ``adam`` (see :func:`flwr_gkt.training.make_optimizer`).
+    lr : float
+        Learning rate.
+    weight_decay : float
+        Weight decay of ``sgd`` (``adam`` uses a fixed 1e-4).
+    epochs : int
+        Passes over the samples per direction.
+    """
 
     temperature: float = 3.0
     beta: float = 10.0
@@ -55,7 +75,24 @@ class BSBODPConfig:
 def teacher_logits(
     model: nn.Module, bridge: Tensor, device: torch.device, batch_size: int = 256
 ) -> Tensor:
-    """The teacher's logits on bridge samples (eval mode, no gradient), on the CPU."""
+    """Return the teacher's logits on bridge samples (eval mode, no gradient), on the CPU.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The teacher; it is put in eval mode.
+    bridge : Tensor
+        Decoded, normalised bridge samples ``N x C x H x W``.
+    device : torch.device
+        Where ``model`` lives; batches are moved there.
+    batch_size : int
+        Number of samples per forward pass.
+
+    Returns
+    -------
+    Tensor
+        Float32 logits ``(N, num_classes)`` in the order of ``bridge``.
+    """
     labels = torch.zeros(len(bridge), dtype=torch.long)
     return predict(model, TensorBatches(bridge, labels, batch_size), device)
 
@@ -88,7 +125,50 @@ def train_leaf(
     generator: torch.Generator | None = None,
     rectify: Rectifier | None = None,
 ) -> FitResult:
-    """An end device learns from its parent: real images plus their bridge samples (eq. 4)."""
+    """Train an end device from its parent: real images plus their bridge samples (eq. 4).
+
+    Each step computes the model's logits on a shuffled mini-batch of real
+    images and on the bridge samples of the same images, and minimises
+    :func:`~flwr_gkt.losses.fedagg_leaf_loss`::
+
+        CE(f(x), y) + gamma * [CE(f(dec eps), y) + beta * T**2 * KL(teacher || f(dec eps))]
+
+    Accuracy and loss in the result are those of the real images' logits.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The end device's model (image -> logits), on ``device``; trained in
+        place.
+    real : Tensor
+        Normalised real images ``N x C x H x W``.
+    bridge : Tensor
+        Their bridge samples ``dec(enc(x))``, same shape, row ``i`` for image
+        ``i``.
+    labels : Tensor
+        Labels of the images, shape ``(N,)``.
+    teacher : Tensor | None
+        The parent's logits on the bridge samples ``(N, num_classes)``, or
+        ``None`` for no KD term.
+    cfg : BSBODPConfig
+        Temperature, ``beta``, ``gamma``, optimizer and batch settings.
+    device : torch.device
+        Where ``model`` lives; batches are moved there.
+    generator : torch.Generator, optional
+        Source of randomness for shuffling.
+    rectify : Rectifier, optional
+        FedEEC rectification of the teacher's probabilities.
+
+    Returns
+    -------
+    FitResult
+        Loss, accuracy, sample count and wall time of the last epoch.
+
+    Raises
+    ------
+    ValueError
+        If ``real`` and ``bridge`` differ in shape.
+    """
     if real.shape != bridge.shape:
         raise ValueError(
             f"real {list(real.shape)} and bridge {list(bridge.shape)} samples must pair up"
@@ -116,7 +196,41 @@ def train_nonleaf(
     generator: torch.Generator | None = None,
     rectify: Rectifier | None = None,
 ) -> FitResult:
-    """An edge or the cloud learns from a neighbour over the bridge samples of a subtree (eq. 2)."""
+    """Train an edge or the cloud from a neighbour over the bridge samples of a subtree (eq. 2).
+
+    Minimises :func:`~flwr_gkt.losses.fedagg_nonleaf_loss`::
+
+        CE(f(dec eps), y) + beta * T**2 * KL(teacher || f(dec eps))
+
+    on shuffled mini-batches of the bridge samples.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The edge or cloud model (image -> logits), on ``device``; trained in
+        place.
+    bridge : Tensor
+        Decoded, normalised bridge samples of the subtree, ``N x C x H x W``.
+    labels : Tensor
+        Their labels, shape ``(N,)``.
+    teacher : Tensor | None
+        The neighbour's logits on the same bridge samples ``(N, num_classes)``,
+        or ``None`` for no KD term.
+    cfg : BSBODPConfig
+        Temperature, ``beta``, optimizer and batch settings (``gamma`` is not
+        used).
+    device : torch.device
+        Where ``model`` lives; batches are moved there.
+    generator : torch.Generator, optional
+        Source of randomness for shuffling.
+    rectify : Rectifier, optional
+        FedEEC rectification of the teacher's probabilities.
+
+    Returns
+    -------
+    FitResult
+        Loss, accuracy, sample count and wall time of the last epoch.
+    """
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
     return fit(
         model,

@@ -33,9 +33,18 @@ __all__ = ["KDMode", "fedagg_leaf_loss", "fedagg_nonleaf_loss", "gkt_loss", "kd_
 class KDMode(StrEnum):
     """Which directions of knowledge transfer are on (paper Table 2).
 
-    ``none``: both sides train with CE only. ``server_to_edge``: only the edge
-    distils from the server logits (S->E). ``both``: the server also distils
-    from the client logits (S<->E), the paper's default.
+    A string enum: the run config gives the value (``kd-mode = "both"``).
+
+    Attributes
+    ----------
+    NONE : str
+        ``"none"``: both sides train with CE only.
+    SERVER_TO_EDGE : str
+        ``"server_to_edge"``: only the edge distils from the server logits
+        (S->E); the server trains with CE only.
+    BOTH : str
+        ``"both"``: the server also distils from the client logits (S<->E), the
+        paper's default.
     """
 
     NONE = "none"
@@ -60,20 +69,47 @@ def kd_loss(
     rectify: Rectifier | None = None,
     labels: Tensor | None = None,
 ) -> Tensor:
-    """``T**2 * D_KL(softmax(teacher/T) || softmax(student/T))``, batch mean.
+    """Return the temperature-scaled KD term ``T**2 * D_KL(p_teacher || p_student)``.
+
+    With ``p_student = softmax(z_student / T)`` and ``p_teacher =
+    softmax(z_teacher / T)`` (row-wise softmax over the ``C`` classes), this is::
+
+        L_KD = T**2 / B * sum_i sum_c p_teacher[i, c]
+                          * (log p_teacher[i, c] - log p_student[i, c])
+
+    i.e. the KL divergence between the softened distributions, averaged over
+    the batch (``reduction="batchmean"``) and scaled by ``T**2`` (Hinton et
+    al.) so that its gradient does not shrink with ``T``. It is the
+    ``D_KL(p_s || p_k)`` term of the client loss (eq. 7, teacher = server) and
+    the ``D_KL(p_k || p_s)`` term of the server loss (eq. 6, teacher = client).
+    With ``rectify``, ``p_teacher`` is replaced by ``rectify(p_teacher, labels)``
+    before the divergence is taken.
 
     Parameters
     ----------
     student_logits : Tensor
-        Logits of the model being trained, shape ``(B, C)``.
+        Logits ``z_student`` of the model being trained, shape ``(B, C)``.
     teacher_logits : Tensor
-        Logits of the teacher, shape ``(B, C)``; no gradient flows into them.
+        Logits ``z_teacher`` of the teacher, shape ``(B, C)``; they are
+        detached, so no gradient flows into them.
     temperature : float
         Softmax temperature ``T > 0``.
-    rectify : callable, optional
+    rectify : Rectifier, optional
         FedEEC self-knowledge rectification ``rectify(teacher_probs, labels)``
         applied to ``softmax(teacher/T)`` (see :mod:`flwr_gkt.rectify`); needs
         ``labels``.
+    labels : Tensor, optional
+        True classes, shape ``(B,)``; used only by ``rectify``.
+
+    Returns
+    -------
+    Tensor
+        The scalar loss ``L_KD`` (differentiable in ``student_logits``).
+
+    Raises
+    ------
+    ValueError
+        If ``rectify`` is given without ``labels``.
     """
     t = float(temperature)
     log_p_student = F.log_softmax(student_logits / t, dim=1)
@@ -96,11 +132,40 @@ def gkt_loss(
     alpha: float,
     rectify: Rectifier | None = None,
 ) -> Tensor:
-    """``CE(logits, labels) + alpha * kd_loss(logits, teacher_logits, T)``.
+    """Return the FedGKT loss ``CE(logits, labels) + alpha * kd_loss(logits, teacher_logits, T)``.
 
-    With ``teacher_logits=None`` (no teacher yet, or KD switched off) this is
-    plain cross-entropy. The same function is the client loss (teacher = server
-    logits, eq. 7) and the server loss (teacher = client logits, eq. 6).
+    In the paper's notation, for a batch of ``B`` samples with labels ``y``::
+
+        l = CE(z, y) + alpha * T**2 * D_KL(softmax(z_teacher / T) || softmax(z / T))
+
+    where ``CE`` is the batch mean of the cross-entropy of the (unsoftened)
+    logits ``z`` and the KD term is :func:`kd_loss`. With
+    ``teacher_logits=None`` (no teacher yet, or KD switched off) or
+    ``alpha == 0`` this is plain cross-entropy. The same function is the client
+    loss (teacher = server logits, eq. 7) and the server loss (teacher = client
+    logits, eq. 6).
+
+    Parameters
+    ----------
+    logits : Tensor
+        Logits ``z`` of the model being trained, shape ``(B, C)``.
+    labels : Tensor
+        True classes ``y``, shape ``(B,)``.
+    teacher_logits : Tensor | None
+        Logits of the teacher, shape ``(B, C)`` (detached), or ``None`` for no
+        KD term.
+    temperature : float
+        Softmax temperature ``T`` of the KD term.
+    alpha : float
+        Weight of the KD term (``1`` in the paper's equations).
+    rectify : Rectifier, optional
+        FedEEC rectification of the teacher's softened probabilities, given
+        ``labels`` (see :func:`kd_loss`).
+
+    Returns
+    -------
+    Tensor
+        The scalar loss.
     """
     loss = F.cross_entropy(logits, labels)
     if teacher_logits is not None and alpha != 0.0:
@@ -118,14 +183,47 @@ def fedagg_leaf_loss(
     gamma: float = 1.0,
     rectify: Rectifier | None = None,
 ) -> Tensor:
-    """FedAgg's end-device loss: ``CE(f(x), y) + gamma * [CE(f(dec eps), y) + beta * KL_T]``.
+    """Return FedAgg's end-device loss ``CE(f(x), y) + gamma * [CE(f(dec eps), y) + beta * KL_T]``.
 
-    ``real_logits`` are the device model's outputs on its real images,
-    ``bridge_logits`` on the bridge samples of the *same* samples (index
-    aligned, same ``labels``), ``teacher_logits`` the parent's logits on those
-    bridge samples. The paper's defaults ``T = 3``, ``beta = 10``,
+    Written out::
+
+        l = CE(z_real, y) + gamma * (CE(z_bridge, y)
+              + beta * T**2 * D_KL(softmax(z_teacher / T) || softmax(z_bridge / T)))
+
+    i.e. ``CE(real_logits, labels) + gamma * gkt_loss(bridge_logits, labels,
+    teacher_logits, T, alpha=beta)``. ``real_logits`` are the device model's
+    outputs on its real images, ``bridge_logits`` on the bridge samples of the
+    *same* samples (index aligned, same ``labels``), ``teacher_logits`` the
+    parent's logits on those bridge samples. Without a teacher (``None``) the
+    KD term is dropped. The paper's defaults ``T = 3``, ``beta = 10``,
     ``gamma = 1`` (the official code uses ``beta = 1`` on leaves: we follow
     the paper).
+
+    Parameters
+    ----------
+    real_logits : Tensor
+        Logits ``z_real = f(x)`` on the real images, shape ``(B, C)``.
+    bridge_logits : Tensor
+        Logits ``z_bridge = f(dec eps)`` on the bridge samples of the same
+        images, shape ``(B, C)``.
+    labels : Tensor
+        True classes ``y``, shape ``(B,)``, shared by both batches.
+    teacher_logits : Tensor | None
+        The parent's logits on the bridge samples, shape ``(B, C)``, or
+        ``None`` for no KD term.
+    temperature : float
+        Softmax temperature ``T`` of the KD term.
+    beta : float
+        Weight of the KD term on the bridge samples.
+    gamma : float
+        Weight of the whole bridge-sample loss.
+    rectify : Rectifier, optional
+        FedEEC rectification of the teacher's softened probabilities.
+
+    Returns
+    -------
+    Tensor
+        The scalar loss.
     """
     bridge = gkt_loss(bridge_logits, labels, teacher_logits, temperature, beta, rectify)
     return F.cross_entropy(real_logits, labels) + gamma * bridge
@@ -139,5 +237,34 @@ def fedagg_nonleaf_loss(
     beta: float = 10.0,
     rectify: Rectifier | None = None,
 ) -> Tensor:
-    """FedAgg's edge/cloud loss: ``CE(f(dec eps), y) + beta * KL_T(f(dec eps), z_teacher)``."""
+    """Return FedAgg's edge/cloud loss ``CE(f(dec eps), y) + beta * KL_T(f(dec eps), z_teacher)``.
+
+    Written out::
+
+        l = CE(z_bridge, y) + beta * T**2 * D_KL(softmax(z_teacher / T) || softmax(z_bridge / T))
+
+    i.e. :func:`gkt_loss` with ``alpha = beta``, on bridge samples only.
+
+    Parameters
+    ----------
+    bridge_logits : Tensor
+        Logits ``z_bridge = f(dec eps)`` of the model being trained on the
+        bridge samples, shape ``(B, C)``.
+    labels : Tensor
+        True classes ``y`` of the bridge samples, shape ``(B,)``.
+    teacher_logits : Tensor | None
+        The neighbour's logits on the same bridge samples, shape ``(B, C)``,
+        or ``None`` for no KD term.
+    temperature : float
+        Softmax temperature ``T`` of the KD term.
+    beta : float
+        Weight of the KD term.
+    rectify : Rectifier, optional
+        FedEEC rectification of the teacher's softened probabilities.
+
+    Returns
+    -------
+    Tensor
+        The scalar loss.
+    """
     return gkt_loss(bridge_logits, labels, teacher_logits, temperature, beta, rectify)

@@ -102,6 +102,10 @@ class EdgeModel(nn.Module):
         The feature extractor ``f_e``.
     classifier : nn.Module
         The classifier ``f_c`` on top of the extractor's output.
+
+    See Also
+    --------
+    resnet4, resnet6, resnet8 : The edge models of the paper.
     """
 
     def __init__(self, extractor: nn.Module, classifier: nn.Module) -> None:
@@ -115,6 +119,11 @@ class EdgeModel(nn.Module):
 
         Batch-norm statistics stay fixed too, so the features of a sample no
         longer change from round to round (they can be uploaded once).
+
+        Returns
+        -------
+        EdgeModel
+            The model itself, modified in place.
         """
         self.extractor_frozen = True
         self.extractor.requires_grad_(False)
@@ -122,19 +131,52 @@ class EdgeModel(nn.Module):
         return self
 
     def train(self, mode: bool = True) -> EdgeModel:
-        """Set training mode; a frozen extractor stays in eval mode."""
+        """Set training mode; a frozen extractor stays in eval mode.
+
+        Parameters
+        ----------
+        mode : bool
+            ``True`` for training mode, ``False`` for evaluation mode.
+
+        Returns
+        -------
+        EdgeModel
+            The model itself.
+        """
         super().train(mode)
         if self.extractor_frozen:
             self.extractor.eval()
         return self
 
     def forward(self, x: Tensor) -> Tensor:
-        """Return the edge logits ``f_c(f_e(x))``."""
+        """Return the edge logits ``f_c(f_e(x))``.
+
+        Parameters
+        ----------
+        x : Tensor
+            A batch of inputs, ``N x C x H x W``.
+
+        Returns
+        -------
+        Tensor
+            The logits ``Z_c``, ``N x num_classes``.
+        """
         logits: Tensor = self.classifier(self.extractor(x))
         return logits
 
     def forward_with_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Return ``(logits, features)`` for one batch."""
+        """Return ``(logits, features)`` for one batch.
+
+        Parameters
+        ----------
+        x : Tensor
+            A batch of inputs, ``N x C x H x W``.
+
+        Returns
+        -------
+        tuple[Tensor, Tensor]
+            The logits ``f_c(H)`` and the feature maps ``H = f_e(x)``.
+        """
         features = self.extractor(x)
         return self.classifier(features), features
 
@@ -153,17 +195,60 @@ def _edge_resnet(block: Block, blocks: int, num_classes: int, in_channels: int) 
 
 
 def resnet8(num_classes: int = 10, in_channels: int = 3) -> EdgeModel:
-    """ResNet-8 edge model of the paper: stem + 2 bottleneck blocks + FC."""
+    """Build the ResNet-8 edge model of the paper: stem + 2 bottleneck blocks + FC.
+
+    The extractor ``f_e`` is the ``conv3x3 -> BN -> ReLU`` stem (16 channels,
+    input resolution kept); the classifier ``f_c`` is two bottleneck blocks,
+    global average pooling and a linear layer (~11K parameters in all).
+
+    Parameters
+    ----------
+    num_classes : int
+        Number of output classes.
+    in_channels : int
+        Channels of the input images (3 for RGB, 1 for grayscale).
+
+    Returns
+    -------
+    EdgeModel
+        The edge model, He-initialised.
+    """
     return _edge_resnet(Bottleneck, 2, num_classes, in_channels)
 
 
 def resnet6(num_classes: int = 10, in_channels: int = 3) -> EdgeModel:
-    """ResNet-6 edge model (paper Table 5): stem + 2 basic blocks + FC."""
+    """Build the ResNet-6 edge model (paper Table 5): stem + 2 basic blocks + FC.
+
+    Parameters
+    ----------
+    num_classes : int
+        Number of output classes.
+    in_channels : int
+        Channels of the input images (3 for RGB, 1 for grayscale).
+
+    Returns
+    -------
+    EdgeModel
+        The edge model, He-initialised.
+    """
     return _edge_resnet(BasicBlock, 2, num_classes, in_channels)
 
 
 def resnet4(num_classes: int = 10, in_channels: int = 3) -> EdgeModel:
-    """ResNet-4 edge model (paper Table 5): stem + 1 basic block + FC."""
+    """Build the ResNet-4 edge model (paper Table 5): stem + 1 basic block + FC.
+
+    Parameters
+    ----------
+    num_classes : int
+        Number of output classes.
+    in_channels : int
+        Channels of the input images (3 for RGB, 1 for grayscale).
+
+    Returns
+    -------
+    EdgeModel
+        The edge model, He-initialised.
+    """
     return _edge_resnet(BasicBlock, 1, num_classes, in_channels)
 
 
@@ -178,6 +263,11 @@ class ServerResNet(nn.Module):
         Number of output classes.
     in_channels : int
         Channels of the incoming feature maps (the edge extractor's output).
+
+    Raises
+    ------
+    ValueError
+        If ``layers`` does not have exactly three entries.
     """
 
     def __init__(
@@ -200,7 +290,18 @@ class ServerResNet(nn.Module):
         _init_weights(self)
 
     def forward(self, h: Tensor) -> Tensor:
-        """Return logits for a batch of feature maps."""
+        """Return logits for a batch of feature maps.
+
+        Parameters
+        ----------
+        h : Tensor
+            Edge feature maps ``H``, ``N x in_channels x H x W``.
+
+        Returns
+        -------
+        Tensor
+            The server logits ``Z_s``, ``N x num_classes``.
+        """
         out = self.layer3(self.layer2(self.layer1(h)))
         logits: Tensor = self.fc(torch.flatten(self.avgpool(out), 1))
         return logits
@@ -211,6 +312,20 @@ class FullResNet(nn.Module):
 
     This is the model FedAvg trains on every client; with ``layers=(6, 6, 6)`` it
     is ResNet-56 and equals the ResNet-8 stem followed by the ResNet-55 server.
+
+    Parameters
+    ----------
+    layers : Sequence[int]
+        Number of bottleneck blocks in each of the three stages.
+    num_classes : int
+        Number of output classes.
+    in_channels : int
+        Channels of the input images (3 for RGB, 1 for grayscale).
+
+    Raises
+    ------
+    ValueError
+        If ``layers`` does not have exactly three entries.
     """
 
     def __init__(
@@ -225,7 +340,18 @@ class FullResNet(nn.Module):
         _init_weights(self.stem)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Return logits for a batch of images."""
+        """Return logits for a batch of images.
+
+        Parameters
+        ----------
+        x : Tensor
+            A batch of images, ``N x in_channels x H x W``.
+
+        Returns
+        -------
+        Tensor
+            The logits, ``N x num_classes``.
+        """
         logits: Tensor = self.body(self.stem(x))
         return logits
 
@@ -240,34 +366,128 @@ def _blocks_for_depth(depth: int, offset: int) -> int:
 def server_resnet(
     depth: int = 55, num_classes: int = 10, in_channels: int = FEATURE_CHANNELS
 ) -> ServerResNet:
-    """Server ResNet of a given depth ``9n + 1`` (10, 19, 28, ..., 55, ..., 109)."""
+    """Build a server ResNet of depth ``9n + 1`` (10, 19, 28, ..., 55, ..., 109).
+
+    The server model has ``n`` bottleneck blocks in each of its three stages.
+
+    Parameters
+    ----------
+    depth : int
+        Number of layers with weights, ``9n + 1`` with ``n >= 1``.
+    num_classes : int
+        Number of output classes.
+    in_channels : int
+        Channels of the incoming feature maps (the edge extractor's output).
+
+    Returns
+    -------
+    ServerResNet
+        The server model ``f_s``.
+
+    Raises
+    ------
+    ValueError
+        If ``depth`` is not of the form ``9n + 1`` with ``n >= 1``.
+    """
     n = _blocks_for_depth(depth, 1)
     return ServerResNet((n, n, n), num_classes, in_channels)
 
 
 def server_resnet55(num_classes: int = 10, in_channels: int = FEATURE_CHANNELS) -> ServerResNet:
-    """ResNet-55 server model (ResNet-56 without its stem)."""
+    """Build the ResNet-55 server model (ResNet-56 without its stem).
+
+    Parameters
+    ----------
+    num_classes : int
+        Number of output classes.
+    in_channels : int
+        Channels of the incoming feature maps (the edge extractor's output).
+
+    Returns
+    -------
+    ServerResNet
+        The server model ``f_s``, 6 bottleneck blocks per stage.
+    """
     return server_resnet(55, num_classes, in_channels)
 
 
 def server_resnet109(num_classes: int = 10, in_channels: int = FEATURE_CHANNELS) -> ServerResNet:
-    """ResNet-109 server model (ResNet-110 without its stem)."""
+    """Build the ResNet-109 server model (ResNet-110 without its stem).
+
+    Parameters
+    ----------
+    num_classes : int
+        Number of output classes.
+    in_channels : int
+        Channels of the incoming feature maps (the edge extractor's output).
+
+    Returns
+    -------
+    ServerResNet
+        The server model ``f_s``, 12 bottleneck blocks per stage.
+    """
     return server_resnet(109, num_classes, in_channels)
 
 
 def full_resnet(depth: int = 56, num_classes: int = 10, in_channels: int = 3) -> FullResNet:
-    """Full bottleneck ResNet of depth ``9n + 2`` (56, 110, ...)."""
+    """Build a full bottleneck ResNet of depth ``9n + 2`` (56, 110, ...).
+
+    Parameters
+    ----------
+    depth : int
+        Number of layers with weights, ``9n + 2`` with ``n >= 1``.
+    num_classes : int
+        Number of output classes.
+    in_channels : int
+        Channels of the input images (3 for RGB, 1 for grayscale).
+
+    Returns
+    -------
+    FullResNet
+        The stem plus an ``n``-blocks-per-stage server body.
+
+    Raises
+    ------
+    ValueError
+        If ``depth`` is not of the form ``9n + 2`` with ``n >= 1``.
+    """
     n = _blocks_for_depth(depth, 2)
     return FullResNet((n, n, n), num_classes, in_channels)
 
 
 def resnet56(num_classes: int = 10, in_channels: int = 3) -> FullResNet:
-    """Full ResNet-56 (bottleneck, 16/32/64 planes), the FedAvg baseline model."""
+    """Build the full ResNet-56 (bottleneck, 16/32/64 planes), the FedAvg baseline model.
+
+    Parameters
+    ----------
+    num_classes : int
+        Number of output classes.
+    in_channels : int
+        Channels of the input images (3 for RGB, 1 for grayscale).
+
+    Returns
+    -------
+    FullResNet
+        ResNet-56: the ResNet-8 stem followed by the ResNet-55 server body.
+    """
     return full_resnet(56, num_classes, in_channels)
 
 
 def resnet110(num_classes: int = 10, in_channels: int = 3) -> FullResNet:
-    """Full ResNet-110 (bottleneck, 16/32/64 planes), the FedAvg baseline model."""
+    """Build the full ResNet-110 (bottleneck, 16/32/64 planes), the FedAvg baseline model.
+
+    Parameters
+    ----------
+    num_classes : int
+        Number of output classes.
+    in_channels : int
+        Channels of the input images (3 for RGB, 1 for grayscale).
+
+    Returns
+    -------
+    FullResNet
+        ResNet-110: the edge stem followed by the ResNet-109 server body.
+    """
     return full_resnet(110, num_classes, in_channels)
 
 
@@ -275,9 +495,30 @@ def load_pretrained(model: EdgeModel, path: str | Path, part: str = "extractor")
     """Load pre-trained weights from a local file (no download) into ``model``.
 
     The file holds a ``state_dict`` (``torch.save``) of a whole edge model
-    (keys ``extractor.*`` / ``classifier.*``) or of its extractor alone.
-    ``part``: ``extractor`` loads only ``f_e`` (EcoFed: a pre-trained, frozen
-    extractor); ``all`` loads both parts.
+    (keys ``extractor.*`` / ``classifier.*``) or of its extractor alone. It is
+    read onto the CPU with ``weights_only=True``.
+
+    Parameters
+    ----------
+    model : EdgeModel
+        The edge model to load into, modified in place.
+    path : str | Path
+        The local ``state_dict`` file.
+    part : str
+        ``"extractor"`` loads only ``f_e`` (EcoFed: a pre-trained, frozen
+        extractor); ``"all"`` loads both parts.
+
+    Returns
+    -------
+    EdgeModel
+        ``model`` itself, with the loaded weights.
+
+    Raises
+    ------
+    ValueError
+        If ``part`` is neither ``"extractor"`` nor ``"all"``.
+    RuntimeError
+        If the file's keys or shapes do not match the model (strict loading).
     """
     if part not in ("extractor", "all"):
         raise ValueError(f"part must be 'extractor' or 'all', got {part!r}")
@@ -301,6 +542,13 @@ class TierCNN(nn.Module):
     Conv 7x7 (stride 2, no bias) + BN + ReLU + max-pool 3 (stride 2) to 64
     maps, global average pooling, FC 64 -> 48 + ReLU, FC 48 -> classes: 13,146
     parameters for RGB and 10 classes.
+
+    Parameters
+    ----------
+    num_classes : int
+        Number of output classes.
+    in_channels : int
+        Channels of the input images (3 for RGB, 1 for grayscale).
     """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3) -> None:
@@ -320,12 +568,37 @@ class TierCNN(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        """Return logits for a batch of images.
+
+        Parameters
+        ----------
+        x : Tensor
+            A batch of images, ``N x in_channels x H x W``.
+
+        Returns
+        -------
+        Tensor
+            The logits, ``N x num_classes``.
+        """
         logits: Tensor = self.head(self.stem(x))
         return logits
 
 
 def tier_cnn(num_classes: int = 10, in_channels: int = 3) -> TierCNN:
-    """FedAgg's end-device model M1."""
+    """Build FedAgg's end-device model M1 (:class:`TierCNN`).
+
+    Parameters
+    ----------
+    num_classes : int
+        Number of output classes.
+    in_channels : int
+        Channels of the input images (3 for RGB, 1 for grayscale).
+
+    Returns
+    -------
+    TierCNN
+        The end-device CNN.
+    """
     return TierCNN(num_classes, in_channels)
 
 
@@ -339,10 +612,38 @@ def _torchvision_resnet(layers: list[int], num_classes: int, in_channels: int) -
 
 
 def tier_resnet10(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
-    """FedAgg's edge model M2: torchvision ResNet with BasicBlocks [1, 1, 1, 1]."""
+    """Build FedAgg's edge model M2: torchvision ResNet with BasicBlocks [1, 1, 1, 1].
+
+    Parameters
+    ----------
+    num_classes : int
+        Number of output classes.
+    in_channels : int
+        Channels of the input images; other than 3, the 7x7 ImageNet stem
+        convolution is rebuilt for them.
+
+    Returns
+    -------
+    nn.Module
+        A :class:`torchvision.models.resnet.ResNet` (ResNet-10).
+    """
     return _torchvision_resnet([1, 1, 1, 1], num_classes, in_channels)
 
 
 def tier_resnet18(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
-    """FedAgg's cloud model M3: torchvision ResNet-18."""
+    """Build FedAgg's cloud model M3: torchvision ResNet-18.
+
+    Parameters
+    ----------
+    num_classes : int
+        Number of output classes.
+    in_channels : int
+        Channels of the input images; other than 3, the 7x7 ImageNet stem
+        convolution is rebuilt for them.
+
+    Returns
+    -------
+    nn.Module
+        A :class:`torchvision.models.resnet.ResNet` with BasicBlocks [2, 2, 2, 2].
+    """
     return _torchvision_resnet([2, 2, 2, 2], num_classes, in_channels)

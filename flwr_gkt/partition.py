@@ -41,11 +41,33 @@ def _subset(
 def held_out_indices(
     num_samples: int, num_partitions: int, *, seed: int = 0, fraction: float = 1.0
 ) -> np.ndarray:
-    """Indices :func:`partition_indices` leaves out with the same ``seed`` and ``fraction``.
+    """Return the indices :func:`partition_indices` leaves out with the same ``seed`` and ``fraction``.
 
     With ``fraction < 1`` the nodes share a random subset of the samples; the
     rest can serve as public data the nodes never see (e.g. to pre-train an
-    EcoFed extractor). Sorted; empty when ``fraction`` is 1.
+    EcoFed extractor).
+
+    Parameters
+    ----------
+    num_samples : int
+        Size of the dataset.
+    num_partitions : int
+        Number of nodes (the used subset has at least this many samples).
+    seed : int
+        The partition's seed.
+    fraction : float
+        The partition's share of the dataset, in ``(0, 1]``.
+
+    Returns
+    -------
+    np.ndarray
+        Sorted indices of the samples no node holds; empty when ``fraction``
+        is 1.
+
+    Raises
+    ------
+    ValueError
+        If ``fraction`` is not in ``(0, 1]``.
     """
     used = _subset(num_samples, fraction, num_partitions, np.random.default_rng(seed))
     return np.setdiff1d(np.arange(num_samples), used)
@@ -60,9 +82,35 @@ def held_out_sample(
     fraction: float = 1.0,
     stream: int = 0,
 ) -> np.ndarray:
-    """Up to ``samples`` random indices of :func:`held_out_indices` (``stream``: which random draw).
+    """Draw up to ``samples`` random indices of :func:`held_out_indices`.
 
-    Raises ``ValueError`` when nothing is held out (``fraction`` 1).
+    Parameters
+    ----------
+    num_samples : int
+        Size of the dataset.
+    num_partitions : int
+        Number of nodes of the federation.
+    samples : int
+        Largest number of indices to return.
+    seed : int
+        The partition's seed.
+    fraction : float
+        The partition's share of the dataset, in ``(0, 1]``.
+    stream : int
+        Which random draw: the sample is drawn with seed ``seed + stream``, so
+        different users of the held-out data get different samples.
+
+    Returns
+    -------
+    np.ndarray
+        ``min(samples, number held out)`` distinct held-out indices, in random
+        order.
+
+    Raises
+    ------
+    ValueError
+        If nothing is held out (``fraction`` 1), or ``fraction`` is not in
+        ``(0, 1]``.
     """
     held_out = held_out_indices(num_samples, num_partitions, seed=seed, fraction=fraction)
     if len(held_out) == 0:
@@ -107,6 +155,13 @@ def partition_indices(
     list[np.ndarray]
         Disjoint int64 index arrays into ``labels``, one per node; each in a fixed
         (shuffled) order, the sample order node and server agree on.
+
+    Raises
+    ------
+    ValueError
+        If ``num_partitions < 1``, ``method`` is unknown, ``fraction`` is not in
+        ``(0, 1]``, or (Dirichlet) the used samples cannot give every node
+        ``min_partition_size`` samples.
     """
     if num_partitions < 1:
         raise ValueError("num_partitions must be >= 1")
@@ -145,7 +200,20 @@ def partition_indices(
 
 
 def label_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Number of samples of each class."""
+    """Count the samples of each class.
+
+    Parameters
+    ----------
+    labels : np.ndarray
+        Integer labels.
+    num_classes : int
+        Number of classes (the length of the result when no label is larger).
+
+    Returns
+    -------
+    np.ndarray
+        ``counts[c]`` = number of samples with label ``c``.
+    """
     return np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
 
 
@@ -162,6 +230,27 @@ def label_matched_split(
     Used for local test splits under label skew: a node is evaluated on test
     samples distributed like its own training data. Classes are drawn without
     replacement within one call (different nodes may share test samples).
+
+    Parameters
+    ----------
+    pool_labels : np.ndarray
+        Labels of the pool to draw from (e.g. the whole test set).
+    reference_labels : np.ndarray
+        Labels whose class proportions the draw follows (the node's training
+        labels).
+    size : int
+        Number of samples wanted; class quotas are ``floor(share * size)``,
+        the remainder going to the classes with the largest fractional parts.
+    num_classes : int
+        Number of classes.
+    seed : int
+        Seed of the draw.
+
+    Returns
+    -------
+    np.ndarray
+        Shuffled int64 indices into ``pool_labels``; fewer than ``size`` when
+        the pool has too few samples of a class.
     """
     rng = np.random.default_rng(seed)
     pool_labels = np.asarray(pool_labels)

@@ -48,8 +48,51 @@ def pretrain_edge(
 
     ``fraction``, ``num_partitions`` and ``seed`` must be those of the
     federation (``data-fraction``, ``num-clients``, ``seed``) so that the
-    samples are held out from every node. Returns the number of samples and
-    the accuracy on the test set.
+    samples are held out from every node
+    (:func:`flwr_gkt.partition.held_out_sample`). Training uses Adam
+    (:func:`flwr_gkt.training.make_optimizer`) without augmentation; the whole
+    edge model's ``state_dict`` is saved, on the CPU.
+
+    Parameters
+    ----------
+    out : str | Path
+        File to write (``torch.save``); parent directories are created.
+    dataset : str
+        Dataset name (see :func:`flwr_gkt.data.load_dataset`).
+    data_dir : str
+        Where the dataset files are; ``""`` for the default location.
+    edge_model : str
+        Registered edge model name (see :func:`flwr_gkt.registry.build_edge_model`).
+    fraction : float
+        The federation's ``data-fraction``; must be below 1.
+    num_partitions : int
+        The federation's ``num-clients``.
+    seed : int
+        The federation's ``seed``; also seeds the model's initialisation and
+        training.
+    samples : int
+        Largest number of held-out samples to train on.
+    epochs : int
+        Passes over those samples.
+    batch_size : int
+        Mini-batch size.
+    lr : float
+        Adam learning rate.
+    device : str
+        ``auto``, ``cpu``, ``cuda``... (see :func:`flwr_gkt.training.get_device`).
+
+    Returns
+    -------
+    dict[str, float]
+        ``"samples"``: the number of training samples; ``"test-accuracy"``:
+        the edge model's accuracy on the whole test set.
+
+    Raises
+    ------
+    ValueError
+        If nothing is held out (``fraction`` 1).
+    KeyError
+        If ``edge_model`` is not registered.
     """
     raw = load_dataset(dataset, data_dir)
     idx = torch.from_numpy(
@@ -80,6 +123,7 @@ def pretrain_edge(
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run ``python -m flwr_gkt.pretrain``: pre-train an edge model and save it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="where to write the weights (.pt)")
     parser.add_argument("--dataset", default="fashion-mnist")

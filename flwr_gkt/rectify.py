@@ -17,7 +17,8 @@ distribution:
 ``peak``
     Label-aware version of FedDKC's knowledge congruence: move mass linearly
     so that the true class gets probability ``max(p)`` (the former peak) and
-    the rest keeps its relative order, ``p' = a*p + b`` on the other classes.
+    the rest keeps its relative order, ``p' = a*p`` on the other classes with
+    ``a = (1 - max(p)) / sum_{j != y} p_j``.
 ``self``
     Replace the wrong row by the one-hot label (the student then learns the
     label there, as with cross-entropy).
@@ -53,7 +54,24 @@ def _wrong(probs: Tensor, labels: Tensor) -> Tensor:
 
 
 def rectify_swap(probs: Tensor, labels: Tensor) -> Tensor:
-    """Swap the top probability with the true class's on the rows the teacher gets wrong."""
+    """Swap the top probability with the true class's on the rows the teacher gets wrong.
+
+    On a wrong row ``i`` with top class ``k = argmax p[i]`` and label ``y``,
+    ``p'[i, y] = p[i, k]`` and ``p'[i, k] = p[i, y]``; other rows and entries
+    are unchanged, so every row still sums to one.
+
+    Parameters
+    ----------
+    probs : Tensor
+        The teacher's probabilities, shape ``(B, C)``.
+    labels : Tensor
+        True classes, shape ``(B,)``.
+
+    Returns
+    -------
+    Tensor
+        The rectified probabilities, a new tensor of shape ``(B, C)``.
+    """
     out = probs.clone()
     wrong = _wrong(probs, labels)
     if wrong.any():
@@ -66,7 +84,25 @@ def rectify_swap(probs: Tensor, labels: Tensor) -> Tensor:
 
 
 def rectify_peak(probs: Tensor, labels: Tensor) -> Tensor:
-    """Give the true class the peak probability, rescaling the others to sum to ``1 - peak``."""
+    """Give the true class the peak probability, rescaling the others to sum to ``1 - peak``.
+
+    On a wrong row ``i`` with label ``y`` and ``peak = max p[i]``,
+    ``p'[i, y] = peak`` and ``p'[i, c] = p[i, c] * (1 - peak) / sum_{j != y} p[i, j]``
+    for ``c != y``: the other classes keep their relative order and ratios.
+    Rows the teacher gets right are unchanged.
+
+    Parameters
+    ----------
+    probs : Tensor
+        The teacher's probabilities, shape ``(B, C)``.
+    labels : Tensor
+        True classes, shape ``(B,)``.
+
+    Returns
+    -------
+    Tensor
+        The rectified probabilities, a new tensor of shape ``(B, C)``.
+    """
     out = probs.clone()
     wrong = _wrong(probs, labels)
     if wrong.any():
@@ -84,7 +120,21 @@ def rectify_peak(probs: Tensor, labels: Tensor) -> Tensor:
 
 
 def rectify_self(probs: Tensor, labels: Tensor) -> Tensor:
-    """Replace the rows the teacher gets wrong by the one-hot label."""
+    """Replace the rows the teacher gets wrong by the one-hot label.
+
+    Parameters
+    ----------
+    probs : Tensor
+        The teacher's probabilities, shape ``(B, C)``.
+    labels : Tensor
+        True classes, shape ``(B,)``.
+
+    Returns
+    -------
+    Tensor
+        The rectified probabilities, a new tensor of shape ``(B, C)`` and the
+        dtype of ``probs``.
+    """
     out = probs.clone()
     wrong = _wrong(probs, labels)
     if wrong.any():
@@ -101,7 +151,23 @@ RECTIFIERS: dict[str, Rectifier | None] = {
 
 
 def get_rectifier(name: str) -> Rectifier | None:
-    """The rule named ``name`` (``none`` gives ``None``)."""
+    """Return the rectification rule named ``name`` (``none`` gives ``None``).
+
+    Parameters
+    ----------
+    name : str
+        A key of :data:`RECTIFIERS`: ``none``, ``swap``, ``peak`` or ``self``.
+
+    Returns
+    -------
+    Rectifier | None
+        The rule, or ``None`` for no rectification.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not a known rule.
+    """
     if name not in RECTIFIERS:
         raise ValueError(f"unknown rectification {name!r}; known: {sorted(RECTIFIERS)}")
     return RECTIFIERS[name]

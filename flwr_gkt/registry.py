@@ -65,17 +65,46 @@ _entry_points_loaded = False
 
 
 def register_edge_model(name: str, builder: EdgeBuilder) -> None:
-    """Register an edge model builder under ``name`` (overrides an existing one)."""
+    """Register an edge model builder under ``name`` (overrides an existing one).
+
+    Parameters
+    ----------
+    name : str
+        The name the run config refers to (e.g. ``edge-model = "my-cnn"``).
+    builder : EdgeBuilder
+        A callable ``(num_classes, in_channels) -> EdgeModel``, where
+        ``in_channels`` is the number of image channels.
+    """
     _EDGE[name] = builder
 
 
 def register_server_model(name: str, builder: ServerBuilder) -> None:
-    """Register a server model builder under ``name`` (overrides an existing one)."""
+    """Register a server model builder under ``name`` (overrides an existing one).
+
+    Parameters
+    ----------
+    name : str
+        The name the run config refers to.
+    builder : ServerBuilder
+        A callable ``(num_classes, in_channels) -> nn.Module``, where
+        ``in_channels`` is the number of channels of the edge feature maps.
+    """
     _SERVER[name] = builder
 
 
 def register_tier_model(name: str, builder: ServerBuilder) -> None:
-    """Register an image classifier for a FedAgg tier under ``name``."""
+    """Register an image classifier for a FedAgg tier under ``name``.
+
+    Overrides an existing tier model of the same name.
+
+    Parameters
+    ----------
+    name : str
+        The name the run config refers to.
+    builder : ServerBuilder
+        A callable ``(num_classes, in_channels) -> nn.Module`` mapping images
+        (``in_channels`` image channels) to logits.
+    """
     _TIER[name] = builder
 
 
@@ -99,7 +128,32 @@ def _lookup(
 
 
 def build_edge_model(name: str, num_classes: int, in_channels: int) -> EdgeModel:
-    """Build the edge model registered as ``name``."""
+    """Build the edge model registered as ``name``.
+
+    An unknown name first loads the ``flwr_gkt.models`` entry points.
+
+    Parameters
+    ----------
+    name : str
+        A registered edge model name (``resnet4``, ``resnet6``, ``resnet8`` or
+        a user's).
+    num_classes : int
+        Number of output classes.
+    in_channels : int
+        Channels of the input images.
+
+    Returns
+    -------
+    EdgeModel
+        The freshly built edge model.
+
+    Raises
+    ------
+    KeyError
+        If no edge model is registered as ``name``.
+    TypeError
+        If the builder does not return an :class:`~flwr_gkt.models.EdgeModel`.
+    """
     model = _lookup(_EDGE, name, "edge")(num_classes, in_channels)  # type: ignore[arg-type]
     if not isinstance(model, EdgeModel):
         raise TypeError(
@@ -116,6 +170,27 @@ def build_server_model(
 
     ``resnet<depth>`` with ``depth = 9n + 1`` builds a server ResNet of that
     depth even when not registered explicitly.
+
+    Parameters
+    ----------
+    name : str
+        A registered server model name, or ``resnet<9n+1>``.
+    num_classes : int
+        Number of output classes.
+    in_channels : int
+        Channels of the edge feature maps the server model takes.
+
+    Returns
+    -------
+    nn.Module
+        The freshly built server model ``f_s``.
+
+    Raises
+    ------
+    KeyError
+        If ``name`` is neither registered nor of the form ``resnet<digits>``.
+    ValueError
+        If ``name`` is ``resnet<depth>`` with a depth that is not ``9n + 1``.
     """
     match = re.fullmatch(r"resnet(\d+)", name)
     if name not in _SERVER and match:
@@ -124,17 +199,62 @@ def build_server_model(
 
 
 def build_tier_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
-    """Build the tier model (image -> logits) ``name``; an edge model name builds that edge model whole."""
+    """Build the tier model (image -> logits) registered as ``name``.
+
+    A name that is not a tier model but an edge model builds that edge model
+    whole (extractor and classifier).
+
+    Parameters
+    ----------
+    name : str
+        A tier model name (``cnn``, ``resnet10``, ``resnet18`` or a user's) or
+        an edge model name.
+    num_classes : int
+        Number of output classes.
+    in_channels : int
+        Channels of the input images.
+
+    Returns
+    -------
+    nn.Module
+        The freshly built image classifier.
+
+    Raises
+    ------
+    KeyError
+        If ``name`` is neither a tier model nor an edge model.
+    """
     if name not in _TIER and name in _EDGE:
         return _EDGE[name](num_classes, in_channels)
     return _lookup(_TIER, name, "tier")(num_classes, in_channels)
 
 
 def build_full_model(server_name: str, num_classes: int, in_channels: int) -> nn.Module:
-    """The full model (edge stem + server body) that FedAvg trains on every node.
+    """Build the full model (edge stem + server body) that FedAvg trains on every node.
 
     Defined for the built-in server ResNets ``resnet<9n+1>``: the result is the
     bottleneck ResNet of depth ``9n+2`` (``resnet55`` -> ResNet-56).
+
+    Parameters
+    ----------
+    server_name : str
+        The server model name, ``resnet<9n+1>``.
+    num_classes : int
+        Number of output classes.
+    in_channels : int
+        Channels of the input images.
+
+    Returns
+    -------
+    nn.Module
+        The :class:`~flwr_gkt.models.FullResNet` of depth ``9n + 2``.
+
+    Raises
+    ------
+    KeyError
+        If ``server_name`` is not of the form ``resnet<digits>``.
+    ValueError
+        If its depth is not ``9n + 1``.
     """
     match = re.fullmatch(r"resnet(\d+)", server_name)
     if not match:
@@ -143,6 +263,16 @@ def build_full_model(server_name: str, num_classes: int, in_channels: int) -> nn
 
 
 def available_models() -> dict[str, list[str]]:
-    """Return the registered edge and server model names."""
+    """Return the registered edge, server and tier model names.
+
+    The ``flwr_gkt.models`` entry points are loaded first.
+
+    Returns
+    -------
+    dict[str, list[str]]
+        Sorted names under the keys ``"edge"``, ``"server"`` and ``"tier"``.
+        Server names of the form ``resnet<9n+1>`` that are built on demand are
+        not listed.
+    """
     _load_entry_points()
     return {"edge": sorted(_EDGE), "server": sorted(_SERVER), "tier": sorted(_TIER)}

@@ -44,7 +44,19 @@ StepLoss = Callable[[nn.Module, Tensor, Tensor, "Tensor | None"], "tuple[Tensor,
 
 
 def get_device(preference: str = "auto") -> torch.device:
-    """Return CUDA when available (or asked for), else the CPU."""
+    """Return CUDA when available (or asked for), else the CPU.
+
+    Parameters
+    ----------
+    preference : str
+        ``"auto"`` picks ``cuda`` when available, else ``cpu``; any other value
+        is passed to :class:`torch.device` as is (``"cpu"``, ``"cuda:1"``, ...).
+
+    Returns
+    -------
+    torch.device
+        The device to train on.
+    """
     if preference == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(preference)
@@ -55,6 +67,18 @@ def to_device(x: Tensor, device: torch.device) -> Tensor:
 
     Channels-last convolutions are several times faster on the CPU (oneDNN)
     and no slower on GPUs; the logical shape is unchanged.
+
+    Parameters
+    ----------
+    x : Tensor
+        A batch; 4-D tensors (``N x C x H x W``) are made channels-last.
+    device : torch.device
+        The target device (the copy is non-blocking).
+
+    Returns
+    -------
+    Tensor
+        ``x`` on ``device``.
     """
     if x.dim() == 4:
         return x.to(device, memory_format=torch.channels_last, non_blocking=True)
@@ -62,7 +86,20 @@ def to_device(x: Tensor, device: torch.device) -> Tensor:
 
 
 def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """Move ``model`` to ``device`` in channels-last layout (in place)."""
+    """Move ``model`` to ``device`` in channels-last layout (in place).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model to move.
+    device : torch.device
+        The target device.
+
+    Returns
+    -------
+    nn.Module
+        ``model`` itself.
+    """
     return model.to(device=device).to(memory_format=torch.channels_last)
 
 
@@ -83,13 +120,18 @@ class TensorBatches:
     generator : torch.Generator, optional
         Source of randomness for the permutation and the transform (for
         reproducibility).
-    transform : callable, optional
+    transform : Callable[[Tensor, torch.Generator | None], Tensor], optional
         ``transform(inputs, generator)`` applied to every batch of inputs (e.g.
         :class:`flwr_gkt.data.RandomCropFlip`); the index still names the
         original samples.
     drop_last : bool
         Skip a last, incomplete batch when there is at least one full one
         (batch-norm cannot train on a batch of one sample).
+
+    Raises
+    ------
+    ValueError
+        If ``inputs`` and ``labels`` differ in length.
     """
 
     def __init__(
@@ -113,11 +155,13 @@ class TensorBatches:
         self.drop_last = drop_last and len(labels) >= self.batch_size
 
     def __len__(self) -> int:
+        """Return the number of batches in one pass."""
         if self.drop_last:
             return len(self.labels) // self.batch_size
         return -(-len(self.labels) // self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
+        """Yield one pass of ``(inputs, labels, index)`` batches."""
         n = len(self.labels)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else None
         for start in range(0, n - (n % self.batch_size if self.drop_last else 0), self.batch_size):
@@ -140,9 +184,28 @@ def make_optimizer(
 ) -> torch.optim.Optimizer:
     """Build the optimizers of the reference code.
 
-    ``adam``: Adam with AMSGrad and weight decay 1e-4 (the paper's choice for
-    IID data); ``sgd``: SGD with Nesterov momentum 0.9 and ``weight_decay`` (the
-    paper's choice for non-IID data).
+    Parameters
+    ----------
+    name : str
+        ``adam`` (any case): Adam with AMSGrad and a fixed weight decay 1e-4
+        (the paper's choice for IID data); ``sgd``: SGD with Nesterov momentum
+        0.9 and ``weight_decay`` (the paper's choice for non-IID data).
+    params : Iterable[nn.Parameter]
+        The parameters to optimize.
+    lr : float
+        Learning rate.
+    weight_decay : float
+        L2 penalty of ``sgd`` (``adam`` ignores it).
+
+    Returns
+    -------
+    torch.optim.Optimizer
+        The new optimizer.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is neither ``adam`` nor ``sgd``.
     """
     key = name.lower()
     if key == "adam":
@@ -155,11 +218,30 @@ def make_optimizer(
 
 
 def lr_factor(schedule: str, server_round: int, num_rounds: int) -> float:
-    """Learning-rate multiplier of round ``server_round`` (1-based) of ``num_rounds``.
+    """Return the learning-rate multiplier of round ``server_round`` (1-based) of ``num_rounds``.
 
     ``constant``: 1. ``cosine``: ``0.5 * (1 + cos(pi * (round - 1) / num_rounds))``,
     from 1 in the first round towards 0 -- the fixed-budget counterpart of the
     paper's "reduce the learning rate once the accuracy has plateaued".
+
+    Parameters
+    ----------
+    schedule : str
+        ``constant`` or ``cosine``.
+    server_round : int
+        The current round, starting at 1.
+    num_rounds : int
+        Total number of rounds; with ``num_rounds <= 1`` the factor is 1.
+
+    Returns
+    -------
+    float
+        The factor to multiply the base learning rate by.
+
+    Raises
+    ------
+    ValueError
+        If ``schedule`` is unknown.
     """
     if schedule not in ("constant", "cosine"):
         raise ValueError(f"unknown lr schedule {schedule!r} (expected 'constant' or 'cosine')")
@@ -169,7 +251,15 @@ def lr_factor(schedule: str, server_round: int, num_rounds: int) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set the learning rate of every parameter group."""
+    """Set the learning rate of every parameter group.
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+        The optimizer, modified in place.
+    lr : float
+        The new learning rate.
+    """
     for group in optimizer.param_groups:
         group["lr"] = lr
 
@@ -188,9 +278,10 @@ class FitResult:
         Samples seen in the last epoch.
     seconds : float
         Wall time of the whole call.
-    last_epoch_logits : Tensor or None
+    last_epoch_logits : Tensor | None
         Logits of every sample from the last epoch's forward passes, on the CPU,
-        row ``i`` for dataset index ``i`` (only when ``capture_logits`` is set).
+        row ``i`` for dataset index ``i`` (only when ``capture_logits`` is set;
+        rows of samples the epoch did not see are NaN).
     """
 
     loss: float
@@ -216,6 +307,11 @@ def fit(
 ) -> FitResult:
     """Train ``model`` for ``epochs`` passes with CE (+ KD from a teacher).
 
+    Each batch takes one optimizer step on
+    :func:`~flwr_gkt.losses.gkt_loss` (``CE + alpha * KD_T`` against the
+    batch's rows of ``teacher_logits``), or on ``loss_fn`` when given. The
+    model is put in train mode first.
+
     Parameters
     ----------
     model : nn.Module
@@ -236,14 +332,20 @@ def fit(
     capture_logits : int, optional
         Number of samples ``N``; when given, the outputs of the last epoch are
         stored per sample index and returned.
-    rectify : callable, optional
+    rectify : Rectifier, optional
         Rectification of the teacher's probabilities (FedEEC, see
         :mod:`flwr_gkt.rectify`).
-    loss_fn : callable, optional
+    loss_fn : StepLoss, optional
         ``loss_fn(model, inputs, labels, batch_teacher) -> (loss, logits)``
         replaces the forward pass and :func:`~flwr_gkt.losses.gkt_loss` (e.g.
         FedAgg's leaf loss, which needs two forward passes); ``logits`` are
         what accuracy and ``capture_logits`` use.
+
+    Returns
+    -------
+    FitResult
+        Loss, accuracy and sample count of the last epoch, the wall time and,
+        with ``capture_logits``, the last epoch's logits.
     """
     start = time.perf_counter()
     teacher = teacher_logits.to(device) if teacher_logits is not None else None
@@ -286,14 +388,46 @@ def fit(
 
 @torch.inference_mode()
 def predict(model: nn.Module, batches: Iterable[Batch], device: torch.device) -> Tensor:
-    """Logits of ``model`` in eval mode for every batch, concatenated on the CPU."""
+    """Return the logits of ``model`` in eval mode for every batch, concatenated on the CPU.
+
+    Runs under :func:`torch.inference_mode`; labels and indices of the batches
+    are ignored.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Maps inputs to logits; it is put in eval mode.
+    batches : Iterable[Batch]
+        ``(inputs, labels, index)`` batches, in the order of the output rows.
+    device : torch.device
+        Where the model lives; inputs are moved there.
+
+    Returns
+    -------
+    Tensor
+        Float32 logits ``(N, C)`` on the CPU (an empty tensor for no batches).
+    """
     model.eval()
     outs = [model(to_device(inputs, device)).float().cpu() for inputs, _, _ in batches]
     return torch.cat(outs) if outs else torch.empty(0)
 
 
 def evaluate_logits(logits: Tensor, labels: Tensor) -> tuple[float, int]:
-    """Return ``(summed cross-entropy, number correct)`` of logits vs labels."""
+    """Return ``(summed cross-entropy, number correct)`` of logits vs labels.
+
+    Parameters
+    ----------
+    logits : Tensor
+        Predicted logits, shape ``(N, C)``.
+    labels : Tensor
+        True classes, shape ``(N,)``.
+
+    Returns
+    -------
+    tuple[float, int]
+        The cross-entropy summed over the samples (not averaged) and the number
+        of samples whose argmax is the label; ``(0.0, 0)`` for no samples.
+    """
     if len(labels) == 0:
         return 0.0, 0
     loss = F.cross_entropy(logits, labels, reduction="sum")
