@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .data import DatasetInfo, dataset_info, load_dataset
-from .partition import held_out_sample
+from .partition import add_held_out_arguments, held_out_options, held_out_sample
 from .training import get_device
 
 __all__ = ["EMBEDDING_CHANNELS", "BridgeAutoencoder", "load_autoencoder", "pretrain_autoencoder"]
@@ -299,31 +299,9 @@ def load_autoencoder(path: str | Path, dataset: str = "fashion-mnist") -> Bridge
 def main(argv: list[str] | None = None) -> None:
     """Run ``python -m flwr_gkt.bridge``: pre-train the bridge autoencoder and save it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="where to write the autoencoder (.pt)")
-    parser.add_argument("--dataset", default="fashion-mnist")
-    parser.add_argument("--data-dir", default="")
-    parser.add_argument(
-        "--fraction", type=float, default=0.5, help="the federation's data-fraction"
-    )
-    parser.add_argument(
-        "--num-partitions", type=int, default=4, help="the federation's num-clients"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--samples", type=int, default=5000)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--device", default="auto")
+    add_held_out_arguments(parser, "the autoencoder", epochs=3)
     args = parser.parse_args(argv)
-    result = pretrain_autoencoder(
-        args.out,
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        fraction=args.fraction,
-        num_partitions=args.num_partitions,
-        seed=args.seed,
-        samples=args.samples,
-        epochs=args.epochs,
-        device=args.device,
-    )
+    result = pretrain_autoencoder(args.out, **held_out_options(args))
     print(
         f"bridge autoencoder trained on {int(result['samples'])} held-out {args.dataset} images: "
         f"test reconstruction MSE {result['test-mse']:.4f}; saved to {args.out}"

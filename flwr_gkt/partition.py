@@ -16,10 +16,15 @@ holds more than the average number of samples gets no more
 
 from __future__ import annotations
 
+import argparse
+from typing import Any
+
 import numpy as np
 
 __all__ = [
+    "add_held_out_arguments",
     "held_out_indices",
+    "held_out_options",
     "held_out_sample",
     "label_counts",
     "label_matched_split",
@@ -268,3 +273,61 @@ def label_matched_split(
         )
     out = np.concatenate(picked) if picked else np.empty(0, dtype=np.int64)
     return rng.permutation(out).astype(np.int64)
+
+
+def add_held_out_arguments(parser: argparse.ArgumentParser, what: str, epochs: int) -> None:
+    """Add the options shared by the commands that pre-train on held-out samples.
+
+    ``--out``, ``--dataset``, ``--data-dir``, the federation's ``--fraction`` /
+    ``--num-partitions`` / ``--seed`` (whose samples are left out),
+    ``--samples``, ``--epochs`` and ``--device``.
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+        The command's parser.
+    what : str
+        What ``--out`` receives, for its help text (e.g. ``"the weights"``).
+    epochs : int
+        Default of ``--epochs``.
+    """
+    parser.add_argument("--out", required=True, help=f"where to write {what} (.pt)")
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--data-dir", default="")
+    parser.add_argument(
+        "--fraction", type=float, default=0.5, help="the federation's data-fraction"
+    )
+    parser.add_argument(
+        "--num-partitions", type=int, default=4, help="the federation's num-clients"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="the federation's seed")
+    parser.add_argument("--samples", type=int, default=5000)
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--device", default="auto")
+
+
+def held_out_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Return the keyword arguments of a pre-training function from the parsed options.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Options added by :func:`add_held_out_arguments`.
+
+    Returns
+    -------
+    dict[str, Any]
+        ``dataset``, ``data_dir``, ``fraction``, ``num_partitions``, ``seed``,
+        ``samples``, ``epochs`` and ``device``.
+    """
+    keys = (
+        "dataset",
+        "data_dir",
+        "fraction",
+        "num_partitions",
+        "seed",
+        "samples",
+        "epochs",
+        "device",
+    )
+    return {key: getattr(args, key) for key in keys}

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .data import load_dataset, normalize
-from .partition import held_out_sample
+from .partition import add_held_out_arguments, held_out_options, held_out_sample
 from .registry import build_edge_model
 from .training import TensorBatches, evaluate_logits, fit, get_device, make_optimizer, predict
 
@@ -125,33 +125,10 @@ def pretrain_edge(
 def main(argv: list[str] | None = None) -> None:
     """Run ``python -m flwr_gkt.pretrain``: pre-train an edge model and save it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="where to write the weights (.pt)")
-    parser.add_argument("--dataset", default="fashion-mnist")
-    parser.add_argument("--data-dir", default="")
+    add_held_out_arguments(parser, "the weights", epochs=2)
     parser.add_argument("--edge-model", default="resnet8")
-    parser.add_argument(
-        "--fraction", type=float, default=0.5, help="the federation's data-fraction"
-    )
-    parser.add_argument(
-        "--num-partitions", type=int, default=4, help="the federation's num-clients"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="the federation's seed")
-    parser.add_argument("--samples", type=int, default=5000)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
-    result = pretrain_edge(
-        args.out,
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        edge_model=args.edge_model,
-        fraction=args.fraction,
-        num_partitions=args.num_partitions,
-        seed=args.seed,
-        samples=args.samples,
-        epochs=args.epochs,
-        device=args.device,
-    )
+    result = pretrain_edge(args.out, edge_model=args.edge_model, **held_out_options(args))
     print(
         f"pre-trained {args.edge_model} on {int(result['samples'])} held-out {args.dataset} images: "
         f"test accuracy {result['test-accuracy']:.4f}; saved to {args.out}"
