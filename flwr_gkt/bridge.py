@@ -35,6 +35,7 @@ from .training import get_device
 
 __all__ = ["EMBEDDING_CHANNELS", "BridgeAutoencoder", "load_autoencoder", "pretrain_autoencoder"]
 
+#: Channels of an embedding (the encoder output, 1/4 of the image side).
 EMBEDDING_CHANNELS = 4
 
 

@@ -64,6 +64,7 @@ __all__ = [
     "save_state",
 ]
 
+#: ``context.state`` keys: the edge model's weights and the last server logits received.
 STATE_MODEL = "gkt-edge-model"
 STATE_LOGITS = "gkt-server-logits"
 #: File in a node's ``state-dir`` holding its saved state.

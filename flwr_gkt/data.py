@@ -66,6 +66,7 @@ __all__ = [
     "normalize",
 ]
 
+#: Where the Debian package ``dataset-fashion-mnist`` puts the IDX files.
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 _IDX_FILES = (
     "train-images-idx3-ubyte",
@@ -101,6 +102,7 @@ class DatasetInfo:
     augment: bool
 
 
+#: The supported datasets by name, with their normalisation statistics.
 DATASETS: dict[str, DatasetInfo] = {
     "fashion-mnist": DatasetInfo("fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,), False),
     # Statistics as in the reference implementation's data loaders.

@@ -51,6 +51,7 @@ from .wire import CONFIG_KEY
 
 __all__ = ["FAULT_KINDS", "Fault", "FaultPlan", "FaultyGrid", "parse_faults"]
 
+#: The injectable faults (see :class:`FaultyGrid`).
 FAULT_KINDS = ("crash", "timeout", "late", "duplicate")
 
 

@@ -55,6 +55,7 @@ __all__ = [
 #: Channels of the feature map the edge extractor outputs (16 in the paper).
 FEATURE_CHANNELS = 16
 
+#: A residual block class of the ResNet builders.
 Block = type[BasicBlock] | type[Bottleneck]
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "partition_indices",
 ]
 
+#: The built-in partition schemes (the ``partition`` config key).
 PARTITIONS = ("iid", "dirichlet")
 
 

@@ -46,6 +46,7 @@ __all__ = [
     "rectify_swap",
 ]
 
+#: ``rectify(teacher_probs, labels) -> probs``: a self-knowledge rectification rule.
 Rectifier = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -142,6 +143,7 @@ def rectify_self(probs: Tensor, labels: Tensor) -> Tensor:
     return out
 
 
+#: The rules by name (the ``rectify`` config key); ``none`` is no rectification.
 RECTIFIERS: dict[str, Rectifier | None] = {
     "none": None,
     "swap": rectify_swap,

@@ -43,7 +43,10 @@ __all__ = [
     "register_tier_model",
 ]
 
+#: ``(num_classes, image_channels) -> EdgeModel``.
 EdgeBuilder = Callable[[int, int], EdgeModel]
+#: ``(num_classes, input_channels) -> nn.Module``: a server (feature-map channels) or tier
+#: (image channels) model.
 ServerBuilder = Callable[[int, int], nn.Module]
 
 _EDGE: dict[str, EdgeBuilder] = {

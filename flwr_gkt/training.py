@@ -38,6 +38,7 @@ __all__ = [
     "to_device",
 ]
 
+#: ``(inputs, labels, sample indices)`` of one mini-batch.
 Batch = tuple[Tensor, Tensor, Tensor]
 #: ``(model, inputs, labels, batch_teacher_logits) -> (loss, logits)``, see :func:`fit`.
 StepLoss = Callable[[nn.Module, Tensor, Tensor, "Tensor | None"], "tuple[Tensor, Tensor]"]

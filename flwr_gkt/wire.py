@@ -73,9 +73,12 @@ __all__ = [
 
 T = TypeVar("T")
 
+#: Record names in a message's RecordDict: the arrays (features, logits, labels),
+#: the metrics of a reply and the config of an instruction.
 ARRAYS_KEY = "gkt"
 METRICS_KEY = "metrics"
 CONFIG_KEY = "config"
+#: The MetricRecord key of a reply's sample count (Flower's weighting key).
 NUM_EXAMPLES = "num-examples"
 #: Optional ConfigRecord of a train or query reply naming the node: ``{"node-uid": str}``,
 #: an identity that survives restarts (node ids may not; see ``FedGKT.resume``).
