@@ -71,7 +71,7 @@ STATE_LOGITS = "gkt-server-logits"
 STATE_FILE = "gkt-node-state.pt"
 
 
-def edge_round_config(config: ConfigRecord) -> EdgeRoundConfig:
+def edge_round_config(config: Mapping[str, Any]) -> EdgeRoundConfig:
     """Read the per-round edge settings from the instruction's ConfigRecord.
 
     Parameters
@@ -112,7 +112,7 @@ def load_edge_model(
     state = context.state.array_records.get(STATE_MODEL)
     if state is not None:
         model.load_state_dict(state.to_torch_state_dict())
-    return prepare_model(model, device)  # type: ignore[return-value]
+    return prepare_model(model, device)
 
 
 def edge_round(
@@ -367,7 +367,7 @@ def handle_train(
     cfg = edge_round_config(config)
     dev = get_device(device)
     n = len(data.y_train)
-    server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
+    server_round = int(scalar(config, "server-round", 0))
     if state_dir:
         restore_state(context, state_dir, server_round - 1 if server_round > 0 else None)
     server_logits = decode_server_logits(msg.content, n, data.num_classes)
@@ -487,9 +487,9 @@ def handle_evaluate(
     config = _config(msg)
     dev = get_device(device)
     if state_dir:
-        restore_state(context, state_dir, int(config.get("server-round", 0)) or None)  # type: ignore[arg-type]
+        restore_state(context, state_dir, int(scalar(config, "server-round", 0)) or None)
     model = load_edge_model(context, build_model, dev)
-    batch_size = int(config.get("batch-size", 64))  # type: ignore[arg-type]
+    batch_size = int(scalar(config, "batch-size", 64))
     features, logits = extract(model, data.x_test, batch_size, dev)
     loss_sum, correct = evaluate_logits(logits, data.y_test)
     n = len(data.y_test)

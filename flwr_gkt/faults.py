@@ -47,7 +47,7 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 from flwr.supercore.run import Run
 
-from .wire import CONFIG_KEY
+from .wire import CONFIG_KEY, scalar
 
 __all__ = ["FAULT_KINDS", "Fault", "FaultPlan", "FaultyGrid", "parse_faults"]
 
@@ -340,7 +340,7 @@ class FaultyGrid(Grid):
         kinds: list[str | None] = []  # the fault of each pushed message's reply
         for msg in messages:
             config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
-            server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
+            server_round = int(scalar(config, "server-round", 0))
             node = msg.metadata.dst_node_id
             kind = self.plan.fault(self._index(node), server_round) if server_round > 0 else None
             if kind is not None:

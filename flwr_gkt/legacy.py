@@ -391,7 +391,7 @@ class GKTNumPyClient(NumPyClient):
         PayloadError
             If the server logits do not match the local training set.
         """
-        cfg = edge_round_config(config)  # type: ignore[arg-type]
+        cfg = edge_round_config(config)
         n = len(self.data.y_train)
         server_logits = None
         if parameters:

@@ -22,7 +22,7 @@ included) are a third table: ``cnn`` (end device), ``resnet10``, ``resnet18``
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from importlib.metadata import entry_points
 
 from torch import nn
@@ -121,7 +121,7 @@ def _load_entry_points() -> None:
 
 
 def _lookup(
-    table: dict[str, Callable[[int, int], nn.Module]], name: str, kind: str
+    table: Mapping[str, Callable[[int, int], nn.Module]], name: str, kind: str
 ) -> Callable[[int, int], nn.Module]:
     if name not in table:
         _load_entry_points()
@@ -157,7 +157,7 @@ def build_edge_model(name: str, num_classes: int, in_channels: int) -> EdgeModel
     TypeError
         If the builder does not return an :class:`~flwr_gkt.models.EdgeModel`.
     """
-    model = _lookup(_EDGE, name, "edge")(num_classes, in_channels)  # type: ignore[arg-type]
+    model = _lookup(_EDGE, name, "edge")(num_classes, in_channels)
     if not isinstance(model, EdgeModel):
         raise TypeError(
             f"edge builder {name!r} must return flwr_gkt.models.EdgeModel, "

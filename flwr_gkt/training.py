@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,9 @@ __all__ = [
     "set_lr",
     "to_device",
 ]
+
+#: Any module type (:func:`prepare_model` returns the model it was given).
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 #: ``(inputs, labels, sample indices)`` of one mini-batch.
 Batch = tuple[Tensor, Tensor, Tensor]
@@ -86,7 +90,7 @@ def to_device(x: Tensor, device: torch.device) -> Tensor:
     return x.to(device, non_blocking=True)
 
 
-def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
+def prepare_model(model: ModuleT, device: torch.device) -> ModuleT:
     """Move ``model`` to ``device`` in channels-last layout (in place).
 
     Parameters
@@ -99,9 +103,11 @@ def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
     Returns
     -------
     nn.Module
-        ``model`` itself.
+        ``model`` itself (same type).
     """
-    return model.to(device=device).to(memory_format=torch.channels_last)
+    model.to(device=device)
+    model.to(memory_format=torch.channels_last)
+    return model
 
 
 class TensorBatches:

@@ -36,7 +36,7 @@ import io
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -71,7 +71,10 @@ __all__ = [
     "validate_server_logits",
 ]
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 #: Record names in a message's RecordDict: the arrays (features, logits, labels),
 #: the metrics of a reply and the config of an instruction.
@@ -816,7 +819,7 @@ def settings_from_config(cls: type[T], config: Mapping[str, Any]) -> T:
     """
     base = cls()
     values = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+    for f in dataclasses.fields(cls):
         key = f.name.replace("_", "-")
         if key in config:
             default = getattr(base, f.name)
@@ -826,7 +829,7 @@ def settings_from_config(cls: type[T], config: Mapping[str, Any]) -> T:
                 if not isinstance(default, enum.Enum)
                 else caster(str(config[key]))
             )
-    return dataclasses.replace(base, **values)  # type: ignore[type-var]
+    return dataclasses.replace(base, **values)
 
 
 def record_nbytes(content: RecordDict | Mapping[str, ArrayRecord]) -> int:
