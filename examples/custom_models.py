@@ -31,7 +31,7 @@ import json
 
 from torch import Tensor, nn
 
-from flwr_gkt.config import RunConfig, parse_overrides, resolve_config
+from flwr_gkt.config import RunConfig, add_override_argument, parse_overrides, resolve_config
 from flwr_gkt.efficiency import num_parameters
 from flwr_gkt.models import FEATURE_CHANNELS, EdgeModel
 from flwr_gkt.registry import (
@@ -168,14 +168,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--server-epochs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results-dir", default="results/examples")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any other config key (flwr_gkt.config.RunConfig), as in `python -m simulation --set`",
+    add_override_argument(
+        parser,
+        "any other config key (flwr_gkt.config.RunConfig), as in `python -m simulation --set`",
     )
     if tiny.parse_known_args(argv)[0].tiny:
         parser.set_defaults(num_nodes=2, rounds=2, data_fraction=0.01, test_fraction=0.02)

@@ -51,7 +51,7 @@ from flwr_datasets.partitioner import (
     ShardPartitioner,
 )
 
-from flwr_gkt.config import RunConfig, parse_overrides, resolve_config
+from flwr_gkt.config import RunConfig, add_override_argument, parse_overrides, resolve_config
 from flwr_gkt.data import ClientData, RawDataset, load_dataset, normalize
 from flwr_gkt.partition import label_matched_split
 from flwr_gkt.strategy import FedGKT
@@ -210,14 +210,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--server-epochs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results-dir", default="results/examples")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any other config key (flwr_gkt.config.RunConfig), as in `python -m simulation --set`",
+    add_override_argument(
+        parser,
+        "any other config key (flwr_gkt.config.RunConfig), as in `python -m simulation --set`",
     )
     if tiny.parse_known_args(argv)[0].tiny:
         parser.set_defaults(num_nodes=3, train_size=450, test_size=150, rounds=2, server_epochs=1)

@@ -36,7 +36,7 @@ import json
 import torch
 from flwr.app import RecordDict
 
-from flwr_gkt.config import RunConfig, parse_overrides, resolve_config
+from flwr_gkt.config import RunConfig, add_override_argument, parse_overrides, resolve_config
 from flwr_gkt.data import load_dataset, normalize
 from flwr_gkt.registry import build_edge_model
 from flwr_gkt.strategy import FedGKT
@@ -189,14 +189,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--wire-samples", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results-dir", default="results/examples")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any other config key (flwr_gkt.config.RunConfig), as in `python -m simulation --set`",
+    add_override_argument(
+        parser,
+        "any other config key (flwr_gkt.config.RunConfig), as in `python -m simulation --set`",
     )
     if tiny.parse_known_args(argv)[0].tiny:
         parser.set_defaults(

@@ -10,6 +10,7 @@ or ``--set`` of the Python entry). Keys are kebab-case everywhere
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -18,7 +19,13 @@ from typing import Any
 
 import yaml
 
-__all__ = ["RunConfig", "load_preset", "parse_overrides", "resolve_config"]
+__all__ = [
+    "RunConfig",
+    "add_override_argument",
+    "load_preset",
+    "parse_overrides",
+    "resolve_config",
+]
 
 
 @dataclass(frozen=True)
@@ -382,6 +389,32 @@ def resolve_config(
     if preset:
         config = config.with_values(load_preset(preset, presets_dir))
     return config.with_values(overrides)
+
+
+def add_override_argument(
+    parser: argparse.ArgumentParser,
+    help: str = "override a config key (repeatable; also 'k1=v1 k2=v2')",
+) -> None:
+    """Add the ``--set KEY=VALUE ...`` option (into ``overrides``) of the commands.
+
+    Read it back with :func:`parse_overrides`.
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+        The command's parser.
+    help : str
+        The option's help text.
+    """
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help=help,
+    )
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

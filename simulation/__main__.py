@@ -14,7 +14,7 @@ import sys
 
 from flwr.simulation import run_simulation
 
-from flwr_gkt.config import RunConfig, parse_overrides, resolve_config
+from flwr_gkt.config import RunConfig, add_override_argument, parse_overrides, resolve_config
 
 from .client_app import make_client_app
 from .fedagg_app import make_fedagg_apps
@@ -37,15 +37,7 @@ def build_config(argv: list[str] | None = None) -> tuple[RunConfig, str, str]:
         default="fmnist",
         help="preset name in simulation/presets/ or a path to a YAML file",
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key (repeatable; also 'k1=v1 k2=v2')",
-    )
+    add_override_argument(parser)
     parser.add_argument(
         "--api",
         choices=("message", "legacy"),

@@ -41,7 +41,7 @@ from typing import Any
 
 import yaml
 
-from flwr_gkt.config import parse_overrides
+from flwr_gkt.config import add_override_argument, parse_overrides
 
 from .report import find_runs, load_run, markdown_table, plot_runs, write_long_csv
 
@@ -205,15 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("experiment", help="name in simulation/experiments/ or a YAML path")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key in every run",
-    )
+    add_override_argument(parser, "override a config key in every run")
     parser.add_argument(
         "--only", nargs="+", default=None, metavar="RUN", help="run only these runs"
     )
