@@ -41,7 +41,7 @@ from typing import Any
 
 import yaml
 
-from flwr_gkt.config import add_override_argument, parse_overrides
+from flwr_gkt.config import RunConfig, add_override_argument, parse_overrides
 
 from .report import find_runs, load_run, markdown_table, plot_runs, write_long_csv
 
@@ -139,16 +139,7 @@ def pretrain(spec: dict[str, Any], out_dir: Path, extra: dict[str, Any]) -> None
     if (target := _section_target(spec, "pretrain", out_dir, extra)) is not None:
         section, path, cfg = target
         result = pretrain_edge(
-            path,
-            dataset=cfg.dataset,
-            data_dir=cfg.data_dir,
-            edge_model=cfg.edge_model,
-            fraction=cfg.data_fraction,
-            num_partitions=cfg.num_clients,
-            seed=cfg.seed,
-            samples=int(section.get("samples", 5000)),
-            epochs=int(section.get("epochs", 2)),
-            device=cfg.device,
+            path, edge_model=cfg.edge_model, **_held_out_options(cfg, section, epochs=2)
         )
         print(
             f"pre-trained {cfg.edge_model} on {int(result['samples'])} held-out images "
@@ -157,22 +148,26 @@ def pretrain(spec: dict[str, Any], out_dir: Path, extra: dict[str, Any]) -> None
         )
     if (target := _section_target(spec, "bridge", out_dir, extra)) is not None:
         section, path, cfg = target
-        result = pretrain_autoencoder(
-            path,
-            dataset=cfg.dataset,
-            data_dir=cfg.data_dir,
-            fraction=cfg.data_fraction,
-            num_partitions=cfg.num_clients,
-            seed=cfg.seed,
-            samples=int(section.get("samples", 5000)),
-            epochs=int(section.get("epochs", 3)),
-            device=cfg.device,
-        )
+        result = pretrain_autoencoder(path, **_held_out_options(cfg, section, epochs=3))
         print(
             f"bridge autoencoder trained on {int(result['samples'])} held-out images "
             f"(test MSE {result['test-mse']:.4f}) -> {path}",
             flush=True,
         )
+
+
+def _held_out_options(cfg: RunConfig, section: dict[str, Any], epochs: int) -> dict[str, Any]:
+    """Keyword arguments of a held-out pre-training function for the run's federation."""
+    return {
+        "dataset": cfg.dataset,
+        "data_dir": cfg.data_dir,
+        "fraction": cfg.data_fraction,
+        "num_partitions": cfg.num_clients,
+        "seed": cfg.seed,
+        "samples": int(section.get("samples", 5000)),
+        "epochs": int(section.get("epochs", epochs)),
+        "device": cfg.device,
+    }
 
 
 def _run(cmd: list[str], log_path: Path, label: str) -> int:
