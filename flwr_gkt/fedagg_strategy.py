@@ -56,6 +56,7 @@ from .wire import (
     encode_embeddings,
     encode_named_logits,
     record_nbytes,
+    settings_record,
 )
 
 __all__ = ["FedAgg", "parse_migrations"]
@@ -238,25 +239,17 @@ class FedAgg(Strategy):
 
     # ------------------------------------------------------------------ helpers
     def _config(self, server_round: int, stage: str, **extra: Any) -> ConfigRecord:
-        cfg = self.bsbodp
-        return ConfigRecord(
-            {
+        return settings_record(
+            self.bsbodp,
+            **{
                 "fedagg-stage": stage,
                 "server-round": server_round,
                 "seed": self.seed,
                 "num-classes": self.num_classes,
                 "logit-dtype": self.logit_dtype,
                 "rectify": self.rectify_name,
-                "temperature": cfg.temperature,
-                "beta": cfg.beta,
-                "gamma": cfg.gamma,
-                "batch-size": cfg.batch_size,
-                "optimizer": cfg.optimizer,
-                "lr": cfg.lr,
-                "weight-decay": cfg.weight_decay,
-                "epochs": cfg.epochs,
                 **extra,
-            }
+            },
         )
 
     def _exchange(

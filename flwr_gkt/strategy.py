@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, replace
+from dataclasses import replace
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ from .wire import (
     encode_server_logits,
     record_nbytes,
     scalar,
+    settings_record,
 )
 
 __all__ = ["FedGKT", "edge_train_metrics", "progress"]
@@ -131,10 +132,7 @@ def edge_config_record(cfg: EdgeRoundConfig, **extra: Any) -> ConfigRecord:
     ConfigRecord
         The record sent to the nodes.
     """
-    values = {k.replace("_", "-"): v for k, v in asdict(cfg).items()}
-    values["kd-mode"] = cfg.kd_mode.value
-    values.update(extra)
-    return ConfigRecord(values)
+    return settings_record(cfg, **extra)
 
 
 class FedGKT(Strategy):

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import Tensor
 
 __all__ = [
@@ -67,6 +67,7 @@ __all__ = [
     "record_nbytes",
     "scalar",
     "settings_from_config",
+    "settings_record",
     "validate_arrays",
     "validate_server_logits",
 ]
@@ -830,6 +831,33 @@ def settings_from_config(cls: type[T], config: Mapping[str, Any]) -> T:
                 else caster(str(config[key]))
             )
     return dataclasses.replace(base, **values)
+
+
+def settings_record(settings: DataclassInstance, **extra: Any) -> ConfigRecord:
+    """Build the ConfigRecord of a settings dataclass (the inverse of :func:`settings_from_config`).
+
+    Parameters
+    ----------
+    settings : dataclass instance
+        The settings; each field ``a_b`` becomes the key ``a-b`` and an
+        ``Enum`` value is sent as its value.
+    **extra : Any
+        Further entries, added as given (they override the settings' keys).
+
+    Returns
+    -------
+    ConfigRecord
+        The record to send.
+    """
+    values: dict[str, Any] = {
+        f.name.replace("_", "-"): _plain(getattr(settings, f.name))
+        for f in dataclasses.fields(settings)
+    }
+    return ConfigRecord({**values, **extra})
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, enum.Enum) else value
 
 
 def record_nbytes(content: RecordDict | Mapping[str, ArrayRecord]) -> int:
