@@ -405,12 +405,11 @@ class FedAgg(Strategy):
             tree = _Tree(roles, set(self.embeddings))
             self._store(grid, tree, rnd, timeout, nbytes)
             teach = self._teach(grid, tree, rnd, timeout, nbytes)
-            cloud_z = {
-                c: teacher_logits(self.model, self._bridge(tree.leaves(c)), self.device)
-                for c in tree.children[CLOUD]
-            }
+            # The bridge samples of each cloud child's subtree, decoded once for the round.
+            bridges = {c: self._bridge(tree.leaves(c)) for c in tree.children[CLOUD]}
+            cloud_z = {c: teacher_logits(self.model, x, self.device) for c, x in bridges.items()}
             learned = self._learn(grid, tree, rnd, timeout, teach, cloud_z, nbytes)
-            cloud_loss = self._cloud_learn(tree, teach)
+            cloud_loss = self._cloud_learn(tree, teach, bridges)
             loss_sum, correct = self.evaluate()
             row: dict[str, float] = {
                 "round": rnd,
@@ -606,18 +605,22 @@ class FedAgg(Strategy):
             )
         return len(replies)
 
-    def _cloud_learn(self, tree: _Tree, teach: dict[tuple[str, str], Tensor]) -> float:
-        """Train the cloud on each child's logits over its subtree (eq. 2); return the loss."""
+    def _cloud_learn(
+        self, tree: _Tree, teach: dict[tuple[str, str], Tensor], bridges: dict[str, Tensor]
+    ) -> float:
+        """Train the cloud on each child's logits over its subtree (eq. 2); return the loss.
+
+        ``bridges``: each cloud child's bridge samples, as its logits were computed on.
+        """
         loss, seen = 0.0, 0
         for child in tree.children[CLOUD]:
             z = teach.get((child, "parent"))
             if z is None:
                 continue
-            leaves = tree.leaves(child)
             result = train_nonleaf(
                 self.model,
-                self._bridge(leaves),
-                self._labels(leaves),
+                bridges[child],
+                self._labels(tree.leaves(child)),
                 z,
                 self.bsbodp,
                 self.device,
