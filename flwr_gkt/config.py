@@ -52,8 +52,10 @@ class RunConfig:
     min_partition_size : int
         Dirichlet: fewest samples per node.
     test_split : str
-        ``global`` (test set split IID over the nodes) or ``local`` (each
-        node's test samples follow its training label mix).
+        ``global`` (test set split IID over the nodes), ``local`` (each
+        node's test samples follow its training label mix) or ``whole``
+        (every node evaluates on the whole test set and the reported accuracy
+        is the average over nodes: the reference code's evaluation).
     augment : str
         ``auto`` (the dataset's choice), ``on`` or ``off``: random crop + flip.
     num_clients : int
@@ -90,10 +92,27 @@ class RunConfig:
         (``0``: once).
     edge_model, server_model : str
         Registered model names (see :mod:`flwr_gkt.registry`).
+    edge_init : str
+        ``common``: every node's edge model starts from the same weights,
+        derived from ``seed`` (as every FL system starts from one model);
+        ``per-node``: each node draws its own (``seed * 1000 + partition``).
+    extractor_init : str
+        Where the edge extractor's initial weights come from: ``random`` (the
+        paper's text), ``held-out`` (pre-trained on training images no node
+        holds: federated-fair) or ``pooled`` (the reference code's protocol: a
+        full model trained centrally on the pooled training partitions, its
+        stem copied into every edge; *not* federated-fair, for reproduction
+        only). With ``held-out`` / ``pooled`` and no ``edge-pretrained``, the
+        simulation entry trains the weights once and caches them in
+        ``results-dir``.
+    pretrain_epochs, pretrain_samples : int
+        Epochs of that pre-training, and most held-out images it uses.
     edge_pretrained : str
         Local file of pre-trained extractor weights (``""``: none).
     freeze_extractor : int
-        ``1``: freeze the edge extractor (EcoFed).
+        ``1``: freeze the edge extractor after initialisation (EcoFed; the
+        reference code unless ``whether_training_on_client``); FedAvg and the
+        centralized baselines freeze the same stem.
     edge_epochs, batch_size : int
         Local epochs ``E_c`` and edge mini-batch size.
     edge_optimizer : str
@@ -109,7 +128,17 @@ class RunConfig:
     weight_decay : float
         Weight decay of ``sgd``.
     lr_schedule : str
-        ``constant`` or ``cosine`` (see :func:`flwr_gkt.training.lr_factor`).
+        ``constant``, ``cosine`` (see :func:`flwr_gkt.training.lr_factor`) or
+        ``plateau`` (the reference's: the server learning rate is reduced when
+        the round's test accuracy stops improving, the edge learning rate
+        stays constant; see :class:`flwr_gkt.training.Plateau`).
+    plateau_factor, plateau_patience : float, int
+        ``plateau``: the factor applied to the server learning rate, and the
+        rounds without improvement before it is applied (the reference uses
+        PyTorch's defaults, 0.1 and 10).
+    centralized_model : str
+        ``algorithm centralized`` (Table 1's baselines): ``full`` (the FedAvg
+        model, edge stem + server body) or ``edge`` (the edge model alone).
     temperature, alpha : float
         KD temperature ``T`` and weight ``alpha``.
     kd_mode : str
@@ -199,8 +228,13 @@ class RunConfig:
     # models
     edge_model: str = "resnet8"
     server_model: str = "resnet55"
+    edge_init: str = "common"
+    extractor_init: str = "random"
+    pretrain_epochs: int = 2
+    pretrain_samples: int = 5000
     edge_pretrained: str = ""
     freeze_extractor: int = 0
+    centralized_model: str = "full"
     # edge training (sent to the nodes every round)
     edge_epochs: int = 1
     batch_size: int = 64
@@ -213,6 +247,8 @@ class RunConfig:
     server_lr: float = 0.001
     weight_decay: float = 5e-4
     lr_schedule: str = "constant"
+    plateau_factor: float = 0.1
+    plateau_patience: int = 10
     # knowledge distillation
     temperature: float = 3.0
     alpha: float = 1.0

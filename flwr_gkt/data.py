@@ -618,7 +618,10 @@ def client_data(
         ``"global"``: the test set is split IID across the nodes, so that the
         example-weighted evaluation over all nodes covers it (the paper's global
         test accuracy). ``"local"``: each node's test split follows its own
-        training label distribution (personalised evaluation).
+        training label distribution (personalised evaluation). ``"whole"``:
+        every node holds the whole (``test_fraction`` of the) test set, so the
+        example-weighted evaluation is the average of the nodes' accuracies on
+        it (the reference code's evaluation).
     augment : bool, optional
         Random crop + flip on training batches; default: the dataset's choice.
     seed : int
@@ -658,6 +661,10 @@ def client_data(
         test_idx = _partitions(
             dataset, data_dir, "test", num_partitions, "iid", seed + 1, test_fraction, 0.0, 0
         )[partition_id]
+    elif test_split == "whole":
+        test_idx = _partitions(
+            dataset, data_dir, "test", 1, "iid", seed + 1, test_fraction, 0.0, 0
+        )[0]
     elif test_split == "local":
         y_te = raw.y_test.numpy()
         size = max(1, round(len(y_te) * test_fraction / num_partitions))
@@ -669,7 +676,9 @@ def client_data(
             seed=seed * 7919 + partition_id,
         )
     else:
-        raise ValueError(f"unknown test-split {test_split!r} (expected 'global' or 'local')")
+        raise ValueError(
+            f"unknown test-split {test_split!r} (expected 'global', 'local' or 'whole')"
+        )
     tr, te = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
     use_aug = info.augment if augment is None else augment
     return ClientData(

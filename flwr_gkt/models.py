@@ -339,6 +339,41 @@ class FullResNet(nn.Module):
         self.stem = _stem(in_channels)
         self.body = ServerResNet(layers, num_classes, FEATURE_CHANNELS)
         _init_weights(self.stem)
+        self.stem_frozen = False
+
+    def freeze_stem(self) -> FullResNet:
+        """Freeze the stem (the edge extractor's counterpart): no gradients, eval-mode BN.
+
+        Lets FedAvg and the centralized baseline share a FedGKT run's frozen,
+        pre-trained extractor.
+
+        Returns
+        -------
+        FullResNet
+            The model itself, modified in place.
+        """
+        self.stem_frozen = True
+        self.stem.requires_grad_(False)
+        self.stem.eval()
+        return self
+
+    def train(self, mode: bool = True) -> FullResNet:
+        """Set training mode; a frozen stem stays in eval mode.
+
+        Parameters
+        ----------
+        mode : bool
+            ``True`` for training mode, ``False`` for evaluation mode.
+
+        Returns
+        -------
+        FullResNet
+            The model itself.
+        """
+        super().train(mode)
+        if self.stem_frozen:
+            self.stem.eval()
+        return self
 
     def forward(self, x: Tensor) -> Tensor:
         """Return logits for a batch of images.

@@ -21,12 +21,13 @@ from pathlib import Path
 
 import torch
 
+from .centralized import CentralizedConfig, train_centralized
 from .data import load_dataset, normalize
 from .partition import add_held_out_arguments, held_out_options, held_out_sample
-from .registry import build_edge_model
+from .registry import build_edge_model, build_full_model
 from .training import TensorBatches, evaluate_logits, fit, get_device, make_optimizer, predict
 
-__all__ = ["pretrain_edge"]
+__all__ = ["pretrain_edge", "pretrain_pooled"]
 
 
 def pretrain_edge(
@@ -120,6 +121,72 @@ def pretrain_edge(
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.cpu() for k, v in model.state_dict().items()}, path)
     return {"samples": float(len(idx)), "test-accuracy": correct / len(y_test)}
+
+
+def pretrain_pooled(
+    out: str | Path,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    num_classes: int,
+    server_model: str = "resnet55",
+    epochs: int = 2,
+    batch_size: int = 64,
+    lr: float = 0.002,
+    seed: int = 0,
+    device: str = "auto",
+) -> dict[str, float]:
+    """Train the full model centrally on the pooled training data; save its stem.
+
+    The reference code's protocol (``extractor-init: pooled``): FedML's FedGKT
+    initialises every client's extractor from a ResNet-56 trained centrally
+    on the whole training set. Here the full model of ``server_model`` (edge
+    stem + server body, :func:`flwr_gkt.registry.build_full_model`) is trained
+    with Adam on ``(x, y)`` -- the union of the federation's partitions -- and
+    its stem, which has the edge extractor's shape, is written to ``out``
+    (load it with :func:`flwr_gkt.models.load_pretrained`). Every node's data
+    has been seen centrally: the result is *not* federated-fair.
+
+    Parameters
+    ----------
+    out : str | Path
+        File to write (``torch.save`` of the stem's ``state_dict``).
+    x, y : torch.Tensor
+        The pooled (normalised) training inputs and labels.
+    num_classes : int
+        Number of classes.
+    server_model : str
+        The federation's server model (``resnet<9n+1>``).
+    epochs : int
+        Passes over ``(x, y)``.
+    batch_size : int
+        Mini-batch size.
+    lr : float
+        Adam learning rate.
+    seed : int
+        Seed of the initialisation and the shuffling.
+    device : str
+        ``auto``, ``cpu``, ``cuda``...
+
+    Returns
+    -------
+    dict[str, float]
+        ``"samples"`` and the last epoch's ``"train-accuracy"``.
+    """
+    torch.manual_seed(seed)
+    model = build_full_model(server_model, num_classes, int(x.shape[1]))
+    dev = get_device(device)
+    model.to(dev)
+    cfg = CentralizedConfig(
+        rounds=1, epochs_per_round=epochs, batch_size=batch_size, lr=lr, seed=seed
+    )
+    history = train_centralized(model, (x, y), None, cfg, dev)
+    stem = model.stem
+    assert isinstance(stem, torch.nn.Module)
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.cpu() for k, v in stem.state_dict().items()}, path)
+    return {"samples": float(len(y)), "train-accuracy": history[-1]["train-accuracy"]}
 
 
 def main(argv: list[str] | None = None) -> None:

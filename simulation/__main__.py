@@ -16,17 +16,19 @@ from flwr.simulation import run_simulation
 
 from flwr_gkt.config import RunConfig, add_override_argument, parse_overrides, resolve_config
 
+from .centralized import run_centralized
 from .client_app import make_client_app
 from .fedagg_app import make_fedagg_apps
 from .fedavg_app import make_fedavg_apps
 from .inprocess import run_inprocess
 from .legacy_app import make_legacy_apps
 from .server_app import make_server_app
-from .task import PRESETS_DIR
+from .task import PRESETS_DIR, prepare_extractor
 
 
 def build_config(argv: list[str] | None = None) -> tuple[RunConfig, str, str]:
-    """The resolved config, the API (``message``, ``legacy``, ``fedavg`` or ``fedagg``) and the runtime."""
+    """The resolved config, the API (``message``, ``legacy``, ``fedavg``, ``fedagg`` or
+    ``centralized``) and the runtime."""
     parser = argparse.ArgumentParser(
         prog="python -m simulation",
         description=__doc__,
@@ -47,11 +49,12 @@ def build_config(argv: list[str] | None = None) -> tuple[RunConfig, str, str]:
     )
     parser.add_argument(
         "--algorithm",
-        choices=("fedgkt", "fedavg", "fedagg"),
+        choices=("fedgkt", "fedavg", "fedagg", "centralized"),
         default="fedgkt",
         help="FedGKT (default), the FedAvg baseline (Flower's FedAvg training the full "
-        "model, edge stem + server body, on the same partitions) or FedAgg "
-        "(end-edge-cloud tree: num-clients end devices under fedagg-edges edges)",
+        "model, edge stem + server body, on the same partitions), FedAgg "
+        "(end-edge-cloud tree: num-clients end devices under fedagg-edges edges) or "
+        "the centralized baseline (centralized-model full or edge on the pooled partitions)",
     )
     parser.add_argument(
         "--runtime",
@@ -62,11 +65,22 @@ def build_config(argv: list[str] | None = None) -> tuple[RunConfig, str, str]:
     )
     args = parser.parse_args(argv)
     cfg = resolve_config({"preset": args.preset, **parse_overrides(args.overrides)}, PRESETS_DIR)
-    return cfg, args.algorithm if args.algorithm in ("fedavg", "fedagg") else args.api, args.runtime
+    api = args.algorithm if args.algorithm != "fedgkt" else args.api
+    return cfg, api, args.runtime
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg, api, runtime = build_config(argv)
+    if api != "fedagg":
+        cfg = prepare_extractor(cfg)  # extractor-init held-out / pooled: the weights file
+    if api == "centralized":
+        print(
+            f"flwr-gkt centralized baseline: {cfg.centralized_model} model, "
+            f"{cfg.num_server_rounds} x {cfg.edge_epochs} epochs",
+            flush=True,
+        )
+        run_centralized(cfg)
+        return 0
     print(
         f"flwr-gkt simulation ({api}, {runtime}): {cfg.num_clients} nodes, {cfg.num_server_rounds} "
         f"rounds, edge {cfg.edge_model}, server {cfg.server_model}",

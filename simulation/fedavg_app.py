@@ -1,7 +1,9 @@
 """FedAvg baseline: Flower's own FedAvg strategy training the full model.
 
 The full model is the edge stem followed by the server body (``server-model``
-``resnet55`` -> ResNet-56, ``resnet10`` -> ResNet-11), trained on every node on
+``resnet55`` -> ResNet-56, ``resnet10`` -> ResNet-11), its stem initialised as
+FedGKT's edge extractors (same weights, same pre-training, frozen or not with
+``freeze-extractor``), trained on every node on
 exactly the same partitions as FedGKT, with the edge training settings
 (``edge-optimizer``, ``edge-lr``, ``batch-size``, ``edge-epochs``). Bytes are
 measured from the messages' array payloads, as for FedGKT.
@@ -21,7 +23,6 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from flwr_gkt.config import RunConfig
-from flwr_gkt.registry import build_full_model
 from flwr_gkt.strategy import progress
 from flwr_gkt.training import (
     TensorBatches,
@@ -35,15 +36,14 @@ from flwr_gkt.training import (
 )
 from flwr_gkt.wire import metrics_record, record_nbytes
 
-from .task import config_from_run_config, dataset_info, node_data, results_dir, write_results
+from .task import build_full, config_from_run_config, node_data, results_dir, write_results
 
 _MB = 1024 * 1024
 
 
 def build_model(cfg: RunConfig) -> torch.nn.Module:
-    num_classes, channels, _ = dataset_info(cfg)
-    torch.manual_seed(cfg.seed)
-    return build_full_model(cfg.server_model, num_classes, channels)
+    """The full model, its stem initialised as the FedGKT edge extractor (see ``build_full``)."""
+    return build_full(cfg)
 
 
 class MeasuredFedAvg(FedAvg):
@@ -175,7 +175,8 @@ def make_fedavg_apps(fixed: RunConfig | None = None) -> tuple[ServerApp, ClientA
         cfg, data, model, device = setup(msg, context)
         config = msg.content["config"]
         lr = cfg.edge_lr * float(config.get("lr-factor", 1.0))
-        optimizer = make_optimizer(cfg.edge_optimizer, model.parameters(), lr, cfg.weight_decay)
+        params = [p for p in model.parameters() if p.requires_grad]  # a frozen stem stays
+        optimizer = make_optimizer(cfg.edge_optimizer, params, lr, cfg.weight_decay)
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + int(config["server-round"]))
         res = fit(
             model,

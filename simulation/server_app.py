@@ -14,6 +14,7 @@ from flwr_gkt.async_strategy import AsyncFedGKT
 from flwr_gkt.config import RunConfig
 from flwr_gkt.faults import FaultPlan, FaultyGrid
 from flwr_gkt.strategy import FedGKT
+from flwr_gkt.training import Plateau
 
 from .task import (
     config_from_run_config,
@@ -78,6 +79,7 @@ def run_fedgkt(grid: Grid, cfg: RunConfig) -> FedGKT:
         store_max_age=cfg.store_max_age,
         node_wait_timeout=cfg.node_wait_timeout,
         lr_schedule=cfg.lr_schedule,
+        plateau=Plateau(cfg.plateau_factor, cfg.plateau_patience),
         feature_upload_every=cfg.feature_upload_every,
         seed=cfg.seed,
         max_samples=cfg.max_samples or None,

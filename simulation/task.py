@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import hashlib
 import json
 import time
 from collections.abc import Mapping
@@ -18,9 +19,9 @@ from flwr_gkt.data import ClientData, client_data
 from flwr_gkt.data import dataset_info as data_info
 from flwr_gkt.edge import EdgeRoundConfig
 from flwr_gkt.efficiency import run_costs
-from flwr_gkt.models import FEATURE_CHANNELS, EdgeModel, load_pretrained
+from flwr_gkt.models import FEATURE_CHANNELS, EdgeModel, FullResNet, load_pretrained
 from flwr_gkt.privacy import PrivacyConfig
-from flwr_gkt.registry import build_edge_model, build_server_model
+from flwr_gkt.registry import build_edge_model, build_full_model, build_server_model
 from flwr_gkt.server import GKTServer
 
 from .report import Run, plot_runs
@@ -114,12 +115,38 @@ def node_data(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[NodeSetup
     return node, load_client_data(node.cfg, node.partition_id, node.num_partitions)
 
 
+#: Where the edge extractor's initial weights come from (``extractor-init``).
+EXTRACTOR_INITS = ("random", "held-out", "pooled")
+
+
+def edge_seed(cfg: RunConfig, partition_id: int) -> int:
+    """Seed of a node's initial edge weights: the run's (``edge-init: common``) or its own."""
+    if cfg.edge_init == "common":
+        return cfg.seed
+    if cfg.edge_init == "per-node":
+        return cfg.seed * 1000 + partition_id
+    raise ValueError(f"unknown edge-init {cfg.edge_init!r} (expected 'common' or 'per-node')")
+
+
 def edge_builder(cfg: RunConfig, partition_id: int):
-    """A zero-argument builder of this node's (seeded) edge model."""
+    """A zero-argument builder of this node's initial edge model.
+
+    Every node starts from the same weights (``edge-init: common``), with the
+    pre-trained extractor of ``edge-pretrained`` when set, frozen with
+    ``freeze-extractor``.
+    """
     num_classes, channels, _ = dataset_info(cfg)
+    if cfg.extractor_init not in EXTRACTOR_INITS:
+        raise ValueError(f"unknown extractor-init {cfg.extractor_init!r}; known: {EXTRACTOR_INITS}")
+    if cfg.extractor_init != "random" and not cfg.edge_pretrained:
+        raise ValueError(
+            f"extractor-init {cfg.extractor_init} needs edge-pretrained (the weights file); "
+            "`python -m simulation` makes it (simulation.task.prepare_extractor)"
+        )
+    seed = edge_seed(cfg, partition_id)
 
     def build() -> EdgeModel:
-        torch.manual_seed(cfg.seed * 1000 + partition_id)
+        torch.manual_seed(seed)
         model = build_edge_model(cfg.edge_model, num_classes, channels)
         if cfg.edge_pretrained:  # EcoFed: a pre-trained extractor from a local file
             load_pretrained(model, cfg.edge_pretrained, "extractor")
@@ -128,6 +155,106 @@ def edge_builder(cfg: RunConfig, partition_id: int):
         return model
 
     return build
+
+
+def build_full(cfg: RunConfig) -> torch.nn.Module:
+    """The full model (edge stem + server body) of FedAvg and the centralized baseline.
+
+    Its stem starts from exactly the weights every FedGKT edge extractor starts
+    from (common initialisation, pre-trained ``edge-pretrained`` included) and
+    is frozen with ``freeze-extractor``, so that a table separates the
+    algorithm from the initialisation.
+    """
+    num_classes, channels, _ = dataset_info(cfg)
+    torch.manual_seed(cfg.seed)
+    model = build_full_model(cfg.server_model, num_classes, channels)
+    stem = getattr(model, "stem", None)
+    if isinstance(stem, torch.nn.Module):
+        edge = edge_builder(dataclasses.replace(cfg, freeze_extractor=0), 0)()
+        stem.load_state_dict(edge.extractor.state_dict())
+        if cfg.freeze_extractor and isinstance(model, FullResNet):
+            model.freeze_stem()
+    return model
+
+
+def pooled_training_data(cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The union of every node's training partition (the centralized baselines' data)."""
+    parts = [load_client_data(cfg, i, cfg.num_clients) for i in range(cfg.num_clients)]
+    return torch.cat([p.x_train for p in parts]), torch.cat([p.y_train for p in parts])
+
+
+def prepare_extractor(cfg: RunConfig) -> RunConfig:
+    """Make the pre-trained extractor that ``extractor-init`` asks for; return the config using it.
+
+    ``random`` (or ``edge-pretrained`` already set): ``cfg`` unchanged.
+    ``held-out``: :func:`flwr_gkt.pretrain.pretrain_edge` on up to
+    ``pretrain-samples`` training images no node holds. ``pooled``:
+    :func:`flwr_gkt.pretrain.pretrain_pooled`, the full model trained on the
+    union of the nodes' partitions (the reference's protocol, not
+    federated-fair). Either trains ``pretrain-epochs`` epochs; the file is
+    cached in ``results-dir`` under a name made of the settings it depends
+    on, so the runs of an experiment share it.
+    """
+    from flwr_gkt.pretrain import pretrain_edge, pretrain_pooled
+
+    if cfg.extractor_init == "random" or cfg.edge_pretrained:
+        return cfg
+    if cfg.extractor_init not in EXTRACTOR_INITS:
+        raise ValueError(f"unknown extractor-init {cfg.extractor_init!r}; known: {EXTRACTOR_INITS}")
+    keys = ["dataset", "data-fraction", "num-clients", "seed", "edge-model", "pretrain-epochs"]
+    if cfg.extractor_init == "held-out":
+        keys += ["pretrain-samples"]
+    else:
+        keys += ["server-model", "partition", "dirichlet-alpha", "min-partition-size"]
+    values = cfg.to_dict()
+    tag = hashlib.sha256(json.dumps([values[k] for k in keys]).encode()).hexdigest()[:10]
+    path = Path(cfg.results_dir).expanduser() / f"extractor-{cfg.extractor_init}-{tag}.pt"
+    if not path.is_file():
+        start = time.perf_counter()
+        if cfg.extractor_init == "held-out":
+            result = pretrain_edge(
+                path,
+                dataset=cfg.dataset,
+                data_dir=cfg.data_dir,
+                edge_model=cfg.edge_model,
+                fraction=cfg.data_fraction,
+                num_partitions=cfg.num_clients,
+                seed=cfg.seed,
+                samples=cfg.pretrain_samples,
+                epochs=cfg.pretrain_epochs,
+                device=cfg.device,
+            )
+        else:
+            x, y = pooled_training_data(cfg)
+            result = pretrain_pooled(
+                path,
+                x,
+                y,
+                num_classes=dataset_info(cfg)[0],
+                server_model=cfg.server_model,
+                epochs=cfg.pretrain_epochs,
+                seed=cfg.seed,
+                device=cfg.device,
+            )
+        print(
+            f"extractor-init {cfg.extractor_init}: trained on {int(result['samples'])} images "
+            f"in {time.perf_counter() - start:.0f}s -> {path}",
+            flush=True,
+        )
+    return dataclasses.replace(cfg, edge_pretrained=str(path))
+
+
+def init_record(cfg: RunConfig) -> dict[str, Any]:
+    """How the run's models were initialised, for ``results.json``."""
+    return {
+        "edge-init": cfg.edge_init,
+        "extractor-init": cfg.extractor_init
+        if not cfg.edge_pretrained
+        else (cfg.extractor_init if cfg.extractor_init != "random" else "file"),
+        "extractor-frozen": bool(cfg.freeze_extractor),
+        # pooled: every node's images were seen centrally to make the extractor
+        "federated-fair": cfg.extractor_init != "pooled",
+    }
 
 
 def build_server(cfg: RunConfig) -> torch.nn.Module:
@@ -220,7 +347,7 @@ def write_results(
     _write_csv(path / "metrics.csv", history)
     if nodes is not None:
         _write_csv(path / "nodes.csv", nodes)
-    extra = {"algorithm": "fedgkt", "costs": model_costs(cfg), **extra}
+    extra = {"algorithm": "fedgkt", "costs": model_costs(cfg), "init": init_record(cfg), **extra}
     with open(path / "results.json", "w") as f:
         json.dump({"config": cfg.to_dict(), "history": history, **extra}, f, indent=2)
     run = Run(cfg.run_name or path.name, path, cfg.to_dict(), history, extra)
