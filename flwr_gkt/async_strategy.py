@@ -428,11 +428,7 @@ class AsyncFedGKT(FedGKT):
             result.train_metrics_clientapp[server_round] = MetricRecord(
                 {k_: float(v) for k_, v in row.items()}
             )
-            eval_nodes = [
-                n
-                for n in self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
-                if n not in dropped
-            ]
+            eval_nodes = [n for n in self._eval_nodes(grid) if n not in dropped]
             er = _EvalRound(server_round, row, tally.start, now, set(eval_nodes))
             evals.append(er)
             for node in eval_nodes:
@@ -521,7 +517,7 @@ class AsyncFedGKT(FedGKT):
                         gone,
                         self.store_max_age,
                     )
-            res = self._train_update(node, self._lr_factor(server_round))
+            res = self._train_update(node, self._server_lr_factor(server_round))
             self.version += 1
             accepted += 1
             tally.updates += 1

@@ -159,7 +159,8 @@ def edge_round(
         model, data.x_train, data.y_train, server_logits, cfg, device, gen, data.augment
     )
     start = time.perf_counter()
-    features, logits = extract(model, data.x_train, cfg.batch_size, device, data.augment, gen)
+    augment = data.augment if cfg.extract_augment else None
+    features, logits = extract(model, data.x_train, cfg.batch_size, device, augment, gen)
     seconds = result.seconds + time.perf_counter() - start
     context.state.array_records[STATE_MODEL] = ArrayRecord(model.state_dict())
     return features, logits, result, seconds

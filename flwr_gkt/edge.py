@@ -49,6 +49,11 @@ class EdgeRoundConfig:
         converted to :class:`~flwr_gkt.losses.KDMode`.
     freeze_extractor : bool
         EcoFed: train only the classifier ``f_c`` on top of a frozen ``f_e``.
+    extract_augment : bool
+        Whether the extraction pass after training sees augmented inputs (as
+        the reference's loader does). The strategy turns it off with replay
+        (``feature-upload-every`` != 1): the logits of a replay round must come
+        from the very inputs the stored features came from.
 
     Raises
     ------
@@ -66,6 +71,8 @@ class EdgeRoundConfig:
     kd_mode: KDMode = KDMode.BOTH
     #: EcoFed: train only the classifier ``f_c`` on top of a frozen ``f_e``.
     freeze_extractor: bool = False
+    #: Augment the inputs of the extraction pass too (off with replay).
+    extract_augment: bool = True
 
     def __post_init__(self) -> None:
         """Convert ``kd_mode`` to :class:`~flwr_gkt.losses.KDMode`."""

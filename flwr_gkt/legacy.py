@@ -112,6 +112,8 @@ class FedGKTLegacy(Strategy):
     ) -> None:
         super().__init__()
         lr_factor(lr_schedule, 1, 1)  # raises on an unknown schedule
+        if lr_schedule == "plateau":
+            raise ValueError("lr-schedule plateau needs the Message API strategy (FedGKT)")
         self.lr_schedule = lr_schedule
         self.num_rounds = num_rounds
         self.server = server

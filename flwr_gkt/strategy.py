@@ -22,6 +22,7 @@ One round (Algorithm 1):
 
 from __future__ import annotations
 
+import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -40,7 +41,7 @@ from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkp
 from .edge import EdgeRoundConfig
 from .robust import find_outliers, payload_stats
 from .server import GKTServer, ServerRoundResult
-from .training import lr_factor
+from .training import Plateau, lr_factor
 from .wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -178,7 +179,12 @@ class FedGKT(Strategy):
         ``constant`` or ``cosine``: per-round learning-rate multiplier applied to
         the server and the edge learning rates (see
         :func:`flwr_gkt.training.lr_factor`); needs the number of rounds, taken
-        from :meth:`start`.
+        from :meth:`start`. ``plateau`` (the reference's): the edge learning
+        rate stays constant, the server's is reduced by ``plateau`` when the
+        round's test accuracy stops improving.
+    plateau : Plateau, optional
+        The reduce-on-plateau schedule of ``lr_schedule="plateau"`` (default:
+        PyTorch's factor 0.1, patience 10).
     feature_upload_every : int
         Replay (EcoFed): a node uploads its features only every this many
         rounds; in the rounds between, it sends its logits ``Z_c`` alone and
@@ -222,6 +228,7 @@ class FedGKT(Strategy):
         store_max_age: int = 0,
         node_wait_timeout: float = 0.0,
         lr_schedule: str = "constant",
+        plateau: Plateau | None = None,
         feature_upload_every: int = 1,
         seed: int = 0,
         max_payload_bytes: int | None = None,
@@ -246,10 +253,17 @@ class FedGKT(Strategy):
         if feature_upload_every < 0:
             raise ValueError("feature_upload_every must be >= 0")
         self.feature_upload_every = feature_upload_every
+        if feature_upload_every != 1:  # replay: Z_c must come from the stored features' inputs
+            self.edge_config = replace(self.edge_config, extract_augment=False)
         #: Round in which each node's stored features were uploaded.
         self.feature_round: dict[int, int] = {}
         self.lr_schedule = lr_schedule
         lr_factor(lr_schedule, 1, 1)  # raises on an unknown schedule
+        self.plateau = (plateau or Plateau()) if lr_schedule == "plateau" else None
+        #: Nodes whose edge model has trained (an accepted train reply): the
+        #: only ones asked to evaluate -- a node never sampled for training
+        #: would send features of an untrained extractor.
+        self.trained_nodes: set[int] = set()
         self.num_rounds = 0
         #: One dict per round: metrics, bytes and times (also written to CSV).
         self.history: list[dict[str, float]] = []
@@ -391,6 +405,7 @@ class FedGKT(Strategy):
                 "round": self.completed_round,
                 "num-rounds": self.num_rounds,
                 "next-lr-factor": self._lr_factor(self.completed_round + 1),
+                "plateau": self.plateau.state_dict() if self.plateau else None,
             },
             "rng": rng_state(),
             "history": self.history,
@@ -424,6 +439,8 @@ class FedGKT(Strategy):
                 f"{state['scheduler']['lr-schedule']!r}, this run uses {self.lr_schedule!r}"
             )
         self.server.load_state_dict(state["server"])
+        if self.plateau is not None and state["scheduler"].get("plateau"):
+            self.plateau.load_state_dict(state["scheduler"]["plateau"])
         if state["feature-shape"] is not None:
             self.spec = replace(self.spec, feature_shape=tuple(state["feature-shape"]))
         set_rng_state(state["rng"])
@@ -545,6 +562,32 @@ class FedGKT(Strategy):
 
     def _lr_factor(self, server_round: int) -> float:
         return lr_factor(self.lr_schedule, server_round, max(self.num_rounds, server_round))
+
+    def _server_lr_factor(self, server_round: int) -> float:
+        """Return the server learning-rate multiplier: the plateau's, else the schedule's."""
+        return self.plateau.factor if self.plateau else self._lr_factor(server_round)
+
+    def _has_trained(self, node: int) -> bool:
+        """Whether ``node``'s edge model has trained (resumed nodes: it has ``Z_s``)."""
+        return node in self.trained_nodes or node in self.server.logits
+
+    def _eval_nodes(self, grid: Grid) -> list[int]:
+        """Sample the evaluation nodes among the connected nodes that have trained."""
+        if self.fraction_evaluate == 0.0:
+            return []
+        connected = self._sample(grid, 1.0, self.min_evaluate_nodes)
+        trained = [n for n in connected if self._has_trained(n)]
+        if len(trained) < len(connected):
+            log(
+                INFO,
+                "FedGKT: %d connected node(s) not evaluated: their edge model has not trained yet",
+                len(connected) - len(trained),
+            )
+        want = max(int(len(trained) * self.fraction_evaluate), self.min_evaluate_nodes)
+        if want >= len(trained):
+            return trained
+        rng = random.Random(self.seed * 7919 + len(self.history))
+        return sorted(rng.sample(trained, want))
 
     def initial_arrays(self) -> ArrayRecord:
         """Return the server model's current weights, to pass to :meth:`start`.
@@ -775,6 +818,7 @@ class FedGKT(Strategy):
 
     def _store(self, node: int, payload: Payload, server_round: int) -> None:
         """Store an accepted train reply: new features, or new logits for stored ones."""
+        self.trained_nodes.add(node)
         if payload.has_features:
             self.server.put(node, payload, server_round)
             self.feature_round[node] = server_round
@@ -929,7 +973,7 @@ class FedGKT(Strategy):
                     self.store_max_age,
                 )
         if len(accepted) >= self.min_train_replies:
-            result = self.server.train_round(lr_scale=self._lr_factor(server_round))
+            result = self.server.train_round(lr_scale=self._server_lr_factor(server_round))
         else:
             log(
                 WARNING,
@@ -953,6 +997,7 @@ class FedGKT(Strategy):
             "server-train-loss": result.loss,
             "server-train-accuracy": result.accuracy,
             "server-train-examples": result.num_examples,
+            "server-lr-factor": self._server_lr_factor(server_round),
             "server-seconds": result.seconds,
             "bytes-up-train": nbytes,
             "bytes-down-train": self._bytes_sent,
@@ -987,6 +1032,9 @@ class FedGKT(Strategy):
     ) -> Iterable[Message]:
         """Ask sampled nodes for the features of their local test split.
 
+        Only nodes whose edge model has trained are sampled (see
+        :attr:`trained_nodes`).
+
         Parameters
         ----------
         server_round : int
@@ -1004,7 +1052,7 @@ class FedGKT(Strategy):
         Iterable[Message]
             One ``evaluate`` message per sampled node.
         """
-        node_ids = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
+        node_ids = self._eval_nodes(grid)
         eval_config = ConfigRecord(
             {"batch-size": self.edge_config.batch_size, "feature-dtype": self.feature_dtype}
         )
@@ -1080,6 +1128,8 @@ class FedGKT(Strategy):
             row = {"round": server_round}
             self.history.append(row)
         row.update({k: float(v) for k, v in metrics.items()})
+        if self.plateau is not None:  # the reference steps its scheduler with the test accuracy
+            self.plateau.step(float(metrics["accuracy"]))
         log(
             INFO,
             "FedGKT round %d eval: accuracy %.4f (edge+server), edge-only %.4f, loss %.4f on %d "

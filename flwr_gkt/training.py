@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ from .rectify import Rectifier
 __all__ = [
     "Batch",
     "FitResult",
+    "Plateau",
     "StepLoss",
     "TensorBatches",
     "evaluate_logits",
@@ -230,11 +231,13 @@ def lr_factor(schedule: str, server_round: int, num_rounds: int) -> float:
     ``constant``: 1. ``cosine``: ``0.5 * (1 + cos(pi * (round - 1) / num_rounds))``,
     from 1 in the first round towards 0 -- the fixed-budget counterpart of the
     paper's "reduce the learning rate once the accuracy has plateaued".
+    ``plateau``: 1 here (the edge learning rate stays constant, as in the
+    reference code); the server's factor comes from a :class:`Plateau`.
 
     Parameters
     ----------
     schedule : str
-        ``constant`` or ``cosine``.
+        ``constant``, ``cosine`` or ``plateau``.
     server_round : int
         The current round, starting at 1.
     num_rounds : int
@@ -250,11 +253,70 @@ def lr_factor(schedule: str, server_round: int, num_rounds: int) -> float:
     ValueError
         If ``schedule`` is unknown.
     """
-    if schedule not in ("constant", "cosine"):
-        raise ValueError(f"unknown lr schedule {schedule!r} (expected 'constant' or 'cosine')")
-    if schedule == "constant" or num_rounds <= 1:
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr schedule {schedule!r} (expected one of {LR_SCHEDULES})")
+    if schedule != "cosine" or num_rounds <= 1:
         return 1.0
     return 0.5 * (1.0 + math.cos(math.pi * (server_round - 1) / num_rounds))
+
+
+#: The learning-rate schedules (the ``lr-schedule`` config key).
+LR_SCHEDULES = ("constant", "cosine", "plateau")
+
+
+class Plateau:
+    """Reduce-on-plateau factor of the server learning rate (the reference's schedule).
+
+    FedML's FedGKT server steps ``torch.optim.lr_scheduler.ReduceLROnPlateau``
+    (mode ``max``) with each round's test accuracy. This is that scheduler,
+    driving a learning-rate *factor* (it runs on a one-parameter stand-in
+    optimizer whose base rate is 1), so the server's own optimizer keeps its
+    base rate and per-update scaling.
+
+    Parameters
+    ----------
+    factor : float
+        Multiplier applied when the accuracy has not improved for
+        ``patience`` rounds (PyTorch's default 0.1).
+    patience : int
+        Rounds without improvement tolerated (PyTorch's default 10).
+    """
+
+    def __init__(self, factor: float = 0.1, patience: int = 10) -> None:
+        self._opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        self._sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self._opt, mode="max", factor=factor, patience=patience
+        )
+
+    @property
+    def factor(self) -> float:
+        """The current learning-rate multiplier (1 until the first reduction)."""
+        return float(self._opt.param_groups[0]["lr"])
+
+    def step(self, accuracy: float) -> float:
+        """Record a round's test accuracy; return the new factor.
+
+        Parameters
+        ----------
+        accuracy : float
+            The round's test accuracy (higher is better).
+
+        Returns
+        -------
+        float
+            The factor for the next round.
+        """
+        self._sched.step(accuracy)
+        return self.factor
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the scheduler state (for checkpoints)."""
+        return {"factor": self.factor, "scheduler": self._sched.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state from :meth:`state_dict`."""
+        self._sched.load_state_dict(state["scheduler"])
+        set_lr(self._opt, float(state["factor"]))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
