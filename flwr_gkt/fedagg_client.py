@@ -27,7 +27,7 @@ tier and parent. The node's model and the embeddings it holds live in
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +62,7 @@ __all__ = [
     "handle_fedagg",
     "handle_topology_query",
     "leaves_of",
+    "lesson_order",
 ]
 
 STATE_MODEL = "fedagg-model"
@@ -112,6 +113,27 @@ def leaves_of(spec: str) -> list[str]:
         The uids, e.g. ``["a", "b", "c"]``.
     """
     return [uid for uid in str(spec).split(",") if uid]
+
+
+def lesson_order(lessons: Iterable[str]) -> list[str]:
+    """Return the order a node learns its round's lessons in: children, then parent.
+
+    The official FedAgg code (``train_FedAgg``) is depth-first: a non-leaf
+    node first learns from each of its children in turn (right after that
+    child learned from it), then from its own parent. Children are taken in
+    uid order.
+
+    Parameters
+    ----------
+    lessons : Iterable[str]
+        Lesson names: ``parent`` and ``child/<uid>``.
+
+    Returns
+    -------
+    list[str]
+        The names, ``child/*`` sorted first, ``parent`` last.
+    """
+    return sorted(lessons, key=lambda n: (n == "parent", n))
 
 
 def bsbodp_config(config: ConfigRecord) -> BSBODPConfig:
@@ -271,7 +293,7 @@ def handle_fedagg(
     )
     gen = torch.Generator().manual_seed(round_seed(config))
     loss_sum, correct_sum, seen = 0.0, 0.0, 0
-    for name in sorted(lessons, key=lambda n: (n != "parent", n)):  # parent first, then children
+    for name in lesson_order(lessons):
         eps, labels = embedded[name]
         bridge = autoencoder.bridge(eps)
         if role.tier == "end":
