@@ -14,6 +14,19 @@
       fedgkt-iid: {algorithm: fedgkt, set: {partition: iid}}
       fedavg-iid: {algorithm: fedavg, set: {partition: iid}}
 
+Instead of ``runs``, a ``grid`` crosses rows (algorithms and their settings)
+with columns (data settings); run ``<row>--<column>`` gets the column's
+``preset``/``set`` overlaid by the row's, and ``summary.md`` adds a table of
+final accuracies with one row and column each (e.g. ``paper-table1-fmnist``)::
+
+    grid:
+      rows:
+        fedgkt: {label: FedGKT, algorithm: fedgkt}
+        fedavg: {label: FedAvg, algorithm: fedavg}
+      columns:
+        iid: {label: IID, set: {partition: iid}}
+        dir0.5: {label: "Dirichlet(0.5)", set: {partition: dirichlet}}
+
 Each run is a separate ``python -m simulation`` process (its own Flower
 simulation), writing its results into ``<results-dir>/<experiment>/<run>/``.
 Runs of the same experiment share the seed, hence exactly the same partitions.
@@ -60,13 +73,82 @@ def load_experiment(name: str) -> tuple[str, dict[str, Any]]:
         available = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
         raise FileNotFoundError(f"experiment {name!r} not found at {path}; available: {available}")
     spec = yaml.safe_load(path.read_text()) or {}
+    if "grid" in spec:
+        spec["runs"] = expand_grid(spec["grid"])
     if not isinstance(spec.get("runs"), dict) or not spec["runs"]:
         raise ValueError(f"{path}: an experiment needs a non-empty 'runs' mapping")
     for run, body in spec["runs"].items():
         algorithm = (body or {}).get("algorithm", "fedgkt")
-        if algorithm not in ("fedgkt", "fedavg", "fedagg"):
+        if algorithm not in ("fedgkt", "fedavg", "fedagg", "centralized"):
             raise ValueError(f"{path}: run {run!r} has unknown algorithm {algorithm!r}")
     return path.stem, spec
+
+
+def expand_grid(grid: dict[str, Any]) -> dict[str, Any]:
+    """The runs of a ``grid``: one per row and column, ``<row>--<column>``, column by column.
+
+    A run's ``preset`` is the row's, else the column's; its ``set`` is the
+    column's overlaid by the row's; ``algorithm`` and ``runtime`` come from the
+    row. The labels are kept for the table (``row``/``column`` keys).
+    """
+    rows, columns = grid.get("rows") or {}, grid.get("columns") or {}
+    if not rows or not columns:
+        raise ValueError("a grid needs non-empty 'rows' and 'columns'")
+    runs: dict[str, Any] = {}
+    for c, col in columns.items():  # column by column: a partial run has whole columns
+        col = col or {}
+        for r, row in rows.items():
+            row = row or {}
+            run = {k: v for k, v in row.items() if k not in ("label", "set", "preset")}
+            if "preset" in row or "preset" in col:
+                run["preset"] = row.get("preset", col.get("preset"))
+            run["set"] = {**(col.get("set") or {}), **(row.get("set") or {})}
+            run["row"], run["column"] = str(row.get("label", r)), str(col.get("label", c))
+            runs[f"{r}--{c}"] = run
+    return runs
+
+
+def grid_table(spec: dict[str, Any], runs: list[Any]) -> str:
+    """Markdown table of a grid's runs: final accuracy (best) per row and column.
+
+    Each cell also carries the run's rejected honest replies when there were
+    any (``nodes.csv``), so a reader sees that no node was lost to the
+    outlier check.
+    """
+    by_name = {r.path.name: r for r in runs}
+    columns = list(dict.fromkeys(b["column"] for b in spec["runs"].values()))
+    rows = list(dict.fromkeys(b["row"] for b in spec["runs"].values()))
+    cells: dict[tuple[str, str], str] = {}
+    for name, body in spec["runs"].items():
+        run = by_name.get(name)
+        if run is None:
+            cells[(body["row"], body["column"])] = "(not run)"
+            continue
+        t = run.totals()
+        text = f"{100 * t['final-accuracy']:.2f} ({100 * t['best-accuracy']:.2f})"
+        rejected = rejected_replies(run.path)
+        if rejected:
+            text += f", {rejected} rejected"
+        cells[(body["row"], body["column"])] = text
+    lines = ["| | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append(f"| {row} | " + " | ".join(cells.get((row, c), "") for c in columns) + " |")
+    return (
+        "Final test accuracy in % after the last round (best round in brackets).\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
+
+
+def rejected_replies(run_dir: Path) -> int:
+    """Replies of the run rejected by the server (``nodes.csv`` rows with status ``rejected``)."""
+    path = run_dir / "nodes.csv"
+    if not path.is_file():
+        return 0
+    import csv
+
+    with open(path, newline="") as f:
+        return sum(row.get("status") == "rejected" for row in csv.DictReader(f))
 
 
 def _expand(value: Any, out_dir: Path) -> Any:
@@ -263,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         write_long_csv(done, out_dir / "comparison.csv")
         plot_runs(done, out_dir / "comparison.png", title=title)
         table = markdown_table(done, spec.get("columns"))
+        if "grid" in spec:
+            table = f"{grid_table(spec, done)}\n## All runs\n\n{table}"
         (out_dir / "summary.md").write_text(f"# {title}\n\n{table}")
         print(
             f"\n{table}\nwritten: {out_dir / 'comparison.csv'}, {out_dir / 'comparison.png'}, "
