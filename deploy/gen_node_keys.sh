@@ -10,9 +10,11 @@
 set -euo pipefail
 OUT="${1:-$(dirname "$0")/keys}"
 N="${2:-2}"
+umask 077  # the private keys are created readable by their owner only
 mkdir -p "$OUT"
 for i in $(seq 1 "$N"); do
     rm -f "$OUT/node$i" "$OUT/node$i.pub"
     ssh-keygen -q -t ecdsa -b 384 -N "" -C "flwr-gkt node$i" -f "$OUT/node$i"
+    chmod 644 "$OUT/node$i.pub"
 done
 echo "keys in $OUT: $(ls "$OUT" | tr '\n' ' ')"

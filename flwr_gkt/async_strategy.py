@@ -394,6 +394,7 @@ class AsyncFedGKT(FedGKT):
                         "reason": f"node dropped ({why})",
                     }
                 )
+            self.forget_node(node)  # its features leave the store
             log(WARNING, "AsyncFedGKT: node %d takes no further part in the run (%s)", node, why)
 
         def dispatch(node: int) -> None:
@@ -510,6 +511,7 @@ class AsyncFedGKT(FedGKT):
             if self.store_max_age > 0:
                 for gone in self.server.evict(server_round - self.store_max_age + 1):
                     self.feature_round.pop(gone, None)
+                    self.gate.forget(gone)
                     log(
                         WARNING,
                         "FedGKT round %d: features of node %d dropped (no reply for %d rounds)",
@@ -518,6 +520,7 @@ class AsyncFedGKT(FedGKT):
                         self.store_max_age,
                     )
             res = self._train_update(node, self._server_lr_factor(server_round))
+            self._book_evictions(server_round)
             self.version += 1
             accepted += 1
             tally.updates += 1

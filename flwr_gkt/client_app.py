@@ -19,6 +19,7 @@ The node's edge model and its latest server logits live in ``context.state``
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from logging import INFO, WARNING
@@ -39,6 +40,7 @@ from .wire import (
     CONFIG_KEY,
     METRICS_KEY,
     NODE_KEY,
+    NODE_TOKEN,
     NODE_UID,
     PayloadError,
     decode_server_logits,
@@ -67,6 +69,8 @@ __all__ = [
 #: ``context.state`` keys: the edge model's weights and the last server logits received.
 STATE_MODEL = "gkt-edge-model"
 STATE_LOGITS = "gkt-server-logits"
+#: ``context.state`` ConfigRecord of the node's identity (the server's token).
+STATE_NODE = "gkt-node"
 #: File in a node's ``state-dir`` holding its saved state.
 STATE_FILE = "gkt-node-state.pt"
 
@@ -186,8 +190,8 @@ def _config(msg: Message) -> ConfigRecord:
     return msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
 
 
-def _read_state(path: Path) -> tuple[int, dict[str, Any]] | None:
-    """``(round, arrays)`` of a saved node state, ``None`` if absent or unreadable."""
+def _read_state(path: Path) -> tuple[int, dict[str, Any], dict[str, str]] | None:
+    """``(round, arrays, node identity)`` of a saved node state, ``None`` if absent or unreadable."""
     if not path.is_file():
         return None
     try:
@@ -196,17 +200,30 @@ def _read_state(path: Path) -> tuple[int, dict[str, Any]] | None:
         log(WARNING, "node state %s cannot be read (%s); ignored", path, err)
         return None
     if "arrays" not in data:  # written before states carried their round
-        return -1, data
-    return int(data["round"]), data["arrays"]
+        return -1, data, {}
+    node = {str(k): str(v) for k, v in data.get("node", {}).items()}
+    return int(data["round"]), data["arrays"], node
 
 
-def _write_state(path: Path, server_round: int, arrays: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save({"round": server_round, "arrays": arrays}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _write_state(
+    path: Path, server_round: int, arrays: dict[str, Any], node: dict[str, str]
+) -> None:
+    """Write the state atomically: a unique temporary file, fsync, rename, directory fsync."""
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"round": server_round, "arrays": arrays, "node": node}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def save_state(context: Context, state_dir: str | Path, server_round: int = 0) -> Path:
@@ -241,6 +258,7 @@ def save_state(context: Context, state_dir: str | Path, server_round: int = 0) -
         for key, record in context.state.array_records.items()
         if key in (STATE_MODEL, STATE_LOGITS)
     }
+    node = {k: str(v) for k, v in context.state.config_records.get(STATE_NODE, {}).items()}
     latest = _read_state(path)
     if latest is not None and latest[0] < server_round:
         os.replace(path, prev)  # the previous round's state becomes the fallback
@@ -250,7 +268,7 @@ def save_state(context: Context, state_dir: str | Path, server_round: int = 0) -
         kept = _read_state(prev)
         if kept is not None and kept[0] >= server_round:
             prev.unlink()
-    _write_state(path, server_round, arrays)
+    _write_state(path, server_round, arrays, node)
     return path
 
 
@@ -288,6 +306,8 @@ def restore_state(context: Context, state_dir: str | Path, up_to_round: int | No
             context.state.array_records[key] = ArrayRecord(
                 {n: Array(t.numpy()) for n, t in arrays.items()}
             )
+        if saved[2]:
+            context.state.config_records[STATE_NODE] = ConfigRecord(dict(saved[2]))
         log(
             INFO,
             "node %d: state restored from %s (saved after round %d)",
@@ -306,8 +326,9 @@ def _stored_server_logits(context: Context, n: int, num_classes: int) -> torch.T
         return validate_server_logits(
             context.state.array_records[STATE_LOGITS]["server-logits"].numpy(), n, num_classes
         )
-    except PayloadError:  # e.g. a restored state from another partition: not used
+    except PayloadError as err:  # e.g. a restored state from another partition: not used
         del context.state.array_records[STATE_LOGITS]
+        log(WARNING, "node %d: kept server logits dropped: %s", context.node_id, err)
         return None
 
 
@@ -371,11 +392,16 @@ def handle_train(
     server_round = int(scalar(config, "server-round", 0))
     if state_dir:
         restore_state(context, state_dir, server_round - 1 if server_round > 0 else None)
+    token = config.get(NODE_TOKEN)
+    if isinstance(token, str) and token:
+        context.state.config_records[STATE_NODE] = ConfigRecord({NODE_TOKEN: token})
     server_logits = decode_server_logits(msg.content, n, data.num_classes)
     if server_logits is None:
         server_logits = _stored_server_logits(context, n, data.num_classes)
-    else:
-        context.state.array_records[STATE_LOGITS] = msg.content.array_records[ARRAYS_KEY]
+    else:  # only the validated logits are kept, nothing else the server sent
+        context.state.array_records[STATE_LOGITS] = ArrayRecord(
+            {"server-logits": Array(server_logits.numpy())}
+        )
 
     features, logits, result, seconds = edge_round(
         context, data, build_model, server_logits, cfg, dev, round_seed(config)
@@ -411,7 +437,9 @@ def handle_train(
     return Message(content=content, reply_to=msg)
 
 
-def handle_query(msg: Message, context: Context, node_uid: str) -> Message:
+def handle_query(
+    msg: Message, context: Context, node_uid: str, state_dir: str | Path | None = None
+) -> Message:
     """Answer the server's identity query with ``node_uid``.
 
     A server resuming from a checkpoint asks its nodes who they are: node ids
@@ -427,11 +455,15 @@ def handle_query(msg: Message, context: Context, node_uid: str) -> Message:
         The node's context (not used).
     node_uid : str
         The node's stable identity.
+    state_dir : str or Path, optional
+        Where the node's state is saved (a restarted node answers with the
+        token saved there).
 
     Returns
     -------
     Message
-        The reply, with ``node_uid`` in its ``node`` ConfigRecord.
+        The reply, with ``node_uid`` and the node's token (when it holds one)
+        in its ``node`` ConfigRecord.
 
     Raises
     ------
@@ -441,7 +473,14 @@ def handle_query(msg: Message, context: Context, node_uid: str) -> Message:
     config = _config(msg)
     if config.get("query") != NODE_UID:
         raise ValueError(f"unknown query {config.get('query')!r}")
-    return Message(content=RecordDict({NODE_KEY: ConfigRecord({NODE_UID: node_uid})}), reply_to=msg)
+    info = ConfigRecord({NODE_UID: node_uid})
+    token = context.state.config_records.get(STATE_NODE, ConfigRecord()).get(NODE_TOKEN)
+    if token is None and state_dir:  # a restarted node: its token is in its saved state
+        saved = _read_state(Path(state_dir) / STATE_FILE)
+        token = saved[2].get(NODE_TOKEN) if saved else None
+    if isinstance(token, str):
+        info[NODE_TOKEN] = token
+    return Message(content=RecordDict({NODE_KEY: info}), reply_to=msg)
 
 
 def handle_evaluate(

@@ -36,6 +36,7 @@ import hashlib
 import os
 import pickle
 import shutil
+import tarfile
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,7 +48,6 @@ import torch
 from torch import Tensor
 from torchvision.datasets import CIFAR10, CIFAR100, FashionMNIST, ImageFolder
 from torchvision.datasets.folder import pil_loader
-from torchvision.datasets.utils import extract_archive
 
 from .partition import label_matched_split, partition_indices
 
@@ -259,8 +259,54 @@ def _load_fashion_mnist(data_dir: Path) -> tuple[Tensor, ...]:
     return tuple(out)
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickle CIFAR batches: plain containers and NumPy arrays, no other globals.
+
+    A tampered batch file cannot run code: ``pickle`` would import and call
+    any global a file names; this one resolves only what a NumPy array needs.
+    """
+
+    _ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("_codecs", "encode"),
+        }
+    )
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"CIFAR file refers to {module}.{name}: refused")
+        return super().find_class(module, name)
+
+
+def _load_pickle(path: Path) -> Any:
+    with open(path, "rb") as f:
+        return _CifarUnpickler(f, encoding="latin1").load()
+
+
 class _LocalCIFAR10(CIFAR10):
-    """torchvision's CIFAR-10 reader with presence checks instead of MD5 checks."""
+    """torchvision's CIFAR-10 reader: presence checks, and a restricted unpickler.
+
+    MD5 checks against the published checksums would refuse a re-packed or
+    generated copy; instead every pickle is read with
+    :class:`_CifarUnpickler`, which cannot run code.
+    """
+
+    def __init__(self, root: str, train: bool = True) -> None:
+        self.root, self.train = root, train
+        folder = Path(root) / self.base_folder
+        files = self.train_list if train else self.test_list
+        data, targets = [], []
+        for name, _ in files:
+            entry = _load_pickle(folder / name)
+            data.append(np.asarray(entry["data"], dtype=np.uint8))
+            targets.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
+        self.data = np.vstack(data).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))
+        self.targets = [int(t) for t in targets]
+        self._load_meta()
 
     def _check_integrity(self) -> bool:
         folder = Path(self.root) / self.base_folder
@@ -268,13 +314,19 @@ class _LocalCIFAR10(CIFAR10):
         return all((folder / name).is_file() for name in names)
 
     def _load_meta(self) -> None:
-        with open(Path(self.root) / self.base_folder / self.meta["filename"], "rb") as f:
-            self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+        meta = _load_pickle(Path(self.root) / self.base_folder / self.meta["filename"])
+        self.classes = meta[self.meta["key"]]
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
 
 
 class _LocalCIFAR100(_LocalCIFAR10, CIFAR100):
     pass
+
+
+def _extract_tar(archive: Path, root: Path) -> None:
+    """Extract a dataset archive with tarfile's ``data`` filter (no links out, no devices)."""
+    with tarfile.open(archive) as tar:
+        tar.extractall(root, filter="data")
 
 
 _CIFAR = {
@@ -299,7 +351,7 @@ def _load_cifar(name: str, data_dir: Path) -> tuple[Tensor, ...]:
     cls, title, folder, archive, tv_name = _CIFAR[name]
     root = data_dir.parent if data_dir.name == folder else data_dir
     if not (root / folder).is_dir() and (root / archive).is_file():
-        extract_archive(str(root / archive), str(root))
+        _extract_tar(root / archive, root)
     probe = cls.__new__(cls)
     probe.root = str(root)
     if not probe._check_integrity():
@@ -313,7 +365,7 @@ def _load_cifar(name: str, data_dir: Path) -> tuple[Tensor, ...]:
         )
     out: list[Tensor] = []
     for train in (True, False):
-        ds = cls(str(root), train=train, download=False)
+        ds = cls(str(root), train=train)
         out += [
             torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),
             torch.tensor(ds.targets, dtype=torch.long),

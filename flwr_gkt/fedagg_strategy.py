@@ -43,11 +43,13 @@ from torch import Tensor, nn
 from .bridge import BridgeAutoencoder
 from .fedagg import BSBODPConfig, teacher_logits, train_nonleaf
 from .fedagg_client import EMB_PREFIX, TierRole
+from .gate import ReplyGate, clean_text, clean_uid, content_nbytes, read_metrics
 from .rectify import get_rectifier
 from .training import TensorBatches, evaluate_logits, get_device, predict, prepare_model
 from .wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
+    METRICS_KEY,
     NODE_KEY,
     NODE_UID,
     PayloadError,
@@ -62,6 +64,8 @@ from .wire import (
 __all__ = ["FedAgg", "parse_migrations"]
 
 CLOUD = "cloud"
+#: Metrics a FedAgg learn reply may carry.
+LEARN_METRICS = frozenset({"num-examples", "train-loss", "train-accuracy", "seconds"})
 
 
 def parse_migrations(spec: str) -> list[tuple[str, str, int]]:
@@ -110,23 +114,43 @@ class _Tree:
     def __init__(self, roles: dict[str, tuple[int, TierRole]], with_embeddings: set[str]) -> None:
         self.node_id = {uid: nid for uid, (nid, _) in roles.items()}
         self.role = {uid: role for uid, (_, role) in roles.items()}
-        self.children: dict[str, list[str]] = {CLOUD: []}
+        children: dict[str, list[str]] = {CLOUD: []}
         for uid, role in sorted(self.role.items()):
             if role.tier == "end" and uid not in with_embeddings:
                 continue
-            if role.parent != CLOUD and (
-                role.parent not in self.role or self.role[role.parent].tier != "edge"
-            ):
-                log(
-                    WARNING,
-                    "FedAgg: node %s names parent %r, which is not a connected edge; left out",
-                    uid,
-                    role.parent,
-                )
+            if role.parent == uid:
+                why = "is its own parent"
+            elif role.parent != CLOUD and role.parent not in self.role:
+                why = "is not connected"
+            elif role.parent != CLOUD and self.role[role.parent].tier != "edge":
+                why = "is not an edge"
+            else:
+                children.setdefault(role.parent, []).append(uid)
                 continue
-            self.children.setdefault(role.parent, []).append(uid)
+            log(
+                WARNING,
+                "FedAgg: node %s names parent %r, which %s; left out",
+                uid,
+                role.parent,
+                why,
+            )
+        # Only nodes reachable from the cloud form the tree: a cycle (two edges
+        # naming each other) hangs in the air and is left out.
+        reachable, frontier = set(), [CLOUD]
+        while frontier:
+            for child in children.get(frontier.pop(), []):
+                if child not in reachable:
+                    reachable.add(child)
+                    frontier.append(child)
+        for uid in sorted(c for kids in children.values() for c in kids if c not in reachable):
+            log(WARNING, "FedAgg: node %s is not connected to the cloud (a cycle); left out", uid)
+        self.children = {
+            parent: kids
+            for parent, kids in children.items()
+            if parent == CLOUD or parent in reachable
+        }
         #: The nodes in the tree this round (connected, placed under a parent), sorted.
-        self.members = sorted(c for kids in self.children.values() for c in kids)
+        self.members = sorted(reachable)
 
     def leaves(self, uid: str) -> list[str]:
         if uid != CLOUD and self.role[uid].tier == "end":
@@ -163,6 +187,10 @@ class FedAgg(Strategy):
         Where the cloud model trains (``auto``: CUDA when available).
     seed : int
         Seed of the shuffling.
+    max_payload_bytes : int, optional
+        Largest accepted reply (all records); larger ones are rejected.
+    max_samples : int, optional
+        Largest number of embeddings one end device may upload.
     """
 
     def __init__(
@@ -179,8 +207,13 @@ class FedAgg(Strategy):
         logit_dtype: str = "float32",
         device: str = "auto",
         seed: int = 0,
+        max_payload_bytes: int | None = None,
+        max_samples: int | None = None,
     ) -> None:
         self.device = get_device(device)
+        self.max_payload_bytes, self.max_samples = max_payload_bytes, max_samples
+        #: Node uids are bound to the first node id claiming them.
+        self.gate = ReplyGate(max_payload_bytes, name="FedAgg")
         self.model = prepare_model(model, self.device)
         self.autoencoder = autoencoder.freeze()
         self.num_classes = num_classes
@@ -270,24 +303,29 @@ class FedAgg(Strategy):
             uid = by_id.get(reply.metadata.src_node_id)
             if uid is None or uid in replies or uid in failed:
                 continue
-            if reply.has_error():
+            why = (
+                f"node error: {clean_text(reply.error.reason)}"
+                if reply.has_error()
+                else self._oversize(reply)
+            )
+            if why:
                 failed.add(uid)
                 self.node_history.append(
                     {
                         "round": server_round,
                         "stage": stage,
                         "node": uid,
-                        "status": "error",
-                        "reason": reply.error.reason,
+                        "status": "error" if reply.has_error() else "rejected",
+                        "reason": why,
                     }
                 )
                 log(
                     WARNING,
-                    "FedAgg round %d: %s reply of %s rejected: node error: %s",
+                    "FedAgg round %d: %s reply of %s rejected: %s",
                     server_round,
                     stage,
                     uid,
-                    reply.error.reason,
+                    why,
                 )
                 continue
             replies[uid] = reply
@@ -297,6 +335,13 @@ class FedAgg(Strategy):
             )
             log(WARNING, "FedAgg round %d: %s: no reply from %s", server_round, stage, uid)
         return replies
+
+    def _oversize(self, reply: Message) -> str:
+        """Why a reply is too large (all its records), or ``""``."""
+        size = content_nbytes(reply.content)
+        if self.max_payload_bytes and size > self.max_payload_bytes:
+            return f"reply of {size} bytes, over the limit of {self.max_payload_bytes}"
+        return ""
 
     def _topology(
         self, grid: Grid, server_round: int, timeout: float
@@ -309,20 +354,29 @@ class FedAgg(Strategy):
         ]
         roles: dict[str, tuple[int, TierRole]] = {}
         for reply in grid.send_and_receive(messages, timeout=timeout):
+            nid = reply.metadata.src_node_id
             if reply.has_error():
+                log(WARNING, "FedAgg: node %d answered the topology query with an error", nid)
                 continue
-            info = reply.content.config_records.get(NODE_KEY, ConfigRecord())
             try:
-                role = TierRole(str(info[NODE_UID]), str(info["tier"]), str(info["parent"]))
-            except (KeyError, ValueError) as err:
+                info = reply.content.config_records.get(NODE_KEY, ConfigRecord())
+                uid, parent = clean_uid(info.get(NODE_UID)), clean_uid(info.get("parent"))
+                if uid is None or parent is None:
+                    raise ValueError("node-uid and parent must be plain short names")
+                role = TierRole(uid, str(info.get("tier")), parent)
+            except Exception as err:
+                log(WARNING, "FedAgg: node %d gave no valid tier/parent (%s)", nid, clean_text(err))
+                continue
+            owner = self.gate.uid_owner.setdefault(role.uid, nid)  # the first claim wins
+            if owner != nid or role.uid in roles or role.uid == CLOUD:
                 log(
                     WARNING,
-                    "FedAgg: node %d gave no valid tier/parent (%s)",
-                    reply.metadata.src_node_id,
-                    err,
+                    "FedAgg: node %d claims node-uid %s, which belongs to another node; ignored",
+                    nid,
+                    role.uid,
                 )
                 continue
-            roles[role.uid] = (reply.metadata.src_node_id, role)
+            roles[role.uid] = (nid, role)
         for uid, parent, first in self.migrations:
             if server_round >= first and uid in roles:
                 nid, role = roles[uid]
@@ -478,18 +532,21 @@ class FedAgg(Strategy):
             link = f"end-{'cloud' if roles[uid][1].parent == CLOUD else 'edge'}"
             nbytes[f"init-{link}"] += record_nbytes(reply.content)
             try:
-                eps, labels = decode_embeddings(reply.content, self.num_classes)
-            except PayloadError as err:
+                eps, labels = decode_embeddings(
+                    reply.content, self.num_classes, max_samples=self.max_samples
+                )
+            except Exception as err:  # nothing a node sends raises
+                why = clean_text(err if isinstance(err, PayloadError) else repr(err))
                 self.node_history.append(
                     {
                         "round": rnd,
                         "stage": "init",
                         "node": uid,
                         "status": "rejected",
-                        "reason": str(err),
+                        "reason": why,
                     }
                 )
-                log(WARNING, "FedAgg round %d: embeddings of %s rejected: %s", rnd, uid, err)
+                log(WARNING, "FedAgg round %d: embeddings of %s rejected: %s", rnd, uid, why)
                 continue
             self.embeddings[uid] = (eps.clone(), labels.clone())
 
@@ -545,8 +602,10 @@ class FedAgg(Strategy):
             record = reply.content.array_records.get(ARRAYS_KEY, ArrayRecord())
             try:
                 logits = decode_named_logits(record, expected[uid], self.num_classes)
-            except PayloadError as err:
-                log(WARNING, "FedAgg round %d: logits of %s rejected: %s", rnd, uid, err)
+            except Exception as err:  # nothing a node sends raises
+                log(
+                    WARNING, "FedAgg round %d: logits of %s rejected: %s", rnd, uid, clean_text(err)
+                )
                 continue
             for name, z in logits.items():
                 out[(uid, name)] = z.clone()
@@ -593,16 +652,14 @@ class FedAgg(Strategy):
             )
         replies = self._exchange(grid, messages, timeout, rnd, "learn")
         for uid, reply in replies.items():
-            metrics = reply.content.metric_records.get("metrics", MetricRecord())
-            self.node_history.append(
-                {
-                    "round": rnd,
-                    "stage": "learn",
-                    "node": uid,
-                    "status": "accepted",
-                    **{k: v for k, v in metrics.items()},
-                }
-            )
+            try:
+                metrics, _ = read_metrics(
+                    reply.content.metric_records.get(METRICS_KEY), LEARN_METRICS
+                )
+            except Exception:  # no usable metrics: the lesson still counts
+                metrics = {}
+            row = {"round": rnd, "stage": "learn", "node": uid, "status": "accepted"}
+            self.node_history.append({**metrics, **row})
         return len(replies)
 
     def _cloud_learn(

@@ -19,6 +19,7 @@ Wire mapping:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from logging import INFO, WARNING
 from typing import Any
@@ -46,11 +47,13 @@ from torch import nn
 from .client_app import STATE_LOGITS, edge_round, edge_round_config, load_edge_model, round_seed
 from .data import ClientData
 from .edge import EdgeRoundConfig, extract
+from .gate import clean_text, read_metrics
 from .models import EdgeModel
 from .server import GKTServer
 from .strategy import edge_config_record
 from .training import TensorBatches, evaluate_logits, get_device, lr_factor, predict, prepare_model
 from .wire import (
+    NUM_EXAMPLES,
     PayloadError,
     PayloadSpec,
     encode_server_logits,
@@ -60,6 +63,9 @@ from .wire import (
 )
 
 __all__ = ["FedGKTLegacy", "GKTNumPyClient"]
+
+#: Metrics a legacy evaluate reply may carry (see :func:`flwr_gkt.gate.read_metrics`).
+_EVAL_METRICS = frozenset({NUM_EXAMPLES, "accuracy", "edge-accuracy"})
 
 
 def _state_arrays(model: nn.Module) -> list[np.ndarray]:
@@ -228,16 +234,17 @@ class FedGKTLegacy(Strategy):
                     )
                 features, logits, labels = arrays
                 payload = validate_arrays(features, labels, logits, self.spec, res.num_examples)
-            except (PayloadError, ValueError) as err:
+                node = int(proxy.cid)
+            except Exception as err:  # nothing a node sends raises
                 log(
                     WARNING,
                     "FedGKT round %d: fit reply of node %s rejected: %s",
                     server_round,
-                    proxy.cid,
-                    err,
+                    clean_text(proxy.cid, 40),
+                    clean_text(err if isinstance(err, PayloadError) else repr(err)),
                 )
                 continue
-            self.server.put(int(proxy.cid), payload)
+            self.server.put(node, payload)
             accepted += 1
         result = self.server.train_round(lr_scale=self._lr_factor(server_round))
         metrics: dict[str, Scalar] = {
@@ -302,12 +309,30 @@ class FedGKTLegacy(Strategy):
             The loss and ``accuracy``, ``edge-accuracy`` and ``num-examples``;
             ``(None, {})`` when no example was reported.
         """
-        n = sum(r.num_examples for _, r in results)
+        checked: list[tuple[int, float, dict[str, float]]] = []
+        for proxy, r in results:  # the same schema as the Message API's gate
+            try:
+                kept, _ = read_metrics(
+                    {**dict(r.metrics), NUM_EXAMPLES: r.num_examples}, _EVAL_METRICS
+                )
+                if not isinstance(r.loss, int | float) or not math.isfinite(r.loss):
+                    raise PayloadError(f"loss is not a finite number: {clean_text(r.loss, 40)}")
+                checked.append((int(kept[NUM_EXAMPLES]), float(r.loss), kept))
+            except Exception as err:
+                why = clean_text(err if isinstance(err, PayloadError) else repr(err))
+                log(
+                    WARNING,
+                    "FedGKT round %d: evaluate reply of node %s rejected: %s",
+                    server_round,
+                    clean_text(proxy.cid, 40),
+                    why,
+                )
+        n = sum(size for size, _, _ in checked)
         if n == 0:
             return None, {}
-        loss = sum(r.loss * r.num_examples for _, r in results) / n
+        loss = sum(size * value for size, value, _ in checked) / n
         metrics: dict[str, Scalar] = {
-            key: sum(float(r.metrics.get(key, 0.0)) * r.num_examples for _, r in results) / n
+            key: sum(m.get(key, 0.0) * size for size, _, m in checked) / n
             for key in ("accuracy", "edge-accuracy")
         }
         metrics["num-examples"] = n

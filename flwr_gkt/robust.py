@@ -17,6 +17,14 @@ deviation of normal data); the floor keeps nearly identical honest payloads
 (``threshold = 10``, ``rel_floor = 0.1``) a payload is an outlier only when a
 statistic is more than twice the median. A median needs a majority of honest
 payloads, so the check runs only with at least ``min_payloads`` (3) of them.
+
+A median hides a *minority* of extreme samples (say 5 % of the rows at
+``3e38``), so each payload is also summarised by its largest per-sample norm
+(``feature-norm-max``, ``logit-norm-max``). Those are checked as ratios: a
+payload whose largest sample norm is more than ``max_ratio`` (100) times the
+round's median largest norm is an outlier. Label skew changes these scales
+by small factors (``benchmarks/outlier_false_rejections.py``), poison by
+orders of magnitude.
 """
 
 from __future__ import annotations
@@ -31,9 +39,8 @@ from .wire import Payload
 __all__ = ["find_outliers", "payload_stats"]
 
 
-def _median_norm(x: torch.Tensor) -> float:
-    norms = x.detach().flatten(1).double().norm(dim=1)
-    return float(norms.median()) if len(norms) else 0.0
+def _norms(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().flatten(1).double().norm(dim=1)
 
 
 def payload_stats(payload: Payload) -> dict[str, float]:
@@ -48,13 +55,18 @@ def payload_stats(payload: Payload) -> dict[str, float]:
     -------
     dict[str, float]
         ``feature-norm`` (when it has features) and ``logit-norm`` (when it
-        has logits): the median over samples of the per-sample L2 norm.
+        has logits): the median over samples of the per-sample L2 norm;
+        ``feature-norm-max`` / ``logit-norm-max``: the largest one.
     """
     stats = {}
-    if payload.has_features:
-        stats["feature-norm"] = _median_norm(payload.features)
-    if payload.logits is not None:
-        stats["logit-norm"] = _median_norm(payload.logits)
+    for key, x in (
+        ("feature-norm", payload.features if payload.has_features else None),
+        ("logit-norm", payload.logits),
+    ):
+        if x is not None and len(x):
+            norms = _norms(x)
+            stats[key] = float(norms.median())
+            stats[f"{key}-max"] = float(norms.max())
     return stats
 
 
@@ -63,6 +75,7 @@ def find_outliers(
     threshold: float,
     rel_floor: float = 0.1,
     min_payloads: int = 3,
+    max_ratio: float = 100.0,
 ) -> list[str | None]:
     """Flag the payloads whose statistics are far from the round's median.
 
@@ -81,6 +94,8 @@ def find_outliers(
     min_payloads : int
         With fewer payloads having a statistic (or fewer finite values of it),
         that statistic is not checked.
+    max_ratio : float
+        ``*-max`` statistics: largest accepted ratio to their median.
 
     Returns
     -------
@@ -97,10 +112,20 @@ def find_outliers(
         med = float(torch.tensor(finite, dtype=torch.float64).median())
         mad = float(torch.tensor([abs(v - med) for v in finite], dtype=torch.float64).median())
         scale = max(1.4826 * mad, rel_floor * abs(med), 1e-12)
+        ratio_rule = key.endswith("-max")
         for i, value in values:
-            if reasons[i] is None and (
-                not math.isfinite(value) or abs(value - med) > threshold * scale
-            ):
+            far = (
+                value > max_ratio * max(med, 1e-12)
+                if ratio_rule
+                else abs(value - med) > threshold * scale
+            )
+            if reasons[i] is None and (not math.isfinite(value) or far):
+                if ratio_rule:
+                    reasons[i] = (
+                        f"outlier: {key} {value:.4g}, more than {max_ratio:g} x the median "
+                        f"{med:.4g} of {len(values)} payloads"
+                    )
+                    continue
                 reasons[i] = (
                     f"outlier: {key} {value:.4g} vs median {med:.4g} of {len(values)} payloads "
                     f"(more than {threshold:g} x {scale:.3g} away)"

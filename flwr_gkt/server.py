@@ -15,7 +15,7 @@ import copy
 import math
 import time
 import types
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from logging import WARNING
 from pathlib import Path
@@ -25,7 +25,7 @@ import torch
 from flwr.supercore import log
 from torch import Tensor, nn
 
-from .losses import KDMode
+from .losses import KDMode, gkt_loss
 from .store import FeatureStore
 from .training import (
     FitResult,
@@ -130,6 +130,8 @@ class GKTServer:
         self.store = FeatureStore(memory_budget, spill_dir)
         self.logits: dict[int, Tensor] = {}
         self.stored_round: dict[int, int] = {}
+        #: Nodes whose payload the training guard found responsible and evicted.
+        self.evicted: list[int] = []
 
     def put(self, node_id: int, payload: Payload, server_round: int = 0) -> None:
         """Store (replace) the latest validated payload of ``node_id``.
@@ -164,9 +166,7 @@ class GKTServer:
         """
         gone = [n for n, r in self.stored_round.items() if r < before_round]
         for node in gone:
-            self.store.remove(node)
-            self.logits.pop(node, None)
-            self.stored_round.pop(node, None)
+            self.drop(node)
         return gone
 
     def state_dict(self) -> dict[str, Any]:
@@ -258,13 +258,85 @@ class GKTServer:
         nodes = sorted(self.store if nodes is None else set(nodes) & set(self.store))
         if not nodes:
             return ServerRoundResult(0.0, 0.0, 0, 0, 0.0)
+        return self._guarded(nodes, self._train_round)
+
+    def _guarded(
+        self, nodes: list[int], run: Callable[[list[int]], ServerRoundResult]
+    ) -> ServerRoundResult:
+        """Run ``run(nodes)`` under the training guard; on a trip, evict the culprits and rerun."""
         with self._guard() as guard:
-            result = self._train_round(nodes)
+            result = run(nodes)
+        if not guard.ok and (culprits := self.find_culprits(nodes)):
+            for node in culprits:  # evicted, and the round trained again without them
+                self.drop(node)
+                log(
+                    WARNING,
+                    "GKTServer: payload of node %d evicted: its samples make the server loss "
+                    "non-finite or extreme",
+                    node,
+                )
+            self.evicted += culprits
+            nodes = [n for n in nodes if n not in culprits]
+            if nodes:
+                with self._guard() as guard:
+                    result = self._train_round(nodes)
         return (
             result
             if guard.ok
             else ServerRoundResult(float("nan"), 0.0, 0, len(nodes), result.seconds)
         )
+
+    def drop(self, node: int) -> None:
+        """Forget ``node``'s stored payload, server logits and stored round.
+
+        Parameters
+        ----------
+        node : int
+            The node.
+        """
+        self.store.remove(node)
+        self.logits.pop(node, None)
+        self.stored_round.pop(node, None)
+
+    @torch.no_grad()
+    def find_culprits(self, nodes: list[int], factor: float = 100.0) -> list[int]:
+        """Find the stored payloads that make the server's loss non-finite or extreme.
+
+        Called when the training guard undid an update: each node's samples
+        go through the (restored) model once, in eval mode, with the round's
+        loss (CE + KD from its stored client logits). A node whose mean loss
+        is non-finite, or more than ``factor`` times the median node's (and
+        above ``factor``), is a culprit.
+
+        Parameters
+        ----------
+        nodes : list[int]
+            The stored nodes of the round.
+        factor : float
+            How far above the median a node's loss must be.
+
+        Returns
+        -------
+        list[int]
+            The culprits (possibly empty: the update itself diverged).
+        """
+        self.model.eval()
+        losses: dict[int, float] = {}
+        teach = self.kd_mode.server_distills
+        for node in nodes:
+            teacher = self.store.logits([node]) if teach else None
+            total, count = 0.0, 0
+            for x, y, idx in self.store.batches([node], self.batch_size):
+                logits = self.model(x.to(self.device)).float().cpu()
+                t = teacher[idx] if teacher is not None else None
+                loss = gkt_loss(logits, y, t, self.temperature, self.alpha)
+                total += float(loss) * len(y)
+                count += len(y)
+            losses[node] = total / max(count, 1)
+        finite = sorted(v for v in losses.values() if math.isfinite(v))
+        median = finite[len(finite) // 2] if finite else 0.0
+        bound = factor * max(median, 1.0)
+        return [n for n, v in losses.items() if not math.isfinite(v) or v > bound]
 
     @contextlib.contextmanager
     def _guard(self) -> Iterator[types.SimpleNamespace]:
@@ -368,18 +440,18 @@ class GKTServer:
         """
         if node not in self.store:
             return ServerRoundResult(0.0, 0.0, 0, 0, 0.0)
-        with self._guard() as guard:
-            result = self._train_update(node, lr_scale)
-        return (
-            result
-            if guard.ok
-            else ServerRoundResult(float("nan"), 0.0, 0, result.num_nodes, result.seconds)
+        return self._guarded(
+            sorted(self.store),
+            lambda nodes: (
+                self._train_update(node, lr_scale, nodes)
+                if node in nodes
+                else ServerRoundResult(0.0, 0.0, 0, 0, 0.0)
+            ),
         )
 
-    def _train_update(self, node: int, lr_scale: float) -> ServerRoundResult:
+    def _train_update(self, node: int, lr_scale: float, nodes: list[int]) -> ServerRoundResult:
         start = time.perf_counter()
         set_lr(self.optimizer, self.lr * lr_scale)
-        nodes = sorted(self.store)
         size = self.store.num_samples(node)
         loss = accuracy = 0.0
         if self.epochs > 0:

@@ -228,15 +228,28 @@ class FeatureStore(Mapping[int, Payload]):
         payload : Payload
             Its validated features, labels and client logits.
         """
-        self.remove(node)
+        # The old payload goes only once the new one is in place: a failed spill
+        # write (disk full) leaves the node's previous payload stored.
+        old_payload, old_spill = self._payloads.pop(node, None), self._spilled.pop(node, None)
         self._payloads[node] = payload
-        if self.memory_budget is None:
-            return
-        while self.memory_bytes > self.memory_budget:
-            in_memory = [n for n in self._payloads if n not in self._spilled]
-            if not in_memory:
-                break  # labels and logits alone exceed the budget
-            self._spill(in_memory[-1])
+        try:
+            while self.memory_budget is not None and self.memory_bytes > self.memory_budget:
+                in_memory = [n for n in self._payloads if n not in self._spilled]
+                if not in_memory:
+                    break  # labels and logits alone exceed the budget
+                self._spill(in_memory[-1])
+        except BaseException:
+            new_spill = self._spilled.pop(node, None)
+            if new_spill is not None:
+                new_spill.path.unlink(missing_ok=True)
+            self._payloads.pop(node, None)
+            if old_payload is not None:
+                self._payloads[node] = old_payload
+            if old_spill is not None:
+                self._spilled[node] = old_spill
+            raise
+        if old_spill is not None:
+            old_spill.path.unlink(missing_ok=True)
 
     def _spill(self, node: int) -> None:
         payload = self._payloads[node]
@@ -312,12 +325,19 @@ class FeatureStore(Mapping[int, Payload]):
     def _write(self, node: int, features: Tensor) -> _Spilled:
         if self._spill_dir is None:
             self._spill_dir, self._own_dir = Path(tempfile.mkdtemp(prefix="gkt-spill-")), True
-        self._spill_dir.mkdir(parents=True, exist_ok=True)
+        # Every node's features: readable by this user only (dir 0700, files 0600).
+        self._spill_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self._spill_dir, 0o700)
         version = self._versions[node] = self._versions.get(node, 0) + 1
         path = self._spill_dir / f"node-{node}-v{version}.npy"
         array = np.ascontiguousarray(features.numpy())
-        with open(path, "wb") as f:
-            np.lib.format.write_array(f, array, allow_pickle=False)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.lib.format.write_array(f, array, allow_pickle=False)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
         offset = path.stat().st_size - array.nbytes
         return _Spilled(path, offset, tuple(array.shape), array.dtype)
 

@@ -23,9 +23,10 @@ One round (Algorithm 1):
 from __future__ import annotations
 
 import random
+import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from logging import INFO, WARNING
 from pathlib import Path
@@ -39,14 +40,13 @@ from flwr.supercore import log
 
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .edge import EdgeRoundConfig
-from .robust import find_outliers, payload_stats
+from .gate import EVALUATE_METRICS, TRAIN_METRICS, ReplyGate
 from .server import GKTServer, ServerRoundResult
 from .training import Plateau, lr_factor
 from .wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
-    METRICS_KEY,
-    NODE_KEY,
+    NODE_TOKEN,
     NODE_UID,
     NUM_EXAMPLES,
     Payload,
@@ -146,8 +146,9 @@ class FedGKT(Strategy):
     num_classes : int
         Number of classes (validates logits and labels).
     feature_shape : tuple[int, int, int], optional
-        Expected ``(C, H, W)`` of a feature map. When ``None``, the first
-        accepted payload fixes it.
+        Expected ``(C, H, W)`` of a feature map. When ``None``, the shape a
+        strict majority of a round's train replies carry fixes it (replies
+        are rejected until there is one); never the first reply alone.
     edge_config : EdgeRoundConfig, optional
         Settings sent to the nodes each round (epochs ``E_c``, optimizer, lr,
         temperature, alpha, KD mode, batch size). Entries of the ``train_config``
@@ -278,11 +279,13 @@ class FedGKT(Strategy):
         self._run_start = time.perf_counter()
         self._bytes_sent = 0
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
-        self.max_payload_bytes = max_payload_bytes
-        self.outlier_threshold = outlier_threshold
-        self.logit_clip = logit_clip
+        #: The trust boundary every reply passes (see :mod:`flwr_gkt.gate`).
+        self.gate = ReplyGate(max_payload_bytes, outlier_threshold, logit_clip)
         #: Stable identity (``node-uid``) each node id sent with its replies.
         self.node_uids: dict[int, str] = {}
+        #: Secret token given to each node with its first instruction; a resumed
+        #: run hands a node's state back only to the node holding it.
+        self.node_tokens: dict[int, str] = {}
         #: Replies of the latest ``_accept`` ignored as ``late`` or ``duplicate``.
         self.ignored: Counter[str] = Counter()
         #: Last round that ran to its end (training and evaluation).
@@ -411,6 +414,7 @@ class FedGKT(Strategy):
             "history": self.history,
             "node-history": self.node_history,
             "node-uids": dict(self.node_uids),
+            "node-tokens": dict(self.node_tokens),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -448,6 +452,8 @@ class FedGKT(Strategy):
         self.node_history = list(state["node-history"])
         self.completed_round = int(state["round"])
         self.node_uids = {int(n): str(u) for n, u in state.get("node-uids", {}).items()}
+        self.node_tokens = {int(n): str(t) for n, t in state.get("node-tokens", {}).items()}
+        self.gate.uid_owner = {uid: node for node, uid in self.node_uids.items()}
         self.feature_round.clear()  # the store is empty: every node sends its features again
 
     def reidentify_nodes(self, grid: Grid, timeout: float = 60.0) -> dict[int, int]:
@@ -490,21 +496,30 @@ class FedGKT(Strategy):
             Message(RecordDict({CONFIG_KEY: query}), dst_node_id=n, message_type=MessageType.QUERY)
             for n in ids
         ]
-        found: dict[str, list[int]] = {}
-        for reply in grid.send_and_receive(messages, timeout=min(timeout, 60.0)):
-            if reply.has_error():
-                continue
-            uid = reply.content.config_records.get(NODE_KEY, ConfigRecord()).get(NODE_UID)
-            if isinstance(uid, str) and uid:
-                found.setdefault(uid, []).append(reply.metadata.src_node_id)
+        found: dict[str, list[tuple[int, str | None]]] = {}
+        for claim in self.gate.identities(
+            grid.send_and_receive(messages, timeout=min(timeout, 60.0))
+        ):
+            found.setdefault(claim.uid, []).append((claim.node, claim.token))
         known: dict[str, list[int]] = {}
         for node, uid in self.node_uids.items():
             known.setdefault(uid, []).append(node)
-        mapping, ambiguous = {}, 0
+        mapping, ambiguous, refused = {}, 0, 0
         for uid, olds in known.items():
             news = found.get(uid, [])
             if len(olds) == 1 and len(news) == 1:
-                mapping[olds[0]] = news[0]
+                new, token = news[0]
+                # a bare uid claim is not enough: the node must hold the token it was given
+                if self.node_tokens.get(olds[0]) not in (None, token):
+                    refused += 1
+                    log(
+                        WARNING,
+                        "FedGKT: node %d claims node-uid %s without its token: it gets no state",
+                        new,
+                        uid,
+                    )
+                    continue
+                mapping[olds[0]] = new
             elif news:
                 ambiguous += 1
         moved = {old: new for old, new in mapping.items() if old != new}
@@ -513,13 +528,17 @@ class FedGKT(Strategy):
             server.logits = {moved.get(n, n): t for n, t in server.logits.items()}
             server.stored_round = {moved.get(n, n): r for n, r in server.stored_round.items()}
             self.node_uids = {moved.get(n, n): u for n, u in self.node_uids.items()}
+            self.node_tokens = {moved.get(n, n): t for n, t in self.node_tokens.items()}
+        self.gate.uid_owner = {uid: node for node, uid in self.node_uids.items()}
         log(
             INFO,
-            "FedGKT: %d of %d checkpointed nodes found (%d under a new node id), %d uid(s) ambiguous",
+            "FedGKT: %d of %d checkpointed nodes found (%d under a new node id), %d uid(s) "
+            "ambiguous, %d claim(s) without the node's token refused",
             len(mapping),
             len(self.node_uids),
             len(moved),
             ambiguous,
+            refused,
         )
         return moved
 
@@ -656,156 +675,52 @@ class FedGKT(Strategy):
         server_round: int,
         replies: Iterable[Message],
         with_logits: bool,
-        consume: Callable[[int, Payload, MetricRecord], None] | None = None,
-    ) -> tuple[list[tuple[int, Payload | None, MetricRecord]], int, int]:
-        """Decode and validate replies; return accepted ones, bytes and rejects.
+        consume: Callable[[int, Payload, Mapping[str, float]], None] | None = None,
+    ) -> tuple[list[tuple[int, Payload | None, dict[str, float]]], int, int]:
+        """Pass a stage's replies through the gate; return accepted ones, bytes and rejects.
 
-        A reply is rejected -- logged with the node id and the reason, recorded
-        in :attr:`node_history`, never raised -- when it is an error reply, its
-        arrays exceed ``max_payload_bytes``, it fails the wire format's
-        validation (:mod:`flwr_gkt.wire`) or, with ``outlier_threshold`` and at
-        least three payloads, its scale statistics are far from the others'
-        (:mod:`flwr_gkt.robust`). A reply that answers no instruction of this
-        stage (late: its round is over) or answers one a second time
-        (duplicate) is ignored with status ``late`` / ``duplicate``; the
-        counts are in :attr:`ignored`. Client logits are clipped to
-        ``logit_clip`` when set.
-
-        With ``consume``, each accepted payload is handed to it as soon as it is
-        validated, the reply's arrays are released, and the returned list holds
-        ``None`` in place of the payload: one decoded reply at a time is held,
-        whatever the number of replies (bounded server memory).
+        Everything a node sent is checked by :class:`flwr_gkt.gate.ReplyGate`
+        (attribution, errors, size of all records, metric schema, node-uid,
+        wire validation, outlier check); this method only books the result:
+        node-history rows, ignored counts, node uids. With ``consume`` each
+        accepted payload is handed over at once and the list holds ``None``
+        in its place (one decoded reply at a time).
         """
         stage = "train" if with_logits else "evaluate"
-        instructions = self._sent_train if with_logits else self._sent_eval
-        # The Grid sets each instruction's message id when it sends it; an error
-        # reply made by the SuperLink (e.g. node unavailable) names the
-        # instruction it answers, not the node. Instructions that never went
-        # through a Grid (tests driving the strategy by hand) have no id.
-        sent = {
-            m.metadata.message_id: m.metadata.dst_node_id
-            for m in instructions
-            if m.metadata.message_id
-        }
-        targets = {m.metadata.dst_node_id for m in instructions}
-        self.ignored = Counter()
-        answered: set[Any] = set()
-        candidates: list[tuple[int, Message, dict[str, Any]]] = []
-        nbytes, rejected = 0, 0
 
-        def reject(record: dict[str, Any], status: str, reason: str) -> None:
-            nonlocal rejected
-            rejected += 1
-            record.update(status=status, reason=reason)
-            log(
-                WARNING,
-                "FedGKT round %d: %s reply of node %d rejected: %s",
-                server_round,
-                stage,
-                record["node-id"],
-                reason,
-            )
-
-        for msg in replies:
-            reply_to = msg.metadata.reply_to_message_id
-            node = sent.get(reply_to, msg.metadata.src_node_id)
-            key = reply_to if sent else node
-            record: dict[str, Any] = {"round": server_round, "stage": stage, "node-id": node}
-            self.node_history.append(record)
-            if (reply_to not in sent) if sent else (node not in targets):
-                status, reason = (
-                    "late",
-                    f"answers no {stage} instruction of this round (late or unknown)",
-                )
-            elif key in answered:
-                status, reason = "duplicate", "a second reply to the same instruction"
-            else:
-                status = ""
-            if status:
-                self.ignored[status] += 1
-                record.update(status=status, reason=reason)
-                log(
-                    WARNING,
-                    "FedGKT round %d: %s reply from node %d ignored: %s",
-                    server_round,
-                    stage,
-                    node,
-                    reason,
-                )
-                continue
-            answered.add(key)
-            if msg.has_error():
-                reject(record, "error", f"node error {msg.error.code}: {msg.error.reason}")
-                continue
-            size = record_nbytes(msg.content)
-            nbytes += size
-            record["bytes-up"] = size
-            if self.max_payload_bytes and size > self.max_payload_bytes:
-                reject(
-                    record,
-                    "rejected",
-                    f"payload of {size / _MB:.2f} MB, over the limit of "
-                    f"{self.max_payload_bytes / _MB:.2f} MB",
-                )
-                msg.content.array_records.pop(ARRAYS_KEY, None)
-                continue
-            candidates.append((node, msg, record))
-
-        def decode(node: int, msg: Message) -> Payload:
+        def decode(node: int, content: RecordDict) -> Payload:
             if with_logits and not self._features_asked.get(node, True):
                 if node not in self.server.store:
                     raise PayloadError("logits-only reply but no features stored for this node")
-                logits = decode_logits(msg.content, self.spec, self.server.store.num_samples(node))
-                return Payload.logits_only(logits)
-            return decode_payload(msg.content, self.spec, with_logits)
+                return Payload.logits_only(
+                    decode_logits(content, self.spec, self.server.store.num_samples(node))
+                )
+            if self.spec.feature_shape is None:
+                raise PayloadError("no feature shape agreed by a majority of the nodes yet")
+            return decode_payload(content, self.spec, with_logits)
 
-        def failed(err: Exception) -> str:
-            return str(err) if isinstance(err, PayloadError) else f"malformed payload: {err!r}"
-
-        if self.outlier_threshold and len(candidates) >= 3:
-            stats: list[dict[str, float] | None] = []
-            for node, msg, record in candidates:  # one decoded payload at a time
-                try:
-                    stats.append(payload_stats(decode(node, msg)))
-                except Exception as err:
-                    reject(record, "rejected", failed(err))
-                    stats.append(None)
-            reasons = find_outliers(stats, self.outlier_threshold)
-            kept = []
-            for (node, msg, record), stat, why in zip(candidates, stats, reasons, strict=True):
-                if stat is not None and why is not None:
-                    reject(record, "rejected", why)
-                if stat is not None and why is None:
-                    kept.append((node, msg, record))
-                else:
-                    msg.content.array_records.pop(ARRAYS_KEY, None)
-            candidates = kept
-
-        accepted: list[tuple[int, Payload | None, MetricRecord]] = []
-        for node, msg, record in candidates:
-            try:
-                payload = decode(node, msg)
-            except Exception as err:
-                reject(record, "rejected", failed(err))
-                msg.content.array_records.pop(ARRAYS_KEY, None)
-                continue
-            if self.spec.feature_shape is None and payload.has_features:
-                self.spec = replace(self.spec, feature_shape=tuple(payload.features.shape[1:]))
-            if self.logit_clip and payload.logits is not None:
-                payload.logits = payload.logits.clamp(-self.logit_clip, self.logit_clip)
-            metrics = msg.content.metric_records[METRICS_KEY]
-            record.update(status="accepted", reason="", **{k: v for k, v in metrics.items()})
-            uid = msg.content.config_records.get(NODE_KEY, ConfigRecord()).get(NODE_UID)
-            if isinstance(uid, str) and uid:
-                self.node_uids[node] = uid
-            if consume is None:
-                accepted.append((node, payload, metrics))
-                continue
-            consume(node, payload, metrics)
-            accepted.append((node, None, metrics))
-            del payload
-            msg.content.array_records.pop(ARRAYS_KEY, None)
-        return accepted, nbytes, rejected
+        replies = list(replies)
+        if self.spec.feature_shape is None and with_logits:  # the majority fixes it, not the first
+            shape = self.gate.vote_feature_shape(replies)
+            if shape is not None:
+                self.spec = replace(self.spec, feature_shape=shape)
+                log(INFO, "FedGKT: feature maps of shape %s (held by most nodes)", list(shape))
+        result = self.gate.admit(
+            server_round,
+            stage,
+            replies,
+            self._sent_train if with_logits else self._sent_eval,
+            decode,
+            TRAIN_METRICS if with_logits else EVALUATE_METRICS,
+            None if consume is None else lambda a, p: consume(a.node, p, a.metrics),
+        )
+        self.node_history.extend(result.records)
+        self.ignored = result.ignored
+        for admitted in result.accepted:
+            if admitted.uid:
+                self.node_uids[admitted.node] = admitted.uid
+        accepted = [(a.node, a.payload, a.metrics) for a in result.accepted]
+        return accepted, result.nbytes, result.rejected
 
     def _wants_features(self, node: int, server_round: int) -> bool:
         """Whether ``node`` uploads features this round (replay, see ``feature_upload_every``)."""
@@ -825,6 +740,29 @@ class FedGKT(Strategy):
         else:
             self.server.store.set_logits(node, payload.logits)
             self.server.stored_round[node] = server_round
+
+    def forget_node(self, node: int) -> None:
+        """Drop everything stored for ``node`` (its features, ``Z_s``, statistics)."""
+        self.server.drop(node)
+        self.feature_round.pop(node, None)
+        self.gate.forget(node)
+
+    def _book_evictions(self, server_round: int) -> int:
+        """Record the payloads the server's training guard evicted; return how many."""
+        evicted, self.server.evicted = self.server.evicted, []
+        for node in evicted:
+            self.feature_round.pop(node, None)
+            self.gate.forget(node)
+            self.node_history.append(
+                {
+                    "round": server_round,
+                    "stage": "train",
+                    "node-id": node,
+                    "status": "evicted",
+                    "reason": "its stored samples made the server loss non-finite or extreme",
+                }
+            )
+        return len(evicted)
 
     def _lost_nodes(self, server_round: int, stage: str) -> int:
         """Record and log nodes that were sent an instruction but have no record this round."""
@@ -902,10 +840,11 @@ class FedGKT(Strategy):
         round_config["server-round"] = server_round
         messages = []
         for node in node_ids:
-            node_config = round_config
+            token = self.node_tokens.setdefault(node, secrets.token_hex(16))
+            node_config = ConfigRecord({**round_config, NODE_TOKEN: token})
             self._features_asked[node] = self._wants_features(node, server_round)
             if not self._features_asked[node]:
-                node_config = ConfigRecord({**round_config, "send-features": False})
+                node_config["send-features"] = False
             content = RecordDict({CONFIG_KEY: node_config})
             # Z_s travels only when the edge distils from it (not in KD modes without it).
             logits = (
@@ -965,6 +904,7 @@ class FedGKT(Strategy):
         if self.store_max_age > 0:
             for node in self.server.evict(server_round - self.store_max_age + 1):
                 self.feature_round.pop(node, None)
+                self.gate.forget(node)
                 log(
                     WARNING,
                     "FedGKT round %d: features of node %d dropped (no reply for %d rounds)",
@@ -974,6 +914,7 @@ class FedGKT(Strategy):
                 )
         if len(accepted) >= self.min_train_replies:
             result = self.server.train_round(lr_scale=self._server_lr_factor(server_round))
+            evicted = self._book_evictions(server_round)
         else:
             log(
                 WARNING,
@@ -983,12 +924,13 @@ class FedGKT(Strategy):
                 len(accepted),
                 self.min_train_replies,
             )
-            result = ServerRoundResult(0.0, 0.0, 0, 0, 0.0)
+            result, evicted = ServerRoundResult(0.0, 0.0, 0, 0, 0.0), 0
         row: dict[str, float] = {
             "round": server_round,
             "nodes-replied": len(accepted),
             "nodes-rejected": rejected,
             "nodes-lost": lost,
+            "nodes-evicted": evicted,
             "replies-late": ignored.get("late", 0),
             "replies-duplicate": ignored.get("duplicate", 0),
             "nodes-sent-features": with_features,

@@ -88,6 +88,8 @@ NUM_EXAMPLES = "num-examples"
 #: an identity that survives restarts (node ids may not; see ``FedGKT.resume``).
 NODE_KEY = "node"
 NODE_UID = "node-uid"
+#: Config key of the secret the server gives each node (and asks back on resume).
+NODE_TOKEN = "node-token"
 
 #: Accepted on-the-wire dtypes. ``int8`` features are the affine per-channel
 #: quantization of :func:`quantize_int8`, sent with ``feature-min`` and
@@ -622,6 +624,8 @@ def validate_arrays(
     n = features.shape[0]
     if n == 0:
         raise PayloadError("payload has no samples")
+    if 0 in features.shape[1:]:
+        raise PayloadError(f"'features' maps have an empty dimension: {list(features.shape[1:])}")
     if spec.max_samples is not None and n > spec.max_samples:
         raise PayloadError(f"payload has {n} samples, more than the limit {spec.max_samples}")
     if spec.feature_shape is not None and tuple(features.shape[1:]) != tuple(spec.feature_shape):

@@ -30,7 +30,9 @@ def make_client_app(
     Parameters
     ----------
     fixed : RunConfig | None
-        Replaces the Flower run config when given.
+        Replaces the Flower run config when given; it is then trusted to set the
+        nodes' own settings too (state, data dir, pre-trained weights, privacy;
+        see :class:`simulation.task.NodeSetup`).
     data_fn : Callable[[NodeSetup], ClientData] | None
         Builds a node's data from its setup (``partition_id``,
         ``num_partitions``, resolved config) instead of the configured
@@ -44,15 +46,18 @@ def make_client_app(
         The app with ``train``, ``evaluate`` and ``query`` handlers.
     """
     app = ClientApp()
+    # A config fixed by the local process is the node's own; Flower's run config
+    # (flwr run, a SuperNode) is the server's and does not decide node-side settings.
+    trusted = fixed is not None
 
     def setup(context: Context) -> tuple[NodeSetup, ClientData, Callable[[], EdgeModel]]:
         cfg = fixed or config_from_run_config(context.run_config)
         if cfg.client_threads > 0:
             torch.set_num_threads(cfg.client_threads)
         if data_fn is None:
-            node, data = node_data(cfg, context.node_config)
+            node, data = node_data(cfg, context.node_config, trusted)
         else:
-            node = node_setup(cfg, context.node_config)
+            node = node_setup(cfg, context.node_config, trusted)
             data = data_fn(node)
         return node, data, edge_builder(node.cfg, node.partition_id)
 
@@ -80,7 +85,8 @@ def make_client_app(
     @app.query()
     def query(msg: Message, context: Context) -> Message:
         cfg = fixed or config_from_run_config(context.run_config)
-        return handle_query(msg, context, node_setup(cfg, context.node_config).uid)
+        node = node_setup(cfg, context.node_config, trusted)
+        return handle_query(msg, context, node.uid, node.state_dir or None)
 
     return app
 

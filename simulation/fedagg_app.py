@@ -111,6 +111,8 @@ def run_fedagg(grid: Grid, cfg: RunConfig) -> FedAgg:
         logit_dtype=cfg.logit_dtype,
         device=cfg.device,
         seed=cfg.seed,
+        max_payload_bytes=int(cfg.max_payload_mb * 1024 * 1024) or None,
+        max_samples=cfg.max_samples or None,
     )
     start = time.perf_counter()
     strategy.start(grid, num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout)

@@ -164,7 +164,7 @@ def make_fedavg_apps(fixed: RunConfig | None = None) -> tuple[ServerApp, ClientA
         cfg = fixed or config_from_run_config(context.run_config)
         if cfg.client_threads > 0:
             torch.set_num_threads(cfg.client_threads)
-        _, data = node_data(cfg, context.node_config)
+        _, data = node_data(cfg, context.node_config, fixed is not None)
         device = get_device(cfg.device)
         model = build_model(cfg)
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())

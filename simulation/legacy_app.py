@@ -66,7 +66,7 @@ def make_legacy_apps(fixed: RunConfig | None = None) -> tuple[ServerApp, ClientA
 
     def client_fn(context: Context) -> Client:
         cfg = fixed or config_from_run_config(context.run_config)
-        node, data = node_data(cfg, context.node_config)
+        node, data = node_data(cfg, context.node_config, fixed is not None)
         return GKTNumPyClient(
             context,
             data,

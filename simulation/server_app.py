@@ -62,6 +62,15 @@ def run_fedgkt(grid: Grid, cfg: RunConfig) -> FedGKT:
         mode_args["checkpoint_path"] = out / CHECKPOINT_FILE
     elif cfg.resume:
         raise ValueError("resume needs checkpoint 1")
+    spill = out / "spill"
+    if not cfg.spill_dir and spill.is_dir():  # left by a crashed run: every node's features
+        removed = [p.unlink() for p in spill.glob("node-*.npy")]
+        log(
+            WARNING,
+            "FedGKT: %d spill file(s) of an earlier run removed from %s",
+            len(removed),
+            spill,
+        )
     server = make_gkt_server(cfg, spill_dir=out / "spill")
     strategy = cls(
         server,
@@ -101,14 +110,16 @@ def run_fedgkt(grid: Grid, cfg: RunConfig) -> FedGKT:
     if cfg.resume:
         strategy.resume()
     start = time.perf_counter()
-    strategy.start(
-        grid=grid,
-        initial_arrays=strategy.initial_arrays(),
-        num_rounds=cfg.num_server_rounds,
-        timeout=cfg.round_timeout,
-    )
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=strategy.initial_arrays(),
+            num_rounds=cfg.num_server_rounds,
+            timeout=cfg.round_timeout,
+        )
+    finally:
+        server.store.close()  # spilled features are not results, and are private
     elapsed = time.perf_counter() - start
-    server.store.close()  # spilled features are not results
     final = strategy.history[-1] if strategy.history else {}
     torch.save(server.model.state_dict(), out / "server_model.pt")
     write_results(

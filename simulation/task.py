@@ -81,7 +81,17 @@ class NodeSetup:
     ``privacy-noise``: the node's own privacy settings (over the run config's;
     see :mod:`flwr_gkt.privacy`). ``node-uid``: the node's identity across
     restarts (default ``partition-<id>-of-<n>``), by which a resumed server
-    finds the node again.
+    finds the node again. ``edge-pretrained``: the node's own file of
+    pre-trained extractor weights.
+
+    **Who decides.** The node's state directory, data directory, pre-trained
+    weights and privacy settings are the node's: in a deployment (a SuperNode
+    running the app's module-level ClientApp) they come *only* from its node
+    config, so a server's run config cannot make a node write elsewhere, load
+    another file or switch its privacy off. The run config supplies them as
+    defaults only when the ClientApp is built with a trusted local config
+    (``make_client_app(fixed=cfg)``: ``python -m simulation``, the in-process
+    runtime, tests).
     """
 
     partition_id: int
@@ -92,13 +102,42 @@ class NodeSetup:
     uid: str = ""
 
 
-def node_setup(cfg: RunConfig, node_config: Mapping[str, Any]) -> NodeSetup:
-    """Read this node's partition, data and state directories from its node config."""
+#: Run-config keys that belong to the node (see :class:`NodeSetup`).
+NODE_SIDE_KEYS = (
+    "data-dir",
+    "node-state-dir",
+    "edge-pretrained",
+    "privacy-clip",
+    "privacy-logit-clip",
+    "privacy-noise",
+)
+
+
+def node_setup(cfg: RunConfig, node_config: Mapping[str, Any], trusted: bool = False) -> NodeSetup:
+    """Read this node's partition, directories, weights and privacy from its node config.
+
+    ``trusted``: the run config is the node's own (simulation from a local
+    config) and supplies defaults for the node-side settings; otherwise they
+    come from the node config alone (see :class:`NodeSetup`).
+    """
     pid = int(node_config.get("partition-id", 0))
     num = int(node_config.get("num-partitions", 1))
+    if not trusted:  # a deployment: the server's run config does not decide these
+        cfg = dataclasses.replace(
+            cfg,
+            data_dir="",
+            node_state_dir="",
+            edge_pretrained="",
+            privacy_clip=0.0,
+            privacy_logit_clip=0.0,
+            privacy_noise=0.0,
+        )
     data_dir = str(node_config.get("data-dir", "") or "")
     if data_dir:
         cfg = dataclasses.replace(cfg, data_dir=data_dir)
+    pretrained = str(node_config.get("edge-pretrained", "") or "")
+    if pretrained:
+        cfg = dataclasses.replace(cfg, edge_pretrained=pretrained)
     state_dir = str(node_config.get("state-dir", "") or "")
     if not state_dir and cfg.node_state_dir:  # simulation: one directory per partition
         state_dir = str(Path(cfg.node_state_dir) / f"node-{pid}")
@@ -109,9 +148,11 @@ def node_setup(cfg: RunConfig, node_config: Mapping[str, Any]) -> NodeSetup:
     return NodeSetup(pid, num, cfg, state_dir, privacy if privacy.enabled else None, uid)
 
 
-def node_data(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[NodeSetup, ClientData]:
-    """This node's setup and its (cached) data."""
-    node = node_setup(cfg, node_config)
+def node_data(
+    cfg: RunConfig, node_config: Mapping[str, Any], trusted: bool = False
+) -> tuple[NodeSetup, ClientData]:
+    """This node's setup (see :func:`node_setup`) and its (cached) data."""
+    node = node_setup(cfg, node_config, trusted)
     return node, load_client_data(node.cfg, node.partition_id, node.num_partitions)
 
 

@@ -39,7 +39,7 @@ client = ClientApp()
 
 
 def _setup(context):
-    node, data = node_data(cfg, context.node_config)
+    node, data = node_data(cfg, context.node_config, True)
     return node.partition_id, data, edge_builder(cfg, node.partition_id)
 
 

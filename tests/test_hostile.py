@@ -142,7 +142,7 @@ def test_size_and_sample_count_limits_reject_before_anything_is_stored():
     assert got[33][0] == got[44][0] == "accepted"
 
 
-def test_a_poisoned_update_is_undone_by_the_training_guard(caplog):
+def test_a_poisoned_update_is_undone_and_its_payload_evicted_by_the_training_guard(caplog):
     strategy = make_strategy(
         nodes=[11, 22], outlier_threshold=0.0
     )  # 2 nodes: no median to compare with
@@ -157,9 +157,14 @@ def test_a_poisoned_update_is_undone_by_the_training_guard(caplog):
             nodes=[11, 22],
         )
     assert "server training produced non-finite" in caplog.text
-    for key, value in strategy.server.model.state_dict().items():
-        assert torch.equal(value, weights[key]), key
-    torch.testing.assert_close(strategy.server.server_logits(11), logits)
+    # the guard found the payload responsible, evicted it and trained without it
+    assert "payload of node 22 evicted" in caplog.text and 22 not in strategy.server.store
+    assert np.isfinite(strategy.history[-1]["server-train-loss"])
+    assert any(
+        not torch.equal(v, weights[k]) for k, v in strategy.server.model.state_dict().items()
+    )
+    assert not torch.equal(strategy.server.server_logits(11), logits)
+    assert all(torch.isfinite(p).all() for p in strategy.server.model.parameters())
     train_round(strategy, 3, nodes=[11, 22])  # honest again: training goes on
     assert np.isfinite(strategy.history[-1]["server-train-loss"])
 

@@ -75,6 +75,8 @@ def test_the_node_uploads_clipped_noisy_features_and_keeps_its_own_metrics_exact
 
 def test_node_config_privacy_overrides_the_run_config():
     cfg = RunConfig(privacy_clip=10.0, privacy_noise=0.1)
-    assert node_setup(cfg, {}).privacy == PrivacyConfig(clip=10.0, noise=0.1)
-    assert node_setup(cfg, {"privacy-noise": 0.5}).privacy == PrivacyConfig(clip=10.0, noise=0.5)
-    assert node_setup(RunConfig(), {}).privacy is None
+    assert node_setup(cfg, {}, trusted=True).privacy == PrivacyConfig(clip=10.0, noise=0.1)
+    assert node_setup(cfg, {"privacy-noise": 0.5}, trusted=True).privacy == PrivacyConfig(
+        clip=10.0, noise=0.5
+    )
+    assert node_setup(RunConfig(), {}, trusted=True).privacy is None

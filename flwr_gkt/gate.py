@@ -1,0 +1,590 @@
+"""The one trust boundary: every reply a node sends is checked here, once.
+
+Strategies (:class:`~flwr_gkt.strategy.FedGKT`,
+:class:`~flwr_gkt.async_strategy.AsyncFedGKT`, :class:`~flwr_gkt.fedagg_strategy.FedAgg`)
+never read a reply's records themselves: they hand the replies of a stage to
+:meth:`ReplyGate.admit` and get typed results back. For each reply, in order:
+
+1. **Attribution.** A reply answers one instruction of the stage
+   (``reply_to``); one answering none (late, unknown) or answering one twice
+   (duplicate) is ignored.
+2. **Error replies** are rejected with the node's reason, made safe to log.
+3. **Size** of *all* records (arrays, metrics, configs) against the limit,
+   before anything is decoded.
+4. **Metrics** against the stage's schema: known keys with finite numeric
+   scalars are kept; anything else (unknown keys, lists, strings, NaN) is
+   dropped and counted -- never merged into bookkeeping.
+5. **Identity**: ``node-uid`` must be a short plain string
+   (:func:`clean_uid`).
+6. **Arrays** decoded and validated by the wire format (:mod:`flwr_gkt.wire`).
+7. **Outlier check** against the round's other payloads *and* the stored
+   payloads' statistics (:mod:`flwr_gkt.robust`), so a lone reply (async
+   mode) is compared too.
+
+Every rejection is one WARNING line naming the node and the reason, and one
+row of the strategy's node history. Nothing a node sends raises out of
+:meth:`ReplyGate.admit`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from logging import WARNING
+from typing import Any
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.supercore import log
+
+from .robust import find_outliers, payload_stats
+from .wire import (
+    ARRAYS_KEY,
+    METRICS_KEY,
+    NODE_KEY,
+    NODE_TOKEN,
+    NODE_UID,
+    NUM_EXAMPLES,
+    Payload,
+    PayloadError,
+)
+
+__all__ = [
+    "EVALUATE_METRICS",
+    "TRAIN_METRICS",
+    "Admitted",
+    "Claim",
+    "GateResult",
+    "ReplyGate",
+    "clean_text",
+    "clean_uid",
+    "content_nbytes",
+    "read_metrics",
+]
+
+_MB = 1024 * 1024
+#: Metrics a FedGKT train reply may carry (anything else is dropped).
+TRAIN_METRICS = frozenset(
+    {NUM_EXAMPLES, "edge-train-loss", "edge-train-accuracy", "edge-seconds", "used-server-logits"}
+)
+#: Metrics a FedGKT evaluate reply may carry.
+EVALUATE_METRICS = frozenset({NUM_EXAMPLES, "edge-loss", "edge-accuracy"})
+#: Longest accepted ``node-uid``.
+MAX_UID_CHARS = 128
+_UID = re.compile(r"[A-Za-z0-9._:@+-]+")
+_UNSAFE = re.compile(r"[^\x20-\x7e]")
+
+
+def clean_text(value: object, limit: int = 200) -> str:
+    """Return ``value`` as one printable line, safe for logs and CSV.
+
+    Control characters and non-ASCII are escaped (no forged log lines), the
+    text is cut to ``limit`` characters, and a leading ``= + - @`` gets a
+    ``'`` in front (no spreadsheet formulas).
+
+    Parameters
+    ----------
+    value : object
+        A string a node sent (an error reason, a uid), or anything else.
+    limit : int
+        Most characters kept.
+
+    Returns
+    -------
+    str
+        The cleaned text.
+    """
+    text = value if isinstance(value, str) else repr(value)
+    text = _UNSAFE.sub(
+        lambda m: m.group().encode("unicode_escape").decode("ascii"), text[: 4 * limit]
+    )
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return "'" + text if text[:1] in ("=", "+", "-", "@") else text
+
+
+def clean_uid(value: object) -> str | None:
+    """Return a node-uid if it is acceptable, else ``None``.
+
+    Acceptable: a string of 1 to :data:`MAX_UID_CHARS` letters, digits and
+    ``. _ : @ + -`` (no commas, spaces or control characters, so it can be
+    listed, logged and written to CSV as it is).
+
+    Parameters
+    ----------
+    value : object
+        What the node sent as its ``node-uid``.
+
+    Returns
+    -------
+    str | None
+        The uid, or ``None`` when it is not acceptable.
+    """
+    if isinstance(value, str) and len(value) <= MAX_UID_CHARS and _UID.fullmatch(value):
+        return value
+    return None
+
+
+def _value_nbytes(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value.encode("utf-8", "surrogatepass"))
+    if isinstance(value, bytes):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_value_nbytes(v) for v in value)
+    return 8
+
+
+def content_nbytes(content: RecordDict) -> int:
+    """Return the size of *all* records of a message: arrays, metrics and configs.
+
+    Arrays count their serialized bytes; other values their encoded length
+    (strings, bytes, lists element by element) or 8 bytes (numbers), plus
+    every key.
+
+    Parameters
+    ----------
+    content : RecordDict
+        A message's content.
+
+    Returns
+    -------
+    int
+        The number of bytes.
+    """
+    total = 0
+    for name, record in content.items():
+        total += len(name)
+        for key, value in record.items():
+            total += len(key)
+            total += len(value.data) if hasattr(value, "data") else _value_nbytes(value)
+    return total
+
+
+def read_metrics(
+    record: Mapping[str, Any] | None, known: frozenset[str]
+) -> tuple[dict[str, float], int]:
+    """Keep the known, finite, numeric scalar metrics of a reply.
+
+    Parameters
+    ----------
+    record : Mapping[str, Any] | None
+        The reply's MetricRecord.
+    known : frozenset[str]
+        The keys of the stage's schema.
+
+    Returns
+    -------
+    tuple[dict[str, float], int]
+        The kept metrics (``num-examples`` as an int) and how many entries
+        were dropped.
+
+    Raises
+    ------
+    PayloadError
+        If ``num-examples`` is missing or not a non-negative integer.
+    """
+    kept: dict[str, float] = {}
+    dropped = 0
+    for key, value in (record or {}).items():
+        ok = (
+            key in known
+            and isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+        )
+        if ok:
+            kept[key] = value
+        else:
+            dropped += 1
+    n = kept.get(NUM_EXAMPLES)
+    if not isinstance(n, int) or n < 0:
+        raise PayloadError(f"'{NUM_EXAMPLES}' missing or not a non-negative integer")
+    return kept, dropped
+
+
+@dataclass
+class Admitted:
+    """One accepted reply.
+
+    Attributes
+    ----------
+    node : int
+        The node id the reply is attributed to (by its instruction).
+    payload : Payload | None
+        The validated payload; ``None`` once handed to ``consume``.
+    metrics : dict[str, float]
+        The schema-checked metrics (``num-examples`` included).
+    uid : str | None
+        The node's clean ``node-uid``, if it sent one.
+    """
+
+    node: int
+    payload: Payload | None
+    metrics: dict[str, float]
+    uid: str | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A node's answer to an identity query: its id, clean uid and token (if any)."""
+
+    node: int
+    uid: str
+    token: str | None = None
+
+
+@dataclass
+class GateResult:
+    """What :meth:`ReplyGate.admit` found in one stage's replies.
+
+    Attributes
+    ----------
+    accepted : list[Admitted]
+        The accepted replies, in arrival order.
+    records : list[dict[str, Any]]
+        One node-history row per reply (accepted, rejected or ignored):
+        ``round``, ``stage``, ``node-id``, ``status``, ``reason`` and, for
+        accepted ones, ``bytes-up`` and the kept metrics.
+    rejected : int
+        Replies rejected (errors included).
+    ignored : Counter[str]
+        Replies ignored, by status (``late``, ``duplicate``).
+    nbytes : int
+        Bytes of all the attributed replies' records.
+    """
+
+    accepted: list[Admitted] = field(default_factory=list)
+    records: list[dict[str, Any]] = field(default_factory=list)
+    rejected: int = 0
+    ignored: Counter[str] = field(default_factory=Counter)
+    nbytes: int = 0
+
+
+#: ``decode(node, content) -> Payload``: a strategy's reading of a reply's arrays.
+Decoder = Callable[[int, RecordDict], Payload]
+
+
+class ReplyGate:
+    """Check every reply of a stage before a strategy uses it.
+
+    Parameters
+    ----------
+    max_payload_bytes : int, optional
+        Largest size of all of a reply's records; larger replies are rejected
+        before they are decoded.
+    outlier_threshold : float
+        Robust deviations from the median beyond which a payload is an
+        outlier (:func:`flwr_gkt.robust.find_outliers`); ``0`` turns the
+        check off.
+    logit_clip : float
+        Accepted client logits are clipped to ``[-logit_clip, logit_clip]``
+        (``0``: not clipped).
+    name : str
+        The strategy's name in log lines.
+    """
+
+    def __init__(
+        self,
+        max_payload_bytes: int | None = None,
+        outlier_threshold: float = 10.0,
+        logit_clip: float = 0.0,
+        name: str = "FedGKT",
+    ) -> None:
+        self.max_payload_bytes = max_payload_bytes
+        self.outlier_threshold = outlier_threshold
+        self.logit_clip = logit_clip
+        self.name = name
+        #: Statistics of each node's stored payload: the reference of the
+        #: outlier check when a stage has few replies (async mode).
+        self.reference: dict[int, dict[str, float]] = {}
+        #: ``node-uid -> node id``: the first node to claim a uid owns it; a
+        #: reply of another node claiming it is rejected.
+        self.uid_owner: dict[str, int] = {}
+
+    def identities(self, replies: Iterable[Message]) -> list[Claim]:
+        """Read the identity claims of ``node-uid`` query replies.
+
+        Error replies, replies without a clean uid and non-string tokens are
+        skipped (one log line each); a node's second answer is ignored.
+
+        Parameters
+        ----------
+        replies : Iterable[Message]
+            The query replies.
+
+        Returns
+        -------
+        list[Claim]
+            One claim per answering node.
+        """
+        claims: dict[int, Claim] = {}
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if node in claims:
+                continue
+            if reply.has_error():
+                log(
+                    WARNING,
+                    "%s: node %d answered the identity query with an error: %s",
+                    self.name,
+                    node,
+                    clean_text(reply.error.reason),
+                )
+                continue
+            try:
+                info = reply.content.config_records.get(NODE_KEY, ConfigRecord())
+                uid, token = clean_uid(info.get(NODE_UID)), info.get(NODE_TOKEN)
+            except Exception as err:
+                uid, token = None, repr(err)
+            if uid is None:
+                log(
+                    WARNING,
+                    "%s: node %d answered the identity query without a valid node-uid",
+                    self.name,
+                    node,
+                )
+                continue
+            claims[node] = Claim(
+                node, uid, token if isinstance(token, str) and len(token) <= 256 else None
+            )
+        return list(claims.values())
+
+    @staticmethod
+    def vote_feature_shape(replies: Iterable[Message]) -> tuple[int, ...] | None:
+        """Return the feature-map shape a strict majority of the replies carry, if any.
+
+        Reads only the shape of each reply's ``features`` array (nothing is
+        decoded); shapes with a zero dimension never count. Lets a strategy
+        without a configured feature shape fix it from the honest majority
+        instead of from whichever reply comes first.
+
+        Parameters
+        ----------
+        replies : Iterable[Message]
+            A round's train replies.
+
+        Returns
+        -------
+        tuple[int, ...] | None
+            ``(C, H, W)`` held by more than half of the replies, else ``None``.
+        """
+        votes: Counter[tuple[int, ...]] = Counter()
+        total = 0
+        for msg in replies:
+            if msg.has_error():
+                continue
+            total += 1
+            try:
+                shape = tuple(
+                    int(d) for d in msg.content.array_records[ARRAYS_KEY]["features"].shape
+                )
+            except Exception:
+                continue
+            if len(shape) == 4 and all(d > 0 for d in shape):
+                votes[shape[1:]] += 1
+        if not votes:
+            return None
+        shape, count = votes.most_common(1)[0]
+        return shape if count * 2 > total else None
+
+    def forget(self, node: int) -> None:
+        """Drop ``node``'s stored statistics (its payload left the store)."""
+        self.reference.pop(node, None)
+
+    def _reject(self, result: GateResult, record: dict[str, Any], status: str, why: str) -> None:
+        result.rejected += 1
+        record.update(status=status, reason=clean_text(why))
+        log(
+            WARNING,
+            "%s round %d: %s reply of node %d rejected: %s",
+            self.name,
+            record["round"],
+            record["stage"],
+            record["node-id"],
+            record["reason"],
+        )
+
+    def admit(
+        self,
+        server_round: int,
+        stage: str,
+        replies: Iterable[Message],
+        instructions: list[Message],
+        decode: Decoder,
+        known_metrics: frozenset[str],
+        consume: Callable[[Admitted, Payload], None] | None = None,
+    ) -> GateResult:
+        """Check one stage's replies; return the accepted ones and a row per reply.
+
+        With ``consume``, each accepted payload is handed to it as soon as it
+        is validated and the reply's arrays are released (one decoded reply
+        held at a time); :attr:`Admitted.payload` is then ``None``.
+
+        Parameters
+        ----------
+        server_round : int
+            The current round.
+        stage : str
+            ``train`` or ``evaluate`` (log lines and rows).
+        replies : Iterable[Message]
+            The replies, as the Grid returned them.
+        instructions : list[Message]
+            The stage's instructions (what a reply may answer).
+        decode : Decoder
+            Reads and validates a reply's arrays (raises on a bad payload).
+        known_metrics : frozenset[str]
+            The stage's metric schema.
+        consume : Callable[[Admitted, Payload], None], optional
+            Takes each accepted payload at once.
+
+        Returns
+        -------
+        GateResult
+            Accepted replies, rows, counts and bytes.
+        """
+        result = GateResult()
+        # The Grid sets each instruction's message id when it sends it; an error
+        # reply made by the SuperLink (e.g. node unavailable) names the
+        # instruction it answers, not the node. Instructions that never went
+        # through a Grid (tests driving a strategy by hand) have no id.
+        sent = {
+            m.metadata.message_id: m.metadata.dst_node_id
+            for m in instructions
+            if m.metadata.message_id
+        }
+        targets = {m.metadata.dst_node_id for m in instructions}
+        answered: set[Any] = set()
+        candidates: list[tuple[int, Message, dict[str, Any], dict[str, float], str | None]] = []
+        for msg in replies:
+            reply_to = msg.metadata.reply_to_message_id
+            node = sent.get(reply_to, msg.metadata.src_node_id)
+            key = reply_to if sent else node
+            record: dict[str, Any] = {"round": server_round, "stage": stage, "node-id": node}
+            result.records.append(record)
+            status = ""
+            if (reply_to not in sent) if sent else (node not in targets):
+                status, reason = (
+                    "late",
+                    f"answers no {stage} instruction of this round (late or unknown)",
+                )
+            elif key in answered:
+                status, reason = "duplicate", "a second reply to the same instruction"
+            if status:
+                result.ignored[status] += 1
+                record.update(status=status, reason=reason)
+                log(
+                    WARNING,
+                    "%s round %d: %s reply from node %d ignored: %s",
+                    self.name,
+                    server_round,
+                    stage,
+                    node,
+                    reason,
+                )
+                continue
+            answered.add(key)
+            if msg.has_error():
+                self._reject(
+                    result,
+                    record,
+                    "error",
+                    f"node error {msg.error.code}: {clean_text(msg.error.reason)}",
+                )
+                continue
+            try:
+                size = content_nbytes(msg.content)
+            except Exception as err:  # a record of an unexpected kind
+                self._reject(result, record, "rejected", f"unreadable records: {err!r}")
+                continue
+            result.nbytes += size
+            record["bytes-up"] = size
+            if self.max_payload_bytes and size > self.max_payload_bytes:
+                why = f"reply of {size / _MB:.2f} MB, over the limit of {self.max_payload_bytes / _MB:.2f} MB"
+                self._reject(result, record, "rejected", why)
+                msg.content.array_records.pop(ARRAYS_KEY, None)
+                continue
+            try:
+                metrics, dropped = read_metrics(
+                    msg.content.metric_records.get(METRICS_KEY), known_metrics
+                )
+                uid_value = msg.content.config_records.get(NODE_KEY, ConfigRecord()).get(NODE_UID)
+            except Exception as err:
+                self._reject(
+                    result,
+                    record,
+                    "rejected",
+                    str(err) if isinstance(err, PayloadError) else repr(err),
+                )
+                continue
+            uid = clean_uid(uid_value) if uid_value is not None else None
+            if uid_value is not None and uid is None:
+                self._reject(
+                    result, record, "rejected", f"invalid node-uid {clean_text(uid_value, 60)}"
+                )
+                continue
+            owner = self.uid_owner.get(uid) if uid else None
+            if owner is not None and owner != node:
+                self._reject(result, record, "rejected", f"node-uid {uid} belongs to node {owner}")
+                continue
+            if dropped:
+                record["metrics-dropped"] = dropped
+            candidates.append((node, msg, record, metrics, uid))
+
+        def failed(err: Exception) -> str:
+            return str(err) if isinstance(err, PayloadError) else f"malformed payload: {err!r}"
+
+        stats: dict[int, dict[str, float]] = {}
+        if self.outlier_threshold:
+            batch: list[tuple[int, dict[str, float] | None]] = []
+            for i, (node, msg, record, _, _) in enumerate(
+                candidates
+            ):  # one decoded payload at a time
+                try:
+                    s = payload_stats(decode(node, msg.content))
+                except Exception as err:
+                    self._reject(result, record, "rejected", failed(err))
+                    s = None
+                batch.append((i, s))
+            # the stored payloads' statistics as context: a lone reply is compared too
+            fresh = {c[0] for c in candidates}
+            others = (
+                [s for n, s in self.reference.items() if n not in fresh] if stage == "train" else []
+            )
+            reasons = find_outliers([s for _, s in batch] + others, self.outlier_threshold)
+            kept = []
+            for (i, s), why in zip(batch, reasons[: len(batch)], strict=True):
+                node, msg, record, *_ = candidates[i]
+                if s is not None and why is not None:
+                    self._reject(result, record, "rejected", why)
+                if s is not None and why is None:
+                    kept.append(candidates[i])
+                    stats[node] = s
+                else:
+                    msg.content.array_records.pop(ARRAYS_KEY, None)
+            candidates = kept
+
+        for node, msg, record, metrics, uid in candidates:
+            try:
+                payload = decode(node, msg.content)
+            except Exception as err:
+                self._reject(result, record, "rejected", failed(err))
+                msg.content.array_records.pop(ARRAYS_KEY, None)
+                continue
+            if self.logit_clip and payload.logits is not None:
+                payload.logits = payload.logits.clamp(-self.logit_clip, self.logit_clip)
+            record.update(status="accepted", reason="", **metrics)
+            admitted = Admitted(node, payload, metrics, uid)
+            if uid:
+                self.uid_owner.setdefault(uid, node)
+            if stage == "train" and payload.has_features:
+                self.reference[node] = stats.get(node) or payload_stats(payload)
+            result.accepted.append(admitted)
+            if consume is not None:
+                consume(admitted, payload)
+                admitted.payload = None
+                del payload
+                msg.content.array_records.pop(ARRAYS_KEY, None)
+        return result
