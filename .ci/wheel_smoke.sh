@@ -34,8 +34,8 @@ from pathlib import Path
 
 import flwr_gkt
 import simulation
-from flwr_gkt.registry import available_models
-from flwr_gkt.strategy import FedGKT  # noqa: F401
+from flwr_gkt.core.registry import available_models
+from flwr_gkt.flower.strategy import FedGKT  # noqa: F401
 from simulation.task import PRESETS_DIR
 
 venv = Path(sys.argv[1]).resolve()

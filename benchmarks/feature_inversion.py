@@ -5,7 +5,7 @@
 A white-box attacker: it knows the edge extractor ``f_e`` (the EcoFed case, a
 public pre-trained extractor; or a colluding node) and has public images. It
 computes features of its public images through the same privacy mechanism
-(clip to ``--clip``, Gaussian noise ``noise x clip``, :mod:`flwr_gkt.privacy`)
+(clip to ``--clip``, Gaussian noise ``noise x clip``, :mod:`flwr_gkt.core.privacy`)
 and fits a decoder from features to pixels: ridge regression in its dual form
 (linear kernel). It then reconstructs held-out "victim" images from their
 privatized features and is scored by
@@ -16,7 +16,7 @@ privatized features and is scored by
   to their own image among ``--candidates`` victim images (chance: 1/candidates).
 
 The extractor is ResNet-8 pre-trained for one epoch on images no victim or
-attacker image comes from (``flwr_gkt.pretrain``), or ``--pretrained PATH``.
+attacker image comes from (``flwr_gkt.data.pretrain``), or ``--pretrained PATH``.
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from flwr_gkt.core.edge import extract
+from flwr_gkt.core.models import load_pretrained
+from flwr_gkt.core.privacy import privatize
+from flwr_gkt.core.registry import build_edge_model
 from flwr_gkt.data import load_dataset, normalize
-from flwr_gkt.edge import extract
-from flwr_gkt.models import load_pretrained
-from flwr_gkt.pretrain import pretrain_edge
-from flwr_gkt.privacy import privatize
-from flwr_gkt.registry import build_edge_model
+from flwr_gkt.data.pretrain import pretrain_edge
 
 
 def ridge_dual(x: torch.Tensor, y: torch.Tensor, lam: float) -> torch.Tensor:

@@ -3,7 +3,7 @@
 Runs honest FedGKT federations (in-process runtime, the real strategy and
 ClientApp) on Dirichlet(alpha) partitions and records, for every train and
 evaluate stage, the payload statistics the outlier check sees
-(:func:`flwr_gkt.robust.payload_stats`). Then it counts how many honest
+(:func:`flwr_gkt.core.robust.payload_stats`). Then it counts how many honest
 replies each rule would have rejected: the old default (``rel_floor`` 0.1,
 i.e. "more than twice the median") and the current one. Nothing is rejected
 while recording (the check is replaced by a recorder).
@@ -18,7 +18,8 @@ import inspect
 import tempfile
 import time
 
-from flwr_gkt import robust, strategy
+from flwr_gkt.core import robust
+from flwr_gkt.wire import gate
 from simulation.__main__ import main as simulation_main
 
 RULES = {"old (rel-floor 0.1)": 0.1, "current default": None}
@@ -34,8 +35,8 @@ def record_run(
         seen.append(list(stats))
         return [None] * len(stats)
 
-    original = strategy.find_outliers
-    strategy.find_outliers = recorder
+    original = gate.find_outliers
+    gate.find_outliers = recorder
     try:
         simulation_main(
             [
@@ -49,7 +50,7 @@ def record_run(
             ]
         )
     finally:
-        strategy.find_outliers = original
+        gate.find_outliers = original
     return seen
 
 

@@ -28,10 +28,10 @@ from flwr.supercore.task_identity import TaskIdentity
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flwr_gkt.registry import build_server_model
-from flwr_gkt.server import GKTServer
-from flwr_gkt.strategy import FedGKT
-from flwr_gkt.training import get_device, make_optimizer, prepare_model, to_device
+from flwr_gkt.core.registry import build_server_model
+from flwr_gkt.core.server import GKTServer
+from flwr_gkt.core.training import get_device, make_optimizer, prepare_model, to_device
+from flwr_gkt.flower.strategy import FedGKT
 from flwr_gkt.wire import ARRAYS_KEY, METRICS_KEY, encode_payload, metrics_record
 
 

@@ -5,7 +5,7 @@
 Runs FedGKT in-process (``simulation.inprocess``: the real ServerApp and
 ClientApp, no Ray) on a tiny Fashion-MNIST federation for ``--rounds`` short
 rounds, with a random fault (crash, timeout, late or duplicate reply, see
-:mod:`flwr_gkt.faults`) for each node in each round with probability
+:mod:`flwr_gkt.flower.faults`) for each node in each round with probability
 ``--fault-rate``, checkpoints every round, node states saved to disk and a
 memory budget on the feature store. A sampler thread records, per round, the
 process's resident memory, the files under the run's directories and the open

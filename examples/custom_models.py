@@ -6,9 +6,9 @@ training sample, the feature map ``H = f_e(x)`` and its logits; the server
 trains a large model ``f_s`` on those feature maps. This script
 
 1. defines a small edge CNN (extractor + classifier, wrapped in
-   :class:`flwr_gkt.models.EdgeModel`) and a server CNN that consumes the
+   :class:`flwr_gkt.core.models.EdgeModel`) and a server CNN that consumes the
    edge's feature maps,
-2. registers them with :mod:`flwr_gkt.registry` under new names,
+2. registers them with :mod:`flwr_gkt.core.registry` under new names,
 3. runs a short FedGKT federation on a Fashion-MNIST subset, in this process
    (the real ServerApp and ClientApp of ``simulation/``, no Ray), with the
    config keys ``edge-model`` / ``server-model`` naming the new models,
@@ -32,15 +32,15 @@ import json
 from torch import Tensor, nn
 
 from flwr_gkt.config import RunConfig, add_override_argument, parse_overrides, resolve_config
-from flwr_gkt.efficiency import num_parameters
-from flwr_gkt.models import FEATURE_CHANNELS, EdgeModel
-from flwr_gkt.registry import (
+from flwr_gkt.core.efficiency import num_parameters
+from flwr_gkt.core.models import FEATURE_CHANNELS, EdgeModel
+from flwr_gkt.core.registry import (
     build_edge_model,
     build_server_model,
     register_edge_model,
     register_server_model,
 )
-from flwr_gkt.strategy import FedGKT
+from flwr_gkt.flower.strategy import FedGKT
 from simulation.client_app import make_client_app
 from simulation.inprocess import run_inprocess
 from simulation.server_app import run_fedgkt
@@ -63,7 +63,7 @@ def conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1) -> nn.Seq
 def tiny_cnn_edge(num_classes: int, in_channels: int) -> EdgeModel:
     """Edge builder: ``(num_classes, image channels) -> EdgeModel``.
 
-    The contract of an edge model (:class:`flwr_gkt.models.EdgeModel`):
+    The contract of an edge model (:class:`flwr_gkt.core.models.EdgeModel`):
 
     * ``extractor`` maps an image batch ``N x in_channels x H x W`` to the
       feature maps that are uploaded to the server. With the ServerApp of
@@ -117,10 +117,10 @@ def register_models() -> None:
     a real deployment (SuperLink + SuperNodes) every process that builds a
     model needs the registration too; ship it in an installed package and
     declare the function as an entry point in that package's
-    ``pyproject.toml``, so that ``flwr_gkt.registry`` finds it on the first
+    ``pyproject.toml``, so that ``flwr_gkt.core.registry`` finds it on the first
     unknown name::
 
-        [project.entry-points."flwr_gkt.models"]
+        [project.entry-points."flwr_gkt.core.models"]
         my-models = "my_package.models:register_models"
 
     (an entry point is a zero-argument callable that performs the

@@ -20,7 +20,7 @@ hook (:func:`simulation.client_app.make_client_app`): this script
 Evaluation (``--test-split``): ``global`` splits a test subset IID across the
 nodes, so the example-weighted accuracy is the accuracy on that whole subset;
 ``local`` gives each node test images with its own training label mix
-(:func:`flwr_gkt.partition.label_matched_split`), i.e. personalised accuracy.
+(:func:`flwr_gkt.data.partition.label_matched_split`), i.e. personalised accuracy.
 Under extreme skew (``pathological``, ``shard``) expect a low *global*
 accuracy: each node's extractor has only ever seen its own few classes, and
 the server has only seen each node's feature maps of those classes.
@@ -53,8 +53,8 @@ from flwr_datasets.partitioner import (
 
 from flwr_gkt.config import RunConfig, add_override_argument, parse_overrides, resolve_config
 from flwr_gkt.data import ClientData, RawDataset, load_dataset, normalize
-from flwr_gkt.partition import label_matched_split
-from flwr_gkt.strategy import FedGKT
+from flwr_gkt.data.partition import label_matched_split
+from flwr_gkt.flower.strategy import FedGKT
 from simulation.client_app import make_client_app
 from simulation.inprocess import run_inprocess
 from simulation.server_app import run_fedgkt

@@ -37,9 +37,9 @@ import torch
 from flwr.app import RecordDict
 
 from flwr_gkt.config import RunConfig, add_override_argument, parse_overrides, resolve_config
+from flwr_gkt.core.registry import build_edge_model
 from flwr_gkt.data import load_dataset, normalize
-from flwr_gkt.registry import build_edge_model
-from flwr_gkt.strategy import FedGKT
+from flwr_gkt.flower.strategy import FedGKT
 from flwr_gkt.wire import (
     ARRAYS_KEY,
     FEATURE_DTYPES,

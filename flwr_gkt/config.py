@@ -76,8 +76,8 @@ class RunConfig:
     round_timeout : float
         Seconds a round waits for the nodes' replies.
     server_mode : str
-        ``sync`` (:class:`~flwr_gkt.strategy.FedGKT`) or ``async``
-        (:class:`~flwr_gkt.async_strategy.AsyncFedGKT`).
+        ``sync`` (:class:`~flwr_gkt.flower.strategy.FedGKT`) or ``async``
+        (:class:`~flwr_gkt.flower.async_strategy.AsyncFedGKT`).
     max_staleness : int
         Async: largest accepted staleness of a reply (``-1``: no bound).
     async_update : str
@@ -91,7 +91,7 @@ class RunConfig:
         Replay (EcoFed): nodes upload features every this many rounds
         (``0``: once).
     edge_model, server_model : str
-        Registered model names (see :mod:`flwr_gkt.registry`).
+        Registered model names (see :mod:`flwr_gkt.core.registry`).
     edge_init : str
         ``common``: every node's edge model starts from the same weights,
         derived from ``seed`` (as every FL system starts from one model);
@@ -128,10 +128,10 @@ class RunConfig:
     weight_decay : float
         Weight decay of ``sgd``.
     lr_schedule : str
-        ``constant``, ``cosine`` (see :func:`flwr_gkt.training.lr_factor`) or
+        ``constant``, ``cosine`` (see :func:`flwr_gkt.core.training.lr_factor`) or
         ``plateau`` (the reference's: the server learning rate is reduced when
         the round's test accuracy stops improving, the edge learning rate
-        stays constant; see :class:`flwr_gkt.training.Plateau`).
+        stays constant; see :class:`flwr_gkt.core.training.Plateau`).
     plateau_factor, plateau_patience : float, int
         ``plateau``: the factor applied to the server learning rate, and the
         rounds without improvement before it is applied (the reference uses
@@ -143,7 +143,7 @@ class RunConfig:
         KD temperature ``T`` and weight ``alpha``.
     kd_mode : str
         ``both``, ``server_to_edge`` or ``none`` (see
-        :class:`~flwr_gkt.losses.KDMode`).
+        :class:`~flwr_gkt.core.losses.KDMode`).
     feature_dtype : str
         Feature codec on the wire: ``float32``, ``float16`` or ``int8``.
     logit_dtype : str
@@ -181,7 +181,7 @@ class RunConfig:
         FedAgg: number of edge servers (``0``: two tiers).
     end_model, edge_tier_model, cloud_model : str
         FedAgg: tier model names (see
-        :func:`flwr_gkt.registry.build_tier_model`).
+        :func:`flwr_gkt.core.registry.build_tier_model`).
     bridge_autoencoder : str
         FedAgg: file of the pre-trained bridge autoencoder.
     rectify : str
@@ -192,7 +192,7 @@ class RunConfig:
         FedAgg: node migrations, e.g. ``"end-3:edge-0@5"``.
     faults : str
         Injected faults, e.g. ``"crash:1@2-3, timeout:0@4"`` (see
-        :mod:`flwr_gkt.faults`).
+        :mod:`flwr_gkt.flower.faults`).
     fault_rate : float
         Probability of a random fault per node and round.
     fault_kinds : str
@@ -256,7 +256,7 @@ class RunConfig:
     # wire
     feature_dtype: str = "float32"
     logit_dtype: str = "float32"
-    # privacy (applied on the nodes, see flwr_gkt.privacy; node config overrides)
+    # privacy (applied on the nodes, see flwr_gkt.core.privacy; node config overrides)
     privacy_clip: float = 0.0
     privacy_logit_clip: float = 0.0
     privacy_noise: float = 0.0
@@ -286,7 +286,7 @@ class RunConfig:
     fedagg_beta: float = 10.0
     fedagg_gamma: float = 1.0
     fedagg_migrate: str = ""
-    # fault injection (simulation and tests; see flwr_gkt.faults)
+    # fault injection (simulation and tests; see flwr_gkt.flower.faults)
     faults: str = ""
     fault_rate: float = 0.0
     fault_kinds: str = ""

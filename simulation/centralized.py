@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from flwr_gkt.centralized import CentralizedConfig, train_centralized
 from flwr_gkt.config import RunConfig
+from flwr_gkt.core.centralized import CentralizedConfig, train_centralized
+from flwr_gkt.core.training import get_device, prepare_model
 from flwr_gkt.data import client_data
-from flwr_gkt.training import get_device, prepare_model
 
 from .task import (
     build_full,

@@ -13,10 +13,10 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from flwr_gkt.client_app import handle_evaluate, handle_query, handle_train
 from flwr_gkt.config import RunConfig
+from flwr_gkt.core.models import EdgeModel
 from flwr_gkt.data import ClientData
-from flwr_gkt.models import EdgeModel
+from flwr_gkt.flower.client_app import handle_evaluate, handle_query, handle_train
 
 from .task import NodeSetup, config_from_run_config, edge_builder, node_data, node_setup
 

@@ -8,7 +8,7 @@ Roles come from the node config: explicit ``tier`` / ``parent`` / ``node-uid``
 num-clients - 1`` are end devices ``end-<j>`` holding partition ``j`` under
 ``edge-<j mod fedagg-edges>``, the next ``fedagg-edges`` ids are the edges.
 Every node loads the frozen bridge autoencoder from ``bridge-autoencoder``
-(``python -m flwr_gkt.bridge --out FILE``).
+(``python -m flwr_gkt.core.bridge --out FILE``).
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from flwr_gkt.bridge import BridgeAutoencoder, load_autoencoder
 from flwr_gkt.config import RunConfig
+from flwr_gkt.core.bridge import BridgeAutoencoder, load_autoencoder
+from flwr_gkt.core.fedagg import BSBODPConfig
+from flwr_gkt.core.registry import build_tier_model
 from flwr_gkt.data import load_dataset, normalize
-from flwr_gkt.fedagg import BSBODPConfig
-from flwr_gkt.fedagg_client import TierRole, handle_fedagg, handle_topology_query
-from flwr_gkt.fedagg_strategy import FedAgg, parse_migrations
-from flwr_gkt.registry import build_tier_model
+from flwr_gkt.flower.fedagg_client import TierRole, handle_fedagg, handle_topology_query
+from flwr_gkt.flower.fedagg_strategy import FedAgg, parse_migrations
 
 from .task import config_from_run_config, dataset_info, load_client_data, results_dir, write_results
 
@@ -40,7 +40,7 @@ from .task import config_from_run_config, dataset_info, load_client_data, result
 def _autoencoder(path: str, dataset: str) -> BridgeAutoencoder:
     if not path:
         raise ValueError(
-            "FedAgg needs bridge-autoencoder: a file made by `python -m flwr_gkt.bridge --out FILE`"
+            "FedAgg needs bridge-autoencoder: a file made by `python -m flwr_gkt.core.bridge --out FILE`"
         )
     return load_autoencoder(path, dataset)
 

@@ -23,8 +23,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from flwr_gkt.config import RunConfig
-from flwr_gkt.strategy import progress
-from flwr_gkt.training import (
+from flwr_gkt.core.training import (
     TensorBatches,
     evaluate_logits,
     fit,
@@ -34,6 +33,7 @@ from flwr_gkt.training import (
     predict,
     prepare_model,
 )
+from flwr_gkt.flower.strategy import progress
 from flwr_gkt.wire import metrics_record, record_nbytes
 
 from .task import build_full, config_from_run_config, node_data, results_dir, write_results

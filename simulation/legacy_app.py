@@ -13,7 +13,7 @@ from flwr.client import Client, ClientApp
 from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 
 from flwr_gkt.config import RunConfig
-from flwr_gkt.legacy import FedGKTLegacy, GKTNumPyClient
+from flwr_gkt.flower.legacy import FedGKTLegacy, GKTNumPyClient
 
 from .task import (
     build_server,

@@ -10,11 +10,11 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from flwr_gkt.async_strategy import AsyncFedGKT
 from flwr_gkt.config import RunConfig
-from flwr_gkt.faults import FaultPlan, FaultyGrid
-from flwr_gkt.strategy import FedGKT
-from flwr_gkt.training import Plateau
+from flwr_gkt.core.training import Plateau
+from flwr_gkt.flower.async_strategy import AsyncFedGKT
+from flwr_gkt.flower.faults import FaultPlan, FaultyGrid
+from flwr_gkt.flower.strategy import FedGKT
 
 from .task import (
     config_from_run_config,

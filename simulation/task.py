@@ -15,14 +15,14 @@ from typing import Any
 import torch
 
 from flwr_gkt.config import RunConfig, resolve_config
+from flwr_gkt.core.edge import EdgeRoundConfig
+from flwr_gkt.core.efficiency import run_costs
+from flwr_gkt.core.models import FEATURE_CHANNELS, EdgeModel, FullResNet, load_pretrained
+from flwr_gkt.core.privacy import PrivacyConfig
+from flwr_gkt.core.registry import build_edge_model, build_full_model, build_server_model
+from flwr_gkt.core.server import GKTServer
 from flwr_gkt.data import ClientData, client_data
 from flwr_gkt.data import dataset_info as data_info
-from flwr_gkt.edge import EdgeRoundConfig
-from flwr_gkt.efficiency import run_costs
-from flwr_gkt.models import FEATURE_CHANNELS, EdgeModel, FullResNet, load_pretrained
-from flwr_gkt.privacy import PrivacyConfig
-from flwr_gkt.registry import build_edge_model, build_full_model, build_server_model
-from flwr_gkt.server import GKTServer
 
 from .report import Run, plot_runs
 
@@ -79,7 +79,7 @@ class NodeSetup:
     ``node-state-dir`` gives each partition ``<node-state-dir>/node-<id>``).
     ``privacy-clip`` / ``privacy-logit-clip`` /
     ``privacy-noise``: the node's own privacy settings (over the run config's;
-    see :mod:`flwr_gkt.privacy`). ``node-uid``: the node's identity across
+    see :mod:`flwr_gkt.core.privacy`). ``node-uid``: the node's identity across
     restarts (default ``partition-<id>-of-<n>``), by which a resumed server
     finds the node again. ``edge-pretrained``: the node's own file of
     pre-trained extractor weights.
@@ -228,15 +228,15 @@ def prepare_extractor(cfg: RunConfig) -> RunConfig:
     """Make the pre-trained extractor that ``extractor-init`` asks for; return the config using it.
 
     ``random`` (or ``edge-pretrained`` already set): ``cfg`` unchanged.
-    ``held-out``: :func:`flwr_gkt.pretrain.pretrain_edge` on up to
+    ``held-out``: :func:`flwr_gkt.data.pretrain.pretrain_edge` on up to
     ``pretrain-samples`` training images no node holds. ``pooled``:
-    :func:`flwr_gkt.pretrain.pretrain_pooled`, the full model trained on the
+    :func:`flwr_gkt.data.pretrain.pretrain_pooled`, the full model trained on the
     union of the nodes' partitions (the reference's protocol, not
     federated-fair). Either trains ``pretrain-epochs`` epochs; the file is
     cached in ``results-dir`` under a name made of the settings it depends
     on, so the runs of an experiment share it.
     """
-    from flwr_gkt.pretrain import pretrain_edge, pretrain_pooled
+    from flwr_gkt.data.pretrain import pretrain_edge, pretrain_pooled
 
     if cfg.extractor_init == "random" or cfg.edge_pretrained:
         return cfg

@@ -13,9 +13,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from flwr_gkt.client_app import handle_evaluate, handle_train
+from flwr_gkt.core.models import EdgeModel
 from flwr_gkt.data import ClientData
-from flwr_gkt.models import EdgeModel
+from flwr_gkt.flower.client_app import handle_evaluate, handle_train
 
 
 def set_task_identity() -> None:

@@ -15,13 +15,13 @@ from flwr.app import Array
 from flwr.serverapp.strategy import Result
 from local_federation import LocalFederation, seeded_builders
 
-from flwr_gkt.async_strategy import AsyncFedGKT
 from flwr_gkt.config import RunConfig
+from flwr_gkt.core.edge import EdgeRoundConfig
+from flwr_gkt.core.models import resnet4, resnet8
+from flwr_gkt.core.registry import build_server_model
+from flwr_gkt.core.server import GKTServer
 from flwr_gkt.data import client_data
-from flwr_gkt.edge import EdgeRoundConfig
-from flwr_gkt.models import resnet4, resnet8
-from flwr_gkt.registry import build_server_model
-from flwr_gkt.server import GKTServer
+from flwr_gkt.flower.async_strategy import AsyncFedGKT
 from flwr_gkt.wire import ARRAYS_KEY, decode_server_logits
 
 NODES = [11, 22, 33]

@@ -21,7 +21,7 @@ from flwr_gkt.data import (
     load_dataset,
     normalize,
 )
-from flwr_gkt.partition import label_counts, label_matched_split, partition_indices
+from flwr_gkt.data.partition import label_counts, label_matched_split, partition_indices
 
 
 @pytest.fixture()

@@ -128,11 +128,11 @@ def test_every_reference_resolves() -> None:
 
 
 def test_resolver_rejects_bad_references() -> None:
-    assert resolve("flwr_gkt/losses.py", "kd_loss") is None
-    assert resolve("flwr_gkt/server.py", "GKTServer.train_round") is None
-    assert resolve("flwr_gkt/losses.py", "no_such_loss") is not None
-    assert resolve("flwr_gkt/server.py", "GKTServer.no_such_method") is not None
-    assert resolve("flwr_gkt/losses.py", "kd_loss.method") is not None
+    assert resolve("flwr_gkt/core/losses.py", "kd_loss") is None
+    assert resolve("flwr_gkt/core/server.py", "GKTServer.train_round") is None
+    assert resolve("flwr_gkt/core/losses.py", "no_such_loss") is not None
+    assert resolve("flwr_gkt/core/server.py", "GKTServer.no_such_method") is not None
+    assert resolve("flwr_gkt/core/losses.py", "kd_loss.method") is not None
     assert resolve("flwr_gkt/no_such_module.py", "x") is not None
 
 

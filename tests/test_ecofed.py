@@ -8,14 +8,14 @@ import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 from local_federation import LocalFederation, seeded_builders
 
+from flwr_gkt.core.edge import EdgeRoundConfig, extract, train_edge
+from flwr_gkt.core.models import load_pretrained, resnet8
+from flwr_gkt.core.registry import build_server_model
+from flwr_gkt.core.server import GKTServer
 from flwr_gkt.data import client_data, load_dataset
-from flwr_gkt.edge import EdgeRoundConfig, extract, train_edge
-from flwr_gkt.models import load_pretrained, resnet8
-from flwr_gkt.partition import held_out_indices, partition_indices
-from flwr_gkt.pretrain import pretrain_edge
-from flwr_gkt.registry import build_server_model
-from flwr_gkt.server import GKTServer
-from flwr_gkt.strategy import FedGKT
+from flwr_gkt.data.partition import held_out_indices, partition_indices
+from flwr_gkt.data.pretrain import pretrain_edge
+from flwr_gkt.flower.strategy import FedGKT
 from flwr_gkt.wire import (
     ARRAYS_KEY,
     METRICS_KEY,

@@ -9,9 +9,9 @@ from pathlib import Path
 from flwr.app import ArrayRecord
 
 from flwr_gkt.config import RunConfig
-from flwr_gkt.efficiency import forward_flops, run_costs
-from flwr_gkt.models import resnet8
-from flwr_gkt.registry import build_full_model
+from flwr_gkt.core.efficiency import forward_flops, run_costs
+from flwr_gkt.core.models import resnet8
+from flwr_gkt.core.registry import build_full_model
 from flwr_gkt.wire import record_nbytes
 from simulation.experiment import EXPERIMENTS_DIR, load_experiment, run_command
 from simulation.report import find_runs, markdown_table, write_long_csv

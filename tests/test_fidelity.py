@@ -10,17 +10,17 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from local_federation import LocalFederation, seeded_builders
 
-from flwr_gkt.client_app import handle_train
 from flwr_gkt.config import RunConfig
+from flwr_gkt.core.edge import EdgeRoundConfig
+from flwr_gkt.core.models import resnet8
+from flwr_gkt.core.registry import build_server_model
+from flwr_gkt.core.robust import find_outliers
+from flwr_gkt.core.server import GKTServer
+from flwr_gkt.core.training import Plateau
 from flwr_gkt.data import client_data
-from flwr_gkt.edge import EdgeRoundConfig
-from flwr_gkt.fedagg_client import lesson_order
-from flwr_gkt.models import resnet8
-from flwr_gkt.registry import build_server_model
-from flwr_gkt.robust import find_outliers
-from flwr_gkt.server import GKTServer
-from flwr_gkt.strategy import FedGKT
-from flwr_gkt.training import Plateau
+from flwr_gkt.flower.client_app import handle_train
+from flwr_gkt.flower.fedagg_client import lesson_order
+from flwr_gkt.flower.strategy import FedGKT
 from flwr_gkt.wire import ARRAYS_KEY, CONFIG_KEY
 from simulation.task import build_full, edge_builder, init_record, prepare_extractor
 
@@ -95,7 +95,7 @@ def test_extractor_init_sources_make_one_file_every_model_starts_from(tmp_path, 
 
 
 def test_frozen_stem_does_not_move_in_fedavg_or_centralized_training():
-    from flwr_gkt.centralized import CentralizedConfig, train_centralized
+    from flwr_gkt.core.centralized import CentralizedConfig, train_centralized
 
     cfg = dataclasses.replace(TINY, freeze_extractor=1)
     model = build_full(cfg)
@@ -241,7 +241,7 @@ def test_6a_only_nodes_that_trained_are_evaluated(caplog):
 
 
 def test_6a_async_evaluates_only_trained_nodes():
-    from flwr_gkt.async_strategy import AsyncFedGKT
+    from flwr_gkt.flower.async_strategy import AsyncFedGKT
 
     torch.manual_seed(0)
     server = GKTServer(build_server_model("resnet10", 10), epochs=1, batch_size=32, device="cpu")
@@ -305,7 +305,9 @@ def test_6c_label_skew_alone_never_trips_the_outlier_check():
     """
     nodes = list(range(1, 9))
     datas = [
-        client_data(i, 8, fraction=0.02, test_fraction=0.02, partition="dirichlet", dirichlet_alpha=0.1)
+        client_data(
+            i, 8, fraction=0.02, test_fraction=0.02, partition="dirichlet", dirichlet_alpha=0.1
+        )
         for i in range(8)
     ]
     fed = LocalFederation(nodes, datas, seeded_builders(lambda: resnet8(10, 1), 8))

@@ -9,9 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from local_federation import FakeGrid
 
-from flwr_gkt.robust import find_outliers
-from flwr_gkt.server import GKTServer
-from flwr_gkt.strategy import FedGKT
+from flwr_gkt.core.robust import find_outliers
+from flwr_gkt.core.server import GKTServer
+from flwr_gkt.flower.strategy import FedGKT
 from flwr_gkt.wire import (
     ARRAYS_KEY,
     METRICS_KEY,

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flwr_gkt.losses import KDMode, gkt_loss, kd_loss
+from flwr_gkt.core.losses import KDMode, gkt_loss, kd_loss
 
 
 def _hand_kd(student, teacher, t):

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from flwr_gkt import models
-from flwr_gkt.models import EdgeModel
-from flwr_gkt.registry import (
+from flwr_gkt.core import models
+from flwr_gkt.core.models import EdgeModel
+from flwr_gkt.core.registry import (
     available_models,
     build_edge_model,
     build_server_model,
@@ -109,7 +109,7 @@ def test_registry_builds_by_name_and_accepts_user_models():
 
 
 def test_edge_flops_and_parameters_match_the_paper_ratios():
-    from flwr_gkt.efficiency import edge_cost_table, forward_flops
+    from flwr_gkt.core.efficiency import edge_cost_table, forward_flops
 
     rows = {r.name.split(" ")[0]: r for r in edge_cost_table(10, 3, 32)}
     r8, r56, r110 = rows["ResNet-8"], rows["ResNet-56"], rows["ResNet-110"]
@@ -123,7 +123,7 @@ def test_edge_flops_and_parameters_match_the_paper_ratios():
 
 
 def test_full_model_for_fedavg_matches_edge_stem_plus_server():
-    from flwr_gkt.registry import build_full_model
+    from flwr_gkt.core.registry import build_full_model
 
     assert n_params(build_full_model("resnet55", 10, 3)) == n_params(models.resnet56(10, 3))
     full = build_full_model("resnet10", 10, 1)

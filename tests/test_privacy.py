@@ -4,11 +4,11 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
-from flwr_gkt.client_app import handle_evaluate, handle_train
 from flwr_gkt.config import RunConfig
+from flwr_gkt.core.models import resnet8
+from flwr_gkt.core.privacy import PrivacyConfig, clip_per_sample, privatize
 from flwr_gkt.data import client_data
-from flwr_gkt.models import resnet8
-from flwr_gkt.privacy import PrivacyConfig, clip_per_sample, privatize
+from flwr_gkt.flower.client_app import handle_evaluate, handle_train
 from flwr_gkt.wire import PayloadSpec, decode_payload
 from simulation.task import node_setup
 

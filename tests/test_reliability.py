@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from flwr_gkt.checkpoint import (
+from flwr_gkt.config import resolve_config
+from flwr_gkt.core.checkpoint import (
     CheckpointError,
     load_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from flwr_gkt.config import resolve_config
-from flwr_gkt.faults import FaultPlan, parse_faults
+from flwr_gkt.flower.faults import FaultPlan, parse_faults
 from simulation.client_app import make_client_app
 from simulation.inprocess import run_inprocess
 from simulation.server_app import make_server_app

@@ -3,8 +3,8 @@
 import torch
 from torch import nn
 
-from flwr_gkt.server import GKTServer
-from flwr_gkt.training import TensorBatches, fit
+from flwr_gkt.core.server import GKTServer
+from flwr_gkt.core.training import TensorBatches, fit
 from flwr_gkt.wire import Payload
 
 
@@ -108,7 +108,7 @@ def test_lr_factor_schedules():
 
     import pytest
 
-    from flwr_gkt.training import lr_factor
+    from flwr_gkt.core.training import lr_factor
 
     assert [lr_factor("constant", r, 5) for r in (1, 3, 5)] == [1.0, 1.0, 1.0]
     assert lr_factor("cosine", 1, 4) == 1.0

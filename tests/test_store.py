@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from flwr_gkt.registry import build_server_model
-from flwr_gkt.server import GKTServer
-from flwr_gkt.store import FeatureStore
+from flwr_gkt.core.registry import build_server_model
+from flwr_gkt.core.server import GKTServer
+from flwr_gkt.core.store import FeatureStore
 from flwr_gkt.wire import Payload
 
 

@@ -8,12 +8,12 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message
 from local_federation import LocalFederation, seeded_builders
 
+from flwr_gkt.core.edge import EdgeRoundConfig
+from flwr_gkt.core.models import resnet8
+from flwr_gkt.core.registry import build_server_model
+from flwr_gkt.core.server import GKTServer
 from flwr_gkt.data import client_data
-from flwr_gkt.edge import EdgeRoundConfig
-from flwr_gkt.models import resnet8
-from flwr_gkt.registry import build_server_model
-from flwr_gkt.server import GKTServer
-from flwr_gkt.strategy import FedGKT
+from flwr_gkt.flower.strategy import FedGKT
 from flwr_gkt.wire import ARRAYS_KEY, decode_server_logits
 
 NODES = [11, 22, 33]
@@ -151,7 +151,7 @@ def test_in_process_federation_learns_above_chance():
 
 
 def test_reply_that_breaks_the_decoder_is_rejected_not_raised(caplog, monkeypatch):
-    import flwr_gkt.strategy as strategy_mod
+    import flwr_gkt.flower.strategy as strategy_mod
 
     fed, strategy, _ = make_federation()
     real_decode = strategy_mod.decode_payload

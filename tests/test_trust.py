@@ -18,13 +18,12 @@ from hypothesis import strategies as st
 from local_federation import FakeGrid
 from test_hostile import NODES, SHAPE, N, honest, make_strategy, reply_to, statuses, train_round
 
-from flwr_gkt.async_strategy import AsyncFedGKT
-from flwr_gkt.client_app import STATE_LOGITS, handle_query, handle_train, save_state
 from flwr_gkt.config import RunConfig
+from flwr_gkt.core.server import GKTServer
+from flwr_gkt.core.store import FeatureStore
 from flwr_gkt.data import _CifarUnpickler, _extract_tar
-from flwr_gkt.gate import ReplyGate, clean_text, clean_uid, content_nbytes
-from flwr_gkt.server import GKTServer
-from flwr_gkt.store import FeatureStore
+from flwr_gkt.flower.async_strategy import AsyncFedGKT
+from flwr_gkt.flower.client_app import STATE_LOGITS, handle_query, handle_train, save_state
 from flwr_gkt.wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -37,6 +36,7 @@ from flwr_gkt.wire import (
     encode_server_logits,
     metrics_record,
 )
+from flwr_gkt.wire.gate import ReplyGate, clean_text, clean_uid, content_nbytes
 
 FUZZ = {"replies": 0}
 
@@ -190,11 +190,11 @@ def test_poisoning_every_round_does_not_stop_the_federation_learning():
     """End to end: in-process ClientApps, one node poisons a minority of its samples every round."""
     from local_federation import LocalFederation, seeded_builders
 
+    from flwr_gkt.core.edge import EdgeRoundConfig
+    from flwr_gkt.core.models import resnet8
+    from flwr_gkt.core.registry import build_server_model
     from flwr_gkt.data import client_data
-    from flwr_gkt.edge import EdgeRoundConfig
-    from flwr_gkt.models import resnet8
-    from flwr_gkt.registry import build_server_model
-    from flwr_gkt.strategy import FedGKT
+    from flwr_gkt.flower.strategy import FedGKT
 
     def poison(node, rnd, reply):
         if (
@@ -316,8 +316,8 @@ def test_majority_fixes_the_feature_shape_not_the_first_reply():
 
 # ------------------------------------------------------------- FedAgg topology
 def test_fedagg_rejects_self_parents_cycles_duplicates_and_goes_on():
-    from flwr_gkt.fedagg_client import TierRole
-    from flwr_gkt.fedagg_strategy import _Tree
+    from flwr_gkt.flower.fedagg_client import TierRole
+    from flwr_gkt.flower.fedagg_strategy import _Tree
 
     roles = {
         "edge-0": (1, TierRole("edge-0", "edge", "cloud")),
@@ -334,7 +334,7 @@ def test_fedagg_rejects_self_parents_cycles_duplicates_and_goes_on():
 
 
 def test_fedagg_topology_query_binds_uids_to_the_first_node():
-    from flwr_gkt.fedagg_strategy import FedAgg
+    from flwr_gkt.flower.fedagg_strategy import FedAgg
 
     agg = FedAgg.__new__(FedAgg)
     agg.gate, agg.migrations, agg.parents, agg.moves = ReplyGate(name="FedAgg"), [], {}, []
@@ -447,7 +447,7 @@ def test_spill_files_are_private_and_a_failed_write_keeps_the_old_payload(tmp_pa
 
 def test_a_crashed_run_leaves_no_spill_files_behind(tmp_path, monkeypatch):
     """Spill files are removed in ``finally``, and a crashed run's are cleaned at the next start."""
-    from flwr_gkt.strategy import FedGKT
+    from flwr_gkt.flower.strategy import FedGKT
     from simulation.server_app import run_fedgkt
     from simulation.task import config_from_run_config
 
@@ -479,8 +479,8 @@ def test_a_crashed_run_leaves_no_spill_files_behind(tmp_path, monkeypatch):
 
 
 def test_the_node_keeps_only_validated_server_logits_and_writes_state_atomically(tmp_path):
+    from flwr_gkt.core.models import resnet8
     from flwr_gkt.data import client_data
-    from flwr_gkt.models import resnet8
 
     data = client_data(0, 2, fraction=0.005, test_fraction=0.01)
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
@@ -677,7 +677,7 @@ FUZZ_ASYNC = _async_strategy()
     )
 )
 def test_fuzz_fedagg_topologies(claims):
-    from flwr_gkt.fedagg_strategy import FedAgg, _Tree
+    from flwr_gkt.flower.fedagg_strategy import FedAgg, _Tree
 
     agg = FedAgg.__new__(FedAgg)
     agg.gate, agg.migrations, agg.parents, agg.moves = ReplyGate(name="FedAgg"), [], {}, []

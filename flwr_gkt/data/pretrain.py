@@ -4,14 +4,14 @@ EcoFed starts every device from a pre-trained feature extractor that stays
 frozen, so each sample's features never change and can be uploaded once. Our
 offline stand-in for "pre-trained on a public dataset" is the part of the
 training set the federation does not use: with ``data-fraction < 1`` the
-nodes share a random subset (:func:`flwr_gkt.partition.partition_indices`),
-and :func:`flwr_gkt.partition.held_out_indices` gives the rest -- samples no
+nodes share a random subset (:func:`flwr_gkt.data.partition.partition_indices`),
+and :func:`flwr_gkt.data.partition.held_out_indices` gives the rest -- samples no
 node holds. Weights are written with ``torch.save`` to a local path; runs load
-them with ``edge-pretrained: PATH`` (:func:`flwr_gkt.models.load_pretrained`).
+them with ``edge-pretrained: PATH`` (:func:`flwr_gkt.core.models.load_pretrained`).
 
 .. code-block:: console
 
-    python -m flwr_gkt.pretrain --out edge-resnet8.pt --fraction 0.5 --samples 5000
+    python -m flwr_gkt.data.pretrain --out edge-resnet8.pt --fraction 0.5 --samples 5000
 """
 
 from __future__ import annotations
@@ -21,11 +21,18 @@ from pathlib import Path
 
 import torch
 
-from .centralized import CentralizedConfig, train_centralized
-from .data import load_dataset, normalize
-from .partition import add_held_out_arguments, held_out_options, held_out_sample
-from .registry import build_edge_model, build_full_model
-from .training import TensorBatches, evaluate_logits, fit, get_device, make_optimizer, predict
+from flwr_gkt.core.centralized import CentralizedConfig, train_centralized
+from flwr_gkt.core.registry import build_edge_model, build_full_model
+from flwr_gkt.core.training import (
+    TensorBatches,
+    evaluate_logits,
+    fit,
+    get_device,
+    make_optimizer,
+    predict,
+)
+from flwr_gkt.data import load_dataset, normalize
+from flwr_gkt.data.partition import add_held_out_arguments, held_out_options, held_out_sample
 
 __all__ = ["pretrain_edge", "pretrain_pooled"]
 
@@ -50,8 +57,8 @@ def pretrain_edge(
     ``fraction``, ``num_partitions`` and ``seed`` must be those of the
     federation (``data-fraction``, ``num-clients``, ``seed``) so that the
     samples are held out from every node
-    (:func:`flwr_gkt.partition.held_out_sample`). Training uses Adam
-    (:func:`flwr_gkt.training.make_optimizer`) without augmentation; the whole
+    (:func:`flwr_gkt.data.partition.held_out_sample`). Training uses Adam
+    (:func:`flwr_gkt.core.training.make_optimizer`) without augmentation; the whole
     edge model's ``state_dict`` is saved, on the CPU.
 
     Parameters
@@ -63,7 +70,7 @@ def pretrain_edge(
     data_dir : str
         Where the dataset files are; ``""`` for the default location.
     edge_model : str
-        Registered edge model name (see :func:`flwr_gkt.registry.build_edge_model`).
+        Registered edge model name (see :func:`flwr_gkt.core.registry.build_edge_model`).
     fraction : float
         The federation's ``data-fraction``; must be below 1.
     num_partitions : int
@@ -80,7 +87,7 @@ def pretrain_edge(
     lr : float
         Adam learning rate.
     device : str
-        ``auto``, ``cpu``, ``cuda``... (see :func:`flwr_gkt.training.get_device`).
+        ``auto``, ``cpu``, ``cuda``... (see :func:`flwr_gkt.core.training.get_device`).
 
     Returns
     -------
@@ -141,10 +148,10 @@ def pretrain_pooled(
     The reference code's protocol (``extractor-init: pooled``): FedML's FedGKT
     initialises every client's extractor from a ResNet-56 trained centrally
     on the whole training set. Here the full model of ``server_model`` (edge
-    stem + server body, :func:`flwr_gkt.registry.build_full_model`) is trained
+    stem + server body, :func:`flwr_gkt.core.registry.build_full_model`) is trained
     with Adam on ``(x, y)`` -- the union of the federation's partitions -- and
     its stem, which has the edge extractor's shape, is written to ``out``
-    (load it with :func:`flwr_gkt.models.load_pretrained`). Every node's data
+    (load it with :func:`flwr_gkt.core.models.load_pretrained`). Every node's data
     has been seen centrally: the result is *not* federated-fair.
 
     Parameters
@@ -190,7 +197,7 @@ def pretrain_pooled(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run ``python -m flwr_gkt.pretrain``: pre-train an edge model and save it."""
+    """Run ``python -m flwr_gkt.data.pretrain``: pre-train an edge model and save it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_held_out_arguments(parser, "the weights", epochs=2)
     parser.add_argument("--edge-model", default="resnet8")

@@ -49,7 +49,7 @@ from torch import Tensor
 from torchvision.datasets import CIFAR10, CIFAR100, FashionMNIST, ImageFolder
 from torchvision.datasets.folder import pil_loader
 
-from .partition import label_matched_split, partition_indices
+from flwr_gkt.data.partition import label_matched_split, partition_indices
 
 __all__ = [
     "DATASETS",
@@ -663,7 +663,7 @@ def client_data(
         Share of the test set used for evaluation.
     partition : str
         ``"iid"`` or ``"dirichlet"`` (label skew), see
-        :func:`flwr_gkt.partition.partition_indices`.
+        :func:`flwr_gkt.data.partition.partition_indices`.
     dirichlet_alpha, min_partition_size : float, int
         Concentration and minimum size of the Dirichlet partition.
     test_split : str
@@ -690,7 +690,7 @@ def client_data(
     ValueError
         If ``partition_id`` is not in ``[0, num_partitions)``, ``test_split``
         is unknown, or the partition cannot be made (see
-        :func:`flwr_gkt.partition.partition_indices`).
+        :func:`flwr_gkt.data.partition.partition_indices`).
     DatasetMissingError
         If the dataset files are not found (see :func:`load_dataset`).
     """

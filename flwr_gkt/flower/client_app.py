@@ -2,7 +2,7 @@
 
 :func:`handle_train` and :func:`handle_evaluate` do the Flower part of the
 edge's work -- read the instruction, keep the node's state, reply -- and leave
-the training math to :mod:`flwr_gkt.edge`. A ClientApp wires them to its data:
+the training math to :mod:`flwr_gkt.core.edge`. A ClientApp wires them to its data:
 
 .. code-block:: python
 
@@ -30,12 +30,12 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore import log
 
-from .data import ClientData
-from .edge import EdgeRoundConfig, extract, train_edge
-from .models import EdgeModel
-from .privacy import PrivacyConfig, apply_privacy
-from .training import FitResult, evaluate_logits, get_device, prepare_model
-from .wire import (
+from flwr_gkt.core.edge import EdgeRoundConfig, extract, train_edge
+from flwr_gkt.core.models import EdgeModel
+from flwr_gkt.core.privacy import PrivacyConfig, apply_privacy
+from flwr_gkt.core.training import FitResult, evaluate_logits, get_device, prepare_model
+from flwr_gkt.data import ClientData
+from flwr_gkt.wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
     METRICS_KEY,
@@ -367,7 +367,7 @@ def handle_train(
         (re)starts and saved after every round (see :func:`save_state`).
     privacy : PrivacyConfig, optional
         With it, features and logits are clipped and noised before they leave
-        the node (:mod:`flwr_gkt.privacy`); the node's setting, not the
+        the node (:mod:`flwr_gkt.core.privacy`); the node's setting, not the
         server's.
     node_uid : str
         The node's stable identity, sent along when not empty (see

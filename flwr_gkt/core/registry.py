@@ -6,7 +6,7 @@ Built-in names: edge ``resnet4``, ``resnet6``, ``resnet8``; server
 
 Users plug in their own pair either by calling :func:`register_edge_model` /
 :func:`register_server_model` before the run starts, or from an installed
-package through the ``flwr_gkt.models`` entry-point group: each entry point is
+package through the ``flwr_gkt.core.models`` entry-point group: each entry point is
 a zero-argument callable that performs the registrations, and is loaded the
 first time a name is not found.
 
@@ -27,8 +27,8 @@ from importlib.metadata import entry_points
 
 from torch import nn
 
-from . import models
-from .models import EdgeModel
+from flwr_gkt.core import models
+from flwr_gkt.core.models import EdgeModel
 
 __all__ = [
     "EdgeBuilder",
@@ -63,7 +63,7 @@ _TIER: dict[str, ServerBuilder] = {
     "resnet10": models.tier_resnet10,
     "resnet18": models.tier_resnet18,
 }
-_ENTRY_POINT_GROUP = "flwr_gkt.models"
+_ENTRY_POINT_GROUP = "flwr_gkt.core.models"
 _entry_points_loaded = False
 
 
@@ -133,7 +133,7 @@ def _lookup(
 def build_edge_model(name: str, num_classes: int, in_channels: int) -> EdgeModel:
     """Build the edge model registered as ``name``.
 
-    An unknown name first loads the ``flwr_gkt.models`` entry points.
+    An unknown name first loads the ``flwr_gkt.core.models`` entry points.
 
     Parameters
     ----------
@@ -155,12 +155,12 @@ def build_edge_model(name: str, num_classes: int, in_channels: int) -> EdgeModel
     KeyError
         If no edge model is registered as ``name``.
     TypeError
-        If the builder does not return an :class:`~flwr_gkt.models.EdgeModel`.
+        If the builder does not return an :class:`~flwr_gkt.core.models.EdgeModel`.
     """
     model = _lookup(_EDGE, name, "edge")(num_classes, in_channels)
     if not isinstance(model, EdgeModel):
         raise TypeError(
-            f"edge builder {name!r} must return flwr_gkt.models.EdgeModel, "
+            f"edge builder {name!r} must return flwr_gkt.core.models.EdgeModel, "
             f"got {type(model).__name__}"
         )
     return model
@@ -250,7 +250,7 @@ def build_full_model(server_name: str, num_classes: int, in_channels: int) -> nn
     Returns
     -------
     nn.Module
-        The :class:`~flwr_gkt.models.FullResNet` of depth ``9n + 2``.
+        The :class:`~flwr_gkt.core.models.FullResNet` of depth ``9n + 2``.
 
     Raises
     ------
@@ -268,7 +268,7 @@ def build_full_model(server_name: str, num_classes: int, in_channels: int) -> nn
 def available_models() -> dict[str, list[str]]:
     """Return the registered edge, server and tier model names.
 
-    The ``flwr_gkt.models`` entry points are loaded first.
+    The ``flwr_gkt.core.models`` entry points are loaded first.
 
     Returns
     -------

@@ -25,7 +25,7 @@ distribution:
 ``none``
     No rectification.
 
-:func:`flwr_gkt.losses.kd_loss` takes a rule through its ``rectify``
+:func:`flwr_gkt.core.losses.kd_loss` takes a rule through its ``rectify``
 argument; :data:`RECTIFIERS` maps the names above to the functions.
 """
 

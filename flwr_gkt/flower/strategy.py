@@ -1,7 +1,7 @@
 """FedGKT as a Flower strategy (Message API).
 
-The strategy orchestrates; the math lives in :class:`flwr_gkt.server.GKTServer`
-(server training) and :mod:`flwr_gkt.edge` (edge training).
+The strategy orchestrates; the math lives in :class:`flwr_gkt.core.server.GKTServer`
+(server training) and :mod:`flwr_gkt.core.edge` (edge training).
 
 One round (Algorithm 1):
 
@@ -38,12 +38,17 @@ from flwr.serverapp.strategy import Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info, sample_nodes
 from flwr.supercore import log
 
-from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .edge import EdgeRoundConfig
-from .gate import EVALUATE_METRICS, TRAIN_METRICS, ReplyGate
-from .server import GKTServer, ServerRoundResult
-from .training import Plateau, lr_factor
-from .wire import (
+from flwr_gkt.core.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from flwr_gkt.core.edge import EdgeRoundConfig
+from flwr_gkt.core.server import GKTServer, ServerRoundResult
+from flwr_gkt.core.training import Plateau, lr_factor
+from flwr_gkt.wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
     NODE_TOKEN,
@@ -59,6 +64,7 @@ from .wire import (
     scalar,
     settings_record,
 )
+from flwr_gkt.wire.gate import EVALUATE_METRICS, TRAIN_METRICS, ReplyGate
 
 __all__ = ["FedGKT", "edge_train_metrics", "progress"]
 
@@ -179,7 +185,7 @@ class FedGKT(Strategy):
     lr_schedule : str
         ``constant`` or ``cosine``: per-round learning-rate multiplier applied to
         the server and the edge learning rates (see
-        :func:`flwr_gkt.training.lr_factor`); needs the number of rounds, taken
+        :func:`flwr_gkt.core.training.lr_factor`); needs the number of rounds, taken
         from :meth:`start`. ``plateau`` (the reference's): the edge learning
         rate stays constant, the server's is reduced by ``plateau`` when the
         round's test accuracy stops improving.
@@ -199,7 +205,7 @@ class FedGKT(Strategy):
         rejected before they are decoded.
     outlier_threshold : float
         Robust check of each round's payloads against each other (see
-        :mod:`flwr_gkt.robust`): a reply whose feature or logit scale is more
+        :mod:`flwr_gkt.core.robust`): a reply whose feature or logit scale is more
         than this many robust deviations from the round's median is rejected;
         needs 3 or more replies. ``0`` turns the check off.
     logit_clip : float
@@ -207,7 +213,7 @@ class FedGKT(Strategy):
         server distils from them; ``0``: not clipped.
     checkpoint_path : str or Path, optional
         Where to write a checkpoint after every completed round (atomically,
-        see :mod:`flwr_gkt.checkpoint`); :meth:`resume` reads it back.
+        see :mod:`flwr_gkt.core.checkpoint`); :meth:`resume` reads it back.
     """
 
     def __init__(
@@ -279,7 +285,7 @@ class FedGKT(Strategy):
         self._run_start = time.perf_counter()
         self._bytes_sent = 0
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
-        #: The trust boundary every reply passes (see :mod:`flwr_gkt.gate`).
+        #: The trust boundary every reply passes (see :mod:`flwr_gkt.wire.gate`).
         self.gate = ReplyGate(max_payload_bytes, outlier_threshold, logit_clip)
         #: Stable identity (``node-uid``) each node id sent with its replies.
         self.node_uids: dict[int, str] = {}
@@ -427,7 +433,7 @@ class FedGKT(Strategy):
         ----------
         state : dict[str, Any]
             A state returned by :meth:`state_dict` (e.g. read back by
-            :func:`flwr_gkt.checkpoint.load_checkpoint`).
+            :func:`flwr_gkt.core.checkpoint.load_checkpoint`).
 
         Raises
         ------
@@ -462,7 +468,7 @@ class FedGKT(Strategy):
         Node ids are not stable across restarts (a Ray simulation draws new
         ones; a SuperNode that re-registers may get a new one). Every connected
         node is asked for its ``node-uid`` (a ``query`` message, see
-        :func:`flwr_gkt.client_app.handle_query`); a node whose uid the
+        :func:`flwr_gkt.flower.client_app.handle_query`); a node whose uid the
         checkpoint knows under another id takes over that id's per-node state
         (server logits ``Z_s``). Nodes that do not answer, and uids that are
         not unique, keep nothing.
@@ -679,7 +685,7 @@ class FedGKT(Strategy):
     ) -> tuple[list[tuple[int, Payload | None, dict[str, float]]], int, int]:
         """Pass a stage's replies through the gate; return accepted ones, bytes and rejects.
 
-        Everything a node sent is checked by :class:`flwr_gkt.gate.ReplyGate`
+        Everything a node sent is checked by :class:`flwr_gkt.wire.gate.ReplyGate`
         (attribution, errors, size of all records, metric schema, node-uid,
         wire validation, outlier check); this method only books the result:
         node-history rows, ignored counts, node uids. With ``consume`` each

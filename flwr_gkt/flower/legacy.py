@@ -1,10 +1,10 @@
 """FedGKT for Flower's legacy Strategy API (``configure_fit`` / ``aggregate_fit``).
 
 A thin adapter over the same pieces as the Message API strategy
-(:class:`flwr_gkt.server.GKTServer`, :mod:`flwr_gkt.edge`, the validation of
+(:class:`flwr_gkt.core.server.GKTServer`, :mod:`flwr_gkt.core.edge`, the validation of
 :mod:`flwr_gkt.wire`), for ServerApps built with ``server_fn`` and clients
 written as :class:`flwr.client.NumPyClient`. The Message API
-(:class:`flwr_gkt.strategy.FedGKT`) is the primary interface.
+(:class:`flwr_gkt.flower.strategy.FedGKT`) is the primary interface.
 
 Wire mapping:
 
@@ -44,15 +44,27 @@ from flwr.server.strategy import Strategy
 from flwr.supercore import log
 from torch import nn
 
-from .client_app import STATE_LOGITS, edge_round, edge_round_config, load_edge_model, round_seed
-from .data import ClientData
-from .edge import EdgeRoundConfig, extract
-from .gate import clean_text, read_metrics
-from .models import EdgeModel
-from .server import GKTServer
-from .strategy import edge_config_record
-from .training import TensorBatches, evaluate_logits, get_device, lr_factor, predict, prepare_model
-from .wire import (
+from flwr_gkt.core.edge import EdgeRoundConfig, extract
+from flwr_gkt.core.models import EdgeModel
+from flwr_gkt.core.server import GKTServer
+from flwr_gkt.core.training import (
+    TensorBatches,
+    evaluate_logits,
+    get_device,
+    lr_factor,
+    predict,
+    prepare_model,
+)
+from flwr_gkt.data import ClientData
+from flwr_gkt.flower.client_app import (
+    STATE_LOGITS,
+    edge_round,
+    edge_round_config,
+    load_edge_model,
+    round_seed,
+)
+from flwr_gkt.flower.strategy import edge_config_record
+from flwr_gkt.wire import (
     NUM_EXAMPLES,
     PayloadError,
     PayloadSpec,
@@ -61,10 +73,11 @@ from .wire import (
     validate_arrays,
     validate_server_logits,
 )
+from flwr_gkt.wire.gate import clean_text, read_metrics
 
 __all__ = ["FedGKTLegacy", "GKTNumPyClient"]
 
-#: Metrics a legacy evaluate reply may carry (see :func:`flwr_gkt.gate.read_metrics`).
+#: Metrics a legacy evaluate reply may carry (see :func:`flwr_gkt.wire.gate.read_metrics`).
 _EVAL_METRICS = frozenset({NUM_EXAMPLES, "accuracy", "edge-accuracy"})
 
 
@@ -404,7 +417,7 @@ class GKTNumPyClient(NumPyClient):
             ``[server_logits]`` for the local training set, or empty (first
             round); received logits are also kept in the context's state.
         config : dict[str, Any]
-            The edge round settings (see :func:`flwr_gkt.client_app.edge_round_config`).
+            The edge round settings (see :func:`flwr_gkt.flower.client_app.edge_round_config`).
 
         Returns
         -------

@@ -127,10 +127,10 @@ from flwr.serverapp.strategy import Result
 from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
 from flwr.supercore import log
 
-from .checkpoint import save_checkpoint
-from .server import GKTServer, ServerRoundResult
-from .strategy import _MB, FedGKT, edge_train_metrics
-from .wire import NUM_EXAMPLES, Payload, record_nbytes, scalar
+from flwr_gkt.core.checkpoint import save_checkpoint
+from flwr_gkt.core.server import GKTServer, ServerRoundResult
+from flwr_gkt.flower.strategy import _MB, FedGKT, edge_train_metrics
+from flwr_gkt.wire import NUM_EXAMPLES, Payload, record_nbytes, scalar
 
 __all__ = ["AsyncFedGKT"]
 
@@ -190,7 +190,7 @@ def _view(reply: Message, instruction: Message) -> Message:
 class AsyncFedGKT(FedGKT):
     """FedGKT without waiting for the slowest node (see the module docstring).
 
-    Takes every argument of :class:`~flwr_gkt.strategy.FedGKT`, plus:
+    Takes every argument of :class:`~flwr_gkt.flower.strategy.FedGKT`, plus:
 
     Parameters
     ----------
@@ -208,7 +208,7 @@ class AsyncFedGKT(FedGKT):
     poll_interval : float
         Seconds to sleep between two polls of the Grid that brought nothing.
     **kwargs
-        Passed to :class:`~flwr_gkt.strategy.FedGKT`.
+        Passed to :class:`~flwr_gkt.flower.strategy.FedGKT`.
     """
 
     def __init__(

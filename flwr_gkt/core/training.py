@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .losses import gkt_loss
-from .rectify import Rectifier
+from flwr_gkt.core.losses import gkt_loss
+from flwr_gkt.core.rectify import Rectifier
 
 __all__ = [
     "Batch",
@@ -377,7 +377,7 @@ def fit(
     """Train ``model`` for ``epochs`` passes with CE (+ KD from a teacher).
 
     Each batch takes one optimizer step on
-    :func:`~flwr_gkt.losses.gkt_loss` (``CE + alpha * KD_T`` against the
+    :func:`~flwr_gkt.core.losses.gkt_loss` (``CE + alpha * KD_T`` against the
     batch's rows of ``teacher_logits``), or on ``loss_fn`` when given. The
     model is put in train mode first.
 
@@ -403,10 +403,10 @@ def fit(
         stored per sample index and returned.
     rectify : Rectifier, optional
         Rectification of the teacher's probabilities (FedEEC, see
-        :mod:`flwr_gkt.rectify`).
+        :mod:`flwr_gkt.core.rectify`).
     loss_fn : StepLoss, optional
         ``loss_fn(model, inputs, labels, batch_teacher) -> (loss, logits)``
-        replaces the forward pass and :func:`~flwr_gkt.losses.gkt_loss` (e.g.
+        replaces the forward pass and :func:`~flwr_gkt.core.losses.gkt_loss` (e.g.
         FedAgg's leaf loss, which needs two forward passes); ``logits`` are
         what accuracy and ``capture_logits`` use.
 

@@ -1,11 +1,11 @@
 """Centralized training on pooled data: Table 1's baselines and the ``pooled`` extractor.
 
-Plain PyTorch on the one training loop (:func:`flwr_gkt.training.fit`), no
+Plain PyTorch on the one training loop (:func:`flwr_gkt.core.training.fit`), no
 Flower. The FedGKT paper's Table 1 compares FedGKT with a centralized model
 trained on all the data -- the full model (``Centralized (ResNet-56)``) and the
 edge model alone (``Centralized (ResNet-8)``). The same loop trains the full
 model whose stem the reference code copies into every edge
-(``extractor-init: pooled``, see :func:`flwr_gkt.pretrain.pretrain_pooled`).
+(``extractor-init: pooled``, see :func:`flwr_gkt.data.pretrain.pretrain_pooled`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .training import (
+from flwr_gkt.core.training import (
     Plateau,
     TensorBatches,
     evaluate_logits,

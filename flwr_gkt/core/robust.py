@@ -34,7 +34,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .wire import Payload
+from flwr_gkt.core.payload import Payload
 
 __all__ = ["find_outliers", "payload_stats"]
 

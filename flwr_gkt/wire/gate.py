@@ -1,7 +1,7 @@
 """The one trust boundary: every reply a node sends is checked here, once.
 
-Strategies (:class:`~flwr_gkt.strategy.FedGKT`,
-:class:`~flwr_gkt.async_strategy.AsyncFedGKT`, :class:`~flwr_gkt.fedagg_strategy.FedAgg`)
+Strategies (:class:`~flwr_gkt.flower.strategy.FedGKT`,
+:class:`~flwr_gkt.flower.async_strategy.AsyncFedGKT`, :class:`~flwr_gkt.flower.fedagg_strategy.FedAgg`)
 never read a reply's records themselves: they hand the replies of a stage to
 :meth:`ReplyGate.admit` and get typed results back. For each reply, in order:
 
@@ -18,7 +18,7 @@ never read a reply's records themselves: they hand the replies of a stage to
    (:func:`clean_uid`).
 6. **Arrays** decoded and validated by the wire format (:mod:`flwr_gkt.wire`).
 7. **Outlier check** against the round's other payloads *and* the stored
-   payloads' statistics (:mod:`flwr_gkt.robust`), so a lone reply (async
+   payloads' statistics (:mod:`flwr_gkt.core.robust`), so a lone reply (async
    mode) is compared too.
 
 Every rejection is one WARNING line naming the node and the reason, and one
@@ -39,8 +39,8 @@ from typing import Any
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.supercore import log
 
-from .robust import find_outliers, payload_stats
-from .wire import (
+from flwr_gkt.core.robust import find_outliers, payload_stats
+from flwr_gkt.wire import (
     ARRAYS_KEY,
     METRICS_KEY,
     NODE_KEY,
@@ -277,7 +277,7 @@ class ReplyGate:
         before they are decoded.
     outlier_threshold : float
         Robust deviations from the median beyond which a payload is an
-        outlier (:func:`flwr_gkt.robust.find_outliers`); ``0`` turns the
+        outlier (:func:`flwr_gkt.core.robust.find_outliers`); ``0`` turns the
         check off.
     logit_clip : float
         Accepted client logits are clipped to ``[-logit_clip, logit_clip]``

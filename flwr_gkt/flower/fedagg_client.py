@@ -16,8 +16,8 @@ message's ``fedagg-stage`` says what to do (see ``docs/fedagg.md``):
 ``learn``
     For every ``learn/<name>`` entry, train one BSBODP pass with the
     neighbour's logits sent under ``<name>`` (end device:
-    :func:`flwr_gkt.fedagg.train_leaf` on its real images and their bridge
-    samples; edge: :func:`flwr_gkt.fedagg.train_nonleaf`).
+    :func:`flwr_gkt.core.fedagg.train_leaf` on its real images and their bridge
+    samples; edge: :func:`flwr_gkt.core.fedagg.train_nonleaf`).
 
 :func:`handle_topology_query` answers the cloud's ``query``: the node's uid,
 tier and parent. The node's model and the embeddings it holds live in
@@ -34,13 +34,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from torch import Tensor, nn
 
-from .bridge import BridgeAutoencoder
-from .client_app import round_seed
-from .data import ClientData
-from .fedagg import BSBODPConfig, teacher_logits, train_leaf, train_nonleaf
-from .rectify import get_rectifier
-from .training import get_device, prepare_model
-from .wire import (
+from flwr_gkt.core.bridge import BridgeAutoencoder
+from flwr_gkt.core.fedagg import BSBODPConfig, teacher_logits, train_leaf, train_nonleaf
+from flwr_gkt.core.rectify import get_rectifier
+from flwr_gkt.core.training import get_device, prepare_model
+from flwr_gkt.data import ClientData
+from flwr_gkt.flower.client_app import round_seed
+from flwr_gkt.wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
     METRICS_KEY,

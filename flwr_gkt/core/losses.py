@@ -15,7 +15,7 @@ gradient scale does not depend on ``T``. ``alpha`` weights the KD term
 FedAgg (Wu et al., INFOCOM 2024) distils over bridge samples with the same
 KD term (:func:`fedagg_leaf_loss`, paper eq. 4; :func:`fedagg_nonleaf_loss`,
 paper eq. 2); FedEEC's rectification of the teacher's probabilities plugs into
-:func:`kd_loss` (``rectify``, see :mod:`flwr_gkt.rectify`).
+:func:`kd_loss` (``rectify``, see :mod:`flwr_gkt.core.rectify`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from enum import StrEnum
 import torch.nn.functional as F
 from torch import Tensor
 
-from .rectify import Rectifier
+from flwr_gkt.core.rectify import Rectifier
 
 __all__ = ["KDMode", "fedagg_leaf_loss", "fedagg_nonleaf_loss", "gkt_loss", "kd_loss"]
 
@@ -96,7 +96,7 @@ def kd_loss(
         Softmax temperature ``T > 0``.
     rectify : Rectifier, optional
         FedEEC self-knowledge rectification ``rectify(teacher_probs, labels)``
-        applied to ``softmax(teacher/T)`` (see :mod:`flwr_gkt.rectify`); needs
+        applied to ``softmax(teacher/T)`` (see :mod:`flwr_gkt.core.rectify`); needs
         ``labels``.
     labels : Tensor, optional
         True classes, shape ``(B,)``; used only by ``rectify``.

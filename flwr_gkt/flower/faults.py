@@ -47,7 +47,7 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 from flwr.supercore.run import Run
 
-from .wire import CONFIG_KEY, scalar
+from flwr_gkt.wire import CONFIG_KEY, scalar
 
 __all__ = ["FAULT_KINDS", "Fault", "FaultPlan", "FaultyGrid", "parse_faults"]
 

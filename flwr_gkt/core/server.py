@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 import time
 import types
@@ -22,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.supercore import log
 from torch import Tensor, nn
 
-from .losses import KDMode, gkt_loss
-from .store import FeatureStore
-from .training import (
+from flwr_gkt.core.losses import KDMode, gkt_loss
+from flwr_gkt.core.payload import Payload
+from flwr_gkt.core.store import FeatureStore
+from flwr_gkt.core.training import (
     FitResult,
     TensorBatches,
     evaluate_logits,
@@ -38,7 +39,9 @@ from .training import (
     prepare_model,
     set_lr,
 )
-from .wire import Payload
+
+#: Log to Flower's logger (``flwr``), without importing Flower: the core is plain PyTorch.
+log = logging.getLogger("flwr").log
 
 __all__ = ["GKTServer", "ServerRoundResult"]
 
@@ -81,7 +84,7 @@ class GKTServer:
     batch_size : int
         Mini-batch size of server training.
     optimizer : str
-        ``"adam"`` or ``"sgd"`` (see :func:`flwr_gkt.training.make_optimizer`).
+        ``"adam"`` or ``"sgd"`` (see :func:`flwr_gkt.core.training.make_optimizer`).
     lr, weight_decay : float
         Optimizer settings.
     temperature, alpha : float
@@ -95,7 +98,7 @@ class GKTServer:
     memory_budget : int, optional
         Bytes of node payloads the feature store keeps in memory; beyond it,
         features spill to ``spill_dir`` and training streams them from disk
-        (see :class:`flwr_gkt.store.FeatureStore`). ``None``: no limit.
+        (see :class:`flwr_gkt.core.store.FeatureStore`). ``None``: no limit.
     spill_dir : str or Path, optional
         Directory of spilled features (a temporary one when not given).
     """

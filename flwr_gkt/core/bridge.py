@@ -9,9 +9,9 @@ so that afterwards a parent and a child exchange only logits computed on them
 (``autoencoder_pretrained.py``: encoder 1.9K, decoder 2.5K parameters for RGB).
 
 The official weights were pre-trained on ImageNet, which is not available
-offline here. :func:`pretrain_autoencoder` (``python -m flwr_gkt.bridge``)
+offline here. :func:`pretrain_autoencoder` (``python -m flwr_gkt.core.bridge``)
 trains it on training images no node holds (the complement of the
-federation's ``data-fraction`` subset, as :mod:`flwr_gkt.pretrain` does),
+federation's ``data-fraction`` subset, as :mod:`flwr_gkt.data.pretrain` does),
 writes it to a file, and :func:`load_autoencoder` reads it back by path.
 
 Difference from the official code: the decoder ends in a Sigmoid (pixels in
@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .data import DatasetInfo, dataset_info, load_dataset
-from .partition import add_held_out_arguments, held_out_options, held_out_sample
-from .training import get_device
+from flwr_gkt.core.training import get_device
+from flwr_gkt.data import DatasetInfo, dataset_info, load_dataset
+from flwr_gkt.data.partition import add_held_out_arguments, held_out_options, held_out_sample
 
 __all__ = ["EMBEDDING_CHANNELS", "BridgeAutoencoder", "load_autoencoder", "pretrain_autoencoder"]
 
@@ -199,9 +199,9 @@ def pretrain_autoencoder(
 
     ``fraction`` / ``num_partitions`` / ``seed`` are the federation's
     (``data-fraction``, ``num-clients``, ``seed``), as for
-    :func:`flwr_gkt.pretrain.pretrain_edge`: the images are drawn from the
+    :func:`flwr_gkt.data.pretrain.pretrain_edge`: the images are drawn from the
     training samples the federation leaves out
-    (:func:`flwr_gkt.partition.held_out_sample`). Training uses Adam on the
+    (:func:`flwr_gkt.data.partition.held_out_sample`). Training uses Adam on the
     MSE between images in ``[0, 1]`` and their reconstructions.
 
     Parameters
@@ -228,7 +228,7 @@ def pretrain_autoencoder(
     lr : float
         Adam learning rate.
     device : str
-        ``auto``, ``cpu``, ``cuda``... (see :func:`flwr_gkt.training.get_device`).
+        ``auto``, ``cpu``, ``cuda``... (see :func:`flwr_gkt.core.training.get_device`).
 
     Returns
     -------
@@ -298,7 +298,7 @@ def load_autoencoder(path: str | Path, dataset: str = "fashion-mnist") -> Bridge
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run ``python -m flwr_gkt.bridge``: pre-train the bridge autoencoder and save it."""
+    """Run ``python -m flwr_gkt.core.bridge``: pre-train the bridge autoencoder and save it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_held_out_arguments(parser, "the autoencoder", epochs=3)
     args = parser.parse_args(argv)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .losses import KDMode
-from .models import EdgeModel
-from .training import FitResult, TensorBatches, fit, make_optimizer, to_device
+from flwr_gkt.core.losses import KDMode
+from flwr_gkt.core.models import EdgeModel
+from flwr_gkt.core.training import FitResult, TensorBatches, fit, make_optimizer, to_device
 
 __all__ = ["EdgeRoundConfig", "extract", "train_edge"]
 
@@ -35,7 +35,7 @@ class EdgeRoundConfig:
     batch_size : int
         Mini-batch size of local training and of feature extraction.
     optimizer : str
-        ``adam`` or ``sgd`` (see :func:`flwr_gkt.training.make_optimizer`).
+        ``adam`` or ``sgd`` (see :func:`flwr_gkt.core.training.make_optimizer`).
     lr : float
         Learning rate of the edge optimizer.
     weight_decay : float
@@ -46,7 +46,7 @@ class EdgeRoundConfig:
         Weight of the KD term in ``CE + alpha * KD``.
     kd_mode : KDMode
         Directions of knowledge transfer; a string value (``"both"``) is
-        converted to :class:`~flwr_gkt.losses.KDMode`.
+        converted to :class:`~flwr_gkt.core.losses.KDMode`.
     freeze_extractor : bool
         EcoFed: train only the classifier ``f_c`` on top of a frozen ``f_e``.
     extract_augment : bool
@@ -58,7 +58,7 @@ class EdgeRoundConfig:
     Raises
     ------
     ValueError
-        If ``kd_mode`` is not a valid :class:`~flwr_gkt.losses.KDMode` value.
+        If ``kd_mode`` is not a valid :class:`~flwr_gkt.core.losses.KDMode` value.
     """
 
     epochs: int = 1
@@ -75,7 +75,7 @@ class EdgeRoundConfig:
     extract_augment: bool = True
 
     def __post_init__(self) -> None:
-        """Convert ``kd_mode`` to :class:`~flwr_gkt.losses.KDMode`."""
+        """Convert ``kd_mode`` to :class:`~flwr_gkt.core.losses.KDMode`."""
         self.kd_mode = KDMode(self.kd_mode)
 
 

@@ -1,6 +1,6 @@
 """Edge efficiency: FLOPs and parameters, counted with ``torch.utils.flop_counter``.
 
-``python -m flwr_gkt.efficiency [--num-classes 10] [--in-channels 3] [--size 32]``
+``python -m flwr_gkt.core.efficiency [--num-classes 10] [--in-channels 3] [--size 32]``
 prints the paper's comparison (Section 4.3, Fig. 4): what an edge device
 computes and stores with FedGKT (ResNet-8) versus FedAvg (ResNet-56/110).
 FLOPs are those of one forward pass of one sample, as counted by PyTorch
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import models
+from flwr_gkt.core import models
 
 __all__ = ["ModelCost", "edge_cost_table", "forward_flops", "num_parameters", "run_costs"]
 
@@ -152,7 +152,7 @@ def run_costs(
     KeyError
         If ``edge_model`` or ``server_model`` is not registered.
     """
-    from .registry import build_edge_model, build_full_model, build_server_model
+    from flwr_gkt.core.registry import build_edge_model, build_full_model, build_server_model
 
     edge = build_edge_model(edge_model, num_classes, in_channels)
     server = build_server_model(server_model, num_classes, models.FEATURE_CHANNELS)
@@ -172,9 +172,9 @@ def run_costs(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run ``python -m flwr_gkt.efficiency``: print the edge and server cost tables."""
+    """Run ``python -m flwr_gkt.core.efficiency``: print the edge and server cost tables."""
     parser = argparse.ArgumentParser(
-        prog="python -m flwr_gkt.efficiency",
+        prog="python -m flwr_gkt.core.efficiency",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

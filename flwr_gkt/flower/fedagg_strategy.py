@@ -22,7 +22,7 @@ per logical link (``end-edge``, ``edge-cloud``, ``end-cloud``): what a tree
 without the cloud relay would send, once per transfer (``init-<link>``: the
 embeddings; ``logits-up-<link>`` / ``logits-down-<link>``: child to parent /
 parent to child). The training math is
-in :mod:`flwr_gkt.fedagg` and :mod:`flwr_gkt.fedagg_client`.
+in :mod:`flwr_gkt.core.fedagg` and :mod:`flwr_gkt.flower.fedagg_client`.
 """
 
 from __future__ import annotations
@@ -40,13 +40,18 @@ from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
 from torch import Tensor, nn
 
-from .bridge import BridgeAutoencoder
-from .fedagg import BSBODPConfig, teacher_logits, train_nonleaf
-from .fedagg_client import EMB_PREFIX, TierRole
-from .gate import ReplyGate, clean_text, clean_uid, content_nbytes, read_metrics
-from .rectify import get_rectifier
-from .training import TensorBatches, evaluate_logits, get_device, predict, prepare_model
-from .wire import (
+from flwr_gkt.core.bridge import BridgeAutoencoder
+from flwr_gkt.core.fedagg import BSBODPConfig, teacher_logits, train_nonleaf
+from flwr_gkt.core.rectify import get_rectifier
+from flwr_gkt.core.training import (
+    TensorBatches,
+    evaluate_logits,
+    get_device,
+    predict,
+    prepare_model,
+)
+from flwr_gkt.flower.fedagg_client import EMB_PREFIX, TierRole
+from flwr_gkt.wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
     METRICS_KEY,
@@ -60,6 +65,7 @@ from .wire import (
     record_nbytes,
     settings_record,
 )
+from flwr_gkt.wire.gate import ReplyGate, clean_text, clean_uid, content_nbytes, read_metrics
 
 __all__ = ["FedAgg", "parse_migrations"]
 
@@ -178,7 +184,7 @@ class FedAgg(Strategy):
     bsbodp : BSBODPConfig
         Settings of every BSBODP pass, sent to the nodes too.
     rectify : str
-        FedEEC rectification rule (:mod:`flwr_gkt.rectify`), ``none`` for FedAgg.
+        FedEEC rectification rule (:mod:`flwr_gkt.core.rectify`), ``none`` for FedAgg.
     migrations : iterable of (uid, new parent, round)
         Nodes that move to another parent from a round on (simulation).
     logit_dtype : str

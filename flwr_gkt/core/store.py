@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .training import Batch
-from .wire import Payload
+from flwr_gkt.core.payload import Payload
+from flwr_gkt.core.training import Batch
 
 __all__ = ["FeatureStore", "StoreBatches", "return_large_blocks_to_os"]
 
@@ -451,7 +451,7 @@ class StoreBatches:
 
     ``index`` is the position in the concatenation of ``nodes``' samples (the
     row of the teacher logits and of the captured server logits), as with
-    :class:`flwr_gkt.training.TensorBatches`.
+    :class:`flwr_gkt.core.training.TensorBatches`.
 
     Parameters
     ----------

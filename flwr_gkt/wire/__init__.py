@@ -35,13 +35,14 @@ import enum
 import io
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import Tensor
+
+from flwr_gkt.core.payload import Payload, PayloadError, PayloadSpec
 
 __all__ = [
     "ARRAYS_KEY",
@@ -99,78 +100,6 @@ LOGIT_DTYPES = ("float32", "float16")
 _FLOAT_DTYPES = ("float32", "float16")
 LABEL_DTYPES = ("int64",)
 _CHUNK = 4096  # samples quantized at a time (bounds temporary memory)
-
-
-class PayloadError(ValueError):
-    """A payload failed validation; the message says why in one line."""
-
-
-@dataclass(frozen=True)
-class PayloadSpec:
-    """What a valid payload looks like.
-
-    Parameters
-    ----------
-    num_classes : int
-        Number of classes: logits have this many columns, labels are below it.
-    feature_shape : tuple[int, ...], optional
-        Expected ``(C, H, W)`` of one feature map; ``None`` accepts any 3-D map.
-    max_samples : int, optional
-        Largest number of samples one payload may carry.
-    """
-
-    num_classes: int
-    feature_shape: tuple[int, ...] | None = None
-    max_samples: int | None = None
-
-
-@dataclass
-class Payload:
-    """A decoded, validated payload (tensors on the CPU).
-
-    Tensors may be read-only views of the message bytes: do not modify them
-    in place.
-
-    Parameters
-    ----------
-    features : Tensor
-        Feature maps ``H`` (``N x C x H x W``, float32); empty in a
-        logits-only payload.
-    labels : Tensor
-        Labels ``Y`` (``N``, int64); empty in a logits-only payload.
-    logits : Tensor, optional
-        Client logits ``Z_c`` (``N x num_classes``, float32); ``None`` in an
-        evaluate reply.
-    """
-
-    features: Tensor
-    labels: Tensor
-    logits: Tensor | None = None
-
-    def __len__(self) -> int:
-        """Return the number of samples (labels); ``0`` for a logits-only payload."""
-        return len(self.labels)
-
-    @classmethod
-    def logits_only(cls, logits: Tensor) -> Payload:
-        """Build a replay-round payload: client logits for samples the server already holds.
-
-        Parameters
-        ----------
-        logits : Tensor
-            The client logits ``Z_c``, one row per stored sample.
-
-        Returns
-        -------
-        Payload
-            A payload with empty features and labels.
-        """
-        return cls(features=torch.empty(0), labels=torch.empty(0, dtype=torch.long), logits=logits)
-
-    @property
-    def has_features(self) -> bool:
-        """Whether the payload carries feature maps (``False`` for :meth:`logits_only`)."""
-        return self.features.dim() == 4
 
 
 def _to_numpy(x: Tensor | np.ndarray) -> np.ndarray:

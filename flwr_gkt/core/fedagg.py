@@ -2,7 +2,7 @@
 
 FedAgg (Wu et al., INFOCOM 2024) arranges nodes in a tree (end devices, edge
 servers, cloud). After a one-time upload of bridge-sample embeddings and
-labels (:mod:`flwr_gkt.bridge`), every round each parent-child pair teaches
+labels (:mod:`flwr_gkt.core.bridge`), every round each parent-child pair teaches
 each other in both directions over the bridge samples of the child's subtree
 (*bridge sample based online distillation protocol*, BSBODP): the teacher
 computes its logits on the decoded bridge samples (:func:`teacher_logits`),
@@ -17,8 +17,8 @@ only those logits cross the link, and the student trains one pass with
 
 with the paper's ``T = 3``, ``beta = 10``, ``gamma = 1`` as defaults. FedEEC's
 self-knowledge rectification is the ``rectify`` argument (applied to the
-teacher's probabilities, see :mod:`flwr_gkt.rectify`). Both use the library's
-one training loop (:func:`flwr_gkt.training.fit`); the optimizer is created
+teacher's probabilities, see :mod:`flwr_gkt.core.rectify`). Both use the library's
+one training loop (:func:`flwr_gkt.core.training.fit`); the optimizer is created
 anew for every call and an incomplete last batch is skipped, as in the
 official code (``drop_last``).
 """
@@ -31,9 +31,9 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from .losses import fedagg_leaf_loss
-from .rectify import Rectifier
-from .training import FitResult, TensorBatches, fit, make_optimizer, predict, to_device
+from flwr_gkt.core.losses import fedagg_leaf_loss
+from flwr_gkt.core.rectify import Rectifier
+from flwr_gkt.core.training import FitResult, TensorBatches, fit, make_optimizer, predict, to_device
 
 __all__ = ["BSBODPConfig", "teacher_logits", "train_leaf", "train_nonleaf"]
 
@@ -53,7 +53,7 @@ class BSBODPConfig:
     batch_size : int
         Mini-batch size; an incomplete last batch is skipped.
     optimizer : str
-        ``sgd`` or ``adam`` (see :func:`flwr_gkt.training.make_optimizer`).
+        ``sgd`` or ``adam`` (see :func:`flwr_gkt.core.training.make_optimizer`).
     lr : float
         Learning rate.
     weight_decay : float
@@ -129,7 +129,7 @@ def train_leaf(
 
     Each step computes the model's logits on a shuffled mini-batch of real
     images and on the bridge samples of the same images, and minimises
-    :func:`~flwr_gkt.losses.fedagg_leaf_loss`::
+    :func:`~flwr_gkt.core.losses.fedagg_leaf_loss`::
 
         CE(f(x), y) + gamma * [CE(f(dec eps), y) + beta * T**2 * KL(teacher || f(dec eps))]
 
@@ -198,7 +198,7 @@ def train_nonleaf(
 ) -> FitResult:
     """Train an edge or the cloud from a neighbour over the bridge samples of a subtree (eq. 2).
 
-    Minimises :func:`~flwr_gkt.losses.fedagg_nonleaf_loss`::
+    Minimises :func:`~flwr_gkt.core.losses.fedagg_nonleaf_loss`::
 
         CE(f(dec eps), y) + beta * T**2 * KL(teacher || f(dec eps))
 
