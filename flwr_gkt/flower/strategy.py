@@ -35,24 +35,33 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
-from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info, sample_nodes
 from flwr.supercore import log
 
-from flwr_gkt.core.checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
 from flwr_gkt.core.edge import EdgeRoundConfig
 from flwr_gkt.core.server import GKTServer, ServerRoundResult
 from flwr_gkt.core.training import Plateau, lr_factor
+from flwr_gkt.flower.resume import (
+    load_strategy_state,
+    reidentify_nodes,
+    resume_from,
+    run_rounds,
+    strategy_state,
+)
+from flwr_gkt.flower.strategy_utils import (
+    edge_config_record,
+    edge_train_metrics,
+    log_evaluate_round,
+    log_summary,
+    log_train_round,
+    merge_row,
+    progress,
+    record_lost_nodes,
+    sample_connected,
+)
 from flwr_gkt.wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
     NODE_TOKEN,
-    NODE_UID,
     NUM_EXAMPLES,
     Payload,
     PayloadError,
@@ -62,84 +71,12 @@ from flwr_gkt.wire import (
     encode_server_logits,
     record_nbytes,
     scalar,
-    settings_record,
 )
 from flwr_gkt.wire.gate import EVALUATE_METRICS, TRAIN_METRICS, ReplyGate
 
-__all__ = ["FedGKT", "edge_train_metrics", "progress"]
+__all__ = ["FedGKT", "edge_config_record", "edge_train_metrics", "progress"]
 
 _MB = 1024 * 1024
-
-
-def progress(server_round: int, num_rounds: int, elapsed: float) -> str:
-    """Format a progress note for long runs.
-
-    Parameters
-    ----------
-    server_round : int
-        The round that just ended.
-    num_rounds : int
-        Total number of rounds; ``0`` or less when unknown (no estimate of the
-        time left is given then).
-    elapsed : float
-        Seconds since the run started.
-
-    Returns
-    -------
-    str
-        For example ``"round 3/10, 42s elapsed, ~98s left"``; the time left is
-        extrapolated from the mean time per round so far.
-    """
-    if num_rounds <= 0:
-        return f"round {server_round}, {elapsed:.0f}s elapsed"
-    left = elapsed / max(server_round, 1) * max(num_rounds - server_round, 0)
-    return f"round {server_round}/{num_rounds}, {elapsed:.0f}s elapsed, ~{left:.0f}s left"
-
-
-def edge_train_metrics(replies: Iterable[tuple[float, MetricRecord]]) -> dict[str, float]:
-    """Summarise the edge side of a round's train replies.
-
-    Parameters
-    ----------
-    replies : Iterable[tuple[float, MetricRecord]]
-        ``(num_examples, metrics)`` of each accepted reply.
-
-    Returns
-    -------
-    dict[str, float]
-        ``edge-train-loss`` / ``edge-train-accuracy`` weighted by the examples
-        (absent when no examples were reported), ``edge-seconds-max`` and
-        ``edge-seconds-mean``.
-    """
-    replies = list(replies)
-    row: dict[str, float] = {}
-    n_edge = sum(size for size, _ in replies)
-    for key in ("edge-train-loss", "edge-train-accuracy"):
-        if n_edge:
-            row[key] = sum(scalar(m, key) * size for size, m in replies if key in m) / n_edge
-    seconds = [scalar(m, "edge-seconds", 0.0) for _, m in replies]
-    row["edge-seconds-max"] = max(seconds, default=0.0)
-    row["edge-seconds-mean"] = sum(seconds) / max(len(seconds), 1)
-    return row
-
-
-def edge_config_record(cfg: EdgeRoundConfig, **extra: Any) -> ConfigRecord:
-    """Build the ConfigRecord of edge settings sent with each train instruction.
-
-    Parameters
-    ----------
-    cfg : EdgeRoundConfig
-        The edge settings; each field ``a_b`` becomes the key ``a-b`` and the
-        KD mode is sent as its string value.
-    **extra : Any
-        Further entries, added as given (they override the settings' keys).
-
-    Returns
-    -------
-    ConfigRecord
-        The record sent to the nodes.
-    """
-    return settings_record(cfg, **extra)
 
 
 class FedGKT(Strategy):
@@ -308,282 +245,34 @@ class FedGKT(Strategy):
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
     ) -> Result:
-        """Run rounds ``completed_round + 1 .. num_rounds`` (see :meth:`Strategy.start`).
-
-        The same loop as Flower's (train, evaluate, centralized evaluation), but
-        it starts after the last completed round -- ``1`` unless :meth:`resume`
-        loaded a checkpoint -- and writes a checkpoint at the end of every round
-        when ``checkpoint_path`` is set. A resumed run first finds the
-        checkpointed nodes again (:meth:`reidentify_nodes`) and starts from the
-        restored server model's weights instead of ``initial_arrays``.
-
-        Parameters
-        ----------
-        grid : Grid
-            The Grid used to send messages to and receive replies from the nodes.
-        initial_arrays : ArrayRecord
-            Initial server model weights (see :meth:`initial_arrays`); nodes
-            never receive them, they are what ``evaluate_fn`` gets in round 0.
-        num_rounds : int
-            Total number of rounds, the resumed ones included; also sets the
-            length of the learning-rate schedule.
-        timeout : float
-            Seconds to wait for the replies of each train / evaluate stage.
-        train_config : ConfigRecord, optional
-            Entries added to every train instruction, over the edge settings.
-            If unset, an empty ConfigRecord is used.
-        evaluate_config : ConfigRecord, optional
-            Entries added to every evaluate instruction. If unset, an empty
-            ConfigRecord is used.
-        evaluate_fn : Callable[[int, ArrayRecord], MetricRecord | None], optional
-            Centralized evaluation of the server model weights; called before
-            the first round (not on a resumed run) and after each round.
-
-        Returns
-        -------
-        Result
-            The final server model weights and the train, evaluate and
-            centralized-evaluation metrics of the rounds run by this call.
-        """
-        self.num_rounds = num_rounds
-        self._run_start = time.perf_counter()
-        log(INFO, "Starting %s strategy:", self.__class__.__name__)
-        log_strategy_start_info(num_rounds, initial_arrays, train_config, evaluate_config)
-        self.summary()
-        train_config = ConfigRecord() if train_config is None else train_config
-        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
-        result = Result()
-        arrays = initial_arrays
-        first = self.completed_round + 1
-        if first > 1:
-            log(INFO, "FedGKT: resuming after round %d of %d", self.completed_round, num_rounds)
-            arrays = ArrayRecord(self.server.model.state_dict())
-            self.reidentify_nodes(grid, timeout)
-        elif evaluate_fn and (res := evaluate_fn(0, initial_arrays)) is not None:
-            result.evaluate_metrics_serverapp[0] = res
-        for server_round in range(first, num_rounds + 1):
-            log(INFO, "")
-            log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
-            replies = grid.send_and_receive(
-                messages=self.configure_train(server_round, arrays, train_config, grid),
-                timeout=timeout,
-            )
-            agg_arrays, train_metrics = self.aggregate_train(server_round, replies)
-            del replies
-            if agg_arrays is not None:
-                result.arrays = arrays = agg_arrays
-            if train_metrics is not None:
-                result.train_metrics_clientapp[server_round] = train_metrics
-            replies = grid.send_and_receive(
-                messages=self.configure_evaluate(server_round, arrays, evaluate_config, grid),
-                timeout=timeout,
-            )
-            eval_metrics = self.aggregate_evaluate(server_round, replies)
-            del replies
-            if eval_metrics is not None:
-                result.evaluate_metrics_clientapp[server_round] = eval_metrics
-            if evaluate_fn and (res := evaluate_fn(server_round, arrays)) is not None:
-                result.evaluate_metrics_serverapp[server_round] = res
-            self.completed_round = server_round
-            if self.checkpoint_path is not None:
-                save_checkpoint(self.checkpoint_path, self.state_dict())
-        log(INFO, "Strategy execution finished in %.2fs", time.perf_counter() - self._run_start)
-        return result
+        """Run rounds ``completed_round + 1 .. num_rounds`` (see :func:`flwr_gkt.flower.resume.run_rounds`)."""
+        return run_rounds(
+            self,
+            grid,
+            initial_arrays,
+            num_rounds,
+            timeout,
+            train_config,
+            evaluate_config,
+            evaluate_fn,
+        )
 
     # ------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
-        """Return everything a resumed run needs.
-
-        Returns
-        -------
-        dict[str, Any]
-            The last completed round, the server's state (model, optimizer,
-            per-node server logits), the feature shape, the learning-rate
-            schedule's position, the RNG states, the round and node histories
-            and the nodes' ``node-uid`` (see :meth:`load_state_dict`). The
-            stored features are not included: nodes send them again.
-        """
-        return {
-            "format": 1,
-            "round": self.completed_round,
-            "num-rounds": self.num_rounds,
-            "server": self.server.state_dict(),
-            "feature-shape": list(self.spec.feature_shape) if self.spec.feature_shape else None,
-            "scheduler": {
-                "lr-schedule": self.lr_schedule,
-                "round": self.completed_round,
-                "num-rounds": self.num_rounds,
-                "next-lr-factor": self._lr_factor(self.completed_round + 1),
-                "plateau": self.plateau.state_dict() if self.plateau else None,
-            },
-            "rng": rng_state(),
-            "history": self.history,
-            "node-history": self.node_history,
-            "node-uids": dict(self.node_uids),
-            "node-tokens": dict(self.node_tokens),
-        }
+        """Return everything a resumed run needs (see :func:`flwr_gkt.flower.resume.strategy_state`)."""
+        return strategy_state(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned.
-
-        The feature store stays empty: every node is asked for its features
-        again in its next train round.
-
-        Parameters
-        ----------
-        state : dict[str, Any]
-            A state returned by :meth:`state_dict` (e.g. read back by
-            :func:`flwr_gkt.core.checkpoint.load_checkpoint`).
-
-        Raises
-        ------
-        CheckpointError
-            If the state has an unknown format or was written with another
-            learning-rate schedule.
-        """
-        if state.get("format") != 1:
-            raise CheckpointError(f"unknown checkpoint format {state.get('format')!r}")
-        if state["scheduler"]["lr-schedule"] != self.lr_schedule:
-            raise CheckpointError(
-                f"checkpoint was written with lr-schedule "
-                f"{state['scheduler']['lr-schedule']!r}, this run uses {self.lr_schedule!r}"
-            )
-        self.server.load_state_dict(state["server"])
-        if self.plateau is not None and state["scheduler"].get("plateau"):
-            self.plateau.load_state_dict(state["scheduler"]["plateau"])
-        if state["feature-shape"] is not None:
-            self.spec = replace(self.spec, feature_shape=tuple(state["feature-shape"]))
-        set_rng_state(state["rng"])
-        self.history = list(state["history"])
-        self.node_history = list(state["node-history"])
-        self.completed_round = int(state["round"])
-        self.node_uids = {int(n): str(u) for n, u in state.get("node-uids", {}).items()}
-        self.node_tokens = {int(n): str(t) for n, t in state.get("node-tokens", {}).items()}
-        self.gate.uid_owner = {uid: node for node, uid in self.node_uids.items()}
-        self.feature_round.clear()  # the store is empty: every node sends its features again
+        """Restore what :meth:`state_dict` returned (see :func:`flwr_gkt.flower.resume.load_strategy_state`)."""
+        return load_strategy_state(self, state)
 
     def reidentify_nodes(self, grid: Grid, timeout: float = 60.0) -> dict[int, int]:
-        """Find the checkpointed nodes again under their current node ids.
-
-        Node ids are not stable across restarts (a Ray simulation draws new
-        ones; a SuperNode that re-registers may get a new one). Every connected
-        node is asked for its ``node-uid`` (a ``query`` message, see
-        :func:`flwr_gkt.flower.client_app.handle_query`); a node whose uid the
-        checkpoint knows under another id takes over that id's per-node state
-        (server logits ``Z_s``). Nodes that do not answer, and uids that are
-        not unique, keep nothing.
-
-        Parameters
-        ----------
-        grid : Grid
-            The Grid used to list the connected nodes and query them.
-        timeout : float
-            Upper bound, in seconds, on each of the two waits: for
-            ``min_available_nodes`` nodes to connect (otherwise at most
-            ``max(node_wait_timeout, 60)``), and for the query replies
-            (otherwise at most 60).
-
-        Returns
-        -------
-        dict[int, int]
-            ``{old node id: new node id}`` of the nodes found under a new id;
-            empty when the checkpoint knows no ``node-uid``.
-        """
-        if not self.node_uids:
-            return {}
-        deadline = time.monotonic() + min(timeout, max(self.node_wait_timeout, 60.0))
-        while (
-            len(ids := sorted(grid.get_node_ids())) < self.min_available_nodes
-            and time.monotonic() < deadline
-        ):
-            time.sleep(1.0)
-        query = ConfigRecord({"query": NODE_UID})
-        messages = [
-            Message(RecordDict({CONFIG_KEY: query}), dst_node_id=n, message_type=MessageType.QUERY)
-            for n in ids
-        ]
-        found: dict[str, list[tuple[int, str | None]]] = {}
-        for claim in self.gate.identities(
-            grid.send_and_receive(messages, timeout=min(timeout, 60.0))
-        ):
-            found.setdefault(claim.uid, []).append((claim.node, claim.token))
-        known: dict[str, list[int]] = {}
-        for node, uid in self.node_uids.items():
-            known.setdefault(uid, []).append(node)
-        mapping, ambiguous, refused = {}, 0, 0
-        for uid, olds in known.items():
-            news = found.get(uid, [])
-            if len(olds) == 1 and len(news) == 1:
-                new, token = news[0]
-                # a bare uid claim is not enough: the node must hold the token it was given
-                if self.node_tokens.get(olds[0]) not in (None, token):
-                    refused += 1
-                    log(
-                        WARNING,
-                        "FedGKT: node %d claims node-uid %s without its token: it gets no state",
-                        new,
-                        uid,
-                    )
-                    continue
-                mapping[olds[0]] = new
-            elif news:
-                ambiguous += 1
-        moved = {old: new for old, new in mapping.items() if old != new}
-        if moved:
-            server = self.server
-            server.logits = {moved.get(n, n): t for n, t in server.logits.items()}
-            server.stored_round = {moved.get(n, n): r for n, r in server.stored_round.items()}
-            self.node_uids = {moved.get(n, n): u for n, u in self.node_uids.items()}
-            self.node_tokens = {moved.get(n, n): t for n, t in self.node_tokens.items()}
-        self.gate.uid_owner = {uid: node for node, uid in self.node_uids.items()}
-        log(
-            INFO,
-            "FedGKT: %d of %d checkpointed nodes found (%d under a new node id), %d uid(s) "
-            "ambiguous, %d claim(s) without the node's token refused",
-            len(mapping),
-            len(self.node_uids),
-            len(moved),
-            ambiguous,
-            refused,
-        )
-        return moved
+        """Find the checkpointed nodes again (see :func:`flwr_gkt.flower.resume.reidentify_nodes`)."""
+        return reidentify_nodes(self, grid, timeout)
 
     def resume(self, path: str | Path | None = None) -> int:
-        """Load the checkpoint at ``path`` and return its round.
-
-        Call it before :meth:`start`, which then goes on after that round.
-
-        Parameters
-        ----------
-        path : str or Path, optional
-            The checkpoint file; defaults to ``checkpoint_path``.
-
-        Returns
-        -------
-        int
-            The last completed round of the checkpoint; ``0`` when there is
-            none (or no path): the run starts from the beginning.
-
-        Raises
-        ------
-        CheckpointError
-            If the checkpoint cannot be read or does not fit this strategy
-            (see :meth:`load_state_dict`).
-        """
-        path = Path(path) if path else self.checkpoint_path
-        state = load_checkpoint(path) if path else None
-        if state is None:
-            log(INFO, "FedGKT: no checkpoint at %s, starting from round 1", path)
-            return 0
-        self.load_state_dict(state)
-        log(
-            INFO,
-            "FedGKT: resumed from %s after round %d (%d nodes with server logits)",
-            path,
-            self.completed_round,
-            len(self.server.logits),
-        )
-        return self.completed_round
+        """Load the checkpoint at ``path``; return its round (see :func:`flwr_gkt.flower.resume.resume_from`)."""
+        return resume_from(self, path)
 
     def _lr_factor(self, server_round: int) -> float:
         return lr_factor(self.lr_schedule, server_round, max(self.num_rounds, server_round))
@@ -626,55 +315,12 @@ class FedGKT(Strategy):
 
     def summary(self) -> None:
         """Log the strategy's configuration."""
-        log(
-            INFO,
-            "\t├──> FedGKT: server model %s on %s",
-            type(self.server.model).__name__,
-            self.server.device,
-        )
-        log(
-            INFO,
-            "\t│\t├── server: E_s=%d, batch %d, T=%.1f, alpha=%.2f, KD mode %s",
-            self.server.epochs,
-            self.server.batch_size,
-            self.server.temperature,
-            self.server.alpha,
-            self.server.kd_mode.value,
-        )
-        log(INFO, "\t│\t└── edge: %s", self.edge_config)
-        log(
-            INFO,
-            "\t└──> Sampling: fraction train %.2f | evaluate %.2f, min nodes %d/%d/%d",
-            self.fraction_train,
-            self.fraction_evaluate,
-            self.min_train_nodes,
-            self.min_evaluate_nodes,
-            self.min_available_nodes,
-        )
+        log_summary(self)
 
     def _sample(self, grid: Grid, fraction: float, min_nodes: int) -> list[int]:
-        if fraction == 0.0:
-            return []
-        wanted = self.min_available_nodes
-        if self.node_wait_timeout > 0:
-            deadline = time.monotonic() + self.node_wait_timeout
-            while len(list(grid.get_node_ids())) < wanted and time.monotonic() < deadline:
-                time.sleep(min(1.0, self.node_wait_timeout))
-            connected = len(list(grid.get_node_ids()))
-            if connected < wanted:
-                log(
-                    WARNING,
-                    "FedGKT: %d node(s) connected after %.0fs, fewer than the %d wanted; "
-                    "going on with them",
-                    connected,
-                    self.node_wait_timeout,
-                    wanted,
-                )
-                wanted = max(connected, 1)
-                min_nodes = min(min_nodes, wanted)
-        num_nodes = int(len(list(grid.get_node_ids())) * fraction)
-        node_ids, _ = sample_nodes(grid, wanted, max(num_nodes, min_nodes))
-        return sorted(node_ids)
+        return sample_connected(
+            grid, fraction, min_nodes, self.min_available_nodes, self.node_wait_timeout
+        )
 
     def _accept(
         self,
@@ -771,33 +417,8 @@ class FedGKT(Strategy):
         return len(evicted)
 
     def _lost_nodes(self, server_round: int, stage: str) -> int:
-        """Record and log nodes that were sent an instruction but have no record this round."""
-        answered = set()
-        for record in reversed(self.node_history):  # this round's records are the newest
-            if record["round"] != server_round:
-                break
-            if record["stage"] == stage and record.get("status") not in ("late", "duplicate"):
-                answered.add(record["node-id"])
         sent = self._sent_train if stage == "train" else self._sent_eval
-        lost = [m.metadata.dst_node_id for m in sent if m.metadata.dst_node_id not in answered]
-        for node in lost:
-            self.node_history.append(
-                {
-                    "round": server_round,
-                    "stage": stage,
-                    "node-id": node,
-                    "status": "lost",
-                    "reason": "no reply before the round timeout",
-                }
-            )
-            log(
-                WARNING,
-                "FedGKT round %d: node %d did not reply to the %s instruction (lost)",
-                server_round,
-                node,
-                stage,
-            )
-        return len(lost)
+        return record_lost_nodes(self.node_history, sent, server_round, stage)
 
     # ------------------------------------------------------------------ train
     def configure_train(
@@ -868,59 +489,39 @@ class FedGKT(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate and store replies, then train the server model on all stored features.
+        """Store the accepted replies, then train the server model (Algorithm 1, lines 5-12).
 
-        Each reply is validated (a bad one is rejected and logged, see
-        ``_accept``) and stored as soon as it is accepted; nodes that did not
-        reply are recorded as lost, and with ``store_max_age`` the features of
-        nodes silent for too long are dropped. With at least
-        ``min_train_replies`` accepted replies the server model trains for
-        ``E_s`` epochs and computes the new ``Z_s`` of each node; otherwise it
-        does not train this round. The round's metrics are appended to
-        :attr:`history`.
-
-        Parameters
-        ----------
-        server_round : int
-            The current round, starting from 1.
-        replies : Iterable[Message]
-            The nodes' replies to :meth:`configure_train`'s instructions.
-
-        Returns
-        -------
-        tuple[ArrayRecord | None, MetricRecord | None]
-            The server model's weights (``None`` when it trained on no
-            example this round) and the round's metrics: node counts, server
-            and edge loss / accuracy, store size, seconds and bytes.
+        Each reply passes the gate (see :meth:`_accept`) and is stored at once.
+        With at least ``min_train_replies`` accepted replies the server model
+        trains ``E_s`` epochs on every stored node's features and computes each
+        node's new ``Z_s``; otherwise it does not train this round. The
+        round's row (node counts, server and edge loss / accuracy, store size,
+        seconds, bytes) is appended to :attr:`history` and returned, with the
+        server model's weights (``None`` when it trained on no example).
         """
-        replies = list(replies)
-        with_features = 0
+        sent_features = 0
 
-        def store(node: int, payload: Payload, _: MetricRecord) -> None:
-            nonlocal with_features
-            with_features += payload.has_features
+        def store(node: int, payload: Payload, _: Mapping[str, float]) -> None:
+            nonlocal sent_features
+            sent_features += payload.has_features
             self._store(node, payload, server_round)
 
-        accepted, nbytes, rejected = self._accept(
-            server_round, replies, with_logits=True, consume=store
-        )
-        ignored = dict(self.ignored)
-        del replies
-        lost = self._lost_nodes(server_round, "train")
-        if self.store_max_age > 0:
-            for node in self.server.evict(server_round - self.store_max_age + 1):
-                self.feature_round.pop(node, None)
-                self.gate.forget(node)
-                log(
-                    WARNING,
-                    "FedGKT round %d: features of node %d dropped (no reply for %d rounds)",
-                    server_round,
-                    node,
-                    self.store_max_age,
-                )
+        accepted, nbytes, rejected = self._accept(server_round, replies, True, store)
+        row: dict[str, float] = {
+            "round": server_round,
+            "nodes-replied": len(accepted),
+            "nodes-rejected": rejected,
+            "nodes-lost": self._lost_nodes(server_round, "train"),
+            "nodes-evicted": 0,
+            "replies-late": self.ignored.get("late", 0),
+            "replies-duplicate": self.ignored.get("duplicate", 0),
+            "nodes-sent-features": sent_features,
+        }
+        self._drop_silent_nodes(server_round)
+        result = ServerRoundResult(0.0, 0.0, 0, 0, 0.0)
         if len(accepted) >= self.min_train_replies:
             result = self.server.train_round(lr_scale=self._server_lr_factor(server_round))
-            evicted = self._book_evictions(server_round)
+            row["nodes-evicted"] = self._book_evictions(server_round)
         else:
             log(
                 WARNING,
@@ -930,16 +531,33 @@ class FedGKT(Strategy):
                 len(accepted),
                 self.min_train_replies,
             )
-            result, evicted = ServerRoundResult(0.0, 0.0, 0, 0, 0.0), 0
-        row: dict[str, float] = {
-            "round": server_round,
-            "nodes-replied": len(accepted),
-            "nodes-rejected": rejected,
-            "nodes-lost": lost,
-            "nodes-evicted": evicted,
-            "replies-late": ignored.get("late", 0),
-            "replies-duplicate": ignored.get("duplicate", 0),
-            "nodes-sent-features": with_features,
+        row |= self._server_row(server_round, result, nbytes)
+        row |= edge_train_metrics([(scalar(m, NUM_EXAMPLES), m) for *_, m in accepted])
+        self.history.append(row)
+        log_train_round(server_round, row)
+        weights = ArrayRecord(self.server.model.state_dict()) if result.num_examples else None
+        return weights, MetricRecord({k: float(v) for k, v in row.items()})
+
+    def _drop_silent_nodes(self, server_round: int) -> None:
+        """With ``store_max_age``, drop the features of nodes silent for that many rounds."""
+        if self.store_max_age <= 0:
+            return
+        for node in self.server.evict(server_round - self.store_max_age + 1):
+            self.feature_round.pop(node, None)
+            self.gate.forget(node)
+            log(
+                WARNING,
+                "FedGKT round %d: features of node %d dropped (no reply for %d rounds)",
+                server_round,
+                node,
+                self.store_max_age,
+            )
+
+    def _server_row(
+        self, server_round: int, result: ServerRoundResult, nbytes: int
+    ) -> dict[str, float]:
+        """Return the server-side columns of a train round's history row."""
+        return {
             "store-memory-mb": self.server.store.memory_bytes / _MB,
             "store-disk-mb": self.server.store.disk_bytes / _MB,
             "server-train-loss": result.loss,
@@ -950,29 +568,6 @@ class FedGKT(Strategy):
             "bytes-up-train": nbytes,
             "bytes-down-train": self._bytes_sent,
         }
-        row.update(edge_train_metrics([(scalar(m, NUM_EXAMPLES), m) for *_, m in accepted]))
-        self.history.append(row)
-        log(
-            INFO,
-            "FedGKT round %d train: %d nodes (%d rejected), server loss %.4f acc %.4f on %d samples "
-            "(%.1fs), edge loss %.4f acc %.4f, up %.2f MB, down %.2f MB",
-            server_round,
-            len(accepted),
-            rejected,
-            result.loss,
-            result.accuracy,
-            result.num_examples,
-            result.seconds,
-            row.get("edge-train-loss", float("nan")),
-            row.get("edge-train-accuracy", float("nan")),
-            nbytes / _MB,
-            self._bytes_sent / _MB,
-        )
-        if result.num_examples == 0:
-            return None, MetricRecord({k: float(v) for k, v in row.items()})
-        return ArrayRecord(self.server.model.state_dict()), MetricRecord(
-            {k: float(v) for k, v in row.items()}
-        )
 
     # --------------------------------------------------------------- evaluate
     def configure_evaluate(
@@ -1019,79 +614,45 @@ class FedGKT(Strategy):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Classify the nodes' test features with the server model.
+        """Classify the nodes' test features with the server model ("online inference").
 
-        Replies are validated as in :meth:`aggregate_train` and evaluated one
-        at a time. The metrics are also merged into the round's row of
-        :attr:`history`.
-
-        Parameters
-        ----------
-        server_round : int
-            The current round, starting from 1.
-        replies : Iterable[Message]
-            The nodes' replies to :meth:`configure_evaluate`'s instructions.
-
-        Returns
-        -------
-        MetricRecord | None
-            ``accuracy`` / ``loss`` (edge extractor + server model) and
-            ``edge-accuracy`` / ``edge-loss`` (edge model alone), weighted by
-            examples, with ``num-examples``, node counts, bytes and the round's
-            seconds; ``None`` when no reply was accepted.
+        Replies pass the gate as in :meth:`aggregate_train` and are evaluated
+        one at a time. Returned (and merged into the round's :attr:`history`
+        row): ``accuracy`` / ``loss`` (edge extractor + server model) and
+        ``edge-accuracy`` / ``edge-loss`` (edge model alone), weighted by
+        examples, with ``num-examples``, node counts, bytes and the round's
+        seconds; ``None`` when no reply was accepted. The plateau schedule
+        steps with the accuracy.
         """
-        replies = list(replies)
-        loss_sum, correct, n, edge_correct, edge_loss = 0.0, 0, 0, 0.0, 0.0
+        sums = Counter[str]()
 
-        def evaluate(node: int, payload: Payload, metrics: MetricRecord) -> None:
-            nonlocal loss_sum, correct, n, edge_correct, edge_loss
-            l_sum, c = self.server.evaluate(payload.features, payload.labels)
-            loss_sum, correct, n = loss_sum + l_sum, correct + c, n + len(payload)
-            edge_correct += scalar(metrics, "edge-accuracy", 0.0) * len(payload)
-            edge_loss += scalar(metrics, "edge-loss", 0.0) * len(payload)
+        def evaluate(node: int, payload: Payload, metrics: Mapping[str, float]) -> None:
+            loss_sum, correct = self.server.evaluate(payload.features, payload.labels)
+            n = len(payload)
+            sums.update({"loss": loss_sum, "correct": correct, "n": n})
+            sums["edge-correct"] += scalar(metrics, "edge-accuracy", 0.0) * n
+            sums["edge-loss"] += scalar(metrics, "edge-loss", 0.0) * n
 
-        accepted, nbytes, rejected = self._accept(
-            server_round, replies, with_logits=False, consume=evaluate
-        )
-        del replies
+        accepted, nbytes, rejected = self._accept(server_round, replies, False, evaluate)
         self._lost_nodes(server_round, "evaluate")
         if not accepted:
             return None
+        n = sums["n"]
         metrics = {
-            "accuracy": correct / n,
-            "loss": loss_sum / n,
-            "edge-accuracy": edge_correct / n,
-            "edge-loss": edge_loss / n,
-            NUM_EXAMPLES: n,
+            "accuracy": sums["correct"] / n,
+            "loss": sums["loss"] / n,
+            "edge-accuracy": sums["edge-correct"] / n,
+            "edge-loss": sums["edge-loss"] / n,
+            NUM_EXAMPLES: int(n),
             "eval-nodes": len(accepted),
             "eval-rejected": rejected,
             "eval-replies-ignored": sum(self.ignored.values()),
             "bytes-up-eval": nbytes,
             "round-seconds": time.perf_counter() - self._round_start,
         }
-        row = (
-            self.history[-1] if self.history and self.history[-1]["round"] == server_round else None
-        )
-        if row is None:
-            row = {"round": server_round}
-            self.history.append(row)
-        row.update({k: float(v) for k, v in metrics.items()})
+        merge_row(self.history, server_round, metrics)
         if self.plateau is not None:  # the reference steps its scheduler with the test accuracy
             self.plateau.step(float(metrics["accuracy"]))
-        log(
-            INFO,
-            "FedGKT round %d eval: accuracy %.4f (edge+server), edge-only %.4f, loss %.4f on %d "
-            "test samples from %d nodes, eval up %.2f MB, round %.1fs [%s]",
-            server_round,
-            metrics["accuracy"],
-            metrics["edge-accuracy"],
-            metrics["loss"],
-            n,
-            len(accepted),
-            nbytes / _MB,
-            metrics["round-seconds"],
-            progress(server_round, self.num_rounds, time.perf_counter() - self._run_start),
-        )
-        return MetricRecord(
-            {k: float(v) if k != NUM_EXAMPLES else int(v) for k, v in metrics.items()}
-        )
+        elapsed = time.perf_counter() - self._run_start
+        log_evaluate_round(server_round, metrics, progress(server_round, self.num_rounds, elapsed))
+        return MetricRecord(metrics)

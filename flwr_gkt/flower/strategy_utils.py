@@ -1,0 +1,317 @@
+"""Helpers of the FedGKT strategies, kept out of the class (as Flower's ``strategy_utils``).
+
+Node sampling with a bounded wait, lost-node bookkeeping, the per-round log
+lines and the edge settings record.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from logging import INFO, WARNING
+from typing import TYPE_CHECKING, Any
+
+from flwr.app import ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+from flwr.supercore import log
+
+from flwr_gkt.core.edge import EdgeRoundConfig
+from flwr_gkt.wire import scalar, settings_record
+
+if TYPE_CHECKING:
+    from flwr_gkt.flower.strategy import FedGKT
+
+__all__ = [
+    "edge_config_record",
+    "edge_train_metrics",
+    "log_evaluate_round",
+    "log_summary",
+    "log_train_round",
+    "merge_row",
+    "progress",
+    "record_lost_nodes",
+    "sample_connected",
+]
+
+_MB = 1024 * 1024
+
+
+def progress(server_round: int, num_rounds: int, elapsed: float) -> str:
+    """Format a progress note for long runs.
+
+    Parameters
+    ----------
+    server_round : int
+        The round that just ended.
+    num_rounds : int
+        Total number of rounds; ``0`` or less when unknown (no estimate of the
+        time left is given then).
+    elapsed : float
+        Seconds since the run started.
+
+    Returns
+    -------
+    str
+        For example ``"round 3/10, 42s elapsed, ~98s left"``; the time left is
+        extrapolated from the mean time per round so far.
+    """
+    if num_rounds <= 0:
+        return f"round {server_round}, {elapsed:.0f}s elapsed"
+    left = elapsed / max(server_round, 1) * max(num_rounds - server_round, 0)
+    return f"round {server_round}/{num_rounds}, {elapsed:.0f}s elapsed, ~{left:.0f}s left"
+
+
+def edge_train_metrics(replies: Iterable[tuple[float, MetricRecord]]) -> dict[str, float]:
+    """Summarise the edge side of a round's train replies.
+
+    Parameters
+    ----------
+    replies : Iterable[tuple[float, MetricRecord]]
+        ``(num_examples, metrics)`` of each accepted reply.
+
+    Returns
+    -------
+    dict[str, float]
+        ``edge-train-loss`` / ``edge-train-accuracy`` weighted by the examples
+        (absent when no examples were reported), ``edge-seconds-max`` and
+        ``edge-seconds-mean``.
+    """
+    replies = list(replies)
+    row: dict[str, float] = {}
+    n_edge = sum(size for size, _ in replies)
+    for key in ("edge-train-loss", "edge-train-accuracy"):
+        if n_edge:
+            row[key] = sum(scalar(m, key) * size for size, m in replies if key in m) / n_edge
+    seconds = [scalar(m, "edge-seconds", 0.0) for _, m in replies]
+    row["edge-seconds-max"] = max(seconds, default=0.0)
+    row["edge-seconds-mean"] = sum(seconds) / max(len(seconds), 1)
+    return row
+
+
+def edge_config_record(cfg: EdgeRoundConfig, **extra: Any) -> ConfigRecord:
+    """Build the ConfigRecord of edge settings sent with each train instruction.
+
+    Parameters
+    ----------
+    cfg : EdgeRoundConfig
+        The edge settings; each field ``a_b`` becomes the key ``a-b`` and the
+        KD mode is sent as its string value.
+    **extra : Any
+        Further entries, added as given (they override the settings' keys).
+
+    Returns
+    -------
+    ConfigRecord
+        The record sent to the nodes.
+    """
+    return settings_record(cfg, **extra)
+
+
+def log_summary(strategy: FedGKT) -> None:
+    """Log a FedGKT strategy's configuration (models, KD, edge settings, sampling).
+
+    Parameters
+    ----------
+    strategy : FedGKT
+        The strategy.
+    """
+    log(
+        INFO,
+        "\t├──> FedGKT: server model %s on %s",
+        type(strategy.server.model).__name__,
+        strategy.server.device,
+    )
+    log(
+        INFO,
+        "\t│\t├── server: E_s=%d, batch %d, T=%.1f, alpha=%.2f, KD mode %s",
+        strategy.server.epochs,
+        strategy.server.batch_size,
+        strategy.server.temperature,
+        strategy.server.alpha,
+        strategy.server.kd_mode.value,
+    )
+    log(INFO, "\t│\t└── edge: %s", strategy.edge_config)
+    log(
+        INFO,
+        "\t└──> Sampling: fraction train %.2f | evaluate %.2f, min nodes %d/%d/%d",
+        strategy.fraction_train,
+        strategy.fraction_evaluate,
+        strategy.min_train_nodes,
+        strategy.min_evaluate_nodes,
+        strategy.min_available_nodes,
+    )
+
+
+def sample_connected(
+    grid: Grid, fraction: float, min_nodes: int, min_available: int, wait_timeout: float
+) -> list[int]:
+    """Sample ``fraction`` of the connected nodes (at least ``min_nodes``), sorted.
+
+    Waits for ``min_available`` connected nodes as Flower's ``sample_nodes``
+    does, but with ``wait_timeout`` > 0 only that long: then it goes on with
+    the nodes that are connected (at least one), with a warning.
+
+    Parameters
+    ----------
+    grid : Grid
+        The Grid to list and sample the nodes.
+    fraction : float
+        Share of the connected nodes to sample (``0``: none).
+    min_nodes : int
+        Fewest nodes to sample.
+    min_available : int
+        Connected nodes to wait for.
+    wait_timeout : float
+        Seconds to wait for them (``0``: forever).
+
+    Returns
+    -------
+    list[int]
+        The sampled node ids.
+    """
+    if fraction == 0.0:
+        return []
+    wanted = min_available
+    if wait_timeout > 0:
+        deadline = time.monotonic() + wait_timeout
+        while len(list(grid.get_node_ids())) < wanted and time.monotonic() < deadline:
+            time.sleep(min(1.0, wait_timeout))
+        connected = len(list(grid.get_node_ids()))
+        if connected < wanted:
+            log(
+                WARNING,
+                "FedGKT: %d node(s) connected after %.0fs, fewer than the %d wanted; "
+                "going on with them",
+                connected,
+                wait_timeout,
+                wanted,
+            )
+            wanted = max(connected, 1)
+            min_nodes = min(min_nodes, wanted)
+    num_nodes = int(len(list(grid.get_node_ids())) * fraction)
+    node_ids, _ = sample_nodes(grid, wanted, max(num_nodes, min_nodes))
+    return sorted(node_ids)
+
+
+def record_lost_nodes(
+    node_history: list[dict[str, Any]], sent: list[Message], server_round: int, stage: str
+) -> int:
+    """Record and log the nodes that were sent an instruction but have no record this round.
+
+    Parameters
+    ----------
+    node_history : list[dict[str, Any]]
+        The strategy's node history; a ``lost`` row is appended per lost node.
+    sent : list[Message]
+        The stage's instructions.
+    server_round : int
+        The current round.
+    stage : str
+        ``train`` or ``evaluate``.
+
+    Returns
+    -------
+    int
+        The number of lost nodes.
+    """
+    answered = set()
+    for record in reversed(node_history):  # this round's records are the newest
+        if record["round"] != server_round:
+            break
+        if record["stage"] == stage and record.get("status") not in ("late", "duplicate"):
+            answered.add(record["node-id"])
+    lost = [m.metadata.dst_node_id for m in sent if m.metadata.dst_node_id not in answered]
+    for node in lost:
+        node_history.append(
+            {
+                "round": server_round,
+                "stage": stage,
+                "node-id": node,
+                "status": "lost",
+                "reason": "no reply before the round timeout",
+            }
+        )
+        log(
+            WARNING,
+            "FedGKT round %d: node %d did not reply to the %s instruction (lost)",
+            server_round,
+            node,
+            stage,
+        )
+    return len(lost)
+
+
+def merge_row(
+    history: list[dict[str, float]], server_round: int, values: Mapping[str, float]
+) -> None:
+    """Merge ``values`` into the history row of ``server_round`` (appended if absent).
+
+    Parameters
+    ----------
+    history : list[dict[str, float]]
+        The strategy's per-round history.
+    server_round : int
+        The round.
+    values : Mapping[str, float]
+        The values to merge (as floats).
+    """
+    if not history or history[-1]["round"] != server_round:
+        history.append({"round": server_round})
+    history[-1].update({k: float(v) for k, v in values.items()})
+
+
+def log_train_round(server_round: int, row: Mapping[str, float]) -> None:
+    """Log a train round's one-line summary from its history row.
+
+    Parameters
+    ----------
+    server_round : int
+        The round.
+    row : Mapping[str, float]
+        Its history row (``aggregate_train``'s keys).
+    """
+    log(
+        INFO,
+        "FedGKT round %d train: %d nodes (%d rejected), server loss %.4f acc %.4f on %d samples "
+        "(%.1fs), edge loss %.4f acc %.4f, up %.2f MB, down %.2f MB",
+        server_round,
+        row["nodes-replied"],
+        row["nodes-rejected"],
+        row["server-train-loss"],
+        row["server-train-accuracy"],
+        row["server-train-examples"],
+        row["server-seconds"],
+        row.get("edge-train-loss", float("nan")),
+        row.get("edge-train-accuracy", float("nan")),
+        row["bytes-up-train"] / _MB,
+        row["bytes-down-train"] / _MB,
+    )
+
+
+def log_evaluate_round(server_round: int, metrics: Mapping[str, float], note: str) -> None:
+    """Log an evaluation's one-line summary.
+
+    Parameters
+    ----------
+    server_round : int
+        The round.
+    metrics : Mapping[str, float]
+        ``aggregate_evaluate``'s metrics.
+    note : str
+        The progress note (:func:`progress`).
+    """
+    log(
+        INFO,
+        "FedGKT round %d eval: accuracy %.4f (edge+server), edge-only %.4f, loss %.4f on %d "
+        "test samples from %d nodes, eval up %.2f MB, round %.1fs [%s]",
+        server_round,
+        metrics["accuracy"],
+        metrics["edge-accuracy"],
+        metrics["loss"],
+        metrics["num-examples"],
+        metrics["eval-nodes"],
+        metrics["bytes-up-eval"] / _MB,
+        metrics["round-seconds"],
+        note,
+    )
