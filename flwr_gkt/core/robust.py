@@ -40,7 +40,8 @@ __all__ = ["find_outliers", "payload_stats"]
 
 
 def _norms(x: torch.Tensor) -> torch.Tensor:
-    return x.detach().flatten(1).double().norm(dim=1)
+    norms: torch.Tensor = x.detach().flatten(1).double().norm(dim=1)
+    return norms
 
 
 def payload_stats(payload: Payload) -> dict[str, float]:

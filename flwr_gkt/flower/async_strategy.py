@@ -116,7 +116,7 @@ from __future__ import annotations
 import io
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
@@ -164,7 +164,7 @@ class _Tally:
     server_seconds: float = 0.0
     with_features: int = 0
     staleness: list[int] = field(default_factory=list)
-    edge: list[tuple[float, MetricRecord]] = field(default_factory=list)
+    edge: list[tuple[float, Mapping[str, float]]] = field(default_factory=list)
 
 
 @dataclass
@@ -491,7 +491,7 @@ class AsyncFedGKT(FedGKT):
             self._sent_train = [flight.message]
             with_features = []
 
-            def store(node_: int, payload: Payload, _: MetricRecord) -> None:
+            def store(node_: int, payload: Payload, _: Mapping[str, float]) -> None:
                 with_features.append(payload.has_features)
                 self._store(node_, payload, server_round)
 

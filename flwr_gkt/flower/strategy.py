@@ -624,12 +624,14 @@ class FedGKT(Strategy):
         seconds; ``None`` when no reply was accepted. The plateau schedule
         steps with the accuracy.
         """
-        sums = Counter[str]()
+        sums = dict.fromkeys(("loss", "correct", "n", "edge-correct", "edge-loss"), 0.0)
 
         def evaluate(node: int, payload: Payload, metrics: Mapping[str, float]) -> None:
             loss_sum, correct = self.server.evaluate(payload.features, payload.labels)
             n = len(payload)
-            sums.update({"loss": loss_sum, "correct": correct, "n": n})
+            sums["loss"] += loss_sum
+            sums["correct"] += correct
+            sums["n"] += n
             sums["edge-correct"] += scalar(metrics, "edge-accuracy", 0.0) * n
             sums["edge-loss"] += scalar(metrics, "edge-loss", 0.0) * n
 
@@ -638,7 +640,7 @@ class FedGKT(Strategy):
         if not accepted:
             return None
         n = sums["n"]
-        metrics = {
+        metrics: dict[str, float] = {
             "accuracy": sums["correct"] / n,
             "loss": sums["loss"] / n,
             "edge-accuracy": sums["edge-correct"] / n,
@@ -655,4 +657,4 @@ class FedGKT(Strategy):
             self.plateau.step(float(metrics["accuracy"]))
         elapsed = time.perf_counter() - self._run_start
         log_evaluate_round(server_round, metrics, progress(server_round, self.num_rounds, elapsed))
-        return MetricRecord(metrics)
+        return MetricRecord(dict(metrics))

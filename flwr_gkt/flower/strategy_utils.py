@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from logging import INFO, WARNING
 from typing import TYPE_CHECKING, Any
 
-from flwr.app import ConfigRecord, Message, MetricRecord
+from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
@@ -62,12 +62,12 @@ def progress(server_round: int, num_rounds: int, elapsed: float) -> str:
     return f"round {server_round}/{num_rounds}, {elapsed:.0f}s elapsed, ~{left:.0f}s left"
 
 
-def edge_train_metrics(replies: Iterable[tuple[float, MetricRecord]]) -> dict[str, float]:
+def edge_train_metrics(replies: Iterable[tuple[float, Mapping[str, Any]]]) -> dict[str, float]:
     """Summarise the edge side of a round's train replies.
 
     Parameters
     ----------
-    replies : Iterable[tuple[float, MetricRecord]]
+    replies : Iterable[tuple[float, Mapping[str, Any]]]
         ``(num_examples, metrics)`` of each accepted reply.
 
     Returns

@@ -186,7 +186,7 @@ def read_metrics(
     PayloadError
         If ``num-examples`` is missing or not a non-negative integer.
     """
-    kept: dict[str, float] = {}
+    kept: dict[str, Any] = {}
     dropped = 0
     for key, value in (record or {}).items():
         ok = (
@@ -553,13 +553,15 @@ class ReplyGate:
             others = (
                 [s for n, s in self.reference.items() if n not in fresh] if stage == "train" else []
             )
-            reasons = find_outliers([s for _, s in batch] + others, self.outlier_threshold)
+            context: list[dict[str, float] | None] = [s for _, s in batch]
+            context.extend(others)
+            reasons = find_outliers(context, self.outlier_threshold)
             kept = []
-            for (i, s), why in zip(batch, reasons[: len(batch)], strict=True):
+            for (i, s), outlier in zip(batch, reasons[: len(batch)], strict=True):
                 node, msg, record, *_ = candidates[i]
-                if s is not None and why is not None:
-                    self._reject(result, record, "rejected", why)
-                if s is not None and why is None:
+                if s is not None and outlier is not None:
+                    self._reject(result, record, "rejected", outlier)
+                if s is not None and outlier is None:
                     kept.append(candidates[i])
                     stats[node] = s
                 else:
