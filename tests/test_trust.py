@@ -633,10 +633,8 @@ def test_fuzz_fedgkt_train_and_evaluate_replies(records, evaluate):
 @given(hostile_records())
 def test_fuzz_async_replies(records):
     metrics, node = _records(*records)
-    torch.manual_seed(0)
-    from test_hostile import tiny_server_model
-
     strategy = FUZZ_ASYNC
+    before = [dict(r) for r in strategy.node_history]
     rnd = len(strategy.node_history) + 1
     (msg,) = strategy._build(strategy.configure_train, rnd, 11, ConfigRecord(), FakeGrid([11]))
     strategy._sent_train = [msg]
@@ -649,7 +647,7 @@ def test_fuzz_async_replies(records):
         rnd, [Message(content, reply_to=msg)], True, lambda n, p, m: strategy._store(n, p, rnd)
     )
     FUZZ["replies"] += 1
-    del tiny_server_model
+    assert strategy.node_history[: len(before)] == before
 
 
 def _async_strategy():
