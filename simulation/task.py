@@ -323,6 +323,7 @@ def make_gkt_server(cfg: RunConfig, spill_dir: str | Path | None = None) -> GKTS
         alpha=cfg.alpha,
         kd_mode=cfg.kd_mode,
         device=cfg.device,
+        precision=cfg.server_precision,
         seed=cfg.seed,
         memory_budget=int(cfg.memory_budget_mb * 1024 * 1024) if cfg.memory_budget_mb > 0 else None,
         spill_dir=cfg.spill_dir or spill_dir,
@@ -341,6 +342,7 @@ def edge_config(cfg: RunConfig) -> EdgeRoundConfig:
         alpha=cfg.alpha,
         kd_mode=cfg.kd_mode,  # type: ignore[arg-type]
         freeze_extractor=bool(cfg.freeze_extractor),
+        precision=cfg.edge_precision,
     )
 
 

@@ -236,9 +236,7 @@ def test_async_compares_a_lone_reply_with_the_stored_payloads_and_drops_leave_th
     server = GKTServer(tiny_server_model(), epochs=1, batch_size=16, device="cpu")
     strategy = AsyncFedGKT(server, 10, feature_shape=SHAPE, min_available_nodes=1)
     for rnd, node in enumerate(NODES[:3], 1):  # three honest payloads stored one at a time
-        (msg,) = strategy._build(
-            strategy.configure_train, rnd, node, ConfigRecord(), FakeGrid([node])
-        )
+        msg = strategy._build(strategy.configure_train, rnd, node, ConfigRecord(), FakeGrid([node]))
         strategy._sent_train = [msg]
         strategy._accept(
             rnd,
@@ -246,7 +244,7 @@ def test_async_compares_a_lone_reply_with_the_stored_payloads_and_drops_leave_th
             True,
             lambda n, p, m, r=rnd: strategy._store(n, p, r),
         )
-    (msg,) = strategy._build(strategy.configure_train, 4, 44, ConfigRecord(), FakeGrid([44]))
+    msg = strategy._build(strategy.configure_train, 4, 44, ConfigRecord(), FakeGrid([44]))
     strategy._sent_train = [msg]
     f, y, z = honest(44, 4)
     accepted, _, rejected = strategy._accept(4, [reply_to(msg, f * 1000, y, z)], True)
@@ -636,7 +634,7 @@ def test_fuzz_async_replies(records):
     strategy = FUZZ_ASYNC
     before = [dict(r) for r in strategy.node_history]
     rnd = len(strategy.node_history) + 1
-    (msg,) = strategy._build(strategy.configure_train, rnd, 11, ConfigRecord(), FakeGrid([11]))
+    msg = strategy._build(strategy.configure_train, rnd, 11, ConfigRecord(), FakeGrid([11]))
     strategy._sent_train = [msg]
     f, y, z = honest(11, rnd)
     content = RecordDict({ARRAYS_KEY: encode_payload(f, y, z), METRICS_KEY: metrics_record(len(y))})

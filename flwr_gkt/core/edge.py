@@ -16,7 +16,14 @@ from torch import Tensor
 
 from flwr_gkt.core.losses import KDMode
 from flwr_gkt.core.models import EdgeModel
-from flwr_gkt.core.training import FitResult, TensorBatches, fit, make_optimizer, to_device
+from flwr_gkt.core.training import (
+    FitResult,
+    TensorBatches,
+    autocast,
+    fit,
+    make_optimizer,
+    to_device,
+)
 
 __all__ = ["EdgeRoundConfig", "extract", "train_edge"]
 
@@ -49,6 +56,9 @@ class EdgeRoundConfig:
         converted to :class:`~flwr_gkt.core.losses.KDMode`.
     freeze_extractor : bool
         EcoFed: train only the classifier ``f_c`` on top of a frozen ``f_e``.
+    precision : str
+        Autocast precision of training and extraction (``fp32``, ``bf16``,
+        ``fp16``; see :func:`flwr_gkt.core.training.autocast`).
     extract_augment : bool
         Whether the extraction pass after training sees augmented inputs (as
         the reference's loader does). The strategy turns it off with replay
@@ -73,6 +83,8 @@ class EdgeRoundConfig:
     freeze_extractor: bool = False
     #: Augment the inputs of the extraction pass too (off with replay).
     extract_augment: bool = True
+    #: Autocast precision of training and extraction.
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         """Convert ``kd_mode`` to :class:`~flwr_gkt.core.losses.KDMode`."""
@@ -139,6 +151,7 @@ def train_edge(
         teacher_logits=teacher,
         temperature=cfg.temperature,
         alpha=cfg.alpha,
+        precision=cfg.precision,
     )
 
 
@@ -150,6 +163,7 @@ def extract(
     device: torch.device,
     augment: Augment | None = None,
     generator: torch.Generator | None = None,
+    precision: str = "fp32",
 ) -> tuple[Tensor, Tensor]:
     """Return the features ``H`` and logits ``Z_c`` of every sample, in order, in eval mode.
 
@@ -171,6 +185,8 @@ def extract(
         ``augment(inputs, generator) -> inputs`` applied to every batch.
     generator : torch.Generator, optional
         Source of randomness for ``augment``.
+    precision : str
+        Autocast precision of the forward passes (outputs are float32).
 
     Returns
     -------
@@ -180,11 +196,12 @@ def extract(
     """
     model.eval()
     feats, logits = [], []
-    for start in range(0, len(x), batch_size):
-        inputs = x[start : start + batch_size]
-        if augment is not None:
-            inputs = augment(inputs, generator)
-        z, h = model.forward_with_features(to_device(inputs, device))
-        feats.append(h.float().cpu().contiguous())
-        logits.append(z.float().cpu())
+    with autocast(device, precision):
+        for start in range(0, len(x), batch_size):
+            inputs = x[start : start + batch_size]
+            if augment is not None:
+                inputs = augment(inputs, generator)
+            z, h = model.forward_with_features(to_device(inputs, device))
+            feats.append(h.float().cpu().contiguous())
+            logits.append(z.float().cpu())
     return torch.cat(feats), torch.cat(logits)

@@ -31,6 +31,7 @@ from flwr_gkt.core.store import FeatureStore
 from flwr_gkt.core.training import (
     FitResult,
     TensorBatches,
+    autocast,
     evaluate_logits,
     fit,
     get_device,
@@ -93,6 +94,9 @@ class GKTServer:
         The server distils from client logits only in mode ``both``.
     device : str
         ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:i]"``.
+    precision : str
+        Autocast precision of training and inference: ``fp32``, ``bf16`` or
+        ``fp16`` (see :func:`flwr_gkt.core.training.autocast`).
     seed : int
         Seed of the shuffling generator.
     memory_budget : int, optional
@@ -116,11 +120,14 @@ class GKTServer:
         alpha: float = 1.0,
         kd_mode: KDMode | str = KDMode.BOTH,
         device: str = "auto",
+        precision: str = "fp32",
         seed: int = 0,
         memory_budget: int | None = None,
         spill_dir: str | Path | None = None,
     ) -> None:
         self.device = get_device(device)
+        autocast(self.device, precision)  # raises where the precision is not supported
+        self.precision = precision
         self.model = prepare_model(model, self.device)
         self.optimizer = make_optimizer(optimizer, self.model.parameters(), lr, weight_decay)
         self.lr = float(lr)
@@ -391,6 +398,7 @@ class GKTServer:
             temperature=self.temperature,
             alpha=self.alpha,
             capture_logits=capture_logits,
+            precision=self.precision,
         )
 
     def _train_round(self, nodes: list[int]) -> ServerRoundResult:
@@ -407,7 +415,7 @@ class GKTServer:
             )
         else:
             all_logits = predict(
-                self.model, self.store.batches(nodes, self.batch_size), self.device
+                self.model, self.store.batches(nodes, self.batch_size), self.device, self.precision
             )
             loss_sum, correct = evaluate_logits(all_logits, labels)
             loss, acc, secs = loss_sum / total, correct / total, 0.0
@@ -460,7 +468,9 @@ class GKTServer:
         if self.epochs > 0:
             result = self._fit(nodes, size=size)
             loss, accuracy = result.loss, result.accuracy
-        logits = predict(self.model, self.store.batches([node], self.batch_size), self.device)
+        logits = predict(
+            self.model, self.store.batches([node], self.batch_size), self.device, self.precision
+        )
         self.logits[node] = logits
         if self.epochs == 0:
             loss_sum, correct = evaluate_logits(logits, self.store.labels([node]))
@@ -482,7 +492,8 @@ class GKTServer:
             Logits ``(N, num_classes)``, on the CPU.
         """
         labels = torch.zeros(len(features), dtype=torch.long)
-        return predict(self.model, TensorBatches(features, labels, self.batch_size), self.device)
+        batches = TensorBatches(features, labels, self.batch_size)
+        return predict(self.model, batches, self.device, self.precision)
 
     def evaluate(self, features: Tensor, labels: Tensor) -> tuple[float, int]:
         """Evaluate the server model on feature maps.

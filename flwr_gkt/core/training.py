@@ -24,11 +24,14 @@ from flwr_gkt.core.losses import gkt_loss
 from flwr_gkt.core.rectify import Rectifier
 
 __all__ = [
+    "PRECISIONS",
     "Batch",
     "FitResult",
     "Plateau",
     "StepLoss",
     "TensorBatches",
+    "autocast",
+    "bf16_supported",
     "evaluate_logits",
     "fit",
     "get_device",
@@ -373,6 +376,7 @@ def fit(
     capture_logits: int | None = None,
     rectify: Rectifier | None = None,
     loss_fn: StepLoss | None = None,
+    precision: str = "fp32",
 ) -> FitResult:
     """Train ``model`` for ``epochs`` passes with CE (+ KD from a teacher).
 
@@ -409,54 +413,84 @@ def fit(
         replaces the forward pass and :func:`~flwr_gkt.core.losses.gkt_loss` (e.g.
         FedAgg's leaf loss, which needs two forward passes); ``logits`` are
         what accuracy and ``capture_logits`` use.
+    precision : str
+        ``fp32``, ``bf16`` or ``fp16``: the forward pass and loss run under
+        :func:`torch.autocast` (see :func:`autocast`); ``fp16`` scales the
+        loss with a :class:`torch.amp.GradScaler`.
 
     Returns
     -------
     FitResult
         Loss, accuracy and sample count of the last epoch, the wall time and,
         with ``capture_logits``, the last epoch's logits.
+
+    Notes
+    -----
+    Nothing in the batch loop waits for the device: the loss and correct
+    counts are summed on the device and read once, after the last epoch, and
+    captured logits are written into a tensor on the device.
     """
     start = time.perf_counter()
     teacher = teacher_logits.to(device) if teacher_logits is not None else None
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     captured: Tensor | None = None
     model.train()
-    total_loss, correct, seen = 0.0, 0, 0
+    acc_dtype = torch.float32 if device.type == "mps" else torch.float64
+    loss_sum = correct = torch.zeros((), dtype=acc_dtype, device=device)
+    seen = 0
     for epoch in range(epochs):
         capturing = capture_logits is not None and epoch == epochs - 1
-        total_loss, correct, seen = 0.0, 0, 0
+        loss_sum = torch.zeros((), dtype=acc_dtype, device=device)
+        correct = torch.zeros((), dtype=acc_dtype, device=device)
+        seen = 0
         for inputs, labels, index in batches:
             inputs = to_device(inputs, device)
             labels = labels.to(device, non_blocking=True)
-            batch_teacher = teacher[index.to(device)] if teacher is not None else None
-            if loss_fn is None:
-                logits = model(inputs)
-                loss = gkt_loss(logits, labels, batch_teacher, temperature, alpha, rectify)
-            else:
-                loss, logits = loss_fn(model, inputs, labels, batch_teacher)
+            index = index.to(device, non_blocking=True)
+            batch_teacher = teacher[index] if teacher is not None else None
+            with autocast(device, precision):
+                if loss_fn is None:
+                    logits = model(inputs)
+                    loss = gkt_loss(
+                        logits.float(), labels, batch_teacher, temperature, alpha, rectify
+                    )
+                else:
+                    loss, logits = loss_fn(model, inputs, labels, batch_teacher)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            with torch.no_grad():  # summed on the device: no host synchronisation per step
                 n = len(labels)
-                total_loss += float(loss) * n
-                correct += int((logits.argmax(1) == labels).sum())
+                loss_sum += loss.detach().to(acc_dtype) * n
+                correct += (logits.argmax(1) == labels).sum()
                 seen += n
                 if capturing:
                     if captured is None:
-                        shape = (int(capture_logits or 0), logits.shape[1])
-                        captured = torch.full(shape, float("nan"))
-                    captured[index] = logits.float().cpu()
+                        captured = _nan_rows(capture_logits or 0, logits.shape[1], device)
+                    captured[index] = logits.detach().float()
     return FitResult(
-        loss=total_loss / max(seen, 1),
-        accuracy=correct / max(seen, 1),
+        loss=float(loss_sum) / max(seen, 1),
+        accuracy=int(correct) / max(seen, 1),
         num_examples=seen,
         seconds=time.perf_counter() - start,
-        last_epoch_logits=captured,
+        last_epoch_logits=None if captured is None else captured.cpu(),
     )
 
 
+def _nan_rows(rows: int, columns: int, device: torch.device) -> Tensor:
+    """A ``rows x columns`` float32 tensor of NaN on ``device`` (captured logits)."""
+    return torch.full((rows, columns), float("nan"), device=device)
+
+
 @torch.inference_mode()
-def predict(model: nn.Module, batches: Iterable[Batch], device: torch.device) -> Tensor:
+def predict(
+    model: nn.Module, batches: Iterable[Batch], device: torch.device, precision: str = "fp32"
+) -> Tensor:
     """Return the logits of ``model`` in eval mode for every batch, concatenated on the CPU.
 
     Runs under :func:`torch.inference_mode`; labels and indices of the batches
@@ -470,6 +504,8 @@ def predict(model: nn.Module, batches: Iterable[Batch], device: torch.device) ->
         ``(inputs, labels, index)`` batches, in the order of the output rows.
     device : torch.device
         Where the model lives; inputs are moved there.
+    precision : str
+        ``fp32``, ``bf16`` or ``fp16`` (see :func:`autocast`).
 
     Returns
     -------
@@ -477,8 +513,70 @@ def predict(model: nn.Module, batches: Iterable[Batch], device: torch.device) ->
         Float32 logits ``(N, C)`` on the CPU (an empty tensor for no batches).
     """
     model.eval()
-    outs = [model(to_device(inputs, device)).float().cpu() for inputs, _, _ in batches]
-    return torch.cat(outs) if outs else torch.empty(0)
+    outs = []
+    with autocast(device, precision):
+        for inputs, _, _ in batches:  # kept on the device; one copy to the host at the end
+            outs.append(model(to_device(inputs, device)).float())
+    return torch.cat(outs).cpu() if outs else torch.empty(0)
+
+
+#: Training / inference precisions (``edge-precision``, ``server-precision``).
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """Return the autocast context of ``precision`` on ``device``.
+
+    ``fp32``: disabled. ``bf16``: bfloat16 autocast, on CUDA devices and CPUs
+    that support it (AVX512-BF16 / AMX). ``fp16``: float16 autocast, CUDA only
+    (pair it with a gradient scaler, as :func:`fit` does).
+
+    Parameters
+    ----------
+    device : torch.device
+        The device the model runs on.
+    precision : str
+        One of :data:`PRECISIONS`.
+
+    Returns
+    -------
+    torch.autocast
+        The context manager.
+
+    Raises
+    ------
+    ValueError
+        If ``precision`` is unknown or not supported on ``device``.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 needs a CUDA device; use bf16 on the CPU")
+    if precision == "bf16" and not bf16_supported(device):
+        raise ValueError(f"precision bf16 is not supported on this {device.type} device; use fp32")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Return whether ``device`` runs bfloat16 autocast natively.
+
+    Parameters
+    ----------
+    device : torch.device
+        A CPU or CUDA device.
+
+    Returns
+    -------
+    bool
+        CUDA: :func:`torch.cuda.is_bf16_supported`; CPU: oneDNN's bf16 support
+        (AVX512-BF16 or AMX).
+    """
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    return bool(
+        torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
 
 
 def evaluate_logits(logits: Tensor, labels: Tensor) -> tuple[float, int]:

@@ -164,7 +164,9 @@ def edge_round(
     )
     start = time.perf_counter()
     augment = data.augment if cfg.extract_augment else None
-    features, logits = extract(model, data.x_train, cfg.batch_size, device, augment, gen)
+    features, logits = extract(
+        model, data.x_train, cfg.batch_size, device, augment, gen, cfg.precision
+    )
     seconds = result.seconds + time.perf_counter() - start
     context.state.array_records[STATE_MODEL] = ArrayRecord(model.state_dict())
     return features, logits, result, seconds
@@ -530,7 +532,8 @@ def handle_evaluate(
         restore_state(context, state_dir, int(scalar(config, "server-round", 0)) or None)
     model = load_edge_model(context, build_model, dev)
     batch_size = int(scalar(config, "batch-size", 64))
-    features, logits = extract(model, data.x_test, batch_size, dev)
+    precision = str(config.get("precision", "fp32"))
+    features, logits = extract(model, data.x_test, batch_size, dev, precision=precision)
     loss_sum, correct = evaluate_logits(logits, data.y_test)
     n = len(data.y_test)
     if privacy is not None:

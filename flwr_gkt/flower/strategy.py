@@ -597,7 +597,11 @@ class FedGKT(Strategy):
         """
         node_ids = self._eval_nodes(grid)
         eval_config = ConfigRecord(
-            {"batch-size": self.edge_config.batch_size, "feature-dtype": self.feature_dtype}
+            {
+                "batch-size": self.edge_config.batch_size,
+                "feature-dtype": self.feature_dtype,
+                "precision": self.edge_config.precision,
+            }
         )
         eval_config.update(config)
         eval_config["server-round"] = server_round

@@ -1,0 +1,94 @@
+"""Issue 18 (part): mixed precision and a training loop without per-step host syncs."""
+
+import ast
+import inspect
+import textwrap
+
+import pytest
+import torch
+
+from flwr_gkt.core import training
+from flwr_gkt.core.models import resnet8
+from flwr_gkt.core.registry import build_server_model
+from flwr_gkt.core.server import GKTServer
+from flwr_gkt.core.training import (
+    TensorBatches,
+    autocast,
+    bf16_supported,
+    evaluate_logits,
+    fit,
+    make_optimizer,
+    predict,
+)
+from flwr_gkt.data import client_data
+
+CPU = torch.device("cpu")
+
+
+def _train(precision: str, epochs: int = 3) -> tuple[float, float]:
+    data = client_data(0, 1, fraction=0.02, test_fraction=0.05, seed=0)
+    torch.manual_seed(0)
+    model = resnet8(10, 1)
+    gen = torch.Generator().manual_seed(0)
+    res = fit(
+        model,
+        TensorBatches(data.x_train, data.y_train, 32, True, gen),
+        make_optimizer("adam", model.parameters(), 0.003),
+        epochs=epochs,
+        device=CPU,
+        precision=precision,
+    )
+    logits = predict(model, TensorBatches(data.x_test, data.y_test, 128), CPU, precision)
+    _, correct = evaluate_logits(logits, data.y_test)
+    return res.loss, correct / len(data.y_test)
+
+
+@pytest.mark.skipif(not bf16_supported(CPU), reason="this CPU has no bf16 support")
+def test_bf16_learns_and_matches_fp32_on_a_tiny_run():
+    loss32, acc32 = _train("fp32")
+    loss16, acc16 = _train("bf16")
+    assert acc16 > 0.5 and acc32 > 0.5  # chance: 0.1
+    assert abs(acc16 - acc32) < 0.08
+    assert loss16 == pytest.approx(loss32, rel=0.15)
+
+
+def test_unsupported_precisions_fail_clearly():
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        autocast(CPU, "fp16")
+    with pytest.raises(ValueError, match="unknown precision"):
+        autocast(CPU, "fp8")
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        GKTServer(build_server_model("resnet10", 10), device="cpu", precision="fp16")
+
+
+@pytest.mark.skipif(not bf16_supported(CPU), reason="this CPU has no bf16 support")
+def test_server_trains_in_bf16():
+    torch.manual_seed(0)
+    from flwr_gkt.core.payload import Payload
+
+    server = GKTServer(
+        build_server_model("resnet10", 10), epochs=2, batch_size=16, device="cpu", precision="bf16"
+    )
+    gen = torch.Generator().manual_seed(1)
+    y = torch.randint(0, 10, (64,), generator=gen)
+    x = torch.randn(64, 16, 8, 8, generator=gen) + y.view(-1, 1, 1, 1).float()
+    server.put(1, Payload(x, y, torch.randn(64, 10, generator=gen)))
+    result = server.train_round()
+    assert result.num_examples == 64 and torch.isfinite(server.server_logits(1)).all()
+    assert server.server_logits(1).dtype == torch.float32
+
+
+def test_the_training_loop_does_not_synchronise_with_the_device_per_step():
+    """Code check: inside the batch loop of ``fit`` nothing reads a tensor back to the host."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(training.fit)))
+    loops = [n for n in ast.walk(tree) if isinstance(n, ast.For)]
+    batch_loop = next(n for n in loops if ast.unparse(n.target).startswith("(inputs, labels"))
+    syncing = []
+    for node in ast.walk(batch_loop):
+        if isinstance(node, ast.Call):
+            name = ast.unparse(node.func)
+            if name in ("float", "int", "bool") or name.endswith(
+                (".item", ".cpu", ".tolist", ".numpy")
+            ):
+                syncing.append(ast.unparse(node))
+    assert not syncing, f"per-step host synchronisation in fit: {syncing}"
