@@ -483,7 +483,7 @@ def fit(
 
 
 def _nan_rows(rows: int, columns: int, device: torch.device) -> Tensor:
-    """A ``rows x columns`` float32 tensor of NaN on ``device`` (captured logits)."""
+    """Return a ``rows x columns`` float32 tensor of NaN on ``device`` (captured logits)."""
     return torch.full((rows, columns), float("nan"), device=device)
 
 
