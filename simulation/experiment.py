@@ -56,7 +56,7 @@ import yaml
 
 from flwr_gkt.config import RunConfig, add_override_argument, parse_overrides
 
-from .report import find_runs, load_run, markdown_table, plot_runs, write_long_csv
+from .report import find_runs, load_run, markdown_table, plot_grid, plot_runs, write_long_csv
 
 EXPERIMENTS_DIR = Path(__file__).parent / "experiments"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -346,7 +346,12 @@ def main(argv: list[str] | None = None) -> int:
         plot_runs(done, out_dir / "comparison.png", title=title)
         table = markdown_table(done, spec.get("columns"))
         if "grid" in spec:
-            table = f"{grid_table(spec, done)}\n## All runs\n\n{table}"
+            table = f"{grid_table(spec, done)}\n![curves](grid.png)\n\n## All runs\n\n{table}"
+            cells = [
+                (spec["runs"][r.path.name]["row"], spec["runs"][r.path.name]["column"], r)
+                for r in done
+            ]
+            plot_grid(cells, out_dir / "grid.png", title=title)
         (out_dir / "summary.md").write_text(f"# {title}\n\n{table}")
         print(
             f"\n{table}\nwritten: {out_dir / 'comparison.csv'}, {out_dir / 'comparison.png'}, "

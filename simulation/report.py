@@ -16,7 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Run", "find_runs", "load_run", "markdown_table", "plot_runs", "write_long_csv"]
+__all__ = [
+    "Run",
+    "find_runs",
+    "load_run",
+    "markdown_table",
+    "plot_grid",
+    "plot_runs",
+    "write_long_csv",
+]
 
 _MB = 1024 * 1024
 # Config keys that never distinguish runs in a table.
@@ -174,6 +182,46 @@ def plot_runs(runs: Sequence[Run], path: Path, title: str = "") -> None:
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_grid(
+    cells: Sequence[tuple[str, str, Run]], path: Path, title: str = "", columns: Sequence[str] = ()
+) -> None:
+    """Accuracy vs round, one panel per grid column, one line per grid row.
+
+    ``cells`` holds ``(row label, column label, run)``; ``columns`` fixes the
+    panel order (default: first appearance).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = list(columns) or list(dict.fromkeys(c for _, c, _ in cells))
+    fig, axes = plt.subplots(
+        1, len(order), figsize=(5.2 * len(order), 4.4), sharey=True, squeeze=False
+    )
+    for ax, column in zip(axes[0], order, strict=True):
+        for row, col, run in cells:
+            if col != column:
+                continue
+            rounds = [int(r["round"]) for r in run.history]
+            style = (
+                "--"
+                if run.algorithm == "fedavg"
+                else (":" if run.algorithm.startswith("centralized") else "-")
+            )
+            ax.plot(rounds, run.accuracies(), style, marker="o", ms=2, label=row)
+        ax.set(
+            title=column, xlabel="round (centralized: epochs x edge-epochs)", ylabel="test accuracy"
+        )
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

@@ -158,3 +158,41 @@ def test_fedgkt_and_fedavg_side_by_side_on_the_same_dirichlet_partitions(tmp_pat
     assert (out / "gkt" / "server_model.pt").is_file() and (
         out / "avg" / "fedavg_model.pt"
     ).is_file()
+
+
+def test_grid_experiment_expands_rows_by_columns_and_tables_them(tmp_path):
+    from simulation.experiment import expand_grid, grid_table
+    from simulation.report import plot_grid
+
+    grid = {
+        "rows": {
+            "gkt": {"label": "FedGKT", "algorithm": "fedgkt", "set": {"kd-mode": "both"}},
+            "avg": {"label": "FedAvg", "algorithm": "fedavg"},
+        },
+        "columns": {
+            "iid": {"label": "IID", "set": {"partition": "iid"}},
+            "dir": {"label": "Dir", "preset": "fmnist-small-noniid", "set": {"kd-mode": "none"}},
+        },
+    }
+    runs = expand_grid(grid)
+    assert list(runs) == ["gkt--iid", "avg--iid", "gkt--dir", "avg--dir"]  # column by column
+    assert runs["gkt--dir"]["set"] == {"kd-mode": "both"}  # the row's settings win
+    assert (
+        runs["avg--dir"]["preset"] == "fmnist-small-noniid" and runs["avg--dir"]["row"] == "FedAvg"
+    )
+    spec = {"grid": grid, "runs": runs}
+    cfg = RunConfig(results_dir=str(tmp_path))
+    for i, name in enumerate(["gkt--iid", "avg--iid", "gkt--dir"]):
+        run_cfg = cfg.with_values({"run-name": name})
+        out = tmp_path / name
+        out.mkdir()
+        write_results(out, run_cfg, _history([0.5, 0.6 + i / 10], [1, 1], [1, 1]), {}, nodes=[])
+    with open(tmp_path / "gkt--iid" / "nodes.csv", "w") as f:
+        f.write("round,stage,node-id,status\n1,train,5,rejected\n1,train,6,accepted\n")
+    done = find_runs([tmp_path])
+    table = grid_table(spec, done)
+    assert "| FedGKT | 60.00 (60.00), 1 rejected | 70.00 (70.00) |" in table
+    assert "| FedAvg | 70.00 (70.00) | (not run) |" in table
+    cells = [(runs[r.path.name]["row"], runs[r.path.name]["column"], r) for r in done]
+    plot_grid(cells, tmp_path / "grid.png")
+    assert (tmp_path / "grid.png").stat().st_size > 1000
