@@ -191,7 +191,7 @@ def test_grid_experiment_expands_rows_by_columns_and_tables_them(tmp_path):
         f.write("round,stage,node-id,status\n1,train,5,rejected\n1,train,6,accepted\n")
     done = find_runs([tmp_path])
     table = grid_table(spec, done)
-    assert "| FedGKT | 60.00 (60.00), 1 rejected | 70.00 (70.00) |" in table
+    assert "| FedGKT | 60.00 (60.00), 1 rejected | 80.00 (80.00) |" in table
     assert "| FedAvg | 70.00 (70.00) | (not run) |" in table
     cells = [(runs[r.path.name]["row"], runs[r.path.name]["column"], r) for r in done]
     plot_grid(cells, tmp_path / "grid.png")
