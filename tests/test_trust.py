@@ -701,3 +701,53 @@ def test_fuzz_counts():
     """Runs after the fuzz tests (file order): how many generated replies went through."""
     print(f"\nwhole-message fuzz: {FUZZ['replies']} generated replies")
     assert FUZZ["replies"] >= 1000
+
+
+def test_fedagg_rejects_oversized_replies_and_logs_node_errors_escaped(caplog):
+    from flwr_gkt.flower.fedagg_strategy import FedAgg
+
+    agg = FedAgg.__new__(FedAgg)
+    agg.max_payload_bytes, agg.node_history = 1000, []
+
+    class Grid:
+        def send_and_receive(self, messages, timeout=None):
+            big, err = messages
+            content = RecordDict({CONFIG_KEY: ConfigRecord({"pad": "x" * 5000})})
+            return [
+                Message(content, reply_to=big),
+                Message(Error(code=3, reason="bad\nline"), reply_to=err),
+            ]
+
+    msgs = {
+        u: Message(RecordDict(), dst_node_id=n, message_type=MessageType.TRAIN)
+        for u, n in (("end-0", 1), ("end-1", 2))
+    }
+    with caplog.at_level(logging.WARNING):
+        got = agg._exchange(Grid(), msgs, 1.0, 1, "init")
+    assert got == {}
+    rows = {r["node"]: r for r in agg.node_history}
+    assert rows["end-0"]["status"] == "rejected" and "over the limit" in rows["end-0"]["reason"]
+    assert rows["end-1"]["status"] == "error" and "\\n" in rows["end-1"]["reason"]
+    assert "bad\nline" not in caplog.text
+
+
+def test_the_deploy_preset_turns_the_limits_on():
+    from simulation.task import config_from_run_config
+
+    cfg = config_from_run_config({"preset": "deploy"})
+    assert cfg.max_payload_mb > 0 and cfg.max_samples > 0 and cfg.store_max_age > 0
+    assert cfg.node_wait_timeout > 0 and cfg.outlier_threshold > 0
+
+
+def test_dropped_server_logits_and_failed_identity_replies_are_logged(caplog):
+    from flwr_gkt.flower.client_app import _stored_server_logits
+
+    context = Context(run_id=1, node_id=3, node_config={}, state=RecordDict(), run_config={})
+    context.state.array_records[STATE_LOGITS] = encode_server_logits(torch.randn(5, 10))
+    with caplog.at_level(logging.WARNING):
+        assert _stored_server_logits(context, 7, 10) is None  # 5 rows for 7 samples
+        msg = Message(RecordDict(), dst_node_id=4, message_type=MessageType.QUERY)
+        claims = ReplyGate().identities([Message(Error(code=1, reason="down"), reply_to=msg)])
+    assert claims == [] and STATE_LOGITS not in context.state.array_records
+    assert "kept server logits dropped" in caplog.text
+    assert "answered the identity query with an error: down" in caplog.text
