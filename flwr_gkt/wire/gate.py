@@ -49,6 +49,7 @@ from flwr_gkt.wire import (
     NUM_EXAMPLES,
     Payload,
     PayloadError,
+    record_nbytes,
 )
 
 __all__ = [
@@ -253,7 +254,8 @@ class GateResult:
     ignored : Counter[str]
         Replies ignored, by status (``late``, ``duplicate``).
     nbytes : int
-        Bytes of all the attributed replies' records.
+        Bytes of the attributed replies' arrays (what the project counts as
+        communicated; the size limit applies to all records).
     """
 
     accepted: list[Admitted] = field(default_factory=list)
@@ -499,8 +501,10 @@ class ReplyGate:
             except Exception as err:  # a record of an unexpected kind
                 self._reject(result, record, "rejected", f"unreadable records: {err!r}")
                 continue
-            result.nbytes += size
-            record["bytes-up"] = size
+            # bytes communicated: the arrays (as every byte count of the project); the
+            # limit applies to all records
+            result.nbytes += record_nbytes(msg.content)
+            record["bytes-up"] = record_nbytes(msg.content)
             if self.max_payload_bytes and size > self.max_payload_bytes:
                 why = f"reply of {size / _MB:.2f} MB, over the limit of {self.max_payload_bytes / _MB:.2f} MB"
                 self._reject(result, record, "rejected", why)
