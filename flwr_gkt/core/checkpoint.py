@@ -25,7 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["CheckpointError", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
+__all__ = [
+    "CheckpointError",
+    "load_checkpoint",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+    "write_atomic",
+]
 
 _MAGIC = b"FLWR-GKT-CHECKPOINT 1\n"
 
@@ -56,10 +63,27 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     torch.save(state, buf)
     data = buf.getvalue()
     digest = hashlib.sha256(data).hexdigest().encode()
+    write_atomic(path, _MAGIC + digest + b"\n" + data)
+    return path
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves the old file or the new one.
+
+    A unique temporary file in the same directory is written and fsync-ed,
+    renamed over ``path``, then the directory is fsync-ed; the temporary file
+    is removed if anything fails.
+
+    Parameters
+    ----------
+    path : Path
+        The file to (re)place; its directory must exist.
+    data : bytes
+        The whole new content.
+    """
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(_MAGIC + digest + b"\n")
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -72,7 +96,6 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    return path
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any] | None:

@@ -18,8 +18,8 @@ The node's edge model and its latest server logits live in ``context.state``
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from logging import INFO, WARNING
@@ -30,6 +30,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore import log
 
+from flwr_gkt.core.checkpoint import write_atomic
 from flwr_gkt.core.edge import EdgeRoundConfig, extract, train_edge
 from flwr_gkt.core.models import EdgeModel
 from flwr_gkt.core.privacy import PrivacyConfig, apply_privacy
@@ -210,22 +211,10 @@ def _read_state(path: Path) -> tuple[int, dict[str, Any], dict[str, str]] | None
 def _write_state(
     path: Path, server_round: int, arrays: dict[str, Any], node: dict[str, str]
 ) -> None:
-    """Write the state atomically: a unique temporary file, fsync, rename, directory fsync."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"round": server_round, "arrays": arrays, "node": node}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Write the state atomically (:func:`flwr_gkt.core.checkpoint.write_atomic`)."""
+    buf = io.BytesIO()
+    torch.save({"round": server_round, "arrays": arrays, "node": node}, buf)
+    write_atomic(path, buf.getvalue())
 
 
 def save_state(context: Context, state_dir: str | Path, server_round: int = 0) -> Path:
