@@ -239,17 +239,12 @@ def pretrain(spec: dict[str, Any], out_dir: Path, extra: dict[str, Any]) -> None
 
 
 def _held_out_options(cfg: RunConfig, section: dict[str, Any], epochs: int) -> dict[str, Any]:
-    """Keyword arguments of a held-out pre-training function for the run's federation."""
-    return {
-        "dataset": cfg.dataset,
-        "data_dir": cfg.data_dir,
-        "fraction": cfg.data_fraction,
-        "num_partitions": cfg.num_clients,
-        "seed": cfg.seed,
-        "samples": int(section.get("samples", 5000)),
-        "epochs": int(section.get("epochs", epochs)),
-        "device": cfg.device,
-    }
+    """The held-out pre-training arguments of a section (default: 5,000 samples, ``epochs``)."""
+    from .task import held_out_options
+
+    return held_out_options(
+        cfg, int(section.get("samples", 5000)), int(section.get("epochs", epochs))
+    )
 
 
 def _run(cmd: list[str], log_path: Path, label: str) -> int:

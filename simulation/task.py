@@ -224,6 +224,26 @@ def pooled_training_data(cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([p.x_train for p in parts]), torch.cat([p.y_train for p in parts])
 
 
+def held_out_options(cfg: RunConfig, samples: int, epochs: int) -> dict[str, Any]:
+    """Keyword arguments of a held-out pre-training function for the run's federation.
+
+    The samples are drawn from the training images no node of ``cfg``'s
+    federation holds (same ``data-fraction``, ``num-clients``, ``seed``); used
+    for the edge extractor (:func:`flwr_gkt.data.pretrain.pretrain_edge`) and
+    the FedAgg bridge autoencoder.
+    """
+    return {
+        "dataset": cfg.dataset,
+        "data_dir": cfg.data_dir,
+        "fraction": cfg.data_fraction,
+        "num_partitions": cfg.num_clients,
+        "seed": cfg.seed,
+        "samples": samples,
+        "epochs": epochs,
+        "device": cfg.device,
+    }
+
+
 def prepare_extractor(cfg: RunConfig) -> RunConfig:
     """Make the pre-trained extractor that ``extractor-init`` asks for; return the config using it.
 
@@ -255,15 +275,8 @@ def prepare_extractor(cfg: RunConfig) -> RunConfig:
         if cfg.extractor_init == "held-out":
             result = pretrain_edge(
                 path,
-                dataset=cfg.dataset,
-                data_dir=cfg.data_dir,
                 edge_model=cfg.edge_model,
-                fraction=cfg.data_fraction,
-                num_partitions=cfg.num_clients,
-                seed=cfg.seed,
-                samples=cfg.pretrain_samples,
-                epochs=cfg.pretrain_epochs,
-                device=cfg.device,
+                **held_out_options(cfg, cfg.pretrain_samples, cfg.pretrain_epochs),
             )
         else:
             x, y = pooled_training_data(cfg)

@@ -707,7 +707,7 @@ def test_fedagg_rejects_oversized_replies_and_logs_node_errors_escaped(caplog):
     from flwr_gkt.flower.fedagg_strategy import FedAgg
 
     agg = FedAgg.__new__(FedAgg)
-    agg.max_payload_bytes, agg.node_history = 1000, []
+    agg.gate, agg.node_history = ReplyGate(1000, name="FedAgg"), []
 
     class Grid:
         def send_and_receive(self, messages, timeout=None):

@@ -289,7 +289,7 @@ class GKTServer:
             nodes = [n for n in nodes if n not in culprits]
             if nodes:
                 with self._guard() as guard:
-                    result = self._train_round(nodes)
+                    result = run(nodes)
         return (
             result
             if guard.ok
@@ -330,19 +330,14 @@ class GKTServer:
         list[int]
             The culprits (possibly empty: the update itself diverged).
         """
-        self.model.eval()
         losses: dict[int, float] = {}
-        teach = self.kd_mode.server_distills
         for node in nodes:
-            teacher = self.store.logits([node]) if teach else None
-            total, count = 0.0, 0
-            for x, y, idx in self.store.batches([node], self.batch_size):
-                logits = self.model(x.to(self.device)).float().cpu()
-                t = teacher[idx] if teacher is not None else None
-                loss = gkt_loss(logits, y, t, self.temperature, self.alpha)
-                total += float(loss) * len(y)
-                count += len(y)
-            losses[node] = total / max(count, 1)
+            logits = predict(self.model, self.store.batches([node], self.batch_size), self.device)
+            teacher = self.store.logits([node]) if self.kd_mode.server_distills else None
+            loss = gkt_loss(
+                logits, self.store.labels([node]), teacher, self.temperature, self.alpha
+            )
+            losses[node] = float(loss)
         finite = sorted(v for v in losses.values() if math.isfinite(v))
         median = finite[len(finite) // 2] if finite else 0.0
         bound = factor * max(median, 1.0)

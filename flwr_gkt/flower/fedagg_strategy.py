@@ -217,8 +217,8 @@ class FedAgg(Strategy):
         max_samples: int | None = None,
     ) -> None:
         self.device = get_device(device)
-        self.max_payload_bytes, self.max_samples = max_payload_bytes, max_samples
-        #: Node uids are bound to the first node id claiming them.
+        self.max_samples = max_samples
+        #: Node uids are bound to the first node id claiming them; the size limit.
         self.gate = ReplyGate(max_payload_bytes, name="FedAgg")
         self.model = prepare_model(model, self.device)
         self.autoencoder = autoencoder.freeze()
@@ -312,7 +312,7 @@ class FedAgg(Strategy):
             why = (
                 f"node error: {clean_text(reply.error.reason)}"
                 if reply.has_error()
-                else self._oversize(reply)
+                else self.gate.oversize(content_nbytes(reply.content))
             )
             if why:
                 failed.add(uid)
@@ -341,13 +341,6 @@ class FedAgg(Strategy):
             )
             log(WARNING, "FedAgg round %d: %s: no reply from %s", server_round, stage, uid)
         return replies
-
-    def _oversize(self, reply: Message) -> str:
-        """Why a reply is too large (all its records), or ``""``."""
-        size = content_nbytes(reply.content)
-        if self.max_payload_bytes and size > self.max_payload_bytes:
-            return f"reply of {size} bytes, over the limit of {self.max_payload_bytes}"
-        return ""
 
     def _topology(
         self, grid: Grid, server_round: int, timeout: float

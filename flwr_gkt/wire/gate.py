@@ -392,6 +392,25 @@ class ReplyGate:
         shape, count = votes.most_common(1)[0]
         return shape if count * 2 > total else None
 
+    def oversize(self, size: int) -> str:
+        """Return why a reply of ``size`` bytes (all records) is too large, or ``""``.
+
+        Parameters
+        ----------
+        size : int
+            The reply's size (:func:`content_nbytes`).
+
+        Returns
+        -------
+        str
+            The reason, or ``""`` when it is within ``max_payload_bytes`` (or
+            there is no limit).
+        """
+        if self.max_payload_bytes and size > self.max_payload_bytes:
+            limit = self.max_payload_bytes / _MB
+            return f"reply of {size / _MB:.2f} MB, over the limit of {limit:.2f} MB"
+        return ""
+
     def forget(self, node: int) -> None:
         """Drop ``node``'s stored statistics (its payload left the store)."""
         self.reference.pop(node, None)
@@ -503,10 +522,9 @@ class ReplyGate:
                 continue
             # bytes communicated: the arrays (as every byte count of the project); the
             # limit applies to all records
-            result.nbytes += record_nbytes(msg.content)
             record["bytes-up"] = record_nbytes(msg.content)
-            if self.max_payload_bytes and size > self.max_payload_bytes:
-                why = f"reply of {size / _MB:.2f} MB, over the limit of {self.max_payload_bytes / _MB:.2f} MB"
+            result.nbytes += record["bytes-up"]
+            if why := self.oversize(size):
                 self._reject(result, record, "rejected", why)
                 msg.content.array_records.pop(ARRAYS_KEY, None)
                 continue
