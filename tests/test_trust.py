@@ -697,12 +697,6 @@ def test_fuzz_fedagg_topologies(claims):
     FUZZ["replies"] += len(claims)
 
 
-def test_fuzz_counts():
-    """Runs after the fuzz tests (file order): how many generated replies went through."""
-    print(f"\nwhole-message fuzz: {FUZZ['replies']} generated replies")
-    assert FUZZ["replies"] >= 1000
-
-
 def test_fedagg_rejects_oversized_replies_and_logs_node_errors_escaped(caplog):
     from flwr_gkt.flower.fedagg_strategy import FedAgg
 
@@ -751,3 +745,174 @@ def test_dropped_server_logits_and_failed_identity_replies_are_logged(caplog):
     assert claims == [] and STATE_LOGITS not in context.state.array_records
     assert "kept server logits dropped" in caplog.text
     assert "answered the identity query with an error: down" in caplog.text
+
+
+# ------------------------------------------------------------- the legacy API through the gate
+class _Proxy:
+    def __init__(self, cid):
+        self.cid = str(cid)
+
+
+def _legacy(**kwargs):
+    from test_hostile import tiny_server_model
+
+    from flwr_gkt.flower.legacy import FedGKTLegacy
+
+    torch.manual_seed(0)
+    server = GKTServer(tiny_server_model(), epochs=1, batch_size=16, device="cpu")
+    return FedGKTLegacy(server, 10, feature_shape=SHAPE, **kwargs)
+
+
+def _fit_res(node, rnd=1, metrics=None, arrays=None, num_examples=None):
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+
+    f, y, z = honest(node, rnd)
+    arrays = [f.numpy(), z.numpy(), y.numpy()] if arrays is None else arrays
+    n = len(y) if num_examples is None else num_examples
+    return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), n, metrics or {})
+
+
+def test_legacy_fit_replies_pass_the_same_gate(caplog):
+    from flwr.common import Code, FitRes, Parameters, Status
+
+    strategy = _legacy(max_payload_bytes=200_000)
+    f, y, z = honest(66, 1)
+    hostile = {
+        55: _fit_res(55, metrics={"status": "x", "round": 9.0, "edge-train-loss": b"\x00"}),
+        66: _fit_res(66, arrays=[f.numpy(), z.numpy()]),  # two arrays
+        77: _fit_res(77, arrays=[(f * float("nan")).numpy(), z.numpy(), y.numpy()]),
+        88: _fit_res(88, num_examples=3),  # says 3, carries 12
+        99: _fit_res(99, arrays=[np.zeros((400, *SHAPE), np.float32), z.numpy(), y.numpy()]),
+        111: FitRes(Status(Code.OK, ""), Parameters([b"not numpy"] * 3, "numpy.ndarray"), 12, {}),
+    }
+    honest_nodes = [11, 22, 33, 44]
+    results = [(_Proxy(n), _fit_res(n)) for n in honest_nodes]
+    results += [(_Proxy(n), r) for n, r in hostile.items()]
+    failed = FitRes(Status(Code.FIT_NOT_IMPLEMENTED, "boom\nforged"), Parameters([], ""), 0, {})
+    with caplog.at_level(logging.WARNING):
+        _, metrics = strategy.aggregate_fit(1, results, [(_Proxy(5), failed), RuntimeError("x")])
+    # 55's hostile metrics are dropped, its arrays are fine: accepted
+    stored = [n for n in (*honest_nodes, *hostile) if n in strategy.server.store]
+    assert stored == [*honest_nodes, 55]
+    assert metrics["nodes-replied"] == 5 and metrics["nodes-rejected"] == 7
+    assert metrics["server-train-examples"] == 5 * N
+    for node in (66, 77, 88, 99, 111, 5):
+        assert f"reply of node {node} rejected" in caplog.text
+    assert "boom\nforged" not in caplog.text and "over the limit" in caplog.text
+
+
+def test_legacy_evaluate_replies_pass_the_metric_schema(caplog):
+    from flwr.common import Code, EvaluateRes, Status
+
+    strategy = _legacy()
+    ok = Status(Code.OK, "")
+    results = [
+        (_Proxy(1), EvaluateRes(ok, 0.5, 10, {"accuracy": 0.8, "edge-accuracy": 0.6})),
+        (_Proxy(2), EvaluateRes(ok, 0.7, 30, {"accuracy": 0.4, "edge-accuracy": "x"})),
+        (_Proxy(3), EvaluateRes(ok, float("nan"), 1000, {"accuracy": 1.0})),
+        (_Proxy(4), EvaluateRes(ok, 0.1, -5, {"accuracy": 1.0})),
+    ]
+    with caplog.at_level(logging.WARNING):
+        loss, metrics = strategy.aggregate_evaluate(1, results, [])
+    assert metrics["num-examples"] == 40
+    assert loss == pytest.approx((0.5 * 10 + 0.7 * 30) / 40)
+    assert metrics["accuracy"] == pytest.approx((0.8 * 10 + 0.4 * 30) / 40)
+    assert metrics["edge-accuracy"] == pytest.approx(0.6 * 10 / 40)  # 2's string is dropped
+    assert "reply of node 3 rejected" in caplog.text and "reply of node 4 rejected" in caplog.text
+
+
+FUZZ_LEGACY = _legacy()
+
+
+@settings(
+    max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
+)
+@given(
+    st.dictionaries(
+        _keys, st.one_of(st.integers(), st.floats(), st.booleans(), st.text(), st.binary())
+    ),
+    st.one_of(st.integers(-5, 20), st.just(N)),
+)
+def test_fuzz_legacy_fit_replies(metrics, num_examples):
+    strategy = FUZZ_LEGACY
+    strategy.server.epochs = 0
+    rnd = len(strategy.history) + 1
+    results = [(_Proxy(n), _fit_res(n, rnd)) for n in (11, 22, 33)]
+    results.append((_Proxy(44), _fit_res(44, rnd, metrics=metrics, num_examples=num_examples)))
+    _, out = strategy.aggregate_fit(rnd, results, [])
+    FUZZ["replies"] += 1
+    assert out["nodes-replied"] in (3, 4) and strategy.history[-1]["round"] == rnd
+
+
+def test_fedagg_replies_are_decoded_by_the_gate(caplog):
+    from flwr_gkt.flower.fedagg_client import TierRole
+    from flwr_gkt.flower.fedagg_strategy import FedAgg
+    from flwr_gkt.wire import encode_embeddings
+
+    agg = FedAgg.__new__(FedAgg)
+    agg.gate, agg.node_history = ReplyGate(outlier_threshold=0.0, name="FedAgg"), []
+    agg.num_classes, agg.max_samples, agg.embeddings = 10, 8, {}
+    eps, labels = torch.randn(6, 4, 2, 2), torch.randint(0, 10, (6,))
+
+    class Grid:
+        def send_and_receive(self, messages, timeout=None):
+            good, nan, many, _ = messages
+
+            def emb(e, y, n=None):
+                rec = RecordDict({ARRAYS_KEY: encode_embeddings(e, y)})
+                rec[METRICS_KEY] = metrics_record(len(y) if n is None else n)
+                rec[METRICS_KEY]["status"] = 1.0  # a bookkeeping name: dropped
+                return rec
+
+            return [
+                Message(emb(eps, labels), reply_to=good),
+                Message(emb(eps * float("nan"), labels), reply_to=nan),
+                Message(
+                    emb(torch.randn(9, 4, 2, 2), torch.zeros(9, dtype=torch.long)), reply_to=many
+                ),
+                Message(emb(eps, labels), reply_to=good),  # a second reply
+            ]
+
+    roles = {
+        u: (n, TierRole(u, "end", "cloud")) for u, n in (("e0", 1), ("e1", 2), ("e2", 3), ("e3", 4))
+    }
+    from collections import Counter
+
+    nbytes = Counter()
+    agg._config = lambda rnd, stage, **extra: ConfigRecord()
+    with caplog.at_level(logging.WARNING):
+        agg._init(Grid(), roles, 1, 1.0, nbytes)
+    assert set(agg.embeddings) == {"e0"} and torch.equal(agg.embeddings["e0"][0], eps)
+    rows = {(r["node"], r["status"]) for r in agg.node_history}
+    assert ("e0", "accepted") in rows and ("e1", "rejected") in rows
+    assert ("e2", "rejected") in rows and ("e3", "lost") in rows and ("e0", "duplicate") in rows
+    assert nbytes["init-end-cloud"] == record_nbytes_of(eps, labels)
+    assert all("status" not in r or r["status"] != 1.0 for r in agg.node_history)
+
+
+def record_nbytes_of(eps, labels):
+    from flwr_gkt.wire import encode_embeddings, record_nbytes
+
+    return record_nbytes(RecordDict({ARRAYS_KEY: encode_embeddings(eps, labels)}))
+
+
+def test_state_files_are_fsynced_with_their_directory(tmp_path, monkeypatch):
+    from flwr_gkt.core import checkpoint
+
+    synced = []
+    real = os.fsync
+
+    def fsync(fd):
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        real(fd)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", fsync)
+    checkpoint.write_atomic(tmp_path / "state.pt", b"new")
+    assert synced == [False, True]  # the file, then the directory holding the rename
+    assert (tmp_path / "state.pt").read_bytes() == b"new" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_fuzz_counts():
+    """Runs after the fuzz tests (file order): how many generated replies went through."""
+    print(f"\nwhole-message fuzz: {FUZZ['replies']} generated replies")
+    assert FUZZ["replies"] >= 1000

@@ -129,7 +129,8 @@ from flwr.supercore import log
 
 from flwr_gkt.core.checkpoint import save_checkpoint
 from flwr_gkt.core.server import GKTServer, ServerRoundResult
-from flwr_gkt.flower.strategy import _MB, FedGKT, edge_train_metrics
+from flwr_gkt.flower.strategy import FedGKT, edge_train_metrics
+from flwr_gkt.flower.strategy_utils import _MB
 from flwr_gkt.wire import NUM_EXAMPLES, Payload, record_nbytes, scalar
 
 __all__ = ["AsyncFedGKT"]

@@ -54,10 +54,6 @@ from flwr_gkt.flower.fedagg_client import EMB_PREFIX, TierRole
 from flwr_gkt.wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
-    METRICS_KEY,
-    NODE_KEY,
-    NODE_UID,
-    PayloadError,
     decode_embeddings,
     decode_named_logits,
     encode_embeddings,
@@ -65,7 +61,7 @@ from flwr_gkt.wire import (
     record_nbytes,
     settings_record,
 )
-from flwr_gkt.wire.gate import ReplyGate, clean_text, clean_uid, content_nbytes, read_metrics
+from flwr_gkt.wire.gate import Admitted, ReplyGate, clean_text
 
 __all__ = ["FedAgg", "parse_migrations"]
 
@@ -219,7 +215,7 @@ class FedAgg(Strategy):
         self.device = get_device(device)
         self.max_samples = max_samples
         #: Node uids are bound to the first node id claiming them; the size limit.
-        self.gate = ReplyGate(max_payload_bytes, name="FedAgg")
+        self.gate = ReplyGate(max_payload_bytes, outlier_threshold=0.0, name="FedAgg")
         self.model = prepare_model(model, self.device)
         self.autoencoder = autoencoder.freeze()
         self.num_classes = num_classes
@@ -298,49 +294,38 @@ class FedAgg(Strategy):
         timeout: float,
         server_round: int,
         stage: str,
-    ) -> dict[str, Message]:
-        """Send one wave; return the successful replies by uid (errors and lost nodes logged)."""
+        decode: Callable[[str, RecordDict], Any] | None = None,
+        known: frozenset[str] = frozenset(),
+    ) -> dict[str, Admitted]:
+        """Send one wave; return the replies the gate accepted, by uid.
+
+        Every reply passes :meth:`ReplyGate.admit` (attribution, errors, size,
+        metric schema, then ``decode(uid, content)``); rejections and lost
+        nodes get a node-history row and a log line.
+        """
         if not messages:
             return {}
-        by_id = {m.metadata.dst_node_id: uid for uid, m in messages.items()}
-        replies: dict[str, Message] = {}
-        failed: set[str] = set()
-        for reply in grid.send_and_receive(list(messages.values()), timeout=timeout):
-            uid = by_id.get(reply.metadata.src_node_id)
-            if uid is None or uid in replies or uid in failed:
-                continue
-            why = (
-                f"node error: {clean_text(reply.error.reason)}"
-                if reply.has_error()
-                else self.gate.oversize(content_nbytes(reply.content))
-            )
-            if why:
-                failed.add(uid)
-                self.node_history.append(
-                    {
-                        "round": server_round,
-                        "stage": stage,
-                        "node": uid,
-                        "status": "error" if reply.has_error() else "rejected",
-                        "reason": why,
-                    }
-                )
-                log(
-                    WARNING,
-                    "FedAgg round %d: %s reply of %s rejected: %s",
-                    server_round,
-                    stage,
-                    uid,
-                    why,
-                )
-                continue
-            replies[uid] = reply
-        for uid in sorted(set(messages) - set(replies) - failed):
+        uid_of = {m.metadata.dst_node_id: uid for uid, m in messages.items()}
+        sent = list(messages.values())
+        replies = grid.send_and_receive(sent, timeout=timeout)
+        result = self.gate.admit(
+            server_round,
+            stage,
+            replies,
+            sent,
+            None if decode is None else lambda node, content: decode(uid_of[node], content),
+            known,
+            required=frozenset(),
+        )
+        for row in result.records:
+            row["node"] = uid_of.get(row["node-id"], "")
+        self.node_history.extend(result.records)
+        for uid in sorted(set(messages) - {row["node"] for row in result.records}):
             self.node_history.append(
                 {"round": server_round, "stage": stage, "node": uid, "status": "lost"}
             )
             log(WARNING, "FedAgg round %d: %s: no reply from %s", server_round, stage, uid)
-        return replies
+        return {uid_of[a.node]: a for a in result.accepted}
 
     def _topology(
         self, grid: Grid, server_round: int, timeout: float
@@ -352,17 +337,11 @@ class FedAgg(Strategy):
             for n in ids
         ]
         roles: dict[str, tuple[int, TierRole]] = {}
-        for reply in grid.send_and_receive(messages, timeout=timeout):
-            nid = reply.metadata.src_node_id
-            if reply.has_error():
-                log(WARNING, "FedAgg: node %d answered the topology query with an error", nid)
-                continue
+        replies = grid.send_and_receive(messages, timeout=timeout)
+        for claim in self.gate.identities(replies, ("tier", "parent")):
+            nid = claim.node
             try:
-                info = reply.content.config_records.get(NODE_KEY, ConfigRecord())
-                uid, parent = clean_uid(info.get(NODE_UID)), clean_uid(info.get("parent"))
-                if uid is None or parent is None:
-                    raise ValueError("node-uid and parent must be plain short names")
-                role = TierRole(uid, str(info.get("tier")), parent)
+                role = TierRole(claim.uid, claim.extra.get("tier", ""), claim.extra["parent"])
             except Exception as err:
                 log(WARNING, "FedAgg: node %d gave no valid tier/parent (%s)", nid, clean_text(err))
                 continue
@@ -527,26 +506,14 @@ class FedAgg(Strategy):
             for uid, (nid, role) in roles.items()
             if role.tier == "end" and uid not in self.embeddings
         }
-        for uid, reply in self._exchange(grid, todo, timeout, rnd, "init").items():
+
+        def decode(uid: str, content: RecordDict) -> tuple[Tensor, Tensor]:
+            return decode_embeddings(content, self.num_classes, max_samples=self.max_samples)
+
+        for uid, reply in self._exchange(grid, todo, timeout, rnd, "init", decode).items():
             link = f"end-{'cloud' if roles[uid][1].parent == CLOUD else 'edge'}"
-            nbytes[f"init-{link}"] += record_nbytes(reply.content)
-            try:
-                eps, labels = decode_embeddings(
-                    reply.content, self.num_classes, max_samples=self.max_samples
-                )
-            except Exception as err:  # nothing a node sends raises
-                why = clean_text(err if isinstance(err, PayloadError) else repr(err))
-                self.node_history.append(
-                    {
-                        "round": rnd,
-                        "stage": "init",
-                        "node": uid,
-                        "status": "rejected",
-                        "reason": why,
-                    }
-                )
-                log(WARNING, "FedAgg round %d: embeddings of %s rejected: %s", rnd, uid, why)
-                continue
+            nbytes[f"init-{link}"] += reply.nbytes
+            eps, labels = reply.payload
             self.embeddings[uid] = (eps.clone(), labels.clone())
 
     def _store(
@@ -596,23 +563,19 @@ class FedAgg(Strategy):
                 dst_node_id=tree.node_id[uid],
                 message_type=MessageType.TRAIN,
             )
+
+        def decode(uid: str, content: RecordDict) -> dict[str, tuple[Tensor, int]]:
+            record = content.array_records.get(ARRAYS_KEY, ArrayRecord())
+            logits = decode_named_logits(record, expected[uid], self.num_classes)
+            return {name: (z, len(record[name].data)) for name, z in logits.items()}
+
         out: dict[tuple[str, str], Tensor] = {}
-        for uid, reply in self._exchange(grid, messages, timeout, rnd, "teach").items():
-            record = reply.content.array_records.get(ARRAYS_KEY, ArrayRecord())
-            try:
-                logits = decode_named_logits(record, expected[uid], self.num_classes)
-            except Exception as err:  # nothing a node sends raises
-                log(
-                    WARNING, "FedAgg round %d: logits of %s rejected: %s", rnd, uid, clean_text(err)
-                )
-                continue
-            for name, z in logits.items():
+        for uid, reply in self._exchange(grid, messages, timeout, rnd, "teach", decode).items():
+            for name, (z, size) in reply.payload.items():
                 out[(uid, name)] = z.clone()
                 # counted once per logical transfer (teacher -> student), not per relay hop
                 link = tree.link(uid) if name == "parent" else tree.link(name.split("/", 1)[1])
-                nbytes[f"logits-up-{link}" if name == "parent" else f"logits-down-{link}"] += len(
-                    record[name].data
-                )
+                nbytes[f"logits-up-{link}" if name == "parent" else f"logits-down-{link}"] += size
         return out
 
     def _learn(
@@ -649,17 +612,7 @@ class FedAgg(Strategy):
                 dst_node_id=tree.node_id[uid],
                 message_type=MessageType.TRAIN,
             )
-        replies = self._exchange(grid, messages, timeout, rnd, "learn")
-        for uid, reply in replies.items():
-            try:
-                metrics, _ = read_metrics(
-                    reply.content.metric_records.get(METRICS_KEY), LEARN_METRICS
-                )
-            except Exception:  # no usable metrics: the lesson still counts
-                metrics = {}
-            row = {"round": rnd, "stage": "learn", "node": uid, "status": "accepted"}
-            self.node_history.append({**metrics, **row})
-        return len(replies)
+        return len(self._exchange(grid, messages, timeout, rnd, "learn", known=LEARN_METRICS))
 
     def _cloud_learn(
         self, tree: _Tree, teach: dict[tuple[str, str], Tensor], bridges: dict[str, Tensor]

@@ -19,16 +19,16 @@ Wire mapping:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context
+from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.client import NumPyClient
 from flwr.common import (
+    Code,
     EvaluateIns,
     EvaluateRes,
     FitIns,
@@ -37,6 +37,10 @@ from flwr.common import (
     Scalar,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
+)
+from flwr.compat.common.recorddict_compat import (
+    arrayrecord_to_parameters,
+    parameters_to_arrayrecord,
 )
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
@@ -65,6 +69,8 @@ from flwr_gkt.flower.client_app import (
 )
 from flwr_gkt.flower.strategy import edge_config_record
 from flwr_gkt.wire import (
+    ARRAYS_KEY,
+    METRICS_KEY,
     NUM_EXAMPLES,
     PayloadError,
     PayloadSpec,
@@ -73,12 +79,12 @@ from flwr_gkt.wire import (
     validate_arrays,
     validate_server_logits,
 )
-from flwr_gkt.wire.gate import clean_text, read_metrics
+from flwr_gkt.wire.gate import TRAIN_METRICS, Incoming, ReplyGate, clean_text
 
 __all__ = ["FedGKTLegacy", "GKTNumPyClient"]
 
 #: Metrics a legacy evaluate reply may carry (see :func:`flwr_gkt.wire.gate.read_metrics`).
-_EVAL_METRICS = frozenset({NUM_EXAMPLES, "accuracy", "edge-accuracy"})
+_EVAL_METRICS = frozenset({NUM_EXAMPLES, "loss", "accuracy", "edge-accuracy"})
 
 
 def _state_arrays(model: nn.Module) -> list[np.ndarray]:
@@ -92,6 +98,48 @@ def _scalars(config: ConfigRecord) -> dict[str, Scalar]:
         if not isinstance(value, int | float | str | bytes):
             raise TypeError(f"config {key!r}: the legacy API carries scalars only")
         out[key] = value
+    return out
+
+
+def _exceptions(failures: list[Any]) -> int:
+    """Count the failures that are exceptions (no node to attribute them to)."""
+    return sum(isinstance(f, BaseException) for f in failures)
+
+
+def _incoming(
+    results: list[tuple[ClientProxy, Any]],
+    failures: list[tuple[ClientProxy, Any] | BaseException],
+    metrics: Callable[[Any], dict[str, Any]],
+) -> list[Incoming]:
+    """Turn legacy ``(ClientProxy, FitRes | EvaluateRes)`` pairs into the gate's input.
+
+    Arrays stay serialized (the gate measures them before decoding); a failed
+    call with a status becomes an error reply; a failure without a node (an
+    exception) is logged here.
+    """
+    out = []
+    for failure in failures:
+        if isinstance(failure, BaseException):
+            log(WARNING, "FedGKT: a node call failed: %s", clean_text(repr(failure)))
+            continue
+        proxy, res = failure
+        why = f"node error {res.status.code}: {clean_text(res.status.message)}"
+        out.append(Incoming(int(proxy.cid), error=why))
+    for proxy, res in results:
+        if res.status.code != Code.OK:
+            why = f"node error {res.status.code}: {clean_text(res.status.message)}"
+            out.append(Incoming(int(proxy.cid), error=why))
+            continue
+        try:
+            params = getattr(res, "parameters", None)
+            content = RecordDict()
+            if params is not None:
+                content[ARRAYS_KEY] = parameters_to_arrayrecord(params, keep_input=True)
+                content[METRICS_KEY] = MetricRecord({NUM_EXAMPLES: res.num_examples})
+            out.append(Incoming(int(proxy.cid), content, metrics=metrics(res)))
+        except Exception as err:  # nothing a node sends raises
+            why = f"unreadable reply: {clean_text(repr(err))}"
+            out.append(Incoming(int(proxy.cid), error=why))
     return out
 
 
@@ -114,6 +162,14 @@ class FedGKTLegacy(Strategy):
         ``constant`` or ``cosine`` over ``num_rounds`` (as in :class:`FedGKT`).
     num_rounds : int
         Number of rounds of the run (for the learning-rate schedule).
+    max_payload_bytes : int, optional
+        Largest size of one reply (all its fields); larger ones are rejected.
+    outlier_threshold : float
+        The reply gate's outlier check (as in :class:`FedGKT`); ``0``: off.
+
+    Every reply passes the same gate as the Message API's
+    (:meth:`flwr_gkt.wire.gate.ReplyGate.check`): size, metric schema,
+    array validation and the outlier check; nothing a node sends raises.
     """
 
     def __init__(
@@ -128,8 +184,11 @@ class FedGKTLegacy(Strategy):
         min_available_clients: int = 2,
         lr_schedule: str = "constant",
         num_rounds: int = 1,
+        max_payload_bytes: int | None = None,
+        outlier_threshold: float = 10.0,
     ) -> None:
         super().__init__()
+        self.gate = ReplyGate(max_payload_bytes, outlier_threshold)
         lr_factor(lr_schedule, 1, 1)  # raises on an unknown schedule
         if lr_schedule == "plateau":
             raise ValueError("lr-schedule plateau needs the Message API strategy (FedGKT)")
@@ -235,34 +294,19 @@ class FedGKTLegacy(Strategy):
             example) and the round's node counts and server train loss,
             accuracy and examples.
         """
-        accepted = 0
-        for failure in failures:
-            log(WARNING, "FedGKT round %d: a node failed: %r", server_round, failure)
-        for proxy, res in results:
-            try:
-                arrays = parameters_to_ndarrays(res.parameters)
-                if len(arrays) != 3:
-                    raise PayloadError(
-                        f"expected [features, logits, labels], got {len(arrays)} arrays"
-                    )
-                features, logits, labels = arrays
-                payload = validate_arrays(features, labels, logits, self.spec, res.num_examples)
-                node = int(proxy.cid)
-            except Exception as err:  # nothing a node sends raises
-                log(
-                    WARNING,
-                    "FedGKT round %d: fit reply of node %s rejected: %s",
-                    server_round,
-                    clean_text(proxy.cid, 40),
-                    clean_text(err if isinstance(err, PayloadError) else repr(err)),
-                )
-                continue
-            self.server.put(node, payload)
-            accepted += 1
+        gate = self.gate.check(
+            server_round,
+            "train",
+            _incoming(results, failures, lambda r: {**r.metrics, NUM_EXAMPLES: r.num_examples}),
+            self._decode_fit,
+            TRAIN_METRICS,
+            lambda admitted, payload: self.server.put(admitted.node, payload),
+        )
+        accepted = len(gate.accepted)
         result = self.server.train_round(lr_scale=self._lr_factor(server_round))
         metrics: dict[str, Scalar] = {
             "nodes-replied": accepted,
-            "nodes-rejected": len(results) - accepted + len(failures),
+            "nodes-rejected": gate.rejected + _exceptions(failures),
             "server-train-loss": result.loss,
             "server-train-accuracy": result.accuracy,
             "server-train-examples": result.num_examples,
@@ -272,6 +316,19 @@ class FedGKTLegacy(Strategy):
         if result.num_examples == 0:
             return None, metrics
         return ndarrays_to_parameters(_state_arrays(self.server.model)), metrics
+
+    def _decode_fit(self, node: int, content: RecordDict) -> Any:
+        """Read a fit reply's ``[features, client_logits, labels]`` (the gate's decoder)."""
+        arrays = parameters_to_ndarrays(
+            arrayrecord_to_parameters(content.array_records[ARRAYS_KEY], keep_input=True)
+        )
+        if len(arrays) != 3:
+            raise PayloadError(f"expected [features, logits, labels], got {len(arrays)} arrays")
+        features, logits, labels = arrays
+        n = content.metric_records[METRICS_KEY][NUM_EXAMPLES]
+        if not isinstance(n, int):
+            raise PayloadError(f"'{NUM_EXAMPLES}' is not an integer")
+        return validate_arrays(features, labels, logits, self.spec, n)
 
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
@@ -322,24 +379,21 @@ class FedGKTLegacy(Strategy):
             The loss and ``accuracy``, ``edge-accuracy`` and ``num-examples``;
             ``(None, {})`` when no example was reported.
         """
-        checked: list[tuple[int, float, dict[str, float]]] = []
-        for proxy, r in results:  # the same schema as the Message API's gate
-            try:
-                kept, _ = read_metrics(
-                    {**dict(r.metrics), NUM_EXAMPLES: r.num_examples}, _EVAL_METRICS
-                )
-                if not isinstance(r.loss, int | float) or not math.isfinite(r.loss):
-                    raise PayloadError(f"loss is not a finite number: {clean_text(r.loss, 40)}")
-                checked.append((int(kept[NUM_EXAMPLES]), float(r.loss), kept))
-            except Exception as err:
-                why = clean_text(err if isinstance(err, PayloadError) else repr(err))
-                log(
-                    WARNING,
-                    "FedGKT round %d: evaluate reply of node %s rejected: %s",
-                    server_round,
-                    clean_text(proxy.cid, 40),
-                    why,
-                )
+        gate = self.gate.check(
+            server_round,
+            "evaluate",
+            _incoming(
+                results,
+                failures,
+                lambda r: {**r.metrics, NUM_EXAMPLES: r.num_examples, "loss": r.loss},
+            ),
+            None,
+            _EVAL_METRICS,
+            required=frozenset({NUM_EXAMPLES, "loss"}),
+        )
+        checked = [
+            (int(a.metrics[NUM_EXAMPLES]), a.metrics["loss"], a.metrics) for a in gate.accepted
+        ]
         n = sum(size for size, _, _ in checked)
         if n == 0:
             return None, {}

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from flwr_gkt.flower.strategy import FedGKT
 
 __all__ = [
+    "Resumable",
     "load_strategy_state",
     "reidentify_nodes",
     "resume_from",
@@ -347,3 +348,36 @@ def resume_from(strategy: FedGKT, path: str | Path | None = None) -> int:
         len(strategy.server.logits),
     )
     return strategy.completed_round
+
+
+class Resumable:
+    """The run loop, checkpoint and resume methods of the FedGKT strategies.
+
+    A mixin of :class:`~flwr_gkt.flower.strategy.FedGKT`: each method hands
+    the strategy to the function of this module that does the work.
+    """
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, *args: Any, **kwargs: Any) -> Result:
+        """Run rounds ``completed_round + 1 .. num_rounds``.
+
+        Takes :meth:`flwr.serverapp.strategy.Strategy.start`'s arguments
+        (``num_rounds``, ``timeout``, ``train_config``, ``evaluate_config``,
+        ``evaluate_fn``); see :func:`run_rounds`.
+        """
+        return run_rounds(cast("FedGKT", self), grid, initial_arrays, *args, **kwargs)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return everything a resumed run needs (see :func:`strategy_state`)."""
+        return strategy_state(cast("FedGKT", self))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (see :func:`load_strategy_state`)."""
+        load_strategy_state(cast("FedGKT", self), state)
+
+    def reidentify_nodes(self, grid: Grid, timeout: float = 60.0) -> dict[int, int]:
+        """Find the checkpointed nodes again (see :func:`reidentify_nodes`)."""
+        return reidentify_nodes(cast("FedGKT", self), grid, timeout)
+
+    def resume(self, path: str | Path | None = None) -> int:
+        """Load the checkpoint at ``path``; return its round (see :func:`resume_from`)."""
+        return resume_from(cast("FedGKT", self), path)

@@ -34,22 +34,17 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result, Strategy
+from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from flwr_gkt.core.edge import EdgeRoundConfig
 from flwr_gkt.core.server import GKTServer, ServerRoundResult
 from flwr_gkt.core.training import Plateau, lr_factor
-from flwr_gkt.flower.resume import (
-    load_strategy_state,
-    reidentify_nodes,
-    resume_from,
-    run_rounds,
-    strategy_state,
-)
+from flwr_gkt.flower.resume import Resumable
 from flwr_gkt.flower.strategy_utils import (
     edge_config_record,
     edge_train_metrics,
+    evaluate_row,
     log_evaluate_round,
     log_summary,
     log_train_round,
@@ -57,6 +52,8 @@ from flwr_gkt.flower.strategy_utils import (
     progress,
     record_lost_nodes,
     sample_connected,
+    sample_trained,
+    server_row,
 )
 from flwr_gkt.wire import (
     ARRAYS_KEY,
@@ -76,10 +73,8 @@ from flwr_gkt.wire.gate import EVALUATE_METRICS, TRAIN_METRICS, ReplyGate
 
 __all__ = ["FedGKT", "edge_config_record", "edge_train_metrics", "progress"]
 
-_MB = 1024 * 1024
 
-
-class FedGKT(Strategy):
+class FedGKT(Resumable, Strategy):
     """Group Knowledge Transfer (He et al., NeurIPS 2020) for Flower.
 
     Parameters
@@ -89,68 +84,51 @@ class FedGKT(Strategy):
     num_classes : int
         Number of classes (validates logits and labels).
     feature_shape : tuple[int, int, int], optional
-        Expected ``(C, H, W)`` of a feature map. When ``None``, the shape a
-        strict majority of a round's train replies carry fixes it (replies
-        are rejected until there is one); never the first reply alone.
+        Expected ``(C, H, W)`` of a feature map; ``None``: the shape a strict
+        majority of a round's train replies carry (never the first reply alone).
     edge_config : EdgeRoundConfig, optional
-        Settings sent to the nodes each round (epochs ``E_c``, optimizer, lr,
-        temperature, alpha, KD mode, batch size). Entries of the ``train_config``
-        given to :meth:`start` override them.
+        Edge settings sent each round (``E_c``, optimizer, lr, temperature,
+        alpha, KD mode, batch size); ``train_config`` entries override them.
     fraction_train, fraction_evaluate : float
         Fraction of connected nodes sampled for training / evaluation.
     min_train_nodes, min_evaluate_nodes, min_available_nodes : int
         Lower bounds for sampling, as in Flower's ``FedAvg``.
-    feature_dtype : str
-        Codec the nodes use for features on the wire: ``float32``, ``float16``
-        or ``int8`` (per-channel affine quantization, see :mod:`flwr_gkt.wire`).
-    logit_dtype : str
-        Dtype of logits on the wire, both directions (``float32``/``float16``).
+    feature_dtype, logit_dtype : str
+        Wire codecs (:mod:`flwr_gkt.wire`): features ``float32``, ``float16`` or
+        ``int8``; logits ``float32`` or ``float16`` (both directions).
     max_samples : int, optional
         Largest number of samples one reply may carry.
     min_train_replies : int
-        Fewest accepted train replies for the server model to train in a round;
-        with fewer (nodes lost, rejected), the round ends without server training
-        and the previous server logits stay in place.
+        Fewest accepted train replies for the server model to train in a round
+        (otherwise the previous server logits stay in place).
     store_max_age : int
         Rounds a node's stored features stay in use without a fresh reply
-        (``0``: forever). Drops the data of nodes that left, or that rejoined
-        under a new node id.
+        (``0``: forever).
     node_wait_timeout : float
-        Seconds to wait for ``min_available_nodes`` connected nodes before a
-        round; after that the round goes on with the nodes that are connected
-        (at least one), with a warning. ``0`` waits forever (Flower's behaviour).
+        Seconds to wait for ``min_available_nodes`` before a round goes on with
+        the connected nodes (``0``: forever, Flower's behaviour).
     lr_schedule : str
-        ``constant`` or ``cosine``: per-round learning-rate multiplier applied to
-        the server and the edge learning rates (see
-        :func:`flwr_gkt.core.training.lr_factor`); needs the number of rounds, taken
-        from :meth:`start`. ``plateau`` (the reference's): the edge learning
-        rate stays constant, the server's is reduced by ``plateau`` when the
-        round's test accuracy stops improving.
+        ``constant``, ``cosine`` (per-round multiplier of the server and edge
+        learning rates, :func:`flwr_gkt.core.training.lr_factor`) or ``plateau``
+        (the reference's: the server's is cut by ``plateau`` when the test
+        accuracy stops improving).
     plateau : Plateau, optional
-        The reduce-on-plateau schedule of ``lr_schedule="plateau"`` (default:
-        PyTorch's factor 0.1, patience 10).
+        The plateau schedule (default: PyTorch's factor 0.1, patience 10).
     feature_upload_every : int
-        Replay (EcoFed): a node uploads its features only every this many
-        rounds; in the rounds between, it sends its logits ``Z_c`` alone and
-        the server goes on training on the features it stored. ``1``: every
-        round (FedGKT); ``0``: once (frozen extractor: features never change).
-        A node whose features the server does not hold is always asked for them.
+        Replay (EcoFed): nodes upload features every this many rounds and
+        logits alone in between (``1``: every round, FedGKT; ``0``: once).
     seed : int
         Seed sent to the nodes for their data shuffling.
     max_payload_bytes : int, optional
-        Largest serialized size of one reply's arrays; larger replies are
-        rejected before they are decoded.
+        Largest reply (all records); larger ones are rejected undecoded.
     outlier_threshold : float
-        Robust check of each round's payloads against each other (see
-        :mod:`flwr_gkt.core.robust`): a reply whose feature or logit scale is more
-        than this many robust deviations from the round's median is rejected;
-        needs 3 or more replies. ``0`` turns the check off.
+        Robust deviations from the median beyond which a payload is rejected
+        (:mod:`flwr_gkt.core.robust`); ``0``: off.
     logit_clip : float
-        Client logits are clipped to ``[-logit_clip, logit_clip]`` before the
-        server distils from them; ``0``: not clipped.
+        Client logits are clipped to ``[-logit_clip, logit_clip]`` (``0``: off).
     checkpoint_path : str or Path, optional
-        Where to write a checkpoint after every completed round (atomically,
-        see :mod:`flwr_gkt.core.checkpoint`); :meth:`resume` reads it back.
+        Where a checkpoint is written after every completed round
+        (:mod:`flwr_gkt.core.checkpoint`); :meth:`resume` reads it back.
     """
 
     def __init__(
@@ -204,15 +182,13 @@ class FedGKT(Strategy):
         self.lr_schedule = lr_schedule
         lr_factor(lr_schedule, 1, 1)  # raises on an unknown schedule
         self.plateau = (plateau or Plateau()) if lr_schedule == "plateau" else None
-        #: Nodes whose edge model has trained (an accepted train reply): the
-        #: only ones asked to evaluate -- a node never sampled for training
-        #: would send features of an untrained extractor.
+        #: Nodes with an accepted train reply: the only ones asked to evaluate.
         self.trained_nodes: set[int] = set()
         self.num_rounds = 0
         #: One dict per round: metrics, bytes and times (also written to CSV).
         self.history: list[dict[str, float]] = []
-        #: One dict per node and stage per round: node id, accepted or why not,
-        #: samples, bytes, edge metrics -- which node did what, lost nodes included.
+        #: One dict per node and stage per round: accepted or why not, samples,
+        #: bytes, edge metrics -- lost nodes included.
         self.node_history: list[dict[str, Any]] = []
         self._sent_train: list[Message] = []
         #: Whether the latest train instruction to each node asked for features.
@@ -226,7 +202,7 @@ class FedGKT(Strategy):
         self.gate = ReplyGate(max_payload_bytes, outlier_threshold, logit_clip)
         #: Stable identity (``node-uid``) each node id sent with its replies.
         self.node_uids: dict[int, str] = {}
-        #: Secret token given to each node with its first instruction; a resumed
+        #: Secret token each node gets with its first instruction; a resumed
         #: run hands a node's state back only to the node holding it.
         self.node_tokens: dict[int, str] = {}
         #: Replies of the latest ``_accept`` ignored as ``late`` or ``duplicate``.
@@ -234,233 +210,25 @@ class FedGKT(Strategy):
         #: Last round that ran to its end (training and evaluation).
         self.completed_round = 0
 
-    # ------------------------------------------------------------------ helpers
-    def start(
-        self,
-        grid: Grid,
-        initial_arrays: ArrayRecord,
-        num_rounds: int = 3,
-        timeout: float = 3600,
-        train_config: ConfigRecord | None = None,
-        evaluate_config: ConfigRecord | None = None,
-        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-    ) -> Result:
-        """Run rounds ``completed_round + 1 .. num_rounds`` (see :func:`flwr_gkt.flower.resume.run_rounds`)."""
-        return run_rounds(
-            self,
-            grid,
-            initial_arrays,
-            num_rounds,
-            timeout,
-            train_config,
-            evaluate_config,
-            evaluate_fn,
-        )
-
-    # ------------------------------------------------------------- checkpoint
-    def state_dict(self) -> dict[str, Any]:
-        """Return everything a resumed run needs (see :func:`flwr_gkt.flower.resume.strategy_state`)."""
-        return strategy_state(self)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (see :func:`flwr_gkt.flower.resume.load_strategy_state`)."""
-        return load_strategy_state(self, state)
-
-    def reidentify_nodes(self, grid: Grid, timeout: float = 60.0) -> dict[int, int]:
-        """Find the checkpointed nodes again (see :func:`flwr_gkt.flower.resume.reidentify_nodes`)."""
-        return reidentify_nodes(self, grid, timeout)
-
-    def resume(self, path: str | Path | None = None) -> int:
-        """Load the checkpoint at ``path``; return its round (see :func:`flwr_gkt.flower.resume.resume_from`)."""
-        return resume_from(self, path)
-
-    def _lr_factor(self, server_round: int) -> float:
-        return lr_factor(self.lr_schedule, server_round, max(self.num_rounds, server_round))
-
-    def _server_lr_factor(self, server_round: int) -> float:
-        """Return the server learning-rate multiplier: the plateau's, else the schedule's."""
-        return self.plateau.factor if self.plateau else self._lr_factor(server_round)
-
-    def _has_trained(self, node: int) -> bool:
-        """Whether ``node``'s edge model has trained (resumed nodes: it has ``Z_s``)."""
-        return node in self.trained_nodes or node in self.server.logits
-
-    def _eval_nodes(self, grid: Grid) -> list[int]:
-        """Sample the evaluation nodes among the connected nodes that have trained."""
-        if self.fraction_evaluate == 0.0:
-            return []
-        connected = self._sample(grid, 1.0, self.min_evaluate_nodes)
-        trained = [n for n in connected if self._has_trained(n)]
-        if len(trained) < len(connected):
-            log(
-                INFO,
-                "FedGKT: %d connected node(s) not evaluated: their edge model has not trained yet",
-                len(connected) - len(trained),
-            )
-        want = max(int(len(trained) * self.fraction_evaluate), self.min_evaluate_nodes)
-        if want >= len(trained):
-            return trained
-        rng = random.Random(self.seed * 7919 + len(self.history))
-        return sorted(rng.sample(trained, want))
-
-    def initial_arrays(self) -> ArrayRecord:
-        """Return the server model's current weights, to pass to :meth:`start`.
-
-        Returns
-        -------
-        ArrayRecord
-            The server model's ``state_dict``.
-        """
-        return ArrayRecord(self.server.model.state_dict())
-
-    def summary(self) -> None:
-        """Log the strategy's configuration."""
-        log_summary(self)
-
-    def _sample(self, grid: Grid, fraction: float, min_nodes: int) -> list[int]:
-        return sample_connected(
-            grid, fraction, min_nodes, self.min_available_nodes, self.node_wait_timeout
-        )
-
-    def _accept(
-        self,
-        server_round: int,
-        replies: Iterable[Message],
-        with_logits: bool,
-        consume: Callable[[int, Payload, Mapping[str, float]], None] | None = None,
-    ) -> tuple[list[tuple[int, Payload | None, dict[str, float]]], int, int]:
-        """Pass a stage's replies through the gate; return accepted ones, bytes and rejects.
-
-        Everything a node sent is checked by :class:`flwr_gkt.wire.gate.ReplyGate`
-        (attribution, errors, size of all records, metric schema, node-uid,
-        wire validation, outlier check); this method only books the result:
-        node-history rows, ignored counts, node uids. With ``consume`` each
-        accepted payload is handed over at once and the list holds ``None``
-        in its place (one decoded reply at a time).
-        """
-        stage = "train" if with_logits else "evaluate"
-
-        def decode(node: int, content: RecordDict) -> Payload:
-            if with_logits and not self._features_asked.get(node, True):
-                if node not in self.server.store:
-                    raise PayloadError("logits-only reply but no features stored for this node")
-                return Payload.logits_only(
-                    decode_logits(content, self.spec, self.server.store.num_samples(node))
-                )
-            if self.spec.feature_shape is None:
-                raise PayloadError("no feature shape agreed by a majority of the nodes yet")
-            return decode_payload(content, self.spec, with_logits)
-
-        replies = list(replies)
-        if self.spec.feature_shape is None and with_logits:  # the majority fixes it, not the first
-            shape = self.gate.vote_feature_shape(replies)
-            if shape is not None:
-                self.spec = replace(self.spec, feature_shape=shape)
-                log(INFO, "FedGKT: feature maps of shape %s (held by most nodes)", list(shape))
-        result = self.gate.admit(
-            server_round,
-            stage,
-            replies,
-            self._sent_train if with_logits else self._sent_eval,
-            decode,
-            TRAIN_METRICS if with_logits else EVALUATE_METRICS,
-            None if consume is None else lambda a, p: consume(a.node, p, a.metrics),
-        )
-        self.node_history.extend(result.records)
-        self.ignored = result.ignored
-        for admitted in result.accepted:
-            if admitted.uid:
-                self.node_uids[admitted.node] = admitted.uid
-        accepted = [(a.node, a.payload, a.metrics) for a in result.accepted]
-        return accepted, result.nbytes, result.rejected
-
-    def _wants_features(self, node: int, server_round: int) -> bool:
-        """Whether ``node`` uploads features this round (replay, see ``feature_upload_every``)."""
-        if node not in self.server.store or node not in self.feature_round:
-            return True
-        every = self.feature_upload_every
-        if every == 1:
-            return True
-        return every > 0 and server_round - self.feature_round[node] >= every
-
-    def _store(self, node: int, payload: Payload, server_round: int) -> None:
-        """Store an accepted train reply: new features, or new logits for stored ones."""
-        self.trained_nodes.add(node)
-        if payload.has_features:
-            self.server.put(node, payload, server_round)
-            self.feature_round[node] = server_round
-        else:
-            self.server.store.set_logits(node, payload.logits)
-            self.server.stored_round[node] = server_round
-
-    def forget_node(self, node: int) -> None:
-        """Drop everything stored for ``node`` (its features, ``Z_s``, statistics)."""
-        self.server.drop(node)
-        self.feature_round.pop(node, None)
-        self.gate.forget(node)
-
-    def _book_evictions(self, server_round: int) -> int:
-        """Record the payloads the server's training guard evicted; return how many."""
-        evicted, self.server.evicted = self.server.evicted, []
-        for node in evicted:
-            self.feature_round.pop(node, None)
-            self.gate.forget(node)
-            self.node_history.append(
-                {
-                    "round": server_round,
-                    "stage": "train",
-                    "node-id": node,
-                    "status": "evicted",
-                    "reason": "its stored samples made the server loss non-finite or extreme",
-                }
-            )
-        return len(evicted)
-
-    def _lost_nodes(self, server_round: int, stage: str) -> int:
-        sent = self._sent_train if stage == "train" else self._sent_eval
-        return record_lost_nodes(self.node_history, sent, server_round, stage)
-
     # ------------------------------------------------------------------ train
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Send each sampled node the round config and its own server logits.
+        """Send each sampled node the round config and its own server logits (Algorithm 1, line 3).
 
-        The config holds the edge settings (learning rate scaled by the
-        schedule), the wire dtypes and the seed, then the entries of
-        ``config``, then ``server-round``. A node that needs not upload its
-        features this round (replay, see ``feature_upload_every``) also gets
-        ``send-features = False``. The node's server logits ``Z_s`` travel
-        only when the KD mode has the edge distil from them and the server
-        holds some for that node.
-
-        Parameters
-        ----------
-        server_round : int
-            The current round, starting from 1.
-        arrays : ArrayRecord
-            The server model's weights; not sent (the edge and server models
-            differ).
-        config : ConfigRecord
-            Entries added to every instruction, over the edge settings.
-        grid : Grid
-            The Grid used to sample the nodes.
-
-        Returns
-        -------
-        Iterable[Message]
-            One ``train`` message per sampled node.
+        The config: the edge settings (lr scaled by the schedule), wire dtypes
+        and seed, then ``config``'s entries, ``server-round`` and the node's
+        token; ``send-features = False`` when the node need not upload its
+        features (replay). ``Z_s`` travels only when the edge distils from it.
+        ``arrays`` (the server model's weights) is not sent.
         """
         self._round_start = time.perf_counter()
         node_ids = self._sample(grid, self.fraction_train, self.min_train_nodes)
         log(INFO, "configure_train: sampled %d nodes", len(node_ids))
         round_config = edge_config_record(
             self.edge_config,
-            **{
-                "feature-dtype": self.feature_dtype,
-                "logit-dtype": self.logit_dtype,
-                "seed": self.seed,
-            },
+            **{"feature-dtype": self.feature_dtype, "logit-dtype": self.logit_dtype},
+            seed=self.seed,
         )
         round_config["lr"] = self.edge_config.lr * self._lr_factor(server_round)
         round_config.update(config)
@@ -473,15 +241,11 @@ class FedGKT(Strategy):
             if not self._features_asked[node]:
                 node_config["send-features"] = False
             content = RecordDict({CONFIG_KEY: node_config})
-            # Z_s travels only when the edge distils from it (not in KD modes without it).
-            logits = (
-                self.server.server_logits(node) if self.edge_config.kd_mode.edge_distills else None
-            )
+            distills = self.edge_config.kd_mode.edge_distills
+            logits = self.server.server_logits(node) if distills else None
             if logits is not None:
                 content[ARRAYS_KEY] = encode_server_logits(logits, self.logit_dtype)
-            messages.append(
-                Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN)
-            )
+            messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
         self._bytes_sent = sum(record_nbytes(m.content) for m in messages)
         self._sent_train = messages
         return messages
@@ -491,13 +255,12 @@ class FedGKT(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Store the accepted replies, then train the server model (Algorithm 1, lines 5-12).
 
-        Each reply passes the gate (see :meth:`_accept`) and is stored at once.
-        With at least ``min_train_replies`` accepted replies the server model
-        trains ``E_s`` epochs on every stored node's features and computes each
-        node's new ``Z_s``; otherwise it does not train this round. The
-        round's row (node counts, server and edge loss / accuracy, store size,
-        seconds, bytes) is appended to :attr:`history` and returned, with the
-        server model's weights (``None`` when it trained on no example).
+        Each reply passes the gate (:meth:`_accept`) and is stored at once.
+        With at least ``min_train_replies`` accepted, the server model trains
+        ``E_s`` epochs on every stored node's features and computes each
+        node's new ``Z_s``. The round's row (node counts, server and edge loss
+        / accuracy, store size, seconds, bytes) goes to :attr:`history` and is
+        returned with the server weights (``None`` when it trained on nothing).
         """
         sent_features = 0
 
@@ -531,43 +294,12 @@ class FedGKT(Strategy):
                 len(accepted),
                 self.min_train_replies,
             )
-        row |= self._server_row(server_round, result, nbytes)
+        row |= server_row(self, server_round, result, nbytes)
         row |= edge_train_metrics([(scalar(m, NUM_EXAMPLES), m) for *_, m in accepted])
         self.history.append(row)
         log_train_round(server_round, row)
         weights = ArrayRecord(self.server.model.state_dict()) if result.num_examples else None
         return weights, MetricRecord({k: float(v) for k, v in row.items()})
-
-    def _drop_silent_nodes(self, server_round: int) -> None:
-        """With ``store_max_age``, drop the features of nodes silent for that many rounds."""
-        if self.store_max_age <= 0:
-            return
-        for node in self.server.evict(server_round - self.store_max_age + 1):
-            self.feature_round.pop(node, None)
-            self.gate.forget(node)
-            log(
-                WARNING,
-                "FedGKT round %d: features of node %d dropped (no reply for %d rounds)",
-                server_round,
-                node,
-                self.store_max_age,
-            )
-
-    def _server_row(
-        self, server_round: int, result: ServerRoundResult, nbytes: int
-    ) -> dict[str, float]:
-        """Return the server-side columns of a train round's history row."""
-        return {
-            "store-memory-mb": self.server.store.memory_bytes / _MB,
-            "store-disk-mb": self.server.store.disk_bytes / _MB,
-            "server-train-loss": result.loss,
-            "server-train-accuracy": result.accuracy,
-            "server-train-examples": result.num_examples,
-            "server-lr-factor": self._server_lr_factor(server_round),
-            "server-seconds": result.seconds,
-            "bytes-up-train": nbytes,
-            "bytes-down-train": self._bytes_sent,
-        }
 
     # --------------------------------------------------------------- evaluate
     def configure_evaluate(
@@ -575,25 +307,9 @@ class FedGKT(Strategy):
     ) -> Iterable[Message]:
         """Ask sampled nodes for the features of their local test split.
 
-        Only nodes whose edge model has trained are sampled (see
-        :attr:`trained_nodes`).
-
-        Parameters
-        ----------
-        server_round : int
-            The current round, starting from 1.
-        arrays : ArrayRecord
-            The server model's weights; not sent.
-        config : ConfigRecord
-            Entries added to every instruction, over the batch size and the
-            feature dtype.
-        grid : Grid
-            The Grid used to sample the nodes.
-
-        Returns
-        -------
-        Iterable[Message]
-            One ``evaluate`` message per sampled node.
+        Only nodes whose edge model has trained are sampled
+        (:attr:`trained_nodes`). The config: batch size, feature dtype and
+        precision, then ``config``'s entries and ``server-round``.
         """
         node_ids = self._eval_nodes(grid)
         eval_config = ConfigRecord(
@@ -607,7 +323,7 @@ class FedGKT(Strategy):
         eval_config["server-round"] = server_round
         self._sent_eval = [
             Message(
-                content=RecordDict({CONFIG_KEY: eval_config}),
+                RecordDict({CONFIG_KEY: eval_config}),
                 dst_node_id=node,
                 message_type=MessageType.EVALUATE,
             )
@@ -620,13 +336,12 @@ class FedGKT(Strategy):
     ) -> MetricRecord | None:
         """Classify the nodes' test features with the server model ("online inference").
 
-        Replies pass the gate as in :meth:`aggregate_train` and are evaluated
-        one at a time. Returned (and merged into the round's :attr:`history`
-        row): ``accuracy`` / ``loss`` (edge extractor + server model) and
-        ``edge-accuracy`` / ``edge-loss`` (edge model alone), weighted by
-        examples, with ``num-examples``, node counts, bytes and the round's
-        seconds; ``None`` when no reply was accepted. The plateau schedule
-        steps with the accuracy.
+        Replies pass the gate and are evaluated one at a time. Returned (and
+        merged into the round's :attr:`history` row): ``accuracy`` / ``loss``
+        (edge extractor + server model), ``edge-accuracy`` / ``edge-loss``
+        (edge model alone), weighted by examples, with counts, bytes and the
+        round's seconds; ``None`` when no reply was accepted. The plateau
+        schedule steps with the accuracy.
         """
         sums = dict.fromkeys(("loss", "correct", "n", "edge-correct", "edge-loss"), 0.0)
 
@@ -643,22 +358,139 @@ class FedGKT(Strategy):
         self._lost_nodes(server_round, "evaluate")
         if not accepted:
             return None
-        n = sums["n"]
-        metrics: dict[str, float] = {
-            "accuracy": sums["correct"] / n,
-            "loss": sums["loss"] / n,
-            "edge-accuracy": sums["edge-correct"] / n,
-            "edge-loss": sums["edge-loss"] / n,
-            NUM_EXAMPLES: int(n),
-            "eval-nodes": len(accepted),
-            "eval-rejected": rejected,
-            "eval-replies-ignored": sum(self.ignored.values()),
-            "bytes-up-eval": nbytes,
-            "round-seconds": time.perf_counter() - self._round_start,
-        }
+        metrics = evaluate_row(sums, len(accepted), rejected, sum(self.ignored.values()), nbytes)
+        metrics["round-seconds"] = time.perf_counter() - self._round_start
         merge_row(self.history, server_round, metrics)
         if self.plateau is not None:  # the reference steps its scheduler with the test accuracy
             self.plateau.step(float(metrics["accuracy"]))
         elapsed = time.perf_counter() - self._run_start
         log_evaluate_round(server_round, metrics, progress(server_round, self.num_rounds, elapsed))
         return MetricRecord(dict(metrics))
+
+    # ------------------------------------------------------------------ helpers
+    def initial_arrays(self) -> ArrayRecord:
+        """Return the server model's current weights (its ``state_dict``), to pass to :meth:`start`."""
+        return ArrayRecord(self.server.model.state_dict())
+
+    def summary(self) -> None:
+        """Log the strategy's configuration."""
+        log_summary(self)
+
+    def _lr_factor(self, server_round: int) -> float:
+        return lr_factor(self.lr_schedule, server_round, max(self.num_rounds, server_round))
+
+    def _server_lr_factor(self, server_round: int) -> float:
+        """Return the server learning-rate multiplier: the plateau's, else the schedule's."""
+        return self.plateau.factor if self.plateau else self._lr_factor(server_round)
+
+    def _sample(self, grid: Grid, fraction: float, min_nodes: int) -> list[int]:
+        return sample_connected(
+            grid, fraction, min_nodes, self.min_available_nodes, self.node_wait_timeout
+        )
+
+    def _eval_nodes(self, grid: Grid) -> list[int]:
+        """Sample the evaluation nodes among the connected nodes that have trained."""
+        if self.fraction_evaluate == 0.0:
+            return []
+        connected = self._sample(grid, 1.0, self.min_evaluate_nodes)
+        # resumed nodes have trained when the server holds their Z_s
+        trained = [n for n in connected if n in self.trained_nodes or n in self.server.logits]
+        rng = random.Random(self.seed * 7919 + len(self.history))
+        return sample_trained(
+            connected, trained, self.fraction_evaluate, self.min_evaluate_nodes, rng
+        )
+
+    def _accept(
+        self,
+        server_round: int,
+        replies: Iterable[Message],
+        with_logits: bool,
+        consume: Callable[[int, Payload, Mapping[str, float]], None] | None = None,
+    ) -> tuple[list[tuple[int, Payload | None, dict[str, float]]], int, int]:
+        """Pass a stage's replies through the gate; return accepted ones, bytes and rejects.
+
+        :class:`~flwr_gkt.wire.gate.ReplyGate` checks everything a node sent;
+        this method books the result (node-history rows, ignored counts, node
+        uids). With ``consume`` each accepted payload is handed over at once
+        and the list holds ``None`` in its place.
+        """
+
+        def decode(node: int, content: RecordDict) -> Payload:
+            if with_logits and not self._features_asked.get(node, True):
+                if node not in self.server.store:
+                    raise PayloadError("logits-only reply but no features stored for this node")
+                n = self.server.store.num_samples(node)
+                return Payload.logits_only(decode_logits(content, self.spec, n))
+            if self.spec.feature_shape is None:
+                raise PayloadError("no feature shape agreed by a majority of the nodes yet")
+            return decode_payload(content, self.spec, with_logits)
+
+        replies = list(replies)
+        if self.spec.feature_shape is None and with_logits:  # the majority fixes it, not the first
+            shape = self.gate.vote_feature_shape(replies)
+            if shape is not None:
+                self.spec = replace(self.spec, feature_shape=shape)
+                log(INFO, "FedGKT: feature maps of shape %s (held by most nodes)", list(shape))
+        result = self.gate.admit(
+            server_round,
+            "train" if with_logits else "evaluate",
+            replies,
+            self._sent_train if with_logits else self._sent_eval,
+            decode,
+            TRAIN_METRICS if with_logits else EVALUATE_METRICS,
+            None if consume is None else lambda a, p: consume(a.node, p, a.metrics),
+        )
+        self.node_history.extend(result.records)
+        self.ignored = result.ignored
+        self.node_uids.update({a.node: a.uid for a in result.accepted if a.uid})
+        accepted = [(a.node, a.payload, a.metrics) for a in result.accepted]
+        return accepted, result.nbytes, result.rejected
+
+    def _wants_features(self, node: int, server_round: int) -> bool:
+        """Whether ``node`` uploads features this round (replay, see ``feature_upload_every``)."""
+        if node not in self.server.store or node not in self.feature_round:
+            return True
+        every = self.feature_upload_every
+        return every == 1 or (every > 0 and server_round - self.feature_round[node] >= every)
+
+    def _store(self, node: int, payload: Payload, server_round: int) -> None:
+        """Store an accepted train reply: new features, or new logits for stored ones."""
+        self.trained_nodes.add(node)
+        if payload.has_features:
+            self.server.put(node, payload, server_round)
+            self.feature_round[node] = server_round
+        else:
+            self.server.store.set_logits(node, payload.logits)
+            self.server.stored_round[node] = server_round
+
+    def forget_node(
+        self, node: int, server_round: int = 0, why: str = "", status: str = "evicted"
+    ) -> None:
+        """Drop everything stored for ``node``; with ``why``, log it and book a node-history row."""
+        self.server.drop(node)
+        self.feature_round.pop(node, None)
+        self.gate.forget(node)
+        if why:
+            log(WARNING, "FedGKT round %d: data of node %d dropped: %s", server_round, node, why)
+            row = {"round": server_round, "stage": "train", "node-id": node, "status": status}
+            self.node_history.append({**row, "reason": why})
+
+    def _book_evictions(self, server_round: int) -> int:
+        """Book the payloads the server's training guard evicted; return how many."""
+        evicted, self.server.evicted = self.server.evicted, []
+        for node in evicted:
+            self.forget_node(
+                node, server_round, "its samples made the server loss non-finite or extreme"
+            )
+        return len(evicted)
+
+    def _drop_silent_nodes(self, server_round: int) -> None:
+        """With ``store_max_age``, drop the features of nodes silent for that many rounds."""
+        if self.store_max_age > 0:
+            for node in self.server.evict(server_round - self.store_max_age + 1):
+                why = f"no reply for {self.store_max_age} rounds"
+                self.forget_node(node, server_round, why, "dropped")
+
+    def _lost_nodes(self, server_round: int, stage: str) -> int:
+        sent = self._sent_train if stage == "train" else self._sent_eval
+        return record_lost_nodes(self.node_history, sent, server_round, stage)

@@ -1,11 +1,12 @@
 """Helpers of the FedGKT strategies, kept out of the class (as Flower's ``strategy_utils``).
 
-Node sampling with a bounded wait, lost-node bookkeeping, the per-round log
-lines and the edge settings record.
+Node sampling with a bounded wait, lost-node bookkeeping, the per-round rows
+and log lines and the edge settings record.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Iterable, Mapping
 from logging import INFO, WARNING
@@ -20,11 +21,13 @@ from flwr_gkt.core.edge import EdgeRoundConfig
 from flwr_gkt.wire import scalar, settings_record
 
 if TYPE_CHECKING:
+    from flwr_gkt.core.server import ServerRoundResult
     from flwr_gkt.flower.strategy import FedGKT
 
 __all__ = [
     "edge_config_record",
     "edge_train_metrics",
+    "evaluate_row",
     "log_evaluate_round",
     "log_summary",
     "log_train_round",
@@ -32,6 +35,8 @@ __all__ = [
     "progress",
     "record_lost_nodes",
     "sample_connected",
+    "sample_trained",
+    "server_row",
 ]
 
 _MB = 1024 * 1024
@@ -315,3 +320,112 @@ def log_evaluate_round(server_round: int, metrics: Mapping[str, float], note: st
         metrics["round-seconds"],
         note,
     )
+
+
+def sample_trained(
+    connected: list[int], trained: list[int], fraction: float, min_nodes: int, rng: random.Random
+) -> list[int]:
+    """Sample ``fraction`` of the ``trained`` nodes (at least ``min_nodes``), sorted.
+
+    The connected nodes that have not trained are left out with one log line:
+    their edge extractor would send features of an untrained model.
+
+    Parameters
+    ----------
+    connected : list[int]
+        The connected nodes.
+    trained : list[int]
+        Those of them whose edge model has trained.
+    fraction : float
+        Share of ``trained`` to sample.
+    min_nodes : int
+        Fewest nodes to sample (all of ``trained`` when it has fewer).
+    rng : random.Random
+        The sampling generator.
+
+    Returns
+    -------
+    list[int]
+        The sampled node ids.
+    """
+    if len(trained) < len(connected):
+        log(
+            INFO,
+            "FedGKT: %d connected node(s) not evaluated: their edge model has not trained yet",
+            len(connected) - len(trained),
+        )
+    want = max(int(len(trained) * fraction), min_nodes)
+    if want >= len(trained):
+        return trained
+    return sorted(rng.sample(trained, want))
+
+
+def server_row(
+    strategy: FedGKT, server_round: int, result: ServerRoundResult, nbytes: int
+) -> dict[str, float]:
+    """Return the server-side columns of a train round's history row.
+
+    Parameters
+    ----------
+    strategy : FedGKT
+        The strategy (its server's store, learning-rate factor, bytes sent).
+    server_round : int
+        The round.
+    result : ServerRoundResult
+        The round's server training.
+    nbytes : int
+        Bytes the train replies carried.
+
+    Returns
+    -------
+    dict[str, float]
+        Store size, server loss / accuracy / examples / lr factor / seconds and
+        the round's train bytes up and down.
+    """
+    store = strategy.server.store
+    return {
+        "store-memory-mb": store.memory_bytes / _MB,
+        "store-disk-mb": store.disk_bytes / _MB,
+        "server-train-loss": result.loss,
+        "server-train-accuracy": result.accuracy,
+        "server-train-examples": result.num_examples,
+        "server-lr-factor": strategy._server_lr_factor(server_round),
+        "server-seconds": result.seconds,
+        "bytes-up-train": nbytes,
+        "bytes-down-train": strategy._bytes_sent,
+    }
+
+
+def evaluate_row(
+    sums: Mapping[str, float], nodes: int, rejected: int, ignored: int, nbytes: int
+) -> dict[str, float]:
+    """Return an evaluation round's metrics from its example-weighted sums.
+
+    Parameters
+    ----------
+    sums : Mapping[str, float]
+        ``loss``, ``correct``, ``edge-loss`` and ``edge-correct`` summed over
+        the examples, and ``n`` the examples.
+    nodes, rejected, ignored : int
+        Accepted, rejected and ignored evaluate replies.
+    nbytes : int
+        Bytes the evaluate replies carried.
+
+    Returns
+    -------
+    dict[str, float]
+        ``accuracy``, ``loss``, ``edge-accuracy``, ``edge-loss``,
+        ``num-examples``, the counts and ``bytes-up-eval``.
+    """
+    n = sums["n"]
+    return {
+        "accuracy": sums["correct"] / n,
+        "loss": sums["loss"] / n,
+        "edge-accuracy": sums["edge-correct"] / n,
+        "edge-loss": sums["edge-loss"] / n,
+        "num-examples": int(n),
+        "eval-nodes": nodes,
+        "eval-rejected": rejected,
+        "eval-replies-ignored": ignored,
+        "bytes-up-eval": nbytes,
+    }

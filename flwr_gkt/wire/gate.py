@@ -58,6 +58,7 @@ __all__ = [
     "Admitted",
     "Claim",
     "GateResult",
+    "Incoming",
     "ReplyGate",
     "clean_text",
     "clean_uid",
@@ -165,7 +166,9 @@ def content_nbytes(content: RecordDict) -> int:
 
 
 def read_metrics(
-    record: Mapping[str, Any] | None, known: frozenset[str]
+    record: Mapping[str, Any] | None,
+    known: frozenset[str],
+    required: frozenset[str] = frozenset({NUM_EXAMPLES}),
 ) -> tuple[dict[str, float], int]:
     """Keep the known, finite, numeric scalar metrics of a reply.
 
@@ -175,17 +178,20 @@ def read_metrics(
         The reply's MetricRecord.
     known : frozenset[str]
         The keys of the stage's schema.
+    required : frozenset[str]
+        Keys of ``known`` the reply must carry (``num-examples``, when the
+        schema has it, as a non-negative integer).
 
     Returns
     -------
     tuple[dict[str, float], int]
-        The kept metrics (``num-examples`` as an int) and how many entries
-        were dropped.
+        The kept metrics and how many entries were dropped.
 
     Raises
     ------
     PayloadError
-        If ``num-examples`` is missing or not a non-negative integer.
+        If a required key is missing, or ``num-examples`` is not a
+        non-negative integer.
     """
     kept: dict[str, Any] = {}
     dropped = 0
@@ -200,9 +206,13 @@ def read_metrics(
             kept[key] = value
         else:
             dropped += 1
-    n = kept.get(NUM_EXAMPLES)
-    if not isinstance(n, int) or n < 0:
-        raise PayloadError(f"'{NUM_EXAMPLES}' missing or not a non-negative integer")
+    if NUM_EXAMPLES in required & known:
+        n = kept.get(NUM_EXAMPLES)
+        if not isinstance(n, int) or n < 0:
+            raise PayloadError(f"'{NUM_EXAMPLES}' missing or not a non-negative integer")
+    missing = sorted((required & known) - set(kept))
+    if missing:
+        raise PayloadError(f"metric(s) {', '.join(missing)} missing or not finite numbers")
     return kept, dropped
 
 
@@ -214,27 +224,36 @@ class Admitted:
     ----------
     node : int
         The node id the reply is attributed to (by its instruction).
-    payload : Payload | None
-        The validated payload; ``None`` once handed to ``consume``.
+    payload : Any
+        The validated payload (what the strategy's decoder returned);
+        ``None`` once handed to ``consume``.
     metrics : dict[str, float]
         The schema-checked metrics (``num-examples`` included).
     uid : str | None
         The node's clean ``node-uid``, if it sent one.
+    nbytes : int
+        Bytes of the reply's arrays.
     """
 
     node: int
-    payload: Payload | None
+    payload: Any
     metrics: dict[str, float]
     uid: str | None = None
+    nbytes: int = 0
 
 
 @dataclass(frozen=True)
 class Claim:
-    """A node's answer to an identity query: its id, clean uid and token (if any)."""
+    """A node's answer to an identity query: its id, clean uid and token (if any).
+
+    ``extra`` holds the other fields asked for, each a clean short name
+    (:func:`clean_uid`); a field missing or not clean is left out.
+    """
 
     node: int
     uid: str
     token: str | None = None
+    extra: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -265,8 +284,35 @@ class GateResult:
     nbytes: int = 0
 
 
-#: ``decode(node, content) -> Payload``: a strategy's reading of a reply's arrays.
-Decoder = Callable[[int, RecordDict], Payload]
+#: ``decode(node, content)``: a strategy's reading of a reply's arrays (a
+#: :class:`~flwr_gkt.wire.Payload` for FedGKT; raises on a bad payload).
+Decoder = Callable[[int, RecordDict], Any]
+
+
+@dataclass
+class Incoming:
+    """One reply attributed to a node, before its checks (:meth:`ReplyGate.check`).
+
+    Attributes
+    ----------
+    node : int
+        The node the reply is attributed to.
+    content : RecordDict
+        What the node sent (empty for an error reply).
+    error : str
+        The node's error, when the reply is one.
+    metrics : Mapping[str, Any], optional
+        Metrics carried beside ``content`` (the legacy API's ``FitRes.metrics``);
+        ``None``: read from ``content``.
+    row : dict[str, Any], optional
+        Its node-history row, when attribution made one already.
+    """
+
+    node: int
+    content: RecordDict = field(default_factory=RecordDict)
+    error: str = ""
+    metrics: Mapping[str, Any] | None = None
+    row: dict[str, Any] | None = None
 
 
 class ReplyGate:
@@ -305,8 +351,9 @@ class ReplyGate:
         #: ``node-uid -> node id``: the first node to claim a uid owns it; a
         #: reply of another node claiming it is rejected.
         self.uid_owner: dict[str, int] = {}
+        self._stats: dict[int, dict[str, float]] = {}
 
-    def identities(self, replies: Iterable[Message]) -> list[Claim]:
+    def identities(self, replies: Iterable[Message], fields: Iterable[str] = ()) -> list[Claim]:
         """Read the identity claims of ``node-uid`` query replies.
 
         Error replies, replies without a clean uid and non-string tokens are
@@ -316,12 +363,16 @@ class ReplyGate:
         ----------
         replies : Iterable[Message]
             The query replies.
+        fields : Iterable[str]
+            Other fields of the node record to read (e.g. FedAgg's ``tier``
+            and ``parent``), each checked like a uid.
 
         Returns
         -------
         list[Claim]
             One claim per answering node.
         """
+        fields = tuple(fields)
         claims: dict[int, Claim] = {}
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -339,8 +390,9 @@ class ReplyGate:
             try:
                 info = reply.content.config_records.get(NODE_KEY, ConfigRecord())
                 uid, token = clean_uid(info.get(NODE_UID)), info.get(NODE_TOKEN)
+                extra = {f: v for f in fields if (v := clean_uid(info.get(f))) is not None}
             except Exception as err:
-                uid, token = None, repr(err)
+                uid, token, extra = None, repr(err), {}
             if uid is None:
                 log(
                     WARNING,
@@ -349,9 +401,8 @@ class ReplyGate:
                     node,
                 )
                 continue
-            claims[node] = Claim(
-                node, uid, token if isinstance(token, str) and len(token) <= 256 else None
-            )
+            token = token if isinstance(token, str) and len(token) <= 256 else None
+            claims[node] = Claim(node, uid, token, extra)
         return list(claims.values())
 
     @staticmethod
@@ -434,32 +485,37 @@ class ReplyGate:
         stage: str,
         replies: Iterable[Message],
         instructions: list[Message],
-        decode: Decoder,
+        decode: Decoder | None,
         known_metrics: frozenset[str],
-        consume: Callable[[Admitted, Payload], None] | None = None,
+        consume: Callable[[Admitted, Any], None] | None = None,
+        required: frozenset[str] = frozenset({NUM_EXAMPLES}),
     ) -> GateResult:
         """Check one stage's replies; return the accepted ones and a row per reply.
 
-        With ``consume``, each accepted payload is handed to it as soon as it
-        is validated and the reply's arrays are released (one decoded reply
-        held at a time); :attr:`Admitted.payload` is then ``None``.
+        Attribution first (late and duplicate replies are ignored), then
+        :meth:`check`. With ``consume``, each accepted payload is handed to it
+        as soon as it is validated and the reply's arrays are released (one
+        decoded reply held at a time); :attr:`Admitted.payload` is then ``None``.
 
         Parameters
         ----------
         server_round : int
             The current round.
         stage : str
-            ``train`` or ``evaluate`` (log lines and rows).
+            The stage's name (log lines and rows): ``train``, ``evaluate``, ...
         replies : Iterable[Message]
             The replies, as the Grid returned them.
         instructions : list[Message]
             The stage's instructions (what a reply may answer).
-        decode : Decoder
-            Reads and validates a reply's arrays (raises on a bad payload).
+        decode : Decoder, optional
+            Reads and validates a reply's arrays (raises on a bad payload);
+            ``None``: the stage carries no arrays.
         known_metrics : frozenset[str]
             The stage's metric schema.
-        consume : Callable[[Admitted, Payload], None], optional
+        consume : Callable[[Admitted, Any], None], optional
             Takes each accepted payload at once.
+        required : frozenset[str]
+            Metrics of the schema a reply must carry.
 
         Returns
         -------
@@ -467,6 +523,20 @@ class ReplyGate:
             Accepted replies, rows, counts and bytes.
         """
         result = GateResult()
+        incoming = self._attribute(server_round, stage, replies, instructions, result)
+        return self.check(
+            server_round, stage, incoming, decode, known_metrics, consume, required, result
+        )
+
+    def _attribute(
+        self,
+        server_round: int,
+        stage: str,
+        replies: Iterable[Message],
+        instructions: list[Message],
+        result: GateResult,
+    ) -> list[Incoming]:
+        """Attribute each reply to the instruction it answers; ignore late and duplicate ones."""
         # The Grid sets each instruction's message id when it sends it; an error
         # reply made by the SuperLink (e.g. node unavailable) names the
         # instruction it answers, not the node. Instructions that never went
@@ -478,7 +548,7 @@ class ReplyGate:
         }
         targets = {m.metadata.dst_node_id for m in instructions}
         answered: set[Any] = set()
-        candidates: list[tuple[int, Message, dict[str, Any], dict[str, float], str | None]] = []
+        incoming: list[Incoming] = []
         for msg in replies:
             reply_to = msg.metadata.reply_to_message_id
             node = sent.get(reply_to, msg.metadata.src_node_id)
@@ -508,107 +578,155 @@ class ReplyGate:
                 continue
             answered.add(key)
             if msg.has_error():
-                self._reject(
-                    result,
-                    record,
-                    "error",
-                    f"node error {msg.error.code}: {clean_text(msg.error.reason)}",
-                )
+                error = f"node error {msg.error.code}: {clean_text(msg.error.reason)}"
+                incoming.append(Incoming(node, error=error, row=record))
+            else:
+                incoming.append(Incoming(node, msg.content, row=record))
+        return incoming
+
+    def check(
+        self,
+        server_round: int,
+        stage: str,
+        incoming: Iterable[Incoming],
+        decode: Decoder | None,
+        known_metrics: frozenset[str],
+        consume: Callable[[Admitted, Any], None] | None = None,
+        required: frozenset[str] = frozenset({NUM_EXAMPLES}),
+        result: GateResult | None = None,
+    ) -> GateResult:
+        """Check attributed replies: errors, size, metrics, identity, arrays, outliers.
+
+        The part of :meth:`admit` after attribution, for replies that come
+        attributed already (the legacy API's ``(ClientProxy, FitRes)`` pairs).
+        Parameters as in :meth:`admit`; ``result`` collects into an existing
+        result.
+
+        Returns
+        -------
+        GateResult
+            Accepted replies, rows, counts and bytes.
+        """
+        result = result if result is not None else GateResult()
+        candidates: list[tuple[Incoming, dict[str, Any], dict[str, float], str | None]] = []
+        for item in incoming:
+            if item.row is None:
+                item.row = {"round": server_round, "stage": stage, "node-id": item.node}
+                result.records.append(item.row)
+            record = item.row
+            if item.error:
+                self._reject(result, record, "error", item.error)
                 continue
+            checked = self._check_records(item, result, known_metrics, required)
+            if checked is not None:
+                candidates.append((item, record, *checked))
+        if self.outlier_threshold and decode is not None:
+            candidates = self._drop_outliers(stage, candidates, decode, result)
+        for item, record, metrics, uid in candidates:
             try:
-                size = content_nbytes(msg.content)
-            except Exception as err:  # a record of an unexpected kind
-                self._reject(result, record, "rejected", f"unreadable records: {err!r}")
-                continue
-            # bytes communicated: the arrays (as every byte count of the project); the
-            # limit applies to all records
-            record["bytes-up"] = record_nbytes(msg.content)
-            result.nbytes += record["bytes-up"]
-            if why := self.oversize(size):
-                self._reject(result, record, "rejected", why)
-                msg.content.array_records.pop(ARRAYS_KEY, None)
-                continue
-            try:
-                metrics, dropped = read_metrics(
-                    msg.content.metric_records.get(METRICS_KEY), known_metrics
-                )
-                uid_value = msg.content.config_records.get(NODE_KEY, ConfigRecord()).get(NODE_UID)
+                payload = decode(item.node, item.content) if decode is not None else None
             except Exception as err:
-                self._reject(
-                    result,
-                    record,
-                    "rejected",
-                    str(err) if isinstance(err, PayloadError) else repr(err),
-                )
+                self._reject(result, record, "rejected", _failed(err))
+                item.content.array_records.pop(ARRAYS_KEY, None)
                 continue
-            uid = clean_uid(uid_value) if uid_value is not None else None
-            if uid_value is not None and uid is None:
-                self._reject(
-                    result, record, "rejected", f"invalid node-uid {clean_text(uid_value, 60)}"
-                )
-                continue
-            owner = self.uid_owner.get(uid) if uid else None
-            if owner is not None and owner != node:
-                self._reject(result, record, "rejected", f"node-uid {uid} belongs to node {owner}")
-                continue
-            if dropped:
-                record["metrics-dropped"] = dropped
-            candidates.append((node, msg, record, metrics, uid))
-
-        def failed(err: Exception) -> str:
-            return str(err) if isinstance(err, PayloadError) else f"malformed payload: {err!r}"
-
-        stats: dict[int, dict[str, float]] = {}
-        if self.outlier_threshold:
-            batch: list[tuple[int, dict[str, float] | None]] = []
-            for i, (node, msg, record, _, _) in enumerate(
-                candidates
-            ):  # one decoded payload at a time
-                try:
-                    s = payload_stats(decode(node, msg.content))
-                except Exception as err:
-                    self._reject(result, record, "rejected", failed(err))
-                    s = None
-                batch.append((i, s))
-            # the stored payloads' statistics as context: a lone reply is compared too
-            fresh = {c[0] for c in candidates}
-            others = (
-                [s for n, s in self.reference.items() if n not in fresh] if stage == "train" else []
-            )
-            context: list[dict[str, float] | None] = [s for _, s in batch]
-            context.extend(others)
-            reasons = find_outliers(context, self.outlier_threshold)
-            kept = []
-            for (i, s), outlier in zip(batch, reasons[: len(batch)], strict=True):
-                node, msg, record, *_ = candidates[i]
-                if s is not None and outlier is not None:
-                    self._reject(result, record, "rejected", outlier)
-                if s is not None and outlier is None:
-                    kept.append(candidates[i])
-                    stats[node] = s
-                else:
-                    msg.content.array_records.pop(ARRAYS_KEY, None)
-            candidates = kept
-
-        for node, msg, record, metrics, uid in candidates:
-            try:
-                payload = decode(node, msg.content)
-            except Exception as err:
-                self._reject(result, record, "rejected", failed(err))
-                msg.content.array_records.pop(ARRAYS_KEY, None)
-                continue
-            if self.logit_clip and payload.logits is not None:
+            if self.logit_clip and isinstance(payload, Payload) and payload.logits is not None:
                 payload.logits = payload.logits.clamp(-self.logit_clip, self.logit_clip)
             record.update(status="accepted", reason="", **metrics)
-            admitted = Admitted(node, payload, metrics, uid)
+            admitted = Admitted(item.node, payload, metrics, uid, record.get("bytes-up", 0))
             if uid:
-                self.uid_owner.setdefault(uid, node)
-            if stage == "train" and payload.has_features:
-                self.reference[node] = stats.get(node) or payload_stats(payload)
+                self.uid_owner.setdefault(uid, item.node)
+            if stage == "train" and isinstance(payload, Payload) and payload.has_features:
+                stats = self._stats.pop(item.node, {})
+                self.reference[item.node] = stats or payload_stats(payload)
             result.accepted.append(admitted)
             if consume is not None:
                 consume(admitted, payload)
                 admitted.payload = None
                 del payload
-                msg.content.array_records.pop(ARRAYS_KEY, None)
+                item.content.array_records.pop(ARRAYS_KEY, None)
+        self._stats.clear()
         return result
+
+    def _check_records(
+        self,
+        item: Incoming,
+        result: GateResult,
+        known_metrics: frozenset[str],
+        required: frozenset[str],
+    ) -> tuple[dict[str, float], str | None] | None:
+        """Size, metric schema and node-uid of one reply; ``None`` when it is rejected."""
+        record = item.row or {}
+        try:
+            size = content_nbytes(item.content)
+            size += sum(len(k) + _value_nbytes(v) for k, v in (item.metrics or {}).items())
+        except Exception as err:  # a record of an unexpected kind
+            self._reject(result, record, "rejected", f"unreadable records: {err!r}")
+            return None
+        # bytes communicated: the arrays (as every byte count of the project); the
+        # limit applies to all records
+        record["bytes-up"] = record_nbytes(item.content)
+        result.nbytes += record["bytes-up"]
+        if why := self.oversize(size):
+            self._reject(result, record, "rejected", why)
+            item.content.array_records.pop(ARRAYS_KEY, None)
+            return None
+        try:
+            raw = item.metrics
+            if raw is None:
+                raw = item.content.metric_records.get(METRICS_KEY)
+            metrics, dropped = read_metrics(raw, known_metrics, required)
+            uid_value = item.content.config_records.get(NODE_KEY, ConfigRecord()).get(NODE_UID)
+        except Exception as err:
+            self._reject(result, record, "rejected", _failed(err, "malformed records"))
+            return None
+        uid = clean_uid(uid_value) if uid_value is not None else None
+        if uid_value is not None and uid is None:
+            self._reject(
+                result, record, "rejected", f"invalid node-uid {clean_text(uid_value, 60)}"
+            )
+            return None
+        owner = self.uid_owner.get(uid) if uid else None
+        if owner is not None and owner != item.node:
+            self._reject(result, record, "rejected", f"node-uid {uid} belongs to node {owner}")
+            return None
+        if dropped:
+            record["metrics-dropped"] = dropped
+        return metrics, uid
+
+    def _drop_outliers(
+        self,
+        stage: str,
+        candidates: list[tuple[Incoming, dict[str, Any], dict[str, float], str | None]],
+        decode: Decoder,
+        result: GateResult,
+    ) -> list[tuple[Incoming, dict[str, Any], dict[str, float], str | None]]:
+        """Reject the payloads that are outliers among this stage's and the stored ones."""
+        batch: list[dict[str, float] | None] = []
+        for item, record, *_ in candidates:  # one decoded payload at a time
+            try:
+                batch.append(payload_stats(decode(item.node, item.content)))
+            except Exception as err:
+                self._reject(result, record, "rejected", _failed(err))
+                batch.append(None)
+        # the stored payloads' statistics as context: a lone reply is compared too
+        fresh = {c[0].node for c in candidates}
+        context = list(batch)
+        if stage == "train":
+            context.extend(s for n, s in self.reference.items() if n not in fresh)
+        reasons = find_outliers(context, self.outlier_threshold)
+        kept = []
+        for candidate, s, outlier in zip(candidates, batch, reasons[: len(batch)], strict=True):
+            item, record, *_ = candidate
+            if s is not None and outlier is not None:
+                self._reject(result, record, "rejected", outlier)
+            if s is not None and outlier is None:
+                kept.append(candidate)
+                self._stats[item.node] = s
+            else:
+                item.content.array_records.pop(ARRAYS_KEY, None)
+        return kept
+
+
+def _failed(err: Exception, what: str = "malformed payload") -> str:
+    """Return the reason a reply failed: a payload error's own words, else the exception."""
+    return str(err) if isinstance(err, PayloadError) else f"{what}: {err!r}"
