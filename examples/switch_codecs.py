@@ -142,7 +142,7 @@ def wire_demo(num_samples: int, logit_dtype: str = "float16") -> dict[str, dict]
         nbytes = record_nbytes(content)  # how the strategy counts bytes up/down
         # Server side: decode (int8 is dequantized here) and validate.
         payload = decode_payload(content, spec, with_logits=True)
-        error = float((payload.features - features).abs().max())
+        error = float((payload.dense_features() - features).abs().max())
         out[feature_dtype] = {"bytes": nbytes, "max-abs-error": error}
         line = (
             f"  {feature_dtype:>7}: {nbytes:>9,} bytes ({len(record['features'].data):,} of them "

@@ -87,6 +87,10 @@ class RunConfig:
         Memory budget of the server's feature store (``0``: unbounded).
     spill_dir : str
         Where features beyond the budget are written; ``""``: ``<run>/spill``.
+    device_memory_budget_mb : float
+        Stored features kept resident on a CUDA server device (``-1``: three
+        quarters of its free memory; ``0``: none, every batch is copied from
+        the host, pinned and one batch ahead). Ignored on the CPU.
     feature_upload_every : int
         Replay (EcoFed): nodes upload features every this many rounds
         (``0``: once).
@@ -229,6 +233,7 @@ class RunConfig:
     async_update: str = "store"
     memory_budget_mb: float = 0.0
     spill_dir: str = ""
+    device_memory_budget_mb: float = -1.0
     feature_upload_every: int = 1
     # models
     edge_model: str = "resnet8"

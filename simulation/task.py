@@ -340,6 +340,11 @@ def make_gkt_server(cfg: RunConfig, spill_dir: str | Path | None = None) -> GKTS
         seed=cfg.seed,
         memory_budget=int(cfg.memory_budget_mb * 1024 * 1024) if cfg.memory_budget_mb > 0 else None,
         spill_dir=cfg.spill_dir or spill_dir,
+        device_memory_budget=(
+            None
+            if cfg.device_memory_budget_mb < 0
+            else int(cfg.device_memory_budget_mb * 1024 * 1024)
+        ),
     )
 
 

@@ -54,8 +54,9 @@ def test_round_trip_is_exact():
 def test_float16_features_round_trip_within_half_precision():
     h, y, z = make()
     p = decode_payload(content(h, y, z, feature_dtype="float16"), SPEC, with_logits=True)
-    assert p.features.dtype == torch.float32
-    assert torch.allclose(p.features, h, atol=1e-2, rtol=1e-3)
+    assert p.features.dtype == torch.float16  # stored as it came: half the bytes
+    assert p.dense_features().dtype == torch.float32
+    assert torch.allclose(p.dense_features(), h, atol=1e-2, rtol=1e-3)
 
 
 def test_bytes_counted_match_payload():
@@ -157,8 +158,11 @@ def test_feature_codecs_round_trip_within_their_error_bound(dtype):
     x = _relu_features()
     labels, logits = torch.randint(0, 10, (64,)), torch.randn(64, 10)
     payload = decode_payload(content(x, labels, logits, feature_dtype=dtype), SPEC, True)
-    assert payload.features.dtype == torch.float32 and payload.features.shape == x.shape
-    err = (payload.features - x).abs()
+    wire = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}[dtype]
+    assert payload.features.dtype == wire and payload.features.shape == x.shape  # kept as sent
+    dense = payload.dense_features()
+    assert dense.dtype == torch.float32
+    err = (dense - x).abs()
     if dtype == "float32":
         assert err.max() == 0
     elif dtype == "float16":
@@ -167,7 +171,7 @@ def test_feature_codecs_round_trip_within_their_error_bound(dtype):
         span = x.amax(dim=(0, 2, 3)) - x.amin(dim=(0, 2, 3))
         bound = (span / 255 / 2).view(1, -1, 1, 1) + 1e-6  # half a quantization step per channel
         assert (err <= bound).all()
-        assert torch.equal(payload.features[:, 3], x[:, 3])  # constant channel decodes exactly
+        assert torch.equal(dense[:, 3], x[:, 3])  # constant channel decodes exactly
         assert err.max() > 0  # it is lossy
     assert torch.equal(payload.labels, labels)
 

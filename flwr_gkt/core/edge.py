@@ -139,6 +139,10 @@ def train_edge(
         model.freeze_extractor()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
+    if (
+        device.type == "cuda" and augment is None
+    ):  # a node's data fits a GPU: batches gathered there
+        x, y = x.to(device), y.to(device)
     batches = TensorBatches(
         x, y, cfg.batch_size, shuffle=True, generator=generator, transform=augment
     )
@@ -202,6 +206,6 @@ def extract(
             if augment is not None:
                 inputs = augment(inputs, generator)
             z, h = model.forward_with_features(to_device(inputs, device))
-            feats.append(h.float().cpu().contiguous())
-            logits.append(z.float().cpu())
-    return torch.cat(feats), torch.cat(logits)
+            feats.append(h.float().contiguous())  # on the device: one copy to the host at the end
+            logits.append(z.float())
+    return torch.cat(feats).cpu(), torch.cat(logits).cpu()

@@ -12,7 +12,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Payload", "PayloadError", "PayloadSpec"]
+__all__ = [
+    "Features",
+    "Payload",
+    "PayloadError",
+    "PayloadSpec",
+    "QuantizedBatch",
+    "dequantize",
+    "to_dense",
+]
 
 
 class PayloadError(ValueError):
@@ -38,28 +46,125 @@ class PayloadSpec:
     max_samples: int | None = None
 
 
+def dequantize(q: Tensor, minimum: Tensor, scale: Tensor) -> Tensor:
+    """Invert the wire's per-channel int8 codec: ``(q + 128) * scale + minimum``, float32.
+
+    Runs wherever ``q`` is (on the training device for a batch), in the same
+    float32 operations as :func:`flwr_gkt.wire.dequantize_int8`.
+
+    Parameters
+    ----------
+    q : Tensor
+        int8 feature maps ``N x C x H x W``.
+    minimum, scale : Tensor
+        The codec's parameters: ``(C,)`` for one node's maps, or ``(N, C)``
+        (one row per map, for a batch mixing nodes).
+
+    Returns
+    -------
+    Tensor
+        Float32 feature maps, in ``q``'s memory format.
+    """
+    shape = (*minimum.shape, 1, 1) if minimum.dim() == 2 else (1, -1, 1, 1)
+    return (q.float() + 128.0) * scale.reshape(shape) + minimum.reshape(shape)
+
+
+@dataclass
+class QuantizedBatch:
+    """A batch of int8 feature maps with each map's codec parameters.
+
+    The feature store yields these for int8-stored features so that they are
+    dequantised on the training device
+    (:func:`flwr_gkt.core.training.to_device`), not in host memory.
+
+    Parameters
+    ----------
+    q : Tensor
+        int8 feature maps ``B x C x H x W``.
+    minimum, scale : Tensor
+        ``B x C`` float32: the parameters of each map's node.
+    """
+
+    q: Tensor
+    minimum: Tensor
+    scale: Tensor
+
+    def __len__(self) -> int:
+        """Return the number of feature maps."""
+        return len(self.q)
+
+    def dequantize(self) -> Tensor:
+        """Return the float32 feature maps (where the batch is)."""
+        return dequantize(self.q, self.minimum, self.scale)
+
+
+#: A batch of feature maps as the store yields it: float32 / float16, or int8 with parameters.
+Features = Tensor | QuantizedBatch
+
+
+def to_dense(features: Tensor, minimum: Tensor | None, scale: Tensor | None) -> Tensor:
+    """Return feature maps as float32: dequantised (int8 with parameters) or upcast (float16).
+
+    Parameters
+    ----------
+    features : Tensor
+        Stored feature maps: float32, float16, or int8 with ``minimum`` / ``scale``.
+    minimum, scale : Tensor, optional
+        The int8 codec's per-channel parameters (``None`` for float maps).
+
+    Returns
+    -------
+    Tensor
+        Float32 feature maps (``features`` itself when it is float32).
+    """
+    if minimum is not None and scale is not None:
+        return dequantize(features, minimum, scale)
+    return features.float()
+
+
 @dataclass
 class Payload:
     """A decoded, validated payload (tensors on the CPU).
 
     Tensors may be read-only views of the message bytes: do not modify them
-    in place.
+    in place. Features stay in their wire dtype (float32, float16, or int8
+    with the codec's per-channel ``feature_min`` / ``feature_scale``): the
+    server stores them so and converts a batch at a time.
 
     Parameters
     ----------
     features : Tensor
-        Feature maps ``H`` (``N x C x H x W``, float32); empty in a
-        logits-only payload.
+        Feature maps ``H`` (``N x C x H x W``); empty in a logits-only payload.
     labels : Tensor
         Labels ``Y`` (``N``, int64); empty in a logits-only payload.
     logits : Tensor, optional
         Client logits ``Z_c`` (``N x num_classes``, float32); ``None`` in an
         evaluate reply.
+    feature_min, feature_scale : Tensor, optional
+        int8 features: the codec's per-channel minimum and scale (``(C,)``,
+        float32); ``None`` for float features.
     """
 
     features: Tensor
     labels: Tensor
     logits: Tensor | None = None
+    feature_min: Tensor | None = None
+    feature_scale: Tensor | None = None
+
+    def dense_features(self, start: int = 0, stop: int | None = None) -> Tensor:
+        """Return feature rows ``start:stop`` as float32 (see :func:`to_dense`).
+
+        Parameters
+        ----------
+        start, stop : int
+            The rows (default: all).
+
+        Returns
+        -------
+        Tensor
+            Float32 feature maps.
+        """
+        return to_dense(self.features[start:stop], self.feature_min, self.feature_scale)
 
     def __len__(self) -> int:
         """Return the number of samples (labels); ``0`` for a logits-only payload."""

@@ -33,7 +33,7 @@ orders of magnitude.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -42,13 +42,24 @@ from flwr_gkt.core.payload import Payload
 __all__ = ["find_outliers", "payload_stats"]
 
 
-def _norms(x: torch.Tensor) -> torch.Tensor:
-    norms: torch.Tensor = x.detach().flatten(1).double().norm(dim=1)
-    return norms
+_CHUNK = 4096  # rows converted at a time: no float64 copy of the whole payload
+
+
+def _norms(rows: Callable[[int, int], torch.Tensor], n: int) -> torch.Tensor:
+    """Per-sample L2 norms (float64) of ``rows(start, stop)``, a chunk at a time."""
+    return torch.cat(
+        [
+            rows(i, min(i + _CHUNK, n)).detach().flatten(1).double().norm(dim=1)
+            for i in range(0, n, _CHUNK)
+        ]
+    )
 
 
 def payload_stats(payload: Payload) -> dict[str, float]:
     """Summarise a payload's scale for :func:`find_outliers`.
+
+    Features are read a chunk at a time, in float32 (int8 maps dequantised),
+    so no copy of the whole payload is made.
 
     Parameters
     ----------
@@ -63,12 +74,15 @@ def payload_stats(payload: Payload) -> dict[str, float]:
         ``feature-norm-max`` / ``logit-norm-max``: the largest one.
     """
     stats = {}
-    for key, x in (
-        ("feature-norm", payload.features if payload.has_features else None),
-        ("logit-norm", payload.logits),
-    ):
-        if x is not None and len(x):
-            norms = _norms(x)
+    logits = payload.logits
+    sources: list[tuple[str, Callable[[int, int], torch.Tensor], int]] = []
+    if payload.has_features:
+        sources.append(("feature-norm", payload.dense_features, len(payload.features)))
+    if logits is not None:
+        sources.append(("logit-norm", lambda a, b: logits[a:b], len(logits)))
+    for key, rows, n in sources:
+        if n:
+            norms = _norms(rows, n)
             stats[key] = float(norms.median())
             stats[f"{key}-max"] = float(norms.max())
     return stats

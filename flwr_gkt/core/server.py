@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from flwr_gkt.core.losses import KDMode, gkt_loss
 from flwr_gkt.core.payload import Payload
-from flwr_gkt.core.store import FeatureStore
+from flwr_gkt.core.store import FeatureStore, StoreBatches
 from flwr_gkt.core.training import (
     FitResult,
     TensorBatches,
@@ -105,6 +105,12 @@ class GKTServer:
         (see :class:`flwr_gkt.core.store.FeatureStore`). ``None``: no limit.
     spill_dir : str or Path, optional
         Directory of spilled features (a temporary one when not given).
+    device_memory_budget : int, optional
+        Bytes of stored features kept resident on a CUDA training device
+        (:meth:`flwr_gkt.core.store.FeatureStore.make_resident`); batches of
+        the other nodes are gathered on the host into pinned memory, one batch
+        ahead. ``None``: as much as the device has free, less a quarter, on
+        CUDA; nothing on the CPU. ``0``: nothing resident.
     """
 
     def __init__(
@@ -124,8 +130,10 @@ class GKTServer:
         seed: int = 0,
         memory_budget: int | None = None,
         spill_dir: str | Path | None = None,
+        device_memory_budget: int | None = None,
     ) -> None:
         self.device = get_device(device)
+        self.device_memory_budget = device_memory_budget
         autocast(self.device, precision)  # raises where the precision is not supported
         self.precision = precision
         self.model = prepare_model(model, self.device)
@@ -332,7 +340,7 @@ class GKTServer:
         """
         losses: dict[int, float] = {}
         for node in nodes:
-            logits = predict(self.model, self.store.batches([node], self.batch_size), self.device)
+            logits = predict(self.model, self._batches([node]), self.device)
             teacher = self.store.logits([node]) if self.kd_mode.server_distills else None
             loss = gkt_loss(
                 logits, self.store.labels([node]), teacher, self.temperature, self.alpha
@@ -385,7 +393,7 @@ class GKTServer:
         teacher = self.store.logits(nodes) if self.kd_mode.server_distills else None
         return fit(
             self.model,
-            self.store.batches(nodes, self.batch_size, True, self.generator, size=size),
+            self._batches(nodes, shuffle=True, size=size),
             self.optimizer,
             epochs=self.epochs,
             device=self.device,
@@ -395,6 +403,24 @@ class GKTServer:
             capture_logits=capture_logits,
             precision=self.precision,
         )
+
+    def _batches(
+        self, nodes: list[int], shuffle: bool = False, size: int | None = None
+    ) -> StoreBatches:
+        """Return batches of ``nodes``' stored samples for the training device.
+
+        On CUDA, features are first made resident on the device up to
+        ``device_memory_budget`` and the rest is prefetched into pinned memory.
+        """
+        cuda = self.device.type == "cuda"
+        budget = self.device_memory_budget
+        if budget is None and cuda:
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * 0.75)
+        if budget:
+            self.store.make_resident(self.device, budget)
+        generator = self.generator if shuffle else None
+        return self.store.batches(nodes, self.batch_size, shuffle, generator, size, prefetch=cuda)
 
     def _train_round(self, nodes: list[int]) -> ServerRoundResult:
         labels = self.store.labels(nodes)
@@ -409,9 +435,7 @@ class GKTServer:
                 result.seconds,
             )
         else:
-            all_logits = predict(
-                self.model, self.store.batches(nodes, self.batch_size), self.device, self.precision
-            )
+            all_logits = predict(self.model, self._batches(nodes), self.device, self.precision)
             loss_sum, correct = evaluate_logits(all_logits, labels)
             loss, acc, secs = loss_sum / total, correct / total, 0.0
         self._last_loss = loss
@@ -463,9 +487,7 @@ class GKTServer:
         if self.epochs > 0:
             result = self._fit(nodes, size=size)
             loss, accuracy = result.loss, result.accuracy
-        logits = predict(
-            self.model, self.store.batches([node], self.batch_size), self.device, self.precision
-        )
+        logits = predict(self.model, self._batches([node]), self.device, self.precision)
         self.logits[node] = logits
         if self.epochs == 0:
             loss_sum, correct = evaluate_logits(logits, self.store.labels([node]))

@@ -20,6 +20,14 @@ flight and the training's fixed overhead, however large the spilled data
 The labels and logits of every node stay in memory (8 + 4*C bytes per sample,
 0.1 % of a 16x28x28 feature map) and count towards the budget: the store
 never holds more than the budget unless labels and logits alone exceed it.
+
+Features are stored in their wire dtype -- float32, float16, or int8 with the
+codec's per-channel parameters -- and converted a batch at a time on the
+training device (:func:`flwr_gkt.core.training.to_device`): the budget counts
+the bytes stored. On a GPU, :meth:`FeatureStore.make_resident` copies nodes'
+features to the device while they fit a device budget, so batches are
+gathered there without any host copy; the other nodes' batches are gathered
+on the host into pinned memory, one batch ahead of the training loop.
 """
 
 from __future__ import annotations
@@ -28,14 +36,15 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from flwr_gkt.core.payload import Payload
+from flwr_gkt.core.payload import Features, Payload, QuantizedBatch, to_dense
 from flwr_gkt.core.training import Batch
 
 __all__ = ["FeatureStore", "StoreBatches", "return_large_blocks_to_os"]
@@ -144,6 +153,9 @@ class FeatureStore(Mapping[int, Payload]):
         self._payloads: dict[int, Payload] = {}
         self._spilled: dict[int, _Spilled] = {}
         self._versions: dict[int, int] = {}
+        #: Features copied to the training device (:meth:`make_resident`).
+        self._resident: dict[int, Tensor] = {}
+        self.resident_device: torch.device | None = None
 
     # ---------------------------------------------------------------- mapping
     def __getitem__(self, node: int) -> Payload:
@@ -152,8 +164,7 @@ class FeatureStore(Mapping[int, Payload]):
         spilled = self._spilled.get(node)
         if spilled is None:
             return payload
-        features = torch.from_numpy(spilled.read_all())
-        return Payload(features=features, labels=payload.labels, logits=payload.logits)
+        return replace(payload, features=torch.from_numpy(spilled.read_all()))
 
     def __iter__(self) -> Iterator[int]:
         """Iterate over the stored node ids, in the order they were stored."""
@@ -231,6 +242,7 @@ class FeatureStore(Mapping[int, Payload]):
         # The old payload goes only once the new one is in place: a failed spill
         # write (disk full) leaves the node's previous payload stored.
         old_payload, old_spill = self._payloads.pop(node, None), self._spilled.pop(node, None)
+        self._resident.pop(node, None)
         self._payloads[node] = payload
         try:
             while self.memory_budget is not None and self.memory_bytes > self.memory_budget:
@@ -254,8 +266,10 @@ class FeatureStore(Mapping[int, Payload]):
     def _spill(self, node: int) -> None:
         payload = self._payloads[node]
         self._spilled[node] = self._write(node, payload.features)
-        # Labels and logits stay in memory (small); the features' reference is dropped.
-        self._payloads[node] = Payload(
+        # Labels, logits and codec parameters stay in memory (small); the features' reference
+        # is dropped.
+        self._payloads[node] = replace(
+            payload,
             features=torch.empty(0),
             labels=payload.labels.clone(),
             logits=None if payload.logits is None else payload.logits.clone(),
@@ -282,9 +296,7 @@ class FeatureStore(Mapping[int, Payload]):
         payload = self._payloads[node]
         if logits is not None and len(logits) != len(payload):
             raise ValueError(f"node {node}: {len(logits)} logits for {len(payload)} stored samples")
-        self._payloads[node] = Payload(
-            features=payload.features, labels=payload.labels, logits=logits
-        )
+        self._payloads[node] = replace(payload, logits=logits)
 
     def remove(self, node: int) -> None:
         """Forget ``node`` and delete its spill file; a node not stored is ignored.
@@ -295,9 +307,57 @@ class FeatureStore(Mapping[int, Payload]):
             The node to forget.
         """
         self._payloads.pop(node, None)
+        self._resident.pop(node, None)
         spilled = self._spilled.pop(node, None)
         if spilled is not None:
             spilled.path.unlink(missing_ok=True)
+
+    def make_resident(self, device: torch.device, budget: int) -> int:
+        """Copy stored features to ``device`` while they fit ``budget`` bytes; return the bytes.
+
+        Nodes are taken in store order; a node's features go whole or not at
+        all (spilled ones are read back from disk once). Batches of resident
+        nodes are then gathered on ``device``. A node stored again, or
+        removed, leaves the device; so do all nodes when ``device`` changes.
+
+        Parameters
+        ----------
+        device : torch.device
+            The training device (a GPU; on the CPU this only costs a copy).
+        budget : int
+            Bytes of features the device may hold (``0``: none).
+
+        Returns
+        -------
+        int
+            Bytes of features resident on ``device`` afterwards.
+        """
+        if device != self.resident_device:
+            self._resident.clear()
+            self.resident_device = device
+        used = sum(t.nbytes for t in self._resident.values())
+        for node in self._payloads:
+            if node in self._resident:
+                continue
+            size = self.num_samples(node) * self._row_bytes(node)
+            if size == 0 or used + size > budget:
+                continue
+            spilled = self._spilled.get(node)
+            host = (
+                torch.from_numpy(spilled.read_all())
+                if spilled is not None
+                else self._payloads[node].features
+            )
+            self._resident[node] = host.to(device)
+            used += size
+        return used
+
+    def _row_bytes(self, node: int) -> int:
+        spilled = self._spilled.get(node)
+        if spilled is not None:
+            return spilled.row_bytes
+        features = self._payloads[node].features
+        return 0 if features.dim() != 4 else features[0].nbytes
 
     def close(self) -> None:
         """Remove every spill file, and the spill directory when it is left empty.
@@ -307,6 +367,7 @@ class FeatureStore(Mapping[int, Payload]):
         """
         for node in list(self._spilled):
             self.remove(node)
+        self._resident.clear()
         if self._spill_dir is None:
             return
         if self._own_dir:
@@ -349,6 +410,7 @@ class FeatureStore(Mapping[int, Payload]):
         shuffle: bool = False,
         generator: torch.Generator | None = None,
         size: int | None = None,
+        prefetch: bool = False,
     ) -> StoreBatches:
         """Return mini-batches over ``nodes``' samples, concatenated in that order.
 
@@ -365,14 +427,17 @@ class FeatureStore(Mapping[int, Payload]):
         size : int, optional
             Each pass covers only this many samples, drawn at random (without
             replacement) anew on every pass. ``None``: all samples.
+        prefetch : bool
+            Gather the next batch (into pinned memory) in a background
+            thread while the current one trains: for a GPU.
 
         Returns
         -------
         StoreBatches
             An iterable of ``(features, labels, index)`` batches, read from
-            memory or disk one batch at a time.
+            memory, disk or the device one batch at a time.
         """
-        return StoreBatches(self, nodes, batch_size, shuffle, generator, size)
+        return StoreBatches(self, nodes, batch_size, shuffle, generator, size, prefetch)
 
     def labels(self, nodes: Iterable[int]) -> Tensor:
         """Return the labels of ``nodes``, concatenated.
@@ -408,10 +473,15 @@ class FeatureStore(Mapping[int, Payload]):
             return None
         return torch.cat([p for p in parts if p is not None])
 
-    def gather(self, nodes: Sequence[int], index: Tensor) -> Tensor:
+    def gather(self, nodes: Sequence[int], index: Tensor, pin: bool = False) -> Features:
         """Return feature rows of the concatenation of ``nodes``' features.
 
-        Spilled rows are read from disk; the concatenation is never built.
+        Rows stay in their stored dtype: float32 / float16 rows as a tensor,
+        int8 rows as a :class:`~flwr_gkt.core.payload.QuantizedBatch` (each
+        row with its node's codec parameters); a batch mixing dtypes is
+        converted to float32 here. Spilled rows are read from disk; rows of
+        resident nodes are gathered on their device (the batch goes there
+        when all its nodes are resident). The concatenation is never built.
 
         Parameters
         ----------
@@ -419,31 +489,76 @@ class FeatureStore(Mapping[int, Payload]):
             Stored nodes, in concatenation order.
         index : Tensor
             Rows to gather (positions in the concatenation, not empty).
+        pin : bool
+            Gather host rows into pinned memory (for a non-blocking copy to a
+            GPU).
 
         Returns
         -------
-        Tensor
+        Features
             The rows, in the order of ``index``.
         """
         sizes = np.array([len(self._payloads[n]) for n in nodes])
         starts = np.concatenate([[0], np.cumsum(sizes)])
         idx = index.numpy()
         which = np.searchsorted(starts, idx, side="right") - 1
-        out: Tensor | None = None
+        parts = []
         for k in np.unique(which):
             mask = which == k
-            local = idx[mask] - starts[k]
+            local = torch.from_numpy(idx[mask] - starts[k])
             node = nodes[int(k)]
-            spilled = self._spilled.get(node)
-            if spilled is None:
-                rows = self._payloads[node].features[torch.from_numpy(local)]
+            payload, spilled = self._payloads[node], self._spilled.get(node)
+            if node in self._resident:
+                rows = self._resident[node][local.to(self._resident[node].device)]
+            elif spilled is None:
+                rows = payload.features[local]
             else:
-                rows = torch.from_numpy(spilled.read(local))
-            if out is None:
-                out = torch.empty((len(idx), *rows.shape[1:]), dtype=rows.dtype)
-            out[torch.from_numpy(mask)] = rows
-        assert out is not None
+                rows = torch.from_numpy(spilled.read(local.numpy()))
+            parts.append((torch.from_numpy(mask), rows, payload))
+        device = parts[0][1].device if len({p[1].device for p in parts}) == 1 else None
+        if device is None:  # some nodes resident, some not: meet on the host
+            parts = [(m, r.cpu(), p) for m, r, p in parts]
+            device = torch.device("cpu")
+        quantized = {p.feature_scale is not None for _, _, p in parts}
+        dtypes = {r.dtype for _, r, _ in parts}
+        if quantized == {True}:
+            return self._gather_quantized(parts, len(idx), device, pin)
+        if quantized == {False} and len(dtypes) == 1:
+            out = _alloc((len(idx), *parts[0][1].shape[1:]), dtypes.pop(), device, pin)
+            for mask, rows, _ in parts:
+                out[mask.to(device)] = rows
+            return out
+        out = _alloc((len(idx), *parts[0][1].shape[1:]), torch.float32, device, pin)
+        for mask, rows, p in parts:  # mixed dtypes: convert each node's rows
+            minimum, scale = (
+                (None, None)
+                if p.feature_min is None or p.feature_scale is None
+                else (p.feature_min.to(device), p.feature_scale.to(device))
+            )
+            out[mask.to(device)] = to_dense(rows, minimum, scale)
         return out
+
+    @staticmethod
+    def _gather_quantized(
+        parts: list[tuple[Tensor, Tensor, Payload]], n: int, device: torch.device, pin: bool
+    ) -> QuantizedBatch:
+        channels = parts[0][1].shape[1]
+        q = _alloc((n, *parts[0][1].shape[1:]), torch.int8, device, pin)
+        minimum = _alloc((n, channels), torch.float32, device, pin)
+        scale = _alloc((n, channels), torch.float32, device, pin)
+        for mask, rows, p in parts:
+            assert p.feature_min is not None and p.feature_scale is not None
+            m = mask.to(device)
+            q[m] = rows
+            minimum[m] = p.feature_min.to(device)
+            scale[m] = p.feature_scale.to(device)
+        return QuantizedBatch(q, minimum, scale)
+
+
+def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, pin: bool) -> Tensor:
+    """Return an empty tensor for a gathered batch (pinned host memory with ``pin``)."""
+    pinned = pin and device.type == "cpu" and torch.cuda.is_available()
+    return torch.empty(shape, dtype=dtype, device=device, pin_memory=pinned)
 
 
 class StoreBatches:
@@ -467,6 +582,9 @@ class StoreBatches:
         Generator of the shuffling.
     size : int, optional
         Samples per pass, drawn at random anew on every pass; ``None``: all.
+    prefetch : bool
+        Gather each next batch in a background thread, into pinned memory
+        (for a GPU), while the current one is used.
     """
 
     def __init__(
@@ -477,7 +595,9 @@ class StoreBatches:
         shuffle: bool = False,
         generator: torch.Generator | None = None,
         size: int | None = None,
+        prefetch: bool = False,
     ) -> None:
+        self.prefetch = prefetch
         self.store = store
         self.nodes = list(nodes)
         self.labels = store.labels(self.nodes) if self.nodes else torch.empty(0, dtype=torch.long)
@@ -495,11 +615,23 @@ class StoreBatches:
         n = len(self.labels)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         order = order[: self.size]
-        for start in range(0, self.size, self.batch_size):
-            idx = order[start : start + self.batch_size]
-            yield self.store.gather(self.nodes, idx), self.labels[idx], idx
+        chunks = [order[i : i + self.batch_size] for i in range(0, self.size, self.batch_size)]
+        if not self.prefetch:
+            for idx in chunks:
+                yield self.store.gather(self.nodes, idx), self.labels[idx], idx
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="gkt-prefetch") as pool:
+            ahead = pool.submit(self.store.gather, self.nodes, chunks[0], True) if chunks else None
+            for i, idx in enumerate(chunks):
+                assert ahead is not None
+                features = ahead.result()
+                if i + 1 < len(chunks):  # one batch ahead
+                    ahead = pool.submit(self.store.gather, self.nodes, chunks[i + 1], True)
+                yield features, self.labels[idx], idx
 
 
 def _nbytes(payload: Payload, with_features: bool) -> int:
     size = payload.labels.nbytes + (payload.logits.nbytes if payload.logits is not None else 0)
+    for params in (payload.feature_min, payload.feature_scale):
+        size += 0 if params is None else params.nbytes
     return size + (payload.features.nbytes if with_features else 0)

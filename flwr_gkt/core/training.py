@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flwr_gkt.core.losses import gkt_loss
+from flwr_gkt.core.payload import Features, QuantizedBatch, dequantize
 from flwr_gkt.core.rectify import Rectifier
 
 __all__ = [
@@ -47,7 +48,7 @@ __all__ = [
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 #: ``(inputs, labels, sample indices)`` of one mini-batch.
-Batch = tuple[Tensor, Tensor, Tensor]
+Batch = tuple[Features, Tensor, Tensor]
 #: ``(model, inputs, labels, batch_teacher_logits) -> (loss, logits)``, see :func:`fit`.
 StepLoss = Callable[[nn.Module, Tensor, Tensor, "Tensor | None"], "tuple[Tensor, Tensor]"]
 
@@ -71,26 +72,34 @@ def get_device(preference: str = "auto") -> torch.device:
     return torch.device(preference)
 
 
-def to_device(x: Tensor, device: torch.device) -> Tensor:
-    """Move a batch to ``device``; image-like batches go channels-last.
+def to_device(x: Features, device: torch.device) -> Tensor:
+    """Move a batch to ``device`` as float32; image-like batches go channels-last.
 
-    Channels-last convolutions are several times faster on the CPU (oneDNN)
-    and no slower on GPUs; the logical shape is unchanged.
+    Stored features are converted *there*: an int8 :class:`QuantizedBatch` is
+    copied as int8 and dequantised on ``device``, float16 maps are upcast on
+    ``device``. Channels-last convolutions are several times faster on the
+    CPU (oneDNN) and no slower on GPUs; the logical shape is unchanged.
 
     Parameters
     ----------
-    x : Tensor
-        A batch; 4-D tensors (``N x C x H x W``) are made channels-last.
+    x : Features
+        A batch: a tensor (4-D ones are made channels-last) or a
+        :class:`~flwr_gkt.core.payload.QuantizedBatch`.
     device : torch.device
-        The target device (the copy is non-blocking).
+        The target device (the copies are non-blocking).
 
     Returns
     -------
     Tensor
-        ``x`` on ``device``.
+        ``x`` on ``device``, float32 when it held features.
     """
+    if isinstance(x, QuantizedBatch):
+        q = x.q.to(device, memory_format=torch.channels_last, non_blocking=True)
+        minimum = x.minimum.to(device, non_blocking=True)
+        return dequantize(q, minimum, x.scale.to(device, non_blocking=True))
     if x.dim() == 4:
-        return x.to(device, memory_format=torch.channels_last, non_blocking=True)
+        x = x.to(device, memory_format=torch.channels_last, non_blocking=True)
+        return x.float() if x.dtype == torch.float16 else x
     return x.to(device, non_blocking=True)
 
 
@@ -111,6 +120,8 @@ def prepare_model(model: ModuleT, device: torch.device) -> ModuleT:
     """
     model.to(device=device)
     model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":  # fixed input shapes: let cuDNN pick its fastest kernels
+        torch.backends.cudnn.benchmark = True
     return model
 
 

@@ -346,7 +346,7 @@ class FedGKT(Resumable, Strategy):
         sums = dict.fromkeys(("loss", "correct", "n", "edge-correct", "edge-loss"), 0.0)
 
         def evaluate(node: int, payload: Payload, metrics: Mapping[str, float]) -> None:
-            loss_sum, correct = self.server.evaluate(payload.features, payload.labels)
+            loss_sum, correct = self.server.evaluate(payload.dense_features(), payload.labels)
             n = len(payload)
             sums["loss"] += loss_sum
             sums["correct"] += correct

@@ -514,14 +514,18 @@ def validate_arrays(
     logits: np.ndarray | None,
     spec: PayloadSpec,
     num_examples: int | None = None,
+    int8_params: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Payload:
     """Validate decoded arrays against ``spec``; return them as tensors.
+
+    Features keep their wire dtype (no float32 copy is made): the store
+    keeps them so and converts a batch at a time.
 
     Parameters
     ----------
     features : np.ndarray
-        Feature maps ``N x C x H x W``, float32 or float16 (int8 features
-        dequantized first).
+        Feature maps ``N x C x H x W``: float32, float16, or int8 with
+        ``int8_params``.
     labels : np.ndarray
         Labels ``N``, int64.
     logits : np.ndarray, optional
@@ -531,12 +535,15 @@ def validate_arrays(
         Number of classes, expected feature shape and sample limit.
     num_examples : int, optional
         The count the node reported; must equal ``N`` when given.
+    int8_params : tuple[np.ndarray, np.ndarray], optional
+        The int8 codec's checked per-channel ``(minimum, scale)``.
 
     Returns
     -------
     Payload
-        Float32 features and logits and int64 labels, possibly sharing
-        (read-only) memory with the arrays.
+        Features in their wire dtype (int8 with their parameters), float32
+        logits and int64 labels, possibly sharing (read-only) memory with the
+        arrays.
 
     Raises
     ------
@@ -544,7 +551,8 @@ def validate_arrays(
         On wrong dtypes, shapes or counts, no samples or more than the
         limit, non-finite values or labels outside ``[0, num_classes)``.
     """
-    if str(features.dtype) not in _FLOAT_DTYPES:  # int8 arrives here dequantized
+    int8 = features.dtype == np.int8 and int8_params is not None
+    if str(features.dtype) not in _FLOAT_DTYPES and not int8:
         raise PayloadError(f"'features' has dtype {features.dtype}, expected {list(_FLOAT_DTYPES)}")
     if str(labels.dtype) not in LABEL_DTYPES:
         raise PayloadError(f"'labels' has dtype {labels.dtype}, expected {list(LABEL_DTYPES)}")
@@ -568,7 +576,7 @@ def validate_arrays(
         )
     if num_examples is not None and num_examples != n:
         raise PayloadError(f"'{NUM_EXAMPLES}' says {num_examples} but the payload has {n} samples")
-    if not np.isfinite(features).all():
+    if not int8 and not _all_finite(features):  # int8 maps decode finite (checked parameters)
         raise PayloadError("'features' contain NaN or Inf")
     if labels.min() < 0 or labels.max() >= spec.num_classes:
         raise PayloadError(
@@ -587,11 +595,19 @@ def validate_arrays(
         logits_t = _tensor(logits.astype(np.float32, copy=False))
     # Tensors may be read-only views of the message bytes: consumers must not
     # modify them in place (the server only reads them).
+    minimum, scale = (None, None) if int8_params is None else int8_params
     return Payload(
-        features=_tensor(features.astype(np.float32, copy=False)),
+        features=_tensor(features),
         labels=_tensor(labels),
         logits=logits_t,
+        feature_min=None if minimum is None or not int8 else _tensor(minimum),
+        feature_scale=None if scale is None or not int8 else _tensor(scale),
     )
+
+
+def _all_finite(x: np.ndarray) -> bool:
+    """Whether every value of ``x`` is finite, checked a chunk of rows at a time."""
+    return all(bool(np.isfinite(x[i : i + _CHUNK]).all()) for i in range(0, len(x), _CHUNK))
 
 
 def decode_payload(content: RecordDict, spec: PayloadSpec, with_logits: bool) -> Payload:
@@ -609,7 +625,7 @@ def decode_payload(content: RecordDict, spec: PayloadSpec, with_logits: bool) ->
     Returns
     -------
     Payload
-        The validated payload (int8 features dequantized).
+        The validated payload (features in their wire dtype).
 
     Raises
     ------
@@ -620,11 +636,10 @@ def decode_payload(content: RecordDict, spec: PayloadSpec, with_logits: bool) ->
     record = _record(content)
     num_examples = _num_examples(content)
     features = _load(record, "features", FEATURE_DTYPES)
-    if features.dtype == np.int8:
-        features = _dequantize(features, record)
+    params = _int8_params(features, record) if features.dtype == np.int8 else None
     labels = _load(record, "labels", LABEL_DTYPES)
     logits = _load(record, "logits", LOGIT_DTYPES) if with_logits else None
-    return validate_arrays(features, labels, logits, spec, num_examples)
+    return validate_arrays(features, labels, logits, spec, num_examples, params)
 
 
 def _record(content: RecordDict) -> ArrayRecord:
@@ -642,8 +657,8 @@ def _num_examples(content: RecordDict) -> int:
     return value
 
 
-def _dequantize(q: np.ndarray, record: ArrayRecord) -> np.ndarray:
-    """Check the int8 codec's per-channel parameters, then dequantize."""
+def _int8_params(q: np.ndarray, record: ArrayRecord) -> tuple[np.ndarray, np.ndarray]:
+    """Check and return the int8 codec's per-channel ``(minimum, scale)``."""
     if q.ndim != 4:
         raise PayloadError(f"'features' must be N x C x H x W, got shape {list(q.shape)}")
     channels = q.shape[1]
@@ -657,9 +672,14 @@ def _dequantize(q: np.ndarray, record: ArrayRecord) -> np.ndarray:
         if not np.isfinite(value).all():
             raise PayloadError(f"'{key}' contains NaN or Inf")
         params[key] = value
-    if (params["feature-scale"] <= 0).any():
+    minimum, scale = params["feature-min"], params["feature-scale"]
+    if (scale <= 0).any():
         raise PayloadError("'feature-scale' must be positive")
-    return dequantize_int8(q, params["feature-min"], params["feature-scale"])
+    with np.errstate(over="ignore"):
+        top = minimum + np.float32(255.0) * scale
+    if not np.isfinite(top).all():
+        raise PayloadError("'feature-min' + 255 * 'feature-scale' overflows float32")
+    return minimum, scale
 
 
 def decode_server_logits(content: RecordDict, num_samples: int, num_classes: int) -> Tensor | None:

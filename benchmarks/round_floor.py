@@ -1,0 +1,181 @@
+"""Benchmark: one default-preset round through the project vs the same work in a plain loop.
+
+``python benchmarks/round_floor.py [--preset fmnist --runtimes ray,inprocess --set k=v ...]``
+
+Runs one round of the preset through the project -- ``python -m simulation``
+with Flower's Ray simulation and with the in-process runtime, each in its own
+process, one after the other -- and reads the round's ``round-seconds`` (from
+the first train instruction to the last evaluate reply, no start-up). Then, in
+this process and alone on the machine, a plain PyTorch loop does exactly the
+same work on the same tensors: each node's edge training (``E_c`` epochs, CE;
+the first round has no server logits), the extraction of its training
+features and logits, ``E_s`` server epochs over all nodes' features shuffled
+together (CE + KD from the client logits, capturing each sample's server
+logits), and the evaluation (test features through the edge extractor, then
+the server model). Same models, initial weights, optimizers, batch sizes,
+precision and memory format; nodes one after the other, with every thread.
+
+Prints each runtime's round time and its ratio to the plain loop (goal:
+<= 1.15), with the parts (edge, server, the rest: transport, validation,
+evaluation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def project_round(preset: str, runtime: str, overrides: list[str], out: Path) -> dict[str, float]:
+    """Run one round of ``preset`` through ``python -m simulation``; return its metrics row."""
+    env = dict(os.environ, FLWR_HOME=tempfile.mkdtemp(prefix="flwr-home-"))
+    sets = ["num-server-rounds=1", f"results-dir={out}", f"run-name={runtime}", *overrides]
+    cmd = [sys.executable, "-m", "simulation", "--preset", preset, "--runtime", runtime]
+    start = time.perf_counter()
+    subprocess.run([*cmd, "--set", *sets], cwd=ROOT, env=env, check=True, capture_output=True)
+    wall = time.perf_counter() - start
+    with open(out / runtime / "metrics.csv") as f:
+        row = {k: float(v) for k, v in next(csv.DictReader(f)).items() if v not in ("", None)}
+    row["wall-seconds"] = wall
+    return row
+
+
+def _kd(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
+    log_p = F.log_softmax(student / t, dim=1)
+    log_q = F.log_softmax(teacher / t, dim=1)
+    return F.kl_div(log_p, log_q, reduction="batchmean", log_target=True) * t * t
+
+
+def _autocast(device: torch.device, precision: str) -> torch.autocast:
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    return torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
+
+
+def plain_round(preset: str, overrides: list[str]) -> dict[str, float]:
+    """The same round's work in plain PyTorch, in this process; return seconds per part."""
+    from flwr_gkt.config import parse_overrides
+    from flwr_gkt.core.training import get_device
+    from simulation.task import build_server, config_from_run_config, edge_builder, load_client_data
+
+    cfg = config_from_run_config({"preset": preset, **parse_overrides(overrides)})
+    device = get_device(cfg.device)
+    nodes = [load_client_data(cfg, k, cfg.num_clients) for k in range(cfg.num_clients)]
+    cl = torch.channels_last
+    times = {"edge": 0.0, "server": 0.0, "evaluate": 0.0}
+    feats, zs, ys, edges = [], [], [], []
+    for k, data in enumerate(nodes):
+        start = time.perf_counter()
+        model = edge_builder(cfg, k)().to(device, memory_format=cl)
+        opt = torch.optim.Adam(model.parameters(), cfg.edge_lr, weight_decay=cfg.weight_decay)
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + 1)
+        model.train()
+        for _ in range(cfg.edge_epochs):
+            order = torch.randperm(len(data.y_train), generator=gen)
+            for i in range(0, len(order), cfg.batch_size):
+                idx = order[i : i + cfg.batch_size]
+                x = data.x_train[idx].to(device, memory_format=cl)
+                with _autocast(device, cfg.edge_precision):
+                    loss = F.cross_entropy(model(x).float(), data.y_train[idx].to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        model.eval()
+        with torch.inference_mode(), _autocast(device, cfg.edge_precision):
+            h, z = [], []
+            for i in range(0, len(data.y_train), cfg.batch_size):
+                zi, hi = model.forward_with_features(
+                    data.x_train[i : i + cfg.batch_size].to(device, memory_format=cl)
+                )
+                h.append(hi.float().contiguous())
+                z.append(zi.float())
+        feats.append(torch.cat(h).cpu())
+        zs.append(torch.cat(z).cpu())
+        ys.append(data.y_train)
+        edges.append(model)
+        times["edge"] += time.perf_counter() - start
+    start = time.perf_counter()
+    features, teacher, labels = torch.cat(feats), torch.cat(zs), torch.cat(ys)
+    torch.manual_seed(cfg.seed)
+    server = build_server(cfg).to(device, memory_format=cl)
+    opt = torch.optim.Adam(server.parameters(), cfg.server_lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    captured = torch.empty(len(labels), teacher.shape[1], device=device)
+    server.train()
+    for _ in range(cfg.server_epochs):
+        order = torch.randperm(len(labels), generator=gen)
+        for i in range(0, len(order), cfg.server_batch_size):
+            idx = order[i : i + cfg.server_batch_size]
+            x = features[idx].to(device, memory_format=cl)
+            y, zt = labels[idx].to(device), teacher[idx].to(device)
+            with _autocast(device, cfg.server_precision):
+                out = server(x).float()
+                loss = F.cross_entropy(out, y) + cfg.alpha * _kd(out, zt, cfg.temperature)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            captured[idx.to(device)] = out.detach()
+    captured = captured.cpu()
+    times["server"] = time.perf_counter() - start
+    start = time.perf_counter()
+    correct = total = 0
+    server.eval()
+    with torch.inference_mode():
+        for model, data in zip(edges, nodes, strict=True):
+            for i in range(0, len(data.y_test), cfg.batch_size):
+                x = data.x_test[i : i + cfg.batch_size].to(device, memory_format=cl)
+                with _autocast(device, cfg.edge_precision):
+                    _, h = model.forward_with_features(x)
+                with _autocast(device, cfg.server_precision):
+                    pred = server(h.float()).argmax(1).cpu()
+                correct += int((pred == data.y_test[i : i + cfg.batch_size]).sum())
+                total += len(pred)
+    times["evaluate"] = time.perf_counter() - start
+    times["round"] = sum(times.values())
+    times["accuracy"] = correct / max(total, 1)
+    return times
+
+
+def main() -> None:
+    """Run the project's round per runtime, then the plain loop; print the ratios."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="fmnist")
+    parser.add_argument("--runtimes", default="ray,inprocess")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    out = Path(tempfile.mkdtemp(prefix="round-floor-"))
+    rows = {}
+    for runtime in [r for r in args.runtimes.split(",") if r]:
+        rows[runtime] = project_round(args.preset, runtime, args.set, out)
+        print(
+            f"{runtime:>10}: round {rows[runtime]['round-seconds']:.1f}s "
+            f"(edge {rows[runtime].get('edge-seconds', float('nan')):.1f}s per node, "
+            f"server {rows[runtime]['server-seconds']:.1f}s; process {rows[runtime]['wall-seconds']:.0f}s)",
+            flush=True,
+        )
+    plain = plain_round(args.preset, args.set)
+    print(
+        f"{'plain':>10}: round {plain['round']:.1f}s (edge {plain['edge']:.1f}s for all nodes, "
+        f"server {plain['server']:.1f}s, evaluate {plain['evaluate']:.1f}s; "
+        f"accuracy {plain['accuracy']:.4f})"
+    )
+    for runtime, row in rows.items():
+        print(
+            f"ratio {runtime}/plain: {row['round-seconds'] / plain['round']:.3f} "
+            f"(accuracy {row.get('accuracy', float('nan')):.4f})"
+        )
+
+
+if __name__ == "__main__":
+    main()
