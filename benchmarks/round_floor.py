@@ -160,7 +160,7 @@ def main() -> None:
         rows[runtime] = project_round(args.preset, runtime, args.set, out)
         print(
             f"{runtime:>10}: round {rows[runtime]['round-seconds']:.1f}s "
-            f"(edge {rows[runtime].get('edge-seconds', float('nan')):.1f}s per node, "
+            f"(edge {rows[runtime].get('edge-seconds-mean', float('nan')):.1f}s per node, "
             f"server {rows[runtime]['server-seconds']:.1f}s; process {rows[runtime]['wall-seconds']:.0f}s)",
             flush=True,
         )

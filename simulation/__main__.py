@@ -64,7 +64,10 @@ def build_config(argv: list[str] | None = None) -> tuple[RunConfig, str, str]:
         "ClientApp in this process, one node at a time (no Ray)",
     )
     args = parser.parse_args(argv)
-    cfg = resolve_config({"preset": args.preset, **parse_overrides(args.overrides)}, PRESETS_DIR)
+    overrides = parse_overrides(args.overrides)
+    if args.runtime == "inprocess":  # nodes run one at a time here: each may use every core
+        overrides.setdefault("client-threads", 0)
+    cfg = resolve_config({"preset": args.preset, **overrides}, PRESETS_DIR)
     api = args.algorithm if args.algorithm != "fedgkt" else args.api
     return cfg, api, args.runtime
 

@@ -47,6 +47,7 @@ from logging import WARNING
 from typing import Any
 from uuid import uuid4
 
+import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
@@ -277,6 +278,7 @@ class InProcessGrid(Grid):
         delivered = copy.deepcopy(msg)  # what a node receives is a copy
         delivered.metadata.delivered_at = now().isoformat()
         work = copy.deepcopy(context)
+        threads = torch.get_num_threads()  # a ClientApp's thread setting must not reach the server
         try:
             reply = self.client_app(delivered, work)
             if not isinstance(reply, Message):
@@ -301,6 +303,8 @@ class InProcessGrid(Grid):
                 Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=_exception_reason(ex)),
                 reply_to=msg,
             )
+        finally:
+            torch.set_num_threads(threads)
         self._contexts[node_id] = work  # kept only when the ClientApp succeeded, as on a SuperNode
         return copy.deepcopy(reply)  # the server gets its own copy, too
 

@@ -123,3 +123,39 @@ def test_run_inprocess_calls_a_server_app_main():
     run_inprocess(server_app, _counting_app(), 2, run_config={"a": "b"})
     assert seen["context"].node_id == 0 and seen["context"].run_config == {"a": "b"}
     assert [r.content["metrics"]["partition-id"] for r in seen["replies"]] == [0, 1]
+
+
+def test_a_client_apps_thread_setting_does_not_reach_the_server():
+    import torch
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        torch.set_num_threads(1)  # as the ClientApp does with client-threads = 1
+        return Message(
+            RecordDict({"metrics": MetricRecord({"t": torch.get_num_threads()})}), reply_to=msg
+        )
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grid = InProcessGrid(app, 1)
+        (reply,) = grid.send_and_receive([_train(next(iter(grid.get_node_ids())), 0)])
+        assert reply.content["metrics"]["t"] == 1
+        assert torch.get_num_threads() == 2  # the server trains with its own threads
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_inprocess_runtime_lets_each_node_use_every_core():
+    from simulation.__main__ import build_config
+
+    cfg, _, _ = build_config(["--preset", "smoke", "--runtime", "inprocess"])
+    assert cfg.client_threads == 0
+    cfg, _, _ = build_config(
+        ["--preset", "smoke", "--runtime", "inprocess", "--set", "client-threads=1"]
+    )
+    assert cfg.client_threads == 1
+    cfg, _, _ = build_config(["--preset", "smoke"])
+    assert cfg.client_threads == 1  # Ray runs nodes side by side

@@ -163,3 +163,34 @@ def test_int8_parameters_that_overflow_are_rejected():
     content = RecordDict({ARRAYS_KEY: record, METRICS_KEY: metrics_record(5)})
     with pytest.raises(PayloadError, match="overflows"):
         decode_payload(content, SPEC, with_logits=True)
+
+
+def test_features_to_be_replaced_wait_on_disk_and_a_silent_node_keeps_them(tmp_path):
+    from flwr.app import ArrayRecord, ConfigRecord, Message
+
+    from flwr_gkt.flower.strategy import FedGKT
+
+    class Grid:
+        def get_node_ids(self):
+            return [1, 2]
+
+    server = _server(spill_dir=tmp_path)
+    strategy = FedGKT(server, 10, feature_shape=SHAPE, min_available_nodes=2)
+    for node in (1, 2):
+        server.put(node, _reply(node, 20, "float32"))
+    kept = server.store[2].features.clone()
+    sent = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), Grid()))
+    assert server.store.is_spilled(1) and server.store.is_spilled(2)
+    assert server.store.memory_bytes < 2 * 20 * int(np.prod(SHAPE))  # labels and logits only
+    fresh = _reply(7, 20, "float32")
+    content = RecordDict(
+        {
+            ARRAYS_KEY: encode_payload(fresh.features, fresh.labels, fresh.logits),
+            METRICS_KEY: metrics_record(20),
+        }
+    )
+    strategy.aggregate_train(1, [Message(content, reply_to=sent[0])])  # node 2 stays silent
+    assert not server.store.is_spilled(1) and torch.equal(server.store[1].features, fresh.features)
+    assert server.store.is_spilled(2) and torch.equal(server.store[2].features, kept)
+    assert len(list(tmp_path.iterdir())) == 1  # node 1's old file is gone
+    assert strategy.history[-1]["server-train-examples"] == 40  # both nodes trained on

@@ -263,6 +263,35 @@ class FeatureStore(Mapping[int, Payload]):
         if old_spill is not None:
             old_spill.path.unlink(missing_ok=True)
 
+    def stage_out(self, nodes: Iterable[int]) -> int:
+        """Move the in-memory features of ``nodes`` to disk until new ones replace them.
+
+        Called before a round whose replies will bring these nodes' fresh
+        features: Flower hands a strategy all of a round's replies at once, so
+        without this the old and the new features of every node would be in
+        memory together. A node that then fails to reply keeps its features
+        (read from disk, as a spilled node's); one that replies has them
+        replaced and the file deleted.
+
+        Parameters
+        ----------
+        nodes : Iterable[int]
+            Nodes about to send fresh features (unknown ones are skipped).
+
+        Returns
+        -------
+        int
+            Bytes of features moved to disk.
+        """
+        moved = 0
+        for node in nodes:
+            payload = self._payloads.get(node)
+            if payload is None or node in self._spilled or not payload.has_features:
+                continue
+            moved += payload.features.nbytes
+            self._spill(node)
+        return moved
+
     def _spill(self, node: int) -> None:
         payload = self._payloads[node]
         self._spilled[node] = self._write(node, payload.features)

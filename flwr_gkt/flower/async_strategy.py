@@ -212,6 +212,9 @@ class AsyncFedGKT(FedGKT):
         Passed to :class:`~flwr_gkt.flower.strategy.FedGKT`.
     """
 
+    #: Replies come one at a time: nothing to stage out.
+    stage_out = False
+
     def __init__(
         self,
         server: GKTServer,

@@ -77,6 +77,11 @@ __all__ = ["FedGKT", "edge_config_record", "edge_train_metrics", "progress"]
 class FedGKT(Resumable, Strategy):
     """Group Knowledge Transfer (He et al., NeurIPS 2020) for Flower.
 
+    Before each round, the stored features of the nodes asked for fresh ones
+    move to disk until replaced (:meth:`flwr_gkt.core.store.FeatureStore.stage_out`):
+    Flower hands over a round's replies together, so old and new would
+    otherwise be in memory at once.
+
     Parameters
     ----------
     server : GKTServer
@@ -130,6 +135,9 @@ class FedGKT(Resumable, Strategy):
         Where a checkpoint is written after every completed round
         (:mod:`flwr_gkt.core.checkpoint`); :meth:`resume` reads it back.
     """
+
+    #: Stage the features to be replaced out to disk before a round (see above).
+    stage_out = True
 
     def __init__(
         self,
@@ -246,6 +254,8 @@ class FedGKT(Resumable, Strategy):
             if logits is not None:
                 content[ARRAYS_KEY] = encode_server_logits(logits, self.logit_dtype)
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
+        if self.stage_out:  # the replies arrive together: the features they replace wait on disk
+            self.server.store.stage_out(n for n in node_ids if self._features_asked[n])
         self._bytes_sent = sum(record_nbytes(m.content) for m in messages)
         self._sent_train = messages
         return messages
