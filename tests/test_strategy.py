@@ -107,8 +107,11 @@ def test_bad_reply_is_rejected_round_continues_and_nothing_stored_is_lost(tamper
     assert len(lines) == 1 and "node 22" in lines[0] and reason in lines[0]
     assert train_metrics["nodes-replied"] == 2 and train_metrics["nodes-rejected"] == 1
     assert arrays is not None and eval_metrics["accuracy"] > 0
-    # node 22's round-1 features are still stored, untouched, and still trained on
-    assert strategy.server.store[22] is before
+    # node 22's round-1 features are still stored (on disk while the round ran), untouched,
+    # and still trained on
+    kept = strategy.server.store[22]
+    assert torch.equal(kept.features, before.features) and torch.equal(kept.labels, before.labels)
+    assert torch.equal(kept.logits, before.logits)
     assert train_metrics["server-train-examples"] == sum(
         len(p) for p in strategy.server.store.values()
     )
