@@ -59,7 +59,10 @@ def _kd(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
 
 
 def _autocast(device: torch.device, precision: str) -> torch.autocast:
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    from flwr_gkt.core.training import resolve_precision
+
+    precision = resolve_precision(device, precision)  # auto: bf16 where supported
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
 
 

@@ -120,10 +120,13 @@ class RunConfig:
     edge_epochs, batch_size : int
         Local epochs ``E_c`` and edge mini-batch size.
     edge_precision, server_precision : str
-        ``fp32``, ``bf16`` (CUDA, or CPUs with AVX512-BF16/AMX) or ``fp16``
-        (CUDA, with a gradient scaler): autocast precision of the edge's and
-        the server's training and inference (see
-        :func:`flwr_gkt.core.training.autocast`).
+        ``auto`` (default: ``bf16`` where the device runs it natively, else
+        ``fp32``; measured on Fashion-MNIST over 3 seeds to match fp32's
+        accuracy), ``fp32``, ``bf16`` (CUDA, or CPUs with AVX512-BF16/AMX) or
+        ``fp16`` (CUDA, with a gradient scaler): autocast precision of the
+        edge's and the server's training and inference (see
+        :func:`flwr_gkt.core.training.autocast`); each node resolves ``auto``
+        on its own device.
     edge_optimizer : str
         ``adam`` or ``sgd``.
     edge_lr : float
@@ -250,8 +253,8 @@ class RunConfig:
     batch_size: int = 64
     edge_optimizer: str = "adam"
     edge_lr: float = 0.001
-    edge_precision: str = "fp32"
-    server_precision: str = "fp32"
+    edge_precision: str = "auto"
+    server_precision: str = "auto"
     # server training
     server_epochs: int = 20
     server_batch_size: int = 64

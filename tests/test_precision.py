@@ -92,3 +92,16 @@ def test_the_training_loop_does_not_synchronise_with_the_device_per_step():
             ):
                 syncing.append(ast.unparse(node))
     assert not syncing, f"per-step host synchronisation in fit: {syncing}"
+
+
+def test_auto_precision_is_bf16_where_supported_and_the_run_default():
+    from flwr_gkt.config import RunConfig
+    from flwr_gkt.core.training import resolve_precision
+
+    want = "bf16" if bf16_supported(CPU) else "fp32"
+    assert resolve_precision(CPU, "auto") == want
+    assert resolve_precision(CPU, "fp32") == "fp32"
+    assert autocast(CPU, "auto").fast_dtype == torch.bfloat16 or want == "fp32"
+    assert RunConfig().edge_precision == RunConfig().server_precision == "auto"
+    server = GKTServer(torch.nn.Linear(4, 2), device="cpu", precision="auto")
+    assert server.precision == want

@@ -38,6 +38,7 @@ from flwr_gkt.core.training import (
     make_optimizer,
     predict,
     prepare_model,
+    resolve_precision,
     set_lr,
 )
 
@@ -135,7 +136,7 @@ class GKTServer:
         self.device = get_device(device)
         self.device_memory_budget = device_memory_budget
         autocast(self.device, precision)  # raises where the precision is not supported
-        self.precision = precision
+        self.precision = resolve_precision(self.device, precision)
         self.model = prepare_model(model, self.device)
         self.optimizer = make_optimizer(optimizer, self.model.parameters(), lr, weight_decay)
         self.lr = float(lr)

@@ -538,12 +538,14 @@ class FeatureStore(Mapping[int, Payload]):
             node = nodes[int(k)]
             payload, spilled = self._payloads[node], self._spilled.get(node)
             if node in self._resident:
-                rows = self._resident[node][local.to(self._resident[node].device)]
+                resident = self._resident[node]
+                rows = resident[local.to(resident.device, non_blocking=True)]
             elif spilled is None:
                 rows = payload.features[local]
             else:
                 rows = torch.from_numpy(spilled.read(local.numpy()))
-            parts.append((torch.from_numpy(mask), rows, payload))
+            # positions, not a boolean mask: indexing with a mask would wait for a GPU
+            parts.append((torch.from_numpy(np.flatnonzero(mask)), rows, payload))
         device = parts[0][1].device if len({p[1].device for p in parts}) == 1 else None
         if device is None:  # some nodes resident, some not: meet on the host
             parts = [(m, r.cpu(), p) for m, r, p in parts]
@@ -554,17 +556,17 @@ class FeatureStore(Mapping[int, Payload]):
             return self._gather_quantized(parts, len(idx), device, pin)
         if quantized == {False} and len(dtypes) == 1:
             out = _alloc((len(idx), *parts[0][1].shape[1:]), dtypes.pop(), device, pin)
-            for mask, rows, _ in parts:
-                out[mask.to(device)] = rows
+            for pos, rows, _ in parts:
+                out[pos.to(device, non_blocking=True)] = rows
             return out
         out = _alloc((len(idx), *parts[0][1].shape[1:]), torch.float32, device, pin)
-        for mask, rows, p in parts:  # mixed dtypes: convert each node's rows
+        for pos, rows, p in parts:  # mixed dtypes: convert each node's rows
             minimum, scale = (
                 (None, None)
                 if p.feature_min is None or p.feature_scale is None
                 else (p.feature_min.to(device), p.feature_scale.to(device))
             )
-            out[mask.to(device)] = to_dense(rows, minimum, scale)
+            out[pos.to(device, non_blocking=True)] = to_dense(rows, minimum, scale)
         return out
 
     @staticmethod
@@ -575,9 +577,9 @@ class FeatureStore(Mapping[int, Payload]):
         q = _alloc((n, *parts[0][1].shape[1:]), torch.int8, device, pin)
         minimum = _alloc((n, channels), torch.float32, device, pin)
         scale = _alloc((n, channels), torch.float32, device, pin)
-        for mask, rows, p in parts:
+        for pos, rows, p in parts:
             assert p.feature_min is not None and p.feature_scale is not None
-            m = mask.to(device)
+            m = pos.to(device, non_blocking=True)
             q[m] = rows
             minimum[m] = p.feature_min.to(device)
             scale[m] = p.feature_scale.to(device)

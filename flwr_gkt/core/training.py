@@ -531,8 +531,31 @@ def predict(
     return torch.cat(outs).cpu() if outs else torch.empty(0)
 
 
-#: Training / inference precisions (``edge-precision``, ``server-precision``).
-PRECISIONS = ("fp32", "bf16", "fp16")
+#: Training / inference precisions (``edge-precision``, ``server-precision``);
+#: ``auto``: bf16 where the device runs it natively, else fp32 (:func:`resolve_precision`).
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+
+
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """Return the precision ``precision`` means on ``device`` (``auto`` resolved).
+
+    Parameters
+    ----------
+    device : torch.device
+        The device the model runs on.
+    precision : str
+        One of :data:`PRECISIONS`.
+
+    Returns
+    -------
+    str
+        ``precision``, or for ``auto`` ``bf16`` where :func:`bf16_supported`
+        and ``fp32`` elsewhere (measured on Fashion-MNIST over 3 seeds: the
+        same accuracy as fp32, README "Performance").
+    """
+    if precision == "auto":
+        return "bf16" if bf16_supported(device) else "fp32"
+    return precision
 
 
 def autocast(device: torch.device, precision: str) -> torch.autocast:
@@ -540,7 +563,8 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
 
     ``fp32``: disabled. ``bf16``: bfloat16 autocast, on CUDA devices and CPUs
     that support it (AVX512-BF16 / AMX). ``fp16``: float16 autocast, CUDA only
-    (pair it with a gradient scaler, as :func:`fit` does).
+    (pair it with a gradient scaler, as :func:`fit` does). ``auto``: bf16
+    where supported, else fp32.
 
     Parameters
     ----------
@@ -561,6 +585,7 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
+    precision = resolve_precision(device, precision)
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("precision fp16 needs a CUDA device; use bf16 on the CPU")
     if precision == "bf16" and not bf16_supported(device):
