@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, RecordDict
+from test_hostile import SHAPE, tiny_server_model
 
 from flwr_gkt.core.payload import Payload, QuantizedBatch
 from flwr_gkt.core.server import GKTServer
@@ -19,25 +20,13 @@ from flwr_gkt.wire import (
     metrics_record,
 )
 
-SHAPE = (8, 6, 6)
 SPEC = PayloadSpec(10, SHAPE)
 CPU = torch.device("cpu")
 
 
-def _server_model() -> torch.nn.Module:
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(SHAPE[0], 8, 3),
-        torch.nn.BatchNorm2d(8),
-        torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(1),
-        torch.nn.Flatten(),
-        torch.nn.Linear(8, 10),
-    )
-
-
 def _server(**kwargs) -> GKTServer:
     torch.manual_seed(0)
-    return GKTServer(_server_model(), epochs=2, batch_size=16, device="cpu", seed=3, **kwargs)
+    return GKTServer(tiny_server_model(), epochs=2, batch_size=16, device="cpu", seed=3, **kwargs)
 
 
 def _reply(node: int, n: int, dtype: str) -> Payload:

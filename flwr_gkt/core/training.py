@@ -542,9 +542,9 @@ def resolve_precision(device: torch.device, precision: str) -> str:
     Parameters
     ----------
     device : torch.device
-        The device the model runs on.
+        The device ``auto`` is resolved for.
     precision : str
-        One of :data:`PRECISIONS`.
+        A precision of :data:`PRECISIONS`.
 
     Returns
     -------
