@@ -58,18 +58,10 @@ def _kd(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
     return F.kl_div(log_p, log_q, reduction="batchmean", log_target=True) * t * t
 
 
-def _autocast(device: torch.device, precision: str) -> torch.autocast:
-    from flwr_gkt.core.training import resolve_precision
-
-    precision = resolve_precision(device, precision)  # auto: bf16 where supported
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
-
-
 def plain_round(preset: str, overrides: list[str]) -> dict[str, float]:
     """The same round's work in plain PyTorch, in this process; return seconds per part."""
     from flwr_gkt.config import parse_overrides
-    from flwr_gkt.core.training import get_device
+    from flwr_gkt.core.training import autocast, get_device
     from simulation.task import build_server, config_from_run_config, edge_builder, load_client_data
 
     cfg = config_from_run_config({"preset": preset, **parse_overrides(overrides)})
@@ -89,13 +81,13 @@ def plain_round(preset: str, overrides: list[str]) -> dict[str, float]:
             for i in range(0, len(order), cfg.batch_size):
                 idx = order[i : i + cfg.batch_size]
                 x = data.x_train[idx].to(device, memory_format=cl)
-                with _autocast(device, cfg.edge_precision):
+                with autocast(device, cfg.edge_precision):
                     loss = F.cross_entropy(model(x).float(), data.y_train[idx].to(device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
         model.eval()
-        with torch.inference_mode(), _autocast(device, cfg.edge_precision):
+        with torch.inference_mode(), autocast(device, cfg.edge_precision):
             h, z = [], []
             for i in range(0, len(data.y_train), cfg.batch_size):
                 zi, hi = model.forward_with_features(
@@ -122,7 +114,7 @@ def plain_round(preset: str, overrides: list[str]) -> dict[str, float]:
             idx = order[i : i + cfg.server_batch_size]
             x = features[idx].to(device, memory_format=cl)
             y, zt = labels[idx].to(device), teacher[idx].to(device)
-            with _autocast(device, cfg.server_precision):
+            with autocast(device, cfg.server_precision):
                 out = server(x).float()
                 loss = F.cross_entropy(out, y) + cfg.alpha * _kd(out, zt, cfg.temperature)
             opt.zero_grad(set_to_none=True)
@@ -138,9 +130,9 @@ def plain_round(preset: str, overrides: list[str]) -> dict[str, float]:
         for model, data in zip(edges, nodes, strict=True):
             for i in range(0, len(data.y_test), cfg.batch_size):
                 x = data.x_test[i : i + cfg.batch_size].to(device, memory_format=cl)
-                with _autocast(device, cfg.edge_precision):
+                with autocast(device, cfg.edge_precision):
                     _, h = model.forward_with_features(x)
-                with _autocast(device, cfg.server_precision):
+                with autocast(device, cfg.server_precision):
                     pred = server(h.float()).argmax(1).cpu()
                 correct += int((pred == data.y_test[i : i + cfg.batch_size]).sum())
                 total += len(pred)

@@ -106,7 +106,7 @@ def test_resident_and_streamed_batches_give_identical_logits():
 def test_a_node_stored_again_leaves_the_device():
     store = FeatureStore()
     store.put(1, _reply(1, 20, "float32"))
-    assert store.make_resident(CPU, 10**9) == 20 * int(np.prod(SHAPE)) * 4
+    assert store.make_resident(CPU, 10**9) == 20 * int(np.prod(SHAPE)) * 4 == store.resident_bytes
     store.put(1, _reply(5, 20, "float32"))
     assert 1 not in store._resident
     store.make_resident(CPU, 10**9)

@@ -139,9 +139,8 @@ def train_edge(
         model.freeze_extractor()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
-    if (
-        device.type == "cuda" and augment is None
-    ):  # a node's data fits a GPU: batches gathered there
+    # A node's data fits a GPU: batches are gathered there (augmentation draws on the host).
+    if device.type == "cuda" and augment is None:
         x, y = x.to(device), y.to(device)
     batches = TensorBatches(
         x, y, cfg.batch_size, shuffle=True, generator=generator, transform=augment

@@ -93,10 +93,6 @@ class QuantizedBatch:
         """Return the number of feature maps."""
         return len(self.q)
 
-    def dequantize(self) -> Tensor:
-        """Return the float32 feature maps (where the batch is)."""
-        return dequantize(self.q, self.minimum, self.scale)
-
 
 #: A batch of feature maps as the store yields it: float32 / float16, or int8 with parameters.
 Features = Tensor | QuantizedBatch

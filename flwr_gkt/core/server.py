@@ -110,8 +110,8 @@ class GKTServer:
         Bytes of stored features kept resident on a CUDA training device
         (:meth:`flwr_gkt.core.store.FeatureStore.make_resident`); batches of
         the other nodes are gathered on the host into pinned memory, one batch
-        ahead. ``None``: as much as the device has free, less a quarter, on
-        CUDA; nothing on the CPU. ``0``: nothing resident.
+        ahead. ``None``: on CUDA, what is resident plus three quarters of the
+        free device memory; nothing on the CPU. ``0``: nothing resident.
     """
 
     def __init__(
@@ -415,9 +415,9 @@ class GKTServer:
         """
         cuda = self.device.type == "cuda"
         budget = self.device_memory_budget
-        if budget is None and cuda:
+        if budget is None and cuda:  # what is resident already, plus 3/4 of what is free
             free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free * 0.75)
+            budget = self.store.resident_bytes + int(free * 0.75)
         if budget:
             self.store.make_resident(self.device, budget)
         generator = self.generator if shuffle else None

@@ -364,7 +364,7 @@ class FeatureStore(Mapping[int, Payload]):
         if device != self.resident_device:
             self._resident.clear()
             self.resident_device = device
-        used = sum(t.nbytes for t in self._resident.values())
+        used = self.resident_bytes
         for node in self._payloads:
             if node in self._resident:
                 continue
@@ -380,6 +380,11 @@ class FeatureStore(Mapping[int, Payload]):
             self._resident[node] = host.to(device)
             used += size
         return used
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of features resident on the training device (:meth:`make_resident`)."""
+        return sum(t.nbytes for t in self._resident.values())
 
     def _row_bytes(self, node: int) -> int:
         spilled = self._spilled.get(node)

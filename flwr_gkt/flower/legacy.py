@@ -79,7 +79,7 @@ from flwr_gkt.wire import (
     validate_arrays,
     validate_server_logits,
 )
-from flwr_gkt.wire.gate import TRAIN_METRICS, Incoming, ReplyGate, clean_text
+from flwr_gkt.wire.gate import TRAIN_METRICS, Incoming, ReplyGate, clean_text, node_error
 
 __all__ = ["FedGKTLegacy", "GKTNumPyClient"]
 
@@ -123,12 +123,11 @@ def _incoming(
             log(WARNING, "FedGKT: a node call failed: %s", clean_text(repr(failure)))
             continue
         proxy, res = failure
-        why = f"node error {res.status.code}: {clean_text(res.status.message)}"
-        out.append(Incoming(int(proxy.cid), error=why))
+        out.append(Incoming(int(proxy.cid), error=node_error(res.status.code, res.status.message)))
     for proxy, res in results:
         if res.status.code != Code.OK:
-            why = f"node error {res.status.code}: {clean_text(res.status.message)}"
-            out.append(Incoming(int(proxy.cid), error=why))
+            error = node_error(res.status.code, res.status.message)
+            out.append(Incoming(int(proxy.cid), error=error))
             continue
         try:
             params = getattr(res, "parameters", None)

@@ -63,6 +63,7 @@ __all__ = [
     "clean_text",
     "clean_uid",
     "content_nbytes",
+    "node_error",
     "read_metrics",
 ]
 
@@ -105,6 +106,24 @@ def clean_text(value: object, limit: int = 200) -> str:
     if len(text) > limit:
         text = text[: limit - 3] + "..."
     return "'" + text if text[:1] in ("=", "+", "-", "@") else text
+
+
+def node_error(code: object, reason: object) -> str:
+    """Return the rejection reason of a node's error reply (its reason made safe to log).
+
+    Parameters
+    ----------
+    code : object
+        The error code (Flower's ``Error.code``, a legacy ``Status.code``).
+    reason : object
+        What the node (or the SuperLink) gave as the reason.
+
+    Returns
+    -------
+    str
+        ``node error <code>: <reason>``, the reason cleaned (:func:`clean_text`).
+    """
+    return f"node error {code}: {clean_text(reason)}"
 
 
 def clean_uid(value: object) -> str | None:
@@ -351,7 +370,6 @@ class ReplyGate:
         #: ``node-uid -> node id``: the first node to claim a uid owns it; a
         #: reply of another node claiming it is rejected.
         self.uid_owner: dict[str, int] = {}
-        self._stats: dict[int, dict[str, float]] = {}
 
     def identities(self, replies: Iterable[Message], fields: Iterable[str] = ()) -> list[Claim]:
         """Read the identity claims of ``node-uid`` query replies.
@@ -578,7 +596,7 @@ class ReplyGate:
                 continue
             answered.add(key)
             if msg.has_error():
-                error = f"node error {msg.error.code}: {clean_text(msg.error.reason)}"
+                error = node_error(msg.error.code, msg.error.reason)
                 incoming.append(Incoming(node, error=error, row=record))
             else:
                 incoming.append(Incoming(node, msg.content, row=record))
@@ -620,8 +638,9 @@ class ReplyGate:
             checked = self._check_records(item, result, known_metrics, required)
             if checked is not None:
                 candidates.append((item, record, *checked))
+        stats: dict[int, dict[str, float]] = {}  # of the payloads the outlier check decoded
         if self.outlier_threshold and decode is not None:
-            candidates = self._drop_outliers(stage, candidates, decode, result)
+            candidates, stats = self._drop_outliers(stage, candidates, decode, result)
         for item, record, metrics, uid in candidates:
             try:
                 payload = decode(item.node, item.content) if decode is not None else None
@@ -636,15 +655,13 @@ class ReplyGate:
             if uid:
                 self.uid_owner.setdefault(uid, item.node)
             if stage == "train" and isinstance(payload, Payload) and payload.has_features:
-                stats = self._stats.pop(item.node, {})
-                self.reference[item.node] = stats or payload_stats(payload)
+                self.reference[item.node] = stats.get(item.node) or payload_stats(payload)
             result.accepted.append(admitted)
             if consume is not None:
                 consume(admitted, payload)
                 admitted.payload = None
                 del payload
                 item.content.array_records.pop(ARRAYS_KEY, None)
-        self._stats.clear()
         return result
 
     def _check_records(
@@ -699,8 +716,14 @@ class ReplyGate:
         candidates: list[tuple[Incoming, dict[str, Any], dict[str, float], str | None]],
         decode: Decoder,
         result: GateResult,
-    ) -> list[tuple[Incoming, dict[str, Any], dict[str, float], str | None]]:
-        """Reject the payloads that are outliers among this stage's and the stored ones."""
+    ) -> tuple[
+        list[tuple[Incoming, dict[str, Any], dict[str, float], str | None]],
+        dict[int, dict[str, float]],
+    ]:
+        """Reject the payloads that are outliers among this stage's and the stored ones.
+
+        Returns the candidates kept and their statistics, by node.
+        """
         batch: list[dict[str, float] | None] = []
         for item, record, *_ in candidates:  # one decoded payload at a time
             try:
@@ -714,17 +737,17 @@ class ReplyGate:
         if stage == "train":
             context.extend(s for n, s in self.reference.items() if n not in fresh)
         reasons = find_outliers(context, self.outlier_threshold)
-        kept = []
+        kept, stats = [], {}
         for candidate, s, outlier in zip(candidates, batch, reasons[: len(batch)], strict=True):
             item, record, *_ = candidate
             if s is not None and outlier is not None:
                 self._reject(result, record, "rejected", outlier)
             if s is not None and outlier is None:
                 kept.append(candidate)
-                self._stats[item.node] = s
+                stats[item.node] = s
             else:
                 item.content.array_records.pop(ARRAYS_KEY, None)
-        return kept
+        return kept, stats
 
 
 def _failed(err: Exception, what: str = "malformed payload") -> str:
