@@ -32,16 +32,22 @@ import importlib.metadata as md
 import sys
 from pathlib import Path
 
+import importlib.util
+
 import flwr_gkt
-import simulation
+from flwr_gkt.app.task import PRESETS_DIR
 from flwr_gkt.core.registry import available_models
 from flwr_gkt.flower.strategy import FedGKT  # noqa: F401
-from simulation.task import PRESETS_DIR
 
 venv = Path(sys.argv[1]).resolve()
-for module in (flwr_gkt, simulation):
-    where = Path(module.__file__).resolve()
-    assert venv in where.parents, f"{module.__name__} imported from {where}, not the venv"
+where = Path(flwr_gkt.__file__).resolve()
+assert venv in where.parents, f"flwr_gkt imported from {where}, not the venv"
+# One top-level package: every installed file of the distribution is flwr_gkt/...,
+# its metadata, or a console script (../../../bin/...).
+files = md.distribution("flwr-gkt").files or []
+top = {f.parts[0] for f in files if not f.parts[0].endswith(".dist-info") and f.parts[0] != ".."}
+assert top == {"flwr_gkt"}, f"the wheel installs top-level {sorted(top)}, expected only flwr_gkt"
+assert importlib.util.find_spec("simulation") is None, "a top-level 'simulation' module is installed"
 assert md.version("flwr-gkt") == flwr_gkt.__version__, (md.version("flwr-gkt"), flwr_gkt.__version__)
 assert (Path(flwr_gkt.__file__).parent / "py.typed").is_file(), "py.typed missing"
 assert (Path(PRESETS_DIR) / "smoke.yaml").is_file(), "presets missing from the wheel"

@@ -5,7 +5,7 @@
 In one run on Fashion-MNIST (preset ``fmnist-small``: 4 nodes x 1,500
 images, 6 rounds, same partitions and seed for every run):
 
-1. runs the ``communication`` experiment (``simulation/experiments/communication.yaml``):
+1. runs the ``communication`` experiment (``flwr_gkt/app/experiments/communication.yaml``):
    FedGKT with float32 / float16 / int8 features, EcoFed replay (pre-trained
    frozen extractor, features uploaded once, then logits only; float32 and
    int8 + float16 logits) and Flower's FedAvg on the full model;
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import server_memory  # noqa: E402
 
-from simulation.report import load_run  # noqa: E402
+from flwr_gkt.app.report import load_run  # noqa: E402
 
 _MB = 1024 * 1024
 
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [
             sys.executable,
             "-m",
-            "simulation.experiment",
+            "flwr_gkt.app.experiment",
             "communication",
             "--results-dir",
             args.results_dir,

@@ -18,9 +18,9 @@ import inspect
 import tempfile
 import time
 
+from flwr_gkt.app.__main__ import main as simulation_main
 from flwr_gkt.core import robust
 from flwr_gkt.wire import gate
-from simulation.__main__ import main as simulation_main
 
 RULES = {"old (rel-floor 0.1)": 0.1, "current default": None}
 

@@ -1,6 +1,6 @@
 """Benchmark: one default-preset round through the project vs the same work in a plain loop.
 
-``python benchmarks/round_floor.py [--preset fmnist --runtimes ray,inprocess --set k=v ...]``
+``python benchmarks/round_floor.py [--preset fmnist --runtimes flwr,inprocess --set k=v ...]``
 
 Runs one round of the preset through the project -- ``python -m simulation``
 with Flower's Ray simulation and with the in-process runtime, each in its own
@@ -60,9 +60,14 @@ def _kd(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
 
 def plain_round(preset: str, overrides: list[str]) -> dict[str, float]:
     """The same round's work in plain PyTorch, in this process; return seconds per part."""
+    from flwr_gkt.app.task import (
+        build_server,
+        config_from_run_config,
+        edge_builder,
+        load_client_data,
+    )
     from flwr_gkt.config import parse_overrides
     from flwr_gkt.core.training import autocast, get_device
-    from simulation.task import build_server, config_from_run_config, edge_builder, load_client_data
 
     cfg = config_from_run_config({"preset": preset, **parse_overrides(overrides)})
     device = get_device(cfg.device)
@@ -146,7 +151,7 @@ def main() -> None:
     """Run the project's round per runtime, then the plain loop; print the ratios."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="fmnist")
-    parser.add_argument("--runtimes", default="ray,inprocess")
+    parser.add_argument("--runtimes", default="flwr,inprocess")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     out = Path(tempfile.mkdtemp(prefix="round-floor-"))

@@ -2,7 +2,7 @@
 
 ``python benchmarks/soak.py [--rounds 50 --nodes 4 --fault-rate 0.2 --out results/soak]``
 
-Runs FedGKT in-process (``simulation.inprocess``: the real ServerApp and
+Runs FedGKT in-process (``flwr_gkt.app.inprocess``: the real ServerApp and
 ClientApp, no Ray) on a tiny Fashion-MNIST federation for ``--rounds`` short
 rounds, with a random fault (crash, timeout, late or duplicate reply, see
 :mod:`flwr_gkt.flower.faults`) for each node in each round with probability
@@ -29,11 +29,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from flwr_gkt.app.client_app import make_client_app
+from flwr_gkt.app.inprocess import run_inprocess
+from flwr_gkt.app.server_app import make_server_app
+from flwr_gkt.app.task import PRESETS_DIR
 from flwr_gkt.config import resolve_config
-from simulation.client_app import make_client_app
-from simulation.inprocess import run_inprocess
-from simulation.server_app import make_server_app
-from simulation.task import PRESETS_DIR
 
 _ROUND = re.compile(r"\[ROUND (\d+)/\d+\]")
 

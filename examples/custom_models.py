@@ -31,6 +31,10 @@ import json
 
 from torch import Tensor, nn
 
+from flwr_gkt.app.client_app import make_client_app
+from flwr_gkt.app.inprocess import run_inprocess
+from flwr_gkt.app.server_app import run_fedgkt
+from flwr_gkt.app.task import PRESETS_DIR
 from flwr_gkt.config import RunConfig, add_override_argument, parse_overrides, resolve_config
 from flwr_gkt.core.efficiency import num_parameters
 from flwr_gkt.core.models import FEATURE_CHANNELS, EdgeModel
@@ -41,10 +45,6 @@ from flwr_gkt.core.registry import (
     register_server_model,
 )
 from flwr_gkt.flower.strategy import FedGKT
-from simulation.client_app import make_client_app
-from simulation.inprocess import run_inprocess
-from simulation.server_app import run_fedgkt
-from simulation.task import PRESETS_DIR
 
 EDGE_NAME = "tiny-cnn"
 SERVER_NAME = "small-cnn"
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     register_models()
 
-    # The run config: the `smoke` preset (simulation/presets/smoke.yaml) with our
+    # The run config: the `smoke` preset (flwr_gkt/app/presets/smoke.yaml) with our
     # models and sizes on top -- the same keys as `python -m simulation --set ...`.
     cfg = resolve_config(
         {

@@ -3,7 +3,7 @@
 The built-in configs offer ``partition: iid`` and ``partition: dirichlet``.
 Any other split -- one of the partitioners of ``flwr_datasets.partitioner``
 or your own -- plugs into the project's ClientApp through its ``data_fn``
-hook (:func:`simulation.client_app.make_client_app`): this script
+hook (:func:`flwr_gkt.app.client_app.make_client_app`): this script
 
 1. loads Fashion-MNIST offline with the project's loader
    (:func:`flwr_gkt.data.load_dataset`, from ``/usr/share/datasets/fashion-mnist``)
@@ -14,7 +14,7 @@ hook (:func:`simulation.client_app.make_client_app`): this script
    ``shard``: label-sorted shards, ``--shards-per-node`` each; ``dirichlet``:
    label skew with ``--alpha``; ``iid``) and prints every node's label counts;
 3. runs FedGKT in this process: the project's ServerApp logic
-   (:func:`simulation.server_app.run_fedgkt`, unchanged) and the project's
+   (:func:`flwr_gkt.app.server_app.run_fedgkt`, unchanged) and the project's
    ClientApp whose ``data_fn`` hands each node its partition.
 
 Evaluation (``--test-split``): ``global`` splits a test subset IID across the
@@ -51,14 +51,14 @@ from flwr_datasets.partitioner import (
     ShardPartitioner,
 )
 
+from flwr_gkt.app.client_app import make_client_app
+from flwr_gkt.app.inprocess import run_inprocess
+from flwr_gkt.app.server_app import run_fedgkt
+from flwr_gkt.app.task import PRESETS_DIR, NodeSetup
 from flwr_gkt.config import RunConfig, add_override_argument, parse_overrides, resolve_config
 from flwr_gkt.data import ClientData, RawDataset, load_dataset, normalize
 from flwr_gkt.data.partition import label_matched_split
 from flwr_gkt.flower.strategy import FedGKT
-from simulation.client_app import make_client_app
-from simulation.inprocess import run_inprocess
-from simulation.server_app import run_fedgkt
-from simulation.task import PRESETS_DIR, NodeSetup
 
 CLASSES = [
     "T-shirt/top",

@@ -36,6 +36,10 @@ import json
 import torch
 from flwr.app import RecordDict
 
+from flwr_gkt.app.client_app import make_client_app
+from flwr_gkt.app.inprocess import run_inprocess
+from flwr_gkt.app.server_app import run_fedgkt
+from flwr_gkt.app.task import PRESETS_DIR
 from flwr_gkt.config import RunConfig, add_override_argument, parse_overrides, resolve_config
 from flwr_gkt.core.registry import build_edge_model
 from flwr_gkt.data import load_dataset, normalize
@@ -52,10 +56,6 @@ from flwr_gkt.wire import (
     quantize_int8,
     record_nbytes,
 )
-from simulation.client_app import make_client_app
-from simulation.inprocess import run_inprocess
-from simulation.server_app import run_fedgkt
-from simulation.task import PRESETS_DIR
 
 MB = 1024 * 1024
 

@@ -16,11 +16,11 @@ from flwr.simulation import run_simulation
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from flwr_gkt.app.server_app import make_server_app
+from flwr_gkt.app.task import PRESETS_DIR, edge_builder, node_data
 from flwr_gkt.config import resolve_config
 from flwr_gkt.flower.client_app import handle_evaluate, handle_train
 from flwr_gkt.wire import ARRAYS_KEY
-from simulation.server_app import make_server_app
-from simulation.task import PRESETS_DIR, edge_builder, node_data
 
 out, mode = sys.argv[1], sys.argv[2]
 cfg = resolve_config(

@@ -384,7 +384,7 @@ def test_in_process_async_run_learns_above_chance():
 
 
 def test_server_app_picks_the_strategy_of_the_server_mode():
-    from simulation.server_app import strategy_class
+    from flwr_gkt.app.server_app import strategy_class
 
     assert strategy_class(RunConfig())[0].__name__ == "FedGKT"
     cls, extra = strategy_class(RunConfig(server_mode="async", max_staleness=3))

@@ -8,15 +8,15 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord
 
+from flwr_gkt.app.experiment import EXPERIMENTS_DIR, load_experiment, run_command
+from flwr_gkt.app.report import find_runs, markdown_table, write_long_csv
+from flwr_gkt.app.summary import main as summary_main
+from flwr_gkt.app.task import PRESETS_DIR, config_from_run_config, load_client_data, write_results
 from flwr_gkt.config import RunConfig
 from flwr_gkt.core.efficiency import forward_flops, run_costs
 from flwr_gkt.core.models import resnet8
 from flwr_gkt.core.registry import build_full_model
 from flwr_gkt.wire import record_nbytes
-from simulation.experiment import EXPERIMENTS_DIR, load_experiment, run_command
-from simulation.report import find_runs, markdown_table, write_long_csv
-from simulation.summary import main as summary_main
-from simulation.task import PRESETS_DIR, config_from_run_config, load_client_data, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1024 * 1024
@@ -108,7 +108,7 @@ def test_fedgkt_and_fedavg_side_by_side_on_the_same_dirichlet_partitions(tmp_pat
         [
             sys.executable,
             "-m",
-            "simulation.experiment",
+            "flwr_gkt.app.experiment",
             str(exp),
             "--results-dir",
             str(tmp_path / "res"),
@@ -161,8 +161,8 @@ def test_fedgkt_and_fedavg_side_by_side_on_the_same_dirichlet_partitions(tmp_pat
 
 
 def test_grid_experiment_expands_rows_by_columns_and_tables_them(tmp_path):
-    from simulation.experiment import expand_grid, grid_table
-    from simulation.report import plot_grid
+    from flwr_gkt.app.experiment import expand_grid, grid_table
+    from flwr_gkt.app.report import plot_grid
 
     grid = {
         "rows": {

@@ -6,10 +6,10 @@ import json
 import pytest
 from flwr.app import Context, RecordDict
 
+from flwr_gkt.app.fedagg_app import make_fedagg_apps
+from flwr_gkt.app.inprocess import InProcessGrid
+from flwr_gkt.app.task import PRESETS_DIR
 from flwr_gkt.config import resolve_config
-from simulation.fedagg_app import make_fedagg_apps
-from simulation.inprocess import InProcessGrid
-from simulation.task import PRESETS_DIR
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from local_federation import LocalFederation, seeded_builders
 
+from flwr_gkt.app.task import build_full, edge_builder, init_record, prepare_extractor
 from flwr_gkt.config import RunConfig
 from flwr_gkt.core.edge import EdgeRoundConfig
 from flwr_gkt.core.models import resnet8
@@ -22,7 +23,6 @@ from flwr_gkt.flower.client_app import handle_train
 from flwr_gkt.flower.fedagg_client import lesson_order
 from flwr_gkt.flower.strategy import FedGKT
 from flwr_gkt.wire import ARRAYS_KEY, CONFIG_KEY
-from simulation.task import build_full, edge_builder, init_record, prepare_extractor
 
 TINY = RunConfig(
     data_fraction=0.01,
@@ -59,7 +59,7 @@ def test_every_node_starts_from_the_same_edge_weights_unless_asked_otherwise():
 
 def test_first_round_edge_weights_are_equal_across_nodes_in_a_federation(tmp_path):
     """The ClientApp's builders: every node's model before its first step is the same."""
-    from simulation.client_app import make_client_app  # noqa: F401  (the app uses edge_builder)
+    from flwr_gkt.app.client_app import make_client_app  # noqa: F401  (the app uses edge_builder)
 
     builders = [edge_builder(TINY, pid) for pid in range(3)]
     models = [b() for b in builders]
@@ -194,7 +194,7 @@ def test_plateau_schedule_lowers_only_the_server_learning_rate():
 # ------------------------------------------------------------ baselines
 @pytest.mark.parametrize("model", ["full", "edge"])
 def test_centralized_baselines_learn_and_write_the_federated_columns(tmp_path, model):
-    from simulation.centralized import run_centralized
+    from flwr_gkt.app.centralized import run_centralized
 
     cfg = dataclasses.replace(
         TINY,

@@ -1,10 +1,10 @@
-"""The in-process runtime (``simulation.inprocess``): a real ClientApp behind a Grid, no Ray."""
+"""The in-process runtime (``flwr_gkt.app.inprocess``): a real ClientApp behind a Grid, no Ray."""
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from simulation.inprocess import InProcessGrid, run_inprocess
+from flwr_gkt.app.inprocess import InProcessGrid, run_inprocess
 
 
 def _counting_app(fail_on: set[int] = frozenset()) -> ClientApp:
@@ -149,7 +149,7 @@ def test_a_client_apps_thread_setting_does_not_reach_the_server():
 
 
 def test_the_inprocess_runtime_lets_each_node_use_every_core():
-    from simulation.__main__ import build_config
+    from flwr_gkt.app.__main__ import build_config
 
     cfg, _, _ = build_config(["--preset", "smoke", "--runtime", "inprocess"])
     assert cfg.client_threads == 0

@@ -4,13 +4,13 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
+from flwr_gkt.app.task import node_setup
 from flwr_gkt.config import RunConfig
 from flwr_gkt.core.models import resnet8
 from flwr_gkt.core.privacy import PrivacyConfig, clip_per_sample, privatize
 from flwr_gkt.data import client_data
 from flwr_gkt.flower.client_app import handle_evaluate, handle_train
 from flwr_gkt.wire import PayloadSpec, decode_payload
-from simulation.task import node_setup
 
 
 def test_clipping_bounds_every_sample_and_leaves_small_ones_alone():

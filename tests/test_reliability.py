@@ -10,6 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from flwr_gkt.app.client_app import make_client_app
+from flwr_gkt.app.inprocess import run_inprocess
+from flwr_gkt.app.server_app import make_server_app
+from flwr_gkt.app.task import PRESETS_DIR
 from flwr_gkt.config import resolve_config
 from flwr_gkt.core.checkpoint import (
     CheckpointError,
@@ -19,10 +23,6 @@ from flwr_gkt.core.checkpoint import (
     set_rng_state,
 )
 from flwr_gkt.flower.faults import FaultPlan, parse_faults
-from simulation.client_app import make_client_app
-from simulation.inprocess import run_inprocess
-from simulation.server_app import make_server_app
-from simulation.task import PRESETS_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -281,7 +281,7 @@ def test_crash_timeout_late_and_duplicate_replies_the_rounds_go_on(tmp_path):
 def test_resume_finds_the_nodes_again_under_new_node_ids(tmp_path, caplog):
     from flwr.app import Context, RecordDict
 
-    from simulation.inprocess import InProcessGrid
+    from flwr_gkt.app.inprocess import InProcessGrid
 
     values = {
         "preset": "smoke",

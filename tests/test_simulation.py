@@ -40,6 +40,31 @@ def _check_learned(history, rounds=2, nodes=2):
     assert last["num-examples"] == 500  # 5% of the 10k test set, split over the nodes
 
 
+def test_the_python_entry_runs_flwr_run_on_a_private_superlink(tmp_path):
+    """The README's main path: `flwr run` (no deprecated run_simulation), progress streamed."""
+    log = _run(
+        [
+            "-m",
+            "simulation",
+            "--preset",
+            "smoke",
+            "--set",
+            f"results-dir={tmp_path}",
+            "run-name=main",
+            f"node-state-dir={tmp_path / 'nodes'}",
+        ],
+        ROOT,
+    )
+    assert "flwr run status: finished:completed" in log
+    assert log.index("FedGKT round 1 eval: accuracy") < log.index("FedGKT round 2 train")
+    assert "deprecat" not in log.lower(), [x for x in log.splitlines() if "eprecat" in x]
+    assert "run_simulation" not in log
+    _check_learned(_results(tmp_path / "main")["history"])
+    # The simulated nodes took their node-side settings from this machine's run config.
+    assert sorted(p.name for p in (tmp_path / "nodes").iterdir()) == ["node-0", "node-1"]
+    assert not _leftover_processes("flwr-gkt-"), "processes left running"
+
+
 def test_legacy_strategy_api_runs_in_simulation(tmp_path):
     log = _run(
         [
@@ -72,7 +97,7 @@ def test_flwr_run_on_a_local_superlink(tmp_path):
     log = _run(
         [
             "-m",
-            "simulation.flwr_local",
+            "flwr_gkt.app.flwr_local",
             "--num-supernodes",
             "2",
             "--flwr-home",
@@ -101,7 +126,7 @@ def test_flwr_local_reports_failed_runs(tmp_path):
         [
             sys.executable,
             "-m",
-            "simulation.flwr_local",
+            "flwr_gkt.app.flwr_local",
             "--num-supernodes",
             "2",
             "--flwr-home",
@@ -137,3 +162,44 @@ def test_bad_payloads_in_a_ray_simulation_are_rejected_and_the_run_goes_on(tmp_p
     assert history[0]["server-train-examples"] == history[1]["server-train-examples"] == 600
     assert all(r["eval-nodes"] == 3 for r in history)
     assert history[-1]["accuracy"] > 0.3
+
+
+def test_flwr_build_makes_a_fab_that_a_fresh_superlink_runs(tmp_path):
+    """`flwr build` packs the repository; the app installed from that FAB runs on a new SuperLink."""
+    from flwr_gkt.app.flwr_local import run
+
+    flwr = str(Path(sys.executable).parent / "flwr")
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "build-home")}
+    build = subprocess.run(
+        [flwr, "build", "--app", str(ROOT)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert build.returncode == 0, build.stdout + build.stderr
+    (fab,) = tmp_path.glob("flwr-gkt.flwr-gkt.*.fab")
+    home = tmp_path / "flwr-home"
+    install = subprocess.run(
+        [flwr, "install", str(fab)],
+        env={**os.environ, "FLWR_HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert install.returncode == 0, install.stdout + install.stderr
+    (installed,) = (home / "apps").glob("flwr-gkt.flwr-gkt.*")
+    assert (installed / "simulation" / "server_app.py").is_file()
+    assert (installed / "flwr_gkt" / "app" / "presets" / "smoke.yaml").is_file()
+    status, log = run(
+        installed,
+        f"preset='smoke' num-server-rounds=1 results-dir='{tmp_path / 'out'}' run-name='fab'",
+        2,
+        home,
+        tmp_path,
+    )
+    assert status == "finished:completed", log[-3000:]
+    (row,) = _results(tmp_path / "out" / "fab")["history"]
+    assert row["nodes-replied"] == 2 and row["accuracy"] > 0.0
+    assert not _leftover_processes(str(home)), "processes left running"

@@ -125,7 +125,7 @@ def test_error_reasons_and_uids_are_escaped_in_logs_and_nodes_csv(tmp_path, capl
     assert got[11][0] == "error" and "\\n" in got[11][1]
     assert got[22][0] == "rejected" and "invalid node-uid" in got[22][1]
     assert clean_text("=1+1") == "'=1+1" and clean_uid("edge,0") is None
-    from simulation.task import _write_csv
+    from flwr_gkt.app.task import _write_csv
 
     _write_csv(tmp_path / "nodes.csv", strategy.node_history)
     with open(tmp_path / "nodes.csv", newline="") as f:
@@ -359,7 +359,7 @@ def test_fedagg_topology_query_binds_uids_to_the_first_node():
 
 # ------------------------------------------------------------- node-side authority
 def test_a_deployed_node_takes_its_own_settings_not_the_servers(tmp_path):
-    from simulation.task import node_setup
+    from flwr_gkt.app.task import node_setup
 
     cfg = RunConfig(
         node_state_dir=str(tmp_path / "evil"),
@@ -445,9 +445,9 @@ def test_spill_files_are_private_and_a_failed_write_keeps_the_old_payload(tmp_pa
 
 def test_a_crashed_run_leaves_no_spill_files_behind(tmp_path, monkeypatch):
     """Spill files are removed in ``finally``, and a crashed run's are cleaned at the next start."""
+    from flwr_gkt.app.server_app import run_fedgkt
+    from flwr_gkt.app.task import config_from_run_config
     from flwr_gkt.flower.strategy import FedGKT
-    from simulation.server_app import run_fedgkt
-    from simulation.task import config_from_run_config
 
     cfg = config_from_run_config(
         {
@@ -726,7 +726,7 @@ def test_fedagg_rejects_oversized_replies_and_logs_node_errors_escaped(caplog):
 
 
 def test_the_deploy_preset_turns_the_limits_on():
-    from simulation.task import config_from_run_config
+    from flwr_gkt.app.task import config_from_run_config
 
     cfg = config_from_run_config({"preset": "deploy"})
     assert cfg.max_payload_mb > 0 and cfg.max_samples > 0 and cfg.store_max_age > 0

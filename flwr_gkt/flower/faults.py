@@ -1,7 +1,7 @@
 """Fault injection: a Grid that makes chosen nodes crash, time out, reply late or twice.
 
 :class:`FaultyGrid` wraps any Flower :class:`~flwr.serverapp.Grid` -- the
-simulation's, a deployment's, :class:`simulation.inprocess.InProcessGrid` --
+simulation's, a deployment's, :class:`flwr_gkt.app.inprocess.InProcessGrid` --
 and, for each instruction a strategy sends, asks a :class:`FaultPlan` whether
 the destination node misbehaves in that round:
 

@@ -1,14 +1,14 @@
 """Run an experiment -- several runs side by side -- and compare them.
 
-``python -m simulation.experiment NAME [--set key=value ...] [--only RUN ...]``
+``python -m flwr_gkt.app.experiment NAME [--set key=value ...] [--only RUN ...]``
 
-``NAME`` is a file in ``simulation/experiments/`` (or a path to a YAML file)::
+``NAME`` is a file in ``flwr_gkt/app/experiments/`` (or a path to a YAML file)::
 
     title: FedGKT vs FedAvg on Fashion-MNIST
     preset: compare          # base preset of every run
     pretrain: {out: "{experiment-dir}/edge.pt"}   # optional: EcoFed extractor
     bridge: {out: "{experiment-dir}/bridge.pt"}   # optional: FedAgg bridge autoencoder
-    runtime: inprocess       # optional: ray (default) or inprocess (no Ray, one process)
+    runtime: inprocess       # optional: flwr (default: flwr run, Ray) or inprocess (no Ray, one process)
     set: {num-server-rounds: 5}   # overrides for every run (optional)
     runs:
       fedgkt-iid: {algorithm: fedgkt, set: {partition: iid}}
@@ -35,7 +35,7 @@ When all runs are done the experiment directory gets:
 - ``comparison.csv``: one row per run and round (accuracy, bytes each way,
   cumulative training MB, compute seconds, ...),
 - ``comparison.png``: accuracy vs round and accuracy vs bytes communicated,
-- ``summary.md``: the markdown table of the runs (see :mod:`simulation.summary`).
+- ``summary.md``: the markdown table of the runs (see :mod:`flwr_gkt.app.summary`).
 
 Progress: one line per run start/end and the per-round evaluation lines of
 the running simulation; the full log of each run is in ``<run>/run.log``.
@@ -171,13 +171,13 @@ def run_command(spec: dict[str, Any], run: str, out_dir: Path, extra: dict[str, 
     cmd = [
         sys.executable,
         "-m",
-        "simulation",
+        "flwr_gkt.app",
         "--preset",
         preset,
         "--algorithm",
         str(body.get("algorithm", "fedgkt")),
         "--runtime",
-        str(body.get("runtime", spec.get("runtime", "ray"))),
+        str(body.get("runtime", spec.get("runtime", "flwr"))),
     ]
     for key, value in values.items():
         cmd += [
@@ -272,11 +272,11 @@ def _run(cmd: list[str], log_path: Path, label: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m simulation.experiment",
+        prog="python -m flwr_gkt.app.experiment",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("experiment", help="name in simulation/experiments/ or a YAML path")
+    parser.add_argument("experiment", help="name in flwr_gkt/app/experiments/ or a YAML path")
     add_override_argument(parser, "override a config key in every run")
     parser.add_argument(
         "--only", nargs="+", default=None, metavar="RUN", help="run only these runs"

@@ -1,7 +1,7 @@
 """The same FedGKT run through Flower's legacy API: ``server_fn`` + ``NumPyClient``.
 
 ``FedGKTLegacy`` is a thin adapter over the server logic of the Message API
-strategy; prefer ``simulation.server_app`` / ``simulation.client_app``.
+strategy; prefer ``flwr_gkt.app.server_app`` / ``flwr_gkt.app.client_app``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from .task import (
     make_gkt_server,
     node_data,
     results_dir,
+    run_config_trusted,
     write_results,
 )
 
@@ -66,7 +67,7 @@ def make_legacy_apps(fixed: RunConfig | None = None) -> tuple[ServerApp, ClientA
 
     def client_fn(context: Context) -> Client:
         cfg = fixed or config_from_run_config(context.run_config)
-        node, data = node_data(cfg, context.node_config, fixed is not None)
+        node, data = node_data(cfg, context.node_config, run_config_trusted(fixed))
         return GKTNumPyClient(
             context,
             data,
@@ -78,4 +79,7 @@ def make_legacy_apps(fixed: RunConfig | None = None) -> tuple[ServerApp, ClientA
     return ServerApp(server_fn=server_fn), ClientApp(client_fn=client_fn)
 
 
-server_app, client_app = make_legacy_apps()
+# Module-level components (flwr run), one per assignment: Flower finds them statically.
+_apps = make_legacy_apps()
+server_app = _apps[0]
+client_app = _apps[1]

@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -102,6 +103,18 @@ class NodeSetup:
     uid: str = ""
 
 
+#: Set to ``1`` in the environment of a federation that this machine runs whole
+#: from one user's config (the Python entry's ``flwr run`` on a private
+#: SuperLink): its nodes then take the node-side settings from the run config
+#: as a local simulation does. A SuperNode operator does not set it.
+TRUST_ENV = "FLWR_GKT_TRUSTED_RUN_CONFIG"
+
+
+def run_config_trusted(fixed: RunConfig | None) -> bool:
+    """Whether the run config is the node's own: a fixed local config, or :data:`TRUST_ENV`."""
+    return fixed is not None or os.environ.get(TRUST_ENV) == "1"
+
+
 #: Run-config keys that belong to the node (see :class:`NodeSetup`).
 NODE_SIDE_KEYS = (
     "data-dir",
@@ -182,7 +195,7 @@ def edge_builder(cfg: RunConfig, partition_id: int):
     if cfg.extractor_init != "random" and not cfg.edge_pretrained:
         raise ValueError(
             f"extractor-init {cfg.extractor_init} needs edge-pretrained (the weights file); "
-            "`python -m simulation` makes it (simulation.task.prepare_extractor)"
+            "`python -m simulation` makes it (flwr_gkt.app.task.prepare_extractor)"
         )
     seed = edge_seed(cfg, partition_id)
 

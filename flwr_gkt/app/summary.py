@@ -1,6 +1,6 @@
 """Markdown table (and optional plot/CSV) across finished runs.
 
-``python -m simulation.summary results/ [more dirs or results.json ...]
+``python -m flwr_gkt.app.summary results/ [more dirs or results.json ...]
 [--columns kd-mode edge-model] [--output table.md] [--plot runs.png] [--csv runs.csv]``
 
 Every ``results.json`` under the given paths is one row: the config keys that
@@ -19,7 +19,7 @@ from .report import find_runs, markdown_table, plot_runs, write_long_csv
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m simulation.summary",
+        prog="python -m flwr_gkt.app.summary",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,6 +1,6 @@
 """Run the app with ``flwr run`` on a private local simulation SuperLink.
 
-``python -m simulation.flwr_local [--num-supernodes N] [--run-config "k=v ..."]``
+``python -m flwr_gkt.app.flwr_local [--num-supernodes N] [--run-config "k=v ..."]``
 
 What it does, so that nothing leaks into the user's Flower setup:
 
@@ -15,6 +15,15 @@ What it does, so that nothing leaks into the user's Flower setup:
    exits 0 even when the run failed) and stops the SuperLink and its children.
 
 Exit status 0 only when the run finished as ``finished:completed``.
+
+:func:`run_config_app` is what ``python -m simulation`` (``flwr-gkt-sim``)
+does by default: it writes a Flower app directory whose ``pyproject.toml``
+holds the fully resolved config and the components of the chosen algorithm,
+and runs it in the same way, streaming the ServerApp's log as it comes. The
+SuperLink gets ``FLWR_GKT_TRUSTED_RUN_CONFIG=1`` in its environment: the whole
+federation runs on this machine from this user's config, so the simulated
+nodes may take their node-side settings from the run config (see
+:func:`flwr_gkt.app.task.run_config_trusted`).
 """
 
 from __future__ import annotations
@@ -32,8 +41,25 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
-APP_DIR = Path(__file__).resolve().parent.parent
+import tomli_w
+
+from flwr_gkt import __version__
+from flwr_gkt.config import RunConfig
+
+from .task import TRUST_ENV
+
+#: The repository root (a Flower app: ``[tool.flwr.app]`` in its pyproject.toml).
+APP_DIR = Path(__file__).resolve().parent.parent.parent
+
+#: ServerApp and ClientApp of each algorithm, for :func:`write_app`.
+COMPONENTS = {
+    "message": ("flwr_gkt.app.server_app:app", "flwr_gkt.app.client_app:app"),
+    "legacy": ("flwr_gkt.app.legacy_app:server_app", "flwr_gkt.app.legacy_app:client_app"),
+    "fedavg": ("flwr_gkt.app.fedavg_app:server_app", "flwr_gkt.app.fedavg_app:client_app"),
+    "fedagg": ("flwr_gkt.app.fedagg_app:server_app", "flwr_gkt.app.fedagg_app:client_app"),
+}
 
 
 def _free_port() -> int:
@@ -42,7 +68,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+def _wait_healthy(port: int, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -55,7 +81,7 @@ def _wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> N
     raise TimeoutError(f"flower-superlink not healthy on port {port} after {timeout}s")
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def _stop(proc: subprocess.Popen[bytes]) -> None:
     """Stop the SuperLink and everything it started (its own process group)."""
     if proc.poll() is None:
         try:
@@ -75,8 +101,9 @@ def run(
     num_supernodes: int,
     flwr_home: Path,
     workdir: Path,
-    client_cpus: int = 1,
+    client_cpus: float = 1,
     timeout: float = 3600.0,
+    env_extra: dict[str, str] | None = None,
 ) -> tuple[str, str]:
     """Run the app; return ``(status, streamed log)``."""
     port = _free_port()
@@ -94,6 +121,8 @@ def run(
         "PATH": path,
         "FLWR_HOME": str(flwr_home),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "PYTHONUNBUFFERED": "1",
+        **(env_extra or {}),
     }
     with open(flwr_home / "superlink.out", "wb") as out:
         superlink = subprocess.Popen(
@@ -126,19 +155,16 @@ def run(
             "local-simulation",
             "--stream",
             "--federation-config",
-            f"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus} "
+            f"num-supernodes={num_supernodes} "
+            f"client-resources-num-cpus={int(client_cpus) if float(client_cpus).is_integer() else client_cpus} "
             "client-resources-num-gpus=0.0",
         ]
         if run_config:
             cmd += ["--run-config", run_config]
-        proc = subprocess.run(
-            cmd, env=env, cwd=workdir, capture_output=True, text=True, timeout=timeout
-        )
-        log = proc.stdout + proc.stderr
-        sys.stdout.write(log)
+        log, code = _stream(cmd, env, workdir, timeout)
         match = re.search(r"run (\d+)", log)
-        if proc.returncode != 0 or not match:
-            return f"flwr run failed (exit {proc.returncode})", log
+        if code != 0 or not match:
+            return f"flwr run failed (exit {code})", log
         ls = subprocess.run(
             ["flwr", "ls", "local-simulation", "--run-id", match.group(1), "--format", "json"],
             env=env,
@@ -156,9 +182,86 @@ def run(
         _stop(superlink)
 
 
+def _stream(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float) -> tuple[str, int]:
+    """Run ``cmd``, echoing its output line by line as it comes; ``(output, exit code)``."""
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    with subprocess.Popen(
+        cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            lines.append(line)
+            if time.monotonic() > deadline:
+                proc.kill()
+                lines.append(f"flwr run killed after {timeout:.0f} s\n")
+                break
+        code = proc.wait()
+    return "".join(lines), code
+
+
+def write_app(app_dir: Path, cfg: RunConfig, api: str = "message") -> Path:
+    """Write a Flower app directory running ``cfg`` (every key fixed) with ``api``'s apps.
+
+    Its ``pyproject.toml`` names the installed package's components
+    (:data:`COMPONENTS`) and holds the resolved config as the app's run config,
+    so the run needs no ``--run-config`` and works from an installed wheel as
+    from this repository.
+    """
+    serverapp, clientapp = COMPONENTS[api]
+    config: dict[str, Any] = {"preset": "", **cfg.to_dict()}
+    project = {
+        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+        "project": {
+            "name": "flwr-gkt-run",
+            "version": __version__,
+            "description": "One flwr-gkt run, its config resolved by the Python entry",
+            "license": "Apache-2.0",
+            "dependencies": [],
+        },
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": "flwr-gkt",
+                    "components": {"serverapp": serverapp, "clientapp": clientapp},
+                    "config": config,
+                }
+            }
+        },
+    }
+    app_dir.mkdir(parents=True, exist_ok=True)
+    (app_dir / "pyproject.toml").write_text(tomli_w.dumps(project))
+    return app_dir
+
+
+def run_config_app(cfg: RunConfig, api: str, num_supernodes: int) -> int:
+    """Run ``cfg`` with ``flwr run`` on a private local SuperLink (the Python entry's default).
+
+    The ServerApp runs in this directory (a relative ``results-dir`` is relative
+    to it); the Flower home, the app directory and the SuperLink are removed or
+    stopped afterwards. Returns 0 when the run finished as ``finished:completed``.
+    """
+    with tempfile.TemporaryDirectory(prefix="flwr-gkt-") as tmp:
+        app_dir = write_app(Path(tmp) / "app", cfg, api)
+        status, _ = run(
+            app_dir,
+            "",
+            num_supernodes,
+            Path(tmp) / "flwr-home",
+            Path.cwd(),
+            cfg.client_cpus,
+            # Ray: keep its current handling of accelerator variables (no FutureWarning).
+            env_extra={TRUST_ENV: "1", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"},
+        )
+    print(f"flwr run status: {status}", flush=True)
+    return 0 if status == "finished:completed" else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m simulation.flwr_local",
+        prog="python -m flwr_gkt.app.flwr_local",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -167,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         "--run-config", default="", help="e.g. \"preset='smoke' num-server-rounds=2\""
     )
     parser.add_argument("--num-supernodes", type=int, default=4)
-    parser.add_argument("--client-cpus", type=int, default=1)
+    parser.add_argument("--client-cpus", type=float, default=1)
     parser.add_argument("--flwr-home", default="", help="Flower home (default: a temporary one)")
     parser.add_argument("--workdir", default=".", help="working directory of the ServerApp")
     args = parser.parse_args(argv)

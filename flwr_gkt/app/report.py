@@ -3,8 +3,8 @@
 A run directory holds ``results.json`` (config, per-round history, totals),
 ``metrics.csv`` and ``metrics.png``. The functions here read any number of
 them and render the comparison of an experiment (see
-:mod:`simulation.experiment`) or of runs picked by hand (see
-:mod:`simulation.summary`).
+:mod:`flwr_gkt.app.experiment`) or of runs picked by hand (see
+:mod:`flwr_gkt.app.summary`).
 """
 
 from __future__ import annotations

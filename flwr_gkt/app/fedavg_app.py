@@ -36,7 +36,14 @@ from flwr_gkt.core.training import (
 from flwr_gkt.flower.strategy import progress
 from flwr_gkt.wire import metrics_record, record_nbytes
 
-from .task import build_full, config_from_run_config, node_data, results_dir, write_results
+from .task import (
+    build_full,
+    config_from_run_config,
+    node_data,
+    results_dir,
+    run_config_trusted,
+    write_results,
+)
 
 _MB = 1024 * 1024
 
@@ -164,7 +171,7 @@ def make_fedavg_apps(fixed: RunConfig | None = None) -> tuple[ServerApp, ClientA
         cfg = fixed or config_from_run_config(context.run_config)
         if cfg.client_threads > 0:
             torch.set_num_threads(cfg.client_threads)
-        _, data = node_data(cfg, context.node_config, fixed is not None)
+        _, data = node_data(cfg, context.node_config, run_config_trusted(fixed))
         device = get_device(cfg.device)
         model = build_model(cfg)
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
@@ -206,3 +213,9 @@ def make_fedavg_apps(fixed: RunConfig | None = None) -> tuple[ServerApp, ClientA
         return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
     return server_app, client_app
+
+
+# Module-level components (flwr run), one per assignment: Flower finds them statically.
+_apps = make_fedavg_apps()
+server_app = _apps[0]
+client_app = _apps[1]

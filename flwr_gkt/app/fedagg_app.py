@@ -175,3 +175,9 @@ def make_fedagg_apps(fixed: RunConfig | None = None) -> tuple[ServerApp, ClientA
         )
 
     return server, client
+
+
+# Module-level components (flwr run), one per assignment: Flower finds them statically.
+_apps = make_fedagg_apps()
+server_app = _apps[0]
+client_app = _apps[1]

@@ -1,0 +1,1 @@
+"""Flower app running FedGKT: ServerApp, ClientApp, YAML presets and a Python entry."""

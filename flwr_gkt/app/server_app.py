@@ -1,0 +1,160 @@
+"""ServerApp: trains the large server model with the FedGKT strategy."""
+
+from __future__ import annotations
+
+import time
+from logging import INFO, WARNING
+
+import torch
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
+
+from flwr_gkt.config import RunConfig
+from flwr_gkt.core.training import Plateau
+from flwr_gkt.flower.async_strategy import AsyncFedGKT
+from flwr_gkt.flower.faults import FaultPlan, FaultyGrid
+from flwr_gkt.flower.strategy import FedGKT
+
+from .task import (
+    config_from_run_config,
+    dataset_info,
+    edge_config,
+    feature_shape,
+    make_gkt_server,
+    peak_rss_mb,
+    results_dir,
+    write_results,
+)
+
+#: The checkpoint written after every round in the run's results directory.
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def strategy_class(cfg: RunConfig) -> tuple[type[FedGKT], dict]:
+    """The strategy of ``cfg.server_mode`` and its own arguments.
+
+    ``sync``: :class:`FedGKT`; ``async``: :class:`AsyncFedGKT` with
+    ``max-staleness`` (a negative value, the default: no bound; with ``K``
+    nodes of similar speed a reply is typically ``K - 1`` updates stale) and
+    ``async-update`` (``store``: each update draws from every node's stored
+    features; ``node``: the replying node's features only).
+    """
+    if cfg.server_mode == "sync":
+        return FedGKT, {}
+    if cfg.server_mode == "async":
+        return AsyncFedGKT, {
+            "max_staleness": cfg.max_staleness if cfg.max_staleness >= 0 else None,
+            "update_scope": cfg.async_update,
+        }
+    raise ValueError(f"unknown server-mode {cfg.server_mode!r} (expected 'sync' or 'async')")
+
+
+def run_fedgkt(grid: Grid, cfg: RunConfig) -> FedGKT:
+    """Run ``cfg.num_server_rounds`` rounds of FedGKT on ``grid``; write results."""
+    cls, mode_args = strategy_class(cfg)
+    if cfg.resume and not cfg.run_name:
+        raise ValueError(
+            "resume needs run-name: the checkpoint is <results-dir>/<run-name>/checkpoint.pt"
+        )
+    out = results_dir(cfg)
+    if cfg.checkpoint:
+        mode_args["checkpoint_path"] = out / CHECKPOINT_FILE
+    elif cfg.resume:
+        raise ValueError("resume needs checkpoint 1")
+    spill = out / "spill"
+    if not cfg.spill_dir and spill.is_dir():  # left by a crashed run: every node's features
+        removed = [p.unlink() for p in spill.glob("node-*.npy")]
+        log(
+            WARNING,
+            "FedGKT: %d spill file(s) of an earlier run removed from %s",
+            len(removed),
+            spill,
+        )
+    server = make_gkt_server(cfg, spill_dir=out / "spill")
+    strategy = cls(
+        server,
+        dataset_info(cfg)[0],
+        feature_shape=feature_shape(cfg),
+        edge_config=edge_config(cfg),
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_train_nodes=cfg.min_nodes,
+        min_evaluate_nodes=cfg.min_nodes,
+        min_available_nodes=cfg.min_nodes,
+        feature_dtype=cfg.feature_dtype,
+        logit_dtype=cfg.logit_dtype,
+        min_train_replies=cfg.min_train_replies,
+        store_max_age=cfg.store_max_age,
+        node_wait_timeout=cfg.node_wait_timeout,
+        lr_schedule=cfg.lr_schedule,
+        plateau=Plateau(cfg.plateau_factor, cfg.plateau_patience),
+        feature_upload_every=cfg.feature_upload_every,
+        seed=cfg.seed,
+        max_samples=cfg.max_samples or None,
+        max_payload_bytes=int(cfg.max_payload_mb * 1024 * 1024) or None,
+        outlier_threshold=cfg.outlier_threshold,
+        logit_clip=cfg.logit_clip,
+        **mode_args,
+    )
+    plan = FaultPlan.from_config(cfg.faults, cfg.fault_rate, cfg.fault_kinds, cfg.seed)
+    if plan:
+        grid = FaultyGrid(grid, plan)
+        log(
+            WARNING,
+            "FedGKT: fault injection on (%s, rate %.2f)",
+            cfg.faults or "random faults only",
+            cfg.fault_rate,
+        )
+    log(INFO, "FedGKT: results go to %s", out)
+    if cfg.resume:
+        strategy.resume()
+    start = time.perf_counter()
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=strategy.initial_arrays(),
+            num_rounds=cfg.num_server_rounds,
+            timeout=cfg.round_timeout,
+        )
+    finally:
+        server.store.close()  # spilled features are not results, and are private
+    elapsed = time.perf_counter() - start
+    final = strategy.history[-1] if strategy.history else {}
+    torch.save(server.model.state_dict(), out / "server_model.pt")
+    write_results(
+        out,
+        cfg,
+        strategy.history,
+        {
+            "seconds": elapsed,
+            "final": final,
+            "server-peak-rss-mb": peak_rss_mb(),
+            "faults-injected": dict(grid.injected) if isinstance(grid, FaultyGrid) else {},
+        },
+        nodes=strategy.node_history,
+    )
+    log(
+        INFO,
+        "FedGKT finished %d rounds in %.1fs: accuracy %.4f (edge+server), edge-only %.4f; results in %s",
+        cfg.num_server_rounds,
+        elapsed,
+        final.get("accuracy", float("nan")),
+        final.get("edge-accuracy", float("nan")),
+        out,
+    )
+    return strategy
+
+
+def make_server_app(fixed: RunConfig | None = None) -> ServerApp:
+    """Build the ServerApp; ``fixed`` replaces the Flower run config when given."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_fedgkt(grid, fixed or config_from_run_config(context.run_config))
+
+    return app
+
+
+app = make_server_app()
