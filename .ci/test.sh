@@ -3,6 +3,7 @@
 #   * tests/test_deploy.py -- real flower-superlink / flower-supernode processes;
 #     most of its time is spent waiting for the SuperLink to notice a killed
 #     node (Flower's 30 s heartbeat, 2 missed), not computing;
+#     it also runs the step-by-step commands of deploy/README.md;
 #   * everything else.
 # Same tests as a plain `pytest -q` (`make test-serial`), about 2.5 minutes less
 # wall time on 2 cores. pytest's exit code 5 ("no tests collected") is a failure.

@@ -58,6 +58,23 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float
     proc.wait()
 
 
+def session_processes(sessions: set[int]) -> list[str]:
+    """Command lines of the live (not zombie) processes in the given sessions."""
+    left = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getsid(int(entry.name)) not in sessions:
+                continue
+            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue  # already dead, waiting to be reaped by its parent
+            left.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:200])
+        except (OSError, ProcessLookupError, IndexError):
+            continue
+    return left
+
+
 class Federation:
     """SuperLink + SuperNodes on 127.0.0.1 with TLS (and optional node auth).
 
@@ -317,20 +334,7 @@ class Federation:
 
     def leftover_processes(self) -> list[str]:
         """Processes still alive in the sessions this federation started."""
-        sessions = self.process_groups()
-        left = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                if os.getsid(int(entry.name)) not in sessions:
-                    continue
-                if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                    continue  # already dead, waiting to be reaped by its parent
-                left.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:200])
-            except (OSError, ProcessLookupError, IndexError):
-                continue
-        return left
+        return session_processes(self.process_groups())
 
     def stop(self) -> None:
         """Stop every SuperNode and the SuperLink (with their children)."""
