@@ -56,7 +56,11 @@ assert {"flwr-gkt-sim", "flwr-gkt-experiment", "flwr-gkt-summary"} <= scripts, s
 print(f"wheel-smoke: import ok (flwr-gkt {flwr_gkt.__version__}, models {available_models()['edge']})")
 EOF
 
-echo "wheel-smoke: 1-round tiny simulation from the installed package"
+echo "wheel-smoke: 1-round tiny simulation from the installed package (flwr run, the default runtime)"
+"$work/venv/bin/flwr-gkt-sim" --preset smoke \
+    --set num-server-rounds=1 results-dir="$work/results" run-name=wheel-flwr | tail -n 3
+test -f "$work/results/wheel-flwr/results.json"
+echo "wheel-smoke: 1-round tiny simulation in process"
 "$work/venv/bin/flwr-gkt-sim" --preset smoke --runtime inprocess \
     --set num-server-rounds=1 results-dir="$work/results" run-name=wheel-smoke
 "$venv_py" - "$work/results/wheel-smoke/results.json" <<'EOF'
