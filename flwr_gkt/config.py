@@ -175,6 +175,11 @@ class RunConfig:
         Directory of the run folders.
     run_name : str
         Name of the run's folder; ``""``: a timestamp.
+    tensorboard_dir : str
+        Directory of TensorBoard event files (``""``: none). Each run writes
+        into ``<tensorboard-dir>/<run folder name>``, a relative path resolved
+        as ``results-dir`` is (from the working directory); needs the
+        ``tensorboard`` extra (:mod:`flwr_gkt.flower.tensorboard`).
     checkpoint, resume : int
         ``1``: write a checkpoint after every round / resume from it.
     node_state_dir : str
@@ -283,6 +288,7 @@ class RunConfig:
     client_cpus: float = 1.0
     results_dir: str = "results"
     run_name: str = ""
+    tensorboard_dir: str = ""
     # reliability
     checkpoint: int = 1
     resume: int = 0

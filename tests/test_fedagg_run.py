@@ -111,9 +111,25 @@ def test_three_tiers_with_a_migration_mid_run(tmp_path, bridge, caplog):
 
 
 def test_two_tiers_and_logits_only_after_the_first_round(tmp_path, bridge):
+    tensorboard = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     history, _, grid = _run(
-        tmp_path, bridge, "flat", **{"num-clients": 3, "fedagg-edges": 0, "num-server-rounds": 2}
+        tmp_path,
+        bridge,
+        "flat",
+        **{
+            "num-clients": 3,
+            "fedagg-edges": 0,
+            "num-server-rounds": 2,
+            "tensorboard-dir": str(tmp_path / "tb"),
+        },
     )
+    events = tensorboard.EventAccumulator(str(tmp_path / "tb" / "flat"))
+    events.Reload()  # every round's row, as it completed (tests/test_tensorboard.py for FedGKT)
+    assert [e.step for e in events.Scalars("evaluate/accuracy")] == [1, 2]
+    assert [e.value for e in events.Scalars("bytes/logits-up-end-cloud")][-1] == pytest.approx(
+        float(history[1]["bytes-logits-up-end-cloud"]), rel=1e-6
+    )
+    assert [e.step for e in events.Tensors("nodes/text_summary")] == [1, 2]
     assert [int(float(h["nodes-learned"])) for h in history] == [3, 3]
     assert (
         "bytes-logits-up-end-cloud" in history[1]

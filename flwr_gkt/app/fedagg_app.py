@@ -32,6 +32,7 @@ from flwr_gkt.core.registry import build_tier_model
 from flwr_gkt.data import load_dataset, normalize
 from flwr_gkt.flower.fedagg_client import TierRole, handle_fedagg, handle_topology_query
 from flwr_gkt.flower.fedagg_strategy import FedAgg, parse_migrations
+from flwr_gkt.flower.tensorboard import open_tensorboard
 
 from .task import config_from_run_config, dataset_info, load_client_data, results_dir, write_results
 
@@ -93,6 +94,7 @@ def _tier_model(cfg: RunConfig, tier: str):
 def run_fedagg(grid: Grid, cfg: RunConfig) -> FedAgg:
     """Run FedAgg as the cloud; write the results like a FedGKT run."""
     out = results_dir(cfg)
+    tensorboard = open_tensorboard(cfg.tensorboard_dir, out.name, cfg.to_dict())
     num_classes, _, _ = dataset_info(cfg)
     raw = load_dataset(cfg.dataset, cfg.data_dir)
     n_test = max(1, int(len(raw.y_test) * cfg.test_fraction))
@@ -113,9 +115,14 @@ def run_fedagg(grid: Grid, cfg: RunConfig) -> FedAgg:
         seed=cfg.seed,
         max_payload_bytes=int(cfg.max_payload_mb * 1024 * 1024) or None,
         max_samples=cfg.max_samples or None,
+        on_round=tensorboard,
     )
     start = time.perf_counter()
-    strategy.start(grid, num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout)
+    try:
+        strategy.start(grid, num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout)
+    finally:
+        if tensorboard is not None:
+            tensorboard.close()
     elapsed = time.perf_counter() - start
     torch.save(strategy.model.state_dict(), out / "cloud_model.pt")
     final = strategy.history[-1] if strategy.history else {}

@@ -34,6 +34,8 @@ from flwr_gkt.core.training import (
     prepare_model,
 )
 from flwr_gkt.flower.strategy import progress
+from flwr_gkt.flower.strategy_utils import RoundCallback, call_on_round
+from flwr_gkt.flower.tensorboard import open_tensorboard
 from flwr_gkt.wire import metrics_record, record_nbytes
 
 from .task import (
@@ -56,9 +58,16 @@ def build_model(cfg: RunConfig) -> torch.nn.Module:
 class MeasuredFedAvg(FedAvg):
     """Flower's FedAvg, plus bytes per round and a history like FedGKT's."""
 
-    def __init__(self, *args, lr_schedule: str = "constant", num_rounds: int = 1, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        lr_schedule: str = "constant",
+        num_rounds: int = 1,
+        on_round: RoundCallback | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
-        self.lr_schedule, self.num_rounds = lr_schedule, num_rounds
+        self.lr_schedule, self.num_rounds, self.on_round = lr_schedule, num_rounds, on_round
         self.history: list[dict[str, float]] = []
         self._down, self._start = 0, 0.0
         self._run_start = time.perf_counter()
@@ -120,11 +129,14 @@ class MeasuredFedAvg(FedAvg):
                 metrics["loss"],
                 progress(server_round, self.num_rounds, time.perf_counter() - self._run_start),
             )
+        call_on_round(self.on_round, self.history, (), server_round)
         return metrics
 
 
 def run_fedavg(grid: Grid, cfg: RunConfig) -> MeasuredFedAvg:
     """Run FedAvg for ``cfg.num_server_rounds`` rounds and write results."""
+    out = results_dir(cfg)
+    tensorboard = open_tensorboard(cfg.tensorboard_dir, out.name, cfg.to_dict())
     model = build_model(cfg)
     strategy = MeasuredFedAvg(
         fraction_train=cfg.fraction_train,
@@ -134,12 +146,18 @@ def run_fedavg(grid: Grid, cfg: RunConfig) -> MeasuredFedAvg:
         min_available_nodes=cfg.min_nodes,
         lr_schedule=cfg.lr_schedule,
         num_rounds=cfg.num_server_rounds,
+        on_round=tensorboard,
     )
-    out = results_dir(cfg)
     start = time.perf_counter()
-    result = strategy.start(
-        grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=cfg.num_server_rounds
-    )
+    try:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(model.state_dict()),
+            num_rounds=cfg.num_server_rounds,
+        )
+    finally:
+        if tensorboard is not None:
+            tensorboard.close()
     elapsed = time.perf_counter() - start
     if result.arrays is not None:
         model.load_state_dict(result.arrays.to_torch_state_dict())

@@ -14,6 +14,8 @@ from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 
 from flwr_gkt.config import RunConfig
 from flwr_gkt.flower.legacy import FedGKTLegacy, GKTNumPyClient
+from flwr_gkt.flower.strategy_utils import call_on_round
+from flwr_gkt.flower.tensorboard import open_tensorboard
 
 from .task import (
     build_server,
@@ -31,16 +33,18 @@ from .task import (
 
 
 class _RecordingFedGKTLegacy(FedGKTLegacy):
-    """Writes metrics.csv / results.json after every evaluated round."""
+    """Writes metrics.csv / results.json (and TensorBoard) after every evaluated round."""
 
     def __init__(self, *args, cfg: RunConfig, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.cfg = cfg
         self.out = results_dir(cfg)
+        self.on_round = open_tensorboard(cfg.tensorboard_dir, self.out.name, cfg.to_dict())
 
     def aggregate_evaluate(self, server_round, results, failures):
         out = super().aggregate_evaluate(server_round, results, failures)
         write_results(self.out, self.cfg, self.history, {"api": "legacy"})
+        call_on_round(self.on_round, self.history, (), server_round)
         return out
 
 

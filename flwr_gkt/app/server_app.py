@@ -15,6 +15,7 @@ from flwr_gkt.core.training import Plateau
 from flwr_gkt.flower.async_strategy import AsyncFedGKT
 from flwr_gkt.flower.faults import FaultPlan, FaultyGrid
 from flwr_gkt.flower.strategy import FedGKT
+from flwr_gkt.flower.tensorboard import open_tensorboard
 
 from .task import (
     config_from_run_config,
@@ -58,6 +59,7 @@ def run_fedgkt(grid: Grid, cfg: RunConfig) -> FedGKT:
             "resume needs run-name: the checkpoint is <results-dir>/<run-name>/checkpoint.pt"
         )
     out = results_dir(cfg)
+    tensorboard = open_tensorboard(cfg.tensorboard_dir, out.name, cfg.to_dict())
     if cfg.checkpoint:
         mode_args["checkpoint_path"] = out / CHECKPOINT_FILE
     elif cfg.resume:
@@ -95,6 +97,7 @@ def run_fedgkt(grid: Grid, cfg: RunConfig) -> FedGKT:
         max_payload_bytes=int(cfg.max_payload_mb * 1024 * 1024) or None,
         outlier_threshold=cfg.outlier_threshold,
         logit_clip=cfg.logit_clip,
+        on_round=tensorboard,
         **mode_args,
     )
     plan = FaultPlan.from_config(cfg.faults, cfg.fault_rate, cfg.fault_kinds, cfg.seed)
@@ -119,6 +122,8 @@ def run_fedgkt(grid: Grid, cfg: RunConfig) -> FedGKT:
         )
     finally:
         server.store.close()  # spilled features are not results, and are private
+        if tensorboard is not None:
+            tensorboard.close()
     elapsed = time.perf_counter() - start
     final = strategy.history[-1] if strategy.history else {}
     torch.save(server.model.state_dict(), out / "server_model.pt")

@@ -712,4 +712,5 @@ class AsyncFedGKT(FedGKT):
         er.row["eval-seconds"] = time.perf_counter() - er.end
         if metrics is not None:
             metrics["round-seconds"] = er.row["round-seconds"]
+        self.round_done(er.server_round)
         return metrics

@@ -51,6 +51,7 @@ from flwr_gkt.core.training import (
     prepare_model,
 )
 from flwr_gkt.flower.fedagg_client import EMB_PREFIX, TierRole
+from flwr_gkt.flower.strategy_utils import RoundCallback, call_on_round
 from flwr_gkt.wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -193,6 +194,10 @@ class FedAgg(Strategy):
         Largest accepted reply (all records); larger ones are rejected.
     max_samples : int, optional
         Largest number of embeddings one end device may upload.
+    on_round : RoundCallback, optional
+        Called at the end of every round with its :attr:`history` row and its
+        :attr:`node_history` records (e.g. a
+        :class:`~flwr_gkt.flower.tensorboard.TensorBoardWriter`).
     """
 
     def __init__(
@@ -211,7 +216,9 @@ class FedAgg(Strategy):
         seed: int = 0,
         max_payload_bytes: int | None = None,
         max_samples: int | None = None,
+        on_round: RoundCallback | None = None,
     ) -> None:
+        self.on_round = on_round
         self.device = get_device(device)
         self.max_samples = max_samples
         #: Node uids are bound to the first node id claiming them; the size limit.
@@ -461,6 +468,7 @@ class FedAgg(Strategy):
                 "bytes-down-train": float(sum(v for k, v in nbytes.items() if "-down-" in k)),
             }
             self.history.append(row)
+            call_on_round(self.on_round, self.history, self.node_history, rnd)
             log(
                 INFO,
                 "FedAgg round %d: cloud accuracy %.4f on %d test samples, %d nodes (%d leaves), "

@@ -61,9 +61,10 @@ def run_rounds(
     The same loop as Flower's (train, evaluate, centralized evaluation), but
     it starts after the last completed round -- ``1`` unless :meth:`resume`
     loaded a checkpoint -- and writes a checkpoint at the end of every round
-    when ``checkpoint_path`` is set. A resumed run first finds the
-    checkpointed nodes again (:meth:`reidentify_nodes`) and starts from the
-    restored server model's weights instead of ``initial_arrays``.
+    when ``checkpoint_path`` is set, then hands the round to the strategy's
+    ``on_round`` callback (:meth:`FedGKT.round_done`). A resumed run first
+    finds the checkpointed nodes again (:meth:`reidentify_nodes`) and starts
+    from the restored server model's weights instead of ``initial_arrays``.
 
     Parameters
     ----------
@@ -137,6 +138,7 @@ def run_rounds(
         strategy.completed_round = server_round
         if strategy.checkpoint_path is not None:
             save_checkpoint(strategy.checkpoint_path, strategy.state_dict())
+        strategy.round_done(server_round)
     log(INFO, "Strategy execution finished in %.2fs", time.perf_counter() - strategy._run_start)
     return result
 

@@ -42,6 +42,8 @@ from flwr_gkt.core.server import GKTServer, ServerRoundResult
 from flwr_gkt.core.training import Plateau, lr_factor
 from flwr_gkt.flower.resume import Resumable
 from flwr_gkt.flower.strategy_utils import (
+    RoundCallback,
+    call_on_round,
     edge_config_record,
     edge_train_metrics,
     evaluate_row,
@@ -134,6 +136,10 @@ class FedGKT(Resumable, Strategy):
     checkpoint_path : str or Path, optional
         Where a checkpoint is written after every completed round
         (:mod:`flwr_gkt.core.checkpoint`); :meth:`resume` reads it back.
+    on_round : RoundCallback, optional
+        Called once per completed round (training and evaluation) with its
+        :attr:`history` row and its :attr:`node_history` records, e.g. a
+        :class:`~flwr_gkt.flower.tensorboard.TensorBoardWriter`.
     """
 
     #: Stage the features to be replaced out to disk before a round (see above).
@@ -165,8 +171,10 @@ class FedGKT(Resumable, Strategy):
         outlier_threshold: float = 10.0,
         logit_clip: float = 0.0,
         checkpoint_path: str | Path | None = None,
+        on_round: RoundCallback | None = None,
     ) -> None:
         self.server = server
+        self.on_round = on_round
         self.spec = PayloadSpec(num_classes, feature_shape, max_samples)
         self.edge_config = edge_config or EdgeRoundConfig(kd_mode=server.kd_mode)
         self.fraction_train = fraction_train
@@ -385,6 +393,10 @@ class FedGKT(Resumable, Strategy):
     def summary(self) -> None:
         """Log the strategy's configuration."""
         log_summary(self)
+
+    def round_done(self, server_round: int) -> None:
+        """Hand a completed round's row and node records to :attr:`on_round`, if set."""
+        call_on_round(self.on_round, self.history, self.node_history, server_round)
 
     def _lr_factor(self, server_round: int) -> float:
         return lr_factor(self.lr_schedule, server_round, max(self.num_rounds, server_round))

@@ -1,16 +1,16 @@
 """Helpers of the FedGKT strategies, kept out of the class (as Flower's ``strategy_utils``).
 
 Node sampling with a bounded wait, lost-node bookkeeping, the per-round rows
-and log lines and the edge settings record.
+and log lines, the round callback and the edge settings record.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from logging import INFO, WARNING
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from flwr_gkt.flower.strategy import FedGKT
 
 __all__ = [
+    "RoundCallback",
+    "call_on_round",
     "edge_config_record",
     "edge_train_metrics",
     "evaluate_row",
@@ -40,6 +42,47 @@ __all__ = [
 ]
 
 _MB = 1024 * 1024
+
+#: Called once per completed round with the round's history row (a line of
+#: ``metrics.csv``) and the round's node-history records (lines of
+#: ``nodes.csv``; empty for strategies that keep none), e.g.
+#: :class:`flwr_gkt.flower.tensorboard.TensorBoardWriter`.
+RoundCallback: TypeAlias = Callable[[Mapping[str, float], Sequence[Mapping[str, Any]]], None]
+
+
+def call_on_round(
+    on_round: RoundCallback | None,
+    history: Sequence[Mapping[str, float]],
+    node_history: Sequence[Mapping[str, Any]],
+    server_round: int,
+) -> None:
+    """Hand round ``server_round``'s history row and node records to ``on_round``.
+
+    Nothing happens without a callback or without a row of that round. The
+    callback is a side channel: an exception it raises is logged as a
+    warning and the run goes on.
+
+    Parameters
+    ----------
+    on_round : RoundCallback | None
+        The callback.
+    history : Sequence[Mapping[str, float]]
+        The strategy's per-round rows (the round's is looked up from the end).
+    node_history : Sequence[Mapping[str, Any]]
+        The strategy's node records; those with ``round == server_round`` are passed.
+    server_round : int
+        The completed round.
+    """
+    if on_round is None:
+        return
+    row = next((r for r in reversed(history) if r.get("round") == server_round), None)
+    if row is None:
+        return
+    records = [r for r in node_history if r.get("round") == server_round]
+    try:
+        on_round(row, records)
+    except Exception as error:  # a metrics sink must not end a training run
+        log(WARNING, "round %d: the round callback failed: %r", server_round, error)
 
 
 def progress(server_round: int, num_rounds: int, elapsed: float) -> str:
