@@ -21,6 +21,7 @@ from .task import (
     dataset_info,
     edge_config,
     feature_shape,
+    federation_edge_models,
     make_gkt_server,
     peak_rss_mb,
     results_dir,
@@ -57,6 +58,9 @@ def run_fedgkt(grid: Grid, cfg: RunConfig) -> FedGKT:
         raise ValueError(
             "resume needs run-name: the checkpoint is <results-dir>/<run-name>/checkpoint.pt"
         )
+    if cfg.edge_models:  # a malformed list stops the run here, not on every node
+        models = federation_edge_models(cfg)
+        log(INFO, "FedGKT: edge models by partition (node configs may override): %s", models)
     out = results_dir(cfg)
     if cfg.checkpoint:
         mode_args["checkpoint_path"] = out / CHECKPOINT_FILE
