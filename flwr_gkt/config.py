@@ -95,7 +95,16 @@ class RunConfig:
         Replay (EcoFed): nodes upload features every this many rounds
         (``0``: once).
     edge_model, server_model : str
-        Registered model names (see :mod:`flwr_gkt.core.registry`).
+        Registered model names (see :mod:`flwr_gkt.core.registry`);
+        ``edge-model`` is the federation's default edge model, which a node's
+        own ``edge-model`` node config overrides.
+    edge_models : str
+        Heterogeneous edge models in simulation: a comma-separated list of
+        edge model names cycled over the partition ids (``"resnet4,resnet8"``:
+        partitions 0, 2, ... use ResNet-4, partitions 1, 3, ... ResNet-8);
+        ``""``: every node uses ``edge-model``. A node's ``edge-model`` node
+        config still wins. Every model's extractor must output the feature
+        maps the server expects (``16 x H x W``).
     edge_init : str
         ``common``: every node's edge model starts from the same weights,
         derived from ``seed`` (as every FL system starts from one model);
@@ -245,6 +254,7 @@ class RunConfig:
     feature_upload_every: int = 1
     # models
     edge_model: str = "resnet8"
+    edge_models: str = ""
     server_model: str = "resnet55"
     edge_init: str = "common"
     extractor_init: str = "random"

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(
         f"flwr-gkt simulation ({api}, {runtime}): {cfg.num_clients} nodes, {cfg.num_server_rounds} "
-        f"rounds, edge {cfg.edge_model}, server {cfg.server_model}",
+        f"rounds, edge {cfg.edge_models or cfg.edge_model}, server {cfg.server_model}",
         flush=True,
     )
     num_nodes = cfg.num_clients + (cfg.fedagg_edges if api == "fedagg" else 0)

@@ -1,8 +1,9 @@
-"""ClientApp: the edge node of FedGKT (ResNet-8 on its local data).
+"""ClientApp: the edge node of FedGKT (ResNet-8 on its local data, by default).
 
-The node's data, partition and state directory come from its node config
-(see :class:`flwr_gkt.app.task.NodeSetup`), the training settings from the
-server's instructions and the run config.
+The node's data, partition, state directory and edge model come from its node
+config (see :class:`flwr_gkt.app.task.NodeSetup`; the edge model by default from
+the run config's ``edge-models`` / ``edge-model``), the training settings from
+the server's instructions and the run config.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def make_client_app(
             node.state_dir or None,
             node.privacy,
             node.uid,
+            node.edge_model,
         )
 
     @app.evaluate()

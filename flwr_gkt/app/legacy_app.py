@@ -6,6 +6,7 @@ strategy; prefer ``flwr_gkt.app.server_app`` / ``flwr_gkt.app.client_app``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 from flwr.app import Context
@@ -75,7 +76,7 @@ def make_legacy_apps(fixed: RunConfig | None = None) -> tuple[ServerApp, ClientA
         return GKTNumPyClient(
             context,
             data,
-            edge_builder(cfg, node.partition_id),
+            edge_builder(dataclasses.replace(cfg, edge_model=node.edge_model), node.partition_id),
             functools.partial(build_server, cfg),
             cfg.device,
         ).to_client()

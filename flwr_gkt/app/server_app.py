@@ -22,6 +22,7 @@ from .task import (
     dataset_info,
     edge_config,
     feature_shape,
+    federation_edge_models,
     make_gkt_server,
     peak_rss_mb,
     results_dir,
@@ -58,6 +59,9 @@ def run_fedgkt(grid: Grid, cfg: RunConfig) -> FedGKT:
         raise ValueError(
             "resume needs run-name: the checkpoint is <results-dir>/<run-name>/checkpoint.pt"
         )
+    if cfg.edge_models:  # a malformed list stops the run here, not on every node
+        models = federation_edge_models(cfg)
+        log(INFO, "FedGKT: edge models by partition (node configs may override): %s", models)
     out = results_dir(cfg)
     tensorboard = open_tensorboard(cfg.tensorboard_dir, out.name, cfg.to_dict())
     if cfg.checkpoint:

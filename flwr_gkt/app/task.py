@@ -8,6 +8,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 
 from flwr_gkt.config import RunConfig, resolve_config
 from flwr_gkt.core.edge import EdgeRoundConfig
-from flwr_gkt.core.efficiency import run_costs
+from flwr_gkt.core.efficiency import forward_flops, num_parameters, run_costs
 from flwr_gkt.core.models import FEATURE_CHANNELS, EdgeModel, FullResNet, load_pretrained
 from flwr_gkt.core.privacy import PrivacyConfig
 from flwr_gkt.core.registry import build_edge_model, build_full_model, build_server_model
@@ -83,7 +84,11 @@ class NodeSetup:
     see :mod:`flwr_gkt.core.privacy`). ``node-uid``: the node's identity across
     restarts (default ``partition-<id>-of-<n>``), by which a resumed server
     finds the node again. ``edge-pretrained``: the node's own file of
-    pre-trained extractor weights.
+    pre-trained extractor weights. ``edge-model``: the node's own edge model
+    (a registered name, e.g. ``resnet4`` on a weak device); without it the
+    run config's ``edge-models`` list (by partition id, see
+    :func:`partition_edge_model`) or ``edge-model`` decides. The server
+    checks the shape of the features every node sends, whatever its model.
 
     **Who decides.** The node's state directory, data directory, pre-trained
     weights and privacy settings are the node's: in a deployment (a SuperNode
@@ -101,6 +106,11 @@ class NodeSetup:
     state_dir: str
     privacy: PrivacyConfig | None = None
     uid: str = ""
+
+    @property
+    def edge_model(self) -> str:
+        """The node's edge model (registry name): ``cfg.edge_model``, resolved for this node."""
+        return self.cfg.edge_model
 
 
 #: Set to ``1`` in the environment of a federation that this machine runs whole
@@ -124,6 +134,45 @@ NODE_SIDE_KEYS = (
     "privacy-logit-clip",
     "privacy-noise",
 )
+
+
+_MODEL_NAME = re.compile(r"[A-Za-z0-9._:@+-]+")
+
+
+def edge_model_list(cfg: RunConfig) -> list[str]:
+    """The names of ``edge-models`` (comma-separated; ``[]`` when empty).
+
+    Raises
+    ------
+    ValueError
+        If an entry is empty or not a plain model name.
+    """
+    if not cfg.edge_models.strip():
+        return []
+    names = [name.strip() for name in cfg.edge_models.split(",")]
+    for name in names:
+        if not _MODEL_NAME.fullmatch(name):
+            raise ValueError(
+                f"edge-models must be a comma-separated list of edge model names "
+                f"(e.g. 'resnet4,resnet8'), got {cfg.edge_models!r}"
+            )
+    return names
+
+
+def partition_edge_model(cfg: RunConfig, partition_id: int) -> str:
+    """The edge model of partition ``partition_id`` by the run config alone.
+
+    ``edge-models`` cycled over the partition ids when set, else
+    ``edge-model``. A node's ``edge-model`` node config overrides it (see
+    :func:`node_setup`).
+    """
+    names = edge_model_list(cfg)
+    return names[partition_id % len(names)] if names else cfg.edge_model
+
+
+def federation_edge_models(cfg: RunConfig) -> list[str]:
+    """The edge model of each of the run's ``num-clients`` partitions (run config alone)."""
+    return [partition_edge_model(cfg, pid) for pid in range(cfg.num_clients)]
 
 
 def node_setup(cfg: RunConfig, node_config: Mapping[str, Any], trusted: bool = False) -> NodeSetup:
@@ -158,6 +207,10 @@ def node_setup(cfg: RunConfig, node_config: Mapping[str, Any], trusted: bool = F
         node_config, PrivacyConfig(cfg.privacy_clip, cfg.privacy_logit_clip, cfg.privacy_noise)
     )
     uid = str(node_config.get("node-uid", "") or f"partition-{pid}-of-{num}")
+    # the node's own model > the run config's list by partition > the run's edge-model
+    edge_model = str(node_config.get("edge-model", "") or "") or partition_edge_model(cfg, pid)
+    if edge_model != cfg.edge_model:
+        cfg = dataclasses.replace(cfg, edge_model=edge_model)
     return NodeSetup(pid, num, cfg, state_dir, privacy if privacy.enabled else None, uid)
 
 
@@ -183,11 +236,13 @@ def edge_seed(cfg: RunConfig, partition_id: int) -> int:
 
 
 def edge_builder(cfg: RunConfig, partition_id: int):
-    """A zero-argument builder of this node's initial edge model.
+    """A zero-argument builder of this node's initial edge model (``cfg.edge_model``).
 
-    Every node starts from the same weights (``edge-init: common``), with the
-    pre-trained extractor of ``edge-pretrained`` when set, frozen with
-    ``freeze-extractor``.
+    Every node starts from the same weights (``edge-init: common``; nodes of
+    different edge models necessarily differ), with the pre-trained extractor
+    of ``edge-pretrained`` when set, frozen with ``freeze-extractor``. Pass the
+    node's resolved config (:attr:`NodeSetup.cfg`), which names its own edge
+    model.
     """
     num_classes, channels, _ = dataset_info(cfg)
     if cfg.extractor_init not in EXTRACTOR_INITS:
@@ -392,10 +447,70 @@ def results_dir(cfg: RunConfig) -> Path:
 
 
 @functools.lru_cache(maxsize=8)
-def model_costs(cfg: RunConfig) -> dict[str, int]:
-    """FLOPs per sample and parameters of the run's edge, server and full models."""
+def model_costs(cfg: RunConfig, node_models: tuple[str, ...] = ()) -> dict[str, Any]:
+    """FLOPs per sample and parameters of the run's edge, server and full models.
+
+    ``node_models``: the edge model of each node (default: the run config's,
+    :func:`federation_edge_models`). When they are not all ``edge-model``
+    (heterogeneous federations), ``edge-flops`` / ``edge-params`` are the
+    mean over the nodes and ``edge-models`` holds each model's own figures
+    and node count (models this process cannot build are left out).
+    """
     num_classes, channels, side = dataset_info(cfg)
-    return run_costs(cfg.edge_model, cfg.server_model, num_classes, channels, side)
+    costs: dict[str, Any] = run_costs(cfg.edge_model, cfg.server_model, num_classes, channels, side)
+    models = list(node_models) or federation_edge_models(cfg)
+    if set(models) <= {cfg.edge_model}:
+        return costs
+    per_model: dict[str, dict[str, int]] = {}
+    for name in dict.fromkeys(models):
+        if name == cfg.edge_model:
+            edge = {k: costs[k] for k in ("edge-flops", "edge-params")}
+        else:
+            try:
+                model = build_edge_model(name, num_classes, channels)
+            except (KeyError, TypeError):  # e.g. a model registered on its nodes only
+                continue
+            edge = {
+                "edge-flops": forward_flops(model, (channels, side, side)),
+                "edge-params": num_parameters(model),
+            }
+        per_model[name] = {**edge, "nodes": models.count(name)}
+    counted = [per_model[m] for m in models if m in per_model]
+    for key in ("edge-flops", "edge-params"):
+        costs[key] = round(sum(c[key] for c in counted) / len(counted))
+    costs["edge-models"] = per_model
+    return costs
+
+
+def edge_model_record(nodes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Which edge model each node used and, per model, its nodes' final edge accuracy.
+
+    Read from the node history (the ``edge-model`` a node named in its train
+    replies, see :mod:`flwr_gkt.wire.gate`): ``{"by-node": {node-id: model},
+    "edge-accuracy": {model: accuracy}}``, the accuracy of each model being
+    the sample-weighted mean of its nodes' last evaluate replies; ``{}`` when
+    no node named its model.
+    """
+    by_node: dict[int, str] = {}
+    last_eval: dict[int, tuple[float, float]] = {}
+    for row in nodes:
+        if row.get("edge-model"):
+            by_node[int(row["node-id"])] = str(row["edge-model"])
+        if row.get("stage") == "evaluate" and row.get("status") == "accepted":
+            if "edge-accuracy" in row:
+                n = float(row.get("num-examples", 1))
+                last_eval[int(row["node-id"])] = (float(row["edge-accuracy"]), n)
+    if not by_node:
+        return {}
+    totals: dict[str, list[float]] = {}
+    for node, (acc, n) in last_eval.items():
+        if node in by_node:
+            t = totals.setdefault(by_node[node], [0.0, 0.0])
+            t[0], t[1] = t[0] + acc * n, t[1] + n
+    return {
+        "by-node": {str(n): m for n, m in sorted(by_node.items())},
+        "edge-accuracy": {m: t[0] / t[1] for m, t in sorted(totals.items()) if t[1] > 0},
+    }
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -417,11 +532,18 @@ def write_results(
 ) -> None:
     """Write metrics.csv (one row per round), results.json (config, history,
     model costs, ``extra``), metrics.png (accuracy vs round and vs bytes) and,
-    when given, nodes.csv (one row per node, stage and round)."""
+    when given, nodes.csv (one row per node, stage and round) and, when the
+    nodes named their edge models, results.json's ``edge-models``
+    (:func:`edge_model_record`)."""
     _write_csv(path / "metrics.csv", history)
+    models = edge_model_record(nodes) if nodes is not None else {}
     if nodes is not None:
         _write_csv(path / "nodes.csv", nodes)
-    extra = {"algorithm": "fedgkt", "costs": model_costs(cfg), "init": init_record(cfg), **extra}
+    node_models = tuple(models["by-node"].values()) if models else ()
+    costs = model_costs(cfg, node_models)
+    extra = {"algorithm": "fedgkt", "costs": costs, "init": init_record(cfg), **extra}
+    if models:
+        extra["edge-models"] = models
     with open(path / "results.json", "w") as f:
         json.dump({"config": cfg.to_dict(), "history": history, **extra}, f, indent=2)
     run = Run(cfg.run_name or path.name, path, cfg.to_dict(), history, extra)

@@ -40,6 +40,7 @@ from flwr_gkt.wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
     METRICS_KEY,
+    NODE_EDGE_MODEL,
     NODE_KEY,
     NODE_TOKEN,
     NODE_UID,
@@ -332,6 +333,7 @@ def handle_train(
     state_dir: str | Path | None = None,
     privacy: PrivacyConfig | None = None,
     node_uid: str = "",
+    edge_model: str = "",
 ) -> Message:
     """Run ``ClientTrain`` for one round and reply with ``H``, ``Z_c``, ``Y``.
 
@@ -363,6 +365,9 @@ def handle_train(
     node_uid : str
         The node's stable identity, sent along when not empty (see
         :func:`handle_query`).
+    edge_model : str
+        The name of the node's edge model, sent along when not empty (the
+        server records it in its node history; heterogeneous federations).
 
     Returns
     -------
@@ -423,8 +428,9 @@ def handle_train(
     if state_dir:
         save_state(context, state_dir, server_round)
     content = RecordDict({ARRAYS_KEY: payload, METRICS_KEY: metrics})
-    if node_uid:
-        content[NODE_KEY] = ConfigRecord({NODE_UID: node_uid})
+    info = {NODE_UID: node_uid, NODE_EDGE_MODEL: edge_model}
+    if node_uid or edge_model:
+        content[NODE_KEY] = ConfigRecord({k: v for k, v in info.items() if v})
     return Message(content=content, reply_to=msg)
 
 

@@ -13,7 +13,9 @@ Evaluate reply (node -> server):
     ``RecordDict{"gkt": ArrayRecord{"features", "labels"}, "metrics": ...}``
 Train and query replies may carry ``"node": ConfigRecord{"node-uid": str}``,
 the node's stable identity (a checkpointed server finds its nodes again under
-new node ids).
+new node ids); a train reply's ``node`` record may also name the node's edge
+model (``"edge-model": str``, recorded in the node history; heterogeneous
+federations).
 Logits-only train reply (replay rounds, EcoFed): the server asked with
 ``send-features = False`` because it still holds the node's features:
     ``RecordDict{"gkt": ArrayRecord{"logits"}, "metrics": ...}``
@@ -89,6 +91,9 @@ NUM_EXAMPLES = "num-examples"
 #: an identity that survives restarts (node ids may not; see ``FedGKT.resume``).
 NODE_KEY = "node"
 NODE_UID = "node-uid"
+#: Key of that ConfigRecord naming the node's edge model (informational: the
+#: server checks the features' shape, not the name).
+NODE_EDGE_MODEL = "edge-model"
 #: Config key of the secret the server gives each node (and asks back on resume).
 NODE_TOKEN = "node-token"
 

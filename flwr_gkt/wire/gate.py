@@ -15,7 +15,9 @@ never read a reply's records themselves: they hand the replies of a stage to
    scalars are kept; anything else (unknown keys, lists, strings, NaN) is
    dropped and counted -- never merged into bookkeeping.
 5. **Identity**: ``node-uid`` must be a short plain string
-   (:func:`clean_uid`).
+   (:func:`clean_uid`). An ``edge-model`` name beside it (heterogeneous
+   federations) is recorded in the node's row when it is such a string too,
+   and is never trusted for anything else: the feature shape is checked in 6.
 6. **Arrays** decoded and validated by the wire format (:mod:`flwr_gkt.wire`).
 7. **Outlier check** against the round's other payloads *and* the stored
    payloads' statistics (:mod:`flwr_gkt.core.robust`), so a lone reply (async
@@ -43,6 +45,7 @@ from flwr_gkt.core.robust import find_outliers, payload_stats
 from flwr_gkt.wire import (
     ARRAYS_KEY,
     METRICS_KEY,
+    NODE_EDGE_MODEL,
     NODE_KEY,
     NODE_TOKEN,
     NODE_UID,
@@ -286,7 +289,8 @@ class GateResult:
     records : list[dict[str, Any]]
         One node-history row per reply (accepted, rejected or ignored):
         ``round``, ``stage``, ``node-id``, ``status``, ``reason`` and, for
-        accepted ones, ``bytes-up`` and the kept metrics.
+        accepted ones, ``bytes-up`` and the kept metrics; ``edge-model`` when
+        the reply named its (clean) edge model.
     rejected : int
         Replies rejected (errors included).
     ignored : Counter[str]
@@ -645,7 +649,9 @@ class ReplyGate:
             try:
                 payload = decode(item.node, item.content) if decode is not None else None
             except Exception as err:
-                self._reject(result, record, "rejected", _failed(err))
+                self._reject(
+                    result, record, "rejected", _failed(err, model=record.get("edge-model"))
+                )
                 item.content.array_records.pop(ARRAYS_KEY, None)
                 continue
             if self.logit_clip and isinstance(payload, Payload) and payload.logits is not None:
@@ -692,10 +698,13 @@ class ReplyGate:
             if raw is None:
                 raw = item.content.metric_records.get(METRICS_KEY)
             metrics, dropped = read_metrics(raw, known_metrics, required)
-            uid_value = item.content.config_records.get(NODE_KEY, ConfigRecord()).get(NODE_UID)
+            info = item.content.config_records.get(NODE_KEY, ConfigRecord())
+            uid_value, edge_model = info.get(NODE_UID), clean_uid(info.get(NODE_EDGE_MODEL))
         except Exception as err:
             self._reject(result, record, "rejected", _failed(err, "malformed records"))
             return None
+        if edge_model is not None:  # informational: a name, not a promise about the features
+            record["edge-model"] = edge_model
         uid = clean_uid(uid_value) if uid_value is not None else None
         if uid_value is not None and uid is None:
             self._reject(
@@ -729,7 +738,9 @@ class ReplyGate:
             try:
                 batch.append(payload_stats(decode(item.node, item.content)))
             except Exception as err:
-                self._reject(result, record, "rejected", _failed(err))
+                self._reject(
+                    result, record, "rejected", _failed(err, model=record.get("edge-model"))
+                )
                 batch.append(None)
         # the stored payloads' statistics as context: a lone reply is compared too
         fresh = {c[0].node for c in candidates}
@@ -750,6 +761,11 @@ class ReplyGate:
         return kept, stats
 
 
-def _failed(err: Exception, what: str = "malformed payload") -> str:
-    """Return the reason a reply failed: a payload error's own words, else the exception."""
-    return str(err) if isinstance(err, PayloadError) else f"{what}: {err!r}"
+def _failed(err: Exception, what: str = "malformed payload", model: str | None = None) -> str:
+    """Return the reason a reply failed: a payload error's own words, else the exception.
+
+    ``model``: the edge model the reply named, added to the reason (a node whose
+    model's extractor outputs maps of another shape is told apart at once).
+    """
+    why = str(err) if isinstance(err, PayloadError) else f"{what}: {err!r}"
+    return f"{why} (edge model {model})" if model else why
