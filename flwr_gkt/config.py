@@ -169,6 +169,13 @@ class RunConfig:
         Feature codec on the wire: ``float32``, ``float16`` or ``int8``.
     logit_dtype : str
         Logit dtype on the wire: ``float32`` or ``float16``.
+    gradient_dtype : str
+        Split learning: dtype of the activation gradients on the wire,
+        ``float32`` or ``float16`` (the activations use ``feature-dtype``).
+    split_mode : str
+        Split-learning baseline of the split ServerApp
+        (:mod:`flwr_gkt.app.split_app`): ``sl`` (nodes take turns, the edge
+        weights relayed), ``splitfed-v1`` or ``splitfed-v2``.
     privacy_clip, privacy_logit_clip, privacy_noise : float
         Per-sample L2 clipping bounds of features and logits and Gaussian
         noise multiplier, applied on the nodes (``0``: off).
@@ -286,6 +293,8 @@ class RunConfig:
     # wire
     feature_dtype: str = "float32"
     logit_dtype: str = "float32"
+    gradient_dtype: str = "float32"
+    split_mode: str = "sl"
     # privacy (applied on the nodes, see flwr_gkt.core.privacy; node config overrides)
     privacy_clip: float = 0.0
     privacy_logit_clip: float = 0.0

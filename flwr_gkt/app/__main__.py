@@ -21,12 +21,16 @@ from .flwr_local import run_config_app
 from .inprocess import run_inprocess
 from .legacy_app import make_legacy_apps
 from .server_app import make_server_app
+from .split_app import make_split_apps
 from .task import PRESETS_DIR, prepare_extractor
+
+#: ``--algorithm`` values of the split-learning baselines (``split-mode``).
+SPLIT_ALGORITHMS = ("sl", "splitfed-v1", "splitfed-v2")
 
 
 def build_config(argv: list[str] | None = None) -> tuple[RunConfig, str, str]:
-    """The resolved config, the API (``message``, ``legacy``, ``fedavg``, ``fedagg`` or
-    ``centralized``) and the runtime."""
+    """The resolved config, the API (``message``, ``legacy``, ``fedavg``, ``fedagg``,
+    ``split`` or ``centralized``) and the runtime."""
     parser = argparse.ArgumentParser(
         prog="python -m simulation",
         description=__doc__,
@@ -47,12 +51,14 @@ def build_config(argv: list[str] | None = None) -> tuple[RunConfig, str, str]:
     )
     parser.add_argument(
         "--algorithm",
-        choices=("fedgkt", "fedavg", "fedagg", "centralized"),
+        choices=("fedgkt", "fedavg", "fedagg", "centralized", *SPLIT_ALGORITHMS),
         default="fedgkt",
         help="FedGKT (default), the FedAvg baseline (Flower's FedAvg training the full "
         "model, edge stem + server body, on the same partitions), FedAgg "
         "(end-edge-cloud tree: num-clients end devices under fedagg-edges edges) or "
-        "the centralized baseline (centralized-model full or edge on the pooled partitions)",
+        "the centralized baseline (centralized-model full or edge on the pooled partitions); "
+        "sl, splitfed-v1, splitfed-v2: the split-learning baselines (edge extractor and "
+        "server model of FedGKT, activations and gradients every mini-batch)",
     )
     parser.add_argument(
         "--runtime",
@@ -64,10 +70,13 @@ def build_config(argv: list[str] | None = None) -> tuple[RunConfig, str, str]:
     )
     args = parser.parse_args(argv)
     overrides = parse_overrides(args.overrides)
+    if args.algorithm in SPLIT_ALGORITHMS:
+        overrides["split-mode"] = args.algorithm
     if args.runtime == "inprocess":  # nodes run one at a time here: each may use every core
         overrides.setdefault("client-threads", 0)
     cfg = resolve_config({"preset": args.preset, **overrides}, PRESETS_DIR)
     api = args.algorithm if args.algorithm != "fedgkt" else args.api
+    api = "split" if api in SPLIT_ALGORITHMS else api
     return cfg, api, args.runtime
 
 
@@ -95,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         server_app, client_app = make_fedavg_apps(cfg)
     elif api == "fedagg":
         server_app, client_app = make_fedagg_apps(cfg)
+    elif api == "split":
+        server_app, client_app = make_split_apps(cfg)
     elif api == "legacy":
         server_app, client_app = make_legacy_apps(cfg)
     else:

@@ -56,9 +56,19 @@ import yaml
 
 from flwr_gkt.config import RunConfig, add_override_argument, parse_overrides
 
-from .report import find_runs, load_run, markdown_table, plot_grid, plot_runs, write_long_csv
+from .report import (
+    communication_table,
+    find_runs,
+    load_run,
+    markdown_table,
+    plot_grid,
+    plot_runs,
+    write_long_csv,
+)
 
 EXPERIMENTS_DIR = Path(__file__).parent / "experiments"
+#: ``algorithm`` of a run (``python -m simulation --algorithm``).
+ALGORITHMS = ("fedgkt", "fedavg", "fedagg", "centralized", "sl", "splitfed-v1", "splitfed-v2")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _LOG_PREFIX = re.compile(r"^(INFO|WARNING|ERROR|DEBUG)\s*:\s*")
 _PROGRESS_MARKERS = (" eval: accuracy", ": cloud accuracy", " rejected: ", "ERROR", "Traceback")
@@ -79,7 +89,7 @@ def load_experiment(name: str) -> tuple[str, dict[str, Any]]:
         raise ValueError(f"{path}: an experiment needs a non-empty 'runs' mapping")
     for run, body in spec["runs"].items():
         algorithm = (body or {}).get("algorithm", "fedgkt")
-        if algorithm not in ("fedgkt", "fedavg", "fedagg", "centralized"):
+        if algorithm not in ALGORITHMS:
             raise ValueError(f"{path}: run {run!r} has unknown algorithm {algorithm!r}")
     return path.stem, spec
 
@@ -347,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
                 for r in done
             ]
             plot_grid(cells, out_dir / "grid.png", title=title)
+        if spec.get("target-accuracy"):
+            table += "\n## Communication\n\n" + communication_table(
+                done, float(spec["target-accuracy"])
+            )
         (out_dir / "summary.md").write_text(f"# {title}\n\n{table}")
         print(
             f"\n{table}\nwritten: {out_dir / 'comparison.csv'}, {out_dir / 'comparison.png'}, "

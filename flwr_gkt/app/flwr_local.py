@@ -59,6 +59,7 @@ COMPONENTS = {
     "legacy": ("flwr_gkt.app.legacy_app:server_app", "flwr_gkt.app.legacy_app:client_app"),
     "fedavg": ("flwr_gkt.app.fedavg_app:server_app", "flwr_gkt.app.fedavg_app:client_app"),
     "fedagg": ("flwr_gkt.app.fedagg_app:server_app", "flwr_gkt.app.fedagg_app:client_app"),
+    "split": ("flwr_gkt.app.split_app:server_app", "flwr_gkt.app.split_app:client_app"),
 }
 
 

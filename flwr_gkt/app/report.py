@@ -18,6 +18,7 @@ from typing import Any
 
 __all__ = [
     "Run",
+    "communication_table",
     "find_runs",
     "load_run",
     "markdown_table",
@@ -280,4 +281,63 @@ def markdown_table(runs: Sequence[Run], columns: Sequence[str] | None = None) ->
             f"{t['client-seconds']:.0f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+#: The analytic cost (``results.json`` ``analytic``) of each algorithm's runs.
+_ANALYTIC_KEY = {
+    "sl": "sl-bytes-per-epoch",
+    "splitfed-v1": "sl-bytes-per-epoch",
+    "splitfed-v2": "sl-bytes-per-epoch",
+    "fedgkt": "fedgkt-bytes-per-epoch",
+    "fedavg": "fedavg-bytes-per-epoch",
+}
+
+
+def mb_to_accuracy(run: Run, target: float) -> float:
+    """Cumulative training MB (up + down) when the run first reaches ``target`` accuracy (NaN: never)."""
+    for acc, mb in zip(run.accuracies(), run.cumulative_mb(), strict=True):
+        if acc == acc and acc >= target:
+            return mb
+    return float("nan")
+
+
+def communication_table(runs: Sequence[Run], target: float) -> str:
+    """A markdown table of the runs' traffic: MB to reach ``target``, measured vs analytic per epoch.
+
+    Measured per epoch: the first round's training bytes over ``edge-epochs``.
+    Analytic: :func:`flwr_gkt.core.efficiency.communication_costs` as a
+    split-learning run records it (``analytic`` in its ``results.json``), for
+    the runs whose wire settings it assumes (float32 features, features every
+    round); ``-`` elsewhere.
+    """
+    analytic: dict[str, Any] = next(
+        (r.extra["analytic"] for r in runs if "analytic" in r.extra), {}
+    )
+    lines = [
+        f"| run | algorithm | final accuracy | MB total | MB to {100 * target:.0f}% "
+        "| MB / epoch measured | MB / epoch analytic |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for run in runs:
+        t = run.totals()
+        epochs = max(int(run.config.get("edge-epochs", 1) or 1), 1)
+        measured = run.train_bytes()[0] / epochs / _MB if run.history else float("nan")
+        key = _ANALYTIC_KEY.get(run.algorithm, "")
+        plain = run.algorithm != "fedgkt" or (
+            str(run.config.get("feature-dtype", "float32")) == "float32"
+            and int(run.config.get("feature-upload-every", 1) or 0) == 1
+        )
+        value = analytic.get(key) if plain else None
+        reach = mb_to_accuracy(run, target)
+        lines.append(
+            f"| {run.name} | {run.algorithm} | {100 * t['final-accuracy']:.2f}% "
+            f"| {_mb(t['mb-up'] + t['mb-down'])} | {_mb(reach) if reach == reach else '-'} "
+            f"| {_mb(measured)} | {_mb(float(value) / _MB) if value else '-'} |"
+        )
+    if analytic:
+        lines.append(
+            f"\nPer sample and epoch: activations {analytic['activation-bytes-per-sample']:,.0f} B "
+            f"up, gradients {analytic['gradient-bytes-per-sample']:,.0f} B down (split learning)."
+        )
     return "\n".join(lines) + "\n"

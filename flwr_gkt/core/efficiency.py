@@ -171,6 +171,92 @@ def run_costs(
     return out
 
 
+#: Bytes per element of the wire dtypes.
+DTYPE_BYTES = {"float32": 4, "float16": 2, "int8": 1, "int64": 8}
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Return the bytes of a model's state dict (weights and buffers, in their dtypes).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model.
+
+    Returns
+    -------
+    int
+        ``sum(numel * element_size)`` over the state dict: what one copy of
+        the model costs on the wire, without headers.
+    """
+    return sum(int(v.numel()) * v.element_size() for v in model.state_dict().values())
+
+
+def communication_costs(
+    *,
+    num_samples: int,
+    activation_numel: int,
+    num_classes: int,
+    num_nodes: int,
+    edge_state_bytes: int,
+    full_state_bytes: int = 0,
+    feature_dtype: str = "float32",
+    gradient_dtype: str = "float32",
+    logit_dtype: str = "float32",
+) -> dict[str, float]:
+    """Return the analytic training traffic of one epoch over all nodes' data, by algorithm.
+
+    Payload bytes only (no record headers, no int8 per-channel parameters),
+    one local epoch per round, every node taking part:
+
+    * split learning and SplitFed: per sample the activations up, the label
+      up, their gradient down; per node and round the edge weights down (the
+      relay or the average) and back up;
+    * FedGKT: per sample the features, label and edge logits up and the
+      server logits down (Section 4.3);
+    * FedAvg: per node and round the full model down and back up.
+
+    Parameters
+    ----------
+    num_samples : int
+        Training samples over all nodes.
+    activation_numel : int
+        Elements of one sample's activations / features (``C x H x W``).
+    num_classes : int
+        Number of classes (logit columns).
+    num_nodes : int
+        Nodes per round.
+    edge_state_bytes : int
+        Bytes of the edge extractor's weights (:func:`state_bytes`).
+    full_state_bytes : int
+        Bytes of FedAvg's full model (``0``: FedAvg left out).
+    feature_dtype, gradient_dtype, logit_dtype : str
+        Wire dtypes (:data:`DTYPE_BYTES`).
+
+    Returns
+    -------
+    dict[str, float]
+        ``activation-bytes-per-sample``, ``gradient-bytes-per-sample``,
+        ``sl-bytes-per-epoch``, ``fedgkt-bytes-per-epoch`` and, with
+        ``full_state_bytes``, ``fedavg-bytes-per-epoch``.
+    """
+    act = activation_numel * DTYPE_BYTES[feature_dtype]
+    grad = activation_numel * DTYPE_BYTES[gradient_dtype]
+    label = DTYPE_BYTES["int64"]
+    logit = num_classes * DTYPE_BYTES[logit_dtype]
+    out = {
+        "activation-bytes-per-sample": float(act),
+        "gradient-bytes-per-sample": float(grad),
+        "sl-bytes-per-epoch": float(
+            num_samples * (act + label + grad) + 2 * num_nodes * edge_state_bytes
+        ),
+        "fedgkt-bytes-per-epoch": float(num_samples * (act + label + 2 * logit)),
+    }
+    if full_state_bytes:
+        out["fedavg-bytes-per-epoch"] = float(2 * num_nodes * full_state_bytes)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run ``python -m flwr_gkt.core.efficiency``: print the edge and server cost tables."""
     parser = argparse.ArgumentParser(

@@ -25,6 +25,14 @@ ArrayRecord{"embeddings", "labels"}, "metrics": ...}``
 (:func:`encode_embeddings` / :func:`decode_embeddings`); afterwards parents
 and children exchange logits only (``encode_logits`` / ``decode_logits``).
 
+Split learning (:mod:`flwr_gkt.flower.split_strategy`), per mini-batch:
+the node's activations ``RecordDict{"gkt": ArrayRecord{"features", "labels"},
+"metrics": ...}`` (:func:`encode_activations`, the feature codecs), the
+server's gradient ``RecordDict{"config": ..., "gkt": ArrayRecord{"gradient"}}``
+(:func:`encode_gradient`, float32 or float16) and the edge weights relayed
+through the server (:func:`encode_state` / :func:`decode_state`, checked
+against the receiving model).
+
 Decoding validates every payload (:func:`decode_payload`) and raises
 :class:`PayloadError` with a one-line reason; the strategy turns that into a
 rejected reply.
@@ -50,22 +58,29 @@ __all__ = [
     "ARRAYS_KEY",
     "CONFIG_KEY",
     "FEATURE_DTYPES",
+    "GRADIENT_DTYPES",
     "LOGIT_DTYPES",
     "METRICS_KEY",
     "Payload",
     "PayloadError",
     "PayloadSpec",
+    "decode_activations",
     "decode_embeddings",
+    "decode_gradient",
     "decode_logits",
     "decode_named_logits",
     "decode_payload",
     "decode_server_logits",
+    "decode_state",
     "dequantize_int8",
+    "encode_activations",
     "encode_embeddings",
+    "encode_gradient",
     "encode_logits",
     "encode_named_logits",
     "encode_payload",
     "encode_server_logits",
+    "encode_state",
     "quantize_int8",
     "record_nbytes",
     "scalar",
@@ -885,3 +900,177 @@ def metrics_record(num_examples: int, **metrics: float) -> MetricRecord:
     return MetricRecord(
         {NUM_EXAMPLES: int(num_examples), **{k: float(v) for k, v in metrics.items()}}
     )
+
+
+# ----------------------------------------------------------------- split learning
+#: Dtypes of the activation gradients ``dL/dH`` the server sends (split learning).
+GRADIENT_DTYPES = ("float32", "float16")
+
+
+def encode_activations(
+    activations: Tensor | np.ndarray, labels: Tensor | np.ndarray, dtype: str = "float32"
+) -> ArrayRecord:
+    """Encode one batch's activations ``H`` and labels (split learning, node -> server).
+
+    The same arrays and codecs as a FedGKT payload's features and labels
+    (``features``, ``labels``; int8 with ``feature-min`` / ``feature-scale``),
+    so that :func:`decode_activations` validates them as the gate validates
+    every payload.
+
+    Parameters
+    ----------
+    activations : Tensor | np.ndarray
+        The extractor's output on the batch, ``N x C x H x W``.
+    labels : Tensor | np.ndarray
+        The batch's labels (sent as int64).
+    dtype : str
+        ``float32``, ``float16`` or ``int8`` (see :func:`encode_payload`).
+
+    Returns
+    -------
+    ArrayRecord
+        ``features`` and ``labels`` (and the int8 parameters).
+
+    Raises
+    ------
+    ValueError
+        If ``dtype`` is not one of :data:`FEATURE_DTYPES`.
+    """
+    return encode_payload(activations, labels, feature_dtype=dtype)
+
+
+def decode_activations(content: RecordDict, spec: PayloadSpec) -> Payload:
+    """Decode and validate one batch's activations (a split-learning reply).
+
+    Parameters
+    ----------
+    content : RecordDict
+        The reply's content.
+    spec : PayloadSpec
+        Classes, the extractor's output shape and the batch size
+        (``max_samples``).
+
+    Returns
+    -------
+    Payload
+        Activations (``features``) in their wire dtype and labels.
+
+    Raises
+    ------
+    PayloadError
+        As :func:`decode_payload` (no logits expected), or if the reply
+        carries logits or model weights too.
+    """
+    record = _record(content)
+    extra = sorted(set(record) - {"features", "labels", "feature-min", "feature-scale"})
+    if extra:
+        raise PayloadError(f"unexpected arrays {extra} with the activations")
+    return decode_payload(content, spec, with_logits=False)
+
+
+def encode_gradient(gradient: Tensor | np.ndarray, dtype: str = "float32") -> ArrayRecord:
+    """Encode the activations' gradient ``dL/dH`` (split learning, server -> node).
+
+    Parameters
+    ----------
+    gradient : Tensor | np.ndarray
+        ``N x C x H x W``, shaped like the activations it answers.
+    dtype : str
+        ``float32`` or ``float16``.
+
+    Returns
+    -------
+    ArrayRecord
+        The gradient under ``gradient``.
+
+    Raises
+    ------
+    ValueError
+        If ``dtype`` is not one of :data:`GRADIENT_DTYPES`.
+    """
+    if dtype not in GRADIENT_DTYPES:
+        raise ValueError(f"gradient dtype {dtype!r} not in {GRADIENT_DTYPES}")
+    return ArrayRecord({"gradient": Array(np.ascontiguousarray(_to_numpy(gradient).astype(dtype)))})
+
+
+def decode_gradient(content: RecordDict, shape: tuple[int, ...]) -> Tensor:
+    """Decode and validate the gradient a node received for its last activations.
+
+    Parameters
+    ----------
+    content : RecordDict
+        The instruction's content.
+    shape : tuple[int, ...]
+        The shape of the activations it answers.
+
+    Returns
+    -------
+    Tensor
+        The gradient as float32.
+
+    Raises
+    ------
+    PayloadError
+        If it is missing, has another dtype or shape, or non-finite values.
+    """
+    value = _load(_record(content), "gradient", GRADIENT_DTYPES)
+    if tuple(value.shape) != tuple(shape):
+        raise PayloadError(f"'gradient' has shape {list(value.shape)}, expected {list(shape)}")
+    if not _all_finite(value):
+        raise PayloadError("'gradient' contains NaN or Inf")
+    return _tensor(value.astype(np.float32, copy=True))
+
+
+def encode_state(state: Mapping[str, Tensor]) -> ArrayRecord:
+    """Encode model weights (a state dict) for the wire: split learning's edge relay.
+
+    Parameters
+    ----------
+    state : Mapping[str, Tensor]
+        The state dict (weights and buffers), in its own dtypes.
+
+    Returns
+    -------
+    ArrayRecord
+        One array per entry, in order.
+    """
+    return ArrayRecord({k: Array(v.detach().cpu().contiguous().numpy()) for k, v in state.items()})
+
+
+def decode_state(record: ArrayRecord, reference: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Decode and validate model weights against the model they are meant for.
+
+    Parameters
+    ----------
+    record : ArrayRecord
+        The encoded weights (:func:`encode_state`).
+    reference : Mapping[str, Tensor]
+        A state dict of the receiving model: the keys, dtypes and shapes the
+        weights must have.
+
+    Returns
+    -------
+    dict[str, Tensor]
+        The weights, as tensors of the reference's dtypes.
+
+    Raises
+    ------
+    PayloadError
+        If a key is missing or extra, a dtype or shape differs, or a float
+        value is not finite.
+    """
+    missing = [k for k in reference if k not in record]
+    extra = [k for k in record if k not in reference]
+    if missing or extra:
+        raise PayloadError(
+            f"weights do not fit the model: missing {missing[:3]}, unexpected {extra[:3]}"
+        )
+    out = {}
+    for key, ref in reference.items():
+        value = _load(record, key, (str(ref.dtype).removeprefix("torch."),))
+        if tuple(value.shape) != tuple(ref.shape):
+            raise PayloadError(f"'{key}' has shape {list(value.shape)}, expected {list(ref.shape)}")
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise PayloadError(f"'{key}' contains NaN or Inf")
+        out[key] = torch.from_numpy(np.array(value))  # writable copy: loaded into a model
+    return out

@@ -1,0 +1,689 @@
+"""Split learning and SplitFed as a Flower strategy: one message wave per mini-batch.
+
+The baselines of FedGKT's communication comparison (Section 4.3, Fig. 5): the
+same edge extractor ``f_e`` (e.g. ResNet-8's stem) on the nodes and the same
+server model ``f_s`` (e.g. ResNet-55) as FedGKT, trained as *one* network by
+exchanging, every mini-batch, the activations ``H`` (node -> server, with the
+labels) and their gradient ``dL/dH`` (server -> node). Modes:
+
+``sl`` (vanilla split learning, Gupta & Raskar 2018)
+    The nodes take turns, in node-id order; each trains ``epochs`` local
+    epochs against the one server model. The edge weights pass from node to
+    node, relayed by the server (the ``begin`` of a turn carries them, its
+    last reply returns them).
+``splitfed-v1`` (Thapa et al., AAAI 2022)
+    The nodes work in parallel, each against its own copy of the server
+    model; after the round the server copies are averaged (weighted by
+    samples) and so are the edge models.
+``splitfed-v2``
+    The nodes work in parallel against one server model, which processes
+    each wave's batches one node after the other; the edge models are
+    averaged after the round.
+
+Each exchange is one wave of messages (:meth:`SplitLearning._send_and_receive`,
+pulling with a short interval rather than the Grid's 3 s) and every reply
+passes :class:`~flwr_gkt.wire.gate.ReplyGate` (activations decoded by
+:func:`flwr_gkt.wire.decode_activations`, weights by
+:func:`flwr_gkt.wire.decode_state`). A node whose reply is rejected or lost
+is out for the rest of the round: its edge weights are not used (SL: the
+next node gets the last good ones) and the round goes on with the others.
+After each round the nodes send the activations of their test split under
+the round's edge weights and the server model classifies them (``accuracy``,
+as FedGKT's). Bytes are counted from every message's arrays, up and down,
+with the same columns as FedGKT (``bytes-up-train``, ``bytes-down-train``,
+``bytes-up-eval``, ``bytes-down-eval``) plus a breakdown. The math is in
+:mod:`flwr_gkt.core.split`, the node side in :mod:`flwr_gkt.flower.split_client`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from logging import INFO, WARNING
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+from flwr.supercore import log
+from torch import Tensor, nn
+
+from flwr_gkt.core.split import average_states, server_step
+from flwr_gkt.core.training import (
+    TensorBatches,
+    evaluate_logits,
+    get_device,
+    lr_factor,
+    make_optimizer,
+    predict,
+    prepare_model,
+    set_lr,
+)
+from flwr_gkt.flower.split_client import EDGE_KEY
+from flwr_gkt.flower.strategy_utils import progress, sample_connected
+from flwr_gkt.wire import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    FEATURE_DTYPES,
+    GRADIENT_DTYPES,
+    NUM_EXAMPLES,
+    PayloadError,
+    PayloadSpec,
+    decode_activations,
+    decode_payload,
+    decode_state,
+    encode_gradient,
+    encode_state,
+    record_nbytes,
+    scalar,
+)
+from flwr_gkt.wire.gate import EVALUATE_METRICS, Admitted, GateResult, ReplyGate
+
+__all__ = ["MODES", "SPLIT_METRICS", "SplitLearning"]
+
+#: The split-learning variants.
+MODES = ("sl", "splitfed-v1", "splitfed-v2")
+#: Metrics a split-learning train reply may carry.
+SPLIT_METRICS = frozenset({NUM_EXAMPLES, "batch", "batches", "edge-seconds"})
+
+
+def _own_rounds() -> NotImplementedError:
+    return NotImplementedError(
+        "SplitLearning runs its own rounds (one message wave per mini-batch): call start()"
+    )
+
+
+@dataclass
+class _Turn:
+    """The server's view of one node's turn in a round."""
+
+    batches: int = 0
+    #: Index of the batch whose activations the next reply carries.
+    batch: int = 0
+    #: Whether the next reply carries the trained weights (the last gradient was sent).
+    expects_weights: bool = False
+
+
+class SplitLearning(Strategy):
+    """Split learning (``sl``) and SplitFed V1 / V2 over Flower's Message API.
+
+    Parameters
+    ----------
+    server_model : nn.Module
+        The server part ``f_s`` (takes the extractor's activations).
+    extractor : nn.Module
+        The edge extractor ``f_e`` with its initial weights (every node's
+        model has the same keys and shapes).
+    num_classes : int
+        Number of classes.
+    feature_shape : tuple[int, int, int]
+        The extractor's output shape ``(C, H, W)`` per sample.
+    mode : str
+        ``sl``, ``splitfed-v1`` or ``splitfed-v2`` (module docstring).
+    epochs : int
+        Local epochs per node and round.
+    batch_size : int
+        Mini-batch size on the nodes (largest accepted activation batch).
+    edge_optimizer, server_optimizer : str
+        ``adam`` or ``sgd`` (:func:`flwr_gkt.core.training.make_optimizer`).
+    edge_lr, server_lr : float
+        Learning rates (scaled by ``lr_schedule``).
+    weight_decay : float
+        Weight decay of ``sgd``.
+    lr_schedule : str
+        ``constant`` or ``cosine`` over ``num_rounds``.
+    feature_dtype : str
+        Activations on the wire: ``float32``, ``float16`` or ``int8``.
+    gradient_dtype : str
+        Gradients on the wire: ``float32`` or ``float16``.
+    device : str
+        Where the server model trains.
+    precision : str
+        Autocast precision of the server steps (``fp32``: an exact split).
+    seed : int
+        Seed of the nodes' mini-batches.
+    min_nodes : int
+        Connected nodes to wait for before a round.
+    node_wait_timeout : float
+        Seconds to wait for them (``0``: forever).
+    max_payload_bytes : int, optional
+        Largest accepted reply.
+    max_samples : int, optional
+        Most training samples per node (bounds the number of batches a node
+        may announce) and most test samples per evaluate reply.
+    eval_batch_size : int
+        Batch size of the nodes' test-split forward passes.
+    poll_interval : float
+        Seconds between pulls while a wave's replies are outstanding.
+
+    Raises
+    ------
+    ValueError
+        If ``mode`` or a dtype is unknown.
+    """
+
+    def __init__(
+        self,
+        server_model: nn.Module,
+        extractor: nn.Module,
+        num_classes: int,
+        feature_shape: tuple[int, int, int],
+        *,
+        mode: str = "sl",
+        epochs: int = 1,
+        batch_size: int = 32,
+        edge_optimizer: str = "adam",
+        edge_lr: float = 1e-3,
+        server_optimizer: str = "adam",
+        server_lr: float = 1e-3,
+        weight_decay: float = 5e-4,
+        lr_schedule: str = "constant",
+        feature_dtype: str = "float32",
+        gradient_dtype: str = "float32",
+        device: str = "auto",
+        precision: str = "fp32",
+        seed: int = 0,
+        min_nodes: int = 1,
+        node_wait_timeout: float = 0.0,
+        max_payload_bytes: int | None = None,
+        max_samples: int | None = None,
+        eval_batch_size: int = 256,
+        poll_interval: float = 0.01,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown split-learning mode {mode!r}; expected one of {MODES}")
+        if feature_dtype not in FEATURE_DTYPES:
+            raise ValueError(f"feature dtype {feature_dtype!r} not in {FEATURE_DTYPES}")
+        if gradient_dtype not in GRADIENT_DTYPES:
+            raise ValueError(f"gradient dtype {gradient_dtype!r} not in {GRADIENT_DTYPES}")
+        self.mode = mode
+        self.device = get_device(device)
+        self.model = prepare_model(server_model, self.device)
+        self.server_optimizer, self.server_lr, self.weight_decay = (
+            server_optimizer,
+            server_lr,
+            weight_decay,
+        )
+        self.optimizer = make_optimizer(
+            server_optimizer, self.model.parameters(), server_lr, weight_decay
+        )
+        #: SplitFed V1: each node's server-side copy and its optimizer (kept across rounds).
+        self.copies: dict[int, tuple[nn.Module, torch.optim.Optimizer]] = {}
+        self.edge_state = {k: v.detach().cpu().clone() for k, v in extractor.state_dict().items()}
+        self.num_classes = num_classes
+        self.feature_shape = tuple(feature_shape)
+        self.epochs, self.batch_size = max(1, epochs), max(2, batch_size)
+        self.edge_optimizer, self.edge_lr = edge_optimizer, edge_lr
+        self.lr_schedule = lr_schedule
+        self.feature_dtype, self.gradient_dtype = feature_dtype, gradient_dtype
+        self.precision = precision
+        self.seed = seed
+        self.min_nodes, self.node_wait_timeout = min_nodes, node_wait_timeout
+        self.max_samples = max_samples
+        self.eval_batch_size = eval_batch_size
+        self.poll_interval = poll_interval
+        self.gate = ReplyGate(max_payload_bytes, outlier_threshold=0.0, name="SplitLearning")
+        self.spec = PayloadSpec(num_classes, self.feature_shape, self.batch_size)
+        self.eval_spec = PayloadSpec(num_classes, self.feature_shape, max_samples)
+        self.history: list[dict[str, float]] = []
+        self.node_history: list[dict[str, Any]] = []
+        self.num_rounds = 1
+
+    # Flower's round-by-round hooks are not used: a round is one wave per mini-batch.
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Raise ``NotImplementedError``: SplitLearning runs its own rounds in :meth:`start`."""
+        raise _own_rounds()
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Raise ``NotImplementedError``: SplitLearning runs its own rounds in :meth:`start`."""
+        raise _own_rounds()
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Raise ``NotImplementedError``: SplitLearning runs its own rounds in :meth:`start`."""
+        raise _own_rounds()
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Raise ``NotImplementedError``: SplitLearning runs its own rounds in :meth:`start`."""
+        raise _own_rounds()
+
+    def summary(self) -> None:
+        """Log the configuration."""
+        log(
+            INFO,
+            "\t├──> %s: server model %s on %s, %d local epoch(s), batch %d",
+            self.mode,
+            type(self.model).__name__,
+            self.device,
+            self.epochs,
+            self.batch_size,
+        )
+        log(
+            INFO,
+            "\t└──> activations %s, gradients %s on the wire",
+            self.feature_dtype,
+            self.gradient_dtype,
+        )
+
+    # ------------------------------------------------------------------ waves
+    def _send_and_receive(
+        self, grid: Grid, messages: list[Message], timeout: float
+    ) -> list[Message]:
+        """Push one wave and pull its replies until all are in or ``timeout`` passes.
+
+        Polls every :attr:`poll_interval` seconds (doubling up to 1 s while
+        nothing arrives): ``Grid.send_and_receive`` of a deployment sleeps 3 s
+        between pulls, once per mini-batch here.
+        """
+        pending = set(grid.push_messages(messages))
+        deadline = time.monotonic() + timeout
+        replies: list[Message] = []
+        delay = self.poll_interval
+        while pending:
+            got = list(grid.pull_messages(pending))
+            replies += got
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if not pending or time.monotonic() >= deadline:
+                break
+            if got:
+                delay = self.poll_interval
+            else:
+                time.sleep(delay)
+                delay = min(2 * delay, 1.0)
+        return replies
+
+    def _exchange(
+        self,
+        grid: Grid,
+        messages: dict[int, Message],
+        timeout: float,
+        server_round: int,
+        stage: str,
+        decode: Callable[[int, RecordDict], Any],
+        known: frozenset[str] = SPLIT_METRICS,
+    ) -> tuple[dict[int, Admitted], GateResult]:
+        """Send one wave; return the replies the gate accepted (by node) and its result."""
+        sent = list(messages.values())
+        replies = self._send_and_receive(grid, sent, timeout)
+        result = self.gate.admit(server_round, stage, replies, sent, decode, known)
+        self.node_history.extend(result.records)
+        answered = {row["node-id"] for row in result.records}
+        for node in sorted(set(messages) - answered):
+            self.node_history.append(
+                {"round": server_round, "stage": stage, "node-id": node, "status": "lost"}
+            )
+            log(
+                WARNING,
+                "SplitLearning round %d: %s: no reply from node %d",
+                server_round,
+                stage,
+                node,
+            )
+        return {a.node: a for a in result.accepted}, result
+
+    def _max_batches(self) -> int | None:
+        if not self.max_samples:
+            return None
+        return math.ceil(self.max_samples / self.batch_size) * self.epochs
+
+    def _server_for(self, node: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+        if self.mode != "splitfed-v1":
+            return self.model, self.optimizer
+        if node not in self.copies:
+            model = copy.deepcopy(self.model)
+            self.copies[node] = (
+                model,
+                make_optimizer(
+                    self.server_optimizer, model.parameters(), self.server_lr, self.weight_decay
+                ),
+            )
+        return self.copies[node]
+
+    def _turns(
+        self,
+        grid: Grid,
+        server_round: int,
+        nodes: list[int],
+        tally: defaultdict[str, float],
+        timeout: float,
+    ) -> dict[int, tuple[dict[str, Tensor], int]]:
+        """Run the nodes' turns in parallel (one node in SL); return the trained weights.
+
+        Returns ``{node: (edge weights, samples trained)}`` for the nodes whose
+        turn completed.
+        """
+        lr = self.edge_lr * lr_factor(self.lr_schedule, server_round, self.num_rounds)
+        begin = ConfigRecord(
+            {
+                "split-stage": "begin",
+                "server-round": server_round,
+                "seed": self.seed,
+                "epochs": self.epochs,
+                "batch-size": self.batch_size,
+                "optimizer": self.edge_optimizer,
+                "lr": lr,
+                "weight-decay": self.weight_decay,
+                "feature-dtype": self.feature_dtype,
+            }
+        )
+        turns = {n: _Turn() for n in nodes}
+        messages = {
+            n: Message(
+                RecordDict({CONFIG_KEY: ConfigRecord(dict(begin)), EDGE_KEY: self._edge_record()}),
+                dst_node_id=n,
+                message_type=MessageType.TRAIN,
+            )
+            for n in nodes
+        }
+        cap = self._max_batches()
+
+        def decode(node: int, content: RecordDict) -> Any:
+            turn = turns[node]
+            if turn.expects_weights:
+                record = content.array_records.get(ARRAYS_KEY)
+                if record is None:
+                    raise PayloadError(f"missing ArrayRecord '{ARRAYS_KEY}' (the edge weights)")
+                return decode_state(record, self.edge_state)
+            payload = decode_activations(content, self.spec)
+            if turn.batches == 0:  # the begin reply announces the turn's batches
+                batches = int(scalar(content.metric_records["metrics"], "batches"))
+                if batches < 1 or (cap is not None and batches > cap):
+                    raise PayloadError(f"'batches' is {batches}, expected 1..{cap or 'any'}")
+                turn.batches = batches
+            return payload
+
+        done: dict[int, tuple[dict[str, Tensor], int]] = {}
+        stage = "begin"
+        while messages:
+            for msg in messages.values():
+                kind = "edge-weights-down" if stage == "begin" else "gradients"
+                tally[f"bytes-{kind}"] += record_nbytes(msg.content)
+                tally["messages-down"] += 1
+            tally["waves"] += 1
+            expects = {n: turns[n].expects_weights for n in messages}
+            accepted, result = self._exchange(grid, messages, timeout, server_round, stage, decode)
+            for row in result.records:
+                node = row["node-id"]
+                if node in expects and row.get("bytes-up"):
+                    kind = "edge-weights-up" if expects[node] else "activations"
+                    tally[f"bytes-{kind}"] += int(row["bytes-up"])
+            tally["bytes-up-train"] += result.nbytes
+            tally["nodes-rejected"] += result.rejected
+            nxt: dict[int, Message] = {}
+            for node in sorted(accepted):
+                reply, turn = accepted[node], turns[node]
+                if turn.expects_weights:
+                    done[node] = (reply.payload, int(reply.metrics[NUM_EXAMPLES]))
+                    tally["edge-seconds-max"] = max(
+                        tally["edge-seconds-max"], reply.metrics.get("edge-seconds", 0.0)
+                    )
+                    continue
+                model, optimizer = self._server_for(node)
+                start = time.perf_counter()
+                step = server_step(
+                    model,
+                    optimizer,
+                    reply.payload.dense_features(),
+                    reply.payload.labels,
+                    self.device,
+                    self.precision,
+                )
+                tally["server-seconds"] += time.perf_counter() - start
+                tally["loss-sum"] += step.loss * step.num_examples
+                tally["correct"] += step.correct
+                tally["examples"] += step.num_examples
+                config = ConfigRecord(
+                    {"split-stage": "step", "server-round": server_round, "batch": turn.batch}
+                )
+                nxt[node] = Message(
+                    RecordDict(
+                        {
+                            CONFIG_KEY: config,
+                            ARRAYS_KEY: encode_gradient(step.gradient, self.gradient_dtype),
+                        }
+                    ),
+                    dst_node_id=node,
+                    message_type=MessageType.TRAIN,
+                )
+                turn.batch += 1
+                turn.expects_weights = turn.batch >= turn.batches
+            messages, stage = nxt, "step"
+        return done
+
+    def _edge_record(self) -> ArrayRecord:
+        return encode_state(self.edge_state)
+
+    # ------------------------------------------------------------------ round
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord | None = None,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Run ``num_rounds`` rounds of split learning on ``grid``.
+
+        Parameters
+        ----------
+        grid : Grid
+            The Flower grid of the run.
+        initial_arrays : ArrayRecord | None
+            Must be ``None`` (the models come from the constructor).
+        num_rounds : int
+            Number of rounds.
+        timeout : float
+            Seconds to wait for each wave's replies.
+        train_config, evaluate_config : ConfigRecord | None
+            Must be ``None`` (the settings come from the constructor).
+        evaluate_fn : Callable[[int, ArrayRecord], MetricRecord | None] | None
+            Must be ``None`` (the nodes' test splits are evaluated).
+
+        Returns
+        -------
+        Result
+            ``arrays``: the server model's weights; ``train_metrics_clientapp``:
+            each round's history row (also in :attr:`history`).
+
+        Raises
+        ------
+        ValueError
+            If ``initial_arrays``, ``train_config``, ``evaluate_config`` or
+            ``evaluate_fn`` is not ``None``.
+        """
+        if any(x is not None for x in (initial_arrays, train_config, evaluate_config, evaluate_fn)):
+            raise ValueError(
+                "SplitLearning takes its models and settings from the constructor: "
+                "initial_arrays, train_config, evaluate_config and evaluate_fn must be None"
+            )
+        self.num_rounds = num_rounds
+        log(INFO, "Starting SplitLearning strategy:")
+        self.summary()
+        run_start = time.perf_counter()
+        for rnd in range(1, num_rounds + 1):
+            log(INFO, "")
+            log(INFO, "[ROUND %s/%s]", rnd, num_rounds)
+            row = self.train_round(grid, rnd, timeout)
+            row |= self.evaluate_round(grid, rnd, timeout)
+            row["round-seconds"] = time.perf_counter() - self._round_start
+            self.history.append(row)
+            log(
+                INFO,
+                "%s round %d eval: accuracy %.4f, loss %.4f, train up %.2f MB, down %.2f MB, "
+                "%d waves [%s]",
+                self.mode,
+                rnd,
+                row.get("accuracy", float("nan")),
+                row.get("loss", float("nan")),
+                row["bytes-up-train"] / 2**20,
+                row["bytes-down-train"] / 2**20,
+                row["waves"],
+                progress(rnd, num_rounds, time.perf_counter() - run_start),
+            )
+        return Result(
+            arrays=ArrayRecord(self.model.state_dict()),
+            train_metrics_clientapp={
+                int(row["round"]): MetricRecord({k: float(v) for k, v in row.items()})
+                for row in self.history
+            },
+        )
+
+    def train_round(self, grid: Grid, server_round: int, timeout: float) -> dict[str, float]:
+        """Run one round's training (turns, then SplitFed's averaging); return its row.
+
+        Parameters
+        ----------
+        grid : Grid
+            The Flower grid.
+        server_round : int
+            The round.
+        timeout : float
+            Seconds to wait for each wave.
+
+        Returns
+        -------
+        dict[str, float]
+            The train columns of the round's history row.
+        """
+        self._round_start = time.perf_counter()
+        nodes = sample_connected(grid, 1.0, 1, self.min_nodes, self.node_wait_timeout)
+        factor = lr_factor(self.lr_schedule, server_round, self.num_rounds)
+        for _, optimizer in [(self.model, self.optimizer), *self.copies.values()]:
+            set_lr(optimizer, self.server_lr * factor)
+        tally: defaultdict[str, float] = defaultdict(float)
+        done: dict[int, tuple[dict[str, Tensor], int]] = {}
+        if self.mode == "sl":  # one node after the other; the weights are relayed
+            for node in nodes:
+                finished = self._turns(grid, server_round, [node], tally, timeout)
+                if node in finished:
+                    self.edge_state = finished[node][0]
+                    done.update(finished)
+        else:
+            if self.mode == "splitfed-v1":  # every node's copy starts from the global model
+                for node in nodes:
+                    model, optimizer = self._server_for(node)
+                    model.load_state_dict(self.model.state_dict())
+                    set_lr(optimizer, self.server_lr * factor)
+            done = self._turns(grid, server_round, nodes, tally, timeout)
+            if done:
+                weights = [float(n) for _, n in done.values()]
+                self.edge_state = average_states([s for s, _ in done.values()], weights)
+                if self.mode == "splitfed-v1":
+                    states = [self.copies[n][0].state_dict() for n in done]
+                    self.model.load_state_dict(average_states(states, weights))
+        examples = tally["examples"]
+        bytes_down = tally["bytes-edge-weights-down"] + tally["bytes-gradients"]
+        row: dict[str, float] = {
+            "round": server_round,
+            "nodes-sampled": len(nodes),
+            "nodes-replied": len(done),
+            "nodes-rejected": tally["nodes-rejected"],
+            "server-train-loss": tally["loss-sum"] / max(examples, 1),
+            "server-train-accuracy": tally["correct"] / max(examples, 1),
+            "server-train-examples": examples,
+            "server-lr-factor": factor,
+            "server-seconds": tally["server-seconds"],
+            "edge-seconds-max": tally["edge-seconds-max"],
+            "waves": tally["waves"],
+            "messages-down": tally["messages-down"],
+            "bytes-activations": tally["bytes-activations"],
+            "bytes-gradients": tally["bytes-gradients"],
+            "bytes-edge-weights-up": tally["bytes-edge-weights-up"],
+            "bytes-edge-weights-down": tally["bytes-edge-weights-down"],
+            "bytes-up-train": tally["bytes-up-train"],
+            "bytes-down-train": bytes_down,
+        }
+        log(
+            INFO,
+            "%s round %d train: %d/%d nodes finished their turn, %d samples, server loss %.4f, "
+            "%d waves",
+            self.mode,
+            server_round,
+            len(done),
+            len(nodes),
+            examples,
+            row["server-train-loss"],
+            row["waves"],
+        )
+        return row
+
+    def evaluate_round(self, grid: Grid, server_round: int, timeout: float) -> dict[str, float]:
+        """Classify the nodes' test activations under the round's edge weights; return the row.
+
+        Parameters
+        ----------
+        grid : Grid
+            The Flower grid.
+        server_round : int
+            The round.
+        timeout : float
+            Seconds to wait for the replies.
+
+        Returns
+        -------
+        dict[str, float]
+            ``accuracy`` / ``loss`` (edge extractor + server model, weighted
+            by examples), ``num-examples``, counts and eval bytes; without
+            ``accuracy`` when no reply was accepted.
+        """
+        nodes = sorted(grid.get_node_ids())
+        config = ConfigRecord(
+            {
+                "batch-size": self.eval_batch_size,
+                "feature-dtype": self.feature_dtype,
+                "server-round": server_round,
+            }
+        )
+        messages = {
+            n: Message(
+                RecordDict({CONFIG_KEY: ConfigRecord(dict(config)), EDGE_KEY: self._edge_record()}),
+                dst_node_id=n,
+                message_type=MessageType.EVALUATE,
+            )
+            for n in nodes
+        }
+        down = sum(record_nbytes(m.content) for m in messages.values())
+        sums = {"loss": 0.0, "correct": 0, "n": 0}
+
+        def decode(node: int, content: RecordDict) -> Any:
+            return decode_payload(content, self.eval_spec, with_logits=False)
+
+        accepted, result = self._exchange(
+            grid, messages, timeout, server_round, "evaluate", decode, EVALUATE_METRICS
+        )
+        for reply in accepted.values():
+            payload = reply.payload
+            batches = TensorBatches(payload.dense_features(), payload.labels, 256)
+            loss_sum, correct = evaluate_logits(
+                predict(self.model, batches, self.device), payload.labels
+            )
+            sums["loss"] += loss_sum
+            sums["correct"] += correct
+            sums["n"] += len(payload.labels)
+        row: dict[str, float] = {
+            "eval-nodes": len(accepted),
+            "eval-rejected": result.rejected,
+            "bytes-up-eval": result.nbytes,
+            "bytes-down-eval": down,
+        }
+        if sums["n"]:
+            row |= {
+                "accuracy": sums["correct"] / sums["n"],
+                "loss": sums["loss"] / sums["n"],
+                "num-examples": sums["n"],
+            }
+        return row
