@@ -6,7 +6,10 @@ Main entry points:
 * :class:`flwr_gkt.flower.async_strategy.AsyncFedGKT` -- asynchronous FedGKT: the
   server model trains as soon as any node's features arrive;
 * :func:`flwr_gkt.flower.client_app.handle_train` / :func:`~flwr_gkt.flower.client_app.handle_evaluate`
-  -- the ClientApp handlers (edge side);
+  -- the ClientApp handlers (edge side), over a node's
+  :class:`~flwr_gkt.data.ClientData` (in-memory tensors) or
+  :class:`~flwr_gkt.data.DatasetData` (its own torch or Hugging Face dataset,
+  streamed in batches);
 * :class:`flwr_gkt.core.server.GKTServer` -- server model, feature store and training;
 * :class:`flwr_gkt.flower.fedagg_strategy.FedAgg` / :func:`flwr_gkt.flower.fedagg_client.handle_fedagg`
   -- FedAgg / FedEEC on an end-edge-cloud tree (cloud strategy and node

@@ -84,6 +84,21 @@ def test_flwr_datasets_partitioners(tmp_path):
     assert result["accuracy"] > 0.3  # each node's own 2 classes (10-class chance: 0.1)
 
 
+@pytest.mark.parametrize(
+    "args",
+    [("--source", "hf", "--flip"), ("--source", "torch", "--partitioner", "dirichlet")],
+    ids=["hf-with-transform", "torch-dataset"],
+)
+def test_own_dataset(args, tmp_path):
+    result = run_example("own_dataset.py", *args, tmp_path=tmp_path)
+    assert result["source"] == args[1] and result["nodes"] == 3
+    assert sum(map(sum, result["label-counts"])) == 450  # partitions of the 450-image subset
+    assert result["rounds"] == 2 and result["nodes-replied"] == [3, 3]
+    assert result["labels-in-order"]  # the server holds each node's labels in dataset order
+    assert result["test-examples"] == 150
+    assert result["accuracy"] > 0.2  # 10 classes: chance is 0.1
+
+
 def test_switch_codecs(tmp_path):
     result = run_example("switch_codecs.py", tmp_path=tmp_path)
     runs = result["runs"]

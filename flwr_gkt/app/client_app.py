@@ -16,7 +16,7 @@ from flwr.clientapp import ClientApp
 
 from flwr_gkt.config import RunConfig
 from flwr_gkt.core.models import EdgeModel
-from flwr_gkt.data import ClientData
+from flwr_gkt.data import NodeData
 from flwr_gkt.flower.client_app import handle_evaluate, handle_query, handle_train
 
 from .task import (
@@ -31,7 +31,7 @@ from .task import (
 
 def make_client_app(
     fixed: RunConfig | None = None,
-    data_fn: Callable[[NodeSetup], ClientData] | None = None,
+    data_fn: Callable[[NodeSetup], NodeData] | None = None,
 ) -> ClientApp:
     """Build the FedGKT ClientApp.
 
@@ -41,11 +41,13 @@ def make_client_app(
         Replaces the Flower run config when given; it is then trusted to set the
         nodes' own settings too (state, data dir, pre-trained weights, privacy;
         see :class:`flwr_gkt.app.task.NodeSetup`).
-    data_fn : Callable[[NodeSetup], ClientData] | None
+    data_fn : Callable[[NodeSetup], NodeData] | None
         Builds a node's data from its setup (``partition_id``,
         ``num_partitions``, resolved config) instead of the configured
         ``partition`` scheme, e.g. with a flwr-datasets partitioner
-        (``examples/flwr_datasets_partitioners.py``). Called on every message;
+        (``examples/flwr_datasets_partitioners.py``): a ``ClientData`` of
+        tensors, or a ``DatasetData`` of map-style datasets streamed in
+        batches (``examples/own_dataset.py``). Called on every message;
         cache inside it. State directory, privacy and node uid work as usual.
 
     Returns
@@ -58,7 +60,7 @@ def make_client_app(
     # (flwr run, a SuperNode) is the server's and does not decide node-side settings,
     # unless this machine runs the whole federation (run_config_trusted).
 
-    def setup(context: Context) -> tuple[NodeSetup, ClientData, Callable[[], EdgeModel]]:
+    def setup(context: Context) -> tuple[NodeSetup, NodeData, Callable[[], EdgeModel]]:
         cfg = fixed or config_from_run_config(context.run_config)
         if cfg.client_threads > 0:
             torch.set_num_threads(cfg.client_threads)

@@ -4,11 +4,18 @@ Implements ``ClientTrain`` of Algorithm 1 (lines 17-30): ``E_c`` epochs of
 ``CE + alpha * KD(server logits)`` (eq. 7) on the local data, then one pass in
 a fixed order that extracts, for every local training sample, the feature map
 ``H``, the edge logits ``Z_c`` and the label ``Y``.
+
+The local data is either in-memory tensors (:func:`train_edge`,
+:func:`extract`) or any source of ``(inputs, labels, index)`` batches, e.g. a
+dataset streamed by :class:`~flwr_gkt.core.training.DatasetBatches`
+(:func:`train_edge_batches`, :func:`extract_batches`). Either way row ``i`` of
+the server logits is the teacher of sample ``i``, looked up by the batch's
+index, and the extraction pass returns row ``i`` for sample ``i``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +24,7 @@ from torch import Tensor
 from flwr_gkt.core.losses import KDMode
 from flwr_gkt.core.models import EdgeModel
 from flwr_gkt.core.training import (
+    Batch,
     FitResult,
     TensorBatches,
     autocast,
@@ -25,7 +33,7 @@ from flwr_gkt.core.training import (
     to_device,
 )
 
-__all__ = ["EdgeRoundConfig", "extract", "train_edge"]
+__all__ = ["EdgeRoundConfig", "extract", "extract_batches", "train_edge", "train_edge_batches"]
 
 #: ``augment(inputs, generator) -> inputs``, e.g. :class:`flwr_gkt.data.RandomCropFlip`.
 Augment = Callable[[Tensor, "torch.Generator | None"], Tensor]
@@ -134,17 +142,53 @@ def train_edge(
     FitResult
         Loss, accuracy, sample count and wall time of the local training.
     """
-    teacher = server_logits if cfg.kd_mode.edge_distills else None
-    if cfg.freeze_extractor:
-        model.freeze_extractor()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
     # A node's data fits a GPU: batches are gathered there (augmentation draws on the host).
     if device.type == "cuda" and augment is None:
         x, y = x.to(device), y.to(device)
     batches = TensorBatches(
         x, y, cfg.batch_size, shuffle=True, generator=generator, transform=augment
     )
+    return train_edge_batches(model, batches, server_logits, cfg, device)
+
+
+def train_edge_batches(
+    model: EdgeModel,
+    batches: Iterable[Batch],
+    server_logits: Tensor | None,
+    cfg: EdgeRoundConfig,
+    device: torch.device,
+) -> FitResult:
+    """Train the edge model ``E_c`` epochs on ``(inputs, labels, index)`` batches.
+
+    As :func:`train_edge`, for data that is not in memory: each batch's
+    teacher rows are ``server_logits[index]``, so the batches may come in any
+    order (a shuffled :class:`~flwr_gkt.core.training.DatasetBatches`, say).
+
+    Parameters
+    ----------
+    model : EdgeModel
+        The edge model, already on ``device``; trained in place.
+    batches : Iterable[Batch]
+        Re-iterable source of ``(inputs, labels, index)`` batches, one pass
+        per epoch; ``index`` names each sample's row of ``server_logits``.
+    server_logits : Tensor | None
+        Server logits ``Z_s`` of the previous round, shape ``(N, num_classes)``,
+        or ``None`` when there are none yet.
+    cfg : EdgeRoundConfig
+        Epochs, optimizer, learning rate, KD temperature, weight and mode.
+    device : torch.device
+        Where ``model`` lives; batches are moved there.
+
+    Returns
+    -------
+    FitResult
+        Loss, accuracy, sample count and wall time of the local training.
+    """
+    teacher = server_logits if cfg.kd_mode.edge_distills else None
+    if cfg.freeze_extractor:
+        model.freeze_extractor()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
     return fit(
         model,
         batches,
@@ -208,3 +252,62 @@ def extract(
             feats.append(h.float().contiguous())  # on the device: one copy to the host at the end
             logits.append(z.float())
     return torch.cat(feats).cpu(), torch.cat(logits).cpu()
+
+
+@torch.inference_mode()
+def extract_batches(
+    model: EdgeModel,
+    batches: Iterable[Batch],
+    device: torch.device,
+    precision: str = "fp32",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Return ``H``, ``Z_c`` and the labels of every sample of one pass, in eval mode.
+
+    As :func:`extract`, for ``(inputs, labels, index)`` batches (e.g. a
+    :class:`~flwr_gkt.core.training.DatasetBatches` without shuffling). The
+    pass must read the samples in index order, ``0..N-1``: that order is the
+    order of the rows uploaded, and row ``i`` of the server logits that come
+    back is then sample ``i``'s.
+
+    Parameters
+    ----------
+    model : EdgeModel
+        The edge model, on ``device``; it is put in eval mode.
+    batches : Iterable[Batch]
+        One pass over the samples, in index order.
+    device : torch.device
+        Where ``model`` lives; inputs are moved there.
+    precision : str
+        Autocast precision of the forward passes (outputs are float32).
+
+    Returns
+    -------
+    tuple[Tensor, Tensor, Tensor]
+        Feature maps ``H`` (``N x C' x H' x W'``, contiguous), logits ``Z_c``
+        (``N x num_classes``), both float32, and the int64 labels ``(N,)`` as
+        the batches gave them, all on the CPU.
+
+    Raises
+    ------
+    ValueError
+        If the batches do not hold the indices ``0..N-1`` in order (the rows
+        would not line up with the samples), or hold no sample at all.
+    """
+    model.eval()
+    feats, logits, labels, indices = [], [], [], []
+    with autocast(device, precision):
+        for inputs, batch_labels, index in batches:
+            z, h = model.forward_with_features(to_device(inputs, device))
+            feats.append(h.float().contiguous())  # on the device: one copy to the host at the end
+            logits.append(z.float())
+            labels.append(batch_labels.cpu())
+            indices.append(index.cpu())
+    if not indices:
+        raise ValueError("the extraction pass got no samples")
+    order = torch.cat(indices)
+    if not torch.equal(order, torch.arange(len(order))):
+        raise ValueError(
+            "the extraction pass must read the samples in index order 0..N-1 "
+            "(an unshuffled DatasetBatches); the uploaded rows would not match the samples"
+        )
+    return torch.cat(feats).cpu(), torch.cat(logits).cpu(), torch.cat(labels).long()

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Sampler
 
 from flwr_gkt.core.losses import gkt_loss
 from flwr_gkt.core.payload import Features, QuantizedBatch, dequantize
@@ -27,8 +28,10 @@ from flwr_gkt.core.rectify import Rectifier
 __all__ = [
     "PRECISIONS",
     "Batch",
+    "DatasetBatches",
     "FitResult",
     "Plateau",
+    "SizedDataset",
     "StepLoss",
     "TensorBatches",
     "autocast",
@@ -199,6 +202,161 @@ class TensorBatches:
             if self.transform is not None:
                 inputs = self.transform(inputs, self.generator)
             yield inputs, labels, idx
+
+
+class SizedDataset(Protocol):
+    """A map-style dataset: ``len(dataset)`` samples, ``dataset[i]`` for ``i`` in ``0..len-1``.
+
+    Any :class:`torch.utils.data.Dataset` with a ``__len__`` (``TensorDataset``,
+    ``Subset``, torchvision's datasets, your own class) is one.
+    """
+
+    def __len__(self) -> int:
+        """Return the number of samples."""
+        ...
+
+    def __getitem__(self, index: int) -> Any:
+        """Return sample ``index``."""
+        ...
+
+
+class _Indexed:
+    """``dataset[i] -> (image, label, i)``: each sample carries the index it was read at."""
+
+    def __init__(self, dataset: SizedDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any, int]:
+        image, label = self.dataset[index]
+        return image, label, index
+
+
+class _IndexedBatched(_Indexed):
+    """:class:`_Indexed` of a dataset that reads a batch at once (``__getitems__``).
+
+    The DataLoader then fetches a whole batch with one call (e.g. one batched
+    read of a Hugging Face dataset, its transform applied to the batch).
+    """
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[Any, Any, int]]:
+        samples = self.dataset.__getitems__(indices)  # type: ignore[attr-defined]
+        return [(image, label, i) for (image, label), i in zip(samples, indices, strict=True)]
+
+
+class _IndexBatches(Sampler[list[int]]):
+    """Mini-batches of indices ``0..n-1``: in order, or a new seeded permutation per pass."""
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        shuffle: bool,
+        generator: torch.Generator | None,
+        drop_last: bool,
+    ) -> None:
+        self.n, self.batch_size, self.shuffle = n, batch_size, shuffle
+        self.generator, self.drop_last = generator, drop_last
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.n // self.batch_size
+        return -(-self.n // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        # The same permutation as TensorBatches draws from the same generator.
+        order = torch.randperm(self.n, generator=self.generator) if self.shuffle else None
+        end = self.n - (self.n % self.batch_size if self.drop_last else 0)
+        for start in range(0, end, self.batch_size):
+            stop = min(start + self.batch_size, self.n)
+            yield order[start:stop].tolist() if order is not None else list(range(start, stop))
+
+
+def _collate(samples: Sequence[tuple[Any, Any, int]]) -> tuple[Tensor, Tensor, Tensor]:
+    """Stack ``(image, label, index)`` samples into ``(images, int64 labels, int64 indices)``."""
+    images = torch.stack([torch.as_tensor(image) for image, _, _ in samples])
+    if not images.is_floating_point():
+        raise TypeError(
+            f"the dataset returned {images.dtype} images; the edge model takes float "
+            "C x H x W tensors: normalise them in the dataset's transform"
+        )
+    labels = torch.tensor([int(label) for _, label, _ in samples], dtype=torch.long)
+    return images, labels, torch.tensor([i for _, _, i in samples], dtype=torch.long)
+
+
+class DatasetBatches:
+    """Stream a map-style dataset in (optionally shuffled) mini-batches through a ``DataLoader``.
+
+    Yields ``(inputs, labels, index)`` like :class:`TensorBatches`, where
+    ``index`` holds the dataset indices the batch's samples were read at
+    (each sample carries its own index through the loader, so the index is
+    right whatever the order, the workers or the dataset's transform). The
+    dataset is never loaded whole: a batch is read when it is needed.
+
+    Parameters
+    ----------
+    dataset : SizedDataset
+        ``dataset[i] -> (image, label)``: a float ``C x H x W`` tensor (or
+        array) and an integer label. A dataset with ``__getitems__`` is read a
+        batch at a time.
+    batch_size : int
+        Mini-batch size.
+    shuffle : bool
+        Draw a new permutation of the indices on every pass (with
+        ``generator``: the permutations :class:`TensorBatches` draws); without
+        it, every pass reads indices ``0..n-1`` in order.
+    generator : torch.Generator, optional
+        Source of the permutations. The loader's workers are seeded from its
+        initial seed (it is not drawn from), so ``shuffle`` consumes it exactly
+        as :class:`TensorBatches` does.
+    num_workers : int
+        Loader worker processes (``0``: read in this process). Workers are kept
+        across the passes of this object.
+    pin_memory : bool
+        Pin batches in page-locked memory (faster copies to a CUDA device).
+    drop_last : bool
+        Skip a last, incomplete batch when there is at least one full one.
+    """
+
+    def __init__(
+        self,
+        dataset: SizedDataset,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        drop_last: bool = False,
+    ) -> None:
+        self.dataset = dataset
+        n = len(dataset)
+        self.sampler = _IndexBatches(
+            n, int(batch_size), shuffle, generator, drop_last and n >= int(batch_size)
+        )
+        seeds = (
+            None if generator is None else torch.Generator().manual_seed(generator.initial_seed())
+        )
+        batched = callable(getattr(dataset, "__getitems__", None))
+        indexed = _IndexedBatched(dataset) if batched else _Indexed(dataset)
+        self.loader: DataLoader[Any] = DataLoader(
+            indexed,  # type: ignore[arg-type]  # map-style: __len__ and __getitem__
+            batch_sampler=self.sampler,
+            num_workers=num_workers,
+            collate_fn=_collate,
+            pin_memory=pin_memory,
+            persistent_workers=num_workers > 0,
+            generator=seeds,
+        )
+
+    def __len__(self) -> int:
+        """Return the number of batches in one pass."""
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[Batch]:
+        """Yield one pass of ``(inputs, labels, index)`` batches."""
+        yield from self.loader
 
 
 def make_optimizer(

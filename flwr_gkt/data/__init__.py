@@ -26,6 +26,12 @@ Images are kept as ``uint8`` ``N x C x H x W`` tensors per process; a node's
 partition is normalised to float32 with the dataset's channel statistics.
 Training batches of CIFAR/CINIC get the paper's augmentation (random crop with
 4-pixel padding + horizontal flip), see :class:`RandomCropFlip`.
+
+A node's data (:data:`NodeData`) is either a :class:`ClientData` of in-memory
+tensors (what :func:`client_data` returns) or a :class:`DatasetData` of
+map-style datasets the node brings itself -- any torch ``Dataset``, or a
+Hugging Face ``datasets.Dataset`` with a transform -- streamed in batches
+(:mod:`flwr_gkt.data.streaming`).
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import torch
@@ -50,15 +56,20 @@ from torchvision.datasets import CIFAR10, CIFAR100, FashionMNIST, ImageFolder
 from torchvision.datasets.folder import pil_loader
 
 from flwr_gkt.data.partition import label_matched_split, partition_indices
+from flwr_gkt.data.streaming import DatasetData, HFImageDataset, as_torch_dataset
 
 __all__ = [
     "DATASETS",
     "DEFAULT_FASHION_MNIST_DIR",
     "ClientData",
+    "DatasetData",
     "DatasetInfo",
     "DatasetMissingError",
+    "HFImageDataset",
+    "NodeData",
     "RandomCropFlip",
     "RawDataset",
+    "as_torch_dataset",
     "clear_caches",
     "client_data",
     "dataset_info",
@@ -602,6 +613,11 @@ class ClientData:
     def in_channels(self) -> int:
         """Image channels of the training images (``x_train.shape[1]``)."""
         return int(self.x_train.shape[1])
+
+
+#: A node's data as the ClientApp handlers take it: in-memory tensors or
+#: streamed map-style datasets.
+NodeData: TypeAlias = ClientData | DatasetData
 
 
 @functools.lru_cache(maxsize=8)

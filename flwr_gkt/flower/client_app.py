@@ -2,7 +2,10 @@
 
 :func:`handle_train` and :func:`handle_evaluate` do the Flower part of the
 edge's work -- read the instruction, keep the node's state, reply -- and leave
-the training math to :mod:`flwr_gkt.core.edge`. A ClientApp wires them to its data:
+the training math to :mod:`flwr_gkt.core.edge`. A ClientApp wires them to its data,
+a :class:`~flwr_gkt.data.ClientData` of in-memory tensors or a
+:class:`~flwr_gkt.data.DatasetData` of map-style datasets streamed in batches
+(any torch ``Dataset``, a Hugging Face ``datasets.Dataset`` with a transform):
 
 .. code-block:: python
 
@@ -31,11 +34,17 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.supercore import log
 
 from flwr_gkt.core.checkpoint import write_atomic
-from flwr_gkt.core.edge import EdgeRoundConfig, extract, train_edge
+from flwr_gkt.core.edge import (
+    EdgeRoundConfig,
+    extract,
+    extract_batches,
+    train_edge,
+    train_edge_batches,
+)
 from flwr_gkt.core.models import EdgeModel
 from flwr_gkt.core.privacy import PrivacyConfig, apply_privacy
 from flwr_gkt.core.training import FitResult, evaluate_logits, get_device, prepare_model
-from flwr_gkt.data import ClientData
+from flwr_gkt.data import ClientData, NodeData
 from flwr_gkt.wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -123,7 +132,7 @@ def load_edge_model(
 
 def edge_round(
     context: Context,
-    data: ClientData,
+    data: NodeData,
     build_model: Callable[[], EdgeModel],
     server_logits: torch.Tensor | None,
     cfg: EdgeRoundConfig,
@@ -138,7 +147,7 @@ def edge_round(
     ----------
     context : Context
         The node's context (edge model weights in its state).
-    data : ClientData
+    data : ClientData or DatasetData
         The node's local data; the training split is used.
     build_model : Callable[[], EdgeModel]
         Builds the (untrained) edge model.
@@ -159,19 +168,49 @@ def edge_round(
         features ``H`` and logits ``Z_c`` after training, the training loss
         and accuracy, and the seconds spent training and extracting.
     """
+    features, logits, _, result, seconds = _edge_round(
+        context, data, build_model, server_logits, cfg, device, seed
+    )
+    return features, logits, result, seconds
+
+
+def _edge_round(
+    context: Context,
+    data: NodeData,
+    build_model: Callable[[], EdgeModel],
+    server_logits: torch.Tensor | None,
+    cfg: EdgeRoundConfig,
+    device: torch.device,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, FitResult, float]:
+    """:func:`edge_round`, also returning the labels ``Y`` in the order of the rows."""
     model = load_edge_model(context, build_model, device)
     gen = torch.Generator().manual_seed(seed)
-    result = train_edge(
-        model, data.x_train, data.y_train, server_logits, cfg, device, gen, data.augment
-    )
-    start = time.perf_counter()
-    augment = data.augment if cfg.extract_augment else None
-    features, logits = extract(
-        model, data.x_train, cfg.batch_size, device, augment, gen, cfg.precision
-    )
+    if isinstance(data, ClientData):
+        result = train_edge(
+            model, data.x_train, data.y_train, server_logits, cfg, device, gen, data.augment
+        )
+        start = time.perf_counter()
+        augment = data.augment if cfg.extract_augment else None
+        features, logits = extract(
+            model, data.x_train, cfg.batch_size, device, augment, gen, cfg.precision
+        )
+        labels = data.y_train
+    else:  # streamed: a seeded shuffle for training, then indices 0..N-1 in order
+        pin = device.type == "cuda"
+        batches = data.train_batches(cfg.batch_size, gen, pin)
+        result = train_edge_batches(model, batches, server_logits, cfg, device)
+        start = time.perf_counter()
+        passes = data.extraction_batches(cfg.batch_size, cfg.extract_augment, gen, pin)
+        features, logits, labels = extract_batches(model, passes, device, cfg.precision)
     seconds = result.seconds + time.perf_counter() - start
     context.state.array_records[STATE_MODEL] = ArrayRecord(model.state_dict())
-    return features, logits, result, seconds
+    return features, logits, labels, result, seconds
+
+
+def _num_train(data: NodeData) -> int:
+    """Return the number of training samples (rows of the payload and of ``Z_s``)."""
+    return len(data.y_train) if isinstance(data, ClientData) else data.num_train
 
 
 def round_seed(config: Mapping[str, Any]) -> int:
@@ -327,7 +366,7 @@ def _stored_server_logits(context: Context, n: int, num_classes: int) -> torch.T
 def handle_train(
     msg: Message,
     context: Context,
-    data: ClientData,
+    data: NodeData,
     build_model: Callable[[], EdgeModel],
     device: str = "auto",
     state_dir: str | Path | None = None,
@@ -349,8 +388,11 @@ def handle_train(
         logits ``Z_s``.
     context : Context
         The node's context (edge model and server logits in its state).
-    data : ClientData
-        The node's local data; the training split is used.
+    data : ClientData or DatasetData
+        The node's local data; the training split is used. A
+        :class:`~flwr_gkt.data.DatasetData` is streamed in batches of the
+        instruction's ``batch-size``: training in a seeded shuffle, the
+        extraction pass in index order, whose labels are uploaded.
     build_model : Callable[[], EdgeModel]
         Builds the (untrained) edge model.
     device : str
@@ -384,7 +426,7 @@ def handle_train(
     config = _config(msg)
     cfg = edge_round_config(config)
     dev = get_device(device)
-    n = len(data.y_train)
+    n = _num_train(data)
     server_round = int(scalar(config, "server-round", 0))
     if state_dir:
         restore_state(context, state_dir, server_round - 1 if server_round > 0 else None)
@@ -399,7 +441,7 @@ def handle_train(
             {"server-logits": Array(server_logits.numpy())}
         )
 
-    features, logits, result, seconds = edge_round(
+    features, logits, labels, result, seconds = _edge_round(
         context, data, build_model, server_logits, cfg, dev, round_seed(config)
     )
 
@@ -409,7 +451,7 @@ def handle_train(
     if bool(config.get("send-features", True)):
         payload = encode_payload(
             features,
-            data.y_train,
+            labels,
             logits,
             logit_dtype=logit_dtype,
             feature_dtype=str(config.get("feature-dtype", "float32")),
@@ -483,7 +525,7 @@ def handle_query(
 def handle_evaluate(
     msg: Message,
     context: Context,
-    data: ClientData,
+    data: NodeData,
     build_model: Callable[[], EdgeModel],
     device: str = "auto",
     state_dir: str | Path | None = None,
@@ -502,8 +544,9 @@ def handle_evaluate(
         ``server-round``).
     context : Context
         The node's context (edge model in its state).
-    data : ClientData
-        The node's local data; the test split is used.
+    data : ClientData or DatasetData
+        The node's local data; the test split is used (a
+        :class:`~flwr_gkt.data.DatasetData` is streamed in index order).
     build_model : Callable[[], EdgeModel]
         Builds the (untrained) edge model.
     device : str
@@ -520,6 +563,12 @@ def handle_evaluate(
     Message
         The reply: the test features and labels, and ``edge-loss`` /
         ``edge-accuracy`` weighted by the number of examples.
+
+    Raises
+    ------
+    ValueError
+        If the node's :class:`~flwr_gkt.data.DatasetData` has no test split
+        (Flower then replies with an error).
     """
     config = _config(msg)
     dev = get_device(device)
@@ -528,13 +577,18 @@ def handle_evaluate(
     model = load_edge_model(context, build_model, dev)
     batch_size = int(scalar(config, "batch-size", 64))
     precision = str(config.get("precision", "fp32"))
-    features, logits = extract(model, data.x_test, batch_size, dev, precision=precision)
-    loss_sum, correct = evaluate_logits(logits, data.y_test)
-    n = len(data.y_test)
+    if isinstance(data, ClientData):
+        features, logits = extract(model, data.x_test, batch_size, dev, precision=precision)
+        labels = data.y_test
+    else:
+        batches = data.test_batches(batch_size, pin_memory=dev.type == "cuda")
+        features, logits, labels = extract_batches(model, batches, dev, precision)
+    loss_sum, correct = evaluate_logits(logits, labels)
+    n = len(labels)
     if privacy is not None:
         features, _ = apply_privacy(features, None, privacy)
     payload = encode_payload(
-        features, data.y_test, None, feature_dtype=str(config.get("feature-dtype", "float32"))
+        features, labels, None, feature_dtype=str(config.get("feature-dtype", "float32"))
     )
     metrics = metrics_record(
         n, **{"edge-loss": loss_sum / max(n, 1), "edge-accuracy": correct / max(n, 1)}
