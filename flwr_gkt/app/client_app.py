@@ -65,6 +65,7 @@ def make_client_app(
         if cfg.client_threads > 0:
             torch.set_num_threads(cfg.client_threads)
         trusted = run_config_trusted(fixed)
+        data: NodeData
         if data_fn is None:
             node, data = node_data(cfg, context.node_config, trusted)
         else:

@@ -197,7 +197,9 @@ def run_command(spec: dict[str, Any], run: str, out_dir: Path, extra: dict[str, 
     return cmd
 
 
-def _section_target(spec: dict[str, Any], key: str, out_dir: Path, extra: dict[str, Any]):
+def _section_target(
+    spec: dict[str, Any], key: str, out_dir: Path, extra: dict[str, Any]
+) -> tuple[dict[str, Any], Path, RunConfig] | None:
     """``(section, output path, base config)`` of a one-time training section; ``None`` if absent or done."""
     section = spec.get(key)
     if not section:

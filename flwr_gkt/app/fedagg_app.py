@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from logging import INFO
 from typing import Any
 
@@ -29,7 +29,7 @@ from flwr_gkt.config import RunConfig
 from flwr_gkt.core.bridge import BridgeAutoencoder, load_autoencoder
 from flwr_gkt.core.fedagg import BSBODPConfig
 from flwr_gkt.core.registry import build_tier_model
-from flwr_gkt.data import load_dataset, normalize
+from flwr_gkt.data import ClientData, load_dataset, normalize
 from flwr_gkt.flower.fedagg_client import TierRole, handle_fedagg, handle_topology_query
 from flwr_gkt.flower.fedagg_strategy import FedAgg, parse_migrations
 from flwr_gkt.flower.tensorboard import open_tensorboard
@@ -80,7 +80,7 @@ def bsbodp(cfg: RunConfig) -> BSBODPConfig:
     )
 
 
-def _tier_model(cfg: RunConfig, tier: str):
+def _tier_model(cfg: RunConfig, tier: str) -> Callable[[], torch.nn.Module]:
     num_classes, channels, _ = dataset_info(cfg)
     name = {"end": cfg.end_model, "edge": cfg.edge_tier_model, "cloud": cfg.cloud_model}[tier]
 
@@ -155,7 +155,7 @@ def make_fedagg_apps(fixed: RunConfig | None = None) -> tuple[ServerApp, ClientA
     def main(grid: Grid, context: Context) -> None:
         run_fedagg(grid, fixed or config_from_run_config(context.run_config))
 
-    def setup(context: Context):
+    def setup(context: Context) -> tuple[RunConfig, TierRole, ClientData | None]:
         cfg = fixed or config_from_run_config(context.run_config)
         if cfg.client_threads > 0:
             torch.set_num_threads(cfg.client_threads)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from logging import INFO
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -33,10 +34,11 @@ from flwr_gkt.core.training import (
     predict,
     prepare_model,
 )
+from flwr_gkt.data import ClientData
 from flwr_gkt.flower.strategy import progress
 from flwr_gkt.flower.strategy_utils import RoundCallback, call_on_round
 from flwr_gkt.flower.tensorboard import open_tensorboard
-from flwr_gkt.wire import metrics_record, record_nbytes
+from flwr_gkt.wire import metrics_record, record_nbytes, scalar
 
 from .task import (
     build_full,
@@ -60,16 +62,16 @@ class MeasuredFedAvg(FedAvg):
 
     def __init__(
         self,
-        *args,
+        *args: Any,
         lr_schedule: str = "constant",
         num_rounds: int = 1,
         on_round: RoundCallback | None = None,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.lr_schedule, self.num_rounds, self.on_round = lr_schedule, num_rounds, on_round
         self.history: list[dict[str, float]] = []
-        self._down, self._start = 0, 0.0
+        self._down, self._down_eval, self._start = 0, 0, 0.0
         self._run_start = time.perf_counter()
 
     def configure_train(
@@ -81,18 +83,20 @@ class MeasuredFedAvg(FedAvg):
         self._down = sum(record_nbytes(m.content) for m in messages)
         return messages
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         up = sum(record_nbytes(m.content) for m in replies if not m.has_error())
         arrays, metrics = super().aggregate_train(server_round, replies)
-        row = {
+        row: dict[str, float] = {
             "round": server_round,
             "bytes-up-train": up,
             "bytes-down-train": self._down,
             "nodes-replied": sum(not m.has_error() for m in replies),
         }
         if metrics is not None:
-            row.update({k: float(v) for k, v in metrics.items() if k != "num-examples"})
+            row.update({k: scalar(metrics, k) for k in metrics if k != "num-examples"})
         self.history.append(row)
         log(
             INFO,
@@ -111,15 +115,19 @@ class MeasuredFedAvg(FedAvg):
         self._down_eval = sum(record_nbytes(m.content) for m in messages)
         return messages
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
         replies = list(replies)
         metrics = super().aggregate_evaluate(server_round, replies)
         if metrics is not None:
-            self.history[-1].update({k: float(v) for k, v in metrics.items()})
+            self.history[-1].update({k: scalar(metrics, k) for k in metrics})
             self.history[-1]["num-examples"] = sum(
-                int(m.content["metrics"]["num-examples"]) for m in replies if not m.has_error()
+                int(scalar(m.content.metric_records["metrics"], "num-examples"))
+                for m in replies
+                if not m.has_error()
             )
-            self.history[-1]["bytes-down-eval"] = getattr(self, "_down_eval", 0)
+            self.history[-1]["bytes-down-eval"] = self._down_eval
             self.history[-1]["round-seconds"] = time.perf_counter() - self._start
             log(
                 INFO,
@@ -185,24 +193,28 @@ def make_fedavg_apps(fixed: RunConfig | None = None) -> tuple[ServerApp, ClientA
     def main(grid: Grid, context: Context) -> None:
         run_fedavg(grid, fixed or config_from_run_config(context.run_config))
 
-    def setup(msg: Message, context: Context):
+    def setup(
+        msg: Message, context: Context
+    ) -> tuple[RunConfig, ClientData, torch.nn.Module, torch.device]:
         cfg = fixed or config_from_run_config(context.run_config)
         if cfg.client_threads > 0:
             torch.set_num_threads(cfg.client_threads)
         _, data = node_data(cfg, context.node_config, run_config_trusted(fixed))
         device = get_device(cfg.device)
         model = build_model(cfg)
-        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
         return cfg, data, prepare_model(model, device), device
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
         cfg, data, model, device = setup(msg, context)
-        config = msg.content["config"]
-        lr = cfg.edge_lr * float(config.get("lr-factor", 1.0))
+        config = msg.content.config_records["config"]
+        lr = cfg.edge_lr * scalar(config, "lr-factor", 1.0)
         params = [p for p in model.parameters() if p.requires_grad]  # a frozen stem stays
         optimizer = make_optimizer(cfg.edge_optimizer, params, lr, cfg.weight_decay)
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + int(config["server-round"]))
+        gen = torch.Generator().manual_seed(
+            cfg.seed * 100_003 + int(scalar(config, "server-round"))
+        )
         res = fit(
             model,
             TensorBatches(data.x_train, data.y_train, cfg.batch_size, True, gen, data.augment),

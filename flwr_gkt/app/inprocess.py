@@ -72,12 +72,25 @@ def _ensure_task_identity(run_id: int) -> None:
     As ``run_simulation`` does for a ServerApp: run ``run_id``, the SuperLink's
     node id, task 1. An identity already set (e.g. by a test) is kept.
     """
-    if TaskIdentity._run_id is None:  # pylint: disable=protected-access
+    if not _identity_set(lambda: TaskIdentity.run_id):
         TaskIdentity.run_id = run_id
-    if TaskIdentity._node_id is None:  # pylint: disable=protected-access
+    if not _identity_set(lambda: TaskIdentity.node_id):
         TaskIdentity.node_id = SUPERLINK_NODE_ID
-    if TaskIdentity._task_id is None:  # pylint: disable=protected-access
+    if not _identity_set(lambda: TaskIdentity.task_id):
         TaskIdentity.task_id = 1
+
+
+def _identity_set(read: Callable[[], int]) -> bool:
+    """Whether a ``TaskIdentity`` property is set: its getter raises ``RuntimeError`` until then.
+
+    (Its private ``_run_id`` & co. are ``None`` until set, but the metaclass's
+    setters make type checkers see them as ``int``; the public getters say it.)
+    """
+    try:
+        read()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _exception_reason(ex: BaseException) -> str:
@@ -130,7 +143,10 @@ class InProcessGrid(Grid):
         self._lock = threading.RLock()
         self._contexts: dict[int, Context] = {}
         for i, node_id in enumerate(node_ids):
-            node_config = {"partition-id": i, "num-partitions": num_nodes}
+            node_config: dict[str, bool | float | int | str] = {
+                "partition-id": i,
+                "num-partitions": num_nodes,
+            }
             node_config.update(node_configs[i] if node_configs is not None else {})
             self._contexts[node_id] = Context(
                 run_id=RUN_ID,

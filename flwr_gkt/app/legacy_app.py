@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 from flwr.app import Context
 from flwr.client import Client, ClientApp
+from flwr.common import EvaluateRes, Scalar
 from flwr.server import ServerApp, ServerAppComponents, ServerConfig
+from flwr.server.client_proxy import ClientProxy
 
 from flwr_gkt.config import RunConfig
+from flwr_gkt.core.server import GKTServer
 from flwr_gkt.flower.legacy import FedGKTLegacy, GKTNumPyClient
 from flwr_gkt.flower.strategy_utils import call_on_round
 from flwr_gkt.flower.tensorboard import open_tensorboard
@@ -36,13 +40,20 @@ from .task import (
 class _RecordingFedGKTLegacy(FedGKTLegacy):
     """Writes metrics.csv / results.json (and TensorBoard) after every evaluated round."""
 
-    def __init__(self, *args, cfg: RunConfig, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self, server: GKTServer, num_classes: int, *, cfg: RunConfig, **kwargs: Any
+    ) -> None:
+        super().__init__(server, num_classes, **kwargs)
         self.cfg = cfg
         self.out = results_dir(cfg)
         self.on_round = open_tensorboard(cfg.tensorboard_dir, self.out.name, cfg.to_dict())
 
-    def aggregate_evaluate(self, server_round, results, failures):
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
         out = super().aggregate_evaluate(server_round, results, failures)
         write_results(self.out, self.cfg, self.history, {"api": "legacy"})
         call_on_round(self.on_round, self.history, (), server_round)

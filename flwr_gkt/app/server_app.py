@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from logging import INFO, WARNING
+from typing import Any
 
 import torch
 from flwr.app import Context
@@ -33,7 +34,7 @@ from .task import (
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
-def strategy_class(cfg: RunConfig) -> tuple[type[FedGKT], dict]:
+def strategy_class(cfg: RunConfig) -> tuple[type[FedGKT], dict[str, Any]]:
     """The strategy of ``cfg.server_mode`` and its own arguments.
 
     ``sync``: :class:`FedGKT`; ``async``: :class:`AsyncFedGKT` with
@@ -70,7 +71,9 @@ def run_fedgkt(grid: Grid, cfg: RunConfig) -> FedGKT:
         raise ValueError("resume needs checkpoint 1")
     spill = out / "spill"
     if not cfg.spill_dir and spill.is_dir():  # left by a crashed run: every node's features
-        removed = [p.unlink() for p in spill.glob("node-*.npy")]
+        removed = list(spill.glob("node-*.npy"))
+        for path in removed:
+            path.unlink()
         log(
             WARNING,
             "FedGKT: %d spill file(s) of an earlier run removed from %s",

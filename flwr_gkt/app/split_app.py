@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from logging import INFO
 
 import torch
@@ -29,10 +30,12 @@ from flwr.supercore import log
 
 from flwr_gkt.config import RunConfig
 from flwr_gkt.core.efficiency import communication_costs, state_bytes
+from flwr_gkt.data import ClientData
 from flwr_gkt.flower.split_client import handle_split_evaluate, handle_split_train
 from flwr_gkt.flower.split_strategy import SplitLearning
 
 from .task import (
+    NodeSetup,
     build_full,
     build_server,
     config_from_run_config,
@@ -45,7 +48,7 @@ from .task import (
 )
 
 
-def _extractor_builder(cfg: RunConfig, partition_id: int):
+def _extractor_builder(cfg: RunConfig, partition_id: int) -> Callable[[], torch.nn.Module]:
     """Builds the node's extractor ``f_e``, trainable (split learning trains it end to end)."""
     build = edge_builder(dataclasses.replace(cfg, freeze_extractor=0), partition_id)
 
@@ -140,7 +143,7 @@ def make_split_apps(fixed: RunConfig | None = None) -> tuple[ServerApp, ClientAp
     def main(grid: Grid, context: Context) -> None:
         run_split(grid, fixed or config_from_run_config(context.run_config))
 
-    def setup(context: Context):
+    def setup(context: Context) -> tuple[NodeSetup, ClientData, Callable[[], torch.nn.Module]]:
         cfg = fixed or config_from_run_config(context.run_config)
         if cfg.client_threads > 0:
             torch.set_num_threads(cfg.client_threads)

@@ -10,7 +10,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import torch
 from flwr_gkt.config import RunConfig, resolve_config
 from flwr_gkt.core.edge import EdgeRoundConfig
 from flwr_gkt.core.efficiency import forward_flops, num_parameters, run_costs
+from flwr_gkt.core.losses import KDMode
 from flwr_gkt.core.models import FEATURE_CHANNELS, EdgeModel, FullResNet, load_pretrained
 from flwr_gkt.core.privacy import PrivacyConfig
 from flwr_gkt.core.registry import build_edge_model, build_full_model, build_server_model
@@ -235,7 +236,7 @@ def edge_seed(cfg: RunConfig, partition_id: int) -> int:
     raise ValueError(f"unknown edge-init {cfg.edge_init!r} (expected 'common' or 'per-node')")
 
 
-def edge_builder(cfg: RunConfig, partition_id: int):
+def edge_builder(cfg: RunConfig, partition_id: int) -> Callable[[], EdgeModel]:
     """A zero-argument builder of this node's initial edge model (``cfg.edge_model``).
 
     Every node starts from the same weights (``edge-init: common``; nodes of
@@ -426,7 +427,7 @@ def edge_config(cfg: RunConfig) -> EdgeRoundConfig:
         weight_decay=cfg.weight_decay,
         temperature=cfg.temperature,
         alpha=cfg.alpha,
-        kd_mode=cfg.kd_mode,  # type: ignore[arg-type]
+        kd_mode=KDMode(cfg.kd_mode),
         freeze_extractor=bool(cfg.freeze_extractor),
         precision=cfg.edge_precision,
     )
