@@ -1,8 +1,9 @@
 """End-to-end runs through Flower's runtimes (Ray simulation), as a user runs them.
 
-Each test starts a real process: ``python -m simulation --api legacy`` (in the
-in-process runtime), ``flwr run`` on a private SuperLink, and a Ray simulation
-with faulty nodes. (The Message API entry and the FedAvg baseline run in
+Each test starts a real process: the Python entry (``python -m simulation``:
+``flwr run`` on a private SuperLink), ``--api legacy`` (in the in-process
+runtime), the app of a ``flwr build`` FAB through ``flwr_local``, and a Ray
+simulation with faulty nodes. (The FedAvg baseline runs in
 ``test_experiments.py``, the in-process runtime in ``test_reliability.py``.)
 """
 
@@ -92,33 +93,6 @@ def _leftover_processes(marker):
     return [line for line in out.splitlines() if marker in line and "ps -eo" not in line]
 
 
-def test_flwr_run_on_a_local_superlink(tmp_path):
-    home = tmp_path / "flwr-home"
-    log = _run(
-        [
-            "-m",
-            "flwr_gkt.app.flwr_local",
-            "--num-supernodes",
-            "2",
-            "--flwr-home",
-            str(home),
-            "--workdir",
-            str(tmp_path),
-            "--run-config",
-            f"preset='smoke' results-dir='{tmp_path / 'out'}' run-name='flwr'",
-        ],
-        ROOT,
-    )
-    assert "flwr run status: finished:completed" in log
-    assert "FedGKT round 2 eval: accuracy" in log  # ServerApp log streamed back
-    data = _results(tmp_path / "out" / "flwr")
-    _check_learned(data["history"])
-    assert data["config"]["server-model"] == "resnet10"  # the preset reached the ServerApp
-    assert not _leftover_processes(str(home)), "processes left running"
-    # pyproject.toml is untouched by flwr run (no federation table to migrate)
-    assert "federations" not in (ROOT / "pyproject.toml").read_text()
-
-
 def test_flwr_local_reports_failed_runs(tmp_path):
     home = tmp_path / "flwr-home"
     env = {**os.environ}
@@ -164,16 +138,13 @@ def test_bad_payloads_in_a_ray_simulation_are_rejected_and_the_run_goes_on(tmp_p
     assert history[-1]["accuracy"] > 0.3
 
 
-def test_flwr_build_makes_a_fab_that_a_fresh_superlink_runs(tmp_path):
-    """`flwr build` packs the repository; the app installed from that FAB runs on a new SuperLink."""
-    from flwr_gkt.app.flwr_local import run
-
+def test_flwr_build_makes_a_fab_that_flwr_run_runs_on_a_fresh_superlink(tmp_path):
+    """`flwr build` packs the repository; `flwr run` of the app installed from it completes."""
     flwr = str(Path(sys.executable).parent / "flwr")
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "build-home")}
     build = subprocess.run(
         [flwr, "build", "--app", str(ROOT)],
         cwd=tmp_path,
-        env=env,
+        env={**os.environ, "FLWR_HOME": str(tmp_path / "build-home")},
         capture_output=True,
         text=True,
         timeout=120,
@@ -192,14 +163,29 @@ def test_flwr_build_makes_a_fab_that_a_fresh_superlink_runs(tmp_path):
     (installed,) = (home / "apps").glob("flwr-gkt.flwr-gkt.*")
     assert (installed / "simulation" / "server_app.py").is_file()
     assert (installed / "flwr_gkt" / "app" / "presets" / "smoke.yaml").is_file()
-    status, log = run(
-        installed,
-        f"preset='smoke' num-server-rounds=1 results-dir='{tmp_path / 'out'}' run-name='fab'",
-        2,
-        home,
-        tmp_path,
+    # The helper: its own SuperLink in that Flower home, `flwr run <app> --stream`, final status.
+    log = _run(
+        [
+            "-m",
+            "flwr_gkt.app.flwr_local",
+            "--app",
+            str(installed),
+            "--num-supernodes",
+            "2",
+            "--flwr-home",
+            str(home),
+            "--workdir",
+            str(tmp_path),
+            "--run-config",
+            f"preset='smoke' results-dir='{tmp_path / 'out'}' run-name='fab'",
+        ],
+        ROOT,
     )
-    assert status == "finished:completed", log[-3000:]
-    (row,) = _results(tmp_path / "out" / "fab")["history"]
-    assert row["nodes-replied"] == 2 and row["accuracy"] > 0.0
+    assert "flwr run status: finished:completed" in log
+    assert "FedGKT round 2 eval: accuracy" in log  # ServerApp log streamed back
+    data = _results(tmp_path / "out" / "fab")
+    _check_learned(data["history"])
+    assert data["config"]["server-model"] == "resnet10"  # the preset reached the ServerApp
     assert not _leftover_processes(str(home)), "processes left running"
+    # pyproject.toml is untouched by flwr build / run (no federation table to migrate)
+    assert "federations" not in (ROOT / "pyproject.toml").read_text()
