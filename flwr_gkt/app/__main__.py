@@ -1,9 +1,11 @@
 """Python entry: ``python -m simulation --preset fmnist [--set key=value ...]``.
 
-Runs the FedGKT app through ``flwr.simulation.run_simulation`` with the
-resolved config (preset <- overrides) fixed into the ServerApp and ClientApp.
-``--runtime inprocess`` runs the same apps in this process instead, with no Ray
-(``flwr_gkt.app.inprocess``: nodes handled one at a time, deterministic node ids).
+Resolves the config (preset <- overrides) and runs the app the way Flower
+recommends: ``flwr run`` on a local simulation SuperLink (Ray backend), here a
+private one that this command starts and stops (:mod:`flwr_gkt.app.flwr_local`),
+with the resolved config as the app's run config. ``--runtime inprocess`` runs
+the same apps in this process instead, with no Ray and no SuperLink
+(:mod:`flwr_gkt.app.inprocess`: nodes handled one at a time, deterministic node ids).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ checks::
 
     run_inprocess(make_server_app(cfg), make_client_app(cfg), cfg.num_clients)
 
-What it keeps from Flower's runtimes (``run_simulation`` / SuperLink +
+What it keeps from Flower's runtimes (the Ray simulation / SuperLink +
 SuperNode):
 
 * node ``i`` (default id ``1001 + i``, stable across processes) has the node
