@@ -1,6 +1,7 @@
 """A real federation on this machine: ``flower-superlink`` + N ``flower-supernode``.
 
-``python -m deploy.loopback [--num-supernodes 2] [--run-config "preset='smoke'"] [--auth]``
+``python -m deploy.loopback [--num-supernodes 2] [--run-config "preset='smoke'"] [--auth]
+[--algorithm fedgkt|sl|splitfed-v1|splitfed-v2] [--task-poll-interval S]``
 
 Every piece is a separate process speaking TLS over 127.0.0.1, as on real
 devices: the SuperLink (Fleet + Control + Runtime APIs on one HTTPS port), one
@@ -11,6 +12,17 @@ with ``deploy/gen_certs.sh``; with ``--auth`` the SuperLink requires SuperNode
 authentication and the nodes' keys (``deploy/gen_node_keys.sh``) are
 registered with ``flwr supernode register`` first. Everything started is
 stopped at the end. Exit status 0 when the run finished as ``completed``.
+
+``--algorithm`` chooses the app's components: ``fedgkt`` (default) submits
+this repository (``pyproject.toml``: ``simulation.server_app:app`` /
+``simulation.client_app:app``); ``sl``, ``splitfed-v1`` and ``splitfed-v2``
+submit an app directory written by :func:`component_app` -- the repository's
+``[tool.flwr.app.config]`` with the components of
+:data:`flwr_gkt.app.flwr_local.COMPONENTS` ``["split"]`` -- and add
+``split-mode`` to the run config. ``--task-poll-interval`` sets Flower's
+``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` (seconds between a SuperExec's polls for
+a new ClientApp / ServerApp task, default 1 s) for every process started: split
+learning sends one message per mini-batch, and each message waits for it.
 
 The :class:`Federation` class is what the integration tests use.
 """
@@ -28,12 +40,57 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import urllib.request
 from pathlib import Path
+
+import tomli_w
 
 DEPLOY_DIR = Path(__file__).resolve().parent
 APP_DIR = DEPLOY_DIR.parent
 CONNECTION = "gkt-loopback"
+#: ``--algorithm`` values: the app's components (a key of ``flwr_local.COMPONENTS``).
+ALGORITHMS = {"fedgkt": "message", "sl": "split", "splitfed-v1": "split", "splitfed-v2": "split"}
+#: Flower's environment variable: seconds between a SuperExec's task polls (default 1).
+TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+
+
+def component_app(app_dir: Path, api: str) -> Path:
+    """Write an app directory: this repository's app with ``api``'s components.
+
+    Its ``pyproject.toml`` holds the repository's ``[tool.flwr.app.config]``
+    (so ``--run-config`` works as with the repository) and the ServerApp /
+    ClientApp of :data:`flwr_gkt.app.flwr_local.COMPONENTS` ``[api]``; the
+    code comes from the environment's ``flwr_gkt`` (installed, or on
+    ``PYTHONPATH``), not from the app bundle.
+    """
+    from flwr_gkt.app.flwr_local import COMPONENTS
+
+    with open(APP_DIR / "pyproject.toml", "rb") as f:
+        repo = tomllib.load(f)
+    serverapp, clientapp = COMPONENTS[api]
+    project = {
+        "build-system": repo["build-system"],
+        "project": {
+            "name": f"flwr-gkt-{api}",
+            "version": repo["project"]["version"],
+            "description": f"flwr-gkt with the {api} components",
+            "license": "Apache-2.0",
+            "dependencies": [],
+        },
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": repo["tool"]["flwr"]["app"]["publisher"],
+                    "components": {"serverapp": serverapp, "clientapp": clientapp},
+                    "config": repo["tool"]["flwr"]["app"]["config"],
+                }
+            }
+        },
+    }
+    app_dir.mkdir(parents=True, exist_ok=True)
+    (app_dir / "pyproject.toml").write_text(tomli_w.dumps(project))
+    return app_dir
 
 
 def free_port() -> int:
@@ -75,6 +132,18 @@ def session_processes(sessions: set[int]) -> list[str]:
     return left
 
 
+def algorithm_app(workdir: Path, algorithm: str, run_config: str) -> tuple[Path | None, str]:
+    """The app directory and run config of ``--algorithm`` (``None``: this repository).
+
+    The split-learning baselines get an app of :func:`component_app` in
+    ``workdir / "app"`` and ``split-mode`` appended to ``run_config``.
+    """
+    if ALGORITHMS[algorithm] == "message":
+        return None, run_config
+    app = component_app(Path(workdir) / "app", ALGORITHMS[algorithm])
+    return app, f"{run_config} split-mode={algorithm!r}".strip()
+
+
 class Federation:
     """SuperLink + SuperNodes on 127.0.0.1 with TLS (and optional node auth).
 
@@ -90,6 +159,9 @@ class Federation:
         Extra ``--node-config`` entries for every node (e.g. ``data-dir``);
         ``{i}`` in a value is replaced by the node's index (e.g.
         ``state-dir=/var/lib/gkt/node-{i}``).
+    task_poll_interval : float, optional
+        ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` of every process started
+        (default: Flower's, 1 s).
     """
 
     def __init__(
@@ -98,6 +170,7 @@ class Federation:
         num_supernodes: int = 2,
         auth: bool = False,
         node_config: dict[str, str] | None = None,
+        task_poll_interval: float | None = None,
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self.num_supernodes = num_supernodes
@@ -110,13 +183,20 @@ class Federation:
         self.superlink: subprocess.Popen | None = None
         self.supernodes: dict[int, subprocess.Popen] = {}
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        # This checkout's flwr_gkt first (an app of component_app has no code of its own).
+        pythonpath = os.pathsep.join(filter(None, [str(APP_DIR), os.environ.get("PYTHONPATH")]))
         self.env = {
             **os.environ,
             "PATH": path,
+            "PYTHONPATH": pythonpath,
             "FLWR_HOME": str(self.home),
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "PYTHONUNBUFFERED": "1",
         }
+        if task_poll_interval is not None:
+            if not 0.01 <= task_poll_interval <= 60:  # Flower's bounds (else its processes exit)
+                raise ValueError(f"task_poll_interval {task_poll_interval} not in [0.01, 60] s")
+            self.env[TASK_POLL_ENV] = str(task_poll_interval)
 
     # ------------------------------------------------------------- processes
     def _popen(
@@ -283,9 +363,12 @@ class Federation:
             time.sleep(1.0)
         raise TimeoutError(f"fewer than {count} SuperNodes online after {timeout}s")
 
-    def submit(self, run_config: str) -> subprocess.Popen:
-        """``flwr run <app> <connection> --stream``, in the background (text stdout)."""
-        cmd = ["flwr", "run", str(APP_DIR), CONNECTION, "--stream"]
+    def submit(self, run_config: str, app: Path | None = None) -> subprocess.Popen:
+        """``flwr run <app> <connection> --stream``, in the background (text stdout).
+
+        ``app``: the app directory (default: this repository).
+        """
+        cmd = ["flwr", "run", str(app or APP_DIR), CONNECTION, "--stream"]
         if run_config:
             cmd += ["--run-config", run_config]
         return subprocess.Popen(
@@ -310,9 +393,11 @@ class Federation:
         match = re.search(r"run (\d+)", log)
         return int(match.group(1)) if match else None
 
-    def run(self, run_config: str, timeout: float = 1800.0) -> tuple[str, str]:
+    def run(
+        self, run_config: str, timeout: float = 1800.0, app: Path | None = None
+    ) -> tuple[str, str]:
         """Submit, stream the log to stdout, return ``(final status, log)``."""
-        proc = self.submit(run_config)
+        proc = self.submit(run_config, app)
         assert proc.stdout is not None
         lines = []
         deadline = time.monotonic() + timeout
@@ -366,16 +451,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--auth", action="store_true", help="require SuperNode authentication")
     parser.add_argument("--workdir", default="", help="default: a new temporary directory")
     parser.add_argument("--data-dir", default="", help="node-config data-dir of every node")
+    parser.add_argument(
+        "--algorithm",
+        choices=tuple(ALGORITHMS),
+        default="fedgkt",
+        help="FedGKT (this repository's app) or a split-learning baseline (split_app's "
+        "components, split-mode set in the run config)",
+    )
+    parser.add_argument(
+        "--task-poll-interval",
+        type=float,
+        default=None,
+        help=f"seconds between SuperExec task polls ({TASK_POLL_ENV}; Flower's default 1)",
+    )
     args = parser.parse_args(argv)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="gkt-deploy-"))
     node_config = {"data-dir": args.data_dir} if args.data_dir else {}
-    with Federation(workdir, args.num_supernodes, args.auth, node_config) as fed:
+    app, run_config = algorithm_app(workdir, args.algorithm, args.run_config)
+    with Federation(
+        workdir, args.num_supernodes, args.auth, node_config, args.task_poll_interval
+    ) as fed:
         print(
             f"SuperLink https://127.0.0.1:{fed.port}, {args.num_supernodes} SuperNodes online; "
             f"logs in {workdir}",
             flush=True,
         )
-        status, _ = fed.run(args.run_config)
+        status, _ = fed.run(run_config, app=app)
     print(f"run status: {status}", flush=True)
     return 0 if status == "finished:completed" else 1
 

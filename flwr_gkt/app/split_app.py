@@ -12,7 +12,8 @@ per-epoch costs of :func:`flwr_gkt.core.efficiency.communication_costs`,
 
 ``python -m simulation --algorithm sl|splitfed-v1|splitfed-v2`` runs them;
 for a deployment, point the app's components at ``flwr_gkt.app.split_app:server_app``
-and ``flwr_gkt.app.split_app:client_app`` and choose the mode with ``split-mode``.
+and ``flwr_gkt.app.split_app:client_app`` and choose the mode with ``split-mode``
+(``python -m deploy.loopback --algorithm sl`` does both; ``docs/split-learning.md``).
 """
 
 from __future__ import annotations

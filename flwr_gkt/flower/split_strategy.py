@@ -31,7 +31,10 @@ After each round the nodes send the activations of their test split under
 the round's edge weights and the server model classifies them (``accuracy``,
 as FedGKT's). Bytes are counted from every message's arrays, up and down,
 with the same columns as FedGKT (``bytes-up-train``, ``bytes-down-train``,
-``bytes-up-eval``, ``bytes-down-eval``) plus a breakdown. The math is in
+``bytes-up-eval``, ``bytes-down-eval``) plus a breakdown; ``waves`` counts the
+round's training waves, ``train-seconds`` their wall time and
+``seconds-per-wave`` the quotient (the cost of one round trip, see
+``docs/split-learning.md``). The math is in
 :mod:`flwr_gkt.core.split`, the node side in :mod:`flwr_gkt.flower.split_client`.
 """
 
@@ -607,10 +610,13 @@ class SplitLearning(Strategy):
             "bytes-up-train": tally["bytes-up-train"],
             "bytes-down-train": bytes_down,
         }
+        train_seconds = time.perf_counter() - self._round_start
+        row["train-seconds"] = train_seconds
+        row["seconds-per-wave"] = train_seconds / max(tally["waves"], 1)
         log(
             INFO,
             "%s round %d train: %d/%d nodes finished their turn, %d samples, server loss %.4f, "
-            "%d waves",
+            "%d waves (%.2f s each)",
             self.mode,
             server_round,
             len(done),
@@ -618,6 +624,7 @@ class SplitLearning(Strategy):
             examples,
             row["server-train-loss"],
             row["waves"],
+            row["seconds-per-wave"],
         )
         return row
 
