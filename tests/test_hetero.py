@@ -178,3 +178,44 @@ def test_the_gate_records_a_clean_edge_model_name_and_ignores_any_other():
         33: None,  # not a plain name: not recorded, and no reason to reject the reply
         44: None,
     }
+
+
+def test_every_extractor_starts_equal_whatever_the_classifier():
+    """edge-init common: a heterogeneous federation's extractors start from the same weights.
+
+    A model's seeded extractor weights also depend on the classifier built with
+    it (built-in ResNet-4 and ResNet-8 with one seed differ), so a node of
+    another model takes the federation's ``edge-model`` extractor when it has
+    the same architecture; its classifier keeps its own weights.
+    """
+    import torch
+
+    cfg = resolve_config({"preset": "smoke"}, PRESETS_DIR)  # edge-model resnet8
+
+    def state(model, part):
+        return {k: v.clone() for k, v in getattr(model, part).state_dict().items()}
+
+    ref = edge_builder(cfg, 0)()
+    for name in ("resnet4", "resnet6"):
+        node = dataclasses.replace(cfg, edge_model=name)
+        plain = edge_builder(node, 0)()  # without the federation's model: its own extractor
+        assert any(
+            not torch.equal(a, b)
+            for a, b in zip(
+                state(plain, "extractor").values(), state(ref, "extractor").values(), strict=True
+            )
+        )
+        common = edge_builder(node, 0, cfg.edge_model)()
+        for key, value in state(ref, "extractor").items():
+            assert torch.equal(state(common, "extractor")[key], value), (name, key)
+        for key, value in state(plain, "classifier").items():
+            assert torch.equal(state(common, "classifier")[key], value), (name, key)
+    per_node = dataclasses.replace(cfg, edge_model="resnet4", edge_init="per-node")
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(
+            state(edge_builder(per_node, 0, cfg.edge_model)(), "extractor").values(),
+            state(ref, "extractor").values(),
+            strict=True,
+        )
+    )

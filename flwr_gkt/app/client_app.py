@@ -71,7 +71,7 @@ def make_client_app(
         else:
             node = node_setup(cfg, context.node_config, trusted)
             data = data_fn(node)
-        return node, data, edge_builder(node.cfg, node.partition_id)
+        return node, data, edge_builder(node.cfg, node.partition_id, cfg.edge_model)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

@@ -87,7 +87,11 @@ def make_legacy_apps(fixed: RunConfig | None = None) -> tuple[ServerApp, ClientA
         return GKTNumPyClient(
             context,
             data,
-            edge_builder(dataclasses.replace(cfg, edge_model=node.edge_model), node.partition_id),
+            edge_builder(
+                dataclasses.replace(cfg, edge_model=node.edge_model),
+                node.partition_id,
+                cfg.edge_model,
+            ),
             functools.partial(build_server, cfg),
             cfg.device,
         ).to_client()

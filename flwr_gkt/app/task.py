@@ -236,14 +236,22 @@ def edge_seed(cfg: RunConfig, partition_id: int) -> int:
     raise ValueError(f"unknown edge-init {cfg.edge_init!r} (expected 'common' or 'per-node')")
 
 
-def edge_builder(cfg: RunConfig, partition_id: int) -> Callable[[], EdgeModel]:
+def edge_builder(
+    cfg: RunConfig, partition_id: int, common_extractor: str = ""
+) -> Callable[[], EdgeModel]:
     """A zero-argument builder of this node's initial edge model (``cfg.edge_model``).
 
-    Every node starts from the same weights (``edge-init: common``; nodes of
-    different edge models necessarily differ), with the pre-trained extractor
-    of ``edge-pretrained`` when set, frozen with ``freeze-extractor``. Pass the
-    node's resolved config (:attr:`NodeSetup.cfg`), which names its own edge
-    model.
+    Every node starts from the same weights (``edge-init: common``), with the
+    pre-trained extractor of ``edge-pretrained`` when set, frozen with
+    ``freeze-extractor``. Pass the node's resolved config
+    (:attr:`NodeSetup.cfg`), which names its own edge model.
+
+    ``common_extractor``: the federation's ``edge-model``. A node of another
+    edge model (heterogeneous federation) then starts its extractor from that
+    model's seeded extractor when the two have the same architecture, so that
+    every extractor starts equal, as in a homogeneous federation (the seeded
+    weights of a model's extractor also depend on the classifier built with
+    it); its classifier keeps its own initial weights.
     """
     num_classes, channels, _ = dataset_info(cfg)
     if cfg.extractor_init not in EXTRACTOR_INITS:
@@ -258,6 +266,13 @@ def edge_builder(cfg: RunConfig, partition_id: int) -> Callable[[], EdgeModel]:
     def build() -> EdgeModel:
         torch.manual_seed(seed)
         model = build_edge_model(cfg.edge_model, num_classes, channels)
+        if common_extractor and common_extractor != cfg.edge_model and cfg.edge_init == "common":
+            torch.manual_seed(seed)
+            reference = build_edge_model(common_extractor, num_classes, channels).extractor
+            own = model.extractor.state_dict()
+            ref = reference.state_dict()
+            if own.keys() == ref.keys() and all(own[k].shape == ref[k].shape for k in own):
+                model.extractor.load_state_dict(ref)
         if cfg.edge_pretrained:  # EcoFed: a pre-trained extractor from a local file
             load_pretrained(model, cfg.edge_pretrained, "extractor")
         if cfg.freeze_extractor:
