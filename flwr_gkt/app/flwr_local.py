@@ -50,8 +50,10 @@ from flwr_gkt.config import RunConfig
 
 from .task import TRUST_ENV
 
+#: The folder holding the ``flwr_gkt`` package this module belongs to.
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent.parent
 #: The repository root (a Flower app: ``[tool.flwr.app]`` in its pyproject.toml).
-APP_DIR = Path(__file__).resolve().parent.parent.parent
+APP_DIR = PACKAGE_ROOT
 
 #: ServerApp and ClientApp of each algorithm, for :func:`write_app`.
 COMPONENTS = {
@@ -253,8 +255,16 @@ def run_config_app(cfg: RunConfig, api: str, num_supernodes: int) -> int:
             Path(tmp) / "flwr-home",
             Path.cwd(),
             cfg.client_cpus,
-            # Ray: keep its current handling of accelerator variables (no FutureWarning).
-            env_extra={TRUST_ENV: "1", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"},
+            env_extra={
+                TRUST_ENV: "1",
+                # Ray: keep its current handling of accelerator variables (no FutureWarning).
+                "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+                # The SuperLink's processes import the flwr_gkt this entry runs, not
+                # whichever one the environment has installed (another checkout).
+                "PYTHONPATH": os.pathsep.join(
+                    p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")) if p
+                ),
+            },
         )
     print(f"flwr run status: {status}", flush=True)
     return 0 if status == "finished:completed" else 1
