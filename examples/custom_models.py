@@ -27,15 +27,10 @@ plot are written to ``<results-dir>/custom-models/``.
 from __future__ import annotations
 
 import argparse
-import json
 
+import _common
 from torch import Tensor, nn
 
-from flwr_gkt.app.client_app import make_client_app
-from flwr_gkt.app.inprocess import run_inprocess
-from flwr_gkt.app.server_app import run_fedgkt
-from flwr_gkt.app.task import PRESETS_DIR
-from flwr_gkt.config import RunConfig, add_override_argument, parse_overrides, resolve_config
 from flwr_gkt.core.efficiency import num_parameters
 from flwr_gkt.core.models import FEATURE_CHANNELS, EdgeModel
 from flwr_gkt.core.registry import (
@@ -44,7 +39,6 @@ from flwr_gkt.core.registry import (
     register_edge_model,
     register_server_model,
 )
-from flwr_gkt.flower.strategy import FedGKT
 
 EDGE_NAME = "tiny-cnn"
 SERVER_NAME = "small-cnn"
@@ -134,47 +128,23 @@ def register_models() -> None:
 
 
 # ------------------------------------------------------------------------------ the run
-def run(cfg: RunConfig) -> FedGKT:
-    """Run the ServerApp and ClientApp of ``simulation/`` in this process; return the strategy."""
-    done: dict[str, FedGKT] = {}
-
-    def server_main(grid, context) -> None:
-        # What the ServerApp's main does: build the server model and FedGKT from
-        # cfg, run the rounds, write results.json / metrics.csv / metrics.png.
-        done["strategy"] = run_fedgkt(grid, cfg)
-
-    run_inprocess(server_main, make_client_app(cfg), cfg.num_clients)
-    return done["strategy"]
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    tiny = argparse.ArgumentParser(add_help=False)
-    tiny.add_argument(
-        "--tiny",
-        action="store_true",
-        help="CI size: 2 nodes, 1%% of the training set, 2 rounds (explicit flags still win)",
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--num-nodes", type=int, default=4)
+        parser.add_argument(
+            "--data-fraction", type=float, default=0.05, help="share of the 60k training images"
+        )
+        parser.add_argument(
+            "--test-fraction", type=float, default=0.2, help="share of the 10k test images"
+        )
+
+    return _common.parse_args(
+        __doc__,
+        "2 nodes, 1%% of the training set, 2 rounds",
+        add_arguments,
+        {"num_nodes": 2, "rounds": 2, "data_fraction": 0.01, "test_fraction": 0.02},
+        argv,
     )
-    parser = argparse.ArgumentParser(
-        description=__doc__, parents=[tiny], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--num-nodes", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument(
-        "--data-fraction", type=float, default=0.05, help="share of the 60k training images"
-    )
-    parser.add_argument(
-        "--test-fraction", type=float, default=0.2, help="share of the 10k test images"
-    )
-    parser.add_argument("--server-epochs", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--results-dir", default="results/examples")
-    add_override_argument(
-        parser,
-        "any other config key (flwr_gkt.config.RunConfig), as in `python -m simulation --set`",
-    )
-    if tiny.parse_known_args(argv)[0].tiny:
-        parser.set_defaults(num_nodes=2, rounds=2, data_fraction=0.01, test_fraction=0.02)
-    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -183,23 +153,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     # The run config: the `smoke` preset (flwr_gkt/app/presets/smoke.yaml) with our
     # models and sizes on top -- the same keys as `python -m simulation --set ...`.
-    cfg = resolve_config(
-        {
-            "preset": "smoke",
+    cfg = _common.smoke_config(
+        args,
+        **{
             "edge-model": EDGE_NAME,
             "server-model": SERVER_NAME,
-            "num-clients": args.num_nodes,
-            "num-server-rounds": args.rounds,
             "data-fraction": args.data_fraction,
             "test-fraction": args.test_fraction,
-            "server-epochs": args.server_epochs,
-            "seed": args.seed,
-            "results-dir": args.results_dir,
             "run-name": "custom-models",
-            "checkpoint": 0,  # no checkpoint.pt after every round
-            **parse_overrides(args.overrides),  # --set KEY=VALUE: last, wins
         },
-        PRESETS_DIR,
     )
     edge = build_edge_model(EDGE_NAME, num_classes=10, in_channels=1)
     server = build_server_model(SERVER_NAME, num_classes=10, in_channels=FEATURE_CHANNELS)
@@ -209,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
         flush=True,
     )
 
-    strategy = run(cfg)
+    strategy = _common.run(cfg)  # the ServerApp and ClientApp, in this process
     final = strategy.history[-1]
     result = {
         "edge-model": EDGE_NAME,
@@ -222,8 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
         "edge-params": num_parameters(edge),
         "server-params": num_parameters(server),
     }
-    print("RESULT " + json.dumps(result), flush=True)
-    return result
+    return _common.report(result)
 
 
 if __name__ == "__main__":

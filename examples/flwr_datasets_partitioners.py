@@ -13,9 +13,10 @@ hook (:func:`flwr_gkt.app.client_app.make_client_app`): this script
    (``pathological``: each node holds ``--classes-per-node`` classes;
    ``shard``: label-sorted shards, ``--shards-per-node`` each; ``dirichlet``:
    label skew with ``--alpha``; ``iid``) and prints every node's label counts;
-3. runs FedGKT in this process: the project's ServerApp logic
-   (:func:`flwr_gkt.app.server_app.run_fedgkt`, unchanged) and the project's
-   ClientApp whose ``data_fn`` hands each node its partition.
+3. runs FedGKT in this process (``run`` of ``examples/_common.py``): the
+   project's ServerApp logic (:func:`flwr_gkt.app.server_app.run_fedgkt`,
+   unchanged) and the project's ClientApp whose ``data_fn`` hands each node
+   its partition.
 
 Evaluation (``--test-split``): ``global`` splits a test subset IID across the
 nodes, so the example-weighted accuracy is the accuracy on that whole subset;
@@ -38,8 +39,8 @@ The last line of the output is ``RESULT {...}`` (JSON).
 from __future__ import annotations
 
 import argparse
-import json
 
+import _common
 import numpy as np
 import torch
 from datasets import Array3D, ClassLabel, Dataset, Features
@@ -51,14 +52,8 @@ from flwr_datasets.partitioner import (
     ShardPartitioner,
 )
 
-from flwr_gkt.app.client_app import make_client_app
-from flwr_gkt.app.inprocess import run_inprocess
-from flwr_gkt.app.server_app import run_fedgkt
-from flwr_gkt.app.task import PRESETS_DIR, NodeSetup
-from flwr_gkt.config import RunConfig, add_override_argument, parse_overrides, resolve_config
 from flwr_gkt.data import ClientData, RawDataset, load_dataset, normalize
 from flwr_gkt.data.partition import label_matched_split
-from flwr_gkt.flower.strategy import FedGKT
 
 CLASSES = [
     "T-shirt/top",
@@ -121,14 +116,9 @@ def load_partition(
 
 def node_datasets(raw: RawDataset, args: argparse.Namespace) -> list[ClientData]:
     """Every node's :class:`ClientData`: its partition of the training subset and its test images."""
-    rng = np.random.default_rng(args.seed)
-    train = torch.from_numpy(rng.permutation(len(raw.y_train))[: args.train_size])
-    test = torch.from_numpy(rng.permutation(len(raw.y_test))[: args.test_size])
-
-    partitioner = make_partitioner(args)
-    partitioner.dataset = to_hf_dataset(raw.x_train[train], raw.y_train[train])
-    test_partitioner = IidPartitioner(args.num_nodes)
-    test_partitioner.dataset = to_hf_dataset(raw.x_test[test], raw.y_test[test])
+    partitioner, test_partitioner = _common.subset_partitioners(
+        raw, args, make_partitioner(args), to_hf_dataset
+    )
 
     nodes = []
     for pid in range(args.num_nodes):
@@ -157,66 +147,36 @@ def node_datasets(raw: RawDataset, args: argparse.Namespace) -> list[ClientData]
     return nodes
 
 
-def run(cfg: RunConfig, nodes: list[ClientData]) -> FedGKT:
-    """The project's ServerApp logic against our ClientApp, in this process."""
-    done: dict[str, FedGKT] = {}
-
-    def server_main(grid, context) -> None:
-        # The server never sees the nodes' data, only their feature maps: the
-        # unchanged ServerApp logic works with any partitioning.
-        done["strategy"] = run_fedgkt(grid, cfg)
-
-    # The project's ClientApp, with our partitions instead of the configured
-    # `partition` scheme: data_fn gets each node's setup (partition id, number
-    # of partitions, config). On a real SuperNode it would load its own
-    # partition here, e.g. `partitioner.load_partition(node.partition_id)`.
-    def data_fn(node: NodeSetup) -> ClientData:
-        return nodes[node.partition_id]
-
-    app = make_client_app(cfg, data_fn=data_fn)
-    run_inprocess(server_main, app, len(nodes))
-    return done["strategy"]
-
-
 # ----------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    tiny = argparse.ArgumentParser(add_help=False)
-    tiny.add_argument(
-        "--tiny",
-        action="store_true",
-        help="CI size: 3 nodes, 450 training images, 2 rounds (explicit flags still win)",
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--partitioner",
+            choices=("pathological", "shard", "dirichlet", "iid"),
+            default="dirichlet",
+        )
+        parser.add_argument("--num-nodes", type=int, default=5)
+        parser.add_argument("--classes-per-node", type=int, default=2, help="pathological")
+        parser.add_argument("--shards-per-node", type=int, default=2, help="shard")
+        parser.add_argument("--alpha", type=float, default=0.5, help="dirichlet concentration")
+        parser.add_argument(
+            "--train-size", type=int, default=3000, help="training images, all nodes"
+        )
+        parser.add_argument("--test-size", type=int, default=1000, help="test images, all nodes")
+        parser.add_argument(
+            "--test-split",
+            choices=("global", "local"),
+            default="global",
+            help="global: IID shares of one test subset; local: each node's own label mix",
+        )
+
+    return _common.parse_args(
+        __doc__,
+        "3 nodes, 450 training images, 2 rounds",
+        add_arguments,
+        {"num_nodes": 3, "train_size": 450, "test_size": 150, "rounds": 2, "server_epochs": 1},
+        argv,
     )
-    parser = argparse.ArgumentParser(
-        description=__doc__, parents=[tiny], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--partitioner",
-        choices=("pathological", "shard", "dirichlet", "iid"),
-        default="dirichlet",
-    )
-    parser.add_argument("--num-nodes", type=int, default=5)
-    parser.add_argument("--classes-per-node", type=int, default=2, help="pathological")
-    parser.add_argument("--shards-per-node", type=int, default=2, help="shard")
-    parser.add_argument("--alpha", type=float, default=0.5, help="dirichlet concentration")
-    parser.add_argument("--train-size", type=int, default=3000, help="training images, all nodes")
-    parser.add_argument("--test-size", type=int, default=1000, help="test images, all nodes")
-    parser.add_argument(
-        "--test-split",
-        choices=("global", "local"),
-        default="global",
-        help="global: IID shares of one test subset; local: each node's own label mix",
-    )
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--server-epochs", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--results-dir", default="results/examples")
-    add_override_argument(
-        parser,
-        "any other config key (flwr_gkt.config.RunConfig), as in `python -m simulation --set`",
-    )
-    if tiny.parse_known_args(argv)[0].tiny:
-        parser.set_defaults(num_nodes=3, train_size=450, test_size=150, rounds=2, server_epochs=1)
-    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -234,36 +194,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Server-side settings from the `smoke` preset; the data keys (data-fraction,
     # partition, ...) are unused: the nodes' data comes from the partitioner.
-    cfg = resolve_config(
-        {
-            "preset": "smoke",
-            "num-clients": args.num_nodes,
-            "num-server-rounds": args.rounds,
-            "server-epochs": args.server_epochs,
-            "seed": args.seed,
-            "results-dir": args.results_dir,
-            "run-name": f"partitioner-{args.partitioner}",
-            "checkpoint": 0,
-            **parse_overrides(args.overrides),  # --set KEY=VALUE: last, wins
-        },
-        PRESETS_DIR,
-    )
-    history = run(cfg, nodes).history
-    final = history[-1]
+    cfg = _common.smoke_config(args, **{"run-name": f"partitioner-{args.partitioner}"})
+    history = _common.run(cfg, nodes).history
     result = {
         "partitioner": args.partitioner,
         "nodes": args.num_nodes,
         "label-counts": counts,
         "test-split": args.test_split,
         "test-label-counts": test_counts,
-        "rounds": len(history),
-        "nodes-replied": [int(row["nodes-replied"]) for row in history],
-        "accuracy": round(final["accuracy"], 4),
-        "edge-accuracy": round(final["edge-accuracy"], 4),
-        "test-examples": int(final["num-examples"]),
+        **_common.history_result(history),
     }
-    print("RESULT " + json.dumps(result), flush=True)
-    return result
+    return _common.report(result)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,10 @@ through a ``DataLoader``. This script
    ``--flip`` adds a random horizontal flip to the training view) or
    (``--source torch``) read by a plain ``torch.utils.data.Dataset`` class of
    the node's own;
-4. runs FedGKT in this process: the project's ServerApp logic
-   (:func:`flwr_gkt.app.server_app.run_fedgkt`, unchanged) against the project's
-   ClientApp, whose ``data_fn`` returns each node's ``DatasetData``.
+4. runs FedGKT in this process (``run`` of ``examples/_common.py``): the
+   project's ServerApp logic (:func:`flwr_gkt.app.server_app.run_fedgkt`,
+   unchanged) against the project's ClientApp, whose ``data_fn`` returns each
+   node's ``DatasetData``.
 
 On a real SuperNode with internet access the partition would come from the
 Hub, the rest unchanged::
@@ -44,22 +45,16 @@ The last line of the output is ``RESULT {...}`` (JSON).
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
+import _common
 import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, Features, Image
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
 from PIL import Image as PILImage
 
-from flwr_gkt.app.client_app import make_client_app
-from flwr_gkt.app.inprocess import run_inprocess
-from flwr_gkt.app.server_app import run_fedgkt
-from flwr_gkt.app.task import PRESETS_DIR, NodeSetup
-from flwr_gkt.config import RunConfig, add_override_argument, parse_overrides, resolve_config
 from flwr_gkt.data import DatasetData, DatasetInfo, RawDataset, load_dataset
-from flwr_gkt.flower.strategy import FedGKT
 
 
 # ----------------------------------------------------------------- data
@@ -134,13 +129,9 @@ def node_datasets(
 ) -> tuple[list[DatasetData], list[list[int]]]:
     """Every node's :class:`DatasetData` (its partitions, never turned into one tensor)
     and its training labels in dataset order (read from the label column)."""
-    rng = np.random.default_rng(args.seed)
-    train = torch.from_numpy(rng.permutation(len(raw.y_train))[: args.train_size])
-    test = torch.from_numpy(rng.permutation(len(raw.y_test))[: args.test_size])
-    partitioner = make_partitioner(args)
-    partitioner.dataset = to_hf_dataset(raw.x_train[train], raw.y_train[train])
-    test_partitioner = IidPartitioner(args.num_nodes)
-    test_partitioner.dataset = to_hf_dataset(raw.x_test[test], raw.y_test[test])
+    partitioner, test_partitioner = _common.subset_partitioners(
+        raw, args, make_partitioner(args), to_hf_dataset
+    )
 
     info, nodes, labels = raw.info, [], []
     for pid in range(args.num_nodes):
@@ -166,57 +157,34 @@ def node_datasets(
     return nodes, labels
 
 
-def run(cfg: RunConfig, nodes: list[DatasetData]) -> FedGKT:
-    """The project's ServerApp logic against our ClientApp, in this process."""
-    done: dict[str, FedGKT] = {}
-
-    def server_main(grid, context) -> None:
-        done["strategy"] = run_fedgkt(grid, cfg)
-
-    # data_fn gets each node's setup (partition id, number of partitions, config);
-    # a SuperNode would load its own partition here.
-    def data_fn(node: NodeSetup) -> DatasetData:
-        return nodes[node.partition_id]
-
-    run_inprocess(server_main, make_client_app(cfg, data_fn=data_fn), len(nodes))
-    return done["strategy"]
-
-
 # ----------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    tiny = argparse.ArgumentParser(add_help=False)
-    tiny.add_argument(
-        "--tiny",
-        action="store_true",
-        help="CI size: 3 nodes, 450 training images, 2 rounds (explicit flags still win)",
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--source",
+            choices=("hf", "torch"),
+            default="hf",
+            help="hf: the HF partitions with a transform; torch: a torch Dataset class",
+        )
+        parser.add_argument("--partitioner", choices=("iid", "dirichlet"), default="iid")
+        parser.add_argument("--alpha", type=float, default=0.5, help="dirichlet concentration")
+        parser.add_argument("--num-nodes", type=int, default=3)
+        parser.add_argument(
+            "--train-size", type=int, default=3000, help="training images, all nodes"
+        )
+        parser.add_argument("--test-size", type=int, default=1000, help="test images, all nodes")
+        parser.add_argument(
+            "--flip", action="store_true", help="random horizontal flip in training"
+        )
+        parser.add_argument("--workers", type=int, default=0, help="DataLoader workers per node")
+
+    return _common.parse_args(
+        __doc__,
+        "3 nodes, 450 training images, 2 rounds",
+        add_arguments,
+        {"train_size": 450, "test_size": 150, "rounds": 2, "server_epochs": 1},
+        argv,
     )
-    parser = argparse.ArgumentParser(
-        description=__doc__, parents=[tiny], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--source",
-        choices=("hf", "torch"),
-        default="hf",
-        help="hf: the HF partitions with a transform; torch: a torch Dataset class",
-    )
-    parser.add_argument("--partitioner", choices=("iid", "dirichlet"), default="iid")
-    parser.add_argument("--alpha", type=float, default=0.5, help="dirichlet concentration")
-    parser.add_argument("--num-nodes", type=int, default=3)
-    parser.add_argument("--train-size", type=int, default=3000, help="training images, all nodes")
-    parser.add_argument("--test-size", type=int, default=1000, help="test images, all nodes")
-    parser.add_argument("--flip", action="store_true", help="random horizontal flip in training")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers per node")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--server-epochs", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--results-dir", default="results/examples")
-    add_override_argument(
-        parser,
-        "any other config key (flwr_gkt.config.RunConfig), as in `python -m simulation --set`",
-    )
-    if tiny.parse_known_args(argv)[0].tiny:
-        parser.set_defaults(train_size=450, test_size=150, rounds=2, server_epochs=1)
-    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -232,23 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Server-side settings from the `smoke` preset; its data keys are unused:
     # the nodes' data comes from data_fn.
-    cfg = resolve_config(
-        {
-            "preset": "smoke",
-            "num-clients": args.num_nodes,
-            "num-server-rounds": args.rounds,
-            "server-epochs": args.server_epochs,
-            "seed": args.seed,
-            "results-dir": args.results_dir,
-            "run-name": f"own-dataset-{args.source}",
-            "checkpoint": 0,
-            **parse_overrides(args.overrides),  # --set KEY=VALUE: last, wins
-        },
-        PRESETS_DIR,
-    )
-    strategy = run(cfg, nodes)
-    history = strategy.history
-    final = history[-1]
+    cfg = _common.smoke_config(args, **{"run-name": f"own-dataset-{args.source}"})
+    strategy = _common.run(cfg, nodes)
     # What the server holds of each node (node ids 1001, 1002, ... are partitions
     # 0, 1, ...): its labels, in the order of the node's dataset.
     labels_in_order = all(
@@ -261,15 +214,10 @@ def main(argv: list[str] | None = None) -> dict:
         "flip": args.flip,
         "nodes": args.num_nodes,
         "label-counts": counts,
-        "rounds": len(history),
-        "nodes-replied": [int(row["nodes-replied"]) for row in history],
         "labels-in-order": labels_in_order,
-        "accuracy": round(final["accuracy"], 4),
-        "edge-accuracy": round(final["edge-accuracy"], 4),
-        "test-examples": int(final["num-examples"]),
+        **_common.history_result(strategy.history),
     }
-    print("RESULT " + json.dumps(result), flush=True)
-    return result
+    return _common.report(result)
 
 
 if __name__ == "__main__":

@@ -31,19 +31,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 
+import _common
 import torch
 from flwr.app import RecordDict
 
-from flwr_gkt.app.client_app import make_client_app
-from flwr_gkt.app.inprocess import run_inprocess
-from flwr_gkt.app.server_app import run_fedgkt
-from flwr_gkt.app.task import PRESETS_DIR
-from flwr_gkt.config import RunConfig, add_override_argument, parse_overrides, resolve_config
+from flwr_gkt.config import RunConfig
 from flwr_gkt.core.registry import build_edge_model
 from flwr_gkt.data import load_dataset, normalize
-from flwr_gkt.flower.strategy import FedGKT
 from flwr_gkt.wire import (
     ARRAYS_KEY,
     FEATURE_DTYPES,
@@ -61,17 +56,6 @@ MB = 1024 * 1024
 
 
 # ------------------------------------------------------------- part 1: federations
-def run(cfg: RunConfig) -> FedGKT:
-    """Run the ServerApp and ClientApp of ``simulation/`` in this process; return the strategy."""
-    done: dict[str, FedGKT] = {}
-
-    def server_main(grid, context) -> None:
-        done["strategy"] = run_fedgkt(grid, cfg)
-
-    run_inprocess(server_main, make_client_app(cfg), cfg.num_clients)
-    return done["strategy"]
-
-
 def compare_codecs(base: RunConfig, codecs: list[str]) -> dict[str, dict]:
     """One federation per codec; per-round bytes and final accuracy of each."""
     runs = {}
@@ -86,7 +70,7 @@ def compare_codecs(base: RunConfig, codecs: list[str]) -> dict[str, dict]:
             logit_dtype=logit_dtype,
             run_name=f"codec-{feature_dtype}-{logit_dtype}",
         )
-        history = run(cfg).history  # one dict per round, as in results.json
+        history = _common.run(cfg).history  # one dict per round, as in results.json
         runs[f"{feature_dtype}:{logit_dtype}"] = {
             # Training traffic per round: H + Z_c + Y up, Z_s down (payload bytes).
             "bytes-up-train": [int(row["bytes-up-train"]) for row in history],
@@ -165,71 +149,45 @@ def wire_demo(num_samples: int, logit_dtype: str = "float16") -> dict[str, dict]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    tiny = argparse.ArgumentParser(add_help=False)
-    tiny.add_argument(
-        "--tiny",
-        action="store_true",
-        help="CI size: 2 nodes, 300 training images, 2 rounds, 1 server epoch of batch 16, "
-        "3 codecs (explicit flags still win)",
-    )
-    parser = argparse.ArgumentParser(
-        description=__doc__, parents=[tiny], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--codecs",
-        nargs="+",
-        default=["float32", "float16", "int8", "int8:float16"],
-        help="FEATURE_DTYPE[:LOGIT_DTYPE] per run; the first is the reference for the ratios",
-    )
-    parser.add_argument("--num-nodes", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--server-epochs", type=int, default=2)
-    parser.add_argument("--data-fraction", type=float, default=0.02)
-    parser.add_argument("--test-fraction", type=float, default=0.1)
-    parser.add_argument("--wire-samples", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--results-dir", default="results/examples")
-    add_override_argument(
-        parser,
-        "any other config key (flwr_gkt.config.RunConfig), as in `python -m simulation --set`",
-    )
-    if tiny.parse_known_args(argv)[0].tiny:
-        parser.set_defaults(
-            codecs=["float32", "float16", "int8"],
-            num_nodes=2,
-            rounds=2,
-            server_epochs=1,
-            overrides=["server-batch-size=16"],
-            data_fraction=0.005,
-            test_fraction=0.02,
-            wire_samples=32,
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--codecs",
+            nargs="+",
+            default=["float32", "float16", "int8", "int8:float16"],
+            help="FEATURE_DTYPE[:LOGIT_DTYPE] per run; the first is the reference for the ratios",
         )
-    return parser.parse_args(argv)
+        parser.add_argument("--num-nodes", type=int, default=4)
+        parser.add_argument("--data-fraction", type=float, default=0.02)
+        parser.add_argument("--test-fraction", type=float, default=0.1)
+        parser.add_argument("--wire-samples", type=int, default=256)
+
+    return _common.parse_args(
+        __doc__,
+        "2 nodes, 300 training images, 2 rounds, 1 server epoch of batch 16, 3 codecs",
+        add_arguments,
+        {
+            "codecs": ["float32", "float16", "int8"],
+            "num_nodes": 2,
+            "rounds": 2,
+            "server_epochs": 1,
+            "overrides": ["server-batch-size=16"],
+            "data_fraction": 0.005,
+            "test_fraction": 0.02,
+            "wire_samples": 32,
+        },
+        argv,
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    base = resolve_config(
-        {
-            "preset": "smoke",  # ResNet-8 edge, ResNet-10 server
-            "num-clients": args.num_nodes,
-            "num-server-rounds": args.rounds,
-            "server-epochs": args.server_epochs,
-            "data-fraction": args.data_fraction,
-            "test-fraction": args.test_fraction,
-            "seed": args.seed,
-            "results-dir": args.results_dir,
-            "checkpoint": 0,
-            **parse_overrides(args.overrides),  # --set KEY=VALUE: last, wins
-        },
-        PRESETS_DIR,
+    base = _common.smoke_config(  # smoke: ResNet-8 edge, ResNet-10 server
+        args, **{"data-fraction": args.data_fraction, "test-fraction": args.test_fraction}
     )
     runs = compare_codecs(base, args.codecs)
     ratios = print_runs(runs)
     wire = wire_demo(args.wire_samples)
-    result = {"runs": runs, "up-ratio": ratios, "wire": wire}
-    print("RESULT " + json.dumps(result), flush=True)
-    return result
+    return _common.report({"runs": runs, "up-ratio": ratios, "wire": wire})
 
 
 if __name__ == "__main__":

@@ -23,6 +23,18 @@ def bridge_autoencoder(tmp_path_factory):
     return path, info
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread (small batches; on a busy 2-core machine 2 threads are many times slower).
+
+    For a whole module: ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _task_identity():
     set_task_identity()

@@ -93,23 +93,28 @@ def _leftover_processes(marker):
     return [line for line in out.splitlines() if marker in line and "ps -eo" not in line]
 
 
+def _flwr_local(home: Path, workdir: Path, run_config: str, *args: str) -> list[str]:
+    """Arguments of ``python -m flwr_gkt.app.flwr_local`` (two SuperNodes) plus ``args``."""
+    return [
+        "-m",
+        "flwr_gkt.app.flwr_local",
+        *args,
+        "--num-supernodes",
+        "2",
+        "--flwr-home",
+        str(home),
+        "--workdir",
+        str(workdir),
+        "--run-config",
+        run_config,
+    ]
+
+
 def test_flwr_local_reports_failed_runs(tmp_path):
     home = tmp_path / "flwr-home"
     env = {**os.environ}
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flwr_gkt.app.flwr_local",
-            "--num-supernodes",
-            "2",
-            "--flwr-home",
-            str(home),
-            "--workdir",
-            str(tmp_path),
-            "--run-config",
-            "preset='no-such-preset'",
-        ],
+        [sys.executable, *_flwr_local(home, tmp_path, "preset='no-such-preset'")],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -164,23 +169,8 @@ def test_flwr_build_makes_a_fab_that_flwr_run_runs_on_a_fresh_superlink(tmp_path
     assert (installed / "simulation" / "server_app.py").is_file()
     assert (installed / "flwr_gkt" / "app" / "presets" / "smoke.yaml").is_file()
     # The helper: its own SuperLink in that Flower home, `flwr run <app> --stream`, final status.
-    log = _run(
-        [
-            "-m",
-            "flwr_gkt.app.flwr_local",
-            "--app",
-            str(installed),
-            "--num-supernodes",
-            "2",
-            "--flwr-home",
-            str(home),
-            "--workdir",
-            str(tmp_path),
-            "--run-config",
-            f"preset='smoke' results-dir='{tmp_path / 'out'}' run-name='fab'",
-        ],
-        ROOT,
-    )
+    run_config = f"preset='smoke' results-dir='{tmp_path / 'out'}' run-name='fab'"
+    log = _run(_flwr_local(home, tmp_path, run_config, "--app", str(installed)), ROOT)
     assert "flwr run status: finished:completed" in log
     assert "FedGKT round 2 eval: accuracy" in log  # ServerApp log streamed back
     data = _results(tmp_path / "out" / "fab")

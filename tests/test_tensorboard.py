@@ -4,10 +4,13 @@ import csv
 import logging
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
 
 from flwr_gkt.app.client_app import make_client_app
 from flwr_gkt.app.fedavg_app import make_fedavg_apps
@@ -15,7 +18,7 @@ from flwr_gkt.app.inprocess import run_inprocess
 from flwr_gkt.app.legacy_app import make_legacy_apps
 from flwr_gkt.app.server_app import make_server_app
 from flwr_gkt.app.task import PRESETS_DIR
-from flwr_gkt.config import resolve_config
+from flwr_gkt.config import RunConfig, resolve_config
 from flwr_gkt.flower.strategy_utils import call_on_round
 from flwr_gkt.flower.tensorboard import (
     TensorBoardWriter,
@@ -52,6 +55,37 @@ def _as_stored(value: str) -> float:
     return float(np.float32(float(value)))
 
 
+#: A smaller smoke run: 150 images per node, 200 test images, one server epoch.
+_SMALL = {"server-epochs": 1, "data-fraction": 0.005, "test-fraction": 0.02}
+
+
+def _config(tmp_path: Path, run_name: str, **overrides: object) -> RunConfig:
+    """The smoke preset, with results and TensorBoard events under ``tmp_path``."""
+    return resolve_config(
+        {
+            "preset": "smoke",
+            "results-dir": str(tmp_path / "results"),
+            "run-name": run_name,
+            "tensorboard-dir": str(tmp_path / "tb"),
+            **overrides,
+        },
+        PRESETS_DIR,
+    )
+
+
+def _run(
+    tmp_path: Path,
+    run_name: str,
+    make_apps: Callable[[RunConfig], tuple[ServerApp, ClientApp]],
+    **overrides: object,
+) -> tuple[list[dict[str, str]], EventAccumulator]:
+    """Run the apps in process; return the metrics.csv rows and the run's events."""
+    cfg = _config(tmp_path, run_name, **overrides)
+    run_inprocess(*make_apps(cfg), cfg.num_clients)
+    rows = _csv(tmp_path / "results" / run_name / "metrics.csv")
+    return rows, _events(tmp_path / "tb" / run_name)  # <tensorboard-dir>/<run name>
+
+
 def _assert_every_metric_is_written(events: EventAccumulator, rows: list[dict[str, str]]) -> None:
     """Each metrics.csv column is a scalar tag with one value per round, equal to the CSV's."""
     rounds = [int(float(r["round"])) for r in rows]
@@ -70,24 +104,17 @@ def _assert_every_metric_is_written(events: EventAccumulator, rows: list[dict[st
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_a_fedgkt_run_writes_every_round_and_its_node_table(tmp_path, mode):
-    cfg = resolve_config(
-        {
-            "preset": "smoke",
-            "server-epochs": 1,
-            "data-fraction": 0.005,  # 150 images per node, 200 test images
-            "test-fraction": 0.02,
+    rows, events = _run(
+        tmp_path,
+        "tb",
+        lambda cfg: (make_server_app(cfg), make_client_app(cfg)),
+        **_SMALL,
+        **{
             "server-mode": mode,
-            "results-dir": str(tmp_path / "results"),
-            "run-name": "tb",
-            "tensorboard-dir": str(tmp_path / "tb"),
             # a rejected reply with its reason in the node table (sync: round 2's train stage)
             "faults": "crash:1@2" if mode == "sync" else "",
         },
-        PRESETS_DIR,
     )
-    run_inprocess(make_server_app(cfg), make_client_app(cfg), cfg.num_clients)
-    rows = _csv(tmp_path / "results" / "tb" / "metrics.csv")
-    events = _events(tmp_path / "tb" / "tb")  # <tensorboard-dir>/<run name>
 
     accuracy = events.Scalars("evaluate/accuracy")
     assert [e.step for e in accuracy] == [1, 2]
@@ -113,19 +140,7 @@ def test_a_fedgkt_run_writes_every_round_and_its_node_table(tmp_path, mode):
 
 
 def test_a_fedavg_run_writes_every_round(tmp_path):
-    cfg = resolve_config(
-        {
-            "preset": "smoke",
-            "results-dir": str(tmp_path / "results"),
-            "run-name": "avg",
-            "tensorboard-dir": str(tmp_path / "tb"),
-        },
-        PRESETS_DIR,
-    )
-    server_app, client_app = make_fedavg_apps(cfg)
-    run_inprocess(server_app, client_app, cfg.num_clients)
-    rows = _csv(tmp_path / "results" / "avg" / "metrics.csv")
-    events = _events(tmp_path / "tb" / "avg")
+    rows, events = _run(tmp_path, "avg", make_fedavg_apps)
     assert [e.step for e in events.Scalars("evaluate/accuracy")] == [1, 2]
     assert {"train/loss", "bytes/up-train", "bytes/down-eval", "time/round-seconds"} <= set(
         events.Tags()["scalars"]
@@ -134,22 +149,7 @@ def test_a_fedavg_run_writes_every_round(tmp_path):
 
 
 def test_a_legacy_api_run_writes_every_round(tmp_path):
-    cfg = resolve_config(
-        {
-            "preset": "smoke",
-            "server-epochs": 1,
-            "data-fraction": 0.005,
-            "test-fraction": 0.02,
-            "results-dir": str(tmp_path / "results"),
-            "run-name": "legacy",
-            "tensorboard-dir": str(tmp_path / "tb"),
-        },
-        PRESETS_DIR,
-    )
-    server_app, client_app = make_legacy_apps(cfg)
-    run_inprocess(server_app, client_app, cfg.num_clients)
-    rows = _csv(tmp_path / "results" / "legacy" / "metrics.csv")
-    events = _events(tmp_path / "tb" / "legacy")
+    rows, events = _run(tmp_path, "legacy", make_legacy_apps, **_SMALL)
     assert [e.step for e in events.Scalars("evaluate/accuracy")] == [1, 2]
     _assert_every_metric_is_written(events, rows)
 
@@ -225,15 +225,7 @@ def test_without_tensorboard_a_run_fails_before_its_first_round(tmp_path, monkey
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
     with pytest.raises(ImportError, match=r"pip install flwr-gkt\[tensorboard\]"):
         open_tensorboard(str(tmp_path / "tb"), "run")
-    cfg = resolve_config(
-        {
-            "preset": "smoke",
-            "results-dir": str(tmp_path / "results"),
-            "run-name": "r",
-            "tensorboard-dir": str(tmp_path / "tb"),
-        },
-        PRESETS_DIR,
-    )
+    cfg = _config(tmp_path, "r")
     with pytest.raises(ImportError, match="tensorboard-dir needs the tensorboard package"):
         run_inprocess(make_server_app(cfg), make_client_app(cfg), cfg.num_clients)
     assert not (tmp_path / "results" / "r" / "metrics.csv").exists()

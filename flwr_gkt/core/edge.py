@@ -166,23 +166,16 @@ def train_edge_batches(
 
     Parameters
     ----------
-    model : EdgeModel
-        The edge model, already on ``device``; trained in place.
+    model, server_logits, cfg, device
+        As in :func:`train_edge`.
     batches : Iterable[Batch]
         Re-iterable source of ``(inputs, labels, index)`` batches, one pass
         per epoch; ``index`` names each sample's row of ``server_logits``.
-    server_logits : Tensor | None
-        Server logits ``Z_s`` of the previous round, shape ``(N, num_classes)``,
-        or ``None`` when there are none yet.
-    cfg : EdgeRoundConfig
-        Epochs, optimizer, learning rate, KD temperature, weight and mode.
-    device : torch.device
-        Where ``model`` lives; batches are moved there.
 
     Returns
     -------
     FitResult
-        Loss, accuracy, sample count and wall time of the local training.
+        As in :func:`train_edge`.
     """
     teacher = server_logits if cfg.kd_mode.edge_distills else None
     if cfg.freeze_extractor:

@@ -181,7 +181,7 @@ def state_bytes(model: nn.Module) -> int:
     Parameters
     ----------
     model : nn.Module
-        The model.
+        The model whose state dict is counted.
 
     Returns
     -------

@@ -282,7 +282,7 @@ class DatasetData:
         Returns
         -------
         DatasetBatches
-            The batches, in index order.
+            The test split's batches, in index order.
 
         Raises
         ------

@@ -43,7 +43,13 @@ from flwr_gkt.core.edge import (
 )
 from flwr_gkt.core.models import EdgeModel
 from flwr_gkt.core.privacy import PrivacyConfig, apply_privacy
-from flwr_gkt.core.training import FitResult, evaluate_logits, get_device, prepare_model
+from flwr_gkt.core.training import (
+    FitResult,
+    ModuleT,
+    evaluate_logits,
+    get_device,
+    prepare_model,
+)
 from flwr_gkt.data import ClientData, NodeData
 from flwr_gkt.wire import (
     ARRAYS_KEY,
@@ -104,8 +110,8 @@ def edge_round_config(config: Mapping[str, Any]) -> EdgeRoundConfig:
 
 
 def load_edge_model(
-    context: Context, build: Callable[[], EdgeModel], device: torch.device
-) -> EdgeModel:
+    context: Context, build: Callable[[], ModuleT], device: torch.device, key: str = STATE_MODEL
+) -> ModuleT:
     """Build the node's edge model, with its weights from ``context.state`` if any.
 
     Parameters
@@ -113,18 +119,21 @@ def load_edge_model(
     context : Context
         The node's context; its state holds the edge model's weights from the
         previous round, if any.
-    build : Callable[[], EdgeModel]
-        Builds the (untrained) edge model.
+    build : Callable[[], ModuleT]
+        Builds the (untrained) edge model (any ``nn.Module``).
     device : torch.device
         Device to move the model to.
+    key : str
+        The ArrayRecord of ``context.state`` that holds the weights (FedGKT's
+        edge model by default; FedAgg's node model, split learning's extractor).
 
     Returns
     -------
-    EdgeModel
+    ModuleT
         The model, on ``device``.
     """
     model = build()
-    state = context.state.array_records.get(STATE_MODEL)
+    state = context.state.array_records.get(key)
     if state is not None:
         model.load_state_dict(state.to_torch_state_dict())
     return prepare_model(model, device)

@@ -37,9 +37,9 @@ from torch import Tensor, nn
 from flwr_gkt.core.bridge import BridgeAutoencoder
 from flwr_gkt.core.fedagg import BSBODPConfig, teacher_logits, train_leaf, train_nonleaf
 from flwr_gkt.core.rectify import get_rectifier
-from flwr_gkt.core.training import get_device, prepare_model
+from flwr_gkt.core.training import get_device
 from flwr_gkt.data import ClientData
-from flwr_gkt.flower.client_app import round_seed
+from flwr_gkt.flower.client_app import load_edge_model, round_seed
 from flwr_gkt.wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -172,14 +172,6 @@ def handle_topology_query(msg: Message, role: TierRole) -> Message:
     return Message(content=RecordDict({NODE_KEY: info}), reply_to=msg)
 
 
-def _model(context: Context, build: Callable[[], nn.Module], device: torch.device) -> nn.Module:
-    model = build()
-    state = context.state.array_records.get(STATE_MODEL)
-    if state is not None:
-        model.load_state_dict(state.to_torch_state_dict())
-    return prepare_model(model, device)
-
-
 def _embeddings(context: Context, leaves: list[str]) -> tuple[Tensor, Tensor]:
     eps, labels = [], []
     for uid in leaves:
@@ -261,7 +253,7 @@ def handle_fedagg(
             context.state.array_records.pop(EMB_PREFIX + uid, None)
         held = sum(1 for k in context.state.array_records if k.startswith(EMB_PREFIX))
         return Message(content=RecordDict({METRICS_KEY: metrics_record(held)}), reply_to=msg)
-    model = _model(context, build_model, dev)
+    model = load_edge_model(context, build_model, dev, STATE_MODEL)
     if stage == "teach":
         logits = {}
         for key in config:

@@ -34,9 +34,8 @@ from logging import INFO, WARNING
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
 from torch import Tensor, nn
 
@@ -51,7 +50,7 @@ from flwr_gkt.core.training import (
     prepare_model,
 )
 from flwr_gkt.flower.fedagg_client import EMB_PREFIX, TierRole
-from flwr_gkt.flower.strategy_utils import RoundCallback, call_on_round
+from flwr_gkt.flower.strategy_utils import RoundCallback, WaveStrategy, call_on_round
 from flwr_gkt.wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -104,11 +103,6 @@ def parse_migrations(spec: str) -> list[tuple[str, str, int]]:
                     f"bad migration {item!r} (expected uid:new-parent@round)"
                 ) from None
     return out
-
-
-def _own_rounds() -> NotImplementedError:
-    """Return the error of Flower's round-by-round hooks, which FedAgg does not use."""
-    return NotImplementedError("FedAgg runs its own rounds (several message waves): call start()")
 
 
 class _Tree:
@@ -165,7 +159,7 @@ class _Tree:
         return f"{self.role[uid].tier}-{'cloud' if parent == CLOUD else 'edge'}"
 
 
-class FedAgg(Strategy):
+class FedAgg(WaveStrategy):
     """The cloud of FedAgg (Wu et al., INFOCOM 2024), with FedEEC's rectification.
 
     Parameters
@@ -199,6 +193,10 @@ class FedAgg(Strategy):
         :attr:`node_history` records (e.g. a
         :class:`~flwr_gkt.flower.tensorboard.TensorBoardWriter`).
     """
+
+    name = "FedAgg"
+    round_kind = "several message waves"
+    constructor_gives = "keeps a model on every tree node and takes its settings"
 
     def __init__(
         self,
@@ -242,31 +240,6 @@ class FedAgg(Strategy):
         self.history: list[dict[str, float]] = []
         self.node_history: list[dict[str, Any]] = []
         self.moves: list[tuple[int, str, str, str]] = []
-
-    # Flower's round-by-round hooks are not used: the tree needs several message waves per round.
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Raise ``NotImplementedError``: FedAgg runs its own rounds in :meth:`start`."""
-        raise _own_rounds()
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Raise ``NotImplementedError``: FedAgg runs its own rounds in :meth:`start`."""
-        raise _own_rounds()
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Raise ``NotImplementedError``: FedAgg runs its own rounds in :meth:`start`."""
-        raise _own_rounds()
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Raise ``NotImplementedError``: FedAgg runs its own rounds in :meth:`start`."""
-        raise _own_rounds()
 
     def summary(self) -> None:
         """Log the configuration."""
@@ -312,27 +285,18 @@ class FedAgg(Strategy):
         """
         if not messages:
             return {}
-        uid_of = {m.metadata.dst_node_id: uid for uid, m in messages.items()}
-        sent = list(messages.values())
-        replies = grid.send_and_receive(sent, timeout=timeout)
-        result = self.gate.admit(
+        accepted, _ = self._exchange_wave(
+            grid,
+            messages,
+            timeout,
             server_round,
             stage,
-            replies,
-            sent,
-            None if decode is None else lambda node, content: decode(uid_of[node], content),
+            decode,
             known,
             required=frozenset(),
+            node_column="node",
         )
-        for row in result.records:
-            row["node"] = uid_of.get(row["node-id"], "")
-        self.node_history.extend(result.records)
-        for uid in sorted(set(messages) - {row["node"] for row in result.records}):
-            self.node_history.append(
-                {"round": server_round, "stage": stage, "node": uid, "status": "lost"}
-            )
-            log(WARNING, "FedAgg round %d: %s: no reply from %s", server_round, stage, uid)
-        return {uid_of[a.node]: a for a in result.accepted}
+        return accepted
 
     def _topology(
         self, grid: Grid, server_round: int, timeout: float
@@ -382,57 +346,16 @@ class FedAgg(Strategy):
         return roles
 
     # ------------------------------------------------------------------ round
-    def start(
-        self,
-        grid: Grid,
-        initial_arrays: ArrayRecord | None = None,
-        num_rounds: int = 3,
-        timeout: float = 3600,
-        train_config: ConfigRecord | None = None,
-        evaluate_config: ConfigRecord | None = None,
-        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-    ) -> Result:
-        """Run ``num_rounds`` FedAgg rounds on ``grid``.
+    def run_rounds(self, grid: Grid, num_rounds: int, timeout: float) -> None:
+        """Run ``num_rounds`` FedAgg rounds on ``grid`` (called by :meth:`start`).
 
         Each round queries the topology, then relays the teach and learn waves
-        between the tree's nodes and evaluates the cloud model.
-
-        Parameters
-        ----------
-        grid : Grid
-            The Flower grid of the run.
-        initial_arrays : ArrayRecord | None
-            Must be ``None``: every tree node builds and keeps its own model.
-        num_rounds : int
-            Number of rounds.
-        timeout : float
-            Seconds to wait for each wave of replies.
-        train_config, evaluate_config : ConfigRecord | None
-            Must be ``None`` (the settings come from the constructor).
-        evaluate_fn : Callable[[int, ArrayRecord], MetricRecord | None] | None
-            Must be ``None`` (the cloud model is evaluated on the test set given
-            to the constructor).
-
-        Returns
-        -------
-        Result
-            ``arrays``: the cloud model's weights; ``train_metrics_clientapp``:
-            each round's history row (also in :attr:`history`).
-
-        Raises
-        ------
-        ValueError
-            If ``initial_arrays``, ``train_config``, ``evaluate_config`` or
-            ``evaluate_fn`` is not ``None``.
+        between the tree's nodes and evaluates the cloud model (every tree
+        node builds and keeps its own model; the cloud model is evaluated on
+        the test set given to the constructor). Each round's row goes to
+        :attr:`history`. Each wave waits up to ``timeout`` seconds for its
+        replies.
         """
-        if any(x is not None for x in (initial_arrays, train_config, evaluate_config, evaluate_fn)):
-            raise ValueError(
-                "FedAgg keeps a model on every tree node and takes its settings from the "
-                "constructor: initial_arrays, train_config, evaluate_config and evaluate_fn "
-                "must be None"
-            )
-        log(INFO, "Starting FedAgg strategy:")
-        self.summary()
         run_start = time.perf_counter()
         for rnd in range(1, num_rounds + 1):
             log(INFO, "")
@@ -482,13 +405,6 @@ class FedAgg(Strategy):
                 ", ".join(f"{k} {v / 1024:.1f} KB" for k, v in sorted(nbytes.items())),
             )
         log(INFO, "FedAgg finished %d rounds in %.1fs", num_rounds, time.perf_counter() - run_start)
-        return Result(
-            arrays=ArrayRecord(self.model.state_dict()),
-            train_metrics_clientapp={
-                int(row["round"]): MetricRecord({k: float(v) for k, v in row.items()})
-                for row in self.history
-            },
-        )
 
     def _bridge(self, leaves: list[str]) -> Tensor:
         return self.autoencoder.bridge(torch.cat([self.embeddings[u][0] for u in leaves]))

@@ -44,6 +44,7 @@ from torch import nn
 from flwr_gkt.core.split import batch_indices, edge_activations, edge_backward
 from flwr_gkt.core.training import get_device, make_optimizer, prepare_model, to_device
 from flwr_gkt.data import ClientData
+from flwr_gkt.flower.client_app import load_edge_model
 from flwr_gkt.wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -79,21 +80,10 @@ STATE_TURN = "split-turn"
 
 
 def turn_seed(seed: int, server_round: int, node_id: int) -> int:
-    """Return the seed of a node's mini-batches in a round (the same on recomputation).
+    """Return the seed of node ``node_id``'s mini-batches in round ``server_round``.
 
-    Parameters
-    ----------
-    seed : int
-        The run's seed.
-    server_round : int
-        The round.
-    node_id : int
-        The node's id.
-
-    Returns
-    -------
-    int
-        A seed for :func:`torch.Generator.manual_seed`.
+    Derived from the run's ``seed`` (the same on recomputation), for
+    :func:`torch.Generator.manual_seed`.
     """
     return (seed * 1_000_003 + server_round * 7919 + node_id) % (2**63)
 
@@ -115,14 +105,6 @@ def _opt_from_array(optimizer: torch.optim.Optimizer, record: ArrayRecord) -> No
         optimizer.load_state_dict(state)
     except (ValueError, KeyError):  # another optimizer than last turn: start afresh
         pass
-
-
-def _extractor(context: Context, build: Callable[[], nn.Module], device: torch.device) -> nn.Module:
-    model = build()
-    state = context.state.array_records.get(STATE_EXTRACTOR)
-    if state is not None:
-        model.load_state_dict(state.to_torch_state_dict())
-    return prepare_model(model, device)
 
 
 @dataclass
@@ -256,7 +238,7 @@ def handle_split_train(
     stage = str(config.get("split-stage", ""))
     dev = get_device(device)
     start = time.perf_counter()
-    extractor = _extractor(context, build_extractor, dev)
+    extractor = load_edge_model(context, build_extractor, dev, STATE_EXTRACTOR)
     if stage == "begin":
         record = msg.content.array_records.get(EDGE_KEY)
         if record is None:
@@ -321,17 +303,9 @@ def handle_split_evaluate(
 ) -> Message:
     """Reply with the activations of the local test split under the weights sent.
 
-    Parameters
-    ----------
-    msg : Message
-        The server's ``evaluate`` instruction: the weights (``edge``) and
-        ``batch-size`` / ``feature-dtype`` in its config.
-    data : ClientData
-        The node's local data.
-    build_extractor : Callable[[], nn.Module]
-        Builds the edge extractor.
-    device : str
-        ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    ``msg`` is the server's ``evaluate`` instruction: the weights (``edge``)
+    and ``batch-size`` / ``feature-dtype`` in its config; ``data``,
+    ``build_extractor`` and ``device`` are as in :func:`handle_split_train`.
 
     Returns
     -------

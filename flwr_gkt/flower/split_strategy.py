@@ -20,8 +20,8 @@ labels) and their gradient ``dL/dH`` (server -> node). Modes:
     each wave's batches one node after the other; the edge models are
     averaged after the round.
 
-Each exchange is one wave of messages (:meth:`SplitLearning._send_and_receive`,
-pulling with a short interval rather than the Grid's 3 s) and every reply
+Each exchange is one wave of messages (:func:`~flwr_gkt.flower.strategy_utils.send_wave`,
+pulling every ``poll_interval`` seconds rather than the Grid's 3 s) and every reply
 passes :class:`~flwr_gkt.wire.gate.ReplyGate` (activations decoded by
 :func:`flwr_gkt.wire.decode_activations`, weights by
 :func:`flwr_gkt.wire.decode_state`). A node whose reply is rejected or lost
@@ -44,15 +44,13 @@ import copy
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from logging import INFO, WARNING
+from logging import INFO
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
 from torch import Tensor, nn
 
@@ -68,7 +66,7 @@ from flwr_gkt.core.training import (
     set_lr,
 )
 from flwr_gkt.flower.split_client import EDGE_KEY
-from flwr_gkt.flower.strategy_utils import progress, sample_connected
+from flwr_gkt.flower.strategy_utils import WaveStrategy, progress, sample_connected
 from flwr_gkt.wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -85,7 +83,7 @@ from flwr_gkt.wire import (
     record_nbytes,
     scalar,
 )
-from flwr_gkt.wire.gate import EVALUATE_METRICS, Admitted, GateResult, ReplyGate
+from flwr_gkt.wire.gate import EVALUATE_METRICS, ReplyGate
 
 __all__ = ["MODES", "SPLIT_METRICS", "SplitLearning"]
 
@@ -93,12 +91,6 @@ __all__ = ["MODES", "SPLIT_METRICS", "SplitLearning"]
 MODES = ("sl", "splitfed-v1", "splitfed-v2")
 #: Metrics a split-learning train reply may carry.
 SPLIT_METRICS = frozenset({NUM_EXAMPLES, "batch", "batches", "edge-seconds"})
-
-
-def _own_rounds() -> NotImplementedError:
-    return NotImplementedError(
-        "SplitLearning runs its own rounds (one message wave per mini-batch): call start()"
-    )
 
 
 @dataclass
@@ -112,7 +104,7 @@ class _Turn:
     expects_weights: bool = False
 
 
-class SplitLearning(Strategy):
+class SplitLearning(WaveStrategy):
     """Split learning (``sl``) and SplitFed V1 / V2 over Flower's Message API.
 
     Parameters
@@ -169,6 +161,10 @@ class SplitLearning(Strategy):
     ValueError
         If ``mode`` or a dtype is unknown.
     """
+
+    name = "SplitLearning"
+    round_kind = "one message wave per mini-batch"
+    constructor_gives = "takes its models and settings"
 
     def __init__(
         self,
@@ -237,31 +233,6 @@ class SplitLearning(Strategy):
         self.node_history: list[dict[str, Any]] = []
         self.num_rounds = 1
 
-    # Flower's round-by-round hooks are not used: a round is one wave per mini-batch.
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Raise ``NotImplementedError``: SplitLearning runs its own rounds in :meth:`start`."""
-        raise _own_rounds()
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Raise ``NotImplementedError``: SplitLearning runs its own rounds in :meth:`start`."""
-        raise _own_rounds()
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Raise ``NotImplementedError``: SplitLearning runs its own rounds in :meth:`start`."""
-        raise _own_rounds()
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Raise ``NotImplementedError``: SplitLearning runs its own rounds in :meth:`start`."""
-        raise _own_rounds()
-
     def summary(self) -> None:
         """Log the configuration."""
         log(
@@ -279,62 +250,6 @@ class SplitLearning(Strategy):
             self.feature_dtype,
             self.gradient_dtype,
         )
-
-    # ------------------------------------------------------------------ waves
-    def _send_and_receive(
-        self, grid: Grid, messages: list[Message], timeout: float
-    ) -> list[Message]:
-        """Push one wave and pull its replies until all are in or ``timeout`` passes.
-
-        Polls every :attr:`poll_interval` seconds (doubling up to 1 s while
-        nothing arrives): ``Grid.send_and_receive`` of a deployment sleeps 3 s
-        between pulls, once per mini-batch here.
-        """
-        pending = set(grid.push_messages(messages))
-        deadline = time.monotonic() + timeout
-        replies: list[Message] = []
-        delay = self.poll_interval
-        while pending:
-            got = list(grid.pull_messages(pending))
-            replies += got
-            pending -= {m.metadata.reply_to_message_id for m in got}
-            if not pending or time.monotonic() >= deadline:
-                break
-            if got:
-                delay = self.poll_interval
-            else:
-                time.sleep(delay)
-                delay = min(2 * delay, 1.0)
-        return replies
-
-    def _exchange(
-        self,
-        grid: Grid,
-        messages: dict[int, Message],
-        timeout: float,
-        server_round: int,
-        stage: str,
-        decode: Callable[[int, RecordDict], Any],
-        known: frozenset[str] = SPLIT_METRICS,
-    ) -> tuple[dict[int, Admitted], GateResult]:
-        """Send one wave; return the replies the gate accepted (by node) and its result."""
-        sent = list(messages.values())
-        replies = self._send_and_receive(grid, sent, timeout)
-        result = self.gate.admit(server_round, stage, replies, sent, decode, known)
-        self.node_history.extend(result.records)
-        answered = {row["node-id"] for row in result.records}
-        for node in sorted(set(messages) - answered):
-            self.node_history.append(
-                {"round": server_round, "stage": stage, "node-id": node, "status": "lost"}
-            )
-            log(
-                WARNING,
-                "SplitLearning round %d: %s: no reply from node %d",
-                server_round,
-                stage,
-                node,
-            )
-        return {a.node: a for a in result.accepted}, result
 
     def _max_batches(self) -> int | None:
         if not self.max_samples:
@@ -416,7 +331,9 @@ class SplitLearning(Strategy):
                 tally["messages-down"] += 1
             tally["waves"] += 1
             expects = {n: turns[n].expects_weights for n in messages}
-            accepted, result = self._exchange(grid, messages, timeout, server_round, stage, decode)
+            accepted, result = self._exchange_wave(
+                grid, messages, timeout, server_round, stage, decode, SPLIT_METRICS
+            )
             for row in result.records:
                 node = row["node-id"]
                 if node in expects and row.get("bytes-up"):
@@ -469,53 +386,14 @@ class SplitLearning(Strategy):
         return encode_state(self.edge_state)
 
     # ------------------------------------------------------------------ round
-    def start(
-        self,
-        grid: Grid,
-        initial_arrays: ArrayRecord | None = None,
-        num_rounds: int = 3,
-        timeout: float = 3600,
-        train_config: ConfigRecord | None = None,
-        evaluate_config: ConfigRecord | None = None,
-        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-    ) -> Result:
-        """Run ``num_rounds`` rounds of split learning on ``grid``.
+    def run_rounds(self, grid: Grid, num_rounds: int, timeout: float) -> None:
+        """Run ``num_rounds`` rounds of split learning on ``grid`` (called by :meth:`start`).
 
-        Parameters
-        ----------
-        grid : Grid
-            The Flower grid of the run.
-        initial_arrays : ArrayRecord | None
-            Must be ``None`` (the models come from the constructor).
-        num_rounds : int
-            Number of rounds.
-        timeout : float
-            Seconds to wait for each wave's replies.
-        train_config, evaluate_config : ConfigRecord | None
-            Must be ``None`` (the settings come from the constructor).
-        evaluate_fn : Callable[[int, ArrayRecord], MetricRecord | None] | None
-            Must be ``None`` (the nodes' test splits are evaluated).
-
-        Returns
-        -------
-        Result
-            ``arrays``: the server model's weights; ``train_metrics_clientapp``:
-            each round's history row (also in :attr:`history`).
-
-        Raises
-        ------
-        ValueError
-            If ``initial_arrays``, ``train_config``, ``evaluate_config`` or
-            ``evaluate_fn`` is not ``None``.
+        Each round is :meth:`train_round` then :meth:`evaluate_round` (the
+        nodes' test splits); its row goes to :attr:`history`. Each wave waits
+        up to ``timeout`` seconds for its replies.
         """
-        if any(x is not None for x in (initial_arrays, train_config, evaluate_config, evaluate_fn)):
-            raise ValueError(
-                "SplitLearning takes its models and settings from the constructor: "
-                "initial_arrays, train_config, evaluate_config and evaluate_fn must be None"
-            )
         self.num_rounds = num_rounds
-        log(INFO, "Starting SplitLearning strategy:")
-        self.summary()
         run_start = time.perf_counter()
         for rnd in range(1, num_rounds + 1):
             log(INFO, "")
@@ -537,25 +415,11 @@ class SplitLearning(Strategy):
                 row["waves"],
                 progress(rnd, num_rounds, time.perf_counter() - run_start),
             )
-        return Result(
-            arrays=ArrayRecord(self.model.state_dict()),
-            train_metrics_clientapp={
-                int(row["round"]): MetricRecord({k: float(v) for k, v in row.items()})
-                for row in self.history
-            },
-        )
 
     def train_round(self, grid: Grid, server_round: int, timeout: float) -> dict[str, float]:
-        """Run one round's training (turns, then SplitFed's averaging); return its row.
+        """Run round ``server_round``'s training (turns, then SplitFed's averaging); return its row.
 
-        Parameters
-        ----------
-        grid : Grid
-            The Flower grid.
-        server_round : int
-            The round.
-        timeout : float
-            Seconds to wait for each wave.
+        Each wave on ``grid`` waits up to ``timeout`` seconds for its replies.
 
         Returns
         -------
@@ -631,14 +495,8 @@ class SplitLearning(Strategy):
     def evaluate_round(self, grid: Grid, server_round: int, timeout: float) -> dict[str, float]:
         """Classify the nodes' test activations under the round's edge weights; return the row.
 
-        Parameters
-        ----------
-        grid : Grid
-            The Flower grid.
-        server_round : int
-            The round.
-        timeout : float
-            Seconds to wait for the replies.
+        The nodes on ``grid`` get the edge weights of round ``server_round``;
+        their replies are awaited up to ``timeout`` seconds.
 
         Returns
         -------
@@ -669,7 +527,7 @@ class SplitLearning(Strategy):
         def decode(node: int, content: RecordDict) -> Any:
             return decode_payload(content, self.eval_spec, with_logits=False)
 
-        accepted, result = self._exchange(
+        accepted, result = self._exchange_wave(
             grid, messages, timeout, server_round, "evaluate", decode, EVALUATE_METRICS
         )
         for reply in accepted.values():

@@ -1,7 +1,9 @@
 """Helpers of the FedGKT strategies, kept out of the class (as Flower's ``strategy_utils``).
 
 Node sampling with a bounded wait, lost-node bookkeeping, the per-round rows
-and log lines, the round callback and the edge settings record.
+and log lines, the round callback and the edge settings record; and
+:class:`WaveStrategy`, the base of the strategies that run their own rounds of
+message waves (FedAgg, split learning), with :func:`send_wave`.
 """
 
 from __future__ import annotations
@@ -10,15 +12,18 @@ import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from logging import INFO, WARNING
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias, TypeVar
 
-from flwr.app import ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
+from torch import nn
 
 from flwr_gkt.core.edge import EdgeRoundConfig
-from flwr_gkt.wire import scalar, settings_record
+from flwr_gkt.wire import NUM_EXAMPLES, scalar, settings_record
+from flwr_gkt.wire.gate import Admitted, GateResult, ReplyGate
 
 if TYPE_CHECKING:
     from flwr_gkt.core.server import ServerRoundResult
@@ -26,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RoundCallback",
+    "WaveStrategy",
     "call_on_round",
     "edge_config_record",
     "edge_train_metrics",
@@ -38,6 +44,7 @@ __all__ = [
     "record_lost_nodes",
     "sample_connected",
     "sample_trained",
+    "send_wave",
     "server_row",
 ]
 
@@ -472,3 +479,227 @@ def evaluate_row(
         "eval-replies-ignored": ignored,
         "bytes-up-eval": nbytes,
     }
+
+
+def send_wave(
+    grid: Grid, messages: list[Message], timeout: float, poll_interval: float | None = None
+) -> list[Message]:
+    """Push one wave of messages and pull its replies until all are in or ``timeout`` passes.
+
+    Parameters
+    ----------
+    grid : Grid
+        The Flower grid.
+    messages : list[Message]
+        The wave.
+    timeout : float
+        Seconds to wait for the replies.
+    poll_interval : float, optional
+        Seconds between pulls while replies are outstanding (doubling up to
+        1 s while nothing arrives); ``None``: ``Grid.send_and_receive``, whose
+        deployment Grid sleeps 3 s between pulls.
+
+    Returns
+    -------
+    list[Message]
+        The replies, in arrival order.
+    """
+    if poll_interval is None:
+        return list(grid.send_and_receive(messages, timeout=timeout))
+    pending = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout
+    replies: list[Message] = []
+    delay = poll_interval
+    while pending:
+        got = list(grid.pull_messages(pending))
+        replies += got
+        pending -= {m.metadata.reply_to_message_id for m in got}
+        if not pending or time.monotonic() >= deadline:
+            break
+        if got:
+            delay = poll_interval
+        else:
+            time.sleep(delay)
+            delay = min(2 * delay, 1.0)
+    return replies
+
+
+#: How a wave's messages are keyed: by node id, or by another name of the node.
+NodeKey = TypeVar("NodeKey", int, str)
+
+
+class WaveStrategy(Strategy):
+    """The base of a strategy that runs its own rounds of message waves in :meth:`start`.
+
+    Flower's round-by-round hooks raise ``NotImplementedError``; :meth:`start`
+    runs :meth:`run_rounds` and returns :attr:`model`'s weights and
+    :attr:`history`; :meth:`_exchange_wave` sends one wave through
+    :attr:`gate`. A subclass sets the class attributes and :attr:`model`,
+    :attr:`gate`, :attr:`history` and :attr:`node_history`, and implements
+    :meth:`run_rounds` and :meth:`summary`.
+    """
+
+    #: The strategy's name in log lines and errors.
+    name: ClassVar[str]
+    #: What one round is made of (the round hooks' error).
+    round_kind: ClassVar[str]
+    #: What the strategy takes from its constructor (the error of :meth:`start`).
+    constructor_gives: ClassVar[str]
+    #: Seconds between pulls while a wave's replies are outstanding (:func:`send_wave`).
+    poll_interval: float | None = None
+    model: nn.Module
+    gate: ReplyGate
+    history: list[dict[str, float]]
+    node_history: list[dict[str, Any]]
+
+    def _own_rounds(self) -> NotImplementedError:
+        return NotImplementedError(
+            f"{self.name} runs its own rounds ({self.round_kind}): call start()"
+        )
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Raise ``NotImplementedError``: the strategy runs its own rounds in :meth:`start`."""
+        raise self._own_rounds()
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Raise ``NotImplementedError``: the strategy runs its own rounds in :meth:`start`."""
+        raise self._own_rounds()
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Raise ``NotImplementedError``: the strategy runs its own rounds in :meth:`start`."""
+        raise self._own_rounds()
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Raise ``NotImplementedError``: the strategy runs its own rounds in :meth:`start`."""
+        raise self._own_rounds()
+
+    def run_rounds(self, grid: Grid, num_rounds: int, timeout: float) -> None:
+        """Run ``num_rounds`` rounds, appending a row per round to :attr:`history`.
+
+        Parameters
+        ----------
+        grid : Grid
+            The Flower grid of the run.
+        num_rounds : int
+            Number of rounds.
+        timeout : float
+            Seconds to wait for each wave's replies.
+        """
+        raise NotImplementedError
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord | None = None,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Run ``num_rounds`` rounds on ``grid`` (:meth:`run_rounds`).
+
+        Parameters
+        ----------
+        grid : Grid
+            The Flower grid of the run.
+        initial_arrays : ArrayRecord | None
+            Must be ``None`` (the models come from the constructor).
+        num_rounds : int
+            Number of rounds.
+        timeout : float
+            Seconds to wait for each wave's replies.
+        train_config, evaluate_config : ConfigRecord | None
+            Must be ``None`` (the settings come from the constructor).
+        evaluate_fn : Callable[[int, ArrayRecord], MetricRecord | None] | None
+            Must be ``None`` (the strategy evaluates its model itself).
+
+        Returns
+        -------
+        Result
+            ``arrays``: :attr:`model`'s weights; ``train_metrics_clientapp``:
+            each round's history row (also in :attr:`history`).
+
+        Raises
+        ------
+        ValueError
+            If ``initial_arrays``, ``train_config``, ``evaluate_config`` or
+            ``evaluate_fn`` is not ``None``.
+        """
+        if any(x is not None for x in (initial_arrays, train_config, evaluate_config, evaluate_fn)):
+            raise ValueError(
+                f"{self.name} {self.constructor_gives} from the constructor: "
+                "initial_arrays, train_config, evaluate_config and evaluate_fn must be None"
+            )
+        log(INFO, "Starting %s strategy:", self.name)
+        self.summary()
+        self.run_rounds(grid, num_rounds, timeout)
+        return Result(
+            arrays=ArrayRecord(self.model.state_dict()),
+            train_metrics_clientapp={
+                int(row["round"]): MetricRecord({k: float(v) for k, v in row.items()})
+                for row in self.history
+            },
+        )
+
+    def _exchange_wave(
+        self,
+        grid: Grid,
+        messages: Mapping[NodeKey, Message],
+        timeout: float,
+        server_round: int,
+        stage: str,
+        decode: Callable[[NodeKey, RecordDict], Any] | None,
+        known: frozenset[str],
+        required: frozenset[str] = frozenset({NUM_EXAMPLES}),
+        node_column: str = "node-id",
+    ) -> tuple[dict[NodeKey, Admitted], GateResult]:
+        """Send one wave; return the replies the gate accepted (by key) and its result.
+
+        Every reply passes :meth:`ReplyGate.admit` (attribution, errors, size,
+        metric schema ``known`` and ``required``, then ``decode(key,
+        content)``) and its row goes to :attr:`node_history`; a node sent a
+        message without an attributed reply gets a ``lost`` row and a log line.
+
+        ``messages`` are keyed by node id (``node_column`` ``node-id``) or by
+        another name of the node, written to ``node_column`` of each row.
+        """
+        key_of = {m.metadata.dst_node_id: key for key, m in messages.items()}
+        sent = list(messages.values())
+        replies = send_wave(grid, sent, timeout, self.poll_interval)
+        result = self.gate.admit(
+            server_round,
+            stage,
+            replies,
+            sent,
+            None if decode is None else lambda node, content: decode(key_of[node], content),
+            known,
+            required=required,
+        )
+        if node_column != "node-id":
+            for row in result.records:
+                row[node_column] = key_of.get(row["node-id"], "")
+        self.node_history.extend(result.records)
+        answered = {key_of[row["node-id"]] for row in result.records if row["node-id"] in key_of}
+        for key in sorted(set(messages) - answered):
+            self.node_history.append(
+                {"round": server_round, "stage": stage, node_column: key, "status": "lost"}
+            )
+            log(
+                WARNING,
+                "%s round %d: %s: no reply from %s%s",
+                self.name,
+                server_round,
+                stage,
+                "node " if node_column == "node-id" else "",
+                key,
+            )
+        return {key_of[a.node]: a for a in result.accepted}, result
