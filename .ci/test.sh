@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The test suite (`make test`), in two pytest processes side by side:
-#   * tests/test_deploy.py -- real flower-superlink / flower-supernode processes;
-#     most of its time is spent waiting for the SuperLink to notice a killed
-#     node (Flower's 30 s heartbeat, 2 missed), not computing;
-#     it also runs the step-by-step commands of deploy/README.md;
+#   * tests/test_deploy.py and tests/test_simulation.py -- real flower-superlink /
+#     flower-supernode / flwr run processes; most of their time is spent waiting
+#     (for the SuperLink to notice a killed node: Flower's 30 s heartbeat, 2
+#     missed; for SuperLinks and ClientApp processes to start), not computing;
+#     test_deploy.py also runs the step-by-step commands of deploy/README.md;
 #   * everything else.
 # Same tests as a plain `pytest -q` (`make test-serial`), about 2.5 minutes less
 # wall time on 2 cores. pytest's exit code 5 ("no tests collected") is a failure.
@@ -13,13 +14,13 @@ PY="${PY:-.venv/bin/python}"
 
 deploy_log="$(mktemp)"
 trap 'rm -f "$deploy_log"' EXIT
-"$PY" -m pytest -q -p no:cacheprovider tests/test_deploy.py >"$deploy_log" 2>&1 &
+"$PY" -m pytest -q -p no:cacheprovider tests/test_deploy.py tests/test_simulation.py >"$deploy_log" 2>&1 &
 deploy_pid=$!
-"$PY" -m pytest -q --ignore=tests/test_deploy.py "$@"
+"$PY" -m pytest -q --ignore=tests/test_deploy.py --ignore=tests/test_simulation.py "$@"
 main=$?
 wait "$deploy_pid"
 deploy=$?
-echo "---- tests/test_deploy.py (run alongside) ----"
+echo "---- tests/test_deploy.py tests/test_simulation.py (run alongside) ----"
 cat "$deploy_log"
 
 status=0

@@ -9,6 +9,7 @@ simulation with faulty nodes. (The FedAvg baseline runs in
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -146,8 +147,16 @@ def test_bad_payloads_in_a_ray_simulation_are_rejected_and_the_run_goes_on(tmp_p
 def test_flwr_build_makes_a_fab_that_flwr_run_runs_on_a_fresh_superlink(tmp_path):
     """`flwr build` packs the repository; `flwr run` of the app installed from it completes."""
     flwr = str(Path(sys.executable).parent / "flwr")
+    # `flwr build` takes the app's name from its folder (letters, digits, hyphens,
+    # at most 32 characters): build from a copy of the checkout named like the app.
+    app = tmp_path / "flwr-gkt"
+    shutil.copytree(
+        ROOT,
+        app,
+        ignore=shutil.ignore_patterns(".git", ".venv", "results", "__pycache__", "*.fab"),
+    )
     build = subprocess.run(
-        [flwr, "build", "--app", str(ROOT)],
+        [flwr, "build", "--app", str(app)],
         cwd=tmp_path,
         env={**os.environ, "FLWR_HOME": str(tmp_path / "build-home")},
         capture_output=True,
@@ -178,4 +187,4 @@ def test_flwr_build_makes_a_fab_that_flwr_run_runs_on_a_fresh_superlink(tmp_path
     assert data["config"]["server-model"] == "resnet10"  # the preset reached the ServerApp
     assert not _leftover_processes(str(home)), "processes left running"
     # pyproject.toml is untouched by flwr build / run (no federation table to migrate)
-    assert "federations" not in (ROOT / "pyproject.toml").read_text()
+    assert "federations" not in (app / "pyproject.toml").read_text()
