@@ -1,10 +1,6 @@
 """Asynchronous FedGKT (AsyncFedGKT) with the real ClientApp handlers, replies out of order."""
 
-import json
 import logging
-import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -389,35 +385,3 @@ def test_server_app_picks_the_strategy_of_the_server_mode():
     assert RunConfig().max_staleness == -1  # default: no bound
     with pytest.raises(ValueError, match="server-mode 'bogus'"):
         strategy_class(RunConfig(server_mode="bogus"))
-
-
-def test_async_mode_in_a_ray_simulation(tmp_path):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "simulation",
-            "--preset",
-            "smoke",
-            "--set",
-            f"results-dir={tmp_path}",
-            "run-name=async",
-            "server-mode=async",
-            "server-threads=1",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-5000:]
-    assert "FedGKT round 2 update 2/2" in log
-    data = json.loads((tmp_path / "async" / "results.json").read_text())
-    history = data["history"]
-    assert [row["round"] for row in history] == [1, 2]
-    assert all(row["nodes-replied"] == 2 and row["nodes-rejected"] == 0 for row in history)
-    assert history[-1]["accuracy"] > 0.3 and history[-1]["num-examples"] == 500
-    assert data["config"]["server-mode"] == "async"

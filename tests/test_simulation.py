@@ -7,6 +7,7 @@ simulation with faulty nodes. (The FedAvg baseline runs in
 ``test_experiments.py``, the in-process runtime in ``test_reliability.py``.)
 """
 
+import csv
 import json
 import os
 import shutil
@@ -43,7 +44,12 @@ def _check_learned(history, rounds=2, nodes=2):
 
 
 def test_the_python_entry_runs_flwr_run_on_a_private_superlink(tmp_path):
-    """The README's main path: `flwr run` (no deprecated run_simulation), progress streamed."""
+    """The README's main path: `flwr run` (no deprecated run_simulation), progress streamed.
+
+    In async mode, so that the same run covers AsyncFedGKT in Flower's Ray
+    simulation (the synchronous entry runs in the wheel smoke test, and the
+    synchronous app through ``flwr_local`` below).
+    """
     log = _run(
         [
             "-m",
@@ -54,14 +60,18 @@ def test_the_python_entry_runs_flwr_run_on_a_private_superlink(tmp_path):
             f"results-dir={tmp_path}",
             "run-name=main",
             f"node-state-dir={tmp_path / 'nodes'}",
+            "server-mode=async",
+            "server-threads=1",
         ],
         ROOT,
     )
     assert "flwr run status: finished:completed" in log
-    assert log.index("FedGKT round 1 eval: accuracy") < log.index("FedGKT round 2 train")
+    assert log.index("FedGKT round 1 update 1/2") < log.index("FedGKT round 2 update 2/2")
     assert "deprecat" not in log.lower(), [x for x in log.splitlines() if "eprecat" in x]
     assert "run_simulation" not in log
-    _check_learned(_results(tmp_path / "main")["history"])
+    data = _results(tmp_path / "main")
+    _check_learned(data["history"])
+    assert data["config"]["server-mode"] == "async"
     # The simulated nodes took their node-side settings from this machine's run config.
     assert sorted(p.name for p in (tmp_path / "nodes").iterdir()) == ["node-0", "node-1"]
     assert not _leftover_processes("flwr-gkt-"), "processes left running"
@@ -188,3 +198,36 @@ def test_flwr_build_makes_a_fab_that_flwr_run_runs_on_a_fresh_superlink(tmp_path
     assert not _leftover_processes(str(home)), "processes left running"
     # pyproject.toml is untouched by flwr build / run (no federation table to migrate)
     assert "federations" not in (app / "pyproject.toml").read_text()
+
+
+def test_splitfed_v2_runs_through_the_flwr_runtime(tmp_path):
+    """``python -m simulation --algorithm splitfed-v2``: ``flwr run`` on a local Ray SuperLink.
+
+    One round on 30 samples per node (one mini-batch each: a ``begin`` wave and
+    the final ``step`` wave), the ClientApps in Flower's Ray simulation, so the
+    turn lives in ``context.state`` between two Ray actor calls (~30 s).
+    """
+    args = ["--preset", "smoke", "--algorithm", "splitfed-v2", "--set", "num-server-rounds=1"]
+    args += ["data-fraction=0.001", "test-fraction=0.01", f"results-dir={tmp_path}", "run-name=sf"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "simulation", *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "flwr run status: finished:completed" in log, log[-4000:]
+    with open(tmp_path / "sf" / "metrics.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["round"] == "1" and int(float(row["nodes-replied"])) == 2
+    assert int(float(row["waves"])) == 2 and int(float(row["messages-down"])) == 4
+    assert int(float(row["server-train-examples"])) == 60
+    for column in ("bytes-activations", "bytes-gradients", "bytes-edge-weights-up"):
+        assert float(row[column]) > 0, column
+    assert float(row["bytes-up-train"]) > 0 and float(row["bytes-down-train"]) > 0
+    assert float(row["bytes-up-eval"]) > 0 and 0 <= float(row["accuracy"]) <= 1
+    assert float(row["seconds-per-wave"]) > 0
+    assert json.loads((tmp_path / "sf" / "results.json").read_text())["algorithm"] == "splitfed-v2"

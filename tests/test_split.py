@@ -3,10 +3,6 @@
 import copy
 import csv
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -352,37 +348,3 @@ def test_communication_table_reports_bytes_to_target_and_analytic_costs(tmp_path
     table = communication_table([sl, gkt], 0.8)
     assert "| sl | sl | 90.00% | 6.000 | 4.000 | 2.000 | 2.000 |" in table
     assert "| fedgkt | fedgkt | 50.00% | 2.000 | - | 2.000 | - |" in table
-
-
-def test_splitfed_v2_runs_through_the_flwr_runtime(tmp_path):
-    """``python -m simulation --algorithm splitfed-v2``: ``flwr run`` on a local Ray SuperLink.
-
-    One round on 30 samples per node (one mini-batch each: a ``begin`` wave and
-    the final ``step`` wave), the ClientApps in Flower's Ray simulation, so the
-    turn lives in ``context.state`` between two Ray actor calls (~30 s).
-    """
-    root = Path(__file__).resolve().parent.parent
-    args = ["--preset", "smoke", "--algorithm", "splitfed-v2", "--set", "num-server-rounds=1"]
-    args += ["data-fraction=0.001", "test-fraction=0.01", f"results-dir={tmp_path}", "run-name=sf"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "simulation", *args],
-        cwd=root,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
-    assert "flwr run status: finished:completed" in log, log[-4000:]
-    with open(tmp_path / "sf" / "metrics.csv") as f:
-        (row,) = list(csv.DictReader(f))
-    assert row["round"] == "1" and int(float(row["nodes-replied"])) == 2
-    assert int(float(row["waves"])) == 2 and int(float(row["messages-down"])) == 4
-    assert int(float(row["server-train-examples"])) == 60
-    for column in ("bytes-activations", "bytes-gradients", "bytes-edge-weights-up"):
-        assert float(row[column]) > 0, column
-    assert float(row["bytes-up-train"]) > 0 and float(row["bytes-down-train"]) > 0
-    assert float(row["bytes-up-eval"]) > 0 and 0 <= float(row["accuracy"]) <= 1
-    assert float(row["seconds-per-wave"]) > 0
-    assert json.loads((tmp_path / "sf" / "results.json").read_text())["algorithm"] == "splitfed-v2"
