@@ -38,6 +38,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -186,22 +187,33 @@ def run(
 
 
 def _stream(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float) -> tuple[str, int]:
-    """Run ``cmd``, echoing its output line by line as it comes; ``(output, exit code)``."""
+    """Run ``cmd``, echoing its output line by line as it comes; ``(output, exit code)``.
+
+    Killed after ``timeout`` seconds, whether or not it is still printing.
+    """
     lines: list[str] = []
-    deadline = time.monotonic() + timeout
+    killed = threading.Event()
     with subprocess.Popen(
         cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     ) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            lines.append(line)
-            if time.monotonic() > deadline:
-                proc.kill()
-                lines.append(f"flwr run killed after {timeout:.0f} s\n")
-                break
+
+        def kill() -> None:
+            killed.set()
+            proc.kill()
+
+        timer = threading.Timer(timeout, kill)
+        timer.start()
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                lines.append(line)
+        finally:
+            timer.cancel()
         code = proc.wait()
+    if killed.is_set():
+        lines.append(f"flwr run killed after {timeout:.0f} s\n")
     return "".join(lines), code
 
 
