@@ -183,3 +183,30 @@ def test_features_to_be_replaced_wait_on_disk_and_a_silent_node_keeps_them(tmp_p
     assert server.store.is_spilled(2) and torch.equal(server.store[2].features, kept)
     assert len(list(tmp_path.iterdir())) == 1  # node 1's old file is gone
     assert strategy.history[-1]["server-train-examples"] == 40  # both nodes trained on
+
+
+@pytest.mark.parametrize("fraction_train", [1.0, 0.5])
+def test_features_go_to_disk_when_evaluation_starts_if_every_node_trains(tmp_path, fraction_train):
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from flwr_gkt.flower.strategy import FedGKT
+
+    class Grid:
+        def get_node_ids(self):
+            return [1, 2]
+
+    server = _server(spill_dir=tmp_path)
+    strategy = FedGKT(
+        server, 10, feature_shape=SHAPE, min_available_nodes=2, fraction_train=fraction_train
+    )
+    for node in (1, 2):
+        server.put(node, _reply(node, 20, "float32"))
+        strategy.trained_nodes.add(node)
+    kept = server.store[2].features.clone()
+    sent = list(strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(), Grid()))
+    assert len(sent) == 2
+    # every node trains next round: their features wait on disk through the evaluation;
+    # with client sampling a node may not be asked again, and its features stay in memory
+    spilled = fraction_train == 1.0
+    assert server.store.is_spilled(1) is spilled and server.store.is_spilled(2) is spilled
+    assert torch.equal(server.store[2].features, kept)  # read back from disk unchanged

@@ -66,6 +66,21 @@ COMPONENTS = {
 }
 
 
+#: Ray settings of the simulation SuperLink's processes (a variable the environment
+#: sets wins). ``RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES`` caps Ray's object store at
+#: 128 MiB instead of 30 % of the machine's memory: the ServerApp's process maps that
+#: shared-memory arena, and every page a reply ever passed through stays in its
+#: resident set (718 MB on the default run, whose replies are 360 MB each). Larger
+#: objects go through Ray's fallback allocation, a file mapped while the reply is read
+#: and released after it (peak RSS 3,839 -> 3,240 MB on 2 rounds of the default run,
+#: the same round time within 5 %). ``RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0`` keeps
+#: Ray's current handling of accelerator variables (no FutureWarning).
+RAY_ENV = {
+    "RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES": str(128 * 1024 * 1024),
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -121,6 +136,7 @@ def run(
     # environment's executables the ones found, activated venv or not.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     env = {
+        **RAY_ENV,
         **os.environ,
         "PATH": path,
         "FLWR_HOME": str(flwr_home),
@@ -269,8 +285,6 @@ def run_config_app(cfg: RunConfig, api: str, num_supernodes: int) -> int:
             cfg.client_cpus,
             env_extra={
                 TRUST_ENV: "1",
-                # Ray: keep its current handling of accelerator variables (no FutureWarning).
-                "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
                 # The SuperLink's processes import the flwr_gkt this entry runs, not
                 # whichever one the environment has installed (another checkout).
                 "PYTHONPATH": os.pathsep.join(

@@ -82,7 +82,10 @@ class FedGKT(Resumable, Strategy):
     Before each round, the stored features of the nodes asked for fresh ones
     move to disk until replaced (:meth:`flwr_gkt.core.store.FeatureStore.stage_out`):
     Flower hands over a round's replies together, so old and new would
-    otherwise be in memory at once.
+    otherwise be in memory at once. When every node trains every round
+    (``fraction_train=1``), that happens already when the evaluation starts:
+    evaluation does not read the stored features, and the round's test
+    features arrive together too.
 
     Parameters
     ----------
@@ -330,6 +333,12 @@ class FedGKT(Resumable, Strategy):
         precision, then ``config``'s entries and ``server-round``.
         """
         node_ids = self._eval_nodes(grid)
+        if self.stage_out and self.fraction_train >= 1.0:
+            # the next round asks these nodes again: their features wait on disk from now
+            nxt = server_round + 1
+            self.server.store.stage_out(
+                n for n in self.server.store if self._wants_features(n, nxt)
+            )
         eval_config = ConfigRecord(
             {
                 "batch-size": self.edge_config.batch_size,
