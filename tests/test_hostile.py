@@ -316,3 +316,25 @@ def test_fuzz_counts():
         f"\nfuzz: {FUZZ['decoded']} payloads at the decoder, {FUZZ['aggregated']} through aggregate_train"
     )
     assert FUZZ["decoded"] >= 300 and FUZZ["aggregated"] >= 100
+
+
+def test_payload_statistics_read_bounded_chunks_and_match_the_direct_norms(monkeypatch):
+    from flwr_gkt.core import robust
+    from flwr_gkt.core.payload import Payload, chunk_rows
+
+    features = torch.randn(300, 16, 28, 28)
+    payload = Payload(features, torch.zeros(300, dtype=torch.long), torch.randn(300, 10))
+    asked = []
+    real = Payload.dense_features
+
+    def spy(self, start=0, stop=None):
+        asked.append((stop if stop is not None else len(self.features)) - start)
+        return real(self, start, stop)
+
+    monkeypatch.setattr(Payload, "dense_features", spy)
+    stats = robust.payload_stats(payload)
+    step = chunk_rows(features.shape[1:])
+    assert step < 300 and max(asked) <= step  # 16 MB of float64 at a time, not the payload
+    norms = features.flatten(1).double().norm(dim=1)
+    assert stats["feature-norm"] == float(norms.median())
+    assert stats["feature-norm-max"] == float(norms.max())

@@ -52,7 +52,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import Tensor
 
-from flwr_gkt.core.payload import Payload, PayloadError, PayloadSpec
+from flwr_gkt.core.payload import Payload, PayloadError, PayloadSpec, chunk_rows
 
 __all__ = [
     "ARRAYS_KEY",
@@ -119,7 +119,6 @@ FEATURE_DTYPES = ("float32", "float16", "int8")
 LOGIT_DTYPES = ("float32", "float16")
 _FLOAT_DTYPES = ("float32", "float16")
 LABEL_DTYPES = ("int64",)
-_CHUNK = 4096  # samples quantized at a time (bounds temporary memory)
 
 
 def _to_numpy(x: Tensor | np.ndarray) -> np.ndarray:
@@ -152,9 +151,16 @@ def quantize_int8(features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     scale[scale == 0] = 1.0  # constant channel: any scale decodes to the minimum
     shape = (1, -1) + (1,) * (x.ndim - 2)
     q = np.empty(x.shape, dtype=np.int8)
-    for start in range(0, len(x), _CHUNK):
-        block = (x[start : start + _CHUNK] - lo.reshape(shape)) / scale.reshape(shape)
-        q[start : start + _CHUNK] = np.clip(np.rint(block) - 128, -128, 127)
+    step = chunk_rows(x.shape[1:], 4)  # one reused float32 buffer bounds the temporaries
+    buf = np.empty((min(step, len(x)), *x.shape[1:]), dtype=np.float32)
+    for start in range(0, len(x), step):
+        block = buf[: min(step, len(x) - start)]
+        np.subtract(x[start : start + len(block)], lo.reshape(shape), out=block)
+        np.divide(block, scale.reshape(shape), out=block)
+        np.rint(block, out=block)
+        block -= 128
+        np.clip(block, -128, 127, out=block)
+        q[start : start + len(block)] = block
     return q, lo.astype(np.float32), scale
 
 
@@ -627,7 +633,13 @@ def validate_arrays(
 
 def _all_finite(x: np.ndarray) -> bool:
     """Whether every value of ``x`` is finite, checked a chunk of rows at a time."""
-    return all(bool(np.isfinite(x[i : i + _CHUNK]).all()) for i in range(0, len(x), _CHUNK))
+    step = chunk_rows(x.shape[1:], 1)
+    buf = np.empty((min(step, len(x)), *x.shape[1:]), dtype=bool)  # reused: no heap growth
+    for i in range(0, len(x), step):
+        k = min(step, len(x) - i)
+        if not np.isfinite(x[i : i + k], out=buf[:k]).all():
+            return False
+    return True
 
 
 def decode_payload(content: RecordDict, spec: PayloadSpec, with_logits: bool) -> Payload:
