@@ -11,7 +11,9 @@ node's features, CE + KD, capturing each sample's server logits -- and a plain
 PyTorch loop over the same features already on the device (same model,
 weights, optimizer, batch size, memory format, precision). Prints samples per
 second of both and their ratio (the project's cost over the floor), then the
-AMP speed-up. Without CUDA, the CUDA rows are skipped with a message.
+AMP speed-up. Without CUDA, the CUDA rows are skipped with a message. With
+``--compile``, the plain loop also runs with ``torch.compile`` (eager vs compiled
+samples per second, per device and precision).
 """
 
 from __future__ import annotations
@@ -71,9 +73,14 @@ def project(model, payloads, device, precision, resident: bool, args) -> float:
     return result.num_examples * args.epochs / result.seconds
 
 
-def plain(model, payloads, device, precision, args) -> float:
-    """Samples per second of a plain loop over the same features, resident on ``device``."""
+def plain(model, payloads, device, precision, args, compile: bool = False) -> float:
+    """Samples per second of a plain loop over the same features, resident on ``device``.
+
+    With ``compile``, the model is ``torch.compile``-d (the warm-up epoch compiles it).
+    """
     model = prepare_model(copy.deepcopy(model), device)
+    if compile:
+        model = torch.compile(model)
     opt = torch.optim.Adam(model.parameters(), 1e-3, weight_decay=5e-4)
     x = torch.cat([p.dense_features() for p in payloads]).to(
         device, memory_format=torch.channels_last
@@ -116,6 +123,9 @@ def main() -> None:
     parser.add_argument("--server-model", default="resnet10")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument(
+        "--compile", action="store_true", help="also time the plain loop with torch.compile"
+    )
     args = parser.parse_args()
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
@@ -158,6 +168,18 @@ def main() -> None:
             if base and (device.type, precision) in speed:
                 print(
                     f"AMP {precision} on {device.type}: {speed[(device.type, precision)] / base:.2f}x fp32"
+                )
+    if args.compile:
+        payloads = _payloads(args.nodes, args.samples, "float32")
+        for device in devices:
+            for precision in ["fp32"] + (["bf16"] if bf16_supported(device) else []):
+                eager = plain(model, payloads, device, precision, args)
+                start = time.perf_counter()
+                compiled = plain(model, payloads, device, precision, args, compile=True)
+                print(
+                    f"torch.compile, plain loop, {device.type} {precision}: {eager:.0f}/s eager, "
+                    f"{compiled:.0f}/s compiled ({compiled / eager:.2f}x; "
+                    f"{time.perf_counter() - start:.0f}s with compilation)"
                 )
 
 

@@ -136,6 +136,10 @@ class RunConfig:
         edge's and the server's training and inference (see
         :func:`flwr_gkt.core.training.autocast`); each node resolves ``auto``
         on its own device.
+    server_compile : str
+        ``torch.compile`` backend of the server model (``inductor``); ``""``
+        (default): eager. Pays off in long runs only (see
+        :class:`flwr_gkt.core.server.GKTServer`).
     edge_optimizer : str
         ``adam`` or ``sgd``.
     edge_lr : float
@@ -277,6 +281,7 @@ class RunConfig:
     edge_lr: float = 0.001
     edge_precision: str = "auto"
     server_precision: str = "auto"
+    server_compile: str = ""
     # server training
     server_epochs: int = 20
     server_batch_size: int = 64

@@ -105,3 +105,33 @@ def test_auto_precision_is_bf16_where_supported_and_the_run_default():
     assert RunConfig().edge_precision == RunConfig().server_precision == "auto"
     server = GKTServer(torch.nn.Linear(4, 2), device="cpu", precision="auto")
     assert server.precision == want
+
+
+def test_a_compiled_server_trains_like_the_eager_one_and_keeps_its_state_dict_keys():
+    """``server-compile``: the model is compiled in place (the ``eager`` backend here: the
+    same graph capture as ``inductor``, without building kernels)."""
+    from flwr_gkt.app.task import make_gkt_server
+    from flwr_gkt.config import RunConfig
+    from flwr_gkt.core.payload import Payload
+
+    gen = torch.Generator().manual_seed(1)
+    y = torch.randint(0, 10, (48,), generator=gen)
+    x = torch.randn(48, 16, 8, 8, generator=gen) + y.view(-1, 1, 1, 1).float()
+    z = torch.randn(48, 10, generator=gen)
+    servers = []
+    for backend in ("", "eager"):
+        torch.manual_seed(0)
+        cfg = RunConfig(server_compile=backend, server_precision="fp32", server_epochs=1)
+        server = make_gkt_server(cfg)
+        server.put(1, Payload(x, y, z))
+        servers.append((server, server.train_round()))
+    (eager, r_eager), (compiled, r_compiled) = servers
+    assert (
+        compiled.model._compiled_call_impl is not None and eager.model._compiled_call_impl is None
+    )
+    assert list(compiled.model.state_dict()) == list(eager.model.state_dict())
+    assert r_compiled.num_examples == r_eager.num_examples == 48
+    assert r_compiled.loss == pytest.approx(r_eager.loss, rel=1e-4)
+    torch.testing.assert_close(
+        compiled.server_logits(1), eager.server_logits(1), rtol=1e-3, atol=1e-3
+    )

@@ -421,6 +421,7 @@ def make_gkt_server(cfg: RunConfig, spill_dir: str | Path | None = None) -> GKTS
         kd_mode=cfg.kd_mode,
         device=cfg.device,
         precision=cfg.server_precision,
+        compile_backend=cfg.server_compile or None,
         seed=cfg.seed,
         memory_budget=int(cfg.memory_budget_mb * 1024 * 1024) if cfg.memory_budget_mb > 0 else None,
         spill_dir=cfg.spill_dir or spill_dir,

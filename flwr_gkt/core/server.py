@@ -112,6 +112,11 @@ class GKTServer:
         the other nodes are gathered on the host into pinned memory, one batch
         ahead. ``None``: on CUDA, what is resident plus three quarters of the
         free device memory; nothing on the CPU. ``0``: nothing resident.
+    compile_backend : str, optional
+        Compile the model in place with :meth:`torch.nn.Module.compile` and
+        this backend (e.g. ``"inductor"``); ``None``: eager. Measured on the
+        2-core CPU (``benchmarks/gpu.py --compile``): bf16 server steps 1.12x to
+        1.22x faster, fp32 none, after about 20 s of compilation per process.
     """
 
     def __init__(
@@ -132,12 +137,15 @@ class GKTServer:
         memory_budget: int | None = None,
         spill_dir: str | Path | None = None,
         device_memory_budget: int | None = None,
+        compile_backend: str | None = None,
     ) -> None:
         self.device = get_device(device)
         self.device_memory_budget = device_memory_budget
         autocast(self.device, precision)  # raises where the precision is not supported
         self.precision = resolve_precision(self.device, precision)
         self.model = prepare_model(model, self.device)
+        if compile_backend:  # in place: the state_dict keys stay the model's own
+            self.model.compile(backend=compile_backend)
         self.optimizer = make_optimizer(optimizer, self.model.parameters(), lr, weight_decay)
         self.lr = float(lr)
         self.epochs = int(epochs)
