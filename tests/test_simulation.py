@@ -231,3 +231,17 @@ def test_splitfed_v2_runs_through_the_flwr_runtime(tmp_path):
     assert float(row["bytes-up-eval"]) > 0 and 0 <= float(row["accuracy"]) <= 1
     assert float(row["seconds-per-wave"]) > 0
     assert json.loads((tmp_path / "sf" / "results.json").read_text())["algorithm"] == "splitfed-v2"
+
+
+def test_the_private_superlink_caps_rays_object_store_unless_the_user_sets_it(
+    tmp_path, monkeypatch
+):
+    from flwr_gkt.app.flwr_local import superlink_env
+
+    key = "RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES"
+    monkeypatch.delenv(key, raising=False)
+    env = superlink_env(tmp_path, {"EXTRA": "1"})
+    assert env[key] == str(128 * 1024 * 1024) and env["EXTRA"] == "1"
+    assert env["FLWR_HOME"] == str(tmp_path)
+    monkeypatch.setenv(key, str(2 << 30))
+    assert superlink_env(tmp_path)[key] == str(2 << 30)  # the user's setting wins

@@ -81,6 +81,22 @@ RAY_ENV = {
 }
 
 
+def superlink_env(flwr_home: Path, env_extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of the private SuperLink: :data:`RAY_ENV` under this one, then ours."""
+    # The SuperLink starts flower-superexec / flwr-simulation by name: make this
+    # environment's executables the ones found, activated venv or not.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {
+        **RAY_ENV,
+        **os.environ,
+        "PATH": path,
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "PYTHONUNBUFFERED": "1",
+        **(env_extra or {}),
+    }
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -132,18 +148,7 @@ def run(
         '[superlink]\ndefault = "local-simulation"\n\n'
         f'[superlink.local-simulation]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )
-    # The SuperLink starts flower-superexec / flwr-simulation by name: make this
-    # environment's executables the ones found, activated venv or not.
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = {
-        **RAY_ENV,
-        **os.environ,
-        "PATH": path,
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "PYTHONUNBUFFERED": "1",
-        **(env_extra or {}),
-    }
+    env = superlink_env(flwr_home, env_extra)
     with open(flwr_home / "superlink.out", "wb") as out:
         superlink = subprocess.Popen(
             [
