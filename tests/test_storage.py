@@ -187,6 +187,7 @@ def test_features_to_be_replaced_wait_on_disk_and_a_silent_node_keeps_them(tmp_p
 
 @pytest.mark.parametrize("fraction_train", [1.0, 0.5])
 def test_features_go_to_disk_when_evaluation_starts_if_every_node_trains(tmp_path, fraction_train):
+    """... and come back into memory after the last round's evaluation."""
     from flwr.app import ArrayRecord, ConfigRecord
 
     from flwr_gkt.flower.strategy import FedGKT
@@ -210,3 +211,10 @@ def test_features_go_to_disk_when_evaluation_starts_if_every_node_trains(tmp_pat
     spilled = fraction_train == 1.0
     assert server.store.is_spilled(1) is spilled and server.store.is_spilled(2) is spilled
     assert torch.equal(server.store[2].features, kept)  # read back from disk unchanged
+    strategy.num_rounds = 2
+    strategy.aggregate_evaluate(1, [])  # no reply at all: the round still goes on
+    assert server.store.is_spilled(1) is spilled and server.store.is_spilled(2) is spilled
+    strategy.configure_evaluate(2, ArrayRecord(), ConfigRecord(), Grid())
+    strategy.aggregate_evaluate(2, [])  # the last round: the store is left as trained on
+    assert not server.store.is_spilled(1) and not server.store.is_spilled(2)
+    assert torch.equal(server.store[2].features, kept) and not list(tmp_path.iterdir())

@@ -79,16 +79,38 @@ class _Spilled:
         try:
             for run in np.split(np.arange(len(rows)), breaks):
                 first, count = int(sorted_rows[run[0]]), len(run)
-                data = os.pread(fd, count * self.row_bytes, self.offset + first * self.row_bytes)
-                if len(data) != count * self.row_bytes:
+                offset, size = self.offset + first * self.row_bytes, count * self.row_bytes
+                where = order[run]
+                if where[-1] - where[0] == count - 1 and np.all(np.diff(where) == 1):
+                    # the rows land side by side in ``out`` (e.g. read_all): read them
+                    # straight into it, without a temporary of the run's size
+                    start = int(where[0])
+                    got = _read_into(fd, memoryview(flat[start : start + count]).cast("B"), offset)
+                    data = None
+                else:
+                    data = os.pread(fd, size, offset)
+                    got = len(data)
+                if got != size:
                     raise OSError(f"{self.path}: short read at row {first}")
-                flat[order[run]] = np.frombuffer(data, dtype=np.uint8).reshape(count, -1)
+                if data is not None:
+                    flat[where] = np.frombuffer(data, dtype=np.uint8).reshape(count, -1)
         finally:
             os.close(fd)
         return out
 
     def read_all(self) -> np.ndarray:
         return self.read(np.arange(self.shape[0]))
+
+
+def _read_into(fd: int, buf: memoryview, offset: int) -> int:
+    """Fill ``buf`` from ``fd`` at ``offset`` (a read returns at most ~2 GB); return the bytes read."""
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n == 0:
+            break
+        done += n
+    return done
 
 
 _MMAP_THRESHOLD = 1024 * 1024
@@ -290,6 +312,37 @@ class FeatureStore(Mapping[int, Payload]):
                 continue
             moved += payload.features.nbytes
             self._spill(node)
+        return moved
+
+    def stage_in(self, nodes: Iterable[int]) -> int:
+        """Read staged-out features of ``nodes`` back into memory, while the budget allows.
+
+        The inverse of :meth:`stage_out`, after the last round: the store is left
+        as the server trained on it. Nodes in memory or unknown are skipped.
+
+        Parameters
+        ----------
+        nodes : Iterable[int]
+            Nodes whose features :meth:`stage_out` moved to disk.
+
+        Returns
+        -------
+        int
+            Bytes of features read back.
+        """
+        moved = 0
+        for node in nodes:
+            spilled = self._spilled.get(node)
+            if spilled is None or node not in self._payloads:
+                continue
+            size = spilled.shape[0] * spilled.row_bytes
+            if self.memory_budget is not None and self.memory_bytes + size > self.memory_budget:
+                continue
+            features = torch.from_numpy(spilled.read_all())
+            self._payloads[node] = replace(self._payloads[node], features=features)
+            del self._spilled[node]
+            spilled.path.unlink(missing_ok=True)
+            moved += size
         return moved
 
     def _spill(self, node: int) -> None:

@@ -85,7 +85,9 @@ class FedGKT(Resumable, Strategy):
     otherwise be in memory at once. When every node trains every round
     (``fraction_train=1``), that happens already when the evaluation starts:
     evaluation does not read the stored features, and the round's test
-    features arrive together too.
+    features arrive together too. After the last round's evaluation they are
+    read back (:meth:`~flwr_gkt.core.store.FeatureStore.stage_in`), so the
+    store is left as the server trained on it.
 
     Parameters
     ----------
@@ -204,6 +206,8 @@ class FedGKT(Resumable, Strategy):
         #: Nodes with an accepted train reply: the only ones asked to evaluate.
         self.trained_nodes: set[int] = set()
         self.num_rounds = 0
+        #: Nodes whose features went to disk when the current evaluation started.
+        self._staged_at_eval: list[int] = []
         #: One dict per round: metrics, bytes and times (also written to CSV).
         self.history: list[dict[str, float]] = []
         #: One dict per node and stage per round: accepted or why not, samples,
@@ -336,9 +340,9 @@ class FedGKT(Resumable, Strategy):
         if self.stage_out and self.fraction_train >= 1.0:
             # the next round asks these nodes again: their features wait on disk from now
             nxt = server_round + 1
-            self.server.store.stage_out(
-                n for n in self.server.store if self._wants_features(n, nxt)
-            )
+            staged = [n for n in self.server.store if self._wants_features(n, nxt)]
+            self.server.store.stage_out(staged)
+            self._staged_at_eval = staged
         eval_config = ConfigRecord(
             {
                 "batch-size": self.edge_config.batch_size,
@@ -383,6 +387,9 @@ class FedGKT(Resumable, Strategy):
 
         accepted, nbytes, rejected = self._accept(server_round, replies, False, evaluate)
         self._lost_nodes(server_round, "evaluate")
+        if server_round >= self.num_rounds:  # no next round: the store is left as trained on
+            self.server.store.stage_in(self._staged_at_eval)
+        self._staged_at_eval = []
         if not accepted:
             return None
         metrics = evaluate_row(sums, len(accepted), rejected, sum(self.ignored.values()), nbytes)
