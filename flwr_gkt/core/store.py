@@ -85,7 +85,7 @@ class _Spilled:
                     # the rows land side by side in ``out`` (e.g. read_all): read them
                     # straight into it, without a temporary of the run's size
                     start = int(where[0])
-                    got = _read_into(fd, memoryview(flat[start : start + count]).cast("B"), offset)
+                    got = _read_into(fd, flat[start : start + count].data.cast("B"), offset)
                     data = None
                 else:
                     data = os.pread(fd, size, offset)
