@@ -79,27 +79,25 @@ class _Spilled:
         try:
             for run in np.split(np.arange(len(rows)), breaks):
                 first, count = int(sorted_rows[run[0]]), len(run)
-                offset, size = self.offset + first * self.row_bytes, count * self.row_bytes
-                where = order[run]
-                if where[-1] - where[0] == count - 1 and np.all(np.diff(where) == 1):
-                    # the rows land side by side in ``out`` (e.g. read_all): read them
-                    # straight into it, without a temporary of the run's size
-                    start = int(where[0])
-                    got = _read_into(fd, flat[start : start + count].data.cast("B"), offset)
-                    data = None
-                else:
-                    data = os.pread(fd, size, offset)
-                    got = len(data)
-                if got != size:
+                data = os.pread(fd, count * self.row_bytes, self.offset + first * self.row_bytes)
+                if len(data) != count * self.row_bytes:
                     raise OSError(f"{self.path}: short read at row {first}")
-                if data is not None:
-                    flat[where] = np.frombuffer(data, dtype=np.uint8).reshape(count, -1)
+                flat[order[run]] = np.frombuffer(data, dtype=np.uint8).reshape(count, -1)
         finally:
             os.close(fd)
         return out
 
     def read_all(self) -> np.ndarray:
-        return self.read(np.arange(self.shape[0]))
+        """Every row, read straight into the new array (no temporary of the file's size)."""
+        out = np.empty(self.shape, dtype=self.dtype)
+        buf = out.reshape(-1).view(np.uint8).data
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            if _read_into(fd, buf, self.offset) != len(buf):
+                raise OSError(f"{self.path}: short read")
+        finally:
+            os.close(fd)
+        return out
 
 
 def _read_into(fd: int, buf: memoryview, offset: int) -> int:
@@ -338,8 +336,7 @@ class FeatureStore(Mapping[int, Payload]):
             size = spilled.shape[0] * spilled.row_bytes
             if self.memory_budget is not None and self.memory_bytes + size > self.memory_budget:
                 continue
-            features = torch.from_numpy(spilled.read_all())
-            self._payloads[node] = replace(self._payloads[node], features=features)
+            self._payloads[node] = self[node]  # its features read back from disk
             del self._spilled[node]
             spilled.path.unlink(missing_ok=True)
             moved += size
