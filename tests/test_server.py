@@ -40,6 +40,31 @@ def test_server_logits_belong_to_exactly_the_nodes_samples_in_order():
     assert server.server_logits(999) is None
 
 
+def test_training_order_follows_node_key_not_the_random_node_ids():
+    """Flower draws node ids at random per run: with ``node_key`` (the strategies
+    sort by node identity) the same data under other ids trains to the same model."""
+    data = {"a": payload(30, 1), "b": payload(20, 2), "c": payload(25, 3)}
+
+    def train(ids, key):
+        server = GKTServer(linear_server(), epochs=2, batch_size=8, lr=0.05, device="cpu")
+        uid = dict(zip(ids, data, strict=True))
+        server.node_key = (lambda n: uid[n]) if key else None
+        for node, name in uid.items():
+            server.put(node, data[name])
+        server.train_round()
+        weights = [t.clone() for t in server.model.state_dict().values()]
+        return weights, {name: server.server_logits(node) for node, name in uid.items()}
+
+    first, z_first = train([5, 9, 2], key=True)
+    second, z_second = train([7, 3, 8], key=True)
+    for w1, w2 in zip(first, second, strict=True):
+        torch.testing.assert_close(w1, w2, rtol=0, atol=0)
+    for name in data:
+        torch.testing.assert_close(z_first[name], z_second[name], rtol=0, atol=0)
+    unordered, _ = train([7, 3, 8], key=False)  # by id: another order, another model
+    assert any(not torch.equal(w1, w2) for w1, w2 in zip(first, unordered, strict=True))
+
+
 def test_server_trains_on_stored_features_and_keeps_them():
     server = GKTServer(linear_server(), epochs=1, batch_size=8, lr=0.01, device="cpu")
     p1 = payload(12, 1)

@@ -58,6 +58,12 @@ def test_each_node_gets_its_own_server_logits_in_sample_order():
     assert strategy.history[-1]["nodes-replied"] == 3
 
 
+def test_the_server_trains_on_nodes_in_the_order_of_their_identities():
+    _, strategy, _ = make_federation()
+    strategy.node_uids.update({11: "partition-2", 22: "partition-0", 33: "partition-1"})
+    assert strategy.server._ordered([11, 22, 33, 44]) == [44, 22, 33, 11]  # no uid: first
+
+
 def test_cosine_schedule_scales_edge_and_server_learning_rates():
     fed, strategy, _ = make_federation()
     strategy.lr_schedule, strategy.num_rounds = "cosine", 4

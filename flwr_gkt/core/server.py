@@ -159,6 +159,11 @@ class GKTServer:
         self.stored_round: dict[int, int] = {}
         #: Nodes whose payload the training guard found responsible and evicted.
         self.evicted: list[int] = []
+        #: Sort key of the nodes whose samples are concatenated (then shuffled
+        #: together) for training; ``None``: the node id. Flower draws node ids
+        #: at random per run, so the strategies sort by the node's stable
+        #: identity: the same seed then trains on the same order.
+        self.node_key: Callable[[int], Any] | None = None
 
     def put(self, node_id: int, payload: Payload, server_round: int = 0) -> None:
         """Store (replace) the latest validated payload of ``node_id``.
@@ -282,10 +287,14 @@ class GKTServer:
             when no stored node is to be trained on.
         """
         set_lr(self.optimizer, self.lr * lr_scale)
-        nodes = sorted(self.store if nodes is None else set(nodes) & set(self.store))
+        nodes = self._ordered(self.store if nodes is None else set(nodes) & set(self.store))
         if not nodes:
             return ServerRoundResult(0.0, 0.0, 0, 0, 0.0)
         return self._guarded(nodes, self._train_round)
+
+    def _ordered(self, nodes: Iterable[int]) -> list[int]:
+        """``nodes`` in training order (see :attr:`node_key`)."""
+        return sorted(nodes, key=self.node_key)
 
     def _guarded(
         self, nodes: list[int], run: Callable[[list[int]], ServerRoundResult]
@@ -480,7 +489,7 @@ class GKTServer:
         if node not in self.store:
             return ServerRoundResult(0.0, 0.0, 0, 0, 0.0)
         return self._guarded(
-            sorted(self.store),
+            self._ordered(self.store),
             lambda nodes: (
                 self._train_update(node, lr_scale, nodes)
                 if node in nodes

@@ -225,6 +225,9 @@ class FedGKT(Resumable, Strategy):
         self.gate = ReplyGate(max_payload_bytes, outlier_threshold, logit_clip)
         #: Stable identity (``node-uid``) each node id sent with its replies.
         self.node_uids: dict[int, str] = {}
+        # Flower's node ids are random per run: train on the nodes in the order of
+        # their identities, so that a seed reproduces a run
+        server.node_key = lambda node: (self.node_uids.get(node, ""), node)
         #: Secret token each node gets with its first instruction; a resumed
         #: run hands a node's state back only to the node holding it.
         self.node_tokens: dict[int, str] = {}
