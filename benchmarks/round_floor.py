@@ -1,11 +1,13 @@
 """Benchmark: one default-preset round through the project vs the same work in a plain loop.
 
-``python benchmarks/round_floor.py [--preset fmnist --runtimes flwr,inprocess --set k=v ...]``
+``python benchmarks/round_floor.py [--preset fmnist --runtimes flwr,inprocess --repeats 1 --set k=v ...]``
 
 Runs one round of the preset through the project -- ``python -m simulation``
 with Flower's Ray simulation and with the in-process runtime, each in its own
 process, one after the other -- and reads the round's ``round-seconds`` (from
-the first train instruction to the last evaluate reply, no start-up). Then, in
+the first train instruction to the last evaluate reply, no start-up) and its
+parts: waiting for the train and the evaluate replies (edge work and
+transport), server training, and the rest. Then, in
 this process and alone on the machine, a plain PyTorch loop does exactly the
 same work on the same tensors: each node's edge training (``E_c`` epochs, CE;
 the first round has no server logits), the extraction of its training
@@ -17,7 +19,9 @@ precision and memory format; nodes one after the other, with every thread.
 
 Prints each runtime's round time and its ratio to the plain loop (goal:
 <= 1.15), with the parts (edge, server, the rest: transport, validation,
-evaluation).
+evaluation). ``--repeats N`` runs the whole sequence N times, interleaved (a
+slow spell of the machine hits every runtime alike), and then prints the
+medians and the ratio of the medians.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,12 +45,13 @@ sys.path.insert(0, str(ROOT))
 
 def project_round(preset: str, runtime: str, overrides: list[str], out: Path) -> dict[str, float]:
     """Run one round of ``preset`` through ``python -m simulation``; return its metrics row."""
-    env = dict(os.environ, FLWR_HOME=tempfile.mkdtemp(prefix="flwr-home-"))
     sets = ["num-server-rounds=1", f"results-dir={out}", f"run-name={runtime}", *overrides]
     cmd = [sys.executable, "-m", "simulation", "--preset", preset, "--runtime", runtime]
-    start = time.perf_counter()
-    subprocess.run([*cmd, "--set", *sets], cwd=ROOT, env=env, check=True, capture_output=True)
-    wall = time.perf_counter() - start
+    with tempfile.TemporaryDirectory(prefix="flwr-home-") as home:
+        env = dict(os.environ, FLWR_HOME=home)
+        start = time.perf_counter()
+        subprocess.run([*cmd, "--set", *sets], cwd=ROOT, env=env, check=True, capture_output=True)
+        wall = time.perf_counter() - start
     with open(out / runtime / "metrics.csv") as f:
         row = {k: float(v) for k, v in next(csv.DictReader(f)).items() if v not in ("", None)}
     row["wall-seconds"] = wall
@@ -152,29 +158,47 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="fmnist")
     parser.add_argument("--runtimes", default="flwr,inprocess")
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved repeats (medians)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     out = Path(tempfile.mkdtemp(prefix="round-floor-"))
-    rows = {}
-    for runtime in [r for r in args.runtimes.split(",") if r]:
-        rows[runtime] = project_round(args.preset, runtime, args.set, out)
+    runtimes = [r for r in args.runtimes.split(",") if r]
+    nan = float("nan")
+    times: dict[str, list[float]] = {r: [] for r in [*runtimes, "plain"]}
+    for rep in range(1, args.repeats + 1):
+        for runtime in runtimes:
+            row = project_round(args.preset, runtime, args.set, out / str(rep))
+            times[runtime].append(row["round-seconds"])
+            waits = row.get("train-wait-seconds", nan) + row.get("eval-wait-seconds", nan)
+            print(
+                f"[{rep}] {runtime:>10}: round {row['round-seconds']:.1f}s "
+                f"(edge {row.get('edge-seconds-mean', nan):.1f}s per node; waiting for "
+                f"replies {row.get('train-wait-seconds', nan):.1f}s train + "
+                f"{row.get('eval-wait-seconds', nan):.1f}s eval; server "
+                f"{row['server-seconds']:.1f}s; the rest (gate, store, evaluation) "
+                f"{row['round-seconds'] - waits - row['server-seconds']:.1f}s; process "
+                f"{row['wall-seconds']:.0f}s; accuracy {row.get('accuracy', nan):.4f})",
+                flush=True,
+            )
+        plain = plain_round(args.preset, args.set)
+        times["plain"].append(plain["round"])
         print(
-            f"{runtime:>10}: round {rows[runtime]['round-seconds']:.1f}s "
-            f"(edge {rows[runtime].get('edge-seconds-mean', float('nan')):.1f}s per node, "
-            f"server {rows[runtime]['server-seconds']:.1f}s; process {rows[runtime]['wall-seconds']:.0f}s)",
+            f"[{rep}] {'plain':>10}: round {plain['round']:.1f}s (edge {plain['edge']:.1f}s for "
+            f"all nodes, server {plain['server']:.1f}s, evaluate {plain['evaluate']:.1f}s; "
+            f"accuracy {plain['accuracy']:.4f})",
             flush=True,
         )
-    plain = plain_round(args.preset, args.set)
-    print(
-        f"{'plain':>10}: round {plain['round']:.1f}s (edge {plain['edge']:.1f}s for all nodes, "
-        f"server {plain['server']:.1f}s, evaluate {plain['evaluate']:.1f}s; "
-        f"accuracy {plain['accuracy']:.4f})"
-    )
-    for runtime, row in rows.items():
-        print(
-            f"ratio {runtime}/plain: {row['round-seconds'] / plain['round']:.3f} "
-            f"(accuracy {row.get('accuracy', float('nan')):.4f})"
-        )
+        for runtime in runtimes:
+            print(f"[{rep}] ratio {runtime}/plain: {times[runtime][-1] / plain['round']:.3f}")
+    if args.repeats > 1:
+        med = {k: statistics.median(v) for k, v in times.items()}
+        print("medians: " + ", ".join(f"{k} {v:.1f}s" for k, v in med.items()))
+        for runtime in runtimes:
+            per = [a / b for a, b in zip(times[runtime], times["plain"], strict=True)]
+            print(
+                f"ratio {runtime}/plain of the medians: {med[runtime] / med['plain']:.3f} "
+                f"(per repeat {', '.join(f'{r:.2f}' for r in per)})"
+            )
 
 
 if __name__ == "__main__":

@@ -58,6 +58,26 @@ def test_each_node_gets_its_own_server_logits_in_sample_order():
     assert strategy.history[-1]["nodes-replied"] == 3
 
 
+def test_the_round_row_times_the_waits_for_replies():
+    """``train-wait-seconds`` / ``eval-wait-seconds``: the stages' replies, apart from training."""
+    import time
+
+    fed, strategy, _ = make_federation()
+    delay = {"train": 0.3, "evaluate": 0.2}
+
+    def slow(nid, rnd, reply):
+        time.sleep(delay[reply.metadata.message_type])
+        return reply
+
+    fed.tamper = slow
+    fed.run_round(strategy, 1)
+    row = strategy.history[-1]
+    assert row["train-wait-seconds"] >= 3 * delay["train"]
+    assert row["eval-wait-seconds"] >= 3 * delay["evaluate"]
+    parts = row["train-wait-seconds"] + row["server-seconds"] + row["eval-wait-seconds"]
+    assert parts <= row["round-seconds"]
+
+
 def test_the_server_trains_on_nodes_in_the_order_of_their_identities():
     _, strategy, _ = make_federation()
     strategy.node_uids.update({11: "partition-2", 22: "partition-0", 33: "partition-1"})

@@ -218,6 +218,8 @@ class FedGKT(Resumable, Strategy):
         self._features_asked: dict[int, bool] = {}
         self._sent_eval: list[Message] = []
         self._round_start = 0.0
+        #: When the latest stage's instructions were handed to the Grid.
+        self._sent_at = 0.0
         self._run_start = time.perf_counter()
         self._bytes_sent = 0
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
@@ -276,6 +278,7 @@ class FedGKT(Resumable, Strategy):
             self.server.store.stage_out(n for n in node_ids if self._features_asked[n])
         self._bytes_sent = sum(record_nbytes(m.content) for m in messages)
         self._sent_train = messages
+        self._sent_at = time.perf_counter()
         return messages
 
     def aggregate_train(
@@ -289,7 +292,10 @@ class FedGKT(Resumable, Strategy):
         node's new ``Z_s``. The round's row (node counts, server and edge loss
         / accuracy, store size, seconds, bytes) goes to :attr:`history` and is
         returned with the server weights (``None`` when it trained on nothing).
+        ``train-wait-seconds``: from the instructions' hand-over to the replies'
+        (edge training and transport).
         """
+        wait = time.perf_counter() - self._sent_at
         sent_features = 0
 
         def store(node: int, payload: Payload, _: Mapping[str, float]) -> None:
@@ -307,6 +313,7 @@ class FedGKT(Resumable, Strategy):
             "replies-late": self.ignored.get("late", 0),
             "replies-duplicate": self.ignored.get("duplicate", 0),
             "nodes-sent-features": sent_features,
+            "train-wait-seconds": wait,
         }
         self._drop_silent_nodes(server_round)
         result = ServerRoundResult(0.0, 0.0, 0, 0, 0.0)
@@ -363,6 +370,7 @@ class FedGKT(Resumable, Strategy):
             )
             for node in node_ids
         ]
+        self._sent_at = time.perf_counter()
         return self._sent_eval
 
     def aggregate_evaluate(
@@ -374,9 +382,11 @@ class FedGKT(Resumable, Strategy):
         merged into the round's :attr:`history` row): ``accuracy`` / ``loss``
         (edge extractor + server model), ``edge-accuracy`` / ``edge-loss``
         (edge model alone), weighted by examples, with counts, bytes and the
-        round's seconds; ``None`` when no reply was accepted. The plateau
-        schedule steps with the accuracy.
+        round's seconds (``eval-wait-seconds``: waiting for the replies);
+        ``None`` when no reply was accepted. The plateau schedule steps with
+        the accuracy.
         """
+        wait = time.perf_counter() - self._sent_at
         sums = dict.fromkeys(("loss", "correct", "n", "edge-correct", "edge-loss"), 0.0)
 
         def evaluate(node: int, payload: Payload, metrics: Mapping[str, float]) -> None:
@@ -396,6 +406,7 @@ class FedGKT(Resumable, Strategy):
         if not accepted:
             return None
         metrics = evaluate_row(sums, len(accepted), rejected, sum(self.ignored.values()), nbytes)
+        metrics["eval-wait-seconds"] = wait
         metrics["round-seconds"] = time.perf_counter() - self._round_start
         merge_row(self.history, server_round, metrics)
         if self.plateau is not None:  # the reference steps its scheduler with the test accuracy
