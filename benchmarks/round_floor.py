@@ -17,9 +17,8 @@ logits), and the evaluation (test features through the edge extractor, then
 the server model). Same models, initial weights, optimizers, batch sizes,
 precision and memory format; nodes one after the other, with every thread.
 
-Prints each runtime's round time and its ratio to the plain loop (goal:
-<= 1.15), with the parts (edge, server, the rest: transport, validation,
-evaluation). ``--repeats N`` runs the whole sequence N times, interleaved (a
+Prints each runtime's round time, its parts and its ratio to the plain loop
+(goal: <= 1.15). ``--repeats N`` runs the whole sequence N times, interleaved (a
 slow spell of the machine hits every runtime alike), and then prints the
 medians and the ratio of the medians.
 """
@@ -169,14 +168,15 @@ def main() -> None:
         for runtime in runtimes:
             row = project_round(args.preset, runtime, args.set, out / str(rep))
             times[runtime].append(row["round-seconds"])
-            waits = row.get("train-wait-seconds", nan) + row.get("eval-wait-seconds", nan)
+            train_wait = row.get("train-wait-seconds", nan)
+            eval_wait = row.get("eval-wait-seconds", nan)
+            rest = row["round-seconds"] - train_wait - eval_wait - row["server-seconds"]
             print(
                 f"[{rep}] {runtime:>10}: round {row['round-seconds']:.1f}s "
                 f"(edge {row.get('edge-seconds-mean', nan):.1f}s per node; waiting for "
-                f"replies {row.get('train-wait-seconds', nan):.1f}s train + "
-                f"{row.get('eval-wait-seconds', nan):.1f}s eval; server "
+                f"replies {train_wait:.1f}s train + {eval_wait:.1f}s eval; server "
                 f"{row['server-seconds']:.1f}s; the rest (gate, store, evaluation) "
-                f"{row['round-seconds'] - waits - row['server-seconds']:.1f}s; process "
+                f"{rest:.1f}s; process "
                 f"{row['wall-seconds']:.0f}s; accuracy {row.get('accuracy', nan):.4f})",
                 flush=True,
             )

@@ -1,6 +1,7 @@
 """FedGKT strategy with the real ClientApp handlers, in process (no Ray)."""
 
 import logging
+import time
 
 import numpy as np
 import pytest
@@ -60,8 +61,6 @@ def test_each_node_gets_its_own_server_logits_in_sample_order():
 
 def test_the_round_row_times_the_waits_for_replies():
     """``train-wait-seconds`` / ``eval-wait-seconds``: the stages' replies, apart from training."""
-    import time
-
     fed, strategy, _ = make_federation()
     delay = {"train": 0.3, "evaluate": 0.2}
 
