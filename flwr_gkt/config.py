@@ -170,7 +170,10 @@ class RunConfig:
         ``both``, ``server_to_edge`` or ``none`` (see
         :class:`~flwr_gkt.core.losses.KDMode`).
     feature_dtype : str
-        Feature codec on the wire: ``float32``, ``float16`` or ``int8``.
+        Feature codec on the wire: ``float32``, ``float16``, ``int8``, or
+        ``auto``: each reply float16 when that moves no value by more than
+        2^-25 (the features of bf16 edges: the same values in half the
+        bytes), float32 otherwise.
     logit_dtype : str
         Logit dtype on the wire: ``float32`` or ``float16``.
     gradient_dtype : str

@@ -2,6 +2,7 @@
 
 import logging
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,9 +14,10 @@ from flwr_gkt.core.edge import EdgeRoundConfig
 from flwr_gkt.core.models import resnet8
 from flwr_gkt.core.registry import build_server_model
 from flwr_gkt.core.server import GKTServer
+from flwr_gkt.core.training import bf16_supported
 from flwr_gkt.data import client_data
 from flwr_gkt.flower.strategy import FedGKT
-from flwr_gkt.wire import ARRAYS_KEY, decode_server_logits
+from flwr_gkt.wire import ARRAYS_KEY, FLOAT16_TOLERANCE, decode_server_logits
 
 NODES = [11, 22, 33]
 
@@ -328,3 +330,28 @@ def test_node_that_never_replies_is_recorded_as_lost(caplog):
     assert [(r["node-id"], r["stage"]) for r in lost] == [(22, "train")]
     assert any("node 22 did not reply" in r.getMessage() for r in caplog.records)
     assert metrics["server-train-examples"] == sum(len(p) for p in strategy.server.store.values())
+
+
+@pytest.mark.skipif(not bf16_supported(torch.device("cpu")), reason="needs a bf16 CPU")
+def test_auto_feature_dtype_sends_bf16_features_in_half_the_bytes_and_trains_alike():
+    runs = {}
+    for dtype in ("float32", "auto"):
+        fed, strategy, datas = make_federation()
+        strategy.feature_dtype = dtype
+        strategy.edge_config = replace(strategy.edge_config, precision="bf16")
+        fed.run_round(strategy, 1)
+        runs[dtype] = strategy
+    n = sum(len(d.y_train) for d in datas)
+    full, half = runs["float32"], runs["auto"]
+    assert (
+        full.history[-1]["bytes-up-train"] - half.history[-1]["bytes-up-train"]
+        == n * 16 * 28 * 28 * 2
+    )
+    for node in NODES:  # the same numbers (to 2^-25) stored in half the bytes
+        assert half.server.store[node].features.dtype == torch.float16
+        moved = half.server.store[node].dense_features() - full.server.store[node].features
+        assert moved.abs().max() <= FLOAT16_TOLERANCE
+        # Adam's first steps amplify 3e-8 into ~0.01 of the logits: alike, not bit-equal
+        got, ref = half.server.server_logits(node), full.server.server_logits(node)
+        torch.testing.assert_close(got, ref, atol=0.05, rtol=0)
+    assert abs(half.history[-1]["accuracy"] - full.history[-1]["accuracy"]) <= 0.02

@@ -7,6 +7,7 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from flwr_gkt.wire import (
     ARRAYS_KEY,
+    FLOAT16_TOLERANCE,
     METRICS_KEY,
     PayloadError,
     PayloadSpec,
@@ -16,6 +17,7 @@ from flwr_gkt.wire import (
     encode_server_logits,
     metrics_record,
     record_nbytes,
+    resolve_feature_dtype,
 )
 
 SPEC = PayloadSpec(num_classes=10, feature_shape=(16, 8, 8))
@@ -241,3 +243,31 @@ def test_int8_payload_with_wrong_channel_count_is_rejected():
     c = content(x, torch.randint(0, 10, (5,)), torch.randn(5, 10), feature_dtype="int8")
     with pytest.raises(PayloadError, match="maps have shape"):
         decode_payload(c, SPEC, True)
+
+
+def test_auto_sends_bf16_features_as_float16_with_the_same_values():
+    g = torch.Generator().manual_seed(0)
+    scale = torch.logspace(-9, 4, 16).view(1, 16, 1, 1)  # channel magnitudes 1e-9 .. 1e4
+    h = (torch.randn(5, 16, 8, 8, generator=g) * scale).bfloat16().float()  # bf16 values
+    _, y, z = make()
+    assert resolve_feature_dtype("auto", h) == "float16"
+    c = content(h, y, z, feature_dtype="float16")
+    assert record_nbytes(content(h, y, z)) - record_nbytes(c) == 5 * 16 * 8 * 8 * 2
+    got = decode_payload(c, SPEC, with_logits=True).dense_features()
+    normal = h.abs() >= 2.0**-14  # float16's normal range: every bf16 value there is exact
+    assert 0.5 < normal.float().mean() < 1 and torch.equal(got[normal], h[normal])
+    assert 0 < (got - h).abs().max() <= FLOAT16_TOLERANCE  # the rest: float16's finest grid
+
+
+def test_auto_keeps_float32_where_float16_would_move_a_value_more():
+    h = make()[0].bfloat16().float()
+    assert resolve_feature_dtype("auto", h) == "float16"
+    assert resolve_feature_dtype("float32", h) == "float32"  # an explicit codec is kept
+    assert resolve_feature_dtype("int8", h) == "int8"
+    assert resolve_feature_dtype("auto", make()[0]) == "float32"  # fp32 values: 24-bit mantissas
+    for value in (1.0 + 2.0**-12, -70000.0, float("nan")):  # between float16 values, too big, NaN
+        bad = h.clone()
+        bad[4, 15, 7, 7] = value  # the last value of the last chunk
+        assert resolve_feature_dtype("auto", bad) == "float32", value
+    with pytest.raises(ValueError, match="feature dtype"):
+        resolve_feature_dtype("bfloat16", h)

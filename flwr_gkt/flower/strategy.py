@@ -106,8 +106,11 @@ class FedGKT(Resumable, Strategy):
     min_train_nodes, min_evaluate_nodes, min_available_nodes : int
         Lower bounds for sampling, as in Flower's ``FedAvg``.
     feature_dtype, logit_dtype : str
-        Wire codecs (:mod:`flwr_gkt.wire`): features ``float32``, ``float16`` or
-        ``int8``; logits ``float32`` or ``float16`` (both directions).
+        Wire codecs (:mod:`flwr_gkt.wire`): features ``float32``, ``float16``,
+        ``int8`` or ``auto`` (each reply float16 when that moves no value by
+        more than 2^-25, float32 otherwise:
+        :func:`~flwr_gkt.wire.resolve_feature_dtype`);
+        logits ``float32`` or ``float16`` (both directions).
     max_samples : int, optional
         Largest number of samples one reply may carry.
     min_train_replies : int

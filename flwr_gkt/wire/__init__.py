@@ -58,6 +58,8 @@ __all__ = [
     "ARRAYS_KEY",
     "CONFIG_KEY",
     "FEATURE_DTYPES",
+    "FEATURE_DTYPE_CHOICES",
+    "FLOAT16_TOLERANCE",
     "GRADIENT_DTYPES",
     "LOGIT_DTYPES",
     "METRICS_KEY",
@@ -83,6 +85,7 @@ __all__ = [
     "encode_state",
     "quantize_int8",
     "record_nbytes",
+    "resolve_feature_dtype",
     "scalar",
     "settings_from_config",
     "settings_record",
@@ -116,6 +119,9 @@ NODE_TOKEN = "node-token"
 #: quantization of :func:`quantize_int8`, sent with ``feature-min`` and
 #: ``feature-scale`` (float32, one value per channel).
 FEATURE_DTYPES = ("float32", "float16", "int8")
+#: What a strategy may ask for as ``feature-dtype``: a codec, or ``auto``, which
+#: each node resolves for its own features (:func:`resolve_feature_dtype`).
+FEATURE_DTYPE_CHOICES = (*FEATURE_DTYPES, "auto")
 LOGIT_DTYPES = ("float32", "float16")
 _FLOAT_DTYPES = ("float32", "float16")
 LABEL_DTYPES = ("int64",)
@@ -186,6 +192,59 @@ def dequantize_int8(q: np.ndarray, minimum: np.ndarray, scale: np.ndarray) -> np
     return out
 
 
+#: The most ``feature-dtype: auto`` lets float16 move a value: half of float16's
+#: finest step (its subnormal spacing 2^-24). Values of magnitude 2^-14 and more
+#: must come through unchanged.
+FLOAT16_TOLERANCE = 2.0**-25
+
+
+def resolve_feature_dtype(feature_dtype: str, features: Tensor) -> str:
+    """Return the codec a node sends ``features`` with (``auto`` resolved).
+
+    ``auto`` means float16 when float16 moves no value by more than
+    :data:`FLOAT16_TOLERANCE` (about 3e-8), float32 otherwise: half the bytes
+    for the same numbers. Features an edge computed in bf16 autocast are such
+    values. A bfloat16 value has 8 significant bits and float16 holds 11, so
+    float16 keeps every bf16 value from 2^-14 up to 65,504 exactly and rounds
+    smaller ones onto its finest grid (README "Performance" counts them on the
+    default run). float32 features from an fp32 edge change by up to 2^-11 of
+    their value, so they stay float32, as does a reply with a value float16
+    cannot hold or a NaN. The check reads the features a chunk of rows at a
+    time.
+
+    Parameters
+    ----------
+    feature_dtype : str
+        A value of :data:`FEATURE_DTYPE_CHOICES`.
+    features : Tensor
+        The features about to be sent.
+
+    Returns
+    -------
+    str
+        One of :data:`FEATURE_DTYPES`.
+
+    Raises
+    ------
+    ValueError
+        If ``feature_dtype`` is not one of :data:`FEATURE_DTYPE_CHOICES`.
+    """
+    if feature_dtype not in FEATURE_DTYPE_CHOICES:
+        raise ValueError(f"feature dtype {feature_dtype!r} not in {FEATURE_DTYPE_CHOICES}")
+    if feature_dtype != "auto":
+        return feature_dtype
+    if features.dtype == torch.float16:
+        return "float16"
+    rows = features.detach().reshape(len(features), -1) if features.dim() else features.view(1, 1)
+    step = max(1, (1 << 22) // max(rows.shape[1], 1))  # about 4M values per chunk
+    for i in range(0, len(rows), step):
+        chunk = rows[i : i + step]
+        moved = (chunk.half().to(chunk.dtype) - chunk).abs_().max()
+        if not float(moved) <= FLOAT16_TOLERANCE:  # NaN or Inf: not <=
+            return "float32"
+    return "float16"
+
+
 def encode_payload(
     features: Tensor | np.ndarray,
     labels: Tensor | np.ndarray,
@@ -224,15 +283,17 @@ def encode_payload(
         raise ValueError(f"feature dtype {feature_dtype!r} not in {FEATURE_DTYPES}")
     if logit_dtype not in LOGIT_DTYPES:
         raise ValueError(f"logit dtype {logit_dtype!r} not in {LOGIT_DTYPES}")
-    feats = _to_numpy(features)
     arrays = {"labels": Array(np.ascontiguousarray(_to_numpy(labels).astype(np.int64)))}
     if feature_dtype == "int8":
-        q, lo, scale = quantize_int8(feats)
+        q, lo, scale = quantize_int8(_to_numpy(features))
         arrays.update(
             {"features": Array(q), "feature-min": Array(lo), "feature-scale": Array(scale)}
         )
+    elif isinstance(features, Tensor):  # torch converts float32 -> float16 faster than numpy
+        dtype = getattr(torch, feature_dtype)
+        arrays["features"] = Array(_to_numpy(features.detach().to(dtype).contiguous()))
     else:
-        arrays["features"] = Array(np.ascontiguousarray(feats.astype(feature_dtype)))
+        arrays["features"] = Array(np.ascontiguousarray(features.astype(feature_dtype)))
     if logits is not None:
         arrays["logits"] = Array(np.ascontiguousarray(_to_numpy(logits).astype(logit_dtype)))
     return ArrayRecord(arrays)
