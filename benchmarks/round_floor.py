@@ -1,6 +1,6 @@
 """Benchmark: one default-preset round through the project vs the same work in a plain loop.
 
-``python benchmarks/round_floor.py [--preset fmnist --runtimes flwr,inprocess --repeats 1 --set k=v ...]``
+``python benchmarks/round_floor.py [--preset fmnist --runtimes flwr,inprocess --repeats 1 --rounds 1 --set k=v ...]``
 
 Runs one round of the preset through the project -- ``python -m simulation``
 with Flower's Ray simulation and with the in-process runtime, each in its own
@@ -21,6 +21,12 @@ Prints each runtime's round time, its parts and its ratio to the plain loop
 (goal: <= 1.15). ``--repeats N`` runs the whole sequence N times, interleaved (a
 slow spell of the machine hits every runtime alike), and then prints the
 medians and the ratio of the medians.
+
+``--rounds R`` runs R rounds everywhere and times the last. A first round
+pays for start-up in every fresh process (Ray's ClientApp workers and the
+ServerApp: first-touch memory, oneDNN's kernels), while the plain loop runs
+in this one process, warm from the second repeat on; from round 2 each edge
+also distils from its server logits, in the plain loop too.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,9 +49,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def project_round(preset: str, runtime: str, overrides: list[str], out: Path) -> dict[str, float]:
-    """Run one round of ``preset`` through ``python -m simulation``; return its metrics row."""
-    sets = ["num-server-rounds=1", f"results-dir={out}", f"run-name={runtime}", *overrides]
+def project_round(
+    preset: str, runtime: str, overrides: list[str], out: Path, rounds: int = 1
+) -> dict[str, float]:
+    """Run ``rounds`` rounds of ``preset`` through ``python -m simulation``; return the last row."""
+    sets = [f"num-server-rounds={rounds}", f"results-dir={out}", f"run-name={runtime}", *overrides]
     cmd = [sys.executable, "-m", "simulation", "--preset", preset, "--runtime", runtime]
     with tempfile.TemporaryDirectory(prefix="flwr-home-") as home:
         env = dict(os.environ, FLWR_HOME=home)
@@ -52,7 +61,8 @@ def project_round(preset: str, runtime: str, overrides: list[str], out: Path) ->
         subprocess.run([*cmd, "--set", *sets], cwd=ROOT, env=env, check=True, capture_output=True)
         wall = time.perf_counter() - start
     with open(out / runtime / "metrics.csv") as f:
-        row = {k: float(v) for k, v in next(csv.DictReader(f)).items() if v not in ("", None)}
+        last = list(csv.DictReader(f))[-1]
+        row = {k: float(v) for k, v in last.items() if v not in ("", None)}
     row["wall-seconds"] = wall
     return row
 
@@ -63,8 +73,13 @@ def _kd(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
     return F.kl_div(log_p, log_q, reduction="batchmean", log_target=True) * t * t
 
 
-def plain_round(preset: str, overrides: list[str]) -> dict[str, float]:
-    """The same round's work in plain PyTorch, in this process; return seconds per part."""
+def plain_round(preset: str, overrides: list[str], rounds: int = 1) -> dict[str, float]:
+    """The same rounds' work in plain PyTorch, in this process; return the last round's seconds.
+
+    From the second round on, each node's edge distils from the server logits
+    of its samples (CE + KD, ``kd-mode: both``), as in the project; the edge
+    optimizer is created anew every round, the server's persists.
+    """
     from flwr_gkt.app.task import (
         build_server,
         config_from_run_config,
@@ -72,19 +87,42 @@ def plain_round(preset: str, overrides: list[str]) -> dict[str, float]:
         load_client_data,
     )
     from flwr_gkt.config import parse_overrides
-    from flwr_gkt.core.training import autocast, get_device
+    from flwr_gkt.core.training import get_device
 
     cfg = config_from_run_config({"preset": preset, **parse_overrides(overrides)})
     device = get_device(cfg.device)
     nodes = [load_client_data(cfg, k, cfg.num_clients) for k in range(cfg.num_clients)]
     cl = torch.channels_last
+    edges = [edge_builder(cfg, k)().to(device, memory_format=cl) for k in range(len(nodes))]
+    torch.manual_seed(cfg.seed)
+    server = build_server(cfg).to(device, memory_format=cl)
+    server_opt = torch.optim.Adam(server.parameters(), cfg.server_lr, weight_decay=cfg.weight_decay)
+    server_logits: list[torch.Tensor | None] = [None] * len(nodes)
+    for _ in range(rounds):
+        times = _plain_one_round(cfg, device, nodes, edges, server, server_opt, server_logits)
+    return times
+
+
+def _plain_one_round(
+    cfg: Any,
+    device: torch.device,
+    nodes: list[Any],
+    edges: list[torch.nn.Module],
+    server: torch.nn.Module,
+    server_opt: torch.optim.Optimizer,
+    server_logits: list[torch.Tensor | None],
+) -> dict[str, float]:
+    """One round: edge training (KD once ``server_logits`` are set), server epochs, evaluation."""
+    from flwr_gkt.core.training import autocast
+
+    cl = torch.channels_last
     times = {"edge": 0.0, "server": 0.0, "evaluate": 0.0}
-    feats, zs, ys, edges = [], [], [], []
-    for k, data in enumerate(nodes):
+    feats, zs, ys = [], [], []
+    for k, (data, model) in enumerate(zip(nodes, edges, strict=True)):
         start = time.perf_counter()
-        model = edge_builder(cfg, k)().to(device, memory_format=cl)
         opt = torch.optim.Adam(model.parameters(), cfg.edge_lr, weight_decay=cfg.weight_decay)
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + 1)
+        teacher_k = server_logits[k]
         model.train()
         for _ in range(cfg.edge_epochs):
             order = torch.randperm(len(data.y_train), generator=gen)
@@ -92,7 +130,12 @@ def plain_round(preset: str, overrides: list[str]) -> dict[str, float]:
                 idx = order[i : i + cfg.batch_size]
                 x = data.x_train[idx].to(device, memory_format=cl)
                 with autocast(device, cfg.edge_precision):
-                    loss = F.cross_entropy(model(x).float(), data.y_train[idx].to(device))
+                    out = model(x).float()
+                    loss = F.cross_entropy(out, data.y_train[idx].to(device))
+                    if teacher_k is not None:
+                        loss = loss + cfg.alpha * _kd(
+                            out, teacher_k[idx].to(device), cfg.temperature
+                        )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -108,13 +151,9 @@ def plain_round(preset: str, overrides: list[str]) -> dict[str, float]:
         feats.append(torch.cat(h).cpu())
         zs.append(torch.cat(z).cpu())
         ys.append(data.y_train)
-        edges.append(model)
         times["edge"] += time.perf_counter() - start
     start = time.perf_counter()
     features, teacher, labels = torch.cat(feats), torch.cat(zs), torch.cat(ys)
-    torch.manual_seed(cfg.seed)
-    server = build_server(cfg).to(device, memory_format=cl)
-    opt = torch.optim.Adam(server.parameters(), cfg.server_lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     captured = torch.empty(len(labels), teacher.shape[1], device=device)
     server.train()
@@ -127,11 +166,16 @@ def plain_round(preset: str, overrides: list[str]) -> dict[str, float]:
             with autocast(device, cfg.server_precision):
                 out = server(x).float()
                 loss = F.cross_entropy(out, y) + cfg.alpha * _kd(out, zt, cfg.temperature)
-            opt.zero_grad(set_to_none=True)
+            server_opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
+            server_opt.step()
             captured[idx.to(device)] = out.detach()
     captured = captured.cpu()
+    offsets = [0]
+    for y in ys:
+        offsets.append(offsets[-1] + len(y))
+    for k in range(len(nodes)):
+        server_logits[k] = captured[offsets[k] : offsets[k + 1]]
     times["server"] = time.perf_counter() - start
     start = time.perf_counter()
     correct = total = 0
@@ -158,6 +202,12 @@ def main() -> None:
     parser.add_argument("--preset", default="fmnist")
     parser.add_argument("--runtimes", default="flwr,inprocess")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved repeats (medians)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="rounds per run; the last one is timed (2: a round past start-up, with KD)",
+    )
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     out = Path(tempfile.mkdtemp(prefix="round-floor-"))
@@ -166,7 +216,7 @@ def main() -> None:
     times: dict[str, list[float]] = {r: [] for r in [*runtimes, "plain"]}
     for rep in range(1, args.repeats + 1):
         for runtime in runtimes:
-            row = project_round(args.preset, runtime, args.set, out / str(rep))
+            row = project_round(args.preset, runtime, args.set, out / str(rep), args.rounds)
             times[runtime].append(row["round-seconds"])
             train_wait = row.get("train-wait-seconds", nan)
             eval_wait = row.get("eval-wait-seconds", nan)
@@ -180,7 +230,7 @@ def main() -> None:
                 f"{row['wall-seconds']:.0f}s; accuracy {row.get('accuracy', nan):.4f})",
                 flush=True,
             )
-        plain = plain_round(args.preset, args.set)
+        plain = plain_round(args.preset, args.set, args.rounds)
         times["plain"].append(plain["round"])
         print(
             f"[{rep}] {'plain':>10}: round {plain['round']:.1f}s (edge {plain['edge']:.1f}s for "
