@@ -1,6 +1,7 @@
 """Dataset loaders on generated files, augmentation, partitions and node data."""
 
 import gzip
+import io
 import pickle
 import struct
 import tarfile
@@ -141,13 +142,35 @@ def test_cifar_loader_reads_torchvision_format(tmp_path, cache, kind):
     assert torch.equal(load_dataset(kind, str(folder)).x_test, raw.x_test)
 
 
-def test_cifar_archive_is_extracted_on_first_use(tmp_path, cache):
+@pytest.mark.parametrize("filters", [True, False], ids=["tarfile-filters", "python-before-3.11.4"])
+def test_cifar_archive_is_extracted_on_first_use(tmp_path, cache, monkeypatch, filters):
+    if not filters:  # Debian 12's Python 3.11.2 has no tarfile.data_filter
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
     _write_cifar(tmp_path / "src", "cifar10")
     (tmp_path / "data").mkdir()
     with tarfile.open(tmp_path / "data" / "cifar-10-python.tar.gz", "w:gz") as tar:
         tar.add(tmp_path / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
     raw = load_dataset("cifar10", str(tmp_path / "data"))
     assert len(raw.y_train) == 30 and (tmp_path / "data" / "cifar-10-batches-py").is_dir()
+
+
+@pytest.mark.parametrize("filters", [True, False], ids=["tarfile-filters", "python-before-3.11.4"])
+@pytest.mark.parametrize("kind", ["outside", "symlink"])
+def test_a_cifar_archive_reaching_outside_its_folder_is_refused(
+    tmp_path, cache, monkeypatch, filters, kind
+):
+    if not filters:
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    (tmp_path / "data").mkdir()
+    with tarfile.open(tmp_path / "data" / "cifar-10-python.tar.gz", "w:gz") as tar:
+        member = tarfile.TarInfo("../escaped" if kind == "outside" else "cifar-10-batches-py/x")
+        if kind == "symlink":
+            member.type, member.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(member, io.BytesIO(b""))
+    with pytest.raises((ValueError, tarfile.TarError)):
+        load_dataset("cifar10", str(tmp_path / "data"))
+    assert not (tmp_path / "escaped").exists()
+    assert not (tmp_path / "data" / "cifar-10-batches-py" / "x").exists()
 
 
 @pytest.mark.parametrize(

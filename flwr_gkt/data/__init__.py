@@ -337,9 +337,25 @@ class _LocalCIFAR100(_LocalCIFAR10, CIFAR100):
 
 
 def _extract_tar(archive: Path, root: Path) -> None:
-    """Extract a dataset archive with tarfile's ``data`` filter (no links out, no devices)."""
+    """Extract a dataset archive with tarfile's ``data`` filter (no links out, no devices).
+
+    Python before 3.11.4 (Debian 12 ships 3.11.2) has no extraction filters:
+    there, only regular files and directories inside ``root`` are accepted,
+    and an archive with anything else raises before anything is written.
+    """
     with tarfile.open(archive) as tar:
-        tar.extractall(root, filter="data")
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(root, filter="data")
+            return
+        base = root.resolve()
+        members = tar.getmembers()
+        for member in members:
+            target = (root / member.name).resolve()
+            if not (member.isfile() or member.isdir()):
+                raise ValueError(f"{archive.name}: {member.name!r} is not a file or a directory")
+            if target != base and base not in target.parents:
+                raise ValueError(f"{archive.name}: {member.name!r} points outside {root}")
+        tar.extractall(root, members=members)
 
 
 _CIFAR = {
