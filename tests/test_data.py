@@ -155,22 +155,18 @@ def test_cifar_archive_is_extracted_on_first_use(tmp_path, cache, monkeypatch, f
 
 
 @pytest.mark.parametrize("filters", [True, False], ids=["tarfile-filters", "python-before-3.11.4"])
-@pytest.mark.parametrize("kind", ["outside", "symlink"])
-def test_a_cifar_archive_reaching_outside_its_folder_is_refused(
-    tmp_path, cache, monkeypatch, filters, kind
-):
+def test_a_cifar_archive_holding_a_link_is_refused(tmp_path, cache, monkeypatch, filters):
+    """(A ``../`` member: ``tests/test_trust.py::test_archives_cannot_write_outside_the_data_dir``.)"""
     if not filters:
         monkeypatch.delattr(tarfile, "data_filter", raising=False)
     (tmp_path / "data").mkdir()
     with tarfile.open(tmp_path / "data" / "cifar-10-python.tar.gz", "w:gz") as tar:
-        member = tarfile.TarInfo("../escaped" if kind == "outside" else "cifar-10-batches-py/x")
-        if kind == "symlink":
-            member.type, member.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        member = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
+        member.type, member.linkname = tarfile.SYMTYPE, "/etc/passwd"
         tar.addfile(member, io.BytesIO(b""))
-    with pytest.raises((ValueError, tarfile.TarError)):
+    with pytest.raises(tarfile.TarError):
         load_dataset("cifar10", str(tmp_path / "data"))
-    assert not (tmp_path / "escaped").exists()
-    assert not (tmp_path / "data" / "cifar-10-batches-py" / "x").exists()
+    assert not (tmp_path / "data" / "cifar-10-batches-py" / "data_batch_1").exists()
 
 
 @pytest.mark.parametrize(

@@ -341,7 +341,8 @@ def _extract_tar(archive: Path, root: Path) -> None:
 
     Python before 3.11.4 (Debian 12 ships 3.11.2) has no extraction filters:
     there, only regular files and directories inside ``root`` are accepted,
-    and an archive with anything else raises before anything is written.
+    and an archive with anything else raises :class:`tarfile.TarError` (as the
+    filter does) before anything is written.
     """
     with tarfile.open(archive) as tar:
         if hasattr(tarfile, "data_filter"):
@@ -352,9 +353,11 @@ def _extract_tar(archive: Path, root: Path) -> None:
         for member in members:
             target = (root / member.name).resolve()
             if not (member.isfile() or member.isdir()):
-                raise ValueError(f"{archive.name}: {member.name!r} is not a file or a directory")
+                raise tarfile.TarError(
+                    f"{archive.name}: {member.name!r} is not a file or a directory"
+                )
             if target != base and base not in target.parents:
-                raise ValueError(f"{archive.name}: {member.name!r} points outside {root}")
+                raise tarfile.TarError(f"{archive.name}: {member.name!r} points outside {root}")
         tar.extractall(root, members=members)
 
 
