@@ -171,11 +171,7 @@ def _plain_one_round(
             server_opt.step()
             captured[idx.to(device)] = out.detach()
     captured = captured.cpu()
-    offsets = [0]
-    for y in ys:
-        offsets.append(offsets[-1] + len(y))
-    for k in range(len(nodes)):
-        server_logits[k] = captured[offsets[k] : offsets[k + 1]]
+    server_logits[:] = captured.split([len(y) for y in ys])
     times["server"] = time.perf_counter() - start
     start = time.perf_counter()
     correct = total = 0

@@ -251,7 +251,8 @@ def test_auto_sends_bf16_features_as_float16_with_the_same_values():
     h = (torch.randn(5, 16, 8, 8, generator=g) * scale).bfloat16().float()  # bf16 values
     _, y, z = make()
     assert resolve_feature_dtype("auto", h) == "float16"
-    c = content(h, y, z, feature_dtype="float16")
+    c = content(h, y, z, feature_dtype="auto")  # encode_payload resolves it itself
+    assert c.array_records[ARRAYS_KEY]["features"].dtype == "float16"
     assert record_nbytes(content(h, y, z)) - record_nbytes(c) == 5 * 16 * 8 * 8 * 2
     got = decode_payload(c, SPEC, with_logits=True).dense_features()
     normal = h.abs() >= 2.0**-14  # float16's normal range: every bf16 value there is exact
@@ -265,6 +266,9 @@ def test_auto_keeps_float32_where_float16_would_move_a_value_more():
     assert resolve_feature_dtype("float32", h) == "float32"  # an explicit codec is kept
     assert resolve_feature_dtype("int8", h) == "int8"
     assert resolve_feature_dtype("auto", make()[0]) == "float32"  # fp32 values: 24-bit mantissas
+    f, y, z = make()
+    sent = decode_payload(content(f, y, z, feature_dtype="auto"), SPEC, with_logits=True)
+    assert sent.features.dtype == torch.float32 and torch.equal(sent.features, f)
     for value in (1.0 + 2.0**-12, -70000.0, float("nan")):  # between float16 values, too big, NaN
         bad = h.clone()
         bad[4, 15, 7, 7] = value  # the last value of the last chunk

@@ -64,7 +64,6 @@ from flwr_gkt.wire import (
     encode_logits,
     encode_payload,
     metrics_record,
-    resolve_feature_dtype,
     scalar,
     settings_from_config,
     validate_server_logits,
@@ -459,10 +458,12 @@ def handle_train(
         features, logits = apply_privacy(features, logits, privacy)
     logit_dtype = str(config.get("logit-dtype", "float32"))
     if bool(config.get("send-features", True)):
-        feature_dtype = str(config.get("feature-dtype", "float32"))
-        feature_dtype = resolve_feature_dtype(feature_dtype, features)
         payload = encode_payload(
-            features, labels, logits, logit_dtype=logit_dtype, feature_dtype=feature_dtype
+            features,
+            labels,
+            logits,
+            logit_dtype=logit_dtype,
+            feature_dtype=str(config.get("feature-dtype", "float32")),
         )
     else:  # replay round: the server still holds this node's features
         payload = encode_logits(logits, logit_dtype)
@@ -595,9 +596,9 @@ def handle_evaluate(
     n = len(labels)
     if privacy is not None:
         features, _ = apply_privacy(features, None, privacy)
-    feature_dtype = str(config.get("feature-dtype", "float32"))
-    feature_dtype = resolve_feature_dtype(feature_dtype, features)
-    payload = encode_payload(features, labels, None, feature_dtype=feature_dtype)
+    payload = encode_payload(
+        features, labels, None, feature_dtype=str(config.get("feature-dtype", "float32"))
+    )
     metrics = metrics_record(
         n, **{"edge-loss": loss_sum / max(n, 1), "edge-accuracy": correct / max(n, 1)}
     )

@@ -233,16 +233,28 @@ def resolve_feature_dtype(feature_dtype: str, features: Tensor) -> str:
         raise ValueError(f"feature dtype {feature_dtype!r} not in {FEATURE_DTYPE_CHOICES}")
     if feature_dtype != "auto":
         return feature_dtype
+    return "float16" if _lossless_float16(features) is not None else "float32"
+
+
+def _lossless_float16(features: Tensor) -> Tensor | None:
+    """``features`` as float16 when that moves no value by more than :data:`FLOAT16_TOLERANCE`.
+
+    One pass: a chunk of about 4M values at a time is converted into the result
+    and checked; the first chunk that fails ends it. ``None`` when one does.
+    """
     if features.dtype == torch.float16:
-        return "float16"
-    rows = features.detach().reshape(len(features), -1) if features.dim() else features.view(1, 1)
-    step = max(1, (1 << 22) // max(rows.shape[1], 1))  # about 4M values per chunk
+        return features
+    source = features.detach()
+    rows = source.reshape(len(source), -1) if source.dim() else source.reshape(1, 1)
+    half = torch.empty(rows.shape, dtype=torch.float16, device=rows.device)
+    step = max(1, (1 << 22) // max(rows.shape[1], 1))
     for i in range(0, len(rows), step):
-        chunk = rows[i : i + step]
-        moved = (chunk.half().to(chunk.dtype) - chunk).abs_().max()
+        chunk, out = rows[i : i + step], half[i : i + step]
+        out.copy_(chunk)
+        moved = (out.to(chunk.dtype) - chunk).abs_().max()
         if not float(moved) <= FLOAT16_TOLERANCE:  # NaN or Inf: not <=
-            return "float32"
-    return "float16"
+            return None
+    return half.view(source.shape)
 
 
 def encode_payload(
@@ -263,9 +275,11 @@ def encode_payload(
     logits : Tensor | np.ndarray, optional
         Client logits ``N x num_classes``; left out of evaluate replies.
     feature_dtype : str
-        ``float32``, ``float16`` or ``int8`` (per-channel affine quantization,
+        ``float32``, ``float16``, ``int8`` (per-channel affine quantization,
         4x fewer bytes than float32, sent with ``feature-min`` and
-        ``feature-scale``).
+        ``feature-scale``) or ``auto`` (float16 when that moves no value by
+        more than :data:`FLOAT16_TOLERANCE`, else float32; see
+        :func:`resolve_feature_dtype`).
     logit_dtype : str
         ``float32`` or ``float16``.
 
@@ -279,10 +293,14 @@ def encode_payload(
     ValueError
         If a dtype is not one of the accepted ones.
     """
-    if feature_dtype not in FEATURE_DTYPES:
-        raise ValueError(f"feature dtype {feature_dtype!r} not in {FEATURE_DTYPES}")
+    if feature_dtype not in FEATURE_DTYPE_CHOICES:
+        raise ValueError(f"feature dtype {feature_dtype!r} not in {FEATURE_DTYPE_CHOICES}")
     if logit_dtype not in LOGIT_DTYPES:
         raise ValueError(f"logit dtype {logit_dtype!r} not in {LOGIT_DTYPES}")
+    if feature_dtype == "auto":  # converted once: the checked float16 copy is what is sent
+        source = features if isinstance(features, Tensor) else torch.from_numpy(features)
+        half = _lossless_float16(source)
+        features, feature_dtype = (source, "float32") if half is None else (half, "float16")
     arrays = {"labels": Array(np.ascontiguousarray(_to_numpy(labels).astype(np.int64)))}
     if feature_dtype == "int8":
         q, lo, scale = quantize_int8(_to_numpy(features))
