@@ -6,6 +6,12 @@
 #     missed; for SuperLinks and ClientApp processes to start), not computing;
 #     test_deploy.py also runs the step-by-step commands of deploy/README.md;
 #   * everything else.
+# Each process and everything it starts uses one torch/OpenMP thread
+# (OMP_NUM_THREADS=1; FLWR_GKT_TEST_THREADS=1 for tests/conftest.py): with two
+# threads each, the two processes' OpenMP threads wait on each other on 2 cores
+# and single tests ran 6-12x slower than alone (a tampered-reply test: 5.9 s
+# alone, 47.3 s beside the deployment tests; with one thread each, 7.1 s).
+# Measured with `--durations`: main 709 -> 459 s, deployment 646 -> 528 s.
 # Same tests as a plain `pytest -q` (`make test-serial`), about 2.5 minutes less
 # wall time on 2 cores. pytest's exit code 5 ("no tests collected") is a failure.
 set -uo pipefail
@@ -14,9 +20,9 @@ PY="${PY:-.venv/bin/python}"
 
 deploy_log="$(mktemp)"
 trap 'rm -f "$deploy_log"' EXIT
-"$PY" -m pytest -q -p no:cacheprovider tests/test_deploy.py tests/test_simulation.py >"$deploy_log" 2>&1 &
+OMP_NUM_THREADS=1 "$PY" -m pytest -q -p no:cacheprovider tests/test_deploy.py tests/test_simulation.py >"$deploy_log" 2>&1 &
 deploy_pid=$!
-"$PY" -m pytest -q --ignore=tests/test_deploy.py --ignore=tests/test_simulation.py "$@"
+FLWR_GKT_TEST_THREADS=1 OMP_NUM_THREADS=1 "$PY" -m pytest -q --ignore=tests/test_deploy.py --ignore=tests/test_simulation.py "$@"
 main=$?
 wait "$deploy_pid"
 deploy=$?

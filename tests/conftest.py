@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -35,7 +36,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+#: torch threads per test (``make test`` sets 1: its second pytest process runs beside this
+#: one, and two processes with 2 threads each on 2 cores slow each other down many times).
+TEST_THREADS = int(os.environ.get("FLWR_GKT_TEST_THREADS", "2"))
+
+
 @pytest.fixture(autouse=True)
 def _task_identity():
     set_task_identity()
-    torch.set_num_threads(2)
+    torch.set_num_threads(TEST_THREADS)
