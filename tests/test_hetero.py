@@ -120,6 +120,13 @@ def test_three_edge_models_in_one_federation_learn(tmp_path, user_models):
     assert set(results["costs"]["edge-models"]) == set(by_node.values())
     first, final = results["history"][0], results["final"]
     assert final["nodes-replied"] == 3 and final["eval-nodes"] == 3
+    # the server's memory against the bytes it stored (README "Performance")
+    stored = max(row["store-memory-mb"] for row in results["history"])
+    assert results["store-peak-mb"] == stored > 0
+    peak, baseline = results["server-peak-rss-mb"], results["server-baseline-rss-mb"]
+    assert 0 < baseline <= peak
+    assert results["server-peak-rss-ratio"] == pytest.approx(peak / stored)
+    assert results["server-added-rss-ratio"] == pytest.approx((peak - baseline) / stored)
     assert final["accuracy"] > 0.3 and final["accuracy"] > first["accuracy"]  # chance: 0.1
 
 
@@ -219,3 +226,18 @@ def test_every_extractor_starts_equal_whatever_the_classifier():
             strict=True,
         )
     )
+
+
+def test_memory_figures_are_nan_ratios_when_nothing_was_stored():
+    from flwr_gkt.app.task import memory_figures, peak_rss_mb
+
+    rows = [{"store-memory-mb": 0.0}, {}]
+    figures = memory_figures(peak_rss_mb(), rows)
+    assert figures["store-peak-mb"] == 0.0 and figures["server-peak-rss-mb"] > 0
+    assert all(
+        figures[k] != figures[k] for k in ("server-peak-rss-ratio", "server-added-rss-ratio")
+    )
+    stored = memory_figures(100.0, [{"store-memory-mb": 50.0}, {"store-memory-mb": 200.0}])
+    assert stored["store-peak-mb"] == 200.0
+    peak = stored["server-peak-rss-mb"]
+    assert stored["server-added-rss-ratio"] == pytest.approx((peak - 100.0) / 200.0)

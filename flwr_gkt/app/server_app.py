@@ -25,6 +25,7 @@ from .task import (
     feature_shape,
     federation_edge_models,
     make_gkt_server,
+    memory_figures,
     peak_rss_mb,
     results_dir,
     write_results,
@@ -119,6 +120,7 @@ def run_fedgkt(grid: Grid, cfg: RunConfig) -> FedGKT:
     log(INFO, "FedGKT: results go to %s", out)
     if cfg.resume:
         strategy.resume()
+    baseline_mb = peak_rss_mb()  # before any feature arrives
     start = time.perf_counter()
     try:
         strategy.start(
@@ -141,7 +143,7 @@ def run_fedgkt(grid: Grid, cfg: RunConfig) -> FedGKT:
         {
             "seconds": elapsed,
             "final": final,
-            "server-peak-rss-mb": peak_rss_mb(),
+            **memory_figures(baseline_mb, strategy.history),
             "faults-injected": dict(grid.injected) if isinstance(grid, FaultyGrid) else {},
         },
         nodes=strategy.node_history,
@@ -154,6 +156,17 @@ def run_fedgkt(grid: Grid, cfg: RunConfig) -> FedGKT:
         final.get("accuracy", float("nan")),
         final.get("edge-accuracy", float("nan")),
         out,
+    )
+    memory = memory_figures(baseline_mb, strategy.history)
+    log(
+        INFO,
+        "FedGKT server memory: peak RSS %.0f MB, %.0f MB before the first round, %.0f MB of "
+        "features stored: %.2fx the stored bytes, %.2fx counting what came after the first round",
+        memory["server-peak-rss-mb"],
+        baseline_mb,
+        memory["store-peak-mb"],
+        memory["server-peak-rss-ratio"],
+        memory["server-added-rss-ratio"],
     )
     return strategy
 

@@ -456,6 +456,40 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def memory_figures(baseline_mb: float, history: list[dict[str, Any]]) -> dict[str, float]:
+    """The server's memory against the bytes it stores, for ``results.json``.
+
+    Parameters
+    ----------
+    baseline_mb : float
+        :func:`peak_rss_mb` just before the first round: the process with torch,
+        Flower (and, in simulation, Ray's driver) imported and the server model
+        built, before any feature arrived.
+    history : list[dict]
+        The run's per-round rows (``store-memory-mb``: the stored bytes in
+        memory after the round's replies).
+
+    Returns
+    -------
+    dict[str, float]
+        ``server-peak-rss-mb``, ``server-baseline-rss-mb``,
+        ``store-peak-mb`` (the most bytes stored in memory after any round),
+        ``server-peak-rss-ratio`` (peak / stored) and
+        ``server-added-rss-ratio`` ((peak - baseline) / stored): NaN ratios
+        when nothing was stored.
+    """
+    peak = peak_rss_mb()
+    stored = max((float(row.get("store-memory-mb", 0.0)) for row in history), default=0.0)
+    nan = float("nan")
+    return {
+        "server-peak-rss-mb": peak,
+        "server-baseline-rss-mb": baseline_mb,
+        "store-peak-mb": stored,
+        "server-peak-rss-ratio": peak / stored if stored else nan,
+        "server-added-rss-ratio": (peak - baseline_mb) / stored if stored else nan,
+    }
+
+
 def results_dir(cfg: RunConfig) -> Path:
     name = cfg.run_name or time.strftime("fedgkt-%Y%m%d-%H%M%S")
     path = Path(cfg.results_dir).expanduser() / name
