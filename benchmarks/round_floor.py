@@ -15,7 +15,8 @@ features and logits, ``E_s`` server epochs over all nodes' features shuffled
 together (CE + KD from the client logits, capturing each sample's server
 logits), and the evaluation (test features through the edge extractor, then
 the server model). Same models, initial weights, optimizers, batch sizes,
-precision and memory format; nodes one after the other, with every thread.
+precision, optimizers (``make_optimizer``) and memory format; nodes one after
+the other, with every thread.
 
 Prints each runtime's round time, its parts and its ratio to the plain loop
 (goal: <= 1.15). ``--repeats N`` runs the whole sequence N times, interleaved (a
@@ -87,7 +88,7 @@ def plain_round(preset: str, overrides: list[str], rounds: int = 1) -> dict[str,
         load_client_data,
     )
     from flwr_gkt.config import parse_overrides
-    from flwr_gkt.core.training import get_device
+    from flwr_gkt.core.training import get_device, make_optimizer
 
     cfg = config_from_run_config({"preset": preset, **parse_overrides(overrides)})
     device = get_device(cfg.device)
@@ -96,7 +97,9 @@ def plain_round(preset: str, overrides: list[str], rounds: int = 1) -> dict[str,
     edges = [edge_builder(cfg, k)().to(device, memory_format=cl) for k in range(len(nodes))]
     torch.manual_seed(cfg.seed)
     server = build_server(cfg).to(device, memory_format=cl)
-    server_opt = torch.optim.Adam(server.parameters(), cfg.server_lr, weight_decay=cfg.weight_decay)
+    server_opt = make_optimizer(
+        cfg.server_optimizer, server.parameters(), cfg.server_lr, cfg.weight_decay
+    )
     server_logits: list[torch.Tensor | None] = [None] * len(nodes)
     for _ in range(rounds):
         times = _plain_one_round(cfg, device, nodes, edges, server, server_opt, server_logits)
@@ -113,14 +116,14 @@ def _plain_one_round(
     server_logits: list[torch.Tensor | None],
 ) -> dict[str, float]:
     """One round: edge training (KD once ``server_logits`` are set), server epochs, evaluation."""
-    from flwr_gkt.core.training import autocast
+    from flwr_gkt.core.training import autocast, make_optimizer
 
     cl = torch.channels_last
     times = {"edge": 0.0, "server": 0.0, "evaluate": 0.0}
     feats, zs, ys = [], [], []
     for k, (data, model) in enumerate(zip(nodes, edges, strict=True)):
         start = time.perf_counter()
-        opt = torch.optim.Adam(model.parameters(), cfg.edge_lr, weight_decay=cfg.weight_decay)
+        opt = make_optimizer(cfg.edge_optimizer, model.parameters(), cfg.edge_lr, cfg.weight_decay)
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + 1)
         teacher_k = server_logits[k]
         model.train()

@@ -135,3 +135,36 @@ def test_a_compiled_server_trains_like_the_eager_one_and_keeps_its_state_dict_ke
     torch.testing.assert_close(
         compiled.server_logits(1), eager.server_logits(1), rtol=1e-3, atol=1e-3
     )
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+def test_the_fused_optimizer_makes_the_same_updates_as_the_default_one(name):
+    """``make_optimizer`` uses PyTorch's fused kernels on the CPU; the updates stay the same."""
+    torch.manual_seed(0)
+    fused_model = build_server_model("resnet10", 10)
+    plain_model = build_server_model("resnet10", 10)
+    plain_model.load_state_dict(fused_model.state_dict())
+    initial = [p.detach().clone() for p in fused_model.parameters()]
+    fused = training.make_optimizer(name, fused_model.parameters(), 1e-2)
+    assert fused.defaults["fused"] is True
+    plain = training.make_optimizer(name, plain_model.parameters(), 1e-2)
+    for group in plain.param_groups:
+        group["fused"], group["foreach"] = None, False  # PyTorch's one-tensor-at-a-time loop
+    x, y = torch.randn(16, 16, 28, 28), torch.randint(0, 10, (16,))
+    for _ in range(5):
+        for model, opt in ((fused_model, fused), (plain_model, plain)):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    moved = 0.0
+    for a, b, p0 in zip(fused_model.parameters(), plain_model.parameters(), initial, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        moved = max(moved, float((a.detach() - p0).abs().max()))
+    assert moved > 1e-3  # the optimizers did move the weights
+
+
+def test_the_optimizer_is_not_fused_where_a_parameter_cannot_be():
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, device="meta"))]
+    assert training.fused_supported(params) is None
+    assert training.fused_supported(params[:1]) is True
+    assert training.fused_supported([]) is None
