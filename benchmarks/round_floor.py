@@ -14,8 +14,8 @@ the first round has no server logits), the extraction of its training
 features and logits, ``E_s`` server epochs over all nodes' features shuffled
 together (CE + KD from the client logits, capturing each sample's server
 logits), and the evaluation (test features through the edge extractor, then
-the server model). Same models, initial weights, optimizers, batch sizes,
-precision, optimizers (``make_optimizer``) and memory format; nodes one after
+the server model). Same models, initial weights, optimizers
+(``make_optimizer``), batch sizes, precision and memory format; nodes one after
 the other, with every thread.
 
 Prints each runtime's round time, its parts and its ratio to the plain loop

@@ -136,6 +136,7 @@ def run_fedgkt(grid: Grid, cfg: RunConfig) -> FedGKT:
     elapsed = time.perf_counter() - start
     final = strategy.history[-1] if strategy.history else {}
     torch.save(server.model.state_dict(), out / "server_model.pt")
+    memory = memory_figures(baseline_mb, strategy.history)
     write_results(
         out,
         cfg,
@@ -143,7 +144,7 @@ def run_fedgkt(grid: Grid, cfg: RunConfig) -> FedGKT:
         {
             "seconds": elapsed,
             "final": final,
-            **memory_figures(baseline_mb, strategy.history),
+            **memory,
             "faults-injected": dict(grid.injected) if isinstance(grid, FaultyGrid) else {},
         },
         nodes=strategy.node_history,
@@ -157,7 +158,6 @@ def run_fedgkt(grid: Grid, cfg: RunConfig) -> FedGKT:
         final.get("edge-accuracy", float("nan")),
         out,
     )
-    memory = memory_figures(baseline_mb, strategy.history)
     log(
         INFO,
         "FedGKT server memory: peak RSS %.0f MB, %.0f MB before the first round, %.0f MB of "
