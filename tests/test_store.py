@@ -1,5 +1,10 @@
 """The server's feature store: memory budget, spill to disk, streamed batches."""
 
+import gc
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -100,6 +105,38 @@ def test_temporary_spill_directory_is_removed_on_close():
     assert spill_dir is not None and any(spill_dir.iterdir())
     store.close()
     assert not spill_dir.exists()
+
+
+@pytest.mark.parametrize("given_dir", [False, True])
+def test_a_store_never_closed_leaves_no_features_on_disk_at_exit(tmp_path, given_dir):
+    """Spill files hold nodes' features: gone at exit, even from a store left in a cycle."""
+    spill_dir = repr(str(tmp_path / "spill")) if given_dir else "None"
+    script = f"""
+import torch
+from flwr_gkt.core.payload import Payload
+from flwr_gkt.core.store import FeatureStore
+store = FeatureStore(memory_budget=0, spill_dir={spill_dir})
+store.put(3, Payload(torch.rand(4, 2, 3, 3), torch.zeros(4, dtype=torch.long), None))
+print(next(store._spill_dir.iterdir()))
+holder = torch.nn.Module()
+holder.store, holder.me = store, holder  # a cycle: never collected before exit, never closed
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    written = Path(done.stdout.strip().splitlines()[-1])
+    assert written.name == "node-3-v1.npy"
+    assert not written.exists()
+    assert not written.parent.exists()  # the directory too, left empty (as close() does)
+
+
+def test_a_collected_store_removes_its_spill_files(tmp_path):
+    store = FeatureStore(memory_budget=0, spill_dir=tmp_path / "spill")
+    store.put(1, payload(10, 1))
+    assert len(list((tmp_path / "spill").iterdir())) == 1
+    del store
+    gc.collect()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_set_logits_checks_the_count(tmp_path):

@@ -35,7 +35,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -98,6 +99,14 @@ class _Spilled:
         finally:
             os.close(fd)
         return out
+
+
+def _unlink_all(spilled: dict[int, _Spilled], spill_dir: Path | None) -> None:
+    """Remove the spill files, and ``spill_dir`` if that leaves it empty (as ``close`` does)."""
+    for entry in spilled.values():
+        entry.path.unlink(missing_ok=True)
+    if spill_dir is not None and spill_dir.is_dir() and not any(spill_dir.iterdir()):
+        spill_dir.rmdir()
 
 
 def _read_into(fd: int, buf: memoryview, offset: int) -> int:
@@ -172,6 +181,10 @@ class FeatureStore(Mapping[int, Payload]):
         self._own_dir = False
         self._payloads: dict[int, Payload] = {}
         self._spilled: dict[int, _Spilled] = {}
+        # Spill files hold nodes' features: removed when the store is collected or
+        # the interpreter exits, also where :meth:`close` is never called.
+        weakref.finalize(self, _unlink_all, self._spilled, self._spill_dir)
+        self._remove_own_dir: Callable[[], object] | None = None
         self._versions: dict[int, int] = {}
         #: Features copied to the training device (:meth:`make_resident`).
         self._resident: dict[int, Tensor] = {}
@@ -455,21 +468,18 @@ class FeatureStore(Mapping[int, Payload]):
         if self._spill_dir is None:
             return
         if self._own_dir:
-            shutil.rmtree(self._spill_dir, ignore_errors=True)
+            if self._remove_own_dir is not None:
+                self._remove_own_dir()
             self._spill_dir, self._own_dir = None, False
         elif self._spill_dir.is_dir() and not any(self._spill_dir.iterdir()):
             self._spill_dir.rmdir()
 
-    def __del__(self) -> None:
-        """Call :meth:`close`, ignoring errors."""
-        try:
-            self.close()
-        except Exception:
-            pass
-
     def _write(self, node: int, features: Tensor) -> _Spilled:
         if self._spill_dir is None:
             self._spill_dir, self._own_dir = Path(tempfile.mkdtemp(prefix="gkt-spill-")), True
+            self._remove_own_dir = weakref.finalize(
+                self, shutil.rmtree, self._spill_dir, ignore_errors=True
+            )
         # Every node's features: readable by this user only (dir 0700, files 0600).
         self._spill_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self._spill_dir, 0o700)
