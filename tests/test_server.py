@@ -148,3 +148,36 @@ def test_server_round_applies_the_learning_rate_scale():
     server.put(1, payload(8, 1))
     server.train_round(lr_scale=0.25)
     assert server.optimizer.param_groups[0]["lr"] == 0.01 * 0.25
+
+
+def test_inference_runs_in_eval_batches_and_gives_the_batch_size_independent_result():
+    """Training batches of ``batch_size``; evaluation and per-node logits in ``eval_batch_size``."""
+    from flwr_gkt.core.registry import build_server_model
+
+    features = torch.randn(70, 16, 6, 6)
+    labels = torch.randint(0, 10, (70,))
+    teacher = torch.randn(70, 10)
+    seen = []
+
+    def record(server):
+        server.model.register_forward_pre_hook(lambda _, args: seen.append(len(args[0])))
+        return server
+
+    def make(eval_batch_size):
+        torch.manual_seed(0)
+        model = build_server_model("resnet10", 10)
+        return GKTServer(
+            model, epochs=1, batch_size=8, eval_batch_size=eval_batch_size, device="cpu"
+        )
+
+    small, large = make(3), record(make(32))
+    for server in (small, large):
+        server.put(1, Payload(features, labels, teacher))
+        server.train_round()  # the same training (batch 8) for both
+    training, seen[:] = list(seen), []
+    assert set(training[:-1]) == {8}
+    torch.testing.assert_close(small.server_logits(1), large.server_logits(1))
+    loss, correct = large.evaluate(features, labels)
+    assert seen == [32, 32, 6]  # 70 test samples in batches of 32
+    small_loss, small_correct = small.evaluate(features, labels)
+    assert abs(loss - small_loss) < 1e-3 * max(1.0, abs(loss)) and correct == small_correct

@@ -45,7 +45,10 @@ from flwr_gkt.core.training import (
 #: Log to Flower's logger (``flwr``), without importing Flower: the core is plain PyTorch.
 log = logging.getLogger("flwr").log
 
-__all__ = ["GKTServer", "ServerRoundResult"]
+__all__ = ["EVAL_BATCH_SIZE", "GKTServer", "ServerRoundResult"]
+
+#: Default mini-batch size of the server's inference (see :class:`GKTServer`).
+EVAL_BATCH_SIZE = 256
 
 
 @dataclass
@@ -85,6 +88,11 @@ class GKTServer:
         Server epochs ``E_s`` per round.
     batch_size : int
         Mini-batch size of server training.
+    eval_batch_size : int
+        Mini-batch size of inference (evaluation, per-node logits outside
+        training). The model is in eval mode there, so the batch size changes
+        no result beyond float rounding; larger batches run faster (ResNet-10
+        in bf16 on the 2-core CPU: 3,970 samples/s at 256 against 2,308 at 32).
     optimizer : str
         ``"adam"`` or ``"sgd"`` (see :func:`flwr_gkt.core.training.make_optimizer`).
     lr, weight_decay : float
@@ -125,6 +133,7 @@ class GKTServer:
         *,
         epochs: int = 1,
         batch_size: int = 64,
+        eval_batch_size: int = EVAL_BATCH_SIZE,
         optimizer: str = "adam",
         lr: float = 1e-3,
         weight_decay: float = 5e-4,
@@ -150,6 +159,7 @@ class GKTServer:
         self.lr = float(lr)
         self.epochs = int(epochs)
         self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size)
         self.temperature = float(temperature)
         self.alpha = float(alpha)
         self.kd_mode = KDMode(kd_mode)
@@ -358,7 +368,7 @@ class GKTServer:
         """
         losses: dict[int, float] = {}
         for node in nodes:
-            logits = predict(self.model, self._batches([node]), self.device)
+            logits = predict(self.model, self._batches([node], self.eval_batch_size), self.device)
             teacher = self.store.logits([node]) if self.kd_mode.server_distills else None
             loss = gkt_loss(
                 logits, self.store.labels([node]), teacher, self.temperature, self.alpha
@@ -411,7 +421,7 @@ class GKTServer:
         teacher = self.store.logits(nodes) if self.kd_mode.server_distills else None
         return fit(
             self.model,
-            self._batches(nodes, shuffle=True, size=size),
+            self._batches(nodes, self.batch_size, shuffle=True, size=size),
             self.optimizer,
             epochs=self.epochs,
             device=self.device,
@@ -423,7 +433,7 @@ class GKTServer:
         )
 
     def _batches(
-        self, nodes: list[int], shuffle: bool = False, size: int | None = None
+        self, nodes: list[int], batch_size: int, shuffle: bool = False, size: int | None = None
     ) -> StoreBatches:
         """Return batches of ``nodes``' stored samples for the training device.
 
@@ -438,7 +448,7 @@ class GKTServer:
         if budget:
             self.store.make_resident(self.device, budget)
         generator = self.generator if shuffle else None
-        return self.store.batches(nodes, self.batch_size, shuffle, generator, size, prefetch=cuda)
+        return self.store.batches(nodes, batch_size, shuffle, generator, size, prefetch=cuda)
 
     def _train_round(self, nodes: list[int]) -> ServerRoundResult:
         labels = self.store.labels(nodes)
@@ -453,7 +463,9 @@ class GKTServer:
                 result.seconds,
             )
         else:
-            all_logits = predict(self.model, self._batches(nodes), self.device, self.precision)
+            all_logits = predict(
+                self.model, self._batches(nodes, self.eval_batch_size), self.device, self.precision
+            )
             loss_sum, correct = evaluate_logits(all_logits, labels)
             loss, acc, secs = loss_sum / total, correct / total, 0.0
         self._last_loss = loss
@@ -505,7 +517,9 @@ class GKTServer:
         if self.epochs > 0:
             result = self._fit(nodes, size=size)
             loss, accuracy = result.loss, result.accuracy
-        logits = predict(self.model, self._batches([node]), self.device, self.precision)
+        logits = predict(
+            self.model, self._batches([node], self.eval_batch_size), self.device, self.precision
+        )
         self.logits[node] = logits
         if self.epochs == 0:
             loss_sum, correct = evaluate_logits(logits, self.store.labels([node]))
@@ -527,7 +541,7 @@ class GKTServer:
             Logits ``(N, num_classes)``, on the CPU.
         """
         labels = torch.zeros(len(features), dtype=torch.long)
-        batches = TensorBatches(features, labels, self.batch_size)
+        batches = TensorBatches(features, labels, self.eval_batch_size)
         return predict(self.model, batches, self.device, self.precision)
 
     def evaluate(self, features: Tensor, labels: Tensor) -> tuple[float, int]:
