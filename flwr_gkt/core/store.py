@@ -101,12 +101,16 @@ class _Spilled:
         return out
 
 
+def _rmdir_if_empty(directory: Path | None) -> None:
+    if directory is not None and directory.is_dir() and not any(directory.iterdir()):
+        directory.rmdir()
+
+
 def _unlink_all(spilled: dict[int, _Spilled], spill_dir: Path | None) -> None:
     """Remove the spill files, and ``spill_dir`` if that leaves it empty (as ``close`` does)."""
     for entry in spilled.values():
         entry.path.unlink(missing_ok=True)
-    if spill_dir is not None and spill_dir.is_dir() and not any(spill_dir.iterdir()):
-        spill_dir.rmdir()
+    _rmdir_if_empty(spill_dir)
 
 
 def _read_into(fd: int, buf: memoryview, offset: int) -> int:
@@ -178,12 +182,12 @@ class FeatureStore(Mapping[int, Payload]):
         if self.memory_budget is not None:
             return_large_blocks_to_os()
         self._spill_dir = Path(spill_dir) if spill_dir else None
-        self._own_dir = False
         self._payloads: dict[int, Payload] = {}
         self._spilled: dict[int, _Spilled] = {}
         # Spill files hold nodes' features: removed when the store is collected or
         # the interpreter exits, also where :meth:`close` is never called.
         weakref.finalize(self, _unlink_all, self._spilled, self._spill_dir)
+        #: Removes the temporary spill directory the store made itself (``None``: none).
         self._remove_own_dir: Callable[[], object] | None = None
         self._versions: dict[int, int] = {}
         #: Features copied to the training device (:meth:`make_resident`).
@@ -465,18 +469,15 @@ class FeatureStore(Mapping[int, Payload]):
         for node in list(self._spilled):
             self.remove(node)
         self._resident.clear()
-        if self._spill_dir is None:
-            return
-        if self._own_dir:
-            if self._remove_own_dir is not None:
-                self._remove_own_dir()
-            self._spill_dir, self._own_dir = None, False
-        elif self._spill_dir.is_dir() and not any(self._spill_dir.iterdir()):
-            self._spill_dir.rmdir()
+        if self._remove_own_dir is not None:
+            self._remove_own_dir()
+            self._spill_dir, self._remove_own_dir = None, None
+        else:
+            _rmdir_if_empty(self._spill_dir)
 
     def _write(self, node: int, features: Tensor) -> _Spilled:
         if self._spill_dir is None:
-            self._spill_dir, self._own_dir = Path(tempfile.mkdtemp(prefix="gkt-spill-")), True
+            self._spill_dir = Path(tempfile.mkdtemp(prefix="gkt-spill-"))
             self._remove_own_dir = weakref.finalize(
                 self, shutil.rmtree, self._spill_dir, ignore_errors=True
             )

@@ -727,9 +727,9 @@ def _all_finite(x: np.ndarray) -> bool:
     the IEEE definition of NaN / Inf and, for float16, about 7x faster than
     ``np.isfinite``, which converts every float16 value to float32 first.
     """
-    bits = _FLOAT_BITS.get(x.dtype)
     if x.size == 0:
         return True
+    bits = _FLOAT_BITS.get(x.dtype)
     if bits is None or not x.flags.c_contiguous:
         return bool(np.isfinite(x).all())
     uint, magnitude, exponent = bits
@@ -739,7 +739,7 @@ def _all_finite(x: np.ndarray) -> bool:
     for i in range(0, len(rows), step):
         k = min(step, len(rows) - i)
         chunk = np.bitwise_and(rows[i : i + k], magnitude, out=buf[:k])
-        if chunk.size and int(chunk.max()) >= exponent:
+        if int(chunk.max()) >= exponent:
             return False
     return True
 
