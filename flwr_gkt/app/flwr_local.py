@@ -73,8 +73,11 @@ COMPONENTS = {
 #: resident set (718 MB on the default run, whose replies are 360 MB each). Larger
 #: objects go through Ray's fallback allocation, a file mapped while the reply is read
 #: and released after it (peak RSS 3,839 -> 3,240 MB on 2 rounds of the default run,
-#: the same round time within 5 %). ``RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0`` keeps
-#: Ray's current handling of accelerator variables (no FutureWarning).
+#: the same round time within 5 %). 384 MiB, room for the two float16 replies in flight
+#: of the float16 default run, cut the wait for them by about 4 s a round but raised the
+#: peak by 60-220 MB and left the runs no shorter (README "Performance", stop 28).
+#: ``RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0`` keeps Ray's current handling of accelerator
+#: variables (no FutureWarning).
 RAY_ENV = {
     "RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES": str(128 * 1024 * 1024),
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
