@@ -486,7 +486,7 @@ def decode_embeddings(
         )
     if num_examples != n:
         raise PayloadError(f"'{NUM_EXAMPLES}' says {num_examples} but the payload has {n} samples")
-    if not np.isfinite(eps).all():
+    if not _all_finite(eps):  # as features: chunked, no array-sized temporary
         raise PayloadError("'embeddings' contain NaN or Inf")
     if labels.min() < 0 or labels.max() >= num_classes:
         raise PayloadError(
