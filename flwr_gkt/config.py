@@ -217,6 +217,13 @@ class RunConfig:
     logit_clip : float
         Bound client logits are clipped to before the server distils from
         them (``0``: off).
+    max_abs_value : float
+        Largest absolute value of any float in a reply (features,
+        activations, logits, embeddings, edge weights), every algorithm
+        (``0``: only NaN/Inf are refused).
+    max_weight_change : float
+        Split learning: largest change of the edge weights a node returns,
+        relative to the norm of the weights it was sent (``0``: unchecked).
     fedagg_edges : int
         FedAgg: number of edge servers (``0``: two tiers).
     end_model, edge_tier_model, cloud_model : str
@@ -324,6 +331,8 @@ class RunConfig:
     max_samples: int = 0
     outlier_threshold: float = 10.0
     logit_clip: float = 0.0
+    max_abs_value: float = 1e4
+    max_weight_change: float = 10.0
     # FedAgg / FedEEC (see docs/fedagg.md; BSBODP uses batch-size, edge-optimizer, edge-lr, edge-epochs)
     fedagg_edges: int = 0
     end_model: str = "cnn"

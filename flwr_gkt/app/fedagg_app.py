@@ -117,6 +117,7 @@ def run_fedagg(grid: Grid, cfg: RunConfig) -> FedAgg:
         max_samples=cfg.max_samples or None,
         on_round=tensorboard,
     )
+    strategy.gate.max_abs_value = cfg.max_abs_value
     start = time.perf_counter()
     try:
         strategy.start(grid, num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout)

@@ -77,6 +77,7 @@ def make_legacy_apps(fixed: RunConfig | None = None) -> tuple[ServerApp, ClientA
             num_rounds=cfg.num_server_rounds,
             cfg=cfg,
         )
+        strategy.gate.max_abs_value = cfg.max_abs_value
         return ServerAppComponents(
             strategy=strategy, config=ServerConfig(num_rounds=cfg.num_server_rounds)
         )

@@ -108,6 +108,7 @@ def run_fedgkt(grid: Grid, cfg: RunConfig) -> FedGKT:
         on_round=tensorboard,
         **mode_args,
     )
+    strategy.gate.max_abs_value = cfg.max_abs_value
     plan = FaultPlan.from_config(cfg.faults, cfg.fault_rate, cfg.fault_kinds, cfg.seed)
     if plan:
         grid = FaultyGrid(grid, plan)

@@ -103,7 +103,10 @@ def run_split(grid: Grid, cfg: RunConfig) -> SplitLearning:
         max_payload_bytes=int(cfg.max_payload_mb * 1024 * 1024) or None,
         max_samples=cfg.max_samples or None,
         eval_batch_size=cfg.server_batch_size,
+        outlier_threshold=cfg.outlier_threshold,
+        max_weight_change=cfg.max_weight_change or None,
     )
+    strategy.gate.max_abs_value = cfg.max_abs_value
     start = time.perf_counter()
     strategy.start(grid, num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout)
     elapsed = time.perf_counter() - start

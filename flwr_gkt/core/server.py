@@ -58,12 +58,13 @@ class ServerRoundResult:
     Parameters
     ----------
     loss : float
-        Mean training loss (``NaN`` when the update was undone because it left
-        the model non-finite).
+        Mean training loss; always finite (``0`` when nothing was trained: no
+        samples, or the update was undone because it left the model non-finite).
     accuracy : float
         Training accuracy on the samples seen.
     num_examples : int
-        Number of samples trained on (``0``: no training happened).
+        Number of samples trained on (``0``: no training happened, or it was
+        undone).
     num_nodes : int
         Number of nodes whose features were trained on.
     seconds : float
@@ -278,7 +279,9 @@ class GKTServer:
         node are the outputs of the last epoch's forward passes, per sample
         (Algorithm 1, lines 10-11); with ``E_s = 0`` they are the model's
         eval-mode outputs. A round that leaves the model non-finite is undone
-        (model, optimizer and ``Z_s`` restored, loss reported as ``NaN``).
+        (model, optimizer and ``Z_s`` restored); the nodes whose samples caused
+        it are evicted and the round trains again without them. A round that
+        still cannot train reports ``num_examples = 0`` and a loss of ``0``.
 
         Parameters
         ----------
@@ -309,7 +312,11 @@ class GKTServer:
     def _guarded(
         self, nodes: list[int], run: Callable[[list[int]], ServerRoundResult]
     ) -> ServerRoundResult:
-        """Run ``run(nodes)`` under the training guard; on a trip, evict the culprits and rerun."""
+        """Run ``run(nodes)`` under the training guard; on a trip, evict the culprits and rerun.
+
+        Returns ``run``'s result when the (re)run trained, else one of no
+        examples and a finite loss: a tripped guard never reports a ``NaN``.
+        """
         with self._guard() as guard:
             result = run(nodes)
         if not guard.ok and (culprits := self.find_culprits(nodes)):
@@ -326,11 +333,7 @@ class GKTServer:
             if nodes:
                 with self._guard() as guard:
                     result = run(nodes)
-        return (
-            result
-            if guard.ok
-            else ServerRoundResult(float("nan"), 0.0, 0, len(nodes), result.seconds)
-        )
+        return result if guard.ok else ServerRoundResult(0.0, 0.0, 0, len(nodes), result.seconds)
 
     def drop(self, node: int) -> None:
         """Forget ``node``'s stored payload, server logits and stored round.
@@ -390,14 +393,14 @@ class GKTServer:
         saved_opt = copy.deepcopy(self.optimizer.state_dict())
         saved_logits = dict(self.logits)
         guard = types.SimpleNamespace(ok=True)
+        self._last_loss = 0.0  # a run that trains sets it; one that does not is no failure
         yield guard
         finite = all(
             torch.isfinite(t).all()
             for t in self.model.state_dict().values()
             if t.is_floating_point()
         )
-        last = getattr(self, "_last_loss", 0.0)
-        if finite and math.isfinite(last):
+        if finite and math.isfinite(self._last_loss):
             return
         guard.ok = False
         self.model.load_state_dict(saved_model)

@@ -24,7 +24,9 @@ server-side copies (V1).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+import copy
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +43,7 @@ __all__ = [
     "edge_backward",
     "kept_buffers",
     "server_step",
+    "state_change",
 ]
 
 
@@ -65,6 +68,13 @@ class ServerStep:
     loss: float
     correct: int
     num_examples: int
+    #: ``False``: the step would have left the model non-finite (a loss, gradient or
+    #: weight NaN/Inf) and was undone: model, buffers and optimizer are as before.
+    ok: bool = True
+
+
+def _finite(tensors: Iterable[Tensor | None]) -> bool:
+    return all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def server_step(
@@ -96,11 +106,16 @@ def server_step(
     Returns
     -------
     ServerStep
-        The activations' gradient and the batch's loss / accuracy.
+        The activations' gradient and the batch's loss / accuracy; with
+        ``ok=False`` (the training guard) when the loss, the gradients or the
+        updated weights were not finite: the step is then undone (weights,
+        batch-norm statistics and optimizer state restored) and the loss
+        reported as ``0``.
     """
     model.train()
     h = to_device(activations, device).float().detach().requires_grad_(True)
     y = labels.to(device)
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
     else:
@@ -109,13 +124,21 @@ def server_step(
         logits = model(h)
     loss = F.cross_entropy(logits.float(), y)
     loss.backward()
-    if optimizer is not None:
-        optimizer.step()
     assert h.grad is not None  # h is a leaf that requires grad
+    value = float(loss.detach())
+    ok = math.isfinite(value) and _finite([h.grad, *(p.grad for p in model.parameters())])
+    if ok and optimizer is not None:
+        saved_opt = copy.deepcopy(optimizer.state_dict())
+        optimizer.step()
+        if not _finite(model.state_dict().values()):
+            optimizer.load_state_dict(saved_opt)
+            ok = False
+    if not ok:  # the guard: nothing of this step stays
+        model.load_state_dict(saved)
+        model.zero_grad(set_to_none=True)
+        return ServerStep(torch.zeros(h.shape), 0.0, 0, len(y), ok=False)
     correct = int((logits.detach().argmax(1) == y).sum())
-    return ServerStep(
-        h.grad.detach().float().contiguous().cpu(), float(loss.detach()), correct, len(y)
-    )
+    return ServerStep(h.grad.detach().float().contiguous().cpu(), value, correct, len(y))
 
 
 @contextlib.contextmanager
@@ -294,3 +317,36 @@ def average_states(
         else:
             out[key] = states[top][key].detach().cpu().clone()
     return out
+
+
+def state_change(
+    state: Mapping[str, Tensor], reference: Mapping[str, Tensor]
+) -> tuple[float, float]:
+    """Return how far ``state`` moved from ``reference``, and the size of ``reference``.
+
+    Both are L2 norms over every floating-point entry (weights and batch-norm
+    statistics; integer counters are left out), in float64:
+    ``(||state - reference||, ||reference||)``. The wire's check of relayed and
+    averaged edge weights (:func:`flwr_gkt.wire.decode_state`) bounds the first
+    by a multiple of the second.
+
+    Parameters
+    ----------
+    state : Mapping[str, Tensor]
+        The new weights.
+    reference : Mapping[str, Tensor]
+        The weights they started from (same keys and shapes).
+
+    Returns
+    -------
+    tuple[float, float]
+        ``(change, size)``.
+    """
+    change = size = 0.0
+    for key, ref in reference.items():
+        if not ref.is_floating_point():
+            continue
+        r = ref.detach().cpu().double()
+        change += float((state[key].detach().cpu().double() - r).square().sum())
+        size += float(r.square().sum())
+    return change**0.5, size**0.5

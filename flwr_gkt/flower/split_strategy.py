@@ -73,6 +73,7 @@ from flwr_gkt.wire import (
     FEATURE_DTYPES,
     GRADIENT_DTYPES,
     NUM_EXAMPLES,
+    Payload,
     PayloadError,
     PayloadSpec,
     decode_activations,
@@ -100,6 +101,9 @@ class _Turn:
     batches: int = 0
     #: Index of the batch whose activations the next reply carries.
     batch: int = 0
+    #: Samples the server trained on in this turn (the weight of the node's edge model
+    #: in SplitFed's average; its weights reply must report exactly this many).
+    samples: int = 0
     #: Whether the next reply carries the trained weights (the last gradient was sent).
     expects_weights: bool = False
 
@@ -155,6 +159,14 @@ class SplitLearning(WaveStrategy):
         Batch size of the nodes' test-split forward passes.
     poll_interval : float
         Seconds between pulls while a wave's replies are outstanding.
+    outlier_threshold : float
+        The gate's outlier check of each activation batch against the other
+        nodes' latest accepted batches (:class:`~flwr_gkt.wire.gate.ReplyGate`);
+        ``0``: off. Every batch also meets the gate's magnitude rule.
+    max_weight_change : float, optional
+        Edge weights a node returns may move at most this far from the weights
+        it was sent, relative to their norm (:func:`flwr_gkt.wire.decode_state`);
+        ``None``: not checked.
 
     Raises
     ------
@@ -193,6 +205,8 @@ class SplitLearning(WaveStrategy):
         max_samples: int | None = None,
         eval_batch_size: int = 256,
         poll_interval: float = 0.01,
+        outlier_threshold: float = 10.0,
+        max_weight_change: float | None = 10.0,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown split-learning mode {mode!r}; expected one of {MODES}")
@@ -226,7 +240,13 @@ class SplitLearning(WaveStrategy):
         self.max_samples = max_samples
         self.eval_batch_size = eval_batch_size
         self.poll_interval = poll_interval
-        self.gate = ReplyGate(max_payload_bytes, outlier_threshold=0.0, name="SplitLearning")
+        self.max_weight_change = max_weight_change
+        self.gate = ReplyGate(
+            max_payload_bytes,
+            outlier_threshold,
+            name="SplitLearning",
+            reference_stages=("begin", "step"),
+        )
         self.spec = PayloadSpec(num_classes, self.feature_shape, self.batch_size)
         self.eval_spec = PayloadSpec(num_classes, self.feature_shape, max_samples)
         self.history: list[dict[str, float]] = []
@@ -280,10 +300,65 @@ class SplitLearning(WaveStrategy):
         """Run the nodes' turns in parallel (one node in SL); return the trained weights.
 
         Returns ``{node: (edge weights, samples trained)}`` for the nodes whose
-        turn completed.
+        turn completed; the samples are those the server itself trained on for
+        the node (a weights reply reporting another count is rejected).
         """
+        turns = {n: _Turn() for n in nodes}
+        begin = self._begin_config(server_round)
+        messages = {
+            n: Message(
+                RecordDict({CONFIG_KEY: ConfigRecord(dict(begin)), EDGE_KEY: self._edge_record()}),
+                dst_node_id=n,
+                message_type=MessageType.TRAIN,
+            )
+            for n in nodes
+        }
+        done: dict[int, tuple[dict[str, Tensor], int]] = {}
+        stage = "begin"
+        while messages:
+            for msg in messages.values():
+                kind = "edge-weights-down" if stage == "begin" else "gradients"
+                tally[f"bytes-{kind}"] += record_nbytes(msg.content)
+                tally["messages-down"] += 1
+            tally["waves"] += 1
+            expects = {n: turns[n].expects_weights for n in messages}
+            accepted, result = self._exchange_wave(
+                grid,
+                messages,
+                timeout,
+                server_round,
+                stage,
+                lambda node, content: self.decode_turn_reply(turns[node], content),
+                SPLIT_METRICS,
+            )
+            for row in result.records:
+                node = row["node-id"]
+                if node in expects and row.get("bytes-up"):
+                    kind = "edge-weights-up" if expects[node] else "activations"
+                    tally[f"bytes-{kind}"] += int(row["bytes-up"])
+            tally["bytes-up-train"] += result.nbytes
+            nxt: dict[int, Message] = {}
+            for node in sorted(accepted):
+                reply, turn = accepted[node], turns[node]
+                if turn.expects_weights:
+                    done[node] = (reply.payload, turn.samples)
+                    tally["edge-seconds-max"] = max(
+                        tally["edge-seconds-max"], reply.metrics.get("edge-seconds", 0.0)
+                    )
+                elif (nxt_msg := self.step(node, reply.payload, turn, tally, server_round)) is None:
+                    self.gate.revoke(
+                        result, node, "its activations made the server's step non-finite (undone)"
+                    )
+                else:
+                    nxt[node] = nxt_msg
+            tally["nodes-rejected"] += result.rejected
+            messages, stage = nxt, "step"
+        return done
+
+    def _begin_config(self, server_round: int) -> ConfigRecord:
+        """Return the config of a round's ``begin`` instructions."""
         lr = self.edge_lr * lr_factor(self.lr_schedule, server_round, self.num_rounds)
-        begin = ConfigRecord(
+        return ConfigRecord(
             {
                 "split-stage": "begin",
                 "server-round": server_round,
@@ -296,91 +371,76 @@ class SplitLearning(WaveStrategy):
                 "feature-dtype": self.feature_dtype,
             }
         )
-        turns = {n: _Turn() for n in nodes}
-        messages = {
-            n: Message(
-                RecordDict({CONFIG_KEY: ConfigRecord(dict(begin)), EDGE_KEY: self._edge_record()}),
-                dst_node_id=n,
-                message_type=MessageType.TRAIN,
-            )
-            for n in nodes
-        }
-        cap = self._max_batches()
 
-        def decode(node: int, content: RecordDict) -> Any:
-            turn = turns[node]
-            if turn.expects_weights:
-                record = content.array_records.get(ARRAYS_KEY)
-                if record is None:
-                    raise PayloadError(f"missing ArrayRecord '{ARRAYS_KEY}' (the edge weights)")
-                return decode_state(record, self.edge_state)
-            payload = decode_activations(content, self.spec)
-            if turn.batches == 0:  # the begin reply announces the turn's batches
-                batches = int(scalar(content.metric_records["metrics"], "batches"))
-                if batches < 1 or (cap is not None and batches > cap):
-                    raise PayloadError(f"'batches' is {batches}, expected 1..{cap or 'any'}")
-                turn.batches = batches
-            return payload
+    def decode_turn_reply(self, turn: _Turn, content: RecordDict) -> Any:
+        """Decode one train reply of a node's turn (the gate's decoder; raises on a bad one).
 
-        done: dict[int, tuple[dict[str, Tensor], int]] = {}
-        stage = "begin"
-        while messages:
-            for msg in messages.values():
-                kind = "edge-weights-down" if stage == "begin" else "gradients"
-                tally[f"bytes-{kind}"] += record_nbytes(msg.content)
-                tally["messages-down"] += 1
-            tally["waves"] += 1
-            expects = {n: turns[n].expects_weights for n in messages}
-            accepted, result = self._exchange_wave(
-                grid, messages, timeout, server_round, stage, decode, SPLIT_METRICS
-            )
-            for row in result.records:
-                node = row["node-id"]
-                if node in expects and row.get("bytes-up"):
-                    kind = "edge-weights-up" if expects[node] else "activations"
-                    tally[f"bytes-{kind}"] += int(row["bytes-up"])
-            tally["bytes-up-train"] += result.nbytes
-            tally["nodes-rejected"] += result.rejected
-            nxt: dict[int, Message] = {}
-            for node in sorted(accepted):
-                reply, turn = accepted[node], turns[node]
-                if turn.expects_weights:
-                    done[node] = (reply.payload, int(reply.metrics[NUM_EXAMPLES]))
-                    tally["edge-seconds-max"] = max(
-                        tally["edge-seconds-max"], reply.metrics.get("edge-seconds", 0.0)
-                    )
-                    continue
-                model, optimizer = self._server_for(node)
-                start = time.perf_counter()
-                step = server_step(
-                    model,
-                    optimizer,
-                    reply.payload.dense_features(),
-                    reply.payload.labels,
-                    self.device,
-                    self.precision,
+        Activations (:func:`~flwr_gkt.wire.decode_activations`; the turn's
+        first reply announces its ``batches``, at most what ``max_samples``
+        allows), or, after the turn's last gradient, the edge weights
+        (:func:`~flwr_gkt.wire.decode_state` against the weights the node was
+        sent, with the bounded change) with ``num-examples`` equal to the
+        samples the server trained on in the turn.
+        """
+        if turn.expects_weights:
+            record = content.array_records.get(ARRAYS_KEY)
+            if record is None:
+                raise PayloadError(f"missing ArrayRecord '{ARRAYS_KEY}' (the edge weights)")
+            claimed = scalar(content.metric_records["metrics"], NUM_EXAMPLES)
+            if claimed != turn.samples:
+                raise PayloadError(
+                    f"'{NUM_EXAMPLES}' says {claimed:g} but the server trained on "
+                    f"{turn.samples} samples of this node's turn"
                 )
-                tally["server-seconds"] += time.perf_counter() - start
-                tally["loss-sum"] += step.loss * step.num_examples
-                tally["correct"] += step.correct
-                tally["examples"] += step.num_examples
-                config = ConfigRecord(
-                    {"split-stage": "step", "server-round": server_round, "batch": turn.batch}
-                )
-                nxt[node] = Message(
-                    RecordDict(
-                        {
-                            CONFIG_KEY: config,
-                            ARRAYS_KEY: encode_gradient(step.gradient, self.gradient_dtype),
-                        }
-                    ),
-                    dst_node_id=node,
-                    message_type=MessageType.TRAIN,
-                )
-                turn.batch += 1
-                turn.expects_weights = turn.batch >= turn.batches
-            messages, stage = nxt, "step"
-        return done
+            return decode_state(record, self.edge_state, self.max_weight_change)
+        payload = decode_activations(content, self.spec)
+        if turn.batches == 0:  # the begin reply announces the turn's batches
+            cap = self._max_batches()
+            batches = int(scalar(content.metric_records["metrics"], "batches"))
+            if batches < 1 or (cap is not None and batches > cap):
+                raise PayloadError(f"'batches' is {batches}, expected 1..{cap or 'any'}")
+            turn.batches = batches
+        return payload
+
+    def step(
+        self,
+        node: int,
+        payload: Payload,
+        turn: _Turn,
+        tally: defaultdict[str, float],
+        server_round: int,
+    ) -> Message | None:
+        """Train the server on one accepted activation batch; return the gradient's message.
+
+        ``None`` when the training guard undid the step
+        (:func:`~flwr_gkt.core.split.server_step`): nothing of it is counted
+        and the node's turn ends.
+        """
+        model, optimizer = self._server_for(node)
+        start = time.perf_counter()
+        labels = payload.labels
+        out = server_step(
+            model, optimizer, payload.dense_features(), labels, self.device, self.precision
+        )
+        tally["server-seconds"] += time.perf_counter() - start
+        if not out.ok:
+            return None
+        turn.samples += out.num_examples
+        tally["loss-sum"] += out.loss * out.num_examples
+        tally["correct"] += out.correct
+        tally["examples"] += out.num_examples
+        config = ConfigRecord(
+            {"split-stage": "step", "server-round": server_round, "batch": turn.batch}
+        )
+        turn.batch += 1
+        turn.expects_weights = turn.batch >= turn.batches
+        return Message(
+            RecordDict(
+                {CONFIG_KEY: config, ARRAYS_KEY: encode_gradient(out.gradient, self.gradient_dtype)}
+            ),
+            dst_node_id=node,
+            message_type=MessageType.TRAIN,
+        )
 
     def _edge_record(self) -> ArrayRecord:
         return encode_state(self.edge_state)
@@ -530,17 +590,20 @@ class SplitLearning(WaveStrategy):
         accepted, result = self._exchange_wave(
             grid, messages, timeout, server_round, "evaluate", decode, EVALUATE_METRICS
         )
-        for reply in accepted.values():
+        for node, reply in sorted(accepted.items()):
             payload = reply.payload
             batches = TensorBatches(payload.dense_features(), payload.labels, 256)
             loss_sum, correct = evaluate_logits(
                 predict(self.model, batches, self.device), payload.labels
             )
+            if not math.isfinite(loss_sum):
+                self.gate.revoke(result, node, "its activations make the server's loss non-finite")
+                continue
             sums["loss"] += loss_sum
             sums["correct"] += correct
             sums["n"] += len(payload.labels)
         row: dict[str, float] = {
-            "eval-nodes": len(accepted),
+            "eval-nodes": len(result.accepted),
             "eval-rejected": result.rejected,
             "bytes-up-eval": result.nbytes,
             "bytes-down-eval": down,

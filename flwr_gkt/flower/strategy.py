@@ -22,6 +22,7 @@ One round (Algorithm 1):
 
 from __future__ import annotations
 
+import math
 import random
 import secrets
 import time
@@ -394,6 +395,8 @@ class FedGKT(Resumable, Strategy):
 
         def evaluate(node: int, payload: Payload, metrics: Mapping[str, float]) -> None:
             loss_sum, correct = self.server.evaluate(payload.dense_features(), payload.labels)
+            if not math.isfinite(loss_sum):
+                raise PayloadError("its features make the server's loss non-finite")
             n = len(payload)
             sums["loss"] += loss_sum
             sums["correct"] += correct

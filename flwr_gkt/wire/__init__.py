@@ -43,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import io
+import math
 import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -53,6 +54,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import Tensor
 
 from flwr_gkt.core.payload import Payload, PayloadError, PayloadSpec, chunk_rows
+from flwr_gkt.core.split import state_change
 
 __all__ = [
     "ARRAYS_KEY",
@@ -62,6 +64,7 @@ __all__ = [
     "FLOAT16_TOLERANCE",
     "GRADIENT_DTYPES",
     "LOGIT_DTYPES",
+    "MAX_ABS_VALUE",
     "METRICS_KEY",
     "Payload",
     "PayloadError",
@@ -83,6 +86,7 @@ __all__ = [
     "encode_payload",
     "encode_server_logits",
     "encode_state",
+    "magnitude_error",
     "quantize_int8",
     "record_nbytes",
     "resolve_feature_dtype",
@@ -718,30 +722,106 @@ _FLOAT_BITS: dict[np.dtype[Any], tuple[type[np.unsignedinteger[Any]], int, int]]
     np.dtype(np.float64): (np.uint64, 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000),
 }
 
+#: The gate's default bound on the absolute value of every float a node sends
+#: (features, activations, logits, embeddings, edge weights). Batch-normalised
+#: ResNet features, logits and weights stay orders of magnitude below it; values
+#: that make a server model overflow (``1e30``, ``3e38``) are far above it.
+MAX_ABS_VALUE = 1e4
 
-def _all_finite(x: np.ndarray) -> bool:
-    """Whether every value of ``x`` is finite, checked a chunk of rows at a time.
 
-    A float array is read as unsigned integers of its width: the sign bit is
-    masked off and the largest value compared with the exponent bits. This is
-    the IEEE definition of NaN / Inf and, for float16, about 7x faster than
-    ``np.isfinite``, which converts every float16 value to float32 first.
+def _all_within(x: np.ndarray, bound: float = math.inf) -> bool:
+    """Whether every value of ``x`` is finite and at most ``bound`` in absolute value.
+
+    Checked a chunk of rows at a time. A float array is read as unsigned
+    integers of its width: with the sign bit masked off, IEEE floats order as
+    their bits do, and NaN / Inf have all exponent bits set, above every finite
+    value. So one integer maximum per chunk answers both questions; for float16
+    this is about 7x faster than ``np.isfinite``, which converts every value to
+    float32 first. Integer arrays are finite; only their magnitude is checked.
     """
     if x.size == 0:
         return True
+    if x.dtype.kind in "iu":
+        return bool(bound == math.inf or np.abs(x.astype(np.float64)).max() <= bound)
     bits = _FLOAT_BITS.get(x.dtype)
     if bits is None or not x.flags.c_contiguous:
-        return bool(np.isfinite(x).all())
-    uint, magnitude, exponent = bits
+        finite = bool(np.isfinite(x).all())
+        return finite and (bound == math.inf or float(np.abs(x).max()) <= bound)
+    uint, magnitude, _ = bits
+    with np.errstate(over="ignore"):  # a bound beyond the dtype's range: the largest finite
+        limit_value = np.asarray(min(bound, float(np.finfo(x.dtype).max)), dtype=x.dtype)
+    limit = int(limit_value.view(uint))
     rows = x.reshape(len(x), -1).view(uint) if x.ndim else x.reshape(1, 1).view(uint)
     step = chunk_rows(rows.shape[1:], rows.itemsize)
     buf = np.empty((min(step, len(rows)), *rows.shape[1:]), dtype=uint)  # reused: no heap growth
     for i in range(0, len(rows), step):
         k = min(step, len(rows) - i)
         chunk = np.bitwise_and(rows[i : i + k], magnitude, out=buf[:k])
-        if int(chunk.max()) >= exponent:
+        if int(chunk.max()) > limit:
             return False
     return True
+
+
+def _all_finite(x: np.ndarray) -> bool:
+    """Whether every value of ``x`` is finite (:func:`_all_within` without a bound)."""
+    return _all_within(x)
+
+
+def _tensor_within(t: Tensor, bound: float) -> bool:
+    """:func:`_all_within` for a tensor (read in place where numpy can view it)."""
+    t = t.detach()
+    if t.device.type == "cpu" and t.dtype in (torch.float16, torch.float32, torch.float64):
+        return _all_within(t.numpy(), bound)
+    t = t.float()
+    return bool(torch.isfinite(t).all()) and (t.numel() == 0 or float(t.abs().max()) <= bound)
+
+
+def magnitude_error(value: Any, bound: float, name: str = "") -> str | None:
+    """Return why ``value`` holds a float beyond ``bound`` (or NaN/Inf), else ``None``.
+
+    The gate's one magnitude rule for every array a node sends, whatever the
+    strategy: ``value`` is what a strategy's decoder returned -- a
+    :class:`Payload` (features, int8 maps by their decoded range, logits), a
+    tensor, or mappings / sequences of them (edge weights, FedAgg's named
+    logits, embeddings and labels). Integer tensors (labels, counters) are
+    skipped: their ranges are checked where they are decoded.
+
+    Parameters
+    ----------
+    value : Any
+        A decoded payload.
+    bound : float
+        Largest accepted absolute value.
+    name : str
+        What ``value`` is called in the reason.
+
+    Returns
+    -------
+    str | None
+        ``"'<name>' holds values beyond +-<bound> (or NaN/Inf)"``, or ``None``.
+    """
+    if isinstance(value, Payload):
+        parts: dict[str, Any] = {"logits": value.logits}
+        if value.feature_min is not None and value.feature_scale is not None:  # int8 maps
+            top = value.feature_min + 255.0 * value.feature_scale
+            parts["features"] = torch.stack([value.feature_min, top])
+        elif value.has_features:
+            parts["features"] = value.features
+        return magnitude_error(parts, bound, name)
+    if isinstance(value, Tensor):
+        if not value.is_floating_point() or _tensor_within(value, bound):
+            return None
+        return f"'{name or 'array'}' holds values beyond +-{bound:g} (or NaN/Inf)"
+    if isinstance(value, Mapping):
+        pairs = [(f"{name}.{k}" if name else str(k), v) for k, v in value.items()]
+    elif isinstance(value, tuple | list):
+        pairs = [(f"{name or 'array'}[{i}]", v) for i, v in enumerate(value)]
+    else:
+        return None
+    for label, item in pairs:
+        if (why := magnitude_error(item, bound, label)) is not None:
+            return why
+    return None
 
 
 def decode_payload(content: RecordDict, spec: PayloadSpec, with_logits: bool) -> Payload:
@@ -1107,7 +1187,9 @@ def encode_gradient(gradient: Tensor | np.ndarray, dtype: str = "float32") -> Ar
     return ArrayRecord({"gradient": Array(np.ascontiguousarray(_to_numpy(gradient).astype(dtype)))})
 
 
-def decode_gradient(content: RecordDict, shape: tuple[int, ...]) -> Tensor:
+def decode_gradient(
+    content: RecordDict, shape: tuple[int, ...], max_abs: float = MAX_ABS_VALUE
+) -> Tensor:
     """Decode and validate the gradient a node received for its last activations.
 
     Parameters
@@ -1116,6 +1198,9 @@ def decode_gradient(content: RecordDict, shape: tuple[int, ...]) -> Tensor:
         The instruction's content.
     shape : tuple[int, ...]
         The shape of the activations it answers.
+    max_abs : float
+        Largest accepted absolute value (the gate's bound on what nodes send,
+        :data:`MAX_ABS_VALUE`, applied to what they receive).
 
     Returns
     -------
@@ -1125,13 +1210,14 @@ def decode_gradient(content: RecordDict, shape: tuple[int, ...]) -> Tensor:
     Raises
     ------
     PayloadError
-        If it is missing, has another dtype or shape, or non-finite values.
+        If it is missing, has another dtype or shape, or values that are
+        non-finite or beyond ``max_abs``.
     """
     value = _load(_record(content), "gradient", GRADIENT_DTYPES)
     if tuple(value.shape) != tuple(shape):
         raise PayloadError(f"'gradient' has shape {list(value.shape)}, expected {list(shape)}")
-    if not _all_finite(value):
-        raise PayloadError("'gradient' contains NaN or Inf")
+    if not _all_within(value, max_abs):
+        raise PayloadError(f"'gradient' contains NaN or Inf, or values beyond +-{max_abs:g}")
     return _tensor(value.astype(np.float32, copy=True))
 
 
@@ -1151,7 +1237,9 @@ def encode_state(state: Mapping[str, Tensor]) -> ArrayRecord:
     return ArrayRecord({k: Array(v.detach().cpu().contiguous().numpy()) for k, v in state.items()})
 
 
-def decode_state(record: ArrayRecord, reference: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def decode_state(
+    record: ArrayRecord, reference: Mapping[str, Tensor], max_change: float | None = None
+) -> dict[str, Tensor]:
     """Decode and validate model weights against the model they are meant for.
 
     Parameters
@@ -1161,6 +1249,12 @@ def decode_state(record: ArrayRecord, reference: Mapping[str, Tensor]) -> dict[s
     reference : Mapping[str, Tensor]
         A state dict of the receiving model: the keys, dtypes and shapes the
         weights must have.
+    max_change : float, optional
+        Largest accepted change from ``reference`` (its values: the weights
+        the sender started from), relative to their size:
+        ``||state - reference|| <= max_change * max(||reference||, 1)`` over
+        all float entries (:func:`flwr_gkt.core.split.state_change`).
+        ``None``: not checked.
 
     Returns
     -------
@@ -1170,8 +1264,8 @@ def decode_state(record: ArrayRecord, reference: Mapping[str, Tensor]) -> dict[s
     Raises
     ------
     PayloadError
-        If a key is missing or extra, a dtype or shape differs, or a float
-        value is not finite.
+        If a key is missing or extra, a dtype or shape differs, a float
+        value is not finite, or the weights moved further than ``max_change``.
     """
     missing = [k for k in reference if k not in record]
     extra = [k for k in record if k not in reference]
@@ -1187,4 +1281,11 @@ def decode_state(record: ArrayRecord, reference: Mapping[str, Tensor]) -> dict[s
         if value.dtype.kind == "f" and not np.isfinite(value).all():
             raise PayloadError(f"'{key}' contains NaN or Inf")
         out[key] = torch.from_numpy(np.array(value))  # writable copy: loaded into a model
+    if max_change is not None:
+        change, size = state_change(out, reference)
+        if change > max_change * max(size, 1.0):
+            raise PayloadError(
+                f"weights moved by {change:.4g} from the {size:.4g} they started from, "
+                f"more than {max_change:g} x max(that, 1)"
+            )
     return out

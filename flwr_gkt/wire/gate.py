@@ -18,14 +18,21 @@ never read a reply's records themselves: they hand the replies of a stage to
    (:func:`clean_uid`). An ``edge-model`` name beside it (heterogeneous
    federations) is recorded in the node's row when it is such a string too,
    and is never trusted for anything else: the feature shape is checked in 6.
-6. **Arrays** decoded and validated by the wire format (:mod:`flwr_gkt.wire`).
+6. **Arrays** decoded and validated by the wire format (:mod:`flwr_gkt.wire`),
+   then the one **magnitude rule** for every array of every strategy
+   (features, activations, logits, embeddings, edge weights): each float is
+   finite and at most ``max_abs_value`` in absolute value
+   (:func:`flwr_gkt.wire.magnitude_error`). It needs no other payload, so it
+   holds from a run's first reply (async mode, split learning).
 7. **Outlier check** against the round's other payloads *and* the stored
    payloads' statistics (:mod:`flwr_gkt.core.robust`), so a lone reply (async
-   mode) is compared too.
+   mode) is compared too: a payload scaled well within the bound of 6 but far
+   from the honest population is rejected here.
 
 Every rejection is one WARNING line naming the node and the reason, and one
-row of the strategy's node history. Nothing a node sends raises out of
-:meth:`ReplyGate.admit`.
+row of the strategy's node history; a reply found out after it was admitted
+(its data made a server step non-finite) is taken back with :meth:`ReplyGate.revoke`,
+the same way. Nothing a node sends raises out of :meth:`ReplyGate.admit`.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from flwr.supercore import log
 from flwr_gkt.core.robust import find_outliers, payload_stats
 from flwr_gkt.wire import (
     ARRAYS_KEY,
+    MAX_ABS_VALUE,
     METRICS_KEY,
     NODE_EDGE_MODEL,
     NODE_KEY,
@@ -52,6 +60,7 @@ from flwr_gkt.wire import (
     NUM_EXAMPLES,
     Payload,
     PayloadError,
+    magnitude_error,
     record_nbytes,
 )
 
@@ -77,6 +86,18 @@ TRAIN_METRICS = frozenset(
 )
 #: Metrics a FedGKT evaluate reply may carry.
 EVALUATE_METRICS = frozenset({NUM_EXAMPLES, "edge-loss", "edge-accuracy"})
+#: Ranges of the metrics whose meaning bounds them; a value outside is dropped
+#: (counted as ``metrics-dropped``) like a non-finite one.
+METRIC_RANGES: dict[str, tuple[float, float]] = {
+    **{
+        key: (0.0, 1.0)
+        for key in ("edge-train-accuracy", "edge-accuracy", "accuracy", "train-accuracy")
+    },
+    **{
+        key: (0.0, math.inf)
+        for key in ("edge-train-loss", "edge-loss", "loss", "train-loss", "edge-seconds", "seconds")
+    },
+}
 #: Longest accepted ``node-uid``.
 MAX_UID_CHARS = 128
 _UID = re.compile(r"[A-Za-z0-9._:@+-]+")
@@ -192,7 +213,7 @@ def read_metrics(
     known: frozenset[str],
     required: frozenset[str] = frozenset({NUM_EXAMPLES}),
 ) -> tuple[dict[str, float], int]:
-    """Keep the known, finite, numeric scalar metrics of a reply.
+    """Keep the known, finite, numeric scalar metrics of a reply (within :data:`METRIC_RANGES`).
 
     Parameters
     ----------
@@ -218,11 +239,13 @@ def read_metrics(
     kept: dict[str, Any] = {}
     dropped = 0
     for key, value in (record or {}).items():
+        low, high = METRIC_RANGES.get(key, (-math.inf, math.inf))
         ok = (
             key in known
             and isinstance(value, int | float)
             and not isinstance(value, bool)
             and math.isfinite(value)
+            and low <= value <= high
         )
         if ok:
             kept[key] = value
@@ -351,10 +374,18 @@ class ReplyGate:
         outlier (:func:`flwr_gkt.core.robust.find_outliers`); ``0`` turns the
         check off.
     logit_clip : float
-        Accepted client logits are clipped to ``[-logit_clip, logit_clip]``
-        (``0``: not clipped).
+        Decoded client logits are clipped to ``[-logit_clip, logit_clip]``
+        (``0``: not clipped) before the magnitude rule and the outlier check
+        see them.
     name : str
         The strategy's name in log lines.
+    max_abs_value : float
+        Largest absolute value of any float a reply carries
+        (:func:`flwr_gkt.wire.magnitude_error`); ``0`` turns the rule off
+        (NaN/Inf are still refused by the wire's decoders).
+    reference_stages : Iterable[str]
+        Stages whose accepted payloads become the outlier check's reference
+        for later replies (``train``; split learning: its activation stages).
     """
 
     def __init__(
@@ -363,13 +394,17 @@ class ReplyGate:
         outlier_threshold: float = 10.0,
         logit_clip: float = 0.0,
         name: str = "FedGKT",
+        max_abs_value: float = MAX_ABS_VALUE,
+        reference_stages: Iterable[str] = ("train",),
     ) -> None:
         self.max_payload_bytes = max_payload_bytes
         self.outlier_threshold = outlier_threshold
         self.logit_clip = logit_clip
         self.name = name
-        #: Statistics of each node's stored payload: the reference of the
-        #: outlier check when a stage has few replies (async mode).
+        self.max_abs_value = max_abs_value
+        self.reference_stages = frozenset(reference_stages)
+        #: Statistics of each node's latest accepted payload of a reference stage:
+        #: the outlier check's reference when a stage has few replies (async mode).
         self.reference: dict[int, dict[str, float]] = {}
         #: ``node-uid -> node id``: the first node to claim a uid owns it; a
         #: reply of another node claiming it is rejected.
@@ -535,7 +570,10 @@ class ReplyGate:
         known_metrics : frozenset[str]
             The stage's metric schema.
         consume : Callable[[Admitted, Any], None], optional
-            Takes each accepted payload at once.
+            Takes each accepted payload at once; it may refuse one by raising
+            :class:`~flwr_gkt.wire.PayloadError` (what only using the payload
+            shows, e.g. a non-finite server loss): the reply is then rejected
+            with that reason.
         required : frozenset[str]
             Metrics of the schema a reply must carry.
 
@@ -630,6 +668,7 @@ class ReplyGate:
             Accepted replies, rows, counts and bytes.
         """
         result = result if result is not None else GateResult()
+        decode = self._bounded(decode) if decode is not None else None
         candidates: list[tuple[Incoming, dict[str, Any], dict[str, float], str | None]] = []
         for item in incoming:
             if item.row is None:
@@ -654,21 +693,61 @@ class ReplyGate:
                 )
                 item.content.array_records.pop(ARRAYS_KEY, None)
                 continue
-            if self.logit_clip and isinstance(payload, Payload) and payload.logits is not None:
-                payload.logits = payload.logits.clamp(-self.logit_clip, self.logit_clip)
-            record.update(status="accepted", reason="", **metrics)
             admitted = Admitted(item.node, payload, metrics, uid, record.get("bytes-up", 0))
+            if consume is not None:
+                try:
+                    consume(admitted, payload)
+                except PayloadError as err:  # what only using the payload shows
+                    self._reject(result, record, "rejected", str(err))
+                    continue
+                finally:
+                    item.content.array_records.pop(ARRAYS_KEY, None)
+                admitted.payload = None
+            record.update(status="accepted", reason="", **metrics)
             if uid:
                 self.uid_owner.setdefault(uid, item.node)
-            if stage == "train" and isinstance(payload, Payload) and payload.has_features:
-                self.reference[item.node] = stats.get(item.node) or payload_stats(payload)
+            if stage in self.reference_stages and isinstance(payload, Payload):
+                if payload.has_features:
+                    self.reference[item.node] = stats.get(item.node) or payload_stats(payload)
+            del payload
             result.accepted.append(admitted)
-            if consume is not None:
-                consume(admitted, payload)
-                admitted.payload = None
-                del payload
-                item.content.array_records.pop(ARRAYS_KEY, None)
         return result
+
+    def _bounded(self, decode: Decoder) -> Decoder:
+        """``decode``, then the logit clip and the magnitude rule on what it returned."""
+
+        def bounded(node: int, content: RecordDict) -> Any:
+            payload = decode(node, content)
+            if self.logit_clip and isinstance(payload, Payload) and payload.logits is not None:
+                payload.logits = payload.logits.clamp(-self.logit_clip, self.logit_clip)
+            if self.max_abs_value and (why := magnitude_error(payload, self.max_abs_value)):
+                raise PayloadError(why)
+            return payload
+
+        return bounded
+
+    def revoke(self, result: GateResult, node: int, why: str) -> None:
+        """Take back ``node``'s accepted reply of ``result``: its row becomes a rejection.
+
+        For what only using a reply shows (its activations made the server's
+        step non-finite): one WARNING line and the row's status ``rejected``
+        with ``why``, as for any rejection; the caller drops what it kept.
+
+        Parameters
+        ----------
+        result : GateResult
+            The stage's result holding the node's accepted row.
+        node : int
+            The node.
+        why : str
+            The reason.
+        """
+        for record in result.records:
+            if record.get("node-id") == node and record.get("status") == "accepted":
+                self._reject(result, record, "rejected", why)
+                result.accepted = [a for a in result.accepted if a.node != node]
+                self.reference.pop(node, None)
+                return
 
     def _check_records(
         self,
@@ -736,7 +815,8 @@ class ReplyGate:
         batch: list[dict[str, float] | None] = []
         for item, record, *_ in candidates:  # one decoded payload at a time
             try:
-                batch.append(payload_stats(decode(item.node, item.content)))
+                payload = decode(item.node, item.content)
+                batch.append(payload_stats(payload) if isinstance(payload, Payload) else {})
             except Exception as err:
                 self._reject(
                     result, record, "rejected", _failed(err, model=record.get("edge-model"))
@@ -745,7 +825,7 @@ class ReplyGate:
         # the stored payloads' statistics as context: a lone reply is compared too
         fresh = {c[0].node for c in candidates}
         context = list(batch)
-        if stage == "train":
+        if stage in self.reference_stages:
             context.extend(s for n, s in self.reference.items() if n not in fresh)
         reasons = find_outliers(context, self.outlier_threshold)
         kept, stats = [], {}
