@@ -22,7 +22,7 @@ from flwr_gkt.core.training import bf16_supported
 
 ROOT = Path(__file__).resolve().parent.parent
 
-#: The names the README and the issue promise; more may be public.
+#: The names the README documents; more may be public.
 DOCUMENTED = {
     "FedGKT",
     "AsyncFedGKT",
