@@ -12,7 +12,7 @@ from local_federation import set_task_identity
 
 @pytest.fixture(scope="session")
 def bridge_autoencoder(tmp_path_factory):
-    """A bridge autoencoder trained once per session on held-out Fashion-MNIST: ``(path, info)``.
+    """A bridge autoencoder trained once per test run on held-out Fashion-MNIST: ``(path, info)``.
 
     Shared by the FedAgg building-block tests and the FedAgg runs (training it
     is the slow part of both).

@@ -167,3 +167,46 @@ def test_section3_equations_are_mapped() -> None:
 def test_fedagg_equations_are_mapped() -> None:
     seen = mapped_equations("### FedAgg equations")
     assert FEDAGG_EQUATIONS <= seen, f"equations not mapped: {sorted(FEDAGG_EQUATIONS - seen)}"
+
+
+#: The README's two commands for a new machine (``.ci/run`` runs the second).
+README_COMMANDS = (
+    "bash setup.sh && .venv/bin/python -m simulation --preset fmnist",
+    "bash setup.sh && make check",
+)
+#: Words of the project's own history, which its docs, code and tests do not use
+#: (spelled in pieces, so that a grep for them does not find this file).
+SES = "sess" + "ion"
+HISTORY = re.compile(
+    rf"stops? [0-9]+|\b{SES}s?\b|this V[M]|previous {SES}|issues? [0-9]+", re.IGNORECASE
+)
+#: Where the word is literal: pytest's fixture scope and process groups (setsid).
+LITERAL = re.compile(
+    rf'scope="{SES}"|start_new_{SES}|{SES}_processes|getsid|'
+    rf"[Ss]{SES[1:]} ids|in (?:this|their|the given) {SES}s?|{SES}s this federation|"
+    rf"the script's {SES}|{SES}s: set|not in {SES}s"
+)
+
+
+def test_readme_is_short_and_keeps_its_two_commands() -> None:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 250
+    for command in README_COMMANDS:
+        assert f"```bash\n{command}\n```" in text, command
+    assert "bash setup.sh\nmake check" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+
+
+def test_docs_code_and_tests_speak_of_the_project_only() -> None:
+    roots = ["README.md", "CHANGELOG.md", "CONTRIBUTING.md", "docs", "flwr_gkt", "tests"]
+    roots += ["examples", "deploy", "benchmarks", "simulation"]
+    found = []
+    for root in roots:
+        path = ROOT / root
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        for file in files:
+            if file.suffix not in {".md", ".py", ".yaml", ".toml", ".sh"} or file == Path(__file__):
+                continue
+            for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+                if HISTORY.search(LITERAL.sub("", line)):
+                    found.append(f"{file.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not found, "\n".join(found)

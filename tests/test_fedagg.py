@@ -1,4 +1,4 @@
-"""Issue 8 building blocks: bridge autoencoder, FedAgg losses, rectification, tier models, BSBODP steps."""
+"""FedAgg building blocks: bridge autoencoder, FedAgg losses, rectification, tier models, BSBODP steps."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Issue 8: FedAgg over a Flower federation (in-process runtime): 3 tiers, migration, 2 tiers."""
+"""FedAgg over a Flower federation (in-process runtime): 3 tiers, migration, 2 tiers."""
 
 import csv
 import json

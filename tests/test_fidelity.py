@@ -1,5 +1,5 @@
 """Fidelity to the paper and the reference code: initialisation, schedules,
-baselines, evaluation, and the review's bugs (issue 16)."""
+baselines and evaluation, each as the paper or the reference code has it."""
 
 import dataclasses
 import json
@@ -227,8 +227,8 @@ def test_whole_test_split_gives_every_node_the_same_test_set():
     assert sum(len(p.y_test) for p in split) == 500
 
 
-# ------------------------------------------------------------ review bugs (6a-6d)
-def test_6a_only_nodes_that_trained_are_evaluated(caplog):
+# ------------------------------------------- evaluation, replay, outliers, FedAgg order
+def test_only_nodes_that_trained_are_evaluated(caplog):
     fed, strategy, nodes = _federation(fraction_train=0.5)
     with caplog.at_level(logging.INFO):
         fed.run_round(strategy, 1)
@@ -246,7 +246,7 @@ def test_6a_only_nodes_that_trained_are_evaluated(caplog):
     assert evaluated == strategy.trained_nodes & set(nodes)
 
 
-def test_6a_async_evaluates_only_trained_nodes():
+def test_async_evaluates_only_trained_nodes():
     from flwr_gkt.flower.async_strategy import AsyncFedGKT
 
     torch.manual_seed(0)
@@ -261,7 +261,7 @@ def test_6a_async_evaluates_only_trained_nodes():
     assert strategy._eval_nodes(Grid()) == [5]
 
 
-def test_6b_replay_round_logits_come_from_the_inputs_of_the_stored_features():
+def test_replay_round_logits_come_from_the_inputs_of_the_stored_features():
     """With replay the extraction pass is not augmented, so Z_c of a replay round
     matches the features stored in the upload round, row for row."""
     from flwr_gkt.data import RandomCropFlip, dataset_info
@@ -304,7 +304,7 @@ def test_6b_replay_round_logits_come_from_the_inputs_of_the_stored_features():
     assert not torch.allclose(got, expected, atol=1e-4)
 
 
-def test_6c_label_skew_alone_never_trips_the_outlier_check():
+def test_label_skew_alone_never_trips_the_outlier_check():
     """Honest nodes on Dirichlet(0.1) partitions: every reply accepted (the default check on).
 
     benchmarks/outlier_false_rejections.py measures the same on 8 and 16 nodes.
@@ -343,6 +343,6 @@ def test_6c_label_skew_alone_never_trips_the_outlier_check():
     assert reasons[:8] == [None] * 8 and reasons[8] is not None
 
 
-def test_6d_fedagg_nodes_learn_from_children_first_then_from_the_parent():
+def test_fedagg_nodes_learn_from_children_first_then_from_the_parent():
     assert lesson_order(["parent", "child/b", "child/a"]) == ["child/a", "child/b", "parent"]
     assert lesson_order(["parent"]) == ["parent"]

@@ -120,7 +120,7 @@ def test_three_edge_models_in_one_federation_learn(tmp_path, user_models):
     assert set(results["costs"]["edge-models"]) == set(by_node.values())
     first, final = results["history"][0], results["final"]
     assert final["nodes-replied"] == 3 and final["eval-nodes"] == 3
-    # the server's memory against the bytes it stored (README "Performance")
+    # the server's memory against the bytes it stored (docs/benchmarks.md)
     stored = max(row["store-memory-mb"] for row in results["history"])
     assert results["store-peak-mb"] == stored > 0
     peak, baseline = results["server-peak-rss-mb"], results["server-baseline-rss-mb"]

@@ -1,4 +1,4 @@
-"""Issue 7: hostile payloads -- limits, robust outlier check, logit clipping, training guard, fuzzing."""
+"""Hostile payloads -- limits, robust outlier check, logit clipping, training guard, fuzzing."""
 
 import logging
 

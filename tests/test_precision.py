@@ -1,4 +1,4 @@
-"""Issue 18 (part): mixed precision and a training loop without per-step host syncs."""
+"""Mixed precision and a training loop without per-step host syncs."""
 
 import ast
 import inspect

@@ -1,4 +1,4 @@
-"""Issue 7: feature privacy -- per-sample clipping and Gaussian noise applied on the node."""
+"""Feature privacy -- per-sample clipping and Gaussian noise applied on the node."""
 
 import pytest
 import torch

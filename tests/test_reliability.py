@@ -1,4 +1,4 @@
-"""Issue 7: checkpoint/resume (SIGKILL), fault injection, hostile payloads, training guard."""
+"""Checkpoint/resume (SIGKILL), fault injection, hostile payloads, training guard."""
 
 import csv
 import os

@@ -1,4 +1,4 @@
-"""Issue 20: split learning and SplitFed V1 / V2 on Flower (exactness, averaging, bytes, gate)."""
+"""Split learning and SplitFed V1 / V2 on Flower (exactness, averaging, bytes, gate)."""
 
 import copy
 import csv

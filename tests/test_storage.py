@@ -1,4 +1,4 @@
-"""Issue 18 (part): features stored in their wire dtype, device-resident and prefetched batches."""
+"""Features stored in their wire dtype, device-resident and prefetched batches."""
 
 import numpy as np
 import pytest

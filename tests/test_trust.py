@@ -1,4 +1,4 @@
-"""Issue 17: one trust boundary -- nothing a node sends crashes, spoofs or stalls the server."""
+"""One trust boundary -- nothing a node sends crashes, spoofs or stalls the server."""
 
 import csv
 import logging

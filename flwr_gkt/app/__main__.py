@@ -6,12 +6,15 @@ private one that this command starts and stops (:mod:`flwr_gkt.app.flwr_local`),
 with the resolved config as the app's run config. ``--runtime inprocess`` runs
 the same apps in this process instead, with no Ray and no SuperLink
 (:mod:`flwr_gkt.app.inprocess`: nodes handled one at a time, deterministic node ids).
+``--cpu`` prints the CPU, the GPU and whether ``precision: auto`` trains in bf16
+there, and exits.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from flwr_gkt.config import RunConfig, add_override_argument, parse_overrides, resolve_config
 
@@ -20,6 +23,7 @@ from .client_app import make_client_app
 from .fedagg_app import make_fedagg_apps
 from .fedavg_app import make_fedavg_apps
 from .flwr_local import run_config_app
+from .hardware import hardware_report
 from .inprocess import run_inprocess
 from .legacy_app import make_legacy_apps
 from .server_app import make_server_app
@@ -28,6 +32,17 @@ from .task import PRESETS_DIR, prepare_extractor
 
 #: ``--algorithm`` values of the split-learning baselines (``split-mode``).
 SPLIT_ALGORITHMS = ("sl", "splitfed-v1", "splitfed-v2")
+
+
+class _HardwareAction(argparse.Action):
+    """``--cpu``: print :func:`hardware_report` and exit, as ``--version`` does."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        print(hardware_report(), flush=True)
+        parser.exit()
 
 
 def build_config(argv: list[str] | None = None) -> tuple[RunConfig, str, str]:
@@ -44,6 +59,12 @@ def build_config(argv: list[str] | None = None) -> tuple[RunConfig, str, str]:
         help="preset name in flwr_gkt/app/presets/ or a path to a YAML file",
     )
     add_override_argument(parser)
+    parser.add_argument(
+        "--cpu",
+        action=_HardwareAction,
+        help="print the CPU (model, cores, bf16 support), the GPU and the precision "
+        "'precision: auto' trains in, then exit",
+    )
     parser.add_argument(
         "--api",
         choices=("message", "legacy"),

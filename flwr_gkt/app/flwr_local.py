@@ -75,7 +75,7 @@ COMPONENTS = {
 #: and released after it (peak RSS 3,839 -> 3,240 MB on 2 rounds of the default run,
 #: the same round time within 5 %). 384 MiB, room for the two float16 replies in flight
 #: of the float16 default run, cut the wait for them by about 4 s a round but raised the
-#: peak by 60-220 MB and left the runs no shorter (README "Performance", stop 28).
+#: peak by 60-220 MB and left the runs no shorter (docs/benchmarks.md).
 #: ``RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0`` keeps Ray's current handling of accelerator
 #: variables (no FutureWarning).
 RAY_ENV = {

@@ -737,7 +737,7 @@ def resolve_precision(device: torch.device, precision: str) -> str:
     str
         ``precision``, or for ``auto`` ``bf16`` where :func:`bf16_supported`
         and ``fp32`` elsewhere (measured on Fashion-MNIST over 3 seeds: the
-        same accuracy as fp32, README "Performance").
+        same accuracy as fp32, docs/benchmarks.md).
     """
     if precision == "auto":
         return "bf16" if bf16_supported(device) else "fp32"

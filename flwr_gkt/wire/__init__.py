@@ -210,7 +210,7 @@ def resolve_feature_dtype(feature_dtype: str, features: Tensor) -> str:
     for the same numbers. Features an edge computed in bf16 autocast are such
     values. A bfloat16 value has 8 significant bits and float16 holds 11, so
     float16 keeps every bf16 value from 2^-14 up to 65,504 exactly and rounds
-    smaller ones onto its finest grid (README "Performance" counts them on the
+    smaller ones onto its finest grid (docs/benchmarks.md counts them on the
     default run). float32 features from an fp32 edge change by up to 2^-11 of
     their value, so they stay float32, as does a reply with a value float16
     cannot hold or a NaN. The check reads the features a chunk of rows at a

@@ -1,0 +1,1 @@
+"""quickstart-fedgkt: a Flower app training FedGKT with the flwr-gkt plugin."""
