@@ -5,10 +5,12 @@ PY ?= .venv/bin/python
 
 check: lint types test wheel-smoke
 
-## ruff lint + format check (the whole tree)
+## ruff lint + format check (the whole tree), and the import contracts of
+## pyproject.toml's [tool.importlinter] (layers app > flower > wire > data > core, no cycles)
 lint:
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -c "import sys; from importlinter.cli import lint_imports_command; sys.argv[0] = 'lint-imports'; sys.exit(lint_imports_command())" --no-cache
 
 ## apply ruff's fixes and formatting
 format:

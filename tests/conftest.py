@@ -17,7 +17,7 @@ def bridge_autoencoder(tmp_path_factory):
     Shared by the FedAgg building-block tests and the FedAgg runs (training it
     is the slow part of both).
     """
-    from flwr_gkt.core.bridge import pretrain_autoencoder
+    from flwr_gkt.data.bridge import pretrain_autoencoder
 
     path = tmp_path_factory.mktemp("bridge") / "bridge.pt"
     info = pretrain_autoencoder(path, samples=2000, epochs=2, fraction=0.1, device="cpu")

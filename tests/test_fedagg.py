@@ -4,12 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flwr_gkt.core.bridge import BridgeAutoencoder, load_autoencoder
+from flwr_gkt.core.bridge import BridgeAutoencoder
 from flwr_gkt.core.fedagg import BSBODPConfig, teacher_logits, train_leaf, train_nonleaf
 from flwr_gkt.core.losses import fedagg_leaf_loss, fedagg_nonleaf_loss, gkt_loss, kd_loss
 from flwr_gkt.core.rectify import RECTIFIERS, get_rectifier, rectify_swap
 from flwr_gkt.core.registry import build_tier_model
 from flwr_gkt.data import client_data, load_dataset
+from flwr_gkt.data.bridge import load_autoencoder
 
 CPU = torch.device("cpu")
 

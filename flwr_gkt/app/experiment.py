@@ -224,10 +224,10 @@ def pretrain(spec: dict[str, Any], out_dir: Path, extra: dict[str, Any]) -> None
     trains the base preset's edge model on training images no node holds
     (:mod:`flwr_gkt.data.pretrain`; runs load it with ``edge-pretrained``).
     ``bridge: {out: "{experiment-dir}/bridge.pt", samples: 5000, epochs: 3}``
-    trains the FedAgg bridge autoencoder the same way (:mod:`flwr_gkt.core.bridge`;
+    trains the FedAgg bridge autoencoder the same way (:mod:`flwr_gkt.data.bridge`;
     runs load it with ``bridge-autoencoder``). A file that exists is kept.
     """
-    from flwr_gkt.core.bridge import pretrain_autoencoder
+    from flwr_gkt.data.bridge import pretrain_autoencoder
     from flwr_gkt.data.pretrain import pretrain_edge
 
     if (target := _section_target(spec, "pretrain", out_dir, extra)) is not None:

@@ -8,7 +8,7 @@ Roles come from the node config: explicit ``tier`` / ``parent`` / ``node-uid``
 num-clients - 1`` are end devices ``end-<j>`` holding partition ``j`` under
 ``edge-<j mod fedagg-edges>``, the next ``fedagg-edges`` ids are the edges.
 Every node loads the frozen bridge autoencoder from ``bridge-autoencoder``
-(``python -m flwr_gkt.core.bridge --out FILE``).
+(``python -m flwr_gkt.data.bridge --out FILE``).
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from flwr_gkt.config import RunConfig
-from flwr_gkt.core.bridge import BridgeAutoencoder, load_autoencoder
+from flwr_gkt.core.bridge import BridgeAutoencoder
 from flwr_gkt.core.fedagg import BSBODPConfig
 from flwr_gkt.core.registry import build_tier_model
 from flwr_gkt.data import ClientData, load_dataset, normalize
+from flwr_gkt.data.bridge import load_autoencoder
 from flwr_gkt.flower.fedagg_client import TierRole, handle_fedagg, handle_topology_query
 from flwr_gkt.flower.fedagg_strategy import FedAgg, parse_migrations
 from flwr_gkt.flower.tensorboard import open_tensorboard
@@ -41,7 +42,7 @@ from .task import config_from_run_config, dataset_info, load_client_data, result
 def _autoencoder(path: str, dataset: str) -> BridgeAutoencoder:
     if not path:
         raise ValueError(
-            "FedAgg needs bridge-autoencoder: a file made by `python -m flwr_gkt.core.bridge --out FILE`"
+            "FedAgg needs bridge-autoencoder: a file made by `python -m flwr_gkt.data.bridge --out FILE`"
         )
     return load_autoencoder(path, dataset)
 
