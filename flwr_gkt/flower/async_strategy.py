@@ -167,6 +167,23 @@ class _Tally:
     staleness: list[int] = field(default_factory=list)
     edge: list[tuple[float, Mapping[str, float]]] = field(default_factory=list)
 
+    def add(
+        self,
+        res: ServerRoundResult,
+        staleness: int,
+        with_features: int,
+        metrics: Mapping[str, float],
+    ) -> None:
+        """Count one accepted reply and the server update it made."""
+        self.updates += 1
+        self.staleness.append(staleness)
+        self.with_features += with_features
+        self.edge.append((scalar(metrics, NUM_EXAMPLES), metrics))
+        self.loss_sum += res.loss * res.num_examples
+        self.correct_sum += res.accuracy * res.num_examples
+        self.examples += res.num_examples
+        self.server_seconds += res.seconds
+
 
 @dataclass
 class _EvalRound:
@@ -179,6 +196,41 @@ class _EvalRound:
     waiting: set[int]
     messages: list[Message] = field(default_factory=list)
     replies: list[Message] = field(default_factory=list)
+
+
+@dataclass
+class _Run:
+    """The state of one :meth:`AsyncFedGKT.start`: what is in flight, due and counted."""
+
+    grid: Grid
+    timeout: float
+    train_config: ConfigRecord
+    evaluate_config: ConfigRecord
+    #: Training nodes sampled (a round is ``k`` accepted updates).
+    k: int
+    #: Accepted updates the run needs (``num_rounds - completed`` rounds of ``k``).
+    needed: int
+    server_round: int
+    tally: _Tally
+    #: Training nodes sampled, in sampling order (the order of the first instructions).
+    train_nodes: list[int]
+    #: Training nodes still in the run.
+    active: set[int]
+    #: Rejected replies in a row, by node.
+    failures: dict[int, int]
+    #: Lost or failing nodes: no more instructions.
+    dropped: set[int] = field(default_factory=set)
+    flights: dict[str, _Flight] = field(default_factory=dict)
+    busy: set[int] = field(default_factory=set)
+    pending_eval: dict[int, list[_EvalRound]] = field(default_factory=dict)
+    evals: deque[_EvalRound] = field(default_factory=deque)
+    accepted: int = 0
+    result: Result = field(default_factory=Result)
+    evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None
+
+    def outstanding_train(self) -> int:
+        """Train instructions in flight."""
+        return sum(f.kind == "train" for f in self.flights.values())
 
 
 def _view(reply: Message, instruction: Message) -> Message:
@@ -325,14 +377,35 @@ class AsyncFedGKT(FedGKT):
         self.summary()
         self.num_rounds = num_rounds
         self._run_start = time.perf_counter()
-        train_config = ConfigRecord() if train_config is None else train_config
-        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
-        result = Result()
-        if evaluate_fn:
-            res = evaluate_fn(0, initial_arrays)
-            if res is not None:
-                result.evaluate_metrics_serverapp[0] = res
+        run = self._begin_run(grid, num_rounds, timeout, train_config, evaluate_config)
+        run.evaluate_fn = evaluate_fn
+        if evaluate_fn and (res := evaluate_fn(0, initial_arrays)) is not None:
+            run.result.evaluate_metrics_serverapp[0] = res
+        for node in run.train_nodes:
+            self._dispatch(run, node)
+        while self._poll(run):
+            pass
+        run.result.arrays = ArrayRecord(self.server.model.state_dict())
+        log(
+            INFO,
+            "Strategy execution finished in %.2fs (%d server updates)",
+            time.perf_counter() - self._run_start,
+            self.version,
+        )
+        for line in io.StringIO(str(run.result)):
+            log(INFO, "\t%s", line.strip("\n"))
+        return run.result
 
+    # ------------------------------------------------------------ the event loop
+    def _begin_run(
+        self,
+        grid: Grid,
+        num_rounds: int,
+        timeout: float,
+        train_config: ConfigRecord | None,
+        evaluate_config: ConfigRecord | None,
+    ) -> _Run:
+        """Find resumed nodes again, sample the training nodes; return the run's state."""
         first = self.completed_round + 1
         if first > 1:
             log(
@@ -341,7 +414,6 @@ class AsyncFedGKT(FedGKT):
             self.reidentify_nodes(grid, timeout)
         train_nodes = self._sample(grid, self.fraction_train, self.min_train_nodes)
         k = len(train_nodes)
-        needed = max(num_rounds - self.completed_round, 0) * k
         log(
             INFO, "AsyncFedGKT: %d training nodes, %d rounds of %d server updates", k, num_rounds, k
         )
@@ -355,293 +427,286 @@ class AsyncFedGKT(FedGKT):
                 k,
                 k - 1,
             )
+        return _Run(
+            grid=grid,
+            timeout=timeout,
+            train_config=ConfigRecord() if train_config is None else train_config,
+            evaluate_config=ConfigRecord() if evaluate_config is None else evaluate_config,
+            k=k,
+            needed=max(num_rounds - self.completed_round, 0) * k,
+            server_round=first,
+            tally=_Tally(start=time.perf_counter()),
+            train_nodes=list(train_nodes),
+            active=set(train_nodes),
+            failures=dict.fromkeys(train_nodes, 0),
+        )
 
-        active = set(train_nodes)  # training nodes still in the run
-        dropped: set[int] = set()  # lost or failing nodes: no more instructions
-        failures = dict.fromkeys(train_nodes, 0)
-        flights: dict[str, _Flight] = {}
-        busy: set[int] = set()
-        pending_eval: dict[int, list[_EvalRound]] = {}
-        evals: deque[_EvalRound] = deque()
-        accepted = 0
-        server_round = first
-        tally = _Tally(start=time.perf_counter())
-
-        def outstanding_train() -> int:
-            return sum(f.kind == "train" for f in flights.values())
-
-        def push(message: Message, flight: _Flight) -> bool:
-            ids = list(grid.push_messages([message]))
-            if not ids:
-                log(
-                    WARNING,
-                    "AsyncFedGKT: the %s instruction to node %d could not be sent",
-                    flight.kind,
-                    flight.node,
-                )
-                return False
-            flights[str(ids[0])] = flight
-            busy.add(flight.node)
-            return True
-
-        def drop(node: int, why: str) -> None:
-            active.discard(node)
-            dropped.add(node)
-            for er in pending_eval.pop(node, []):
-                er.waiting.discard(node)
-                self.node_history.append(
-                    {
-                        "round": er.server_round,
-                        "stage": "evaluate",
-                        "node-id": node,
-                        "status": "lost",
-                        "reason": f"node dropped ({why})",
-                    }
-                )
-            self.forget_node(node)  # its features leave the store
-            log(WARNING, "AsyncFedGKT: node %d takes no further part in the run (%s)", node, why)
-
-        def dispatch(node: int) -> None:
-            """Send an idle node its next instruction, if it has one."""
-            if node in busy:
-                return
-            if pending_eval.get(node):
-                rounds = pending_eval.pop(node)
-                msg = self._build(
-                    self.configure_evaluate, rounds[-1].server_round, node, evaluate_config, grid
-                )
-                if push(
-                    msg, _Flight(msg, "evaluate", node, time.monotonic(), self.version, rounds)
-                ):
-                    for er in rounds:
-                        er.messages.append(msg)
-                else:
-                    for er in rounds:
-                        er.waiting.discard(node)
-                return
-            if node in active and accepted + outstanding_train() < needed:
-                msg = self._build(self.configure_train, server_round, node, train_config, grid)
-                if push(msg, _Flight(msg, "train", node, time.monotonic(), self.version)):
-                    tally.bytes_down += record_nbytes(msg.content)
-                else:
-                    drop(node, "its instruction could not be sent")
-
-        def end_round() -> None:
-            nonlocal tally, server_round
-            now = time.perf_counter()
-            row = self._train_row(server_round, tally, now)
-            result.train_metrics_clientapp[server_round] = MetricRecord(
-                {k_: float(v) for k_, v in row.items()}
-            )
-            eval_nodes = [n for n in self._eval_nodes(grid) if n not in dropped]
-            er = _EvalRound(server_round, row, tally.start, now, set(eval_nodes))
-            evals.append(er)
-            for node in eval_nodes:
-                pending_eval.setdefault(node, []).append(er)
-            if evaluate_fn:
-                res = evaluate_fn(server_round, ArrayRecord(self.server.model.state_dict()))
-                if res is not None:
-                    result.evaluate_metrics_serverapp[server_round] = res
-            self.completed_round = server_round
-            if self.checkpoint_path is not None:
-                state = (
-                    self.state_dict()
-                )  # rows whose evaluation is still in flight go in as they are
-                state["history"] = [*self.history, *(e.row for e in evals)]
-                save_checkpoint(self.checkpoint_path, state)
-            server_round += 1
-            tally = _Tally(start=now)
-
-        def flush_evals() -> None:
-            while evals and not evals[0].waiting:
-                er = evals.popleft()
-                metrics = self._finish_evaluation(er)
-                if metrics is not None:
-                    result.evaluate_metrics_clientapp[er.server_round] = metrics
-
-        def on_train_reply(flight: _Flight, reply: Message) -> None:
-            nonlocal accepted
-            node = flight.node
-            staleness = self.version - flight.version
-            if (
-                not reply.has_error()
-                and self.max_staleness is not None
-                and staleness > self.max_staleness
-            ):
-                size = record_nbytes(reply.content)
-                tally.rejected += 1
-                tally.stale += 1
-                tally.bytes_up += size
-                reason = f"stale (staleness {staleness} > max-staleness {self.max_staleness})"
-                self.node_history.append(
-                    {
-                        "round": server_round,
-                        "stage": "train",
-                        "node-id": node,
-                        "status": "stale",
-                        "reason": reason,
-                        "staleness": staleness,
-                        "bytes-up": size,
-                    }
-                )
-                log(
-                    WARNING,
-                    "FedGKT round %d: train reply of node %d rejected: %s",
-                    server_round,
-                    node,
-                    reason,
-                )
-                return
-            self._sent_train = [flight.message]
-            with_features = []
-
-            def store(node_: int, payload: Payload, _: Mapping[str, float]) -> None:
-                with_features.append(payload.has_features)
-                self._store(node_, payload, server_round)
-
-            ok, nbytes, rejected = self._accept(
-                server_round, [reply], with_logits=True, consume=store
-            )
-            self.node_history[-1]["staleness"] = staleness
-            tally.bytes_up += nbytes
-            if rejected:
-                tally.rejected += 1
-                failures[node] = failures.get(node, 0) + 1
-                if failures[node] >= self.max_node_failures:
-                    drop(node, f"{failures[node]} rejected replies in a row")
-                return
-            failures[node] = 0
-            metrics = ok[0][2]
-            if self.store_max_age > 0:
-                for gone in self.server.evict(server_round - self.store_max_age + 1):
-                    self.feature_round.pop(gone, None)
-                    self.gate.forget(gone)
-                    log(
-                        WARNING,
-                        "FedGKT round %d: features of node %d dropped (no reply for %d rounds)",
-                        server_round,
-                        gone,
-                        self.store_max_age,
-                    )
-            res = self._train_update(node, self._server_lr_factor(server_round))
-            self._book_evictions(server_round)
-            self.version += 1
-            accepted += 1
-            tally.updates += 1
-            tally.staleness.append(staleness)
-            tally.with_features += sum(with_features)
-            tally.edge.append((scalar(metrics, NUM_EXAMPLES), metrics))
-            tally.loss_sum += res.loss * res.num_examples
-            tally.correct_sum += res.accuracy * res.num_examples
-            tally.examples += res.num_examples
-            tally.server_seconds += res.seconds
+    def _poll(self, run: _Run) -> bool:
+        """One pass of the event loop: pull, handle, time out, dispatch; ``False`` when done."""
+        if run.accepted < run.needed and not run.active and not run.outstanding_train():
             log(
-                INFO,
-                "FedGKT round %d update %d/%d: node %d (staleness %d), server loss %.4f acc %.4f "
-                "on %d samples (%.1fs)",
-                server_round,
-                tally.updates,
-                k,
-                node,
-                staleness,
-                res.loss,
-                res.accuracy,
-                res.num_examples,
-                res.seconds,
+                WARNING,
+                "AsyncFedGKT: no training node left; stopping after %d of %d rounds",
+                run.server_round - 1,
+                self.num_rounds,
             )
-            if accepted % k == 0:
-                end_round()
+            run.needed = run.accepted
+        if run.accepted >= run.needed and not run.flights:
+            for er in run.evals:  # nothing more can answer
+                er.waiting.clear()
+            self._flush_evals(run)
+            return False
+        replies = list(run.grid.pull_messages(list(run.flights))) if run.flights else []
+        for reply in replies:
+            self._on_reply(run, reply)
+        now = time.monotonic()
+        for msg_id, flight in list(run.flights.items()):
+            if now - flight.sent_at > run.timeout:
+                del run.flights[msg_id]
+                run.busy.discard(flight.node)
+                self._on_timeout(run, flight)
+        self._flush_evals(run)
+        for node in sorted(run.active | set(run.pending_eval)):
+            self._dispatch(run, node)  # idle nodes with work: new evaluations, freed train slots
+        if run.flights and not replies:
+            time.sleep(self.poll_interval)
+        return True
 
-        def on_timeout(flight: _Flight) -> None:
-            node = flight.node
-            if flight.kind == "train":
-                tally.lost += 1
-                self.node_history.append(
-                    {
-                        "round": server_round,
-                        "stage": "train",
-                        "node-id": node,
-                        "status": "lost",
-                        "reason": f"no reply within the {timeout:.0f}s timeout",
-                    }
+    def _on_reply(self, run: _Run, reply: Message) -> None:
+        """Hand a pulled reply to its handler and give its node its next instruction."""
+        flight = run.flights.pop(reply.metadata.reply_to_message_id, None)
+        if flight is None:  # late (given up on) or a second copy: never used twice
+            log(
+                WARNING,
+                "AsyncFedGKT: reply from node %d ignored: it answers no instruction "
+                "in flight (late or duplicate)",
+                reply.metadata.src_node_id,
+            )
+            return
+        run.busy.discard(flight.node)
+        if flight.kind == "train":
+            self._on_train_reply(run, flight, reply)
+        else:
+            for i, er in enumerate(flight.rounds):
+                # aggregate_evaluate releases a reply's arrays: each round its own view
+                er.replies.append(
+                    reply if i == len(flight.rounds) - 1 else _view(reply, flight.message)
                 )
-                log(
-                    WARNING,
-                    "FedGKT round %d: node %d did not reply to the train instruction (lost)",
-                    server_round,
-                    node,
-                )
-                drop(node, "lost")
-            else:  # recorded as lost by aggregate_evaluate (its message has no reply)
-                for er in flight.rounds:
-                    er.waiting.discard(node)
-                drop(node, "lost while evaluating")
+                er.waiting.discard(flight.node)
+        self._flush_evals(run)
+        self._dispatch(run, flight.node)
 
-        for node in train_nodes:
-            dispatch(node)
-        while True:
-            if (
-                accepted < needed
-                and not active
-                and not any(f.kind == "train" for f in flights.values())
-            ):
-                log(
-                    WARNING,
-                    "AsyncFedGKT: no training node left; stopping after %d of %d rounds",
-                    server_round - 1,
-                    num_rounds,
-                )
-                needed = accepted
-            if accepted >= needed and not flights:
-                for er in evals:  # nothing more can answer
-                    er.waiting.clear()
-                flush_evals()
-                break
-            replies = list(grid.pull_messages(list(flights))) if flights else []
-            for reply in replies:
-                flight = flights.pop(reply.metadata.reply_to_message_id, None)
-                if flight is None:  # late (given up on) or a second copy: never used twice
-                    log(
-                        WARNING,
-                        "AsyncFedGKT: reply from node %d ignored: it answers no instruction "
-                        "in flight (late or duplicate)",
-                        reply.metadata.src_node_id,
-                    )
-                    continue
-                busy.discard(flight.node)
-                if flight.kind == "train":
-                    on_train_reply(flight, reply)
+    def _push(self, run: _Run, message: Message, flight: _Flight) -> bool:
+        """Send one instruction; record it in flight. ``False`` when it could not be sent."""
+        ids = list(run.grid.push_messages([message]))
+        if not ids:
+            log(
+                WARNING,
+                "AsyncFedGKT: the %s instruction to node %d could not be sent",
+                flight.kind,
+                flight.node,
+            )
+            return False
+        run.flights[str(ids[0])] = flight
+        run.busy.add(flight.node)
+        return True
+
+    def _drop(self, run: _Run, node: int, why: str) -> None:
+        """Take ``node`` out of the run: no more instructions, its features leave the store."""
+        run.active.discard(node)
+        run.dropped.add(node)
+        for er in run.pending_eval.pop(node, []):
+            er.waiting.discard(node)
+            self.node_history.append(
+                {
+                    "round": er.server_round,
+                    "stage": "evaluate",
+                    "node-id": node,
+                    "status": "lost",
+                    "reason": f"node dropped ({why})",
+                }
+            )
+        self.forget_node(node)
+        log(WARNING, "AsyncFedGKT: node %d takes no further part in the run (%s)", node, why)
+
+    def _dispatch(self, run: _Run, node: int) -> None:
+        """Send an idle node its next instruction, if it has one (evaluations first)."""
+        if node in run.busy:
+            return
+        if run.pending_eval.get(node):
+            rounds = run.pending_eval.pop(node)
+            msg = self._build(
+                self.configure_evaluate,
+                rounds[-1].server_round,
+                node,
+                run.evaluate_config,
+                run.grid,
+            )
+            flight = _Flight(msg, "evaluate", node, time.monotonic(), self.version, rounds)
+            sent = self._push(run, msg, flight)
+            for er in rounds:
+                if sent:
+                    er.messages.append(msg)
                 else:
-                    for i, er in enumerate(flight.rounds):
-                        # aggregate_evaluate releases a reply's arrays: each round its own view
-                        er.replies.append(
-                            reply if i == len(flight.rounds) - 1 else _view(reply, flight.message)
-                        )
-                        er.waiting.discard(flight.node)
-                flush_evals()
-                dispatch(flight.node)
-            now = time.monotonic()
-            for msg_id, flight in list(flights.items()):
-                if now - flight.sent_at > timeout:
-                    del flights[msg_id]
-                    busy.discard(flight.node)
-                    on_timeout(flight)
-            flush_evals()
-            for node in sorted(set(active) | set(pending_eval)):
-                dispatch(node)  # idle nodes with work: new evaluations, freed train slots
-            if flights and not replies:
-                time.sleep(self.poll_interval)
+                    er.waiting.discard(node)
+            return
+        if node in run.active and run.accepted + run.outstanding_train() < run.needed:
+            msg = self._build(
+                self.configure_train, run.server_round, node, run.train_config, run.grid
+            )
+            if self._push(run, msg, _Flight(msg, "train", node, time.monotonic(), self.version)):
+                run.tally.bytes_down += record_nbytes(msg.content)
+            else:
+                self._drop(run, node, "its instruction could not be sent")
 
-        result.arrays = ArrayRecord(self.server.model.state_dict())
+    def _end_round(self, run: _Run) -> None:
+        """Close the round: its train row, its evaluation due, a checkpoint; start the next."""
+        now = time.perf_counter()
+        server_round = run.server_round
+        row = self._train_row(server_round, run.tally, now)
+        run.result.train_metrics_clientapp[server_round] = MetricRecord(
+            {k: float(v) for k, v in row.items()}
+        )
+        eval_nodes = [n for n in self._eval_nodes(run.grid) if n not in run.dropped]
+        er = _EvalRound(server_round, row, run.tally.start, now, set(eval_nodes))
+        run.evals.append(er)
+        for node in eval_nodes:
+            run.pending_eval.setdefault(node, []).append(er)
+        if run.evaluate_fn:
+            res = run.evaluate_fn(server_round, ArrayRecord(self.server.model.state_dict()))
+            if res is not None:
+                run.result.evaluate_metrics_serverapp[server_round] = res
+        self.completed_round = server_round
+        if self.checkpoint_path is not None:
+            state = self.state_dict()  # rows whose evaluation is still in flight go in as they are
+            state["history"] = [*self.history, *(e.row for e in run.evals)]
+            save_checkpoint(self.checkpoint_path, state)
+        run.server_round += 1
+        run.tally = _Tally(start=now)
+
+    def _flush_evals(self, run: _Run) -> None:
+        """Aggregate, in round order, the evaluations whose replies are all in."""
+        while run.evals and not run.evals[0].waiting:
+            er = run.evals.popleft()
+            metrics = self._finish_evaluation(er)
+            if metrics is not None:
+                run.result.evaluate_metrics_clientapp[er.server_round] = metrics
+
+    def _reject_stale(self, run: _Run, flight: _Flight, reply: Message, staleness: int) -> bool:
+        """Reject a reply staler than ``max_staleness`` (one log line, a ``stale`` row)."""
+        if reply.has_error() or self.max_staleness is None or staleness <= self.max_staleness:
+            return False
+        size = record_nbytes(reply.content)
+        run.tally.rejected += 1
+        run.tally.stale += 1
+        run.tally.bytes_up += size
+        reason = f"stale (staleness {staleness} > max-staleness {self.max_staleness})"
+        self.node_history.append(
+            {
+                "round": run.server_round,
+                "stage": "train",
+                "node-id": flight.node,
+                "status": "stale",
+                "reason": reason,
+                "staleness": staleness,
+                "bytes-up": size,
+            }
+        )
+        log(
+            WARNING,
+            "FedGKT round %d: train reply of node %d rejected: %s",
+            run.server_round,
+            flight.node,
+            reason,
+        )
+        return True
+
+    def _on_train_reply(self, run: _Run, flight: _Flight, reply: Message) -> None:
+        """Gate and store a train reply, then make one server update (module docstring)."""
+        node, server_round = flight.node, run.server_round
+        staleness = self.version - flight.version
+        if self._reject_stale(run, flight, reply, staleness):
+            return
+        self._sent_train = [flight.message]
+        with_features = []
+
+        def store(node_: int, payload: Payload, _: Mapping[str, float]) -> None:
+            with_features.append(payload.has_features)
+            self._store(node_, payload, server_round)
+
+        ok, nbytes, rejected = self._accept(server_round, [reply], with_logits=True, consume=store)
+        self.node_history[-1]["staleness"] = staleness
+        run.tally.bytes_up += nbytes
+        if rejected:
+            run.tally.rejected += 1
+            run.failures[node] = run.failures.get(node, 0) + 1
+            if run.failures[node] >= self.max_node_failures:
+                self._drop(run, node, f"{run.failures[node]} rejected replies in a row")
+            return
+        run.failures[node] = 0
+        self._evict_old(server_round)
+        res = self._train_update(node, self._server_lr_factor(server_round))
+        self._book_evictions(server_round)
+        self.version += 1
+        run.accepted += 1
+        run.tally.add(res, staleness, sum(with_features), ok[0][2])
         log(
             INFO,
-            "Strategy execution finished in %.2fs (%d server updates)",
-            time.perf_counter() - self._run_start,
-            self.version,
+            "FedGKT round %d update %d/%d: node %d (staleness %d), server loss %.4f acc %.4f "
+            "on %d samples (%.1fs)",
+            server_round,
+            run.tally.updates,
+            run.k,
+            node,
+            staleness,
+            res.loss,
+            res.accuracy,
+            res.num_examples,
+            res.seconds,
         )
-        for line in io.StringIO(str(result)):
-            log(INFO, "\t%s", line.strip("\n"))
-        return result
+        if run.accepted % run.k == 0:
+            self._end_round(run)
+
+    def _evict_old(self, server_round: int) -> None:
+        """Drop the stored features of nodes silent for ``store_max_age`` rounds."""
+        if self.store_max_age <= 0:
+            return
+        for gone in self.server.evict(server_round - self.store_max_age + 1):
+            self.feature_round.pop(gone, None)
+            self.gate.forget(gone)
+            log(
+                WARNING,
+                "FedGKT round %d: features of node %d dropped (no reply for %d rounds)",
+                server_round,
+                gone,
+                self.store_max_age,
+            )
+
+    def _on_timeout(self, run: _Run, flight: _Flight) -> None:
+        """Record a node that did not answer in time as lost and drop it."""
+        node = flight.node
+        if flight.kind != "train":  # recorded as lost by aggregate_evaluate (no reply)
+            for er in flight.rounds:
+                er.waiting.discard(node)
+            self._drop(run, node, "lost while evaluating")
+            return
+        run.tally.lost += 1
+        self.node_history.append(
+            {
+                "round": run.server_round,
+                "stage": "train",
+                "node-id": node,
+                "status": "lost",
+                "reason": f"no reply within the {run.timeout:.0f}s timeout",
+            }
+        )
+        log(
+            WARNING,
+            "FedGKT round %d: node %d did not reply to the train instruction (lost)",
+            run.server_round,
+            node,
+        )
+        self._drop(run, node, "lost")
 
     # ------------------------------------------------------------- server
     def _train_update(self, node: int, lr_scale: float) -> ServerRoundResult:
