@@ -282,7 +282,7 @@ def _run(cmd: list[str], log_path: Path, label: str) -> int:
         return proc.wait()
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m flwr_gkt.app.experiment",
         description=__doc__,
@@ -304,8 +304,75 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="do not run anything; rebuild the comparison from existing runs",
     )
-    args = parser.parse_args(argv)
+    return parser
 
+
+def _run_all(
+    spec: dict[str, Any], runs: list[str], out_dir: Path, extra: dict[str, Any]
+) -> list[str]:
+    """Run each run of the experiment as its own process, one after another; return the failed."""
+    failed: list[str] = []
+    start = time.perf_counter()
+    pretrain(spec, out_dir, extra)
+    for i, run in enumerate(runs, 1):
+        run_dir = out_dir / run
+        run_dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        print(
+            f"[{i}/{len(runs)}] {run}: started ({time.perf_counter() - start:.0f}s into the experiment)",
+            flush=True,
+        )
+        rc = _run(run_command(spec, run, out_dir, extra), run_dir / "run.log", run)
+        if rc == 0 and (run_dir / "results.json").is_file():
+            t = load_run(run_dir).totals()
+            print(
+                f"[{i}/{len(runs)}] {run}: done in {time.perf_counter() - t0:.0f}s, accuracy "
+                f"{100 * t['final-accuracy']:.2f}%, {t['mb-up'] + t['mb-down']:.1f} MB",
+                flush=True,
+            )
+        else:
+            failed.append(run)
+            print(
+                f"[{i}/{len(runs)}] {run}: FAILED (exit {rc}); see {run_dir / 'run.log'}",
+                flush=True,
+            )
+    return failed
+
+
+def _compare(spec: dict[str, Any], name: str, out_dir: Path) -> bool:
+    """Write the comparison of the finished runs (CSV, plots, summary.md); ``False``: none."""
+    done = [r for r in find_runs([out_dir]) if r.path.name in spec["runs"]]
+    order = {r: i for i, r in enumerate(spec["runs"])}
+    done.sort(key=lambda r: order[r.path.name])
+    if not done:
+        return False
+    title = str(spec.get("title", name))
+    write_long_csv(done, out_dir / "comparison.csv")
+    plot_runs(done, out_dir / "comparison.png", title=title)
+    table = markdown_table(done, spec.get("columns"))
+    if "grid" in spec:
+        table = f"{grid_table(spec, done)}\n![curves](grid.png)\n\n## All runs\n\n{table}"
+        cells = [
+            (spec["runs"][r.path.name]["row"], spec["runs"][r.path.name]["column"], r) for r in done
+        ]
+        plot_grid(cells, out_dir / "grid.png", title=title)
+    if spec.get("target-accuracy"):
+        table += "\n## Communication\n\n" + communication_table(
+            done, float(spec["target-accuracy"])
+        )
+    (out_dir / "summary.md").write_text(f"# {title}\n\n{table}")
+    print(
+        f"\n{table}\nwritten: {out_dir / 'comparison.csv'}, {out_dir / 'comparison.png'}, "
+        f"{out_dir / 'summary.md'}",
+        flush=True,
+    )
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``python -m flwr_gkt.app.experiment``: an experiment's runs, then their comparison."""
+    parser = _parser()
+    args = parser.parse_args(argv)
     name, spec = load_experiment(args.experiment)
     extra = parse_overrides(args.overrides)
     out_dir = Path(args.results_dir).expanduser() / (args.name or name)
@@ -314,61 +381,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.only or []) - set(spec["runs"])
     if unknown:
         parser.error(f"unknown runs {sorted(unknown)}; known: {list(spec['runs'])}")
-
     failed: list[str] = []
-    start = time.perf_counter()
     if not args.report_only:
         print(f"experiment {name}: {len(runs)} runs -> {out_dir}", flush=True)
-        pretrain(spec, out_dir, extra)
-        for i, run in enumerate(runs, 1):
-            run_dir = out_dir / run
-            run_dir.mkdir(parents=True, exist_ok=True)
-            t0 = time.perf_counter()
-            print(
-                f"[{i}/{len(runs)}] {run}: started ({time.perf_counter() - start:.0f}s into the experiment)",
-                flush=True,
-            )
-            rc = _run(run_command(spec, run, out_dir, extra), run_dir / "run.log", run)
-            ok = rc == 0 and (run_dir / "results.json").is_file()
-            if ok:
-                t = load_run(run_dir).totals()
-                print(
-                    f"[{i}/{len(runs)}] {run}: done in {time.perf_counter() - t0:.0f}s, accuracy "
-                    f"{100 * t['final-accuracy']:.2f}%, {t['mb-up'] + t['mb-down']:.1f} MB",
-                    flush=True,
-                )
-            else:
-                failed.append(run)
-                print(
-                    f"[{i}/{len(runs)}] {run}: FAILED (exit {rc}); see {run_dir / 'run.log'}",
-                    flush=True,
-                )
-
-    done = [r for r in find_runs([out_dir]) if r.path.name in spec["runs"]]
-    order = {r: i for i, r in enumerate(spec["runs"])}
-    done.sort(key=lambda r: order[r.path.name])
-    if done:
-        title = str(spec.get("title", name))
-        write_long_csv(done, out_dir / "comparison.csv")
-        plot_runs(done, out_dir / "comparison.png", title=title)
-        table = markdown_table(done, spec.get("columns"))
-        if "grid" in spec:
-            table = f"{grid_table(spec, done)}\n![curves](grid.png)\n\n## All runs\n\n{table}"
-            cells = [
-                (spec["runs"][r.path.name]["row"], spec["runs"][r.path.name]["column"], r)
-                for r in done
-            ]
-            plot_grid(cells, out_dir / "grid.png", title=title)
-        if spec.get("target-accuracy"):
-            table += "\n## Communication\n\n" + communication_table(
-                done, float(spec["target-accuracy"])
-            )
-        (out_dir / "summary.md").write_text(f"# {title}\n\n{table}")
-        print(
-            f"\n{table}\nwritten: {out_dir / 'comparison.csv'}, {out_dir / 'comparison.png'}, "
-            f"{out_dir / 'summary.md'}",
-            flush=True,
-        )
+        failed = _run_all(spec, runs, out_dir, extra)
+    done = _compare(spec, name, out_dir)
     if failed:
         print(f"failed runs: {failed}", flush=True)
         return 1

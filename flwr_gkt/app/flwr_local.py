@@ -152,8 +152,37 @@ def run(
         f'[superlink.local-simulation]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )
     env = superlink_env(flwr_home, env_extra)
+    superlink = _start_superlink(port, flwr_home, workdir, env)
+    try:
+        _wait_healthy(port, superlink)
+        cpus = int(client_cpus) if float(client_cpus).is_integer() else client_cpus
+        cmd = [
+            "flwr",
+            "run",
+            str(app_dir),
+            "local-simulation",
+            "--stream",
+            "--federation-config",
+            f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus} "
+            "client-resources-num-gpus=0.0",
+        ]
+        if run_config:
+            cmd += ["--run-config", run_config]
+        log, code = _stream(cmd, env, workdir, timeout)
+        match = re.search(r"run (\d+)", log)
+        if code != 0 or not match:
+            return f"flwr run failed (exit {code})", log
+        return _run_status(match.group(1), env, workdir), log
+    finally:
+        _stop(superlink)
+
+
+def _start_superlink(
+    port: int, flwr_home: Path, workdir: Path, env: dict[str, str]
+) -> subprocess.Popen[bytes]:
+    """Start a private simulation SuperLink on ``127.0.0.1:port`` in its own process session."""
     with open(flwr_home / "superlink.out", "wb") as out:
-        superlink = subprocess.Popen(
+        return subprocess.Popen(
             [
                 "flower-superlink",
                 "--insecure",
@@ -174,40 +203,22 @@ def run(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+
+
+def _run_status(run_id: str, env: dict[str, str], workdir: Path) -> str:
+    """The run's final status as ``flwr ls`` reports it."""
+    ls = subprocess.run(
+        ["flwr", "ls", "local-simulation", "--run-id", run_id, "--format", "json"],
+        env=env,
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     try:
-        _wait_healthy(port, superlink)
-        cmd = [
-            "flwr",
-            "run",
-            str(app_dir),
-            "local-simulation",
-            "--stream",
-            "--federation-config",
-            f"num-supernodes={num_supernodes} "
-            f"client-resources-num-cpus={int(client_cpus) if float(client_cpus).is_integer() else client_cpus} "
-            "client-resources-num-gpus=0.0",
-        ]
-        if run_config:
-            cmd += ["--run-config", run_config]
-        log, code = _stream(cmd, env, workdir, timeout)
-        match = re.search(r"run (\d+)", log)
-        if code != 0 or not match:
-            return f"flwr run failed (exit {code})", log
-        ls = subprocess.run(
-            ["flwr", "ls", "local-simulation", "--run-id", match.group(1), "--format", "json"],
-            env=env,
-            cwd=workdir,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        try:
-            status = json.loads(ls.stdout)["runs"][0]["status"]
-        except (ValueError, KeyError, IndexError):
-            status = f"unknown ({ls.stdout.strip()} {ls.stderr.strip()})"
-        return status, log
-    finally:
-        _stop(superlink)
+        return str(json.loads(ls.stdout)["runs"][0]["status"])
+    except (ValueError, KeyError, IndexError):
+        return f"unknown ({ls.stdout.strip()} {ls.stderr.strip()})"
 
 
 def _stream(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float) -> tuple[str, int]:

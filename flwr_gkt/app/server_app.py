@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from logging import INFO, WARNING
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,10 +13,12 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from flwr_gkt.config import RunConfig
+from flwr_gkt.core.server import GKTServer
 from flwr_gkt.core.training import Plateau
 from flwr_gkt.flower.async_strategy import AsyncFedGKT
 from flwr_gkt.flower.faults import FaultPlan, FaultyGrid
 from flwr_gkt.flower.strategy import FedGKT
+from flwr_gkt.flower.strategy_utils import RoundCallback
 from flwr_gkt.flower.tensorboard import open_tensorboard
 
 from .task import (
@@ -54,34 +57,19 @@ def strategy_class(cfg: RunConfig) -> tuple[type[FedGKT], dict[str, Any]]:
     raise ValueError(f"unknown server-mode {cfg.server_mode!r} (expected 'sync' or 'async')")
 
 
-def run_fedgkt(grid: Grid, cfg: RunConfig) -> FedGKT:
-    """Run ``cfg.num_server_rounds`` rounds of FedGKT on ``grid``; write results."""
+def build_strategy(
+    cfg: RunConfig, server: GKTServer, out: Path, on_round: RoundCallback | None = None
+) -> FedGKT:
+    """Build the strategy of ``cfg.server_mode`` over ``server``, with every run setting.
+
+    ``out`` is the run's results directory (its checkpoint goes there when
+    ``checkpoint`` is on); ``on_round`` is called after every round.
+    """
     cls, mode_args = strategy_class(cfg)
-    if cfg.resume and not cfg.run_name:
-        raise ValueError(
-            "resume needs run-name: the checkpoint is <results-dir>/<run-name>/checkpoint.pt"
-        )
-    if cfg.edge_models:  # a malformed list stops the run here, not on every node
-        models = federation_edge_models(cfg)
-        log(INFO, "FedGKT: edge models by partition (node configs may override): %s", models)
-    out = results_dir(cfg)
-    tensorboard = open_tensorboard(cfg.tensorboard_dir, out.name, cfg.to_dict())
     if cfg.checkpoint:
         mode_args["checkpoint_path"] = out / CHECKPOINT_FILE
     elif cfg.resume:
         raise ValueError("resume needs checkpoint 1")
-    spill = out / "spill"
-    if not cfg.spill_dir and spill.is_dir():  # left by a crashed run: every node's features
-        removed = list(spill.glob("node-*.npy"))
-        for path in removed:
-            path.unlink()
-        log(
-            WARNING,
-            "FedGKT: %d spill file(s) of an earlier run removed from %s",
-            len(removed),
-            spill,
-        )
-    server = make_gkt_server(cfg, spill_dir=out / "spill")
     strategy = cls(
         server,
         dataset_info(cfg)[0],
@@ -105,19 +93,52 @@ def run_fedgkt(grid: Grid, cfg: RunConfig) -> FedGKT:
         max_payload_bytes=int(cfg.max_payload_mb * 1024 * 1024) or None,
         outlier_threshold=cfg.outlier_threshold,
         logit_clip=cfg.logit_clip,
-        on_round=tensorboard,
+        on_round=on_round,
         **mode_args,
     )
     strategy.gate.max_abs_value = cfg.max_abs_value
+    return strategy
+
+
+def _remove_stale_spill(cfg: RunConfig, spill: Path) -> None:
+    """Remove the spill files a crashed run left in the run's own spill directory."""
+    if cfg.spill_dir or not spill.is_dir():
+        return
+    removed = list(spill.glob("node-*.npy"))
+    for path in removed:
+        path.unlink()
+    log(WARNING, "FedGKT: %d spill file(s) of an earlier run removed from %s", len(removed), spill)
+
+
+def _with_faults(grid: Grid, cfg: RunConfig) -> Grid:
+    """``grid``, behind fault injection when ``faults`` / ``fault-rate`` ask for it."""
     plan = FaultPlan.from_config(cfg.faults, cfg.fault_rate, cfg.fault_kinds, cfg.seed)
-    if plan:
-        grid = FaultyGrid(grid, plan)
-        log(
-            WARNING,
-            "FedGKT: fault injection on (%s, rate %.2f)",
-            cfg.faults or "random faults only",
-            cfg.fault_rate,
+    if not plan:
+        return grid
+    log(
+        WARNING,
+        "FedGKT: fault injection on (%s, rate %.2f)",
+        cfg.faults or "random faults only",
+        cfg.fault_rate,
+    )
+    return FaultyGrid(grid, plan)
+
+
+def run_fedgkt(grid: Grid, cfg: RunConfig) -> FedGKT:
+    """Run ``cfg.num_server_rounds`` rounds of FedGKT on ``grid``; write results."""
+    if cfg.resume and not cfg.run_name:
+        raise ValueError(
+            "resume needs run-name: the checkpoint is <results-dir>/<run-name>/checkpoint.pt"
         )
+    if cfg.edge_models:  # a malformed list stops the run here, not on every node
+        models = federation_edge_models(cfg)
+        log(INFO, "FedGKT: edge models by partition (node configs may override): %s", models)
+    out = results_dir(cfg)
+    tensorboard = open_tensorboard(cfg.tensorboard_dir, out.name, cfg.to_dict())
+    _remove_stale_spill(cfg, out / "spill")
+    server = make_gkt_server(cfg, spill_dir=out / "spill")
+    strategy = build_strategy(cfg, server, out, tensorboard)
+    grid = _with_faults(grid, cfg)
     log(INFO, "FedGKT: results go to %s", out)
     if cfg.resume:
         strategy.resume()
@@ -134,9 +155,16 @@ def run_fedgkt(grid: Grid, cfg: RunConfig) -> FedGKT:
         server.store.close()  # spilled features are not results, and are private
         if tensorboard is not None:
             tensorboard.close()
-    elapsed = time.perf_counter() - start
+    _report(cfg, strategy, grid, out, time.perf_counter() - start, baseline_mb)
+    return strategy
+
+
+def _report(
+    cfg: RunConfig, strategy: FedGKT, grid: Grid, out: Path, elapsed: float, baseline_mb: float
+) -> None:
+    """Write the run's results (model, results.json, metrics) and log its summary."""
     final = strategy.history[-1] if strategy.history else {}
-    torch.save(server.model.state_dict(), out / "server_model.pt")
+    torch.save(strategy.server.model.state_dict(), out / "server_model.pt")
     memory = memory_figures(baseline_mb, strategy.history)
     write_results(
         out,
@@ -169,7 +197,6 @@ def run_fedgkt(grid: Grid, cfg: RunConfig) -> FedGKT:
         memory["server-peak-rss-ratio"],
         memory["server-added-rss-ratio"],
     )
-    return strategy
 
 
 def make_server_app(fixed: RunConfig | None = None) -> ServerApp:

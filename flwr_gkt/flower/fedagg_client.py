@@ -235,41 +235,78 @@ def handle_fedagg(
     dev = get_device(device)
     start = time.perf_counter()
     if stage == "init":
-        if role.tier != "end" or data is None:
-            raise ValueError("only an end device with data uploads embeddings")
-        pixels = (
-            data.x_train * autoencoder.std + autoencoder.mean
-        )  # the encoder reads [0, 1] images
-        eps = autoencoder.encode(pixels)
-        record = encode_embeddings(eps, data.y_train)
-        context.state.array_records[EMB_PREFIX + role.uid] = record
-        content = RecordDict({ARRAYS_KEY: record, METRICS_KEY: metrics_record(len(eps))})
-        return Message(content=content, reply_to=msg)
-    if stage == "store":
-        for key, record in msg.content.array_records.items():
-            if key.startswith(EMB_PREFIX):
-                context.state.array_records[key] = record
-        for uid in leaves_of(str(config.get("drop", ""))):
-            context.state.array_records.pop(EMB_PREFIX + uid, None)
-        held = sum(1 for k in context.state.array_records if k.startswith(EMB_PREFIX))
-        return Message(content=RecordDict({METRICS_KEY: metrics_record(held)}), reply_to=msg)
-    model = load_edge_model(context, build_model, dev, STATE_MODEL)
-    if stage == "teach":
-        logits = {}
-        for key in config:
-            if key.startswith("teach/"):
-                eps, _ = _embeddings(context, leaves_of(str(config[key])))
-                logits[key[len("teach/") :]] = teacher_logits(model, autoencoder.bridge(eps), dev)
-        n = sum(len(z) for z in logits.values())
-        content = RecordDict(
-            {
-                ARRAYS_KEY: encode_named_logits(logits, str(config.get("logit-dtype", "float32"))),
-                METRICS_KEY: metrics_record(n),
-            }
-        )
-        return Message(content=content, reply_to=msg)
-    if stage != "learn":
+        content = _init(context, role, autoencoder, data)
+    elif stage == "store":
+        content = _store(msg, context, config)
+    elif stage == "teach":
+        model = load_edge_model(context, build_model, dev, STATE_MODEL)
+        content = _teach(context, config, model, autoencoder, dev)
+    elif stage == "learn":
+        model = load_edge_model(context, build_model, dev, STATE_MODEL)
+        content = _learn(msg, context, config, role, model, autoencoder, data, dev, start)
+    else:
         raise ValueError(f"unknown fedagg-stage {stage!r}")
+    return Message(content=content, reply_to=msg)
+
+
+def _init(
+    context: Context, role: TierRole, autoencoder: BridgeAutoencoder, data: ClientData | None
+) -> RecordDict:
+    """Stage ``init``: an end device encodes its training images once; the embeddings go up."""
+    if role.tier != "end" or data is None:
+        raise ValueError("only an end device with data uploads embeddings")
+    pixels = data.x_train * autoencoder.std + autoencoder.mean  # the encoder reads [0, 1] images
+    eps = autoencoder.encode(pixels)
+    record = encode_embeddings(eps, data.y_train)
+    context.state.array_records[EMB_PREFIX + role.uid] = record
+    return RecordDict({ARRAYS_KEY: record, METRICS_KEY: metrics_record(len(eps))})
+
+
+def _store(msg: Message, context: Context, config: ConfigRecord) -> RecordDict:
+    """Stage ``store``: keep the embeddings sent, drop those named; reply the count held."""
+    for key, record in msg.content.array_records.items():
+        if key.startswith(EMB_PREFIX):
+            context.state.array_records[key] = record
+    for uid in leaves_of(str(config.get("drop", ""))):
+        context.state.array_records.pop(EMB_PREFIX + uid, None)
+    held = sum(1 for k in context.state.array_records if k.startswith(EMB_PREFIX))
+    return RecordDict({METRICS_KEY: metrics_record(held)})
+
+
+def _teach(
+    context: Context,
+    config: ConfigRecord,
+    model: nn.Module,
+    autoencoder: BridgeAutoencoder,
+    dev: torch.device,
+) -> RecordDict:
+    """Stage ``teach``: this node's logits on the bridge samples of each leaf set asked for."""
+    logits = {}
+    for key in config:
+        if key.startswith("teach/"):
+            eps, _ = _embeddings(context, leaves_of(str(config[key])))
+            logits[key[len("teach/") :]] = teacher_logits(model, autoencoder.bridge(eps), dev)
+    n = sum(len(z) for z in logits.values())
+    return RecordDict(
+        {
+            ARRAYS_KEY: encode_named_logits(logits, str(config.get("logit-dtype", "float32"))),
+            METRICS_KEY: metrics_record(n),
+        }
+    )
+
+
+def _learn(
+    msg: Message,
+    context: Context,
+    config: ConfigRecord,
+    role: TierRole,
+    model: nn.Module,
+    autoencoder: BridgeAutoencoder,
+    data: ClientData | None,
+    dev: torch.device,
+    start: float,
+) -> RecordDict:
+    """Stage ``learn``: train on each lesson's bridge samples against its teacher's logits."""
     cfg = bsbodp_config(config)
     rectify = get_rectifier(str(config.get("rectify", "none")))
     lessons = {
@@ -308,4 +345,4 @@ def handle_fedagg(
             "seconds": time.perf_counter() - start,
         },
     )
-    return Message(content=RecordDict({METRICS_KEY: metrics}), reply_to=msg)
+    return RecordDict({METRICS_KEY: metrics})

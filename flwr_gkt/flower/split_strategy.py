@@ -492,26 +492,7 @@ class SplitLearning(WaveStrategy):
         for _, optimizer in [(self.model, self.optimizer), *self.copies.values()]:
             set_lr(optimizer, self.server_lr * factor)
         tally: defaultdict[str, float] = defaultdict(float)
-        done: dict[int, tuple[dict[str, Tensor], int]] = {}
-        if self.mode == "sl":  # one node after the other; the weights are relayed
-            for node in nodes:
-                finished = self._turns(grid, server_round, [node], tally, timeout)
-                if node in finished:
-                    self.edge_state = finished[node][0]
-                    done.update(finished)
-        else:
-            if self.mode == "splitfed-v1":  # every node's copy starts from the global model
-                for node in nodes:
-                    model, optimizer = self._server_for(node)
-                    model.load_state_dict(self.model.state_dict())
-                    set_lr(optimizer, self.server_lr * factor)
-            done = self._turns(grid, server_round, nodes, tally, timeout)
-            if done:
-                weights = [float(n) for _, n in done.values()]
-                self.edge_state = average_states([s for s, _ in done.values()], weights)
-                if self.mode == "splitfed-v1":
-                    states = [self.copies[n][0].state_dict() for n in done]
-                    self.model.load_state_dict(average_states(states, weights))
+        done = self._train_turns(grid, server_round, nodes, tally, timeout, factor)
         examples = tally["examples"]
         bytes_down = tally["bytes-edge-weights-down"] + tally["bytes-gradients"]
         row: dict[str, float] = {
@@ -551,6 +532,43 @@ class SplitLearning(WaveStrategy):
             row["seconds-per-wave"],
         )
         return row
+
+    def _train_turns(
+        self,
+        grid: Grid,
+        server_round: int,
+        nodes: list[int],
+        tally: defaultdict[str, float],
+        timeout: float,
+        factor: float,
+    ) -> dict[int, tuple[dict[str, Tensor], int]]:
+        """Run the round's turns in the mode's order; set the next edge (and V1 server) weights.
+
+        SL: one node after the other, each starting from the weights the
+        previous one returned. SplitFed: all at once, then the edge models
+        (and V1's server copies) averaged by the samples the server trained on.
+        """
+        done: dict[int, tuple[dict[str, Tensor], int]] = {}
+        if self.mode == "sl":  # one node after the other; the weights are relayed
+            for node in nodes:
+                finished = self._turns(grid, server_round, [node], tally, timeout)
+                if node in finished:
+                    self.edge_state = finished[node][0]
+                    done.update(finished)
+            return done
+        if self.mode == "splitfed-v1":  # every node's copy starts from the global model
+            for node in nodes:
+                model, optimizer = self._server_for(node)
+                model.load_state_dict(self.model.state_dict())
+                set_lr(optimizer, self.server_lr * factor)
+        done = self._turns(grid, server_round, nodes, tally, timeout)
+        if done:
+            weights = [float(n) for _, n in done.values()]
+            self.edge_state = average_states([s for s, _ in done.values()], weights)
+            if self.mode == "splitfed-v1":
+                states = [self.copies[n][0].state_dict() for n in done]
+                self.model.load_state_dict(average_states(states, weights))
+        return done
 
     def evaluate_round(self, grid: Grid, server_round: int, timeout: float) -> dict[str, float]:
         """Classify the nodes' test activations under the round's edge weights; return the row.

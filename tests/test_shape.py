@@ -1,0 +1,43 @@
+"""The code's shape: short functions and package ``__init__`` files that only re-export."""
+
+import ast
+from pathlib import Path
+
+import flwr_gkt
+
+PACKAGE = Path(flwr_gkt.__file__).parent
+MAX_FUNCTION_LINES = 60
+
+
+def code_lines(path: Path, node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Lines of code of a function's body: its docstring, blank lines and comments left out."""
+    body = node.body
+    first = body[0]
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+        body = body[1:]
+    source = path.read_text().splitlines()
+    lines = {
+        n
+        for statement in body
+        for n in range(statement.lineno, (statement.end_lineno or statement.lineno) + 1)
+        if source[n - 1].strip() and not source[n - 1].strip().startswith("#")
+    }
+    return len(lines)
+
+
+def test_code_lines_count_what_a_reader_reads(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text('def f():\n    """Doc.\n\n    More.\n    """\n    a = 1\n\n    # note\n    return a\n')
+    (node,) = ast.parse(path.read_text()).body
+    assert isinstance(node, ast.FunctionDef) and code_lines(path, node) == 2
+
+
+def test_no_function_is_longer_than_a_screen():
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                n = code_lines(path, node)
+                if n > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(PACKAGE)}::{node.name}: {n} lines")
+    assert not long, "functions over 60 lines of code:\n" + "\n".join(long)
