@@ -27,7 +27,9 @@ def code_lines(path: Path, node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
 
 def test_code_lines_count_what_a_reader_reads(tmp_path):
     path = tmp_path / "m.py"
-    path.write_text('def f():\n    """Doc.\n\n    More.\n    """\n    a = 1\n\n    # note\n    return a\n')
+    path.write_text(
+        'def f():\n    """Doc.\n\n    More.\n    """\n    a = 1\n\n    # note\n    return a\n'
+    )
     (node,) = ast.parse(path.read_text()).body
     assert isinstance(node, ast.FunctionDef) and code_lines(path, node) == 2
 
@@ -41,3 +43,28 @@ def test_no_function_is_longer_than_a_screen():
                 if n > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(PACKAGE)}::{node.name}: {n} lines")
     assert not long, "functions over 60 lines of code:\n" + "\n".join(long)
+
+
+#: Private names of other libraries read for lack of a public API, each for one reason.
+FOREIGN_PRIVATE = {
+    "torch.ops.mkldnn._is_mkldnn_bf16_supported",  # what oneDNN's bf16 kernels need
+    "probe._check_integrity",  # torchvision's CIFAR check of the files it found
+}
+
+
+def test_no_code_reads_another_objects_private_attributes():
+    """``x._name`` only for ``self``, ``cls`` and ``super()``: helpers take what they need."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Attribute) or not node.attr.startswith("_"):
+                continue
+            if node.attr.startswith("__") or ast.unparse(node) in FOREIGN_PRIVATE:
+                continue
+            owner = node.value
+            if isinstance(owner, ast.Name) and owner.id in ("self", "cls"):
+                continue
+            if isinstance(owner, ast.Call) and ast.unparse(owner.func) == "super":
+                continue
+            found.append(f"{path.relative_to(PACKAGE)}:{node.lineno}: {ast.unparse(node)}")
+    assert not found, "private attributes of other objects:\n" + "\n".join(found)

@@ -68,7 +68,7 @@ Rounds
 A *round* is as many accepted server updates as there are sampled training
 nodes (one update per node on average; faster nodes may contribute more). It
 is the unit of ``num_rounds``, of the learning-rate schedule
-(:meth:`FedGKT._lr_factor` of the round in which an instruction is sent or an
+(:meth:`FedGKT.lr_factor` of the round in which an instruction is sent or an
 update is made), of ``store_max_age`` and of the metrics: one history row per
 round. With nodes of equal data size, a round costs the server the same
 compute as a synchronous round (``E_s`` epochs' worth of samples), only spread
@@ -376,7 +376,7 @@ class AsyncFedGKT(FedGKT):
         log_strategy_start_info(num_rounds, initial_arrays, train_config, evaluate_config)
         self.summary()
         self.num_rounds = num_rounds
-        self._run_start = time.perf_counter()
+        self.run_start = time.perf_counter()
         run = self._begin_run(grid, num_rounds, timeout, train_config, evaluate_config)
         run.evaluate_fn = evaluate_fn
         if evaluate_fn and (res := evaluate_fn(0, initial_arrays)) is not None:
@@ -389,7 +389,7 @@ class AsyncFedGKT(FedGKT):
         log(
             INFO,
             "Strategy execution finished in %.2fs (%d server updates)",
-            time.perf_counter() - self._run_start,
+            time.perf_counter() - self.run_start,
             self.version,
         )
         for line in io.StringIO(str(run.result)):
@@ -645,7 +645,7 @@ class AsyncFedGKT(FedGKT):
             return
         run.failures[node] = 0
         self._evict_old(server_round)
-        res = self._train_update(node, self._server_lr_factor(server_round))
+        res = self._train_update(node, self.server_lr_factor(server_round))
         self._book_evictions(server_round)
         self.version += 1
         run.accepted += 1

@@ -205,7 +205,8 @@ class FedGKTLegacy(Strategy):
         """Return the strategy's name with its server model's class."""
         return f"FedGKTLegacy(server={type(self.server.model).__name__})"
 
-    def _lr_factor(self, server_round: int) -> float:
+    def lr_factor(self, server_round: int) -> float:
+        """Return the schedule's learning-rate multiplier of ``server_round``."""
         return lr_factor(self.lr_schedule, server_round, max(self.num_rounds, server_round))
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
@@ -253,7 +254,7 @@ class FedGKTLegacy(Strategy):
             first round) and the edge settings with ``server-round`` and the
             scheduled ``lr``.
         """
-        lr = self.edge_config.lr * self._lr_factor(server_round)
+        lr = self.edge_config.lr * self.lr_factor(server_round)
         config = _scalars(
             edge_config_record(self.edge_config, **{"server-round": server_round, "lr": lr})
         )
@@ -302,7 +303,7 @@ class FedGKTLegacy(Strategy):
             lambda admitted, payload: self.server.put(admitted.node, payload),
         )
         accepted = len(gate.accepted)
-        result = self.server.train_round(lr_scale=self._lr_factor(server_round))
+        result = self.server.train_round(lr_scale=self.lr_factor(server_round))
         metrics: dict[str, Scalar] = {
             "nodes-replied": accepted,
             "nodes-rejected": gate.rejected + _exceptions(failures),

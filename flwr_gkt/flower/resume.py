@@ -97,7 +97,7 @@ def run_rounds(
         centralized-evaluation metrics of the rounds run by this call.
     """
     strategy.num_rounds = num_rounds
-    strategy._run_start = time.perf_counter()
+    strategy.run_start = time.perf_counter()
     log(INFO, "Starting %s strategy:", strategy.__class__.__name__)
     log_strategy_start_info(num_rounds, initial_arrays, train_config, evaluate_config)
     strategy.summary()
@@ -139,7 +139,7 @@ def run_rounds(
         if strategy.checkpoint_path is not None:
             save_checkpoint(strategy.checkpoint_path, strategy.state_dict())
         strategy.round_done(server_round)
-    log(INFO, "Strategy execution finished in %.2fs", time.perf_counter() - strategy._run_start)
+    log(INFO, "Strategy execution finished in %.2fs", time.perf_counter() - strategy.run_start)
     return result
 
 
@@ -170,7 +170,7 @@ def strategy_state(strategy: FedGKT) -> dict[str, Any]:
             "lr-schedule": strategy.lr_schedule,
             "round": strategy.completed_round,
             "num-rounds": strategy.num_rounds,
-            "next-lr-factor": strategy._lr_factor(strategy.completed_round + 1),
+            "next-lr-factor": strategy.lr_factor(strategy.completed_round + 1),
             "plateau": strategy.plateau.state_dict() if strategy.plateau else None,
         },
         "rng": rng_state(),

@@ -224,7 +224,7 @@ class FedGKT(Resumable, Strategy):
         self._round_start = 0.0
         #: When the latest stage's instructions were handed to the Grid.
         self._sent_at = 0.0
-        self._run_start = time.perf_counter()
+        self.run_start = time.perf_counter()
         self._bytes_sent = 0
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         #: The trust boundary every reply passes (see :mod:`flwr_gkt.wire.gate`).
@@ -262,7 +262,7 @@ class FedGKT(Resumable, Strategy):
             **{"feature-dtype": self.feature_dtype, "logit-dtype": self.logit_dtype},
             seed=self.seed,
         )
-        round_config["lr"] = self.edge_config.lr * self._lr_factor(server_round)
+        round_config["lr"] = self.edge_config.lr * self.lr_factor(server_round)
         round_config.update(config)
         round_config["server-round"] = server_round
         messages = []
@@ -322,7 +322,7 @@ class FedGKT(Resumable, Strategy):
         self._drop_silent_nodes(server_round)
         result = ServerRoundResult(0.0, 0.0, 0, 0, 0.0)
         if len(accepted) >= self.min_train_replies:
-            result = self.server.train_round(lr_scale=self._server_lr_factor(server_round))
+            result = self.server.train_round(lr_scale=self.server_lr_factor(server_round))
             row["nodes-evicted"] = self._book_evictions(server_round)
         else:
             log(
@@ -333,7 +333,7 @@ class FedGKT(Resumable, Strategy):
                 len(accepted),
                 self.min_train_replies,
             )
-        row |= server_row(self, server_round, result, nbytes)
+        row |= server_row(self, server_round, result, nbytes, self._bytes_sent)
         row |= edge_train_metrics([(scalar(m, NUM_EXAMPLES), m) for *_, m in accepted])
         self.history.append(row)
         log_train_round(server_round, row)
@@ -417,7 +417,7 @@ class FedGKT(Resumable, Strategy):
         merge_row(self.history, server_round, metrics)
         if self.plateau is not None:  # the reference steps its scheduler with the test accuracy
             self.plateau.step(float(metrics["accuracy"]))
-        elapsed = time.perf_counter() - self._run_start
+        elapsed = time.perf_counter() - self.run_start
         log_evaluate_round(server_round, metrics, progress(server_round, self.num_rounds, elapsed))
         return MetricRecord(dict(metrics))
 
@@ -434,12 +434,13 @@ class FedGKT(Resumable, Strategy):
         """Hand a completed round's row and node records to :attr:`on_round`, if set."""
         call_on_round(self.on_round, self.history, self.node_history, server_round)
 
-    def _lr_factor(self, server_round: int) -> float:
+    def lr_factor(self, server_round: int) -> float:
+        """Return the schedule's learning-rate multiplier of ``server_round``."""
         return lr_factor(self.lr_schedule, server_round, max(self.num_rounds, server_round))
 
-    def _server_lr_factor(self, server_round: int) -> float:
+    def server_lr_factor(self, server_round: int) -> float:
         """Return the server learning-rate multiplier: the plateau's, else the schedule's."""
-        return self.plateau.factor if self.plateau else self._lr_factor(server_round)
+        return self.plateau.factor if self.plateau else self.lr_factor(server_round)
 
     def _sample(self, grid: Grid, fraction: float, min_nodes: int) -> list[int]:
         return sample_connected(

@@ -411,20 +411,22 @@ def sample_trained(
 
 
 def server_row(
-    strategy: FedGKT, server_round: int, result: ServerRoundResult, nbytes: int
+    strategy: FedGKT, server_round: int, result: ServerRoundResult, nbytes: int, bytes_down: int
 ) -> dict[str, float]:
     """Return the server-side columns of a train round's history row.
 
     Parameters
     ----------
     strategy : FedGKT
-        The strategy (its server's store, learning-rate factor, bytes sent).
+        The strategy (its server's store, learning-rate factor).
     server_round : int
         The round.
     result : ServerRoundResult
         The round's server training.
     nbytes : int
         Bytes the train replies carried.
+    bytes_down : int
+        Bytes the train instructions carried.
 
     Returns
     -------
@@ -439,10 +441,10 @@ def server_row(
         "server-train-loss": result.loss,
         "server-train-accuracy": result.accuracy,
         "server-train-examples": result.num_examples,
-        "server-lr-factor": strategy._server_lr_factor(server_round),
+        "server-lr-factor": strategy.server_lr_factor(server_round),
         "server-seconds": result.seconds,
         "bytes-up-train": nbytes,
-        "bytes-down-train": strategy._bytes_sent,
+        "bytes-down-train": bytes_down,
     }
 
 
