@@ -21,7 +21,7 @@ from test_hostile import NODES, SHAPE, N, honest, make_strategy, reply_to, statu
 from flwr_gkt.config import RunConfig
 from flwr_gkt.core.server import GKTServer
 from flwr_gkt.core.store import FeatureStore
-from flwr_gkt.data import _CifarUnpickler, _extract_tar
+from flwr_gkt.data.sources.cifar import CifarUnpickler, extract_tar
 from flwr_gkt.flower.async_strategy import AsyncFedGKT
 from flwr_gkt.flower.client_app import STATE_LOGITS, handle_query, handle_train, save_state
 from flwr_gkt.wire import (
@@ -393,12 +393,12 @@ def test_cifar_pickles_cannot_run_code(tmp_path):
     path = tmp_path / "data_batch_1"
     path.write_bytes(pickle.dumps({"data": Evil()}))
     with open(path, "rb") as f, pytest.raises(pickle.UnpicklingError, match="refused"):
-        _CifarUnpickler(f, encoding="latin1").load()
+        CifarUnpickler(f, encoding="latin1").load()
     assert not (tmp_path / "pwned").exists()
     good = tmp_path / "ok"
     good.write_bytes(pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [1, 2]}))
     with open(good, "rb") as f:
-        assert _CifarUnpickler(f, encoding="latin1").load()["labels"] == [1, 2]
+        assert CifarUnpickler(f, encoding="latin1").load()["labels"] == [1, 2]
 
 
 @pytest.mark.parametrize("filters", [True, False], ids=["tarfile-filters", "python-before-3.11.4"])
@@ -411,7 +411,7 @@ def test_archives_cannot_write_outside_the_data_dir(tmp_path, monkeypatch, filte
         tar.add(tmp_path / "payload", arcname="../../escaped")
     (tmp_path / "data").mkdir()
     with pytest.raises(tarfile.TarError):
-        _extract_tar(evil, tmp_path / "data")
+        extract_tar(evil, tmp_path / "data")
     assert not (tmp_path.parent / "escaped").exists()
 
 

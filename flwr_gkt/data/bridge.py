@@ -18,7 +18,7 @@ from torch import nn
 
 from flwr_gkt.core.bridge import BridgeAutoencoder
 from flwr_gkt.core.training import get_device
-from flwr_gkt.data import DatasetInfo, dataset_info, load_dataset
+from flwr_gkt.data.datasets import DatasetInfo, dataset_info, load_dataset
 from flwr_gkt.data.partition import add_held_out_arguments, held_out_options, held_out_sample
 
 __all__ = ["load_autoencoder", "pretrain_autoencoder"]

@@ -31,8 +31,9 @@ from flwr_gkt.core.training import (
     make_optimizer,
     predict,
 )
-from flwr_gkt.data import load_dataset, normalize
+from flwr_gkt.data.datasets import load_dataset
 from flwr_gkt.data.partition import add_held_out_arguments, held_out_options, held_out_sample
+from flwr_gkt.data.transforms import normalize
 
 __all__ = ["pretrain_edge", "pretrain_pooled"]
 
