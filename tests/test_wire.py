@@ -90,21 +90,21 @@ def test_rejects_non_finite_values():
 def test_the_finite_check_agrees_with_numpy_on_every_kind_of_value(dtype):
     """Every special value, in the first, a middle and the last row of a many-chunk array."""
     from flwr_gkt.core.payload import chunk_rows
-    from flwr_gkt.wire import _all_finite
+    from flwr_gkt.wire.validate import all_finite
 
     info = np.finfo(dtype)
     rows = 3 * chunk_rows((16, 28, 28), np.dtype(dtype).itemsize) + 5
     x = np.random.default_rng(0).standard_normal((rows, 16, 28, 28)).astype(dtype)
     edge_values = [info.max, -info.max, info.tiny, info.smallest_subnormal, -0.0, 0.0]
     x.reshape(-1)[: len(edge_values)] = edge_values
-    assert _all_finite(x)
+    assert all_finite(x)
     for value in (np.inf, -np.inf, np.nan, -np.nan):
         for row in (0, rows // 2, rows - 1):
             bad = x.copy()
             bad[row, 15, 27, 27] = value
-            assert not _all_finite(bad) and not np.isfinite(bad).all(), (value, row)
-    assert _all_finite(x[:0]) and not _all_finite(np.asarray(np.nan, dtype=dtype))
-    assert not _all_finite(np.full((4, 3), np.inf, dtype=dtype)[:, ::2])  # not contiguous
+            assert not all_finite(bad) and not np.isfinite(bad).all(), (value, row)
+    assert all_finite(x[:0]) and not all_finite(np.asarray(np.nan, dtype=dtype))
+    assert not all_finite(np.full((4, 3), np.inf, dtype=dtype)[:, ::2])  # not contiguous
 
 
 def test_rejects_wrong_shapes_and_counts():

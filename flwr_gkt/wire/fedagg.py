@@ -1,0 +1,180 @@
+"""The FedAgg messages: bridge-sample embeddings and named logits.
+
+FedAgg embeddings upload (end device -> cloud, once): ``RecordDict{"gkt":
+ArrayRecord{"embeddings", "labels"}, "metrics": ...}``
+(:func:`encode_embeddings` / :func:`decode_embeddings`); afterwards parents
+and children exchange logits only (``encode_logits`` / ``decode_logits``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, RecordDict
+from torch import Tensor
+
+from flwr_gkt.core.payload import PayloadError
+from flwr_gkt.wire.codecs import to_numpy, to_tensor
+from flwr_gkt.wire.keys import LABEL_DTYPES, LOGIT_DTYPES, NUM_EXAMPLES
+from flwr_gkt.wire.validate import (
+    all_finite,
+    array_record,
+    load_array,
+    read_num_examples,
+    validate_server_logits,
+)
+
+__all__ = [
+    "decode_embeddings",
+    "decode_named_logits",
+    "encode_embeddings",
+    "encode_named_logits",
+]
+
+
+def encode_embeddings(embeddings: Tensor | np.ndarray, labels: Tensor | np.ndarray) -> ArrayRecord:
+    """Encode bridge-sample embeddings and labels (FedAgg, sent once).
+
+    Parameters
+    ----------
+    embeddings : Tensor | np.ndarray
+        Embeddings ``eps`` of the bridge samples (``N x 4 x h x w``), sent
+        as float32.
+    labels : Tensor | np.ndarray
+        Their labels, sent as int64.
+
+    Returns
+    -------
+    ArrayRecord
+        ``embeddings`` and ``labels``.
+    """
+    return ArrayRecord(
+        {
+            "embeddings": Array(np.ascontiguousarray(to_numpy(embeddings).astype(np.float32))),
+            "labels": Array(np.ascontiguousarray(to_numpy(labels).astype(np.int64))),
+        }
+    )
+
+
+def decode_embeddings(
+    content: RecordDict, num_classes: int, channels: int = 4, max_samples: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Decode and validate an embeddings upload.
+
+    Checks dtypes, an ``N x channels x h x w`` shape, finite values, labels in
+    ``[0, num_classes)``, ``N`` against ``num-examples`` and ``max_samples``.
+
+    Parameters
+    ----------
+    content : RecordDict
+        The reply's content.
+    num_classes : int
+        Labels must be below it.
+    channels : int
+        Expected number of embedding channels.
+    max_samples : int, optional
+        Largest accepted number of samples.
+
+    Returns
+    -------
+    tuple[Tensor, Tensor]
+        ``(embeddings, labels)``, float32 and int64.
+
+    Raises
+    ------
+    PayloadError
+        If any check fails.
+    """
+    record = array_record(content)
+    num_examples = read_num_examples(content)
+    eps = load_array(record, "embeddings", ("float32",))
+    labels = load_array(record, "labels", LABEL_DTYPES)
+    if eps.ndim != 4 or eps.shape[1] != channels:
+        raise PayloadError(
+            f"'embeddings' must be N x {channels} x h x w, got shape {list(eps.shape)}"
+        )
+    n = eps.shape[0]
+    if n == 0:
+        raise PayloadError("payload has no samples")
+    if max_samples is not None and n > max_samples:
+        raise PayloadError(f"payload has {n} samples, more than the limit {max_samples}")
+    if labels.shape != (n,):
+        raise PayloadError(
+            f"'labels' has shape {list(labels.shape)}, expected [{n}] (count mismatch)"
+        )
+    if num_examples != n:
+        raise PayloadError(f"'{NUM_EXAMPLES}' says {num_examples} but the payload has {n} samples")
+    if not all_finite(eps):  # as features: chunked, no array-sized temporary
+        raise PayloadError("'embeddings' contain NaN or Inf")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise PayloadError(
+            f"'labels' outside [0, {num_classes}): min {labels.min()}, max {labels.max()}"
+        )
+    return to_tensor(eps), to_tensor(labels)
+
+
+def encode_named_logits(
+    logits: Mapping[str, Tensor | np.ndarray], logit_dtype: str = "float32"
+) -> ArrayRecord:
+    """Encode several logit arrays in one record, by name (FedAgg: one per neighbour's subtree).
+
+    Parameters
+    ----------
+    logits : Mapping[str, Tensor | np.ndarray]
+        The logit arrays, by name.
+    logit_dtype : str
+        ``float32`` or ``float16``.
+
+    Returns
+    -------
+    ArrayRecord
+        One array per name.
+
+    Raises
+    ------
+    ValueError
+        If ``logit_dtype`` is not one of the accepted ones.
+    """
+    if logit_dtype not in LOGIT_DTYPES:
+        raise ValueError(f"logit dtype {logit_dtype!r} not in {LOGIT_DTYPES}")
+    return ArrayRecord(
+        {k: Array(np.ascontiguousarray(to_numpy(v).astype(logit_dtype))) for k, v in logits.items()}
+    )
+
+
+def decode_named_logits(
+    record: ArrayRecord, expected: Mapping[str, int], num_classes: int
+) -> dict[str, Tensor]:
+    """Decode the arrays named in ``expected``, validated like ``Z_s``.
+
+    Parameters
+    ----------
+    record : ArrayRecord
+        The record of named logits (see :func:`encode_named_logits`).
+    expected : Mapping[str, int]
+        Name -> number of rows of each array to decode; other arrays are
+        ignored.
+    num_classes : int
+        Number of columns of every array.
+
+    Returns
+    -------
+    dict[str, Tensor]
+        The float32 logits, by name.
+
+    Raises
+    ------
+    PayloadError
+        If an expected array is missing or fails validation (the message
+        starts with its name).
+    """
+    out = {}
+    for name, rows in expected.items():
+        try:
+            out[name] = validate_server_logits(
+                load_array(record, name, LOGIT_DTYPES), rows, num_classes
+            )
+        except PayloadError as err:
+            raise PayloadError(f"{name}: {err}") from None
+    return out
