@@ -68,3 +68,17 @@ def test_no_code_reads_another_objects_private_attributes():
                 continue
             found.append(f"{path.relative_to(PACKAGE)}:{node.lineno}: {ast.unparse(node)}")
     assert not found, "private attributes of other objects:\n" + "\n".join(found)
+
+
+def test_package_init_files_only_re_export():
+    """No code in ``__init__.py``: the front door's lazy ``__getattr__`` / ``__dir__`` aside."""
+    for path in sorted(PACKAGE.rglob("__init__.py")):
+        tree = ast.parse(path.read_text())
+        defined = [
+            n.name
+            for n in tree.body
+            if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+        ]
+        assert set(defined) <= {"__getattr__", "__dir__"}, f"{path}: {defined}"
+        if path.parent != PACKAGE:  # the front door lists the whole public API
+            assert len(path.read_text().splitlines()) <= 65, path

@@ -180,7 +180,7 @@ def run(
 def _start_superlink(
     port: int, flwr_home: Path, workdir: Path, env: dict[str, str]
 ) -> subprocess.Popen[bytes]:
-    """Start a private simulation SuperLink on ``127.0.0.1:port`` in its own process session."""
+    """Start a private simulation SuperLink on ``127.0.0.1:port`` in its own process group."""
     with open(flwr_home / "superlink.out", "wb") as out:
         return subprocess.Popen(
             [

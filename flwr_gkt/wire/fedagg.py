@@ -3,7 +3,7 @@
 FedAgg embeddings upload (end device -> cloud, once): ``RecordDict{"gkt":
 ArrayRecord{"embeddings", "labels"}, "metrics": ...}``
 (:func:`encode_embeddings` / :func:`decode_embeddings`); afterwards parents
-and children exchange logits only (``encode_logits`` / ``decode_logits``).
+and children exchange logits only (``encode_named_logits`` / ``decode_named_logits``).
 """
 
 from __future__ import annotations
