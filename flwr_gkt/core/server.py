@@ -31,6 +31,7 @@ from flwr_gkt.core.store import FeatureStore, StoreBatches
 from flwr_gkt.core.training import (
     FitResult,
     TensorBatches,
+    all_finite,
     autocast,
     evaluate_logits,
     fit,
@@ -395,11 +396,7 @@ class GKTServer:
         guard = types.SimpleNamespace(ok=True)
         self._last_loss = 0.0  # a run that trains sets it; one that does not is no failure
         yield guard
-        finite = all(
-            torch.isfinite(t).all()
-            for t in self.model.state_dict().values()
-            if t.is_floating_point()
-        )
+        finite = all_finite(self.model.state_dict().values())
         if finite and math.isfinite(self._last_loss):
             return
         guard.ok = False

@@ -26,14 +26,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flwr_gkt.core.training import autocast, to_device
+from flwr_gkt.core.training import all_finite, autocast, to_device
 
 __all__ = [
     "ServerStep",
@@ -71,10 +71,6 @@ class ServerStep:
     #: ``False``: the step would have left the model non-finite (a loss, gradient or
     #: weight NaN/Inf) and was undone: model, buffers and optimizer are as before.
     ok: bool = True
-
-
-def _finite(tensors: Iterable[Tensor | None]) -> bool:
-    return all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def server_step(
@@ -126,11 +122,11 @@ def server_step(
     loss.backward()
     assert h.grad is not None  # h is a leaf that requires grad
     value = float(loss.detach())
-    ok = math.isfinite(value) and _finite([h.grad, *(p.grad for p in model.parameters())])
+    ok = math.isfinite(value) and all_finite([h.grad, *(p.grad for p in model.parameters())])
     if ok and optimizer is not None:
         saved_opt = copy.deepcopy(optimizer.state_dict())
         optimizer.step()
-        if not _finite(model.state_dict().values()):
+        if not all_finite(model.state_dict().values()):
             optimizer.load_state_dict(saved_opt)
             ok = False
     if not ok:  # the guard: nothing of this step stays

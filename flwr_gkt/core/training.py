@@ -34,6 +34,7 @@ __all__ = [
     "SizedDataset",
     "StepLoss",
     "TensorBatches",
+    "all_finite",
     "autocast",
     "bf16_supported",
     "evaluate_logits",
@@ -799,6 +800,25 @@ def bf16_supported(device: torch.device) -> bool:
     return bool(
         torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     )
+
+
+def all_finite(tensors: Iterable[Tensor | None]) -> bool:
+    """Whether every tensor (``None`` entries skipped) holds only finite values.
+
+    Integer tensors are always finite. The training guards' test of a loss's
+    gradients and of a model's state after a step.
+
+    Parameters
+    ----------
+    tensors : Iterable[Tensor | None]
+        The tensors, e.g. ``model.state_dict().values()`` or parameter grads.
+
+    Returns
+    -------
+    bool
+        ``False`` as soon as one value is NaN or infinite.
+    """
+    return all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def evaluate_logits(logits: Tensor, labels: Tensor) -> tuple[float, int]:

@@ -72,6 +72,7 @@ from flwr_gkt.wire import (
     CONFIG_KEY,
     FEATURE_DTYPES,
     GRADIENT_DTYPES,
+    METRICS_KEY,
     NUM_EXAMPLES,
     Payload,
     PayloadError,
@@ -386,7 +387,7 @@ class SplitLearning(WaveStrategy):
             record = content.array_records.get(ARRAYS_KEY)
             if record is None:
                 raise PayloadError(f"missing ArrayRecord '{ARRAYS_KEY}' (the edge weights)")
-            claimed = scalar(content.metric_records["metrics"], NUM_EXAMPLES)
+            claimed = scalar(content.metric_records[METRICS_KEY], NUM_EXAMPLES)
             if claimed != turn.samples:
                 raise PayloadError(
                     f"'{NUM_EXAMPLES}' says {claimed:g} but the server trained on "
@@ -396,7 +397,7 @@ class SplitLearning(WaveStrategy):
         payload = decode_activations(content, self.spec)
         if turn.batches == 0:  # the begin reply announces the turn's batches
             cap = self._max_batches()
-            batches = int(scalar(content.metric_records["metrics"], "batches"))
+            batches = int(scalar(content.metric_records[METRICS_KEY], "batches"))
             if batches < 1 or (cap is not None and batches > cap):
                 raise PayloadError(f"'batches' is {batches}, expected 1..{cap or 'any'}")
             turn.batches = batches
