@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The test suite (`make test`), in two pytest processes side by side:
-#   * tests/test_deploy.py and tests/test_simulation.py -- real flower-superlink /
-#     flower-supernode / flwr run processes; most of their time is spent waiting
+#   * tests/e2e/ -- real flower-superlink / flower-supernode / flwr run processes
+#     and the examples as a user runs them; most of their time is spent waiting
 #     (for the SuperLink to notice a killed node: Flower's 30 s heartbeat, 2
 #     missed; for SuperLinks and ClientApp processes to start), not computing;
 #     test_deploy.py also runs the step-by-step commands of deploy/README.md;
-#   * everything else.
+#   * everything else (tests/core/, tests/data/, tests/wire/, ...).
 # Each process and everything it starts uses one torch/OpenMP thread
 # (OMP_NUM_THREADS=1; FLWR_GKT_TEST_THREADS=1 for tests/conftest.py): with two
 # threads each, the two processes' OpenMP threads wait on each other on 2 cores
@@ -20,13 +20,13 @@ PY="${PY:-.venv/bin/python}"
 
 deploy_log="$(mktemp)"
 trap 'rm -f "$deploy_log"' EXIT
-OMP_NUM_THREADS=1 "$PY" -m pytest -q -p no:cacheprovider tests/test_deploy.py tests/test_simulation.py >"$deploy_log" 2>&1 &
+OMP_NUM_THREADS=1 "$PY" -m pytest -q -p no:cacheprovider tests/e2e >"$deploy_log" 2>&1 &
 deploy_pid=$!
-FLWR_GKT_TEST_THREADS=1 OMP_NUM_THREADS=1 "$PY" -m pytest -q --ignore=tests/test_deploy.py --ignore=tests/test_simulation.py "$@"
+FLWR_GKT_TEST_THREADS=1 OMP_NUM_THREADS=1 "$PY" -m pytest -q --ignore=tests/e2e "$@"
 main=$?
 wait "$deploy_pid"
 deploy=$?
-echo "---- tests/test_deploy.py tests/test_simulation.py (run alongside) ----"
+echo "---- tests/e2e (run alongside) ----"
 cat "$deploy_log"
 
 status=0

@@ -1,13 +1,9 @@
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from local_federation import set_task_identity
+from tests.helpers.federation import set_task_identity
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,1 @@
+"""Tests of ``flwr_gkt.data``: dataset loaders, partitions, node data, own datasets."""

@@ -1,0 +1,1 @@
+"""End to end: real Flower processes, deployments, the examples as a user runs them."""
