@@ -317,7 +317,7 @@ def test_async_rejects_huge_features_in_a_lone_reply_and_in_evaluation():
 # ------------------------------------------------------------------ FedAgg and legacy
 def test_fedagg_embeddings_and_legacy_features_meet_the_same_rule():
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
-    from test_trust import _legacy, _Proxy
+    from test_trust import _legacy, _legacy_fit, _Proxy
 
     from flwr_gkt.wire import decode_embeddings, encode_embeddings
 
@@ -345,7 +345,7 @@ def test_fedagg_embeddings_and_legacy_features_meet_the_same_rule():
         f = torch.full_like(f, HUGE) if node == 33 else f
         params = ndarrays_to_parameters([f.numpy(), z.numpy(), y.numpy()])
         results.append((_Proxy(node), FitRes(Status(Code.OK, ""), params, N, {})))
-    _, metrics = strategy.aggregate_fit(1, results, [])
+    _, metrics = _legacy_fit(strategy, 1, results)
     assert metrics["nodes-rejected"] == 1 and 33 not in strategy.server.store
     assert math.isfinite(metrics["server-train-loss"])
 

@@ -763,14 +763,30 @@ class _Proxy:
         self.cid = str(cid)
 
 
-def _legacy(**kwargs):
-    from test_hostile import tiny_server_model
+def _clients(nodes):
+    """A legacy ClientManager holding a proxy per node."""
+    from flwr.server.client_manager import SimpleClientManager
 
+    clients = SimpleClientManager()
+    for node in nodes:
+        clients.register(_Proxy(node))
+    return clients
+
+
+def _legacy(**kwargs):
+    """The legacy adapter over a FedGKT of the hostile-payload tests (``kwargs`` are FedGKT's)."""
     from flwr_gkt.flower.legacy import FedGKTLegacy
 
-    torch.manual_seed(0)
-    server = GKTServer(tiny_server_model(), epochs=1, batch_size=16, device="cpu")
-    return FedGKTLegacy(server, 10, feature_shape=SHAPE, **kwargs)
+    return FedGKTLegacy(make_strategy(nodes=[1, 2], **kwargs))
+
+
+def _legacy_fit(strategy, rnd, results, failures=(), nodes=None):
+    """``configure_fit`` to ``nodes`` (default: those of ``results``), then ``aggregate_fit``."""
+    nodes = [int(p.cid) for p, _ in results] if nodes is None else nodes
+    from flwr.common import Parameters
+
+    strategy.configure_fit(rnd, Parameters([], ""), _clients(nodes))
+    return strategy.aggregate_fit(rnd, results, list(failures))
 
 
 def _fit_res(node, rnd=1, metrics=None, arrays=None, num_examples=None):
@@ -799,14 +815,16 @@ def test_legacy_fit_replies_pass_the_same_gate(caplog):
     results = [(_Proxy(n), _fit_res(n)) for n in honest_nodes]
     results += [(_Proxy(n), r) for n, r in hostile.items()]
     failed = FitRes(Status(Code.FIT_NOT_IMPLEMENTED, "boom\nforged"), Parameters([], ""), 0, {})
+    failures = [(_Proxy(5), failed), RuntimeError("x")]  # the call to node 6 raised
+    nodes = [*honest_nodes, *hostile, 5, 6]
     with caplog.at_level(logging.WARNING):
-        _, metrics = strategy.aggregate_fit(1, results, [(_Proxy(5), failed), RuntimeError("x")])
+        _, metrics = _legacy_fit(strategy, 1, results, failures, nodes)
     # 55's hostile metrics are dropped, its arrays are fine: accepted
     stored = [n for n in (*honest_nodes, *hostile) if n in strategy.server.store]
     assert stored == [*honest_nodes, 55]
     assert metrics["nodes-replied"] == 5 and metrics["nodes-rejected"] == 7
     assert metrics["server-train-examples"] == 5 * N
-    for node in (66, 77, 88, 99, 111, 5):
+    for node in (66, 77, 88, 99, 111, 5, 6):
         assert f"reply of node {node} rejected" in caplog.text
     assert "boom\nforged" not in caplog.text and "over the limit" in caplog.text
 
@@ -849,7 +867,7 @@ def test_fuzz_legacy_fit_replies(metrics, num_examples):
     rnd = len(strategy.history) + 1
     results = [(_Proxy(n), _fit_res(n, rnd)) for n in (11, 22, 33)]
     results.append((_Proxy(44), _fit_res(44, rnd, metrics=metrics, num_examples=num_examples)))
-    _, out = strategy.aggregate_fit(rnd, results, [])
+    _, out = _legacy_fit(strategy, rnd, results)
     FUZZ["replies"] += 1
     assert out["nodes-replied"] in (3, 4) and strategy.history[-1]["round"] == rnd
 
