@@ -1,98 +1,89 @@
 """FedGKT for Flower's legacy Strategy API (``configure_fit`` / ``aggregate_fit``).
 
-A thin adapter over the same pieces as the Message API strategy
-(:class:`flwr_gkt.core.server.GKTServer`, :mod:`flwr_gkt.core.edge`, the validation of
-:mod:`flwr_gkt.wire`), for ServerApps built with ``server_fn`` and clients
-written as :class:`flwr.client.NumPyClient`. The Message API
-(:class:`flwr_gkt.flower.strategy.FedGKT`) is the primary interface.
+:class:`FedGKTLegacy` drives a :class:`~flwr_gkt.flower.strategy.FedGKT`
+through its Message API hooks, for ServerApps built with ``server_fn`` and
+clients written as :class:`flwr.client.NumPyClient`: sampling, round config,
+the reply gate, replay, ``min_train_replies``, ``store_max_age``, the
+learning-rate schedules and ``on_round`` are FedGKT's own.
+:class:`GKTNumPyClient` runs :func:`~flwr_gkt.flower.client_app.handle_train`.
 
-Wire mapping:
+Wire mapping (the legacy API carries no names, so arrays travel by position):
 
-* ``FitIns.parameters``: ``[server_logits]`` for the node (empty in its first
-  round); ``FitIns.config``: the edge round settings.
-* ``FitRes.parameters``: ``[features, client_logits, labels]``.
+* ``FitIns.parameters``: ``[server_logits]`` when FedGKT sends them, else
+  empty; ``FitIns.config``: FedGKT's train config.
+* ``FitRes.parameters``: the train reply's arrays in the order of
+  ``features, logits, labels[, feature-min, feature-scale]`` (int8 features),
+  or ``[logits]`` in a replay round.
 * ``EvaluateRes`` carries no arrays in the legacy API, so evaluation is done
   on the node: ``EvaluateIns.parameters`` are the server model's weights, the
   node stacks its extractor and the server model (the paper's "offline
-  inference") and reports ``accuracy`` and ``edge-accuracy``.
+  inference") and reports ``accuracy``, ``edge-accuracy`` and ``edge-loss``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from logging import INFO, WARNING
-from typing import Any
+import io
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from logging import WARNING
+from typing import Any, cast
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.app import (
+    DEFAULT_TTL,
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MessageType,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.client import NumPyClient
-from flwr.common import (
-    Code,
-    EvaluateIns,
-    EvaluateRes,
-    FitIns,
-    FitRes,
-    Parameters,
-    Scalar,
-    ndarrays_to_parameters,
-    parameters_to_ndarrays,
-)
-from flwr.compat.common.recorddict_compat import (
-    arrayrecord_to_parameters,
-    parameters_to_arrayrecord,
-)
+from flwr.common import Code, EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, Scalar
+from flwr.common.constant import ErrorCode
+from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
+from flwr.serverapp import Grid
 from flwr.supercore import log
 from torch import nn
 
-from flwr_gkt.core.edge import EdgeRoundConfig, extract
+from flwr_gkt.core.edge import extract
 from flwr_gkt.core.models import EdgeModel
-from flwr_gkt.core.server import GKTServer
 from flwr_gkt.core.training import (
     TensorBatches,
     evaluate_logits,
     get_device,
-    lr_factor,
     predict,
     prepare_model,
 )
 from flwr_gkt.data import ClientData
-from flwr_gkt.flower.client_app import (
-    STATE_LOGITS,
-    edge_round,
-    edge_round_config,
-    load_edge_model,
-    round_seed,
-)
-from flwr_gkt.flower.strategy import edge_config_record
-from flwr_gkt.wire import (
-    ARRAYS_KEY,
-    METRICS_KEY,
-    NUM_EXAMPLES,
-    PayloadError,
-    PayloadSpec,
-    encode_server_logits,
-    scalar,
-    validate_arrays,
-    validate_server_logits,
-)
-from flwr_gkt.wire.gate import TRAIN_METRICS, Incoming, ReplyGate, clean_text, node_error
+from flwr_gkt.flower.async_strategy import AsyncFedGKT
+from flwr_gkt.flower.client_app import handle_train, load_edge_model
+from flwr_gkt.flower.strategy import FedGKT
+from flwr_gkt.flower.strategy_utils import evaluate_row, log_evaluate_round, merge_row, progress
+from flwr_gkt.wire import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES, PayloadError
+from flwr_gkt.wire.gate import Incoming, clean_text, node_error
 
 __all__ = ["FedGKTLegacy", "GKTNumPyClient"]
 
+#: The train reply's arrays, in their legacy positions.
+_FIT_KEYS = ("features", "logits", "labels", "feature-min", "feature-scale")
 #: Metrics a legacy evaluate reply may carry (see :func:`flwr_gkt.wire.gate.read_metrics`).
-_EVAL_METRICS = frozenset({NUM_EXAMPLES, "loss", "accuracy", "edge-accuracy"})
+_EVAL_METRICS = frozenset({NUM_EXAMPLES, "loss", "accuracy", "edge-accuracy", "edge-loss"})
 
-
-def _state_arrays(model: nn.Module) -> list[np.ndarray]:
-    return [v.detach().cpu().numpy() for v in model.state_dict().values()]
+#: The example-weighted sums of :func:`~flwr_gkt.flower.strategy_utils.evaluate_row`: metric.
+_EVAL_SUMS = {"loss": "loss", "correct": "accuracy", "edge-correct": "edge-accuracy"}
 
 
 def _scalars(config: ConfigRecord) -> dict[str, Scalar]:
-    """Return a legacy ``FitIns`` config (scalars only) built from a ConfigRecord."""
+    """Return a legacy instruction config (scalars only) built from a ConfigRecord."""
     out: dict[str, Scalar] = {}
     for key, value in config.items():
         if not isinstance(value, int | float | str | bytes):
@@ -101,168 +92,165 @@ def _scalars(config: ConfigRecord) -> dict[str, Scalar]:
     return out
 
 
-def _exceptions(failures: list[Any]) -> int:
-    """Count the failures that are exceptions (no node to attribute them to)."""
-    return sum(isinstance(f, BaseException) for f in failures)
+def _npy_array(data: bytes) -> Array:
+    """Wrap ``.npy`` bytes in an Array, its dtype and shape read from the header (no copy).
 
-
-def _incoming(
-    results: list[tuple[ClientProxy, Any]],
-    failures: list[tuple[ClientProxy, Any] | BaseException],
-    metrics: Callable[[Any], dict[str, Any]],
-) -> list[Incoming]:
-    """Turn legacy ``(ClientProxy, FitRes | EvaluateRes)`` pairs into the gate's input.
-
-    Arrays stay serialized (the gate measures them before decoding); a failed
-    call with a status becomes an error reply; a failure without a node (an
-    exception) is logged here.
+    The wire's decoders check the data against them (:func:`flwr_gkt.wire.validate.load_array`).
     """
-    out = []
-    for failure in failures:
-        if isinstance(failure, BaseException):
-            log(WARNING, "FedGKT: a node call failed: %s", clean_text(repr(failure)))
+    buf = io.BytesIO(data)
+    version = np.lib.format.read_magic(buf)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(buf)
+    else:
+        shape, _, dtype = np.lib.format.read_array_header_2_0(buf)
+    return Array(dtype=str(dtype), shape=tuple(shape), stype="numpy.ndarray", data=data)
+
+
+def _fit_content(res: FitRes) -> RecordDict:
+    """Return the content of the train reply a ``FitRes`` stands for (arrays still unread)."""
+    tensors = res.parameters.tensors
+    if len(tensors) > len(_FIT_KEYS) or (tensors and res.parameters.tensor_type != "numpy.ndarray"):
+        raise PayloadError(f"{len(tensors)} arrays of type {res.parameters.tensor_type!r}")
+    names = ("logits",) if len(tensors) == 1 else _FIT_KEYS
+    content = RecordDict()
+    if tensors:
+        content[ARRAYS_KEY] = ArrayRecord(
+            {k: _npy_array(t) for k, t in zip(names, tensors, strict=False)}
+        )
+    # what a MetricRecord cannot hold (strings, bytes, flags) the gate would drop anyway
+    metrics: dict[str, int | float | list[int] | list[float]] = {
+        k: v
+        for k, v in {**res.metrics, NUM_EXAMPLES: res.num_examples}.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    content[METRICS_KEY] = MetricRecord(metrics)
+    return content
+
+
+def _outcomes(
+    sent: Iterable[int],
+    results: Sequence[tuple[ClientProxy, Any]],
+    failures: Sequence[tuple[ClientProxy, Any] | BaseException],
+) -> list[tuple[int, Any, Error | None]]:
+    """Each answering node's ``(node, res, None)`` or ``(node, None, error)``.
+
+    A failure without a node (an exception) is logged; as many sampled nodes
+    without an answer as there are exceptions (Flower's failed calls) get an
+    error in its place.
+    """
+    out: list[tuple[int, Any, Error | None]] = []
+    raised = 0
+    for item in [*results, *failures]:
+        if isinstance(item, BaseException):
+            log(WARNING, "FedGKT: a node call failed: %s", clean_text(repr(item)))
+            raised += 1
             continue
-        proxy, res = failure
-        out.append(Incoming(int(proxy.cid), error=node_error(res.status.code, res.status.message)))
-    for proxy, res in results:
-        if res.status.code != Code.OK:
-            error = node_error(res.status.code, res.status.message)
-            out.append(Incoming(int(proxy.cid), error=error))
-            continue
-        try:
-            params = getattr(res, "parameters", None)
-            content = RecordDict()
-            if params is not None:
-                content[ARRAYS_KEY] = parameters_to_arrayrecord(params, keep_input=True)
-                content[METRICS_KEY] = MetricRecord({NUM_EXAMPLES: res.num_examples})
-            out.append(Incoming(int(proxy.cid), content, metrics=metrics(res)))
-        except Exception as err:  # nothing a node sends raises
-            why = f"unreadable reply: {clean_text(repr(err))}"
-            out.append(Incoming(int(proxy.cid), error=why))
-    return out
+        proxy, res = item
+        ok = res.status.code == Code.OK
+        error = None if ok else Error(int(res.status.code.value), res.status.message)
+        out.append((int(proxy.cid), res if ok else None, error))
+    answered = {node for node, *_ in out}
+    silent = [node for node in sent if node not in answered][:raised]
+    reason = "the call failed without a reply (see the log)"
+    return out + [(node, None, Error(ErrorCode.UNKNOWN, reason)) for node in silent]
+
+
+class _ClientGrid:
+    """The part of a :class:`~flwr.serverapp.Grid` FedGKT's sampling reads, over a ClientManager."""
+
+    def __init__(self, clients: ClientManager) -> None:
+        self.clients = clients
+        #: The proxies of the node ids last listed.
+        self.proxies: dict[int, ClientProxy] = {}
+
+    def get_node_ids(self) -> list[int]:
+        self.proxies = {int(cid): proxy for cid, proxy in self.clients.all().items()}
+        return list(self.proxies)
+
+
+def _instructions(
+    configure: Callable[[int, ArrayRecord, ConfigRecord, Grid], Iterable[Message]],
+    server_round: int,
+    clients: ClientManager,
+    make: Callable[[Message], Any],
+) -> tuple[list[int], list[tuple[ClientProxy, Any]]]:
+    """Run a FedGKT ``configure_*`` over ``clients``; return the nodes and legacy instructions."""
+    grid = _ClientGrid(clients)
+    messages = list(configure(server_round, ArrayRecord(), ConfigRecord(), cast(Grid, grid)))
+    pairs = [(grid.proxies[m.metadata.dst_node_id], make(m)) for m in messages]
+    return [m.metadata.dst_node_id for m in messages], pairs
 
 
 class FedGKTLegacy(Strategy):
-    """FedGKT behind the legacy ``flwr.server.strategy.Strategy`` interface.
+    """A :class:`~flwr_gkt.flower.strategy.FedGKT` behind the legacy ``Strategy`` interface.
+
+    ``configure_fit`` / ``configure_evaluate`` run FedGKT's ``configure_train``
+    / ``configure_evaluate`` over the ClientManager (``node_wait_timeout``
+    included); ``aggregate_fit`` hands the ``FitRes`` and failures to
+    ``aggregate_train`` as reply messages, so the same gate
+    (:class:`~flwr_gkt.wire.gate.ReplyGate`) and every option of FedGKT hold.
+    The nodes evaluate locally (see the module): ``aggregate_evaluate`` passes
+    their metrics through the gate into :attr:`history` and steps the plateau.
 
     Parameters
     ----------
-    server : GKTServer
-        Server model, optimizer and feature store.
-    num_classes : int
-        Number of classes.
-    feature_shape : tuple[int, int, int], optional
-        Expected ``(C, H, W)`` of the feature maps.
-    edge_config : EdgeRoundConfig, optional
-        Settings sent to the nodes each round.
-    min_fit_clients, min_evaluate_clients, min_available_clients : int
-        Sampling bounds; all available nodes are sampled.
-    lr_schedule : str
-        ``constant`` or ``cosine`` over ``num_rounds`` (as in :class:`FedGKT`).
-    num_rounds : int
-        Number of rounds of the run (for the learning-rate schedule).
-    max_payload_bytes : int, optional
-        Largest size of one reply (all its fields); larger ones are rejected.
-    outlier_threshold : float
-        The reply gate's outlier check (as in :class:`FedGKT`); ``0``: off.
+    strategy : FedGKT
+        The strategy driven. Not :class:`~flwr_gkt.flower.async_strategy.AsyncFedGKT`
+        and without ``checkpoint_path``: both need FedGKT's own round loop
+        (:meth:`~flwr_gkt.flower.strategy.FedGKT.start`).
+    num_rounds : int, optional
+        Rounds of the run (the legacy server's ``ServerConfig``), for the
+        cosine schedule and the end of the run; ``None``: left as set.
 
-    Every reply passes the same gate as the Message API's
-    (:meth:`flwr_gkt.wire.gate.ReplyGate.check`): size, metric schema,
-    array validation and the outlier check; nothing a node sends raises.
+    Raises
+    ------
+    ValueError
+        If ``strategy`` needs FedGKT's round loop.
     """
 
-    def __init__(
-        self,
-        server: GKTServer,
-        num_classes: int,
-        *,
-        feature_shape: tuple[int, int, int] | None = None,
-        edge_config: EdgeRoundConfig | None = None,
-        min_fit_clients: int = 2,
-        min_evaluate_clients: int = 2,
-        min_available_clients: int = 2,
-        lr_schedule: str = "constant",
-        num_rounds: int = 1,
-        max_payload_bytes: int | None = None,
-        outlier_threshold: float = 10.0,
-    ) -> None:
+    def __init__(self, strategy: FedGKT, num_rounds: int | None = None) -> None:
+        if isinstance(strategy, AsyncFedGKT):
+            raise ValueError("server-mode async (AsyncFedGKT) needs the Message API (FedGKT.start)")
+        if strategy.checkpoint_path is not None:
+            raise ValueError("checkpoint_path: checkpoints are written by FedGKT.start only")
         super().__init__()
-        self.gate = ReplyGate(max_payload_bytes, outlier_threshold)
-        lr_factor(lr_schedule, 1, 1)  # raises on an unknown schedule
-        if lr_schedule == "plateau":
-            raise ValueError("lr-schedule plateau needs the Message API strategy (FedGKT)")
-        self.lr_schedule = lr_schedule
-        self.num_rounds = num_rounds
-        self.server = server
-        self.spec = PayloadSpec(num_classes, feature_shape)
-        self.edge_config = edge_config or EdgeRoundConfig(kd_mode=server.kd_mode)
-        self.min_fit_clients = min_fit_clients
-        self.min_evaluate_clients = min_evaluate_clients
-        self.min_available_clients = min_available_clients
-        self.history: list[dict[str, float]] = []
+        self.strategy = strategy
+        #: The driven strategy's server and per-round history (shared, not copies).
+        self.server, self.history = strategy.server, strategy.history
+        if num_rounds is not None:
+            strategy.num_rounds = num_rounds
+        self._sent_fit: list[int] = []
+        self._sent_eval: list[int] = []
+        self._round_start = self._run_start = time.perf_counter()
 
     def __repr__(self) -> str:
         """Return the strategy's name with its server model's class."""
         return f"FedGKTLegacy(server={type(self.server.model).__name__})"
 
-    def lr_factor(self, server_round: int) -> float:
-        """Return the schedule's learning-rate multiplier of ``server_round``."""
-        return lr_factor(self.lr_schedule, server_round, max(self.num_rounds, server_round))
-
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
-        """Return the server model's initial weights (what ``History`` tracks).
-
-        Parameters
-        ----------
-        client_manager : ClientManager
-            Not used.
-
-        Returns
-        -------
-        Parameters | None
-            The server model's ``state_dict`` values, in order.
-        """
-        return ndarrays_to_parameters(_state_arrays(self.server.model))
-
-    def _sample(self, client_manager: ClientManager, minimum: int) -> list[ClientProxy]:
-        client_manager.wait_for(max(minimum, self.min_available_clients), timeout=86400)
-        return client_manager.sample(
-            num_clients=max(client_manager.num_available(), minimum),
-            min_num_clients=self.min_available_clients,
+        """Return the server model's initial weights (what ``History`` tracks)."""
+        return arrayrecord_to_parameters(
+            ArrayRecord(self.server.model.state_dict()), keep_input=True
         )
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
-        """Send every available node its own server logits and the round config.
+        """Send FedGKT's train instructions: per node its server logits and config.
 
-        Parameters
-        ----------
-        server_round : int
-            The current round, starting from 1.
-        parameters : Parameters
-            The server model's weights; not sent (the edge and server models
-            differ).
-        client_manager : ClientManager
-            Waits for and samples the nodes (all available ones, at least
-            ``min_fit_clients``).
-
-        Returns
-        -------
-        list[tuple[ClientProxy, FitIns]]
-            Per node: its server logits ``Z_s`` as ``float32`` (no array in its
-            first round) and the edge settings with ``server-round`` and the
-            scheduled ``lr``.
+        ``parameters`` (the server model's weights) are not sent.
         """
-        lr = self.edge_config.lr * self.lr_factor(server_round)
-        config = _scalars(
-            edge_config_record(self.edge_config, **{"server-round": server_round, "lr": lr})
+        self._round_start = time.perf_counter()
+
+        def fit_ins(msg: Message) -> FitIns:
+            arrays = msg.content.array_records.get(ARRAYS_KEY, ArrayRecord())
+            params = arrayrecord_to_parameters(arrays, keep_input=True)
+            params.tensor_type = "numpy.ndarray"
+            return FitIns(params, _scalars(msg.content.config_records[CONFIG_KEY]))
+
+        self._sent_fit, out = _instructions(
+            self.strategy.configure_train, server_round, client_manager, fit_ins
         )
-        out = []
-        for proxy in self._sample(client_manager, self.min_fit_clients):
-            logits = self.server.server_logits(int(proxy.cid))
-            arrays = [] if logits is None else [logits.numpy().astype(np.float32)]
-            out.append((proxy, FitIns(ndarrays_to_parameters(arrays), dict(config))))
         return out
 
     def aggregate_fit(
@@ -271,90 +259,44 @@ class FedGKTLegacy(Strategy):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """Validate and store ``(H, Z_c, Y)`` per node, then train the server model.
-
-        A reply that is not three arrays or fails validation
-        (:func:`flwr_gkt.wire.validate_arrays`) is rejected with a log line;
-        failures are logged and counted as rejected. The server model then
-        trains ``E_s`` epochs on all stored features.
-
-        Parameters
-        ----------
-        server_round : int
-            The current round, starting from 1.
-        results : list[tuple[ClientProxy, FitRes]]
-            The nodes' fit replies.
-        failures : list[tuple[ClientProxy, FitRes] | BaseException]
-            Failed fit calls.
+        """Hand the replies to FedGKT's ``aggregate_train``; return its weights and row.
 
         Returns
         -------
         tuple[Parameters | None, dict[str, Scalar]]
             The server model's weights (``None`` when it trained on no
-            example) and the round's node counts and server train loss,
-            accuracy and examples.
+            example) and the round's :attr:`history` row.
         """
-        gate = self.gate.check(
-            server_round,
-            "train",
-            _incoming(results, failures, lambda r: {**r.metrics, NUM_EXAMPLES: r.num_examples}),
-            self._decode_fit,
-            TRAIN_METRICS,
-            lambda admitted, payload: self.server.put(admitted.node, payload),
-        )
-        accepted = len(gate.accepted)
-        result = self.server.train_round(lr_scale=self.lr_factor(server_round))
-        metrics: dict[str, Scalar] = {
-            "nodes-replied": accepted,
-            "nodes-rejected": gate.rejected + _exceptions(failures),
-            "server-train-loss": result.loss,
-            "server-train-accuracy": result.accuracy,
-            "server-train-examples": result.num_examples,
-        }
-        self.history.append({"round": server_round, **{k: scalar(metrics, k) for k in metrics}})
-        log(INFO, "FedGKT round %d fit: %s", server_round, metrics)
-        if result.num_examples == 0:
-            return None, metrics
-        return ndarrays_to_parameters(_state_arrays(self.server.model)), metrics
-
-    def _decode_fit(self, node: int, content: RecordDict) -> Any:
-        """Read a fit reply's ``[features, client_logits, labels]`` (the gate's decoder)."""
-        arrays = parameters_to_ndarrays(
-            arrayrecord_to_parameters(content.array_records[ARRAYS_KEY], keep_input=True)
-        )
-        if len(arrays) != 3:
-            raise PayloadError(f"expected [features, logits, labels], got {len(arrays)} arrays")
-        features, logits, labels = arrays
-        n = content.metric_records[METRICS_KEY][NUM_EXAMPLES]
-        if not isinstance(n, int):
-            raise PayloadError(f"'{NUM_EXAMPLES}' is not an integer")
-        return validate_arrays(features, labels, logits, self.spec, n)
+        replies = []
+        for node, res, error in _outcomes(self._sent_fit, results, failures):
+            instruction = Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+            if error is None:
+                try:
+                    replies.append(Message(_fit_content(res), reply_to=instruction))
+                    continue
+                except Exception as err:  # nothing a node sends raises
+                    error = Error(ErrorCode.UNKNOWN, f"unreadable reply: {err!r}")
+            replies.append(Message(error, reply_to=instruction))
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        weights = None if arrays is None else arrayrecord_to_parameters(arrays, keep_input=False)
+        return weights, _metric_dict(metrics or {})
 
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
-        """Send the server model to the nodes for on-node evaluation.
+        """Send the server model's weights to the nodes FedGKT samples for evaluation.
 
-        Parameters
-        ----------
-        server_round : int
-            The current round, starting from 1.
-        parameters : Parameters
-            The server model's weights, sent as they are.
-        client_manager : ClientManager
-            Waits for and samples the nodes (all available ones, at least
-            ``min_evaluate_clients``).
-
-        Returns
-        -------
-        list[tuple[ClientProxy, EvaluateIns]]
-            The same instruction for every node: the weights, ``server-round``
-            and ``batch-size``.
+        With no node sampled Flower skips ``aggregate_evaluate``: the round ends here.
         """
-        ins = EvaluateIns(
-            parameters, {"server-round": server_round, "batch-size": self.edge_config.batch_size}
+        self._sent_eval, out = _instructions(
+            self.strategy.configure_evaluate,
+            server_round,
+            client_manager,
+            lambda m: EvaluateIns(parameters, _scalars(m.content.config_records[CONFIG_KEY])),
         )
-        return [(p, ins) for p in self._sample(client_manager, self.min_evaluate_clients)]
+        if not out:
+            self.round_done(server_round)
+        return out
 
     def aggregate_evaluate(
         self,
@@ -362,70 +304,70 @@ class FedGKTLegacy(Strategy):
         results: list[tuple[ClientProxy, EvaluateRes]],
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
-        """Average the nodes' loss, accuracy and edge-only accuracy by examples.
-
-        Parameters
-        ----------
-        server_round : int
-            The current round, starting from 1.
-        results : list[tuple[ClientProxy, EvaluateRes]]
-            The nodes' evaluate replies.
-        failures : list[tuple[ClientProxy, EvaluateRes] | BaseException]
-            Failed evaluate calls (not used).
+        """Average the nodes' loss and accuracies by examples, after the gate.
 
         Returns
         -------
         tuple[float | None, dict[str, Scalar]]
-            The loss and ``accuracy``, ``edge-accuracy`` and ``num-examples``;
+            The loss, and ``accuracy``, ``edge-accuracy``, ``edge-loss``,
+            ``num-examples`` with the counts (merged into :attr:`history`);
             ``(None, {})`` when no example was reported.
         """
-        gate = self.gate.check(
+        incoming = [
+            _evaluate_incoming(node, res, error)
+            for node, res, error in _outcomes(self._sent_eval, results, failures)
+        ]
+        gate = self.strategy.gate.check(
             server_round,
             "evaluate",
-            _incoming(
-                results,
-                failures,
-                lambda r: {**r.metrics, NUM_EXAMPLES: r.num_examples, "loss": r.loss},
-            ),
+            incoming,
             None,
             _EVAL_METRICS,
             required=frozenset({NUM_EXAMPLES, "loss"}),
         )
-        checked = [
-            (int(a.metrics[NUM_EXAMPLES]), a.metrics["loss"], a.metrics) for a in gate.accepted
-        ]
-        n = sum(size for size, _, _ in checked)
-        if n == 0:
+        self.strategy.node_history.extend(gate.records)
+        sums = dict.fromkeys(("loss", "correct", "n", "edge-correct", "edge-loss"), 0.0)
+        for admitted in gate.accepted:
+            n = admitted.metrics[NUM_EXAMPLES]
+            sums["n"] += n
+            for key, name in {**_EVAL_SUMS, "edge-loss": "edge-loss"}.items():
+                sums[key] += admitted.metrics.get(name, 0.0) * n
+        if sums["n"] == 0:
+            self.round_done(server_round)
             return None, {}
-        loss = sum(size * value for size, value, _ in checked) / n
-        metrics: dict[str, Scalar] = {
-            key: sum(m.get(key, 0.0) * size for size, _, m in checked) / n
-            for key in ("accuracy", "edge-accuracy")
-        }
-        metrics["num-examples"] = n
-        if self.history and self.history[-1]["round"] == server_round:
-            self.history[-1].update({"loss": loss, **{k: scalar(metrics, k) for k in metrics}})
-        log(INFO, "FedGKT round %d evaluate: loss %.4f %s", server_round, loss, metrics)
-        return loss, metrics
+        metrics = evaluate_row(sums, len(gate.accepted), gate.rejected, 0, 0)
+        metrics["round-seconds"] = time.perf_counter() - self._round_start
+        merge_row(self.strategy.history, server_round, metrics)
+        if self.strategy.plateau is not None:  # the reference steps it with the test accuracy
+            self.strategy.plateau.step(metrics["accuracy"])
+        elapsed = time.perf_counter() - self._run_start
+        note = progress(server_round, self.strategy.num_rounds, elapsed)
+        log_evaluate_round(server_round, metrics, note)
+        self.round_done(server_round)
+        return metrics["loss"], _metric_dict(metrics)
+
+    def round_done(self, server_round: int) -> None:
+        """End a round: after the last, read the staged features back; then FedGKT's ``round_done``."""
+        if server_round >= self.strategy.num_rounds:
+            self.server.store.stage_in(list(self.server.store))
+        self.strategy.round_done(server_round)
 
     def evaluate(
         self, server_round: int, parameters: Parameters
     ) -> tuple[float, dict[str, Scalar]] | None:
-        """Skip centralized evaluation.
-
-        Parameters
-        ----------
-        server_round : int
-            The current round.
-        parameters : Parameters
-            The server model's weights.
-
-        Returns
-        -------
-        tuple[float, dict[str, Scalar]] | None
-            Always ``None``.
-        """
+        """Skip centralized evaluation (always ``None``)."""
         return None
+
+
+def _evaluate_incoming(node: int, res: Any, error: Error | None) -> Incoming:
+    """Return the gate's input for one evaluate outcome (metrics beside the content)."""
+    if error is not None:
+        return Incoming(node, error=node_error(error.code, error.reason))
+    return Incoming(node, metrics={**res.metrics, NUM_EXAMPLES: res.num_examples, "loss": res.loss})
+
+
+def _metric_dict(metrics: Mapping[str, Any]) -> dict[str, Scalar]:
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float)}
 
 
 class GKTNumPyClient(NumPyClient):
@@ -458,50 +400,53 @@ class GKTNumPyClient(NumPyClient):
         self.data = data
         self.build_edge = build_edge
         self.build_server = build_server
-        self.device = get_device(device)
+        self.device = device
 
     def fit(
         self, parameters: list[np.ndarray], config: dict[str, Any]
     ) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
-        """Train ``E_c`` epochs with KD from the server logits; return ``[H, Z_c, Y]``.
+        """Run :func:`~flwr_gkt.flower.client_app.handle_train` on the legacy instruction.
 
         Parameters
         ----------
         parameters : list[np.ndarray]
-            ``[server_logits]`` for the local training set, or empty (first
-            round); received logits are also kept in the context's state.
+            ``[server_logits]`` for the local training set, or empty.
         config : dict[str, Any]
-            The edge round settings (see :func:`flwr_gkt.flower.client_app.edge_round_config`).
+            The train config.
 
         Returns
         -------
         tuple[list[np.ndarray], int, dict[str, Scalar]]
-            ``[features, client_logits, labels]`` in sample order, the number
-            of training examples, and ``edge-train-loss`` /
-            ``edge-train-accuracy``.
+            The reply's arrays in their legacy positions (see the module), the
+            number of training examples and the edge metrics.
 
         Raises
         ------
         PayloadError
             If the server logits do not match the local training set.
         """
-        cfg = edge_round_config(config)
-        n = len(self.data.y_train)
-        server_logits = None
+        content = RecordDict({CONFIG_KEY: ConfigRecord(dict(config))})
         if parameters:
-            server_logits = validate_server_logits(parameters[0], n, self.data.num_classes)
-            self.ctx.state.array_records[STATE_LOGITS] = encode_server_logits(server_logits)
-        features, logits, result, _ = edge_round(
-            self.ctx,
-            self.data,
-            self.build_edge,
-            server_logits,
-            cfg,
-            self.device,
-            round_seed(config),
+            content[ARRAYS_KEY] = ArrayRecord({"server-logits": Array(np.asarray(parameters[0]))})
+        meta = Metadata(
+            run_id=self.ctx.run_id,
+            message_id="",
+            src_node_id=0,
+            dst_node_id=self.ctx.node_id,
+            reply_to_message_id="",
+            group_id="",
+            created_at=time.time(),
+            ttl=DEFAULT_TTL,
+            message_type=MessageType.TRAIN,
         )
-        arrays = [features.numpy(), logits.numpy(), self.data.y_train.numpy()]
-        return arrays, n, {"edge-train-loss": result.loss, "edge-train-accuracy": result.accuracy}
+        # a reply needs the instruction's metadata; outside a ServerApp a Message built
+        # from a node id would need Flower's process-wide task identity
+        msg = Message(content, metadata=meta)  # type: ignore[call-overload]
+        reply = handle_train(msg, self.ctx, self.data, self.build_edge, self.device).content
+        record = reply.array_records[ARRAYS_KEY]
+        metrics = _metric_dict(reply.metric_records[METRICS_KEY])
+        n = int(metrics.pop(NUM_EXAMPLES))
+        return [record[k].numpy() for k in _FIT_KEYS if k in record], n, metrics
 
     def evaluate(
         self, parameters: list[np.ndarray], config: dict[str, Any]
@@ -520,20 +465,23 @@ class GKTNumPyClient(NumPyClient):
         tuple[float, int, dict[str, Scalar]]
             The mean cross-entropy loss of extractor + server model on the
             local test split, its number of examples, and ``accuracy``
-            (extractor + server model) and ``edge-accuracy`` (edge model alone).
+            (extractor + server model), ``edge-accuracy`` and ``edge-loss``
+            (edge model alone).
         """
-        edge = load_edge_model(self.ctx, self.build_edge, self.device)
+        device = get_device(self.device)
+        edge = load_edge_model(self.ctx, self.build_edge, device)
         server = self.build_server()
         keys = list(server.state_dict().keys())
         server.load_state_dict(
             {k: torch.from_numpy(np.asarray(v)) for k, v in zip(keys, parameters, strict=True)}
         )
-        server = prepare_model(server, self.device)
+        server = prepare_model(server, device)
         batch_size = int(config.get("batch-size", 64))
-        features, edge_logits = extract(edge, self.data.x_test, batch_size, self.device)
+        features, edge_logits = extract(edge, self.data.x_test, batch_size, device)
         y = self.data.y_test
-        logits = predict(server, TensorBatches(features, y, batch_size), self.device)
+        logits = predict(server, TensorBatches(features, y, batch_size), device)
         loss_sum, correct = evaluate_logits(logits, y)
-        _, edge_correct = evaluate_logits(edge_logits, y)
+        edge_loss, edge_correct = evaluate_logits(edge_logits, y)
         n = len(y)
-        return loss_sum / n, n, {"accuracy": correct / n, "edge-accuracy": edge_correct / n}
+        metrics = {"accuracy": correct / n, "edge-accuracy": edge_correct / n}
+        return loss_sum / n, n, {**metrics, "edge-loss": edge_loss / n}

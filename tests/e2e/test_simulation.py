@@ -94,7 +94,7 @@ def test_legacy_strategy_api_runs_in_simulation(tmp_path):
         ],
         ROOT,
     )
-    assert "FedGKT round 2 fit" in log
+    assert "FedGKT round 2 train" in log
     data = _results(tmp_path / "legacy")
     _check_learned(data["history"])
 

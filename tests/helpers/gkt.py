@@ -90,10 +90,27 @@ class ClientProxy:
         self.cid = str(cid)
 
 
+def legacy_clients(nodes):
+    """A legacy ClientManager holding a proxy per node."""
+    from flwr.server.client_manager import SimpleClientManager
+
+    clients = SimpleClientManager()
+    for node in nodes:
+        clients.register(ClientProxy(node))
+    return clients
+
+
 def legacy_strategy(**kwargs):
-    """``FedGKTLegacy`` on the tiny server model."""
+    """The legacy adapter over a FedGKT of the hostile-payload tests (``kwargs`` are FedGKT's)."""
     from flwr_gkt.flower.legacy import FedGKTLegacy
 
-    torch.manual_seed(0)
-    server = GKTServer(tiny_server_model(), epochs=1, batch_size=16, device="cpu")
-    return FedGKTLegacy(server, 10, feature_shape=SHAPE, **kwargs)
+    return FedGKTLegacy(make_strategy(nodes=[1, 2], **kwargs))
+
+
+def legacy_fit(strategy, rnd, results, failures=(), nodes=None):
+    """``configure_fit`` to ``nodes`` (default: those of ``results``), then ``aggregate_fit``."""
+    from flwr.common import Parameters
+
+    nodes = [int(p.cid) for p, _ in results] if nodes is None else nodes
+    strategy.configure_fit(rnd, Parameters([], ""), legacy_clients(nodes))
+    return strategy.aggregate_fit(rnd, results, list(failures))

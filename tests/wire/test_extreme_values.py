@@ -45,6 +45,7 @@ from flwr_gkt.wire.gate import ReplyGate
 from tests.helpers.federation import FakeGrid
 from tests.helpers.gkt import SHAPE, N, honest, make_strategy, reply_to, statuses, tiny_server_model
 from tests.helpers.gkt import ClientProxy as _Proxy
+from tests.helpers.gkt import legacy_fit as _legacy_fit
 from tests.helpers.gkt import legacy_strategy as _legacy
 from tests.helpers.split import run_split as _run
 from tests.helpers.split import split_config as _config
@@ -348,7 +349,7 @@ def test_fedagg_embeddings_and_legacy_features_meet_the_same_rule():
         f = torch.full_like(f, HUGE) if node == 33 else f
         params = ndarrays_to_parameters([f.numpy(), z.numpy(), y.numpy()])
         results.append((_Proxy(node), FitRes(Status(Code.OK, ""), params, N, {})))
-    _, metrics = strategy.aggregate_fit(1, results, [])
+    _, metrics = _legacy_fit(strategy, 1, results)
     assert metrics["nodes-rejected"] == 1 and 33 not in strategy.server.store
     assert math.isfinite(metrics["server-train-loss"])
 

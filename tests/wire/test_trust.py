@@ -47,6 +47,7 @@ from tests.helpers.gkt import (
     train_round,
 )
 from tests.helpers.gkt import ClientProxy as _Proxy
+from tests.helpers.gkt import legacy_fit as _legacy_fit
 from tests.helpers.gkt import legacy_strategy as _legacy
 
 FUZZ = {"replies": 0}
@@ -794,14 +795,16 @@ def test_legacy_fit_replies_pass_the_same_gate(caplog):
     results = [(_Proxy(n), _fit_res(n)) for n in honest_nodes]
     results += [(_Proxy(n), r) for n, r in hostile.items()]
     failed = FitRes(Status(Code.FIT_NOT_IMPLEMENTED, "boom\nforged"), Parameters([], ""), 0, {})
+    failures = [(_Proxy(5), failed), RuntimeError("x")]  # the call to node 6 raised
+    nodes = [*honest_nodes, *hostile, 5, 6]
     with caplog.at_level(logging.WARNING):
-        _, metrics = strategy.aggregate_fit(1, results, [(_Proxy(5), failed), RuntimeError("x")])
+        _, metrics = _legacy_fit(strategy, 1, results, failures, nodes)
     # 55's hostile metrics are dropped, its arrays are fine: accepted
     stored = [n for n in (*honest_nodes, *hostile) if n in strategy.server.store]
     assert stored == [*honest_nodes, 55]
     assert metrics["nodes-replied"] == 5 and metrics["nodes-rejected"] == 7
     assert metrics["server-train-examples"] == 5 * N
-    for node in (66, 77, 88, 99, 111, 5):
+    for node in (66, 77, 88, 99, 111, 5, 6):
         assert f"reply of node {node} rejected" in caplog.text
     assert "boom\nforged" not in caplog.text and "over the limit" in caplog.text
 
@@ -844,7 +847,7 @@ def test_fuzz_legacy_fit_replies(metrics, num_examples):
     rnd = len(strategy.history) + 1
     results = [(_Proxy(n), _fit_res(n, rnd)) for n in (11, 22, 33)]
     results.append((_Proxy(44), _fit_res(44, rnd, metrics=metrics, num_examples=num_examples)))
-    _, out = strategy.aggregate_fit(rnd, results, [])
+    _, out = _legacy_fit(strategy, rnd, results)
     FUZZ["replies"] += 1
     assert out["nodes-replied"] in (3, 4) and strategy.history[-1]["round"] == rnd
 
