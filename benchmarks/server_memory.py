@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from flwr_gkt.flower.options import SamplingOptions
+
 _MB = 1024 * 1024
 
 
@@ -81,8 +83,9 @@ def child(args: argparse.Namespace) -> dict:
         server,
         classes,
         feature_shape=(16, side, side),
-        min_train_nodes=args.per_round,
-        min_available_nodes=args.per_round,
+        sampling=SamplingOptions(
+            min_train_nodes=args.per_round, min_available_nodes=args.per_round
+        ),
     )
     # Warm-up: one training step on a tiny payload, then forget it.
     g = torch.Generator().manual_seed(1)
