@@ -5,110 +5,24 @@ does not need to wait for updates from all clients to start training, FedGKT
 naturally supports asynchronous training ... The server model can immediately
 start training when it receives inputs from any client."
 :class:`AsyncFedGKT` does exactly that with its own event loop on the Grid's
-``push_messages`` / ``pull_messages`` instead of Flower's round-synchronous
-``Strategy.start``.
+``push_messages`` / ``pull_messages``, polled inside the family's round loop
+(:meth:`~flwr_gkt.flower.base.RoundStrategy.start`).
 
-Algorithm
----------
-1. The training nodes are sampled once, as the synchronous strategy samples a
-   round (``fraction_train``, ``min_train_nodes``); each one is sent a train
-   instruction built by :meth:`FedGKT.train_instruction` (round config, and the
-   node's own server logits ``Z_s^(k)`` when the edge distils).
-2. The loop polls for replies. Each train reply, as it arrives, is validated
-   like a synchronous one (a bad reply is rejected with a log line and the run
-   goes on) and stored, and the server model makes one *update* (below) that
-   sets that node's ``Z_s^(k)``. Each update increments the model *version*.
-   The node is then immediately sent its next instruction, carrying its fresh
-   server logits: no node waits for a slower one.
-3. Every node has at most one instruction in flight (train *or* evaluate).
-   Flower's simulation runtime hands a node's pending messages to whichever
-   worker is free, so two messages in flight for one node could run at the
-   same time on copies of its ``Context`` and one would overwrite the other's
-   edge-model state; in a deployment, how a SuperNode schedules two pending
-   messages of one run is nothing a strategy should rely on either. With one
-   message per node, neither question arises.
-
-Server update
--------------
-``update_scope="store"`` (default): ``E_s`` passes, each over ``n_k`` samples
-(the replying node's sample count) drawn at random from *all* stored
-features -- the fresh ones of node ``k`` and the latest ones of every other
-node -- then ``Z_s^(k)`` is the server model's output on node ``k``'s
-features. Over a round (``K`` updates, ``sum n_k = N``) the server makes
-``E_s x N`` sample steps on the same mixture of nodes that a synchronous
-round shuffles together: the same compute and the same data, only spread
-over the round. ``update_scope="node"``: ``E_s`` epochs on node ``k``'s
-features alone (``GKTServer.train_round(nodes=[k])``, the literal reading of
-the paper), ``Z_s^(k)`` from the last epoch -- the same compute, but each
-node has its own edge extractor, so the feature maps of different nodes
-differ, and training on one node's maps at a time makes the server model
-forget the others'. On the ``fmnist-small`` preset (4 IID nodes, 6 rounds,
-``E_s = 1``, one run each): synchronous 0.810 test accuracy, asynchronous
-``"store"`` 0.803, asynchronous ``"node"`` 0.365 (below the edge models
-alone, 0.65).
-
-Staleness
----------
-The version at which a node's train instruction was sent is recorded; when the
-reply comes back, ``staleness = current version - version at send`` (the
-number of server updates made meanwhile, as in FedAsync). A reply with
-``staleness > max_staleness`` is rejected (log line naming the node, its
-staleness and the bound; ``node_history`` status ``"stale"``), the server model
-is not trained on it, and the node is sent a fresh instruction with its
-current logits. ``max_staleness=None`` means no bound; ``0`` accepts only
-replies made from the current model version. With ``K`` nodes of similar speed
-a reply is typically ``K - 1`` updates stale, so a bound below ``K - 1``
-rejects most replies (a warning says so when the run starts). Every train
-record in ``node_history`` has a ``"staleness"`` key; each round's history row
-has ``staleness-max`` / ``staleness-mean`` (over the updates applied that
-round) and ``replies-stale``.
-
-Rounds
-------
-A *round* is as many accepted server updates as there are sampled training
-nodes (one update per node on average; faster nodes may contribute more). It
-is the unit of ``num_rounds``, of the learning-rate schedule
-(:meth:`FedGKT.lr_factor` of the round in which an instruction is sent or an
-update is made), of ``store_max_age`` and of the metrics: one history row per
-round. With nodes of equal data size, a round costs the server the same
-compute as a synchronous round (``E_s`` epochs' worth of samples), only spread
-over the round's updates. No more train instructions are sent than are needed
-to finish ``num_rounds`` rounds (accepted updates + instructions in flight <=
-``num_rounds x K``); a rejected or lost instruction frees its slot again. So the
-run ends without late train replies to drain or throw away: the last round's
-evaluation sees edge models whose latest features the server has trained on.
-
-Evaluation
-----------
-When a round ends, the evaluation nodes are sampled
-(``fraction_evaluate``) and each one is sent an evaluate instruction built by
-:meth:`FedGKT.evaluate_instruction` as soon as it is idle -- right away, or when
-its train reply in flight has been handled, before its next train instruction.
-A node that is due for the evaluations of several rounds answers one
-instruction that serves them all. When all of a round's evaluation replies are
-in (or their nodes are lost), they go through :meth:`FedGKT.aggregate_evaluate`
-with the server model of that moment, so the rows have the synchronous keys
-(``accuracy``, ``edge-accuracy``, ``bytes-up-eval``, ...); rows are appended to
-:attr:`history` in round order. Evaluation replies are pulled in the same loop
-as train replies (never ``send_and_receive``, which would put a second message
-in flight to a busy node).
-
-Differences from the synchronous strategy
------------------------------------------
-* The server model is updated once per reply, on ``n_k`` samples per pass
-  (see *Server update*), not once per round on all samples; ``Z_s`` of a node
-  is set when its reply is handled (eval-mode outputs with ``"store"``), the
-  other nodes' ``Z_s`` stay as they were until their own next reply.
-* ``nodes-replied`` counts accepted updates of the round (a fast node may count
-  twice), ``nodes-rejected`` includes stale replies; ``round-seconds`` is the
-  time from the end of the previous round to the end of this one (its
-  evaluation overlaps the next round and is reported as ``eval-seconds``).
-* ``timeout`` (of :meth:`start`) is the longest wait for any single reply; a
-  node that does not answer in time is recorded as lost (as in the synchronous
-  strategy) and takes no further part in the run; the others go on.
-  A node whose replies are rejected ``max_node_failures`` times in a row (node
-  errors, invalid payloads; stale replies do not count) is dropped as well.
-* ``min_train_replies`` does not apply (each update has exactly one reply).
+The training nodes are sampled once; each train reply is validated and stored
+as it arrives, the server model makes one *update* that sets that node's
+``Z_s^(k)`` (``update_scope``: ``"store"``, ``E_s`` passes of ``n_k`` samples
+drawn from every node's stored features, or ``"node"``, that node's features
+alone) and the node is sent its next instruction at once. Every node has at
+most one instruction in flight. A reply's *staleness* is the number of server
+updates made since its instruction was sent; replies staler than
+``max_staleness`` are rejected. A *round* is as many accepted updates as there
+are training nodes: the unit of ``num_rounds``, of the learning-rate
+schedule, of ``store_max_age`` and of the history rows. When a round ends its
+evaluation nodes are sent evaluate instructions as soon as they are idle;
+their replies go through :meth:`FedGKT.aggregate_evaluate` when all are in.
+The details (server update, staleness, rounds, evaluation, the differences
+from the synchronous strategy) are in ``docs/features.md``, *Asynchronous
+FedGKT*.
 """
 
 from __future__ import annotations

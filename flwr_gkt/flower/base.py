@@ -230,39 +230,18 @@ class RoundStrategy(Strategy):
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: EvaluateFn | None = None,
     ) -> Result:
-        """Run rounds ``completed_round + 1 .. num_rounds`` on ``grid``.
+        """Run rounds ``completed_round + 1 .. num_rounds`` on ``grid``; return Flower's ``Result``.
 
-        The loop of :meth:`flwr.serverapp.strategy.Strategy.start`, with a
-        resume: after :meth:`resume`, the checkpointed nodes are found again
-        (:meth:`reidentify_nodes`) and the run goes on after the checkpoint's
-        round; otherwise ``evaluate_fn`` first sees ``initial_arrays``. Each
-        round is :meth:`run_round`, then ``evaluate_fn``, a checkpoint when
+        Flower's loop (:meth:`flwr.serverapp.strategy.Strategy.start`, same
+        arguments) with a resume: after :meth:`resume` the checkpointed nodes
+        are found again (:meth:`reidentify_nodes`) and the run goes on after
+        the checkpoint's round; otherwise ``evaluate_fn`` first sees
+        ``initial_arrays`` (which the nodes never receive). Each round is
+        :meth:`run_round`, then ``evaluate_fn``, a checkpoint when
         :attr:`checkpoint_path` is set and :meth:`round_done`; :meth:`finish`
-        ends the run.
-
-        Parameters
-        ----------
-        grid : Grid
-            Sends the instructions to the nodes and receives their replies.
-        initial_arrays : ArrayRecord, optional
-            The server model's initial weights: logged and passed to
-            ``evaluate_fn`` in round 0; the nodes never receive them.
-        num_rounds : int
-            Total number of rounds, resumed ones included (also the length of
-            the learning-rate schedule).
-        timeout : float
-            Seconds to wait for the replies of each stage (or wave).
-        train_config, evaluate_config : ConfigRecord, optional
-            Entries added to every train / evaluate instruction's config.
-        evaluate_fn : EvaluateFn, optional
-            Centralized evaluation of the server model's weights, before the
-            first round (not on a resumed run) and after each round.
-
-        Returns
-        -------
-        Result
-            The server model's final weights and the per-round metrics of
-            the rounds this call ran.
+        ends the run. ``num_rounds`` counts the resumed rounds too (and sets
+        the learning-rate schedule's length); ``timeout`` is the wait in
+        seconds for each stage's (or wave's) replies.
         """
         self.num_rounds = num_rounds
         self.rounds.start_run(num_rounds)
