@@ -28,8 +28,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from flwr_gkt.flower.options import SamplingOptions
-
 _MB = 1024 * 1024
 
 
@@ -50,6 +48,7 @@ def child(args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from flwr_gkt.core.registry import build_server_model
     from flwr_gkt.core.server import GKTServer
+    from flwr_gkt.flower.options import SamplingOptions
     from flwr_gkt.flower.strategy import FedGKT
     from flwr_gkt.wire import ARRAYS_KEY, METRICS_KEY, Payload, encode_payload, metrics_record
 
