@@ -48,6 +48,7 @@ def child(args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from flwr_gkt.core.registry import build_server_model
     from flwr_gkt.core.server import GKTServer
+    from flwr_gkt.flower.options import SamplingOptions
     from flwr_gkt.flower.strategy import FedGKT
     from flwr_gkt.wire import ARRAYS_KEY, METRICS_KEY, Payload, encode_payload, metrics_record
 
@@ -81,8 +82,9 @@ def child(args: argparse.Namespace) -> dict:
         server,
         classes,
         feature_shape=(16, side, side),
-        min_train_nodes=args.per_round,
-        min_available_nodes=args.per_round,
+        sampling=SamplingOptions(
+            min_train_nodes=args.per_round, min_available_nodes=args.per_round
+        ),
     )
     # Warm-up: one training step on a tiny payload, then forget it.
     g = torch.Generator().manual_seed(1)

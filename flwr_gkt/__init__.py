@@ -8,7 +8,10 @@ modules they live in are not promised and may move::
 * FedGKT, server side: :class:`FedGKT` (the Message API strategy),
   :class:`AsyncFedGKT` (the server model trains as soon as any node's
   features arrive), :class:`GKTServer` (server model, feature store and
-  training), :class:`EdgeRoundConfig` (the edge settings sent each round);
+  training), :class:`EdgeRoundConfig` (the edge settings sent each round),
+  and the strategies' grouped settings :class:`SamplingOptions`,
+  :class:`WireOptions`, :class:`TrustOptions`, :class:`ScheduleOptions` and
+  :class:`AsyncOptions`;
 * FedGKT, node side: :func:`handle_train`, :func:`handle_evaluate` and
   :func:`handle_query` (the ClientApp handlers) over a node's
   :class:`ClientData` (in-memory tensors) or :class:`DatasetData` (its own
@@ -47,6 +50,11 @@ _EXPORTS: dict[str, str] = {
     "AsyncFedGKT": "flwr_gkt.flower.async_strategy",
     "GKTServer": "flwr_gkt.core.server",
     "EdgeRoundConfig": "flwr_gkt.core.edge",
+    "SamplingOptions": "flwr_gkt.flower.options",
+    "WireOptions": "flwr_gkt.flower.options",
+    "TrustOptions": "flwr_gkt.flower.options",
+    "ScheduleOptions": "flwr_gkt.flower.options",
+    "AsyncOptions": "flwr_gkt.flower.options",
     "handle_train": "flwr_gkt.flower.client_app",
     "handle_evaluate": "flwr_gkt.flower.client_app",
     "handle_query": "flwr_gkt.flower.client_app",
@@ -76,6 +84,7 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [
     "AsyncFedGKT",
+    "AsyncOptions",
     "ClientData",
     "DatasetData",
     "EdgeModel",
@@ -86,7 +95,11 @@ __all__ = [
     "GKTNumPyClient",
     "GKTServer",
     "RunConfig",
+    "SamplingOptions",
+    "ScheduleOptions",
     "SplitLearning",
+    "TrustOptions",
+    "WireOptions",
     "__version__",
     "available_models",
     "bf16_supported",
@@ -131,6 +144,13 @@ if TYPE_CHECKING:
     from flwr_gkt.flower.fedagg_client import handle_fedagg
     from flwr_gkt.flower.fedagg_strategy import FedAgg
     from flwr_gkt.flower.legacy import FedGKTLegacy, GKTNumPyClient
+    from flwr_gkt.flower.options import (
+        AsyncOptions,
+        SamplingOptions,
+        ScheduleOptions,
+        TrustOptions,
+        WireOptions,
+    )
     from flwr_gkt.flower.split_client import handle_split_evaluate, handle_split_train
     from flwr_gkt.flower.split_strategy import SplitLearning
     from flwr_gkt.flower.strategy import FedGKT

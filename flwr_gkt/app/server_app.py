@@ -17,6 +17,13 @@ from flwr_gkt.core.server import GKTServer
 from flwr_gkt.core.training import Plateau
 from flwr_gkt.flower.async_strategy import AsyncFedGKT
 from flwr_gkt.flower.faults import FaultPlan, FaultyGrid
+from flwr_gkt.flower.options import (
+    AsyncOptions,
+    SamplingOptions,
+    ScheduleOptions,
+    TrustOptions,
+    WireOptions,
+)
 from flwr_gkt.flower.strategy import FedGKT
 from flwr_gkt.flower.strategy_utils import RoundCallback
 from flwr_gkt.flower.tensorboard import open_tensorboard
@@ -50,10 +57,8 @@ def strategy_class(cfg: RunConfig) -> tuple[type[FedGKT], dict[str, Any]]:
     if cfg.server_mode == "sync":
         return FedGKT, {}
     if cfg.server_mode == "async":
-        return AsyncFedGKT, {
-            "max_staleness": cfg.max_staleness if cfg.max_staleness >= 0 else None,
-            "update_scope": cfg.async_update,
-        }
+        staleness = cfg.max_staleness if cfg.max_staleness >= 0 else None
+        return AsyncFedGKT, {"asynchronous": AsyncOptions(staleness, cfg.async_update)}
     raise ValueError(f"unknown server-mode {cfg.server_mode!r} (expected 'sync' or 'async')")
 
 
@@ -70,34 +75,40 @@ def build_strategy(
         mode_args["checkpoint_path"] = out / CHECKPOINT_FILE
     elif cfg.resume:
         raise ValueError("resume needs checkpoint 1")
-    strategy = cls(
+    return cls(
         server,
         dataset_info(cfg)[0],
         feature_shape=feature_shape(cfg),
         edge_config=edge_config(cfg),
-        fraction_train=cfg.fraction_train,
-        fraction_evaluate=cfg.fraction_evaluate,
-        min_train_nodes=cfg.min_nodes,
-        min_evaluate_nodes=cfg.min_nodes,
-        min_available_nodes=cfg.min_nodes,
-        feature_dtype=cfg.feature_dtype,
-        logit_dtype=cfg.logit_dtype,
-        min_train_replies=cfg.min_train_replies,
-        store_max_age=cfg.store_max_age,
-        node_wait_timeout=cfg.node_wait_timeout,
-        lr_schedule=cfg.lr_schedule,
-        plateau=Plateau(cfg.plateau_factor, cfg.plateau_patience),
+        sampling=SamplingOptions(
+            cfg.fraction_train,
+            cfg.fraction_evaluate,
+            min_train_nodes=cfg.min_nodes,
+            min_evaluate_nodes=cfg.min_nodes,
+            min_available_nodes=cfg.min_nodes,
+            node_wait_timeout=cfg.node_wait_timeout,
+        ),
+        wire=WireOptions(
+            cfg.feature_dtype,
+            cfg.logit_dtype,
+            max_payload_bytes=int(cfg.max_payload_mb * 1024 * 1024) or None,
+            max_samples=cfg.max_samples or None,
+        ),
+        trust=TrustOptions(
+            cfg.outlier_threshold,
+            cfg.logit_clip,
+            cfg.max_abs_value,
+            min_train_replies=cfg.min_train_replies,
+            store_max_age=cfg.store_max_age,
+        ),
+        schedule=ScheduleOptions(
+            cfg.lr_schedule, Plateau(cfg.plateau_factor, cfg.plateau_patience)
+        ),
         feature_upload_every=cfg.feature_upload_every,
         seed=cfg.seed,
-        max_samples=cfg.max_samples or None,
-        max_payload_bytes=int(cfg.max_payload_mb * 1024 * 1024) or None,
-        outlier_threshold=cfg.outlier_threshold,
-        logit_clip=cfg.logit_clip,
         on_round=on_round,
         **mode_args,
     )
-    strategy.gate.max_abs_value = cfg.max_abs_value
-    return strategy
 
 
 def _remove_stale_spill(cfg: RunConfig, spill: Path) -> None:

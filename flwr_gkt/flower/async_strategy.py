@@ -5,110 +5,24 @@ does not need to wait for updates from all clients to start training, FedGKT
 naturally supports asynchronous training ... The server model can immediately
 start training when it receives inputs from any client."
 :class:`AsyncFedGKT` does exactly that with its own event loop on the Grid's
-``push_messages`` / ``pull_messages`` instead of Flower's round-synchronous
-``Strategy.start``.
+``push_messages`` / ``pull_messages``, polled inside the family's round loop
+(:meth:`~flwr_gkt.flower.base.RoundStrategy.start`).
 
-Algorithm
----------
-1. The training nodes are sampled once, as the synchronous strategy samples a
-   round (``fraction_train``, ``min_train_nodes``); each one is sent a train
-   instruction built by :meth:`FedGKT.configure_train` (round config, and the
-   node's own server logits ``Z_s^(k)`` when the edge distils).
-2. The loop polls for replies. Each train reply, as it arrives, is validated
-   like a synchronous one (a bad reply is rejected with a log line and the run
-   goes on) and stored, and the server model makes one *update* (below) that
-   sets that node's ``Z_s^(k)``. Each update increments the model *version*.
-   The node is then immediately sent its next instruction, carrying its fresh
-   server logits: no node waits for a slower one.
-3. Every node has at most one instruction in flight (train *or* evaluate).
-   Flower's simulation runtime hands a node's pending messages to whichever
-   worker is free, so two messages in flight for one node could run at the
-   same time on copies of its ``Context`` and one would overwrite the other's
-   edge-model state; in a deployment, how a SuperNode schedules two pending
-   messages of one run is nothing a strategy should rely on either. With one
-   message per node, neither question arises.
-
-Server update
--------------
-``update_scope="store"`` (default): ``E_s`` passes, each over ``n_k`` samples
-(the replying node's sample count) drawn at random from *all* stored
-features -- the fresh ones of node ``k`` and the latest ones of every other
-node -- then ``Z_s^(k)`` is the server model's output on node ``k``'s
-features. Over a round (``K`` updates, ``sum n_k = N``) the server makes
-``E_s x N`` sample steps on the same mixture of nodes that a synchronous
-round shuffles together: the same compute and the same data, only spread
-over the round. ``update_scope="node"``: ``E_s`` epochs on node ``k``'s
-features alone (``GKTServer.train_round(nodes=[k])``, the literal reading of
-the paper), ``Z_s^(k)`` from the last epoch -- the same compute, but each
-node has its own edge extractor, so the feature maps of different nodes
-differ, and training on one node's maps at a time makes the server model
-forget the others'. On the ``fmnist-small`` preset (4 IID nodes, 6 rounds,
-``E_s = 1``, one run each): synchronous 0.810 test accuracy, asynchronous
-``"store"`` 0.803, asynchronous ``"node"`` 0.365 (below the edge models
-alone, 0.65).
-
-Staleness
----------
-The version at which a node's train instruction was sent is recorded; when the
-reply comes back, ``staleness = current version - version at send`` (the
-number of server updates made meanwhile, as in FedAsync). A reply with
-``staleness > max_staleness`` is rejected (log line naming the node, its
-staleness and the bound; ``node_history`` status ``"stale"``), the server model
-is not trained on it, and the node is sent a fresh instruction with its
-current logits. ``max_staleness=None`` means no bound; ``0`` accepts only
-replies made from the current model version. With ``K`` nodes of similar speed
-a reply is typically ``K - 1`` updates stale, so a bound below ``K - 1``
-rejects most replies (a warning says so when the run starts). Every train
-record in ``node_history`` has a ``"staleness"`` key; each round's history row
-has ``staleness-max`` / ``staleness-mean`` (over the updates applied that
-round) and ``replies-stale``.
-
-Rounds
-------
-A *round* is as many accepted server updates as there are sampled training
-nodes (one update per node on average; faster nodes may contribute more). It
-is the unit of ``num_rounds``, of the learning-rate schedule
-(:meth:`FedGKT.lr_factor` of the round in which an instruction is sent or an
-update is made), of ``store_max_age`` and of the metrics: one history row per
-round. With nodes of equal data size, a round costs the server the same
-compute as a synchronous round (``E_s`` epochs' worth of samples), only spread
-over the round's updates. No more train instructions are sent than are needed
-to finish ``num_rounds`` rounds (accepted updates + instructions in flight <=
-``num_rounds x K``); a rejected or lost instruction frees its slot again. So the
-run ends without late train replies to drain or throw away: the last round's
-evaluation sees edge models whose latest features the server has trained on.
-
-Evaluation
-----------
-When a round ends, the evaluation nodes are sampled
-(``fraction_evaluate``) and each one is sent an evaluate instruction built by
-:meth:`FedGKT.configure_evaluate` as soon as it is idle -- right away, or when
-its train reply in flight has been handled, before its next train instruction.
-A node that is due for the evaluations of several rounds answers one
-instruction that serves them all. When all of a round's evaluation replies are
-in (or their nodes are lost), they go through :meth:`FedGKT.aggregate_evaluate`
-with the server model of that moment, so the rows have the synchronous keys
-(``accuracy``, ``edge-accuracy``, ``bytes-up-eval``, ...); rows are appended to
-:attr:`history` in round order. Evaluation replies are pulled in the same loop
-as train replies (never ``send_and_receive``, which would put a second message
-in flight to a busy node).
-
-Differences from the synchronous strategy
------------------------------------------
-* The server model is updated once per reply, on ``n_k`` samples per pass
-  (see *Server update*), not once per round on all samples; ``Z_s`` of a node
-  is set when its reply is handled (eval-mode outputs with ``"store"``), the
-  other nodes' ``Z_s`` stay as they were until their own next reply.
-* ``nodes-replied`` counts accepted updates of the round (a fast node may count
-  twice), ``nodes-rejected`` includes stale replies; ``round-seconds`` is the
-  time from the end of the previous round to the end of this one (its
-  evaluation overlaps the next round and is reported as ``eval-seconds``).
-* ``timeout`` (of :meth:`start`) is the longest wait for any single reply; a
-  node that does not answer in time is recorded as lost (as in the synchronous
-  strategy) and takes no further part in the run; the others go on.
-  A node whose replies are rejected ``max_node_failures`` times in a row (node
-  errors, invalid payloads; stale replies do not count) is dropped as well.
-* ``min_train_replies`` does not apply (each update has exactly one reply).
+The training nodes are sampled once; each train reply is validated and stored
+as it arrives, the server model makes one *update* that sets that node's
+``Z_s^(k)`` (``update_scope``: ``"store"``, ``E_s`` passes of ``n_k`` samples
+drawn from every node's stored features, or ``"node"``, that node's features
+alone) and the node is sent its next instruction at once. Every node has at
+most one instruction in flight. A reply's *staleness* is the number of server
+updates made since its instruction was sent; replies staler than
+``max_staleness`` are rejected. A *round* is as many accepted updates as there
+are training nodes: the unit of ``num_rounds``, of the learning-rate
+schedule, of ``store_max_age`` and of the history rows. When a round ends its
+evaluation nodes are sent evaluate instructions as soon as they are idle;
+their replies go through :meth:`FedGKT.aggregate_evaluate` when all are in.
+The details (server update, staleness, rounds, evaluation, the differences
+from the synchronous strategy) are in ``docs/features.md``, *Asynchronous
+FedGKT*.
 """
 
 from __future__ import annotations
@@ -116,21 +30,19 @@ from __future__ import annotations
 import io
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result
-from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
+from flwr.app import Message, MetricRecord, RecordDict
 from flwr.supercore import log
 
-from flwr_gkt.core.checkpoint import save_checkpoint
 from flwr_gkt.core.server import GKTServer, ServerRoundResult
-from flwr_gkt.flower.strategy import FedGKT, edge_train_metrics
-from flwr_gkt.flower.strategy_utils import _MB
+from flwr_gkt.flower.base import RunContext
+from flwr_gkt.flower.options import AsyncOptions
+from flwr_gkt.flower.strategy import FedGKT
+from flwr_gkt.flower.strategy_utils import MB, edge_train_metrics
 from flwr_gkt.wire import NUM_EXAMPLES, Payload, record_nbytes, scalar
 
 __all__ = ["AsyncFedGKT"]
@@ -202,10 +114,8 @@ class _EvalRound:
 class _Run:
     """The state of one :meth:`AsyncFedGKT.start`: what is in flight, due and counted."""
 
-    grid: Grid
-    timeout: float
-    train_config: ConfigRecord
-    evaluate_config: ConfigRecord
+    #: The arguments of :meth:`AsyncFedGKT.start` and its result.
+    ctx: RunContext
     #: Training nodes sampled (a round is ``k`` accepted updates).
     k: int
     #: Accepted updates the run needs (``num_rounds - completed`` rounds of ``k``).
@@ -225,8 +135,8 @@ class _Run:
     pending_eval: dict[int, list[_EvalRound]] = field(default_factory=dict)
     evals: deque[_EvalRound] = field(default_factory=deque)
     accepted: int = 0
-    result: Result = field(default_factory=Result)
-    evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None
+    #: Replies pulled but not yet handled: a round ended before them.
+    inbox: list[Message] = field(default_factory=list)
 
     def outstanding_train(self) -> int:
         """Train instructions in flight."""
@@ -243,25 +153,14 @@ def _view(reply: Message, instruction: Message) -> Message:
 class AsyncFedGKT(FedGKT):
     """FedGKT without waiting for the slowest node (see the module docstring).
 
-    Takes every argument of :class:`~flwr_gkt.flower.strategy.FedGKT`, plus:
-
-    Parameters
-    ----------
-    max_staleness : int or None
-        Largest accepted staleness (server updates made between sending a
-        node its instruction and handling its reply); staler replies are
-        rejected and the node gets a fresh instruction. ``None``: no bound.
-    update_scope : str
-        What one server update trains on: ``"store"`` (``E_s`` passes of
-        ``n_k`` samples drawn from every node's stored features) or ``"node"``
-        (``E_s`` epochs on the replying node's features only).
-    max_node_failures : int
-        A node whose replies are rejected this many times in a row (node error
-        or invalid payload) is dropped from the run.
-    poll_interval : float
-        Seconds to sleep between two polls of the Grid that brought nothing.
-    **kwargs
-        Passed to :class:`~flwr_gkt.flower.strategy.FedGKT`.
+    Takes every argument of :class:`~flwr_gkt.flower.strategy.FedGKT`, plus
+    ``asynchronous`` (:class:`~flwr_gkt.flower.options.AsyncOptions`: the
+    staleness bound, the update scope, the failures a node may have and the
+    poll interval). A round of :meth:`start` is as many accepted server
+    updates as there are training nodes; ``timeout`` is the longest wait for
+    the reply to any one instruction (a node that does not answer in time is
+    recorded as lost and dropped); ``evaluate_fn`` gets the server model's
+    weights at the end of every round.
     """
 
     #: Replies come one at a time: nothing to stage out.
@@ -272,174 +171,92 @@ class AsyncFedGKT(FedGKT):
         server: GKTServer,
         num_classes: int,
         *,
-        max_staleness: int | None = 4,
-        update_scope: str = "store",
-        max_node_failures: int = 3,
-        poll_interval: float = 0.1,
+        asynchronous: AsyncOptions | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(server, num_classes, **kwargs)
-        if update_scope not in ("store", "node"):
-            raise ValueError(f"update_scope must be 'store' or 'node', got {update_scope!r}")
-        self.update_scope = update_scope
-        if max_staleness is not None and max_staleness < 0:
-            raise ValueError(f"max_staleness must be >= 0 or None, got {max_staleness}")
-        if max_node_failures < 1:
-            raise ValueError(f"max_node_failures must be >= 1, got {max_node_failures}")
-        self.max_staleness = max_staleness
-        self.max_node_failures = max_node_failures
-        self.poll_interval = poll_interval
+        self.asynchronous = asynchronous or AsyncOptions()
         #: Server model version: the number of server updates made so far.
         self.version = 0
-        self._only: list[int] | None = None
-
-    # ------------------------------------------------------------ messages
-    def _sample(self, grid: Grid, fraction: float, min_nodes: int) -> list[int]:
-        if self._only is not None:  # building the instruction of given nodes
-            return list(self._only)
-        return super()._sample(grid, fraction, min_nodes)
-
-    def _build(
-        self,
-        configure: Callable[..., Iterable[Message]],
-        server_round: int,
-        node: int,
-        config: ConfigRecord,
-        grid: Grid,
-    ) -> Message:
-        """One node's instruction from ``configure_train`` / ``configure_evaluate``."""
-        saved = (self._round_start, self._bytes_sent, self._sent_train, self._sent_eval)
-        self._only = [node]
-        try:
-            (message,) = configure(server_round, ArrayRecord(), config, grid)
-        finally:
-            self._only = None
-            self._round_start, self._bytes_sent, self._sent_train, self._sent_eval = saved
-        return message
+        self._run: _Run | None = None
 
     def summary(self) -> None:
         """Log the strategy's configuration."""
         super().summary()
+        options = self.asynchronous
         log(
             INFO,
             "\t└──> Asynchronous: max staleness %s, update scope %s, poll every %.2fs",
-            "unbounded" if self.max_staleness is None else self.max_staleness,
-            self.update_scope,
-            self.poll_interval,
+            "unbounded" if options.max_staleness is None else options.max_staleness,
+            options.update_scope,
+            options.poll_interval,
         )
 
-    # --------------------------------------------------------------- start
-    def start(
-        self,
-        grid: Grid,
-        initial_arrays: ArrayRecord,
-        num_rounds: int = 3,
-        timeout: float = 3600,
-        train_config: ConfigRecord | None = None,
-        evaluate_config: ConfigRecord | None = None,
-        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-    ) -> Result:
-        """Run asynchronous FedGKT for ``num_rounds`` rounds.
-
-        Same signature and result as :meth:`flwr.serverapp.strategy.Strategy.start`.
-        After :meth:`resume`, it goes on after the checkpoint's round and first
-        finds the checkpointed nodes again (:meth:`reidentify_nodes`); with
-        ``checkpoint_path`` set, a checkpoint is written at the end of every
-        round.
-
-        Parameters
-        ----------
-        grid : Grid
-            Sends instructions to the nodes and pulls their replies.
-        initial_arrays : ArrayRecord
-            The server model's initial weights (only logged and passed to
-            ``evaluate_fn``; the server model lives in :attr:`server`).
-        num_rounds : int
-            Total number of rounds, the resumed ones included; a round is as
-            many accepted server updates as there are training nodes.
-        timeout : float
-            Longest wait in seconds for the reply to any one instruction; a node
-            that does not answer in time is recorded as lost and dropped.
-        train_config, evaluate_config : ConfigRecord, optional
-            Entries added to every train / evaluate instruction's config.
-        evaluate_fn : Callable[[int, ArrayRecord], MetricRecord | None], optional
-            Centralized evaluation of the server model's weights, called before
-            the first round and at the end of every round.
-
-        Returns
-        -------
-        Result
-            The server model's final weights and the per-round train and
-            evaluate metrics.
-        """
-        log(INFO, "Starting %s strategy:", self.__class__.__name__)
-        log_strategy_start_info(num_rounds, initial_arrays, train_config, evaluate_config)
-        self.summary()
-        self.num_rounds = num_rounds
-        self.run_start = time.perf_counter()
-        run = self._begin_run(grid, num_rounds, timeout, train_config, evaluate_config)
-        run.evaluate_fn = evaluate_fn
-        if evaluate_fn and (res := evaluate_fn(0, initial_arrays)) is not None:
-            run.result.evaluate_metrics_serverapp[0] = res
-        for node in run.train_nodes:
-            self._dispatch(run, node)
-        while self._poll(run):
-            pass
-        run.result.arrays = ArrayRecord(self.server.model.state_dict())
+    # ------------------------------------------------------------ the round loop
+    def begin(self, run: RunContext) -> RunContext:
+        """Sample the training nodes once and send each its first instruction."""
+        train_nodes = self._sample(
+            run.grid, self.sampling.fraction_train, self.sampling.min_train_nodes
+        )
+        k, staleness = len(train_nodes), self.asynchronous.max_staleness
         log(
             INFO,
-            "Strategy execution finished in %.2fs (%d server updates)",
-            time.perf_counter() - self.run_start,
-            self.version,
+            "AsyncFedGKT: %d training nodes, %d rounds of %d server updates",
+            k,
+            self.num_rounds,
+            k,
         )
-        for line in io.StringIO(str(run.result)):
-            log(INFO, "\t%s", line.strip("\n"))
-        return run.result
-
-    # ------------------------------------------------------------ the event loop
-    def _begin_run(
-        self,
-        grid: Grid,
-        num_rounds: int,
-        timeout: float,
-        train_config: ConfigRecord | None,
-        evaluate_config: ConfigRecord | None,
-    ) -> _Run:
-        """Find resumed nodes again, sample the training nodes; return the run's state."""
-        first = self.completed_round + 1
-        if first > 1:
-            log(
-                INFO, "AsyncFedGKT: resuming after round %d of %d", self.completed_round, num_rounds
-            )
-            self.reidentify_nodes(grid, timeout)
-        train_nodes = self._sample(grid, self.fraction_train, self.min_train_nodes)
-        k = len(train_nodes)
-        log(
-            INFO, "AsyncFedGKT: %d training nodes, %d rounds of %d server updates", k, num_rounds, k
-        )
-        if self.max_staleness is not None and k > 1 and self.max_staleness < k - 1:
+        if staleness is not None and k > 1 and staleness < k - 1:
             log(
                 WARNING,
                 "AsyncFedGKT: max-staleness %d is below %d: with %d nodes of similar speed "
                 "most replies are about %d updates stale and will be rejected",
-                self.max_staleness,
+                staleness,
                 k - 1,
                 k,
                 k - 1,
             )
-        return _Run(
-            grid=grid,
-            timeout=timeout,
-            train_config=ConfigRecord() if train_config is None else train_config,
-            evaluate_config=ConfigRecord() if evaluate_config is None else evaluate_config,
+        self._run = _Run(
+            ctx=run,
             k=k,
-            needed=max(num_rounds - self.completed_round, 0) * k,
-            server_round=first,
+            needed=max(self.num_rounds - self.completed_round, 0) * k,
+            server_round=self.completed_round + 1,
             tally=_Tally(start=time.perf_counter()),
             train_nodes=list(train_nodes),
             active=set(train_nodes),
             failures=dict.fromkeys(train_nodes, 0),
         )
+        for node in train_nodes:
+            self._dispatch(self._run, node)
+        return run
+
+    def run_round(self, server_round: int, run: RunContext) -> bool:
+        """Poll until round ``server_round``'s updates are in; ``False`` when the run ends early."""
+        assert self._run is not None
+        while self._run.server_round <= server_round:
+            if not self._poll(self._run):
+                return False
+        return True
+
+    def finish(self, run: RunContext) -> None:
+        """Drain the evaluations still in flight; return the server model's weights."""
+        assert self._run is not None
+        while self._poll(self._run):
+            pass
+        run.result.arrays = self.initial_arrays()
+        log(INFO, "AsyncFedGKT: %d server updates", self.version)
+        for line in io.StringIO(str(run.result)):
+            log(INFO, "\t%s", line.strip("\n"))
+
+    def round_done(self, server_round: int) -> None:
+        """Nothing: a round goes to the round callback when its evaluation is in."""
+
+    def checkpoint_state(self, run: RunContext) -> dict[str, Any]:
+        """Return the state, with the rows whose evaluation is still in flight as they are."""
+        state = self.state_dict()
+        evals = self._run.evals if self._run is not None else ()
+        state["history"] = [*self.history, *(e.row for e in evals)]
+        return state
 
     def _poll(self, run: _Run) -> bool:
         """One pass of the event loop: pull, handle, time out, dispatch; ``False`` when done."""
@@ -451,17 +268,22 @@ class AsyncFedGKT(FedGKT):
                 self.num_rounds,
             )
             run.needed = run.accepted
-        if run.accepted >= run.needed and not run.flights:
+        if run.accepted >= run.needed and not run.flights and not run.inbox:
             for er in run.evals:  # nothing more can answer
                 er.waiting.clear()
             self._flush_evals(run)
             return False
-        replies = list(run.grid.pull_messages(list(run.flights))) if run.flights else []
-        for reply in replies:
+        grid, server_round = run.ctx.grid, run.server_round
+        replies = run.inbox or (list(grid.pull_messages(list(run.flights))) if run.flights else [])
+        run.inbox = []
+        for i, reply in enumerate(replies):
             self._on_reply(run, reply)
+            if run.server_round != server_round:  # the round loop closes the round first
+                run.inbox = replies[i + 1 :]
+                return True
         now = time.monotonic()
         for msg_id, flight in list(run.flights.items()):
-            if now - flight.sent_at > run.timeout:
+            if now - flight.sent_at > run.ctx.timeout:
                 del run.flights[msg_id]
                 run.busy.discard(flight.node)
                 self._on_timeout(run, flight)
@@ -469,7 +291,7 @@ class AsyncFedGKT(FedGKT):
         for node in sorted(run.active | set(run.pending_eval)):
             self._dispatch(run, node)  # idle nodes with work: new evaluations, freed train slots
         if run.flights and not replies:
-            time.sleep(self.poll_interval)
+            time.sleep(self.asynchronous.poll_interval)
         return True
 
     def _on_reply(self, run: _Run, reply: Message) -> None:
@@ -498,7 +320,8 @@ class AsyncFedGKT(FedGKT):
 
     def _push(self, run: _Run, message: Message, flight: _Flight) -> bool:
         """Send one instruction; record it in flight. ``False`` when it could not be sent."""
-        ids = list(run.grid.push_messages([message]))
+        ids = list(run.ctx.grid.push_messages([message]))
+        self.rounds.sent_at = time.perf_counter()
         if not ids:
             log(
                 WARNING,
@@ -535,13 +358,7 @@ class AsyncFedGKT(FedGKT):
             return
         if run.pending_eval.get(node):
             rounds = run.pending_eval.pop(node)
-            msg = self._build(
-                self.configure_evaluate,
-                rounds[-1].server_round,
-                node,
-                run.evaluate_config,
-                run.grid,
-            )
+            msg = self.evaluate_instruction(node, rounds[-1].server_round, run.ctx.evaluate_config)
             flight = _Flight(msg, "evaluate", node, time.monotonic(), self.version, rounds)
             sent = self._push(run, msg, flight)
             for er in rounds:
@@ -551,36 +368,27 @@ class AsyncFedGKT(FedGKT):
                     er.waiting.discard(node)
             return
         if node in run.active and run.accepted + run.outstanding_train() < run.needed:
-            msg = self._build(
-                self.configure_train, run.server_round, node, run.train_config, run.grid
-            )
+            msg = self.train_instruction(node, run.server_round, run.ctx.train_config)
             if self._push(run, msg, _Flight(msg, "train", node, time.monotonic(), self.version)):
                 run.tally.bytes_down += record_nbytes(msg.content)
             else:
                 self._drop(run, node, "its instruction could not be sent")
 
     def _end_round(self, run: _Run) -> None:
-        """Close the round: its train row, its evaluation due, a checkpoint; start the next."""
+        """Close the round: its train row, its evaluation due; start the next."""
         now = time.perf_counter()
         server_round = run.server_round
         row = self._train_row(server_round, run.tally, now)
-        run.result.train_metrics_clientapp[server_round] = MetricRecord(
+        run.ctx.result.train_metrics_clientapp[server_round] = MetricRecord(
             {k: float(v) for k, v in row.items()}
         )
-        eval_nodes = [n for n in self._eval_nodes(run.grid) if n not in run.dropped]
+        eval_nodes = [n for n in self._eval_nodes(run.ctx.grid) if n not in run.dropped]
         er = _EvalRound(server_round, row, run.tally.start, now, set(eval_nodes))
         run.evals.append(er)
         for node in eval_nodes:
             run.pending_eval.setdefault(node, []).append(er)
-        if run.evaluate_fn:
-            res = run.evaluate_fn(server_round, ArrayRecord(self.server.model.state_dict()))
-            if res is not None:
-                run.result.evaluate_metrics_serverapp[server_round] = res
-        self.completed_round = server_round
-        if self.checkpoint_path is not None:
-            state = self.state_dict()  # rows whose evaluation is still in flight go in as they are
-            state["history"] = [*self.history, *(e.row for e in run.evals)]
-            save_checkpoint(self.checkpoint_path, state)
+        if run.ctx.evaluate_fn:  # the round loop evaluates the weights of this moment
+            run.ctx.arrays = self.initial_arrays()
         run.server_round += 1
         run.tally = _Tally(start=now)
 
@@ -590,17 +398,18 @@ class AsyncFedGKT(FedGKT):
             er = run.evals.popleft()
             metrics = self._finish_evaluation(er)
             if metrics is not None:
-                run.result.evaluate_metrics_clientapp[er.server_round] = metrics
+                run.ctx.result.evaluate_metrics_clientapp[er.server_round] = metrics
 
     def _reject_stale(self, run: _Run, flight: _Flight, reply: Message, staleness: int) -> bool:
         """Reject a reply staler than ``max_staleness`` (one log line, a ``stale`` row)."""
-        if reply.has_error() or self.max_staleness is None or staleness <= self.max_staleness:
+        bound = self.asynchronous.max_staleness
+        if reply.has_error() or bound is None or staleness <= bound:
             return False
         size = record_nbytes(reply.content)
         run.tally.rejected += 1
         run.tally.stale += 1
         run.tally.bytes_up += size
-        reason = f"stale (staleness {staleness} > max-staleness {self.max_staleness})"
+        reason = f"stale (staleness {staleness} > max-staleness {bound})"
         self.node_history.append(
             {
                 "round": run.server_round,
@@ -627,20 +436,19 @@ class AsyncFedGKT(FedGKT):
         staleness = self.version - flight.version
         if self._reject_stale(run, flight, reply, staleness):
             return
-        self._sent_train = [flight.message]
         with_features = []
 
         def store(node_: int, payload: Payload, _: Mapping[str, float]) -> None:
             with_features.append(payload.has_features)
             self._store(node_, payload, server_round)
 
-        ok, nbytes, rejected = self._accept(server_round, [reply], with_logits=True, consume=store)
+        ok, nbytes, rejected = self._accept(server_round, "train", [reply], [flight.message], store)
         self.node_history[-1]["staleness"] = staleness
         run.tally.bytes_up += nbytes
         if rejected:
             run.tally.rejected += 1
             run.failures[node] = run.failures.get(node, 0) + 1
-            if run.failures[node] >= self.max_node_failures:
+            if run.failures[node] >= self.asynchronous.max_node_failures:
                 self._drop(run, node, f"{run.failures[node]} rejected replies in a row")
             return
         run.failures[node] = 0
@@ -669,9 +477,10 @@ class AsyncFedGKT(FedGKT):
 
     def _evict_old(self, server_round: int) -> None:
         """Drop the stored features of nodes silent for ``store_max_age`` rounds."""
-        if self.store_max_age <= 0:
+        age = self.trust.store_max_age
+        if age <= 0:
             return
-        for gone in self.server.evict(server_round - self.store_max_age + 1):
+        for gone in self.server.evict(server_round - age + 1):
             self.feature_round.pop(gone, None)
             self.gate.forget(gone)
             log(
@@ -679,7 +488,7 @@ class AsyncFedGKT(FedGKT):
                 "FedGKT round %d: features of node %d dropped (no reply for %d rounds)",
                 server_round,
                 gone,
-                self.store_max_age,
+                age,
             )
 
     def _on_timeout(self, run: _Run, flight: _Flight) -> None:
@@ -691,21 +500,8 @@ class AsyncFedGKT(FedGKT):
             self._drop(run, node, "lost while evaluating")
             return
         run.tally.lost += 1
-        self.node_history.append(
-            {
-                "round": run.server_round,
-                "stage": "train",
-                "node-id": node,
-                "status": "lost",
-                "reason": f"no reply within the {run.timeout:.0f}s timeout",
-            }
-        )
-        log(
-            WARNING,
-            "FedGKT round %d: node %d did not reply to the train instruction (lost)",
-            run.server_round,
-            node,
-        )
+        reason = f"no reply within the {run.ctx.timeout:.0f}s timeout"
+        self.rounds.lost(run.server_round, "train", node, reason)
         self._drop(run, node, "lost")
 
     # ------------------------------------------------------------- server
@@ -716,7 +512,7 @@ class AsyncFedGKT(FedGKT):
         passes of ``n_k`` samples drawn from every node's stored features).
         ``"node"``: :meth:`GKTServer.train_round` on the node's features only.
         """
-        if self.update_scope == "node":
+        if self.asynchronous.update_scope == "node":
             return self.server.train_round(lr_scale=lr_scale, nodes=[node])
         return self.server.train_update(node, lr_scale=lr_scale)
 
@@ -730,8 +526,8 @@ class AsyncFedGKT(FedGKT):
             "nodes-rejected": t.rejected,
             "nodes-lost": t.lost,
             "nodes-sent-features": t.with_features,
-            "store-memory-mb": self.server.store.memory_bytes / _MB,
-            "store-disk-mb": self.server.store.disk_bytes / _MB,
+            "store-memory-mb": self.server.store.memory_bytes / MB,
+            "store-disk-mb": self.server.store.disk_bytes / MB,
             "server-train-loss": t.loss_sum / n,
             "server-train-accuracy": t.correct_sum / n,
             "server-train-examples": t.examples,
@@ -762,8 +558,8 @@ class AsyncFedGKT(FedGKT):
             t.examples,
             t.server_seconds,
             row.get("edge-train-accuracy", float("nan")),
-            t.bytes_up / _MB,
-            t.bytes_down / _MB,
+            t.bytes_up / MB,
+            t.bytes_down / MB,
         )
         return row
 
@@ -771,11 +567,11 @@ class AsyncFedGKT(FedGKT):
         """Aggregate a round's evaluation into its row and append the row to the history."""
         self.history.append(er.row)  # aggregate_evaluate fills history[-1] of this round
         self._sent_eval = er.messages
-        self._round_start = er.start
+        self.rounds.round_start = er.start
         metrics = self.aggregate_evaluate(er.server_round, er.replies)
         er.row["round-seconds"] = er.end - er.start
         er.row["eval-seconds"] = time.perf_counter() - er.end
         if metrics is not None:
             metrics["round-seconds"] = er.row["round-seconds"]
-        self.round_done(er.server_round)
+        self.rounds.round_done(er.server_round)
         return metrics

@@ -49,8 +49,9 @@ from flwr_gkt.core.training import (
     predict,
     prepare_model,
 )
+from flwr_gkt.flower.base import RunContext, WaveStrategy
 from flwr_gkt.flower.fedagg_client import EMB_PREFIX, TierRole
-from flwr_gkt.flower.strategy_utils import RoundCallback, WaveStrategy, call_on_round
+from flwr_gkt.flower.strategy_utils import RoundCallback
 from flwr_gkt.wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -216,7 +217,7 @@ class FedAgg(WaveStrategy):
         max_samples: int | None = None,
         on_round: RoundCallback | None = None,
     ) -> None:
-        self.on_round = on_round
+        super().__init__(on_round)
         self.device = get_device(device)
         self.max_samples = max_samples
         #: Node uids are bound to the first node id claiming them; the size limit.
@@ -237,8 +238,6 @@ class FedAgg(WaveStrategy):
         #: Leaves whose embeddings each edge holds.
         self.edge_holds: dict[str, set[str]] = {}
         self.parents: dict[str, str] = {}
-        self.history: list[dict[str, float]] = []
-        self.node_history: list[dict[str, Any]] = []
         self.moves: list[tuple[int, str, str, str]] = []
 
     def summary(self) -> None:
@@ -346,65 +345,61 @@ class FedAgg(WaveStrategy):
         return roles
 
     # ------------------------------------------------------------------ round
-    def run_rounds(self, grid: Grid, num_rounds: int, timeout: float) -> None:
-        """Run ``num_rounds`` FedAgg rounds on ``grid`` (called by :meth:`start`).
+    def run_round(self, server_round: int, run: RunContext) -> bool:
+        """Run FedAgg round ``server_round`` on the run's grid (called by :meth:`start`).
 
-        Each round queries the topology, then relays the teach and learn waves
+        The round queries the topology, then relays the teach and learn waves
         between the tree's nodes and evaluates the cloud model (every tree
         node builds and keeps its own model; the cloud model is evaluated on
-        the test set given to the constructor). Each round's row goes to
-        :attr:`history`. Each wave waits up to ``timeout`` seconds for its
-        replies.
+        the test set given to the constructor). Its row goes to
+        :attr:`history`. Each wave waits up to the run's ``timeout`` seconds
+        for its replies.
         """
-        run_start = time.perf_counter()
-        for rnd in range(1, num_rounds + 1):
-            log(INFO, "")
-            log(INFO, "[ROUND %s/%s]", rnd, num_rounds)
-            start = time.perf_counter()
-            nbytes: Counter[str] = Counter()
-            roles = self._topology(grid, rnd, timeout)
-            self._init(grid, roles, rnd, timeout, nbytes)
-            tree = _Tree(roles, set(self.embeddings))
-            self._store(grid, tree, rnd, timeout, nbytes)
-            teach = self._teach(grid, tree, rnd, timeout, nbytes)
-            # The bridge samples of each cloud child's subtree, decoded once for the round.
-            bridges = {c: self._bridge(tree.leaves(c)) for c in tree.children[CLOUD]}
-            cloud_z = {c: teacher_logits(self.model, x, self.device) for c, x in bridges.items()}
-            learned = self._learn(grid, tree, rnd, timeout, teach, cloud_z, nbytes)
-            cloud_loss = self._cloud_learn(tree, teach, bridges)
-            loss_sum, correct = self.evaluate()
-            row: dict[str, float] = {
-                "round": rnd,
-                "accuracy": correct / len(self.test_y),
-                "loss": loss_sum / len(self.test_y),
-                "cloud-train-loss": cloud_loss,
-                "nodes": len(tree.members),
-                "leaves": len(tree.leaves(CLOUD)),
-                "nodes-learned": learned,
-                "migrations": sum(1 for m in self.moves if m[0] == rnd),
-                "round-seconds": time.perf_counter() - start,
-                **{f"bytes-{k}": float(v) for k, v in sorted(nbytes.items())},
-                # totals in FedGKT's terms: towards the cloud (embeddings, logits up) / away from it
-                "bytes-up-train": float(
-                    sum(v for k, v in nbytes.items() if "-up-" in k or k.startswith("init-"))
-                ),
-                "bytes-down-train": float(sum(v for k, v in nbytes.items() if "-down-" in k)),
-            }
-            self.history.append(row)
-            call_on_round(self.on_round, self.history, self.node_history, rnd)
-            log(
-                INFO,
-                "FedAgg round %d: cloud accuracy %.4f on %d test samples, %d nodes (%d leaves), "
-                "%.1fs, %s",
-                rnd,
-                row["accuracy"],
-                len(self.test_y),
-                row["nodes"],
-                row["leaves"],
-                row["round-seconds"],
-                ", ".join(f"{k} {v / 1024:.1f} KB" for k, v in sorted(nbytes.items())),
-            )
-        log(INFO, "FedAgg finished %d rounds in %.1fs", num_rounds, time.perf_counter() - run_start)
+        grid, timeout, rnd = run.grid, run.timeout, server_round
+        start = time.perf_counter()
+        nbytes: Counter[str] = Counter()
+        roles = self._topology(grid, rnd, timeout)
+        self._init(grid, roles, rnd, timeout, nbytes)
+        tree = _Tree(roles, set(self.embeddings))
+        self._store(grid, tree, rnd, timeout, nbytes)
+        teach = self._teach(grid, tree, rnd, timeout, nbytes)
+        # The bridge samples of each cloud child's subtree, decoded once for the round.
+        bridges = {c: self._bridge(tree.leaves(c)) for c in tree.children[CLOUD]}
+        cloud_z = {c: teacher_logits(self.model, x, self.device) for c, x in bridges.items()}
+        learned = self._learn(grid, tree, rnd, timeout, teach, cloud_z, nbytes)
+        cloud_loss = self._cloud_learn(tree, teach, bridges)
+        loss_sum, correct = self.evaluate()
+        row: dict[str, float] = {
+            "round": rnd,
+            "accuracy": correct / len(self.test_y),
+            "loss": loss_sum / len(self.test_y),
+            "cloud-train-loss": cloud_loss,
+            "nodes": len(tree.members),
+            "leaves": len(tree.leaves(CLOUD)),
+            "nodes-learned": learned,
+            "migrations": sum(1 for m in self.moves if m[0] == rnd),
+            "round-seconds": time.perf_counter() - start,
+            **{f"bytes-{k}": float(v) for k, v in sorted(nbytes.items())},
+            # totals in FedGKT's terms: towards the cloud (embeddings, logits up) / away from it
+            "bytes-up-train": float(
+                sum(v for k, v in nbytes.items() if "-up-" in k or k.startswith("init-"))
+            ),
+            "bytes-down-train": float(sum(v for k, v in nbytes.items() if "-down-" in k)),
+        }
+        self.history.append(row)
+        log(
+            INFO,
+            "FedAgg round %d: cloud accuracy %.4f on %d test samples, %d nodes (%d leaves), "
+            "%.1fs, %s",
+            rnd,
+            row["accuracy"],
+            len(self.test_y),
+            row["nodes"],
+            row["leaves"],
+            row["round-seconds"],
+            ", ".join(f"{k} {v / 1024:.1f} KB" for k, v in sorted(nbytes.items())),
+        )
+        return True
 
     def _bridge(self, leaves: list[str]) -> Tensor:
         return self.autoencoder.bridge(torch.cat([self.embeddings[u][0] for u in leaves]))

@@ -67,7 +67,6 @@ from flwr_gkt.data import ClientData
 from flwr_gkt.flower.async_strategy import AsyncFedGKT
 from flwr_gkt.flower.client_app import handle_train, load_edge_model
 from flwr_gkt.flower.strategy import FedGKT
-from flwr_gkt.flower.strategy_utils import evaluate_row, log_evaluate_round, merge_row, progress
 from flwr_gkt.wire import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES, PayloadError
 from flwr_gkt.wire.gate import Incoming, clean_text, node_error
 
@@ -219,9 +218,10 @@ class FedGKTLegacy(Strategy):
         self.server, self.history = strategy.server, strategy.history
         if num_rounds is not None:
             strategy.num_rounds = num_rounds
+        strategy.rounds.start_run(strategy.num_rounds)
         self._sent_fit: list[int] = []
         self._sent_eval: list[int] = []
-        self._round_start = self._run_start = time.perf_counter()
+        self._round_start = time.perf_counter()
 
     def __repr__(self) -> str:
         """Return the strategy's name with its server model's class."""
@@ -335,14 +335,13 @@ class FedGKTLegacy(Strategy):
         if sums["n"] == 0:
             self.round_done(server_round)
             return None, {}
-        metrics = evaluate_row(sums, len(gate.accepted), gate.rejected, 0, 0)
+        rounds = self.strategy.rounds
+        metrics = rounds.evaluate_row(sums, len(gate.accepted), gate.rejected, 0, 0)
         metrics["round-seconds"] = time.perf_counter() - self._round_start
-        merge_row(self.strategy.history, server_round, metrics)
+        rounds.merge_row(server_round, metrics)
         if self.strategy.plateau is not None:  # the reference steps it with the test accuracy
             self.strategy.plateau.step(metrics["accuracy"])
-        elapsed = time.perf_counter() - self._run_start
-        note = progress(server_round, self.strategy.num_rounds, elapsed)
-        log_evaluate_round(server_round, metrics, note)
+        rounds.log_evaluate(server_round, metrics)
         self.round_done(server_round)
         return metrics["loss"], _metric_dict(metrics)
 

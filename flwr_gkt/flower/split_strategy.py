@@ -65,8 +65,9 @@ from flwr_gkt.core.training import (
     prepare_model,
     set_lr,
 )
+from flwr_gkt.flower.base import RunContext, WaveStrategy
 from flwr_gkt.flower.split_client import EDGE_KEY
-from flwr_gkt.flower.strategy_utils import WaveStrategy, progress, sample_connected
+from flwr_gkt.flower.strategy_utils import sample_connected
 from flwr_gkt.wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -250,8 +251,7 @@ class SplitLearning(WaveStrategy):
         )
         self.spec = PayloadSpec(num_classes, self.feature_shape, self.batch_size)
         self.eval_spec = PayloadSpec(num_classes, self.feature_shape, max_samples)
-        self.history: list[dict[str, float]] = []
-        self.node_history: list[dict[str, Any]] = []
+        super().__init__()
         self.num_rounds = 1
 
     def summary(self) -> None:
@@ -447,35 +447,31 @@ class SplitLearning(WaveStrategy):
         return encode_state(self.edge_state)
 
     # ------------------------------------------------------------------ round
-    def run_rounds(self, grid: Grid, num_rounds: int, timeout: float) -> None:
-        """Run ``num_rounds`` rounds of split learning on ``grid`` (called by :meth:`start`).
+    def run_round(self, server_round: int, run: RunContext) -> bool:
+        """Run round ``server_round`` of split learning (called by :meth:`start`).
 
-        Each round is :meth:`train_round` then :meth:`evaluate_round` (the
+        The round is :meth:`train_round` then :meth:`evaluate_round` (the
         nodes' test splits); its row goes to :attr:`history`. Each wave waits
-        up to ``timeout`` seconds for its replies.
+        up to the run's ``timeout`` seconds for its replies.
         """
-        self.num_rounds = num_rounds
-        run_start = time.perf_counter()
-        for rnd in range(1, num_rounds + 1):
-            log(INFO, "")
-            log(INFO, "[ROUND %s/%s]", rnd, num_rounds)
-            row = self.train_round(grid, rnd, timeout)
-            row |= self.evaluate_round(grid, rnd, timeout)
-            row["round-seconds"] = time.perf_counter() - self._round_start
-            self.history.append(row)
-            log(
-                INFO,
-                "%s round %d eval: accuracy %.4f, loss %.4f, train up %.2f MB, down %.2f MB, "
-                "%d waves [%s]",
-                self.mode,
-                rnd,
-                row.get("accuracy", float("nan")),
-                row.get("loss", float("nan")),
-                row["bytes-up-train"] / 2**20,
-                row["bytes-down-train"] / 2**20,
-                row["waves"],
-                progress(rnd, num_rounds, time.perf_counter() - run_start),
-            )
+        row = self.train_round(run.grid, server_round, run.timeout)
+        row |= self.evaluate_round(run.grid, server_round, run.timeout)
+        row["round-seconds"] = time.perf_counter() - self._round_start
+        self.history.append(row)
+        log(
+            INFO,
+            "%s round %d eval: accuracy %.4f, loss %.4f, train up %.2f MB, down %.2f MB, "
+            "%d waves [%s]",
+            self.mode,
+            server_round,
+            row.get("accuracy", float("nan")),
+            row.get("loss", float("nan")),
+            row["bytes-up-train"] / 2**20,
+            row["bytes-down-train"] / 2**20,
+            row["waves"],
+            self.rounds.progress(server_round),
+        )
+        return True
 
     def train_round(self, grid: Grid, server_round: int, timeout: float) -> dict[str, float]:
         """Run round ``server_round``'s training (turns, then SplitFed's averaging); return its row.

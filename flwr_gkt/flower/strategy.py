@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import random
-import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -35,28 +34,24 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
+from flwr_gkt.core.checkpoint import CheckpointError, rng_state, set_rng_state
 from flwr_gkt.core.edge import EdgeRoundConfig
 from flwr_gkt.core.server import GKTServer, ServerRoundResult
+from flwr_gkt.core.store import FeatureStore
 from flwr_gkt.core.training import Plateau, lr_factor
-from flwr_gkt.flower.resume import Resumable
+from flwr_gkt.flower.base import RoundStrategy, RunContext
+from flwr_gkt.flower.nodes import NodeRegistry
+from flwr_gkt.flower.options import SamplingOptions, ScheduleOptions, TrustOptions, WireOptions
 from flwr_gkt.flower.strategy_utils import (
+    MB,
     RoundCallback,
-    call_on_round,
     edge_config_record,
     edge_train_metrics,
-    evaluate_row,
-    log_evaluate_round,
-    log_summary,
-    log_train_round,
-    merge_row,
     progress,
-    record_lost_nodes,
     sample_connected,
     sample_trained,
-    server_row,
 )
 from flwr_gkt.wire import (
     ARRAYS_KEY,
@@ -74,10 +69,57 @@ from flwr_gkt.wire import (
 )
 from flwr_gkt.wire.gate import EVALUATE_METRICS, TRAIN_METRICS, ReplyGate
 
-__all__ = ["FedGKT", "edge_config_record", "edge_train_metrics", "progress"]
+__all__ = ["FeatureStaging", "FedGKT", "edge_config_record", "edge_train_metrics", "progress"]
+
+#: What ``_accept`` hands each accepted payload to: node, payload, metrics.
+Consume = Callable[[int, Payload, Mapping[str, float]], None]
 
 
-class FedGKT(Resumable, Strategy):
+def asks_features(message: Message) -> bool:
+    """Whether a train instruction asks its node for features (not logits alone)."""
+    return bool(message.content.config_records[CONFIG_KEY].get("send-features", True))
+
+
+class FeatureStaging:
+    """When the stored features wait on disk (see :class:`FedGKT`).
+
+    Parameters
+    ----------
+    store : FeatureStore
+        The server's feature store.
+    every_round : bool
+        Whether every node trains every round: then the features of the nodes
+        asked again go to disk already when the evaluation starts.
+    enabled : bool
+        ``False``: nothing is staged (replies that come one at a time).
+    """
+
+    def __init__(self, store: FeatureStore, every_round: bool, enabled: bool = True) -> None:
+        self.store = store
+        self.every_round = every_round
+        self.enabled = enabled
+        #: Nodes whose features went to disk when the current evaluation started.
+        self.staged: list[int] = []
+
+    def before_train(self, asked: Iterable[int]) -> None:
+        """Stage out the features the train replies replace: they arrive together."""
+        if self.enabled:
+            self.store.stage_out(asked)
+
+    def before_evaluate(self, asked_next: Callable[[int], bool]) -> None:
+        """With every node training every round, the nodes asked next round stage out now."""
+        if self.enabled and self.every_round:
+            self.staged = [n for n in self.store if asked_next(n)]
+            self.store.stage_out(self.staged)
+
+    def after_evaluate(self, last_round: bool) -> None:
+        """After the last round's evaluation the store is left as the server trained on it."""
+        if last_round:
+            self.store.stage_in(self.staged)
+        self.staged = []
+
+
+class FedGKT(RoundStrategy):
     """Group Knowledge Transfer (He et al., NeurIPS 2020) for Flower.
 
     Before each round, the stored features of the nodes asked for fresh ones
@@ -88,7 +130,7 @@ class FedGKT(Resumable, Strategy):
     evaluation does not read the stored features, and the round's test
     features arrive together too. After the last round's evaluation they are
     read back (:meth:`~flwr_gkt.core.store.FeatureStore.stage_in`), so the
-    store is left as the server trained on it.
+    store is left as the server trained on it (:class:`FeatureStaging`).
 
     Parameters
     ----------
@@ -102,46 +144,20 @@ class FedGKT(Resumable, Strategy):
     edge_config : EdgeRoundConfig, optional
         Edge settings sent each round (``E_c``, optimizer, lr, temperature,
         alpha, KD mode, batch size); ``train_config`` entries override them.
-    fraction_train, fraction_evaluate : float
-        Fraction of connected nodes sampled for training / evaluation.
-    min_train_nodes, min_evaluate_nodes, min_available_nodes : int
-        Lower bounds for sampling, as in Flower's ``FedAvg``.
-    feature_dtype, logit_dtype : str
-        Wire codecs (:mod:`flwr_gkt.wire`): features ``float32``, ``float16``,
-        ``int8`` or ``auto`` (each reply float16 when that moves no value by
-        more than 2^-25, float32 otherwise:
-        :func:`~flwr_gkt.wire.resolve_feature_dtype`);
-        logits ``float32`` or ``float16`` (both directions).
-    max_samples : int, optional
-        Largest number of samples one reply may carry.
-    min_train_replies : int
-        Fewest accepted train replies for the server model to train in a round
-        (otherwise the previous server logits stay in place).
-    store_max_age : int
-        Rounds a node's stored features stay in use without a fresh reply
-        (``0``: forever).
-    node_wait_timeout : float
-        Seconds to wait for ``min_available_nodes`` before a round goes on with
-        the connected nodes (``0``: forever, Flower's behaviour).
-    lr_schedule : str
-        ``constant``, ``cosine`` (per-round multiplier of the server and edge
-        learning rates, :func:`flwr_gkt.core.training.lr_factor`) or ``plateau``
-        (the reference's: the server's is cut by ``plateau`` when the test
-        accuracy stops improving).
-    plateau : Plateau, optional
-        The plateau schedule (default: PyTorch's factor 0.1, patience 10).
+    sampling : SamplingOptions, optional
+        Fractions and minimum numbers of nodes, the wait for them.
+    wire : WireOptions, optional
+        Wire dtypes, largest reply and sample count.
+    trust : TrustOptions, optional
+        Outlier and magnitude checks, logit clipping, fewest train replies,
+        how long stored features stay in use.
+    schedule : ScheduleOptions, optional
+        The learning-rate schedule.
     feature_upload_every : int
         Replay (EcoFed): nodes upload features every this many rounds and
         logits alone in between (``1``: every round, FedGKT; ``0``: once).
     seed : int
         Seed sent to the nodes for their data shuffling.
-    max_payload_bytes : int, optional
-        Largest reply (all records); larger ones are rejected undecoded.
-    outlier_threshold : float
-        Robust deviations from the median beyond which a payload is rejected
-        (:mod:`flwr_gkt.core.robust`); ``0``: off.
-    logit_clip : float
-        Client logits are clipped to ``[-logit_clip, logit_clip]`` (``0``: off).
     checkpoint_path : str or Path, optional
         Where a checkpoint is written after every completed round
         (:mod:`flwr_gkt.core.checkpoint`); :meth:`resume` reads it back.
@@ -161,41 +177,21 @@ class FedGKT(Resumable, Strategy):
         *,
         feature_shape: tuple[int, int, int] | None = None,
         edge_config: EdgeRoundConfig | None = None,
-        fraction_train: float = 1.0,
-        fraction_evaluate: float = 1.0,
-        min_train_nodes: int = 2,
-        min_evaluate_nodes: int = 2,
-        min_available_nodes: int = 2,
-        feature_dtype: str = "float32",
-        logit_dtype: str = "float32",
-        max_samples: int | None = None,
-        min_train_replies: int = 1,
-        store_max_age: int = 0,
-        node_wait_timeout: float = 0.0,
-        lr_schedule: str = "constant",
-        plateau: Plateau | None = None,
+        sampling: SamplingOptions | None = None,
+        wire: WireOptions | None = None,
+        trust: TrustOptions | None = None,
+        schedule: ScheduleOptions | None = None,
         feature_upload_every: int = 1,
         seed: int = 0,
-        max_payload_bytes: int | None = None,
-        outlier_threshold: float = 10.0,
-        logit_clip: float = 0.0,
         checkpoint_path: str | Path | None = None,
         on_round: RoundCallback | None = None,
     ) -> None:
+        super().__init__(on_round)
         self.server = server
-        self.on_round = on_round
-        self.spec = PayloadSpec(num_classes, feature_shape, max_samples)
+        self.sampling, self.wire = sampling or SamplingOptions(), wire or WireOptions()
+        self.trust, self.schedule = trust or TrustOptions(), schedule or ScheduleOptions()
+        self.spec = PayloadSpec(num_classes, feature_shape, self.wire.max_samples)
         self.edge_config = edge_config or EdgeRoundConfig(kd_mode=server.kd_mode)
-        self.fraction_train = fraction_train
-        self.fraction_evaluate = fraction_evaluate
-        self.min_train_nodes = min_train_nodes
-        self.min_evaluate_nodes = min_evaluate_nodes
-        self.min_available_nodes = min_available_nodes
-        self.feature_dtype = feature_dtype
-        self.logit_dtype = logit_dtype
-        self.min_train_replies = min_train_replies
-        self.store_max_age = store_max_age
-        self.node_wait_timeout = node_wait_timeout
         self.seed = seed
         if feature_upload_every < 0:
             raise ValueError("feature_upload_every must be >= 0")
@@ -204,86 +200,98 @@ class FedGKT(Resumable, Strategy):
             self.edge_config = replace(self.edge_config, extract_augment=False)
         #: Round in which each node's stored features were uploaded.
         self.feature_round: dict[int, int] = {}
-        self.lr_schedule = lr_schedule
-        lr_factor(lr_schedule, 1, 1)  # raises on an unknown schedule
-        self.plateau = (plateau or Plateau()) if lr_schedule == "plateau" else None
-        #: Nodes with an accepted train reply: the only ones asked to evaluate.
-        self.trained_nodes: set[int] = set()
-        self.num_rounds = 0
-        #: Nodes whose features went to disk when the current evaluation started.
-        self._staged_at_eval: list[int] = []
-        #: One dict per round: metrics, bytes and times (also written to CSV).
-        self.history: list[dict[str, float]] = []
-        #: One dict per node and stage per round: accepted or why not, samples,
-        #: bytes, edge metrics -- lost nodes included.
-        self.node_history: list[dict[str, Any]] = []
-        self._sent_train: list[Message] = []
-        #: Whether the latest train instruction to each node asked for features.
-        self._features_asked: dict[int, bool] = {}
-        self._sent_eval: list[Message] = []
-        self._round_start = 0.0
-        #: When the latest stage's instructions were handed to the Grid.
-        self._sent_at = 0.0
-        self.run_start = time.perf_counter()
-        self._bytes_sent = 0
+        lr_factor(self.schedule.lr_schedule, 1, 1)  # raises on an unknown schedule
+        plateau = self.schedule.lr_schedule == "plateau"
+        self.plateau = (self.schedule.plateau or Plateau()) if plateau else None
+        #: The nodes' identities and tokens; train on them in the order of their
+        #: identities, so that a seed reproduces a run.
+        self.nodes = NodeRegistry()
+        server.node_key = self.nodes.order_key
+        self.staging = FeatureStaging(
+            server.store, self.sampling.fraction_train >= 1.0, self.stage_out
+        )
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         #: The trust boundary every reply passes (see :mod:`flwr_gkt.wire.gate`).
-        self.gate = ReplyGate(max_payload_bytes, outlier_threshold, logit_clip)
-        #: Stable identity (``node-uid``) each node id sent with its replies.
-        self.node_uids: dict[int, str] = {}
-        # Flower's node ids are random per run: train on the nodes in the order of
-        # their identities, so that a seed reproduces a run
-        server.node_key = lambda node: (self.node_uids.get(node, ""), node)
-        #: Secret token each node gets with its first instruction; a resumed
-        #: run hands a node's state back only to the node holding it.
-        self.node_tokens: dict[int, str] = {}
+        self.gate = ReplyGate(
+            self.wire.max_payload_bytes,
+            self.trust.outlier_threshold,
+            self.trust.logit_clip,
+            max_abs_value=self.trust.max_abs_value,
+        )
         #: Replies of the latest ``_accept`` ignored as ``late`` or ``duplicate``.
         self.ignored: Counter[str] = Counter()
-        #: Last round that ran to its end (training and evaluation).
-        self.completed_round = 0
+        self._sent_train: list[Message] = []
+        self._sent_eval: list[Message] = []
+        self._bytes_sent = 0
+
+    # ------------------------------------------------------------------ round
+    def begin(self, run: RunContext) -> RunContext:
+        """Go on from the restored server model's weights on a resumed run."""
+        if self.completed_round > 0:
+            run.arrays = self.initial_arrays()
+        return run
+
+    def run_round(self, server_round: int, run: RunContext) -> bool:
+        """Train, then evaluate, through the four Message API hooks (one round)."""
+        grid, timeout = run.grid, run.timeout
+        messages = self.configure_train(server_round, ArrayRecord(), run.train_config, grid)
+        replies = grid.send_and_receive(messages, timeout=timeout)
+        arrays, train_metrics = self.aggregate_train(server_round, replies)
+        del replies
+        if arrays is not None:
+            run.result.arrays = run.arrays = arrays
+        if train_metrics is not None:
+            run.result.train_metrics_clientapp[server_round] = train_metrics
+        messages = self.configure_evaluate(server_round, ArrayRecord(), run.evaluate_config, grid)
+        replies = grid.send_and_receive(messages, timeout=timeout)
+        eval_metrics = self.aggregate_evaluate(server_round, replies)
+        del replies
+        if eval_metrics is not None:
+            run.result.evaluate_metrics_clientapp[server_round] = eval_metrics
+        return True
 
     # ------------------------------------------------------------------ train
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Send each sampled node the round config and its own server logits (Algorithm 1, line 3).
+    def train_instruction(self, node: int, server_round: int, config: ConfigRecord) -> Message:
+        """Build ``node``'s train instruction of ``server_round`` (Algorithm 1, line 3).
 
         The config: the edge settings (lr scaled by the schedule), wire dtypes
         and seed, then ``config``'s entries, ``server-round`` and the node's
         token; ``send-features = False`` when the node need not upload its
         features (replay). ``Z_s`` travels only when the edge distils from it.
-        ``arrays`` (the server model's weights) is not sent.
         """
-        self._round_start = time.perf_counter()
-        node_ids = self._sample(grid, self.fraction_train, self.min_train_nodes)
-        log(INFO, "configure_train: sampled %d nodes", len(node_ids))
-        round_config = edge_config_record(
-            self.edge_config,
-            **{"feature-dtype": self.feature_dtype, "logit-dtype": self.logit_dtype},
-            seed=self.seed,
+        dtypes = {"feature-dtype": self.wire.feature_dtype, "logit-dtype": self.wire.logit_dtype}
+        record = edge_config_record(self.edge_config, **dtypes, seed=self.seed)
+        record["lr"] = self.edge_config.lr * self.lr_factor(server_round)
+        record.update(config)
+        record["server-round"] = server_round
+        record[NODE_TOKEN] = self.nodes.token(node)
+        if not self._wants_features(node, server_round):
+            record["send-features"] = False
+        content = RecordDict({CONFIG_KEY: record})
+        logits = self.server.server_logits(node) if self.edge_config.kd_mode.edge_distills else None
+        if logits is not None:
+            content[ARRAYS_KEY] = encode_server_logits(logits, self.wire.logit_dtype)
+        return Message(content, dst_node_id=node, message_type=MessageType.TRAIN)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send each sampled node its :meth:`train_instruction` (Algorithm 1, line 3).
+
+        ``arrays`` (the server model's weights) is not sent. The stored
+        features of the nodes asked for fresh ones wait on disk
+        (:meth:`FeatureStaging.before_train`).
+        """
+        self.rounds.round_start = time.perf_counter()
+        nodes = self._sample(grid, self.sampling.fraction_train, self.sampling.min_train_nodes)
+        log(INFO, "configure_train: sampled %d nodes", len(nodes))
+        self._sent_train = [self.train_instruction(n, server_round, config) for n in nodes]
+        self.staging.before_train(
+            m.metadata.dst_node_id for m in self._sent_train if asks_features(m)
         )
-        round_config["lr"] = self.edge_config.lr * self.lr_factor(server_round)
-        round_config.update(config)
-        round_config["server-round"] = server_round
-        messages = []
-        for node in node_ids:
-            token = self.node_tokens.setdefault(node, secrets.token_hex(16))
-            node_config = ConfigRecord({**round_config, NODE_TOKEN: token})
-            self._features_asked[node] = self._wants_features(node, server_round)
-            if not self._features_asked[node]:
-                node_config["send-features"] = False
-            content = RecordDict({CONFIG_KEY: node_config})
-            distills = self.edge_config.kd_mode.edge_distills
-            logits = self.server.server_logits(node) if distills else None
-            if logits is not None:
-                content[ARRAYS_KEY] = encode_server_logits(logits, self.logit_dtype)
-            messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
-        if self.stage_out:  # the replies arrive together: the features they replace wait on disk
-            self.server.store.stage_out(n for n in node_ids if self._features_asked[n])
-        self._bytes_sent = sum(record_nbytes(m.content) for m in messages)
-        self._sent_train = messages
-        self._sent_at = time.perf_counter()
-        return messages
+        self._bytes_sent = sum(record_nbytes(m.content) for m in self._sent_train)
+        self.rounds.sent_at = time.perf_counter()
+        return self._sent_train
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -299,82 +307,68 @@ class FedGKT(Resumable, Strategy):
         ``train-wait-seconds``: from the instructions' hand-over to the replies'
         (edge training and transport).
         """
-        wait = time.perf_counter() - self._sent_at
-        sent_features = 0
+        wait = self.rounds.waited()
 
         def store(node: int, payload: Payload, _: Mapping[str, float]) -> None:
-            nonlocal sent_features
-            sent_features += payload.has_features
             self._store(node, payload, server_round)
 
-        accepted, nbytes, rejected = self._accept(server_round, replies, True, store)
+        accepted, nbytes, rejected = self._accept(
+            server_round, "train", replies, self._sent_train, store
+        )
         row: dict[str, float] = {
             "round": server_round,
             "nodes-replied": len(accepted),
             "nodes-rejected": rejected,
-            "nodes-lost": self._lost_nodes(server_round, "train"),
+            "nodes-lost": self.rounds.record_lost(self._sent_train, server_round, "train"),
             "nodes-evicted": 0,
             "replies-late": self.ignored.get("late", 0),
             "replies-duplicate": self.ignored.get("duplicate", 0),
-            "nodes-sent-features": sent_features,
+            "nodes-sent-features": sum(
+                self.feature_round.get(n) == server_round for n, *_ in accepted
+            ),
             "train-wait-seconds": wait,
         }
         self._drop_silent_nodes(server_round)
-        result = ServerRoundResult(0.0, 0.0, 0, 0, 0.0)
-        if len(accepted) >= self.min_train_replies:
-            result = self.server.train_round(lr_scale=self.server_lr_factor(server_round))
-            row["nodes-evicted"] = self._book_evictions(server_round)
-        else:
-            log(
-                WARNING,
-                "FedGKT round %d: %d accepted train replies, fewer than the minimum %d: "
-                "the server model is not trained this round",
-                server_round,
-                len(accepted),
-                self.min_train_replies,
-            )
-        row |= server_row(self, server_round, result, nbytes, self._bytes_sent)
+        result, row["nodes-evicted"] = self._train_server(server_round, len(accepted))
+        row |= self._server_row(server_round, result, nbytes)
         row |= edge_train_metrics([(scalar(m, NUM_EXAMPLES), m) for *_, m in accepted])
         self.history.append(row)
-        log_train_round(server_round, row)
+        self.rounds.log_train(server_round, row)
         weights = ArrayRecord(self.server.model.state_dict()) if result.num_examples else None
         return weights, MetricRecord({k: float(v) for k, v in row.items()})
 
     # --------------------------------------------------------------- evaluate
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Ask sampled nodes for the features of their local test split.
+    def evaluate_instruction(self, node: int, server_round: int, config: ConfigRecord) -> Message:
+        """Build ``node``'s evaluate instruction: send the features of its local test split.
 
-        Only nodes whose edge model has trained are sampled
-        (:attr:`trained_nodes`). The config: batch size, feature dtype and
-        precision, then ``config``'s entries and ``server-round``.
+        The config: batch size, feature dtype and precision, then ``config``'s
+        entries and ``server-round``.
         """
-        node_ids = self._eval_nodes(grid)
-        if self.stage_out and self.fraction_train >= 1.0:
-            # the next round asks these nodes again: their features wait on disk from now
-            nxt = server_round + 1
-            staged = [n for n in self.server.store if self._wants_features(n, nxt)]
-            self.server.store.stage_out(staged)
-            self._staged_at_eval = staged
-        eval_config = ConfigRecord(
+        record = ConfigRecord(
             {
                 "batch-size": self.edge_config.batch_size,
-                "feature-dtype": self.feature_dtype,
+                "feature-dtype": self.wire.feature_dtype,
                 "precision": self.edge_config.precision,
             }
         )
-        eval_config.update(config)
-        eval_config["server-round"] = server_round
-        self._sent_eval = [
-            Message(
-                RecordDict({CONFIG_KEY: eval_config}),
-                dst_node_id=node,
-                message_type=MessageType.EVALUATE,
-            )
-            for node in node_ids
-        ]
-        self._sent_at = time.perf_counter()
+        record.update(config)
+        record["server-round"] = server_round
+        content = RecordDict({CONFIG_KEY: record})
+        return Message(content, dst_node_id=node, message_type=MessageType.EVALUATE)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send sampled nodes their :meth:`evaluate_instruction`.
+
+        Only nodes whose edge model has trained are sampled
+        (:attr:`NodeRegistry.trained`); the features of the nodes the next
+        round asks again may wait on disk (:meth:`FeatureStaging.before_evaluate`).
+        """
+        nodes = self._eval_nodes(grid)
+        self.staging.before_evaluate(lambda n: self._wants_features(n, server_round + 1))
+        self._sent_eval = [self.evaluate_instruction(n, server_round, config) for n in nodes]
+        self.rounds.sent_at = time.perf_counter()
         return self._sent_eval
 
     def aggregate_evaluate(
@@ -390,36 +384,42 @@ class FedGKT(Resumable, Strategy):
         ``None`` when no reply was accepted. The plateau schedule steps with
         the accuracy.
         """
-        wait = time.perf_counter() - self._sent_at
+        wait = self.rounds.waited()
         sums = dict.fromkeys(("loss", "correct", "n", "edge-correct", "edge-loss"), 0.0)
 
         def evaluate(node: int, payload: Payload, metrics: Mapping[str, float]) -> None:
-            loss_sum, correct = self.server.evaluate(payload.dense_features(), payload.labels)
-            if not math.isfinite(loss_sum):
-                raise PayloadError("its features make the server's loss non-finite")
-            n = len(payload)
-            sums["loss"] += loss_sum
-            sums["correct"] += correct
-            sums["n"] += n
-            sums["edge-correct"] += scalar(metrics, "edge-accuracy", 0.0) * n
-            sums["edge-loss"] += scalar(metrics, "edge-loss", 0.0) * n
+            self._evaluate_payload(payload, metrics, sums)
 
-        accepted, nbytes, rejected = self._accept(server_round, replies, False, evaluate)
-        self._lost_nodes(server_round, "evaluate")
-        if server_round >= self.num_rounds:  # no next round: the store is left as trained on
-            self.server.store.stage_in(self._staged_at_eval)
-        self._staged_at_eval = []
+        accepted, nbytes, rejected = self._accept(
+            server_round, "evaluate", replies, self._sent_eval, evaluate
+        )
+        self.rounds.record_lost(self._sent_eval, server_round, "evaluate")
+        self.staging.after_evaluate(last_round=server_round >= self.num_rounds)
         if not accepted:
             return None
-        metrics = evaluate_row(sums, len(accepted), rejected, sum(self.ignored.values()), nbytes)
+        ignored = sum(self.ignored.values())
+        metrics = self.rounds.evaluate_row(sums, len(accepted), rejected, ignored, nbytes)
         metrics["eval-wait-seconds"] = wait
-        metrics["round-seconds"] = time.perf_counter() - self._round_start
-        merge_row(self.history, server_round, metrics)
+        metrics["round-seconds"] = time.perf_counter() - self.rounds.round_start
+        self.rounds.merge_row(server_round, metrics)
         if self.plateau is not None:  # the reference steps its scheduler with the test accuracy
             self.plateau.step(float(metrics["accuracy"]))
-        elapsed = time.perf_counter() - self.run_start
-        log_evaluate_round(server_round, metrics, progress(server_round, self.num_rounds, elapsed))
+        self.rounds.log_evaluate(server_round, metrics)
         return MetricRecord(dict(metrics))
+
+    def _evaluate_payload(
+        self, payload: Payload, metrics: Mapping[str, float], sums: dict[str, float]
+    ) -> None:
+        """Classify one reply's test features; add its losses and hits to ``sums``."""
+        loss_sum, correct = self.server.evaluate(payload.dense_features(), payload.labels)
+        if not math.isfinite(loss_sum):
+            raise PayloadError("its features make the server's loss non-finite")
+        n = len(payload)
+        sums["loss"] += loss_sum
+        sums["correct"] += correct
+        sums["n"] += n
+        sums["edge-correct"] += scalar(metrics, "edge-accuracy", 0.0) * n
+        sums["edge-loss"] += scalar(metrics, "edge-loss", 0.0) * n
 
     # ------------------------------------------------------------------ helpers
     def initial_arrays(self) -> ArrayRecord:
@@ -427,81 +427,104 @@ class FedGKT(Resumable, Strategy):
         return ArrayRecord(self.server.model.state_dict())
 
     def summary(self) -> None:
-        """Log the strategy's configuration."""
-        log_summary(self)
-
-    def round_done(self, server_round: int) -> None:
-        """Hand a completed round's row and node records to :attr:`on_round`, if set."""
-        call_on_round(self.on_round, self.history, self.node_history, server_round)
+        """Log the strategy's configuration (models, KD, edge settings, sampling)."""
+        server, sampling = self.server, self.sampling
+        log(
+            INFO, "\t├──> FedGKT: server model %s on %s", type(server.model).__name__, server.device
+        )
+        log(
+            INFO,
+            "\t│\t├── server: E_s=%d, batch %d, T=%.1f, alpha=%.2f, KD mode %s",
+            server.epochs,
+            server.batch_size,
+            server.temperature,
+            server.alpha,
+            server.kd_mode.value,
+        )
+        log(INFO, "\t│\t└── edge: %s", self.edge_config)
+        log(
+            INFO,
+            "\t└──> Sampling: fraction train %.2f | evaluate %.2f, min nodes %d/%d/%d",
+            sampling.fraction_train,
+            sampling.fraction_evaluate,
+            sampling.min_train_nodes,
+            sampling.min_evaluate_nodes,
+            sampling.min_available_nodes,
+        )
 
     def lr_factor(self, server_round: int) -> float:
         """Return the schedule's learning-rate multiplier of ``server_round``."""
-        return lr_factor(self.lr_schedule, server_round, max(self.num_rounds, server_round))
+        num_rounds = max(self.num_rounds, server_round)
+        return lr_factor(self.schedule.lr_schedule, server_round, num_rounds)
 
     def server_lr_factor(self, server_round: int) -> float:
         """Return the server learning-rate multiplier: the plateau's, else the schedule's."""
         return self.plateau.factor if self.plateau else self.lr_factor(server_round)
 
     def _sample(self, grid: Grid, fraction: float, min_nodes: int) -> list[int]:
+        s = self.sampling
         return sample_connected(
-            grid, fraction, min_nodes, self.min_available_nodes, self.node_wait_timeout
+            grid, fraction, min_nodes, s.min_available_nodes, s.node_wait_timeout
         )
 
     def _eval_nodes(self, grid: Grid) -> list[int]:
         """Sample the evaluation nodes among the connected nodes that have trained."""
-        if self.fraction_evaluate == 0.0:
+        fraction, min_nodes = self.sampling.fraction_evaluate, self.sampling.min_evaluate_nodes
+        if fraction == 0.0:
             return []
-        connected = self._sample(grid, 1.0, self.min_evaluate_nodes)
+        connected = self._sample(grid, 1.0, min_nodes)
         # resumed nodes have trained when the server holds their Z_s
-        trained = [n for n in connected if n in self.trained_nodes or n in self.server.logits]
+        trained = [n for n in connected if n in self.nodes.trained or n in self.server.logits]
         rng = random.Random(self.seed * 7919 + len(self.history))
-        return sample_trained(
-            connected, trained, self.fraction_evaluate, self.min_evaluate_nodes, rng
-        )
+        return sample_trained(connected, trained, fraction, min_nodes, rng)
 
     def _accept(
         self,
         server_round: int,
+        stage: str,
         replies: Iterable[Message],
-        with_logits: bool,
-        consume: Callable[[int, Payload, Mapping[str, float]], None] | None = None,
+        sent: list[Message],
+        consume: Consume | None = None,
     ) -> tuple[list[tuple[int, Payload | None, dict[str, float]]], int, int]:
-        """Pass a stage's replies through the gate; return accepted ones, bytes and rejects.
+        """Pass a stage's replies to ``sent`` through the gate; return accepted ones, bytes, rejects.
 
         :class:`~flwr_gkt.wire.gate.ReplyGate` checks everything a node sent;
         this method books the result (node-history rows, ignored counts, node
-        uids). With ``consume`` each accepted payload is handed over at once
-        and the list holds ``None`` in its place.
+        uids). A train reply carries features unless its instruction asked
+        for logits alone. With ``consume`` each accepted payload is handed
+        over at once and the list holds ``None`` in its place.
         """
+        train = stage == "train"
+        features_asked = {m.metadata.dst_node_id: asks_features(m) for m in sent} if train else {}
 
         def decode(node: int, content: RecordDict) -> Payload:
-            if with_logits and not self._features_asked.get(node, True):
+            if train and not features_asked.get(node, True):
                 if node not in self.server.store:
                     raise PayloadError("logits-only reply but no features stored for this node")
                 n = self.server.store.num_samples(node)
                 return Payload.logits_only(decode_logits(content, self.spec, n))
             if self.spec.feature_shape is None:
                 raise PayloadError("no feature shape agreed by a majority of the nodes yet")
-            return decode_payload(content, self.spec, with_logits)
+            return decode_payload(content, self.spec, train)
 
         replies = list(replies)
-        if self.spec.feature_shape is None and with_logits:  # the majority fixes it, not the first
+        if self.spec.feature_shape is None and train:  # the majority fixes it, not the first
             shape = self.gate.vote_feature_shape(replies)
             if shape is not None:
                 self.spec = replace(self.spec, feature_shape=shape)
                 log(INFO, "FedGKT: feature maps of shape %s (held by most nodes)", list(shape))
         result = self.gate.admit(
             server_round,
-            "train" if with_logits else "evaluate",
+            stage,
             replies,
-            self._sent_train if with_logits else self._sent_eval,
+            sent,
             decode,
-            TRAIN_METRICS if with_logits else EVALUATE_METRICS,
+            TRAIN_METRICS if train else EVALUATE_METRICS,
             None if consume is None else lambda a, p: consume(a.node, p, a.metrics),
         )
         self.node_history.extend(result.records)
         self.ignored = result.ignored
-        self.node_uids.update({a.node: a.uid for a in result.accepted if a.uid})
+        self.nodes.uids.update({a.node: a.uid for a in result.accepted if a.uid})
         accepted = [(a.node, a.payload, a.metrics) for a in result.accepted]
         return accepted, result.nbytes, result.rejected
 
@@ -514,13 +537,44 @@ class FedGKT(Resumable, Strategy):
 
     def _store(self, node: int, payload: Payload, server_round: int) -> None:
         """Store an accepted train reply: new features, or new logits for stored ones."""
-        self.trained_nodes.add(node)
+        self.nodes.trained.add(node)
         if payload.has_features:
             self.server.put(node, payload, server_round)
             self.feature_round[node] = server_round
         else:
             self.server.store.set_logits(node, payload.logits)
             self.server.stored_round[node] = server_round
+
+    def _train_server(self, server_round: int, accepted: int) -> tuple[ServerRoundResult, int]:
+        """Train the server model on the store (at least ``min_train_replies``); result, evictions."""
+        if accepted < self.trust.min_train_replies:
+            log(
+                WARNING,
+                "FedGKT round %d: %d accepted train replies, fewer than the minimum %d: "
+                "the server model is not trained this round",
+                server_round,
+                accepted,
+                self.trust.min_train_replies,
+            )
+            return ServerRoundResult(0.0, 0.0, 0, 0, 0.0), 0
+        result = self.server.train_round(lr_scale=self.server_lr_factor(server_round))
+        return result, self._book_evictions(server_round)
+
+    def _server_row(
+        self, server_round: int, result: ServerRoundResult, nbytes: int
+    ) -> dict[str, float]:
+        """Return the server-side columns of a train round's row: store, training, bytes."""
+        return {
+            "store-memory-mb": self.server.store.memory_bytes / MB,
+            "store-disk-mb": self.server.store.disk_bytes / MB,
+            "server-train-loss": result.loss,
+            "server-train-accuracy": result.accuracy,
+            "server-train-examples": result.num_examples,
+            "server-lr-factor": self.server_lr_factor(server_round),
+            "server-seconds": result.seconds,
+            "bytes-up-train": nbytes,
+            "bytes-down-train": self._bytes_sent,
+        }
 
     def forget_node(
         self, node: int, server_round: int = 0, why: str = "", status: str = "evicted"
@@ -545,11 +599,92 @@ class FedGKT(Resumable, Strategy):
 
     def _drop_silent_nodes(self, server_round: int) -> None:
         """With ``store_max_age``, drop the features of nodes silent for that many rounds."""
-        if self.store_max_age > 0:
-            for node in self.server.evict(server_round - self.store_max_age + 1):
-                why = f"no reply for {self.store_max_age} rounds"
-                self.forget_node(node, server_round, why, "dropped")
+        age = self.trust.store_max_age
+        if age > 0:
+            for node in self.server.evict(server_round - age + 1):
+                self.forget_node(node, server_round, f"no reply for {age} rounds", "dropped")
 
-    def _lost_nodes(self, server_round: int, stage: str) -> int:
-        sent = self._sent_train if stage == "train" else self._sent_eval
-        return record_lost_nodes(self.node_history, sent, server_round, stage)
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Return everything a resumed run needs.
+
+        The last completed round, the server's state (model, optimizer,
+        per-node server logits), the feature shape, the learning-rate
+        schedule's position, the RNG states, the round and node histories
+        and the nodes' ``node-uid`` and tokens. The stored features are not
+        included: nodes send them again.
+        """
+        shape = self.spec.feature_shape
+        return {
+            "format": 1,
+            "round": self.completed_round,
+            "num-rounds": self.num_rounds,
+            "server": self.server.state_dict(),
+            "feature-shape": list(shape) if shape else None,
+            "scheduler": {
+                "lr-schedule": self.schedule.lr_schedule,
+                "round": self.completed_round,
+                "num-rounds": self.num_rounds,
+                "next-lr-factor": self.lr_factor(self.completed_round + 1),
+                "plateau": self.plateau.state_dict() if self.plateau else None,
+            },
+            "rng": rng_state(),
+            **self.rounds.state_dict(),
+            **self.nodes.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; the feature store stays empty.
+
+        Raises
+        ------
+        CheckpointError
+            If the state has an unknown format or was written with another
+            learning-rate schedule.
+        """
+        if state.get("format") != 1:
+            raise CheckpointError(f"unknown checkpoint format {state.get('format')!r}")
+        scheduler, schedule = state["scheduler"], self.schedule.lr_schedule
+        if scheduler["lr-schedule"] != schedule:
+            raise CheckpointError(
+                f"checkpoint was written with lr-schedule "
+                f"{scheduler['lr-schedule']!r}, this run uses {schedule!r}"
+            )
+        self.server.load_state_dict(state["server"])
+        if self.plateau is not None and scheduler.get("plateau"):
+            self.plateau.load_state_dict(scheduler["plateau"])
+        if state["feature-shape"] is not None:
+            self.spec = replace(self.spec, feature_shape=tuple(state["feature-shape"]))
+        set_rng_state(state["rng"])
+        self.rounds.load_state_dict(state)
+        self.nodes.load_state_dict(state)
+        self.gate.uid_owner = self.nodes.uid_owner()
+        self.completed_round = int(state["round"])
+        self.feature_round.clear()  # the store is empty: every node sends its features again
+
+    def reidentify_nodes(self, grid: Grid, timeout: float = 60.0) -> dict[int, int]:
+        """Find the checkpointed nodes again under their current node ids.
+
+        Every connected node is asked for its ``node-uid``
+        (:meth:`NodeRegistry.reidentify`); a node whose uid the checkpoint
+        knows under another id, and which holds that id's token, takes over
+        that id's server logits ``Z_s``. ``timeout`` bounds both waits: for
+        ``min_available_nodes`` nodes to connect (otherwise at most
+        ``max(node_wait_timeout, 60)``) and for the replies (at most 60).
+
+        Returns
+        -------
+        dict[int, int]
+            ``{old node id: new node id}`` of the nodes found under a new id;
+            empty when the checkpoint knows no ``node-uid``.
+        """
+        if not self.nodes.uids:
+            return {}
+        wait = min(timeout, max(self.sampling.node_wait_timeout, 60.0))
+        moved = self.nodes.reidentify(grid, self.gate, self.sampling.min_available_nodes, wait)
+        if moved:
+            server = self.server
+            server.logits = {moved.get(n, n): t for n, t in server.logits.items()}
+            server.stored_round = {moved.get(n, n): r for n, r in server.stored_round.items()}
+        self.gate.uid_owner = self.nodes.uid_owner()
+        return moved

@@ -20,6 +20,7 @@ from flwr_gkt.core.training import Plateau
 from flwr_gkt.data import client_data
 from flwr_gkt.flower.client_app import handle_train
 from flwr_gkt.flower.fedagg_client import lesson_order
+from flwr_gkt.flower.options import SamplingOptions, ScheduleOptions
 from flwr_gkt.flower.strategy import FedGKT
 from flwr_gkt.wire import ARRAYS_KEY, CONFIG_KEY
 from tests.helpers.federation import LocalFederation, seeded_builders
@@ -157,18 +158,20 @@ def _federation(fraction_train=1.0, **kwargs):
         server,
         10,
         feature_shape=(16, 28, 28),
-        fraction_train=fraction_train,
-        min_train_nodes=2,
-        min_evaluate_nodes=2,
-        min_available_nodes=4,
         edge_config=EdgeRoundConfig(batch_size=32),
         **kwargs,
+        sampling=SamplingOptions(
+            fraction_train=fraction_train,
+            min_train_nodes=2,
+            min_evaluate_nodes=2,
+            min_available_nodes=4,
+        ),
     )
     return fed, strategy, nodes
 
 
 def test_plateau_schedule_lowers_only_the_server_learning_rate():
-    fed, strategy, _ = _federation(lr_schedule="plateau", plateau=Plateau(0.5, 0))
+    fed, strategy, _ = _federation(schedule=ScheduleOptions("plateau", Plateau(0.5, 0)))
     base_edge, base_server = strategy.edge_config.lr, strategy.server.lr
     accuracies = []
     for rnd in (1, 2, 3):
@@ -186,7 +189,7 @@ def test_plateau_schedule_lowers_only_the_server_learning_rate():
         strategy.server.optimizer.param_groups[0]["lr"] / base_server
     )
     state = strategy.state_dict()
-    fresh = _federation(lr_schedule="plateau")[1]
+    fresh = _federation(schedule=ScheduleOptions("plateau"))[1]
     fresh.load_state_dict(state)
     assert fresh.plateau.factor == pytest.approx(expected)
 
@@ -243,7 +246,7 @@ def test_only_nodes_that_trained_are_evaluated(caplog):
     evaluated = {
         r["node-id"] for r in strategy.node_history if r["stage"] == "evaluate" and r["round"] == 2
     }
-    assert evaluated == strategy.trained_nodes & set(nodes)
+    assert evaluated == strategy.nodes.trained & set(nodes)
 
 
 def test_async_evaluates_only_trained_nodes():
@@ -251,8 +254,10 @@ def test_async_evaluates_only_trained_nodes():
 
     torch.manual_seed(0)
     server = GKTServer(build_server_model("resnet10", 10), epochs=1, batch_size=32, device="cpu")
-    strategy = AsyncFedGKT(server, 10, feature_shape=(16, 28, 28), min_available_nodes=1)
-    strategy.trained_nodes = {5}
+    strategy = AsyncFedGKT(
+        server, 10, feature_shape=(16, 28, 28), sampling=SamplingOptions(min_available_nodes=1)
+    )
+    strategy.nodes.trained = {5}
 
     class Grid:
         def get_node_ids(self):
@@ -323,8 +328,8 @@ def test_label_skew_alone_never_trips_the_outlier_check():
         server,
         10,
         feature_shape=(16, 28, 28),
-        min_available_nodes=8,
         edge_config=EdgeRoundConfig(batch_size=32),
+        sampling=SamplingOptions(min_available_nodes=8),
     )
     assert strategy.gate.outlier_threshold > 0
     for rnd in (1, 2):

@@ -9,6 +9,7 @@ from flwr_gkt.core.payload import Payload, QuantizedBatch
 from flwr_gkt.core.server import GKTServer
 from flwr_gkt.core.store import FeatureStore
 from flwr_gkt.core.training import to_device
+from flwr_gkt.flower.options import SamplingOptions
 from flwr_gkt.wire import (
     ARRAYS_KEY,
     METRICS_KEY,
@@ -164,7 +165,9 @@ def test_features_to_be_replaced_wait_on_disk_and_a_silent_node_keeps_them(tmp_p
             return [1, 2]
 
     server = _server(spill_dir=tmp_path)
-    strategy = FedGKT(server, 10, feature_shape=SHAPE, min_available_nodes=2)
+    strategy = FedGKT(
+        server, 10, feature_shape=SHAPE, sampling=SamplingOptions(min_available_nodes=2)
+    )
     for node in (1, 2):
         server.put(node, _reply(node, 20, "float32"))
     kept = server.store[2].features.clone()
@@ -198,11 +201,14 @@ def test_features_go_to_disk_when_evaluation_starts_if_every_node_trains(tmp_pat
 
     server = _server(spill_dir=tmp_path)
     strategy = FedGKT(
-        server, 10, feature_shape=SHAPE, min_available_nodes=2, fraction_train=fraction_train
+        server,
+        10,
+        feature_shape=SHAPE,
+        sampling=SamplingOptions(min_available_nodes=2, fraction_train=fraction_train),
     )
     for node in (1, 2):
         server.put(node, _reply(node, 20, "float32"))
-        strategy.trained_nodes.add(node)
+        strategy.nodes.trained.add(node)
     kept = server.store[2].features.clone()
     sent = list(strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(), Grid()))
     assert len(sent) == 2

@@ -25,6 +25,7 @@ from flwr_gkt.core.server import GKTServer
 from flwr_gkt.core.training import DatasetBatches
 from flwr_gkt.data import DatasetData, HFImageDataset, client_data, dataset_info, load_dataset
 from flwr_gkt.flower.client_app import handle_evaluate, handle_train
+from flwr_gkt.flower.options import SamplingOptions
 from flwr_gkt.flower.strategy import FedGKT
 from flwr_gkt.wire import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, encode_server_logits
 from tests.helpers.federation import LocalFederation, set_task_identity
@@ -346,10 +347,8 @@ def test_fedgkt_learns_on_streamed_hf_and_torch_datasets():
         server,
         10,
         feature_shape=(16, 28, 28),
-        min_train_nodes=2,
-        min_evaluate_nodes=2,
-        min_available_nodes=2,
         edge_config=EdgeRoundConfig(batch_size=16, epochs=2, lr=5e-3),
+        sampling=SamplingOptions(min_train_nodes=2, min_evaluate_nodes=2, min_available_nodes=2),
     )
     losses = []
     for rnd in (1, 2, 3):

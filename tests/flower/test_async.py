@@ -17,6 +17,7 @@ from flwr_gkt.core.registry import build_server_model
 from flwr_gkt.core.server import GKTServer
 from flwr_gkt.data import client_data
 from flwr_gkt.flower.async_strategy import AsyncFedGKT
+from flwr_gkt.flower.options import AsyncOptions, SamplingOptions
 from flwr_gkt.wire import ARRAYS_KEY, decode_server_logits
 from tests.helpers.federation import LocalFederation, seeded_builders
 
@@ -119,16 +120,13 @@ def make_async(
     fed = LocalFederation(NODES, datas, seeded_builders(lambda: edge(10, 1), 3))
     torch.manual_seed(0)
     server = GKTServer(server_model(), epochs=epochs, batch_size=32, device="cpu")
-    kwargs.setdefault("poll_interval", 0.0)
     strategy = AsyncFedGKT(
         server,
         10,
         feature_shape=(16, 28, 28),
-        min_train_nodes=3,
-        min_evaluate_nodes=3,
-        min_available_nodes=3,
         edge_config=EdgeRoundConfig(batch_size=32),
-        **kwargs,
+        sampling=SamplingOptions(min_train_nodes=3, min_evaluate_nodes=3, min_available_nodes=3),
+        asynchronous=AsyncOptions(**{"poll_interval": 0.0, **kwargs}),
     )
     return fed, strategy, dict(zip(NODES, datas, strict=True))
 
@@ -378,10 +376,10 @@ def test_server_app_picks_the_strategy_of_the_server_mode():
 
     assert strategy_class(RunConfig())[0].__name__ == "FedGKT"
     cls, extra = strategy_class(RunConfig(server_mode="async", max_staleness=3))
-    assert cls is AsyncFedGKT and extra == {"max_staleness": 3, "update_scope": "store"}
+    assert cls is AsyncFedGKT and extra == {"asynchronous": AsyncOptions(3, "store")}
     assert strategy_class(RunConfig(server_mode="async", max_staleness=-1, async_update="node"))[
         1
-    ] == {"max_staleness": None, "update_scope": "node"}
+    ] == {"asynchronous": AsyncOptions(None, "node")}
     assert RunConfig().max_staleness == -1  # default: no bound
     with pytest.raises(ValueError, match="server-mode 'bogus'"):
         strategy_class(RunConfig(server_mode="bogus"))

@@ -14,6 +14,7 @@ from flwr_gkt.core.server import GKTServer
 from flwr_gkt.data import client_data, load_dataset
 from flwr_gkt.data.partition import held_out_indices, partition_indices
 from flwr_gkt.data.pretrain import pretrain_edge
+from flwr_gkt.flower.options import SamplingOptions
 from flwr_gkt.flower.strategy import FedGKT
 from flwr_gkt.wire import (
     ARRAYS_KEY,
@@ -43,11 +44,9 @@ def federation(every, freeze=False, pretrained=None):
         server,
         10,
         feature_shape=(16, 28, 28),
-        min_train_nodes=3,
-        min_evaluate_nodes=3,
-        min_available_nodes=3,
         feature_upload_every=every,
         edge_config=EdgeRoundConfig(batch_size=32, freeze_extractor=freeze),
+        sampling=SamplingOptions(min_train_nodes=3, min_evaluate_nodes=3, min_available_nodes=3),
     )
     return fed, strategy, datas
 

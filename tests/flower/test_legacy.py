@@ -25,6 +25,7 @@ from flwr_gkt.core.models import EdgeModel
 from flwr_gkt.core.training import Plateau
 from flwr_gkt.data import ClientData
 from flwr_gkt.flower.legacy import FedGKTLegacy, GKTNumPyClient
+from flwr_gkt.flower.options import ScheduleOptions, TrustOptions
 from tests.helpers.gkt import SHAPE, N, make_strategy, tiny_server_model
 from tests.helpers.gkt import legacy_clients as _clients
 
@@ -106,7 +107,7 @@ def test_replay_rounds_send_logits_only_and_train_on_the_stored_features():
 
 
 def test_too_few_train_replies_leave_the_server_model_untrained():
-    run = _Run(min_train_replies=3)
+    run = _Run(trust=TrustOptions(min_train_replies=3))
     params, metrics = run.round(1)
     assert params is not None and metrics["server-train-examples"] == 3 * N
     before = run.fedgkt.server.model.state_dict()["5.weight"].clone()
@@ -117,7 +118,7 @@ def test_too_few_train_replies_leave_the_server_model_untrained():
 
 
 def test_features_of_a_silent_node_are_dropped_after_store_max_age():
-    run = _Run(store_max_age=1)
+    run = _Run(trust=TrustOptions(store_max_age=1))
     run.round(1)
     assert set(run.fedgkt.server.store) == set(NODES)
     _, metrics = run.round(2, fail={3})
@@ -133,7 +134,7 @@ def test_features_of_a_silent_node_are_dropped_after_store_max_age():
 
 def test_the_plateau_schedule_steps_with_the_legacy_accuracy():
     accuracies = {1: 0.5, 2: 0.4, 3: 0.4}
-    run = _Run(lr_schedule="plateau", plateau=Plateau(0.5, patience=0))
+    run = _Run(schedule=ScheduleOptions("plateau", Plateau(0.5, patience=0)))
     for rnd in (1, 2, 3):
         run.round(rnd, evaluation=lambda r: {"accuracy": accuracies[r], "edge-accuracy": 0.1})
     assert [r["accuracy"] for r in run.legacy.history] == pytest.approx([0.5, 0.4, 0.4])

@@ -15,6 +15,7 @@ from flwr_gkt.core.registry import build_server_model
 from flwr_gkt.core.server import GKTServer
 from flwr_gkt.core.training import bf16_supported
 from flwr_gkt.data import client_data
+from flwr_gkt.flower.options import SamplingOptions, ScheduleOptions, WireOptions
 from flwr_gkt.flower.strategy import FedGKT
 from flwr_gkt.wire import ARRAYS_KEY, FLOAT16_TOLERANCE, decode_server_logits
 from tests.helpers.federation import LocalFederation, seeded_builders
@@ -31,10 +32,8 @@ def make_federation(fraction=0.005):
         server,
         10,
         feature_shape=(16, 28, 28),
-        min_train_nodes=3,
-        min_evaluate_nodes=3,
-        min_available_nodes=3,
         edge_config=EdgeRoundConfig(batch_size=32),
+        sampling=SamplingOptions(min_train_nodes=3, min_evaluate_nodes=3, min_available_nodes=3),
     )
     return fed, strategy, datas
 
@@ -81,13 +80,13 @@ def test_the_round_row_times_the_waits_for_replies():
 
 def test_the_server_trains_on_nodes_in_the_order_of_their_identities():
     _, strategy, _ = make_federation()
-    strategy.node_uids.update({11: "partition-2", 22: "partition-0", 33: "partition-1"})
+    strategy.nodes.uids.update({11: "partition-2", 22: "partition-0", 33: "partition-1"})
     assert strategy.server._ordered([11, 22, 33, 44]) == [44, 22, 33, 11]  # no uid: first
 
 
 def test_cosine_schedule_scales_edge_and_server_learning_rates():
     fed, strategy, _ = make_federation()
-    strategy.lr_schedule, strategy.num_rounds = "cosine", 4
+    strategy.schedule, strategy.num_rounds = ScheduleOptions("cosine"), 4
     base_edge, base_server = strategy.edge_config.lr, strategy.server.lr
     for rnd in (1, 2, 3):
         fed.run_round(strategy, rnd)
@@ -276,10 +275,8 @@ def test_generated_cifar10_round_end_to_end_with_augmentation(tmp_path, monkeypa
         server,
         10,
         feature_shape=(16, 32, 32),
-        min_train_nodes=2,
-        min_evaluate_nodes=2,
-        min_available_nodes=2,
         edge_config=EdgeRoundConfig(batch_size=16),
+        sampling=SamplingOptions(min_train_nodes=2, min_evaluate_nodes=2, min_available_nodes=2),
     )
     (_, train_metrics), eval_metrics = fed.run_round(strategy, 1)
     n = sum(len(d.y_train) for d in datas)
@@ -303,7 +300,7 @@ def test_no_server_logits_travel_when_the_edge_does_not_distil():
 
 def test_int8_features_and_float16_logits_end_to_end():
     fed, strategy, datas = make_federation(fraction=0.01)
-    strategy.feature_dtype, strategy.logit_dtype = "int8", "float16"
+    strategy.wire = WireOptions(feature_dtype="int8", logit_dtype="float16")
     for rnd in (1, 2, 3):
         fed.run_round(strategy, rnd)
     h = strategy.history
@@ -336,7 +333,7 @@ def test_auto_feature_dtype_sends_bf16_features_in_half_the_bytes_and_trains_ali
     runs = {}
     for dtype in ("float32", "auto"):
         fed, strategy, datas = make_federation()
-        strategy.feature_dtype = dtype
+        strategy.wire = WireOptions(feature_dtype=dtype)
         strategy.edge_config = replace(strategy.edge_config, precision="bf16")
         fed.run_round(strategy, 1)
         runs[dtype] = strategy

@@ -8,6 +8,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from flwr_gkt.core.server import GKTServer
+from flwr_gkt.flower.options import SamplingOptions
 from flwr_gkt.flower.strategy import FedGKT
 from flwr_gkt.wire import ARRAYS_KEY, METRICS_KEY, encode_payload, metrics_record
 from tests.helpers.federation import FakeGrid
@@ -35,8 +36,7 @@ def make_strategy(nodes=NODES, **kwargs):
         server,
         10,
         feature_shape=SHAPE,
-        min_train_nodes=len(nodes),
-        min_available_nodes=len(nodes),
+        sampling=SamplingOptions(min_train_nodes=len(nodes), min_available_nodes=len(nodes)),
         **kwargs,
     )
 

@@ -25,6 +25,7 @@ from flwr_gkt.core.payload import Payload
 from flwr_gkt.core.server import GKTServer
 from flwr_gkt.core.split import server_step, state_change
 from flwr_gkt.flower.async_strategy import AsyncFedGKT
+from flwr_gkt.flower.options import SamplingOptions
 from flwr_gkt.flower.split_strategy import SplitLearning, _Turn
 from flwr_gkt.wire import (
     ARRAYS_KEY,
@@ -281,17 +282,19 @@ def test_async_update_whose_guard_evicts_its_node_reports_a_finite_loss(caplog):
 def _async_strategy():
     torch.manual_seed(0)
     server = GKTServer(tiny_server_model(), epochs=1, batch_size=16, device="cpu")
-    return AsyncFedGKT(server, 10, feature_shape=SHAPE, min_available_nodes=1)
+    return AsyncFedGKT(
+        server, 10, feature_shape=SHAPE, sampling=SamplingOptions(min_available_nodes=1)
+    )
 
 
 def _async_train(strategy, node, rnd, features):
-    msg = strategy._build(strategy.configure_train, rnd, node, ConfigRecord(), FakeGrid([node]))
-    strategy._sent_train = [msg]
+    msg = strategy.train_instruction(node, rnd, ConfigRecord())
     _, y, z = honest(node, rnd)
     return strategy._accept(
         rnd,
+        "train",
         [reply_to(msg, features, y, z)],
-        True,
+        [msg],
         lambda n, p, m: strategy._store(n, p, rnd),
     )
 

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flwr_gkt.core.robust import find_outliers
+from flwr_gkt.flower.options import TrustOptions, WireOptions
 from flwr_gkt.wire import (
     ARRAYS_KEY,
     METRICS_KEY,
@@ -45,7 +46,7 @@ def test_huge_logits_are_an_outlier_and_clipped_when_the_check_is_off():
     assert (
         statuses(strategy, 1)[22][0] == "rejected" and "logit-norm" in statuses(strategy, 1)[22][1]
     )
-    clipped = make_strategy(outlier_threshold=0.0, logit_clip=20.0)
+    clipped = make_strategy(trust=TrustOptions(outlier_threshold=0.0, logit_clip=20.0))
     train_round(clipped, 1, lambda n, f, y, z: (f, y, z * 1e4) if n == 22 else (f, y, z))
     assert statuses(clipped, 1)[22][0] == "accepted"
     assert clipped.server.store[22].logits.abs().max() == 20.0
@@ -53,7 +54,7 @@ def test_huge_logits_are_an_outlier_and_clipped_when_the_check_is_off():
 
 def test_size_and_sample_count_limits_reject_before_anything_is_stored():
     nbytes = len(encode_payload(*honest(11, 1)).__getitem__("features").data)
-    strategy = make_strategy(max_payload_bytes=2 * nbytes, max_samples=2 * N)
+    strategy = make_strategy(wire=WireOptions(max_payload_bytes=2 * nbytes, max_samples=2 * N))
 
     def big(n, f, y, z):
         if n == 11:  # 4x the samples: over the byte limit
@@ -74,7 +75,7 @@ def test_size_and_sample_count_limits_reject_before_anything_is_stored():
 
 def test_a_poisoned_update_is_undone_and_its_payload_evicted_by_the_training_guard(caplog):
     strategy = make_strategy(
-        nodes=[11, 22], outlier_threshold=0.0
+        nodes=[11, 22], trust=TrustOptions(outlier_threshold=0.0)
     )  # 2 nodes: no median to compare with
     strategy.gate.max_abs_value = 0  # the magnitude rule off too: the guard behind the gate
     train_round(strategy, 1, nodes=[11, 22])

@@ -21,7 +21,9 @@ from flwr_gkt.core.server import GKTServer
 from flwr_gkt.core.store import FeatureStore
 from flwr_gkt.data.sources.cifar import CifarUnpickler, extract_tar
 from flwr_gkt.flower.async_strategy import AsyncFedGKT
+from flwr_gkt.flower.base import RoundLog
 from flwr_gkt.flower.client_app import STATE_LOGITS, handle_query, handle_train, save_state
+from flwr_gkt.flower.options import SamplingOptions, TrustOptions, WireOptions
 from flwr_gkt.wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -148,7 +150,7 @@ def test_error_reasons_and_uids_are_escaped_in_logs_and_nodes_csv(tmp_path, capl
 # ------------------------------------------------------------- size limits
 def test_size_limit_counts_config_and_metric_records_too():
     nbytes = sum(len(a.data) for a in encode_payload(*honest(11, 1)).values())
-    strategy = make_strategy(max_payload_bytes=nbytes + 10_000)
+    strategy = make_strategy(wire=WireOptions(max_payload_bytes=nbytes + 10_000))
     _round(
         strategy,
         1,
@@ -186,7 +188,9 @@ def test_a_minority_of_extreme_samples_is_caught_by_the_gate(value, rule):
 
 
 def test_the_training_guard_evicts_the_poisoned_payload_and_trains_without_it(caplog):
-    strategy = make_strategy(nodes=[11, 22], outlier_threshold=0.0)  # nothing to compare with
+    strategy = make_strategy(
+        nodes=[11, 22], trust=TrustOptions(outlier_threshold=0.0)
+    )  # nothing to compare with
     strategy.gate.max_abs_value = 0  # the magnitude rule off too: the guard behind the gate
     train_round(strategy, 1, nodes=[11, 22])
     before = {k: v.clone() for k, v in strategy.server.model.state_dict().items()}
@@ -238,8 +242,8 @@ def test_poisoning_every_round_does_not_stop_the_federation_learning():
         server,
         10,
         feature_shape=(16, 28, 28),
-        min_available_nodes=4,
         edge_config=EdgeRoundConfig(batch_size=32),
+        sampling=SamplingOptions(min_available_nodes=4),
     )
     accuracies = [fed.run_round(strategy, rnd)[1]["accuracy"] for rnd in (1, 2, 3)]
     assert accuracies[-1] > accuracies[0] and accuracies[-1] > 0.3
@@ -252,20 +256,21 @@ def test_async_compares_a_lone_reply_with_the_stored_payloads_and_drops_leave_th
     from tests.helpers.gkt import tiny_server_model
 
     server = GKTServer(tiny_server_model(), epochs=1, batch_size=16, device="cpu")
-    strategy = AsyncFedGKT(server, 10, feature_shape=SHAPE, min_available_nodes=1)
+    strategy = AsyncFedGKT(
+        server, 10, feature_shape=SHAPE, sampling=SamplingOptions(min_available_nodes=1)
+    )
     for rnd, node in enumerate(NODES[:3], 1):  # three honest payloads stored one at a time
-        msg = strategy._build(strategy.configure_train, rnd, node, ConfigRecord(), FakeGrid([node]))
-        strategy._sent_train = [msg]
+        msg = strategy.train_instruction(node, rnd, ConfigRecord())
         strategy._accept(
             rnd,
+            "train",
             [reply_to(msg, *honest(node, rnd))],
-            True,
+            [msg],
             lambda n, p, m, r=rnd: strategy._store(n, p, r),
         )
-    msg = strategy._build(strategy.configure_train, 4, 44, ConfigRecord(), FakeGrid([44]))
-    strategy._sent_train = [msg]
+    msg = strategy.train_instruction(44, 4, ConfigRecord())
     f, y, z = honest(44, 4)
-    accepted, _, rejected = strategy._accept(4, [reply_to(msg, f * 1000, y, z)], True)
+    accepted, _, rejected = strategy._accept(4, "train", [reply_to(msg, f * 1000, y, z)], [msg])
     assert rejected == 1 and not accepted
     strategy.forget_node(11)
     assert 11 not in strategy.server.store and 11 not in strategy.gate.reference
@@ -282,7 +287,7 @@ def test_first_claim_of_a_uid_wins_and_conflicts_are_rejected():
     )
     got = statuses(strategy, 2)
     assert got[22][0] == "rejected" and "belongs to node 11" in got[22][1]
-    assert strategy.node_uids[11] == "dev-11" and strategy.node_uids[22] == "dev-22"
+    assert strategy.nodes.uids[11] == "dev-11" and strategy.nodes.uids[22] == "dev-22"
 
 
 def test_resume_hands_server_logits_only_to_the_node_holding_its_token():
@@ -655,15 +660,18 @@ def test_fuzz_async_replies(records):
     strategy = FUZZ_ASYNC
     before = [dict(r) for r in strategy.node_history]
     rnd = len(strategy.node_history) + 1
-    msg = strategy._build(strategy.configure_train, rnd, 11, ConfigRecord(), FakeGrid([11]))
-    strategy._sent_train = [msg]
+    msg = strategy.train_instruction(11, rnd, ConfigRecord())
     f, y, z = honest(11, rnd)
     content = RecordDict({ARRAYS_KEY: encode_payload(f, y, z), METRICS_KEY: metrics_record(len(y))})
     for k, v in metrics.items():
         content[METRICS_KEY][k] = v
     content[NODE_KEY] = ConfigRecord(node) if node else ConfigRecord()
     strategy._accept(
-        rnd, [Message(content, reply_to=msg)], True, lambda n, p, m: strategy._store(n, p, rnd)
+        rnd,
+        "train",
+        [Message(content, reply_to=msg)],
+        [msg],
+        lambda n, p, m: strategy._store(n, p, rnd),
     )
     FUZZ["replies"] += 1
     assert strategy.node_history[: len(before)] == before
@@ -674,7 +682,9 @@ def _async_strategy():
 
     torch.manual_seed(0)
     server = GKTServer(tiny_server_model(), epochs=0, batch_size=16, device="cpu")
-    return AsyncFedGKT(server, 10, feature_shape=SHAPE, min_available_nodes=1)
+    return AsyncFedGKT(
+        server, 10, feature_shape=SHAPE, sampling=SamplingOptions(min_available_nodes=1)
+    )
 
 
 FUZZ_ASYNC = _async_strategy()
@@ -722,7 +732,7 @@ def test_fedagg_rejects_oversized_replies_and_logs_node_errors_escaped(caplog):
     from flwr_gkt.flower.fedagg_strategy import FedAgg
 
     agg = FedAgg.__new__(FedAgg)
-    agg.gate, agg.node_history = ReplyGate(1000, name="FedAgg"), []
+    agg.gate, agg.rounds = ReplyGate(1000, name="FedAgg"), RoundLog()
 
     class Grid:
         def send_and_receive(self, messages, timeout=None):
@@ -781,7 +791,7 @@ def _fit_res(node, rnd=1, metrics=None, arrays=None, num_examples=None):
 def test_legacy_fit_replies_pass_the_same_gate(caplog):
     from flwr.common import Code, FitRes, Parameters, Status
 
-    strategy = _legacy(max_payload_bytes=200_000)
+    strategy = _legacy(wire=WireOptions(max_payload_bytes=200_000))
     f, y, z = honest(66, 1)
     hostile = {
         55: _fit_res(55, metrics={"status": "x", "round": 9.0, "edge-train-loss": b"\x00"}),
@@ -858,7 +868,7 @@ def test_fedagg_replies_are_decoded_by_the_gate(caplog):
     from flwr_gkt.wire import encode_embeddings
 
     agg = FedAgg.__new__(FedAgg)
-    agg.gate, agg.node_history = ReplyGate(outlier_threshold=0.0, name="FedAgg"), []
+    agg.gate, agg.rounds = ReplyGate(outlier_threshold=0.0, name="FedAgg"), RoundLog()
     agg.num_classes, agg.max_samples, agg.embeddings = 10, 8, {}
     eps, labels = torch.randn(6, 4, 2, 2), torch.randint(0, 10, (6,))
 
