@@ -89,16 +89,8 @@ class BridgeAutoencoder(nn.Module):
     def forward(self, pixels: Tensor) -> Tensor:
         """Return the reconstruction ``dec(enc(pixels))`` in ``[0, 1]`` of images in ``[0, 1]``.
 
-        Parameters
-        ----------
-        pixels : Tensor
-            Unnormalised images in ``[0, 1]``, ``N x channels x H x W`` (``H`` and
-            ``W`` multiples of 4 for an exact-size reconstruction).
-
-        Returns
-        -------
-        Tensor
-            The reconstructed images (not normalised), differentiable.
+        ``pixels`` are unnormalised, ``N x channels x H x W`` (``H`` and ``W``
+        multiples of 4 for an exact-size reconstruction); differentiable.
         """
         out: Tensor = self.decoder(self.encoder(pixels))
         return out
@@ -107,20 +99,9 @@ class BridgeAutoencoder(nn.Module):
     def encode(self, pixels: Tensor, batch_size: int = 256) -> Tensor:
         """Return the embeddings ``eps = enc(x)`` of images in ``[0, 1]`` (eval mode, no gradient).
 
-        Puts the module in eval mode.
-
-        Parameters
-        ----------
-        pixels : Tensor
-            Unnormalised images in ``[0, 1]``, ``N x channels x H x W``, on the
-            module's device.
-        batch_size : int
-            Number of images per encoder pass.
-
-        Returns
-        -------
-        Tensor
-            Embeddings ``N x 4 x H/4 x W/4`` (``4 x 8 x 8`` for ``32 x 32``).
+        Puts the module in eval mode. ``pixels`` (on the module's device) are
+        encoded ``batch_size`` at a time into ``N x 4 x H/4 x W/4``
+        (``4 x 8 x 8`` for ``32 x 32``).
         """
         self.eval()
         return torch.cat(
@@ -133,18 +114,8 @@ class BridgeAutoencoder(nn.Module):
 
         Puts the module in eval mode; runs without gradient. The decoded
         ``[0, 1]`` images are normalised as ``(dec(eps) - mean) / std``.
-
-        Parameters
-        ----------
-        embeddings : Tensor
-            Embeddings ``eps`` from :meth:`encode`, on the module's device.
-        batch_size : int
-            Number of embeddings per decoder pass.
-
-        Returns
-        -------
-        Tensor
-            Normalised bridge samples ``N x channels x H x W``.
+        ``embeddings`` (from :meth:`encode`, on the module's device) are
+        decoded ``batch_size`` at a time.
         """
         self.eval()
         out = [
@@ -154,15 +125,10 @@ class BridgeAutoencoder(nn.Module):
         return (torch.cat(out) - self.mean) / self.std
 
     def freeze(self) -> BridgeAutoencoder:
-        """Freeze the autoencoder: eval mode, no gradients.
+        """Freeze the autoencoder in place (eval mode, no gradients); return it.
 
         The autoencoder is identical on every node and never trained during a
         run.
-
-        Returns
-        -------
-        BridgeAutoencoder
-            The module itself.
         """
         self.eval()
         for p in self.parameters():

@@ -42,20 +42,10 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Atomically write ``state`` to ``path`` (see the module docstring).
+    """Atomically write ``state`` to ``path`` (see the module docstring); return the path.
 
-    Parameters
-    ----------
-    path : str or Path
-        The checkpoint file; its directory is created if needed.
-    state : dict[str, Any]
-        Tensors, numbers, strings and containers of them (what
-        ``torch.load(weights_only=True)`` can read back).
-
-    Returns
-    -------
-    Path
-        The path written.
+    ``state`` holds what ``torch.load(weights_only=True)`` can read back; the
+    directory of ``path`` is created if needed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,14 +62,7 @@ def write_atomic(path: Path, data: bytes) -> None:
 
     A unique temporary file in the same directory is written and fsync-ed,
     renamed over ``path``, then the directory is fsync-ed; the temporary file
-    is removed if anything fails.
-
-    Parameters
-    ----------
-    path : Path
-        The file to (re)place; its directory must exist.
-    data : bytes
-        The whole new content.
+    is removed if anything fails. The directory of ``path`` must exist.
     """
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
@@ -101,18 +84,8 @@ def write_atomic(path: Path, data: bytes) -> None:
 def load_checkpoint(path: str | Path) -> dict[str, Any] | None:
     """Read the state saved at ``path``.
 
-    Leftover temporary files of an interrupted save are removed.
-
-    Parameters
-    ----------
-    path : str or Path
-        The checkpoint file.
-
-    Returns
-    -------
-    dict[str, Any] | None
-        The state given to :func:`save_checkpoint`; ``None`` when there is no
-        checkpoint.
+    Leftover temporary files of an interrupted save are removed; ``None`` when
+    there is no checkpoint.
 
     Raises
     ------
@@ -146,15 +119,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any] | None:
 def rng_state(*generators: torch.Generator) -> dict[str, Any]:
     """Return the Python, NumPy and torch global RNG states, plus those of ``generators``.
 
-    Parameters
-    ----------
-    *generators : torch.Generator
-        Further generators whose state is saved, in order.
-
-    Returns
-    -------
-    dict[str, Any]
-        The states, as lists, numbers and tensors (checkpoint-safe).
+    The states are lists, numbers and tensors (checkpoint-safe).
     """
     py_version, py_state, py_gauss = random.getstate()
     np_state = np.random.get_state(legacy=True)
@@ -175,14 +140,7 @@ def rng_state(*generators: torch.Generator) -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any], *generators: torch.Generator) -> None:
-    """Restore what :func:`rng_state` returned.
-
-    Parameters
-    ----------
-    state : dict[str, Any]
-        A state returned by :func:`rng_state`.
-    *generators : torch.Generator
-        The same generators, in the same order, as given to :func:`rng_state`.
+    """Restore what :func:`rng_state` returned, into the same ``generators`` in the same order.
 
     Raises
     ------

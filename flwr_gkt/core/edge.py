@@ -121,10 +121,8 @@ def train_edge(
     ----------
     model : EdgeModel
         The edge model, already on ``device``; trained in place.
-    x : Tensor
-        Local training inputs, ``N x C x H x W``.
-    y : Tensor
-        Their labels, shape ``(N,)``.
+    x, y : Tensor
+        Local training inputs ``N x C x H x W`` and their labels ``(N,)``.
     server_logits : Tensor | None
         Server logits ``Z_s`` of the previous round, shape ``(N, num_classes)``,
         or ``None`` when there are none yet.
@@ -136,11 +134,6 @@ def train_edge(
         Source of randomness for shuffling and augmentation.
     augment : Augment, optional
         ``augment(inputs, generator) -> inputs`` applied to every batch.
-
-    Returns
-    -------
-    FitResult
-        Loss, accuracy, sample count and wall time of the local training.
     """
     # A node's data fits a GPU: batches are gathered there (augmentation draws on the host).
     if device.type == "cuda" and augment is None:
@@ -163,19 +156,7 @@ def train_edge_batches(
     As :func:`train_edge`, for data that is not in memory: each batch's
     teacher rows are ``server_logits[index]``, so the batches may come in any
     order (a shuffled :class:`~flwr_gkt.core.training.DatasetBatches`, say).
-
-    Parameters
-    ----------
-    model, server_logits, cfg, device
-        As in :func:`train_edge`.
-    batches : Iterable[Batch]
-        Re-iterable source of ``(inputs, labels, index)`` batches, one pass
-        per epoch; ``index`` names each sample's row of ``server_logits``.
-
-    Returns
-    -------
-    FitResult
-        As in :func:`train_edge`.
+    ``batches`` is re-iterable, one pass per epoch.
     """
     teacher = server_logits if cfg.kd_mode.edge_distills else None
     if cfg.freeze_extractor:
@@ -210,29 +191,10 @@ def extract(
     With ``augment``, each sample is seen through one random augmented view
     (a new one every round), as the reference implementation extracts from its
     augmenting training loader: the server then trains on augmented features.
-
-    Parameters
-    ----------
-    model : EdgeModel
-        The edge model, on ``device``; it is put in eval mode.
-    x : Tensor
-        Inputs, ``N x C x H x W``, processed in their order.
-    batch_size : int
-        Number of samples per forward pass.
-    device : torch.device
-        Where ``model`` lives; inputs are moved there.
-    augment : Augment, optional
-        ``augment(inputs, generator) -> inputs`` applied to every batch.
-    generator : torch.Generator, optional
-        Source of randomness for ``augment``.
-    precision : str
-        Autocast precision of the forward passes (outputs are float32).
-
-    Returns
-    -------
-    tuple[Tensor, Tensor]
-        Feature maps ``H`` (``N x C' x H' x W'``, contiguous) and logits
-        ``Z_c`` (``N x num_classes``), both float32 on the CPU.
+    ``x`` (``N x C x H x W``) is processed in order, ``batch_size`` at a time,
+    under autocast of ``precision``. The feature maps ``H`` (``N x C' x H' x
+    W'``, contiguous) and logits ``Z_c`` (``N x num_classes``) come back
+    float32 on the CPU.
     """
     model.eval()
     feats, logits = [], []
@@ -260,25 +222,8 @@ def extract_batches(
     :class:`~flwr_gkt.core.training.DatasetBatches` without shuffling). The
     pass must read the samples in index order, ``0..N-1``: that order is the
     order of the rows uploaded, and row ``i`` of the server logits that come
-    back is then sample ``i``'s.
-
-    Parameters
-    ----------
-    model : EdgeModel
-        The edge model, on ``device``; it is put in eval mode.
-    batches : Iterable[Batch]
-        One pass over the samples, in index order.
-    device : torch.device
-        Where ``model`` lives; inputs are moved there.
-    precision : str
-        Autocast precision of the forward passes (outputs are float32).
-
-    Returns
-    -------
-    tuple[Tensor, Tensor, Tensor]
-        Feature maps ``H`` (``N x C' x H' x W'``, contiguous), logits ``Z_c``
-        (``N x num_classes``), both float32, and the int64 labels ``(N,)`` as
-        the batches gave them, all on the CPU.
+    back is then sample ``i``'s. The labels come back int64, as the batches
+    gave them.
 
     Raises
     ------

@@ -26,16 +26,6 @@ def num_parameters(model: nn.Module) -> int:
 
     Buffers (BatchNorm running statistics) are not counted; frozen parameters
     are.
-
-    Parameters
-    ----------
-    model : nn.Module
-        The model.
-
-    Returns
-    -------
-    int
-        Total number of parameter elements.
     """
     return sum(p.numel() for p in model.parameters())
 
@@ -46,19 +36,8 @@ def forward_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
 
     The model runs on a zero batch of one sample on the CPU, without gradient,
     under :class:`torch.utils.flop_counter.FlopCounterMode`; its training mode
-    is restored afterwards.
-
-    Parameters
-    ----------
-    model : nn.Module
-        The model, on the CPU.
-    input_shape : tuple[int, ...]
-        Shape of one sample, without the batch dimension (e.g. ``(3, 32, 32)``).
-
-    Returns
-    -------
-    int
-        FLOPs as counted by PyTorch (a multiply-accumulate counts as 2).
+    is restored afterwards. ``input_shape`` has no batch dimension (e.g.
+    ``(3, 32, 32)``); a multiply-accumulate counts as 2 FLOPs.
     """
     was_training = model.training
     model.eval()
@@ -90,20 +69,8 @@ class ModelCost:
 def edge_cost_table(num_classes: int = 10, in_channels: int = 3, size: int = 32) -> list[ModelCost]:
     """Return the costs of the FedGKT edge models and of the full models FedAvg trains on the edge.
 
-    Parameters
-    ----------
-    num_classes : int
-        Number of output classes.
-    in_channels : int
-        Image channels.
-    size : int
-        Image side (square images).
-
-    Returns
-    -------
-    list[ModelCost]
-        ResNet-8, ResNet-6, ResNet-4 (FedGKT edge), then ResNet-56 and
-        ResNet-110 (FedAvg edge), in that order.
+    The rows are ResNet-8, ResNet-6, ResNet-4 (FedGKT edge), then ResNet-56
+    and ResNet-110 (FedAvg edge), on square images of side ``size``.
     """
     shape = (in_channels, size, size)
     builders = {
@@ -125,19 +92,7 @@ def run_costs(
 ) -> dict[str, int]:
     """Return the FLOPs per sample and parameters of a run's models, by registry name.
 
-    Parameters
-    ----------
-    edge_model : str
-        Registered edge model name.
-    server_model : str
-        Registered server model name (or ``resnet<9n+1>``).
-    num_classes : int
-        Number of output classes.
-    in_channels : int
-        Image channels.
-    size : int
-        Image side; the server model is measured on one
-        ``16 x size x size`` feature map.
+    The server model is measured on one ``16 x size x size`` feature map.
 
     Returns
     -------
@@ -178,16 +133,7 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "int8": 1, "int64": 8}
 def state_bytes(model: nn.Module) -> int:
     """Return the bytes of a model's state dict (weights and buffers, in their dtypes).
 
-    Parameters
-    ----------
-    model : nn.Module
-        The model whose state dict is counted.
-
-    Returns
-    -------
-    int
-        ``sum(numel * element_size)`` over the state dict: what one copy of
-        the model costs on the wire, without headers.
+    What one copy of the model costs on the wire, without headers.
     """
     return sum(int(v.numel()) * v.element_size() for v in model.state_dict().values())
 

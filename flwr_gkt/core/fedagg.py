@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -75,23 +76,11 @@ class BSBODPConfig:
 def teacher_logits(
     model: nn.Module, bridge: Tensor, device: torch.device, batch_size: int = 256
 ) -> Tensor:
-    """Return the teacher's logits on bridge samples (eval mode, no gradient), on the CPU.
+    """Return the teacher's float32 logits ``(N, num_classes)`` on the CPU.
 
-    Parameters
-    ----------
-    model : nn.Module
-        The teacher; it is put in eval mode.
-    bridge : Tensor
-        Decoded, normalised bridge samples ``N x C x H x W``.
-    device : torch.device
-        Where ``model`` lives; batches are moved there.
-    batch_size : int
-        Number of samples per forward pass.
-
-    Returns
-    -------
-    Tensor
-        Float32 logits ``(N, num_classes)`` in the order of ``bridge``.
+    ``model`` (on ``device``) is put in eval mode and runs without gradient on
+    the decoded, normalised bridge samples ``N x C x H x W``, ``batch_size`` at
+    a time; the rows keep the order of ``bridge``.
     """
     labels = torch.zeros(len(bridge), dtype=torch.long)
     return predict(model, TensorBatches(bridge, labels, batch_size), device)
@@ -174,15 +163,37 @@ def train_leaf(
             f"real {list(real.shape)} and bridge {list(bridge.shape)} samples must pair up"
         )
     pairs = torch.stack([real, bridge], dim=1)
+    return _fit(
+        model,
+        pairs,
+        labels,
+        teacher,
+        cfg,
+        device,
+        generator,
+        loss_fn=partial(_leaf_step, cfg, rectify),
+    )
+
+
+def _fit(
+    model: nn.Module,
+    samples: Tensor,
+    labels: Tensor,
+    teacher: Tensor | None,
+    cfg: BSBODPConfig,
+    device: torch.device,
+    generator: torch.Generator | None,
+    **loss: Any,
+) -> FitResult:
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
     return fit(
         model,
-        TensorBatches(pairs, labels, cfg.batch_size, True, generator, drop_last=True),
+        TensorBatches(samples, labels, cfg.batch_size, True, generator, drop_last=True),
         optimizer,
         epochs=cfg.epochs,
         device=device,
         teacher_logits=teacher,
-        loss_fn=partial(_leaf_step, cfg, rectify),
+        **loss,
     )
 
 
@@ -202,43 +213,19 @@ def train_nonleaf(
 
         CE(f(dec eps), y) + beta * T**2 * KL(teacher || f(dec eps))
 
-    on shuffled mini-batches of the bridge samples.
-
-    Parameters
-    ----------
-    model : nn.Module
-        The edge or cloud model (image -> logits), on ``device``; trained in
-        place.
-    bridge : Tensor
-        Decoded, normalised bridge samples of the subtree, ``N x C x H x W``.
-    labels : Tensor
-        Their labels, shape ``(N,)``.
-    teacher : Tensor | None
-        The neighbour's logits on the same bridge samples ``(N, num_classes)``,
-        or ``None`` for no KD term.
-    cfg : BSBODPConfig
-        Temperature, ``beta``, optimizer and batch settings (``gamma`` is not
-        used).
-    device : torch.device
-        Where ``model`` lives; batches are moved there.
-    generator : torch.Generator, optional
-        Source of randomness for shuffling.
-    rectify : Rectifier, optional
-        FedEEC rectification of the teacher's probabilities.
-
-    Returns
-    -------
-    FitResult
-        Loss, accuracy, sample count and wall time of the last epoch.
+    on shuffled mini-batches of the bridge samples ``N x C x H x W`` of the
+    subtree. The parameters and the result are those of :func:`train_leaf`
+    without ``real`` (``teacher`` is the neighbour's logits; ``cfg.gamma`` is
+    not used).
     """
-    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
-    return fit(
+    return _fit(
         model,
-        TensorBatches(bridge, labels, cfg.batch_size, True, generator, drop_last=True),
-        optimizer,
-        epochs=cfg.epochs,
-        device=device,
-        teacher_logits=teacher,
+        bridge,
+        labels,
+        teacher,
+        cfg,
+        device,
+        generator,
         temperature=cfg.temperature,
         alpha=cfg.beta,
         rectify=rectify,

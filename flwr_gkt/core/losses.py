@@ -143,29 +143,8 @@ def gkt_loss(
     ``teacher_logits=None`` (no teacher yet, or KD switched off) or
     ``alpha == 0`` this is plain cross-entropy. The same function is the client
     loss (teacher = server logits, eq. 7) and the server loss (teacher = client
-    logits, eq. 6).
-
-    Parameters
-    ----------
-    logits : Tensor
-        Logits ``z`` of the model being trained, shape ``(B, C)``.
-    labels : Tensor
-        True classes ``y``, shape ``(B,)``.
-    teacher_logits : Tensor | None
-        Logits of the teacher, shape ``(B, C)`` (detached), or ``None`` for no
-        KD term.
-    temperature : float
-        Softmax temperature ``T`` of the KD term.
-    alpha : float
-        Weight of the KD term (``1`` in the paper's equations).
-    rectify : Rectifier, optional
-        FedEEC rectification of the teacher's softened probabilities, given
-        ``labels`` (see :func:`kd_loss`).
-
-    Returns
-    -------
-    Tensor
-        The scalar loss.
+    logits, eq. 6). Shapes: ``logits`` and ``teacher_logits`` ``(B, C)``,
+    ``labels`` ``(B,)``; ``rectify`` is that of :func:`kd_loss`.
     """
     loss = F.cross_entropy(logits, labels)
     if teacher_logits is not None and alpha != 0.0:
@@ -198,32 +177,6 @@ def fedagg_leaf_loss(
     KD term is dropped. The paper's defaults ``T = 3``, ``beta = 10``,
     ``gamma = 1`` (the official code uses ``beta = 1`` on leaves: we follow
     the paper).
-
-    Parameters
-    ----------
-    real_logits : Tensor
-        Logits ``z_real = f(x)`` on the real images, shape ``(B, C)``.
-    bridge_logits : Tensor
-        Logits ``z_bridge = f(dec eps)`` on the bridge samples of the same
-        images, shape ``(B, C)``.
-    labels : Tensor
-        True classes ``y``, shape ``(B,)``, shared by both batches.
-    teacher_logits : Tensor | None
-        The parent's logits on the bridge samples, shape ``(B, C)``, or
-        ``None`` for no KD term.
-    temperature : float
-        Softmax temperature ``T`` of the KD term.
-    beta : float
-        Weight of the KD term on the bridge samples.
-    gamma : float
-        Weight of the whole bridge-sample loss.
-    rectify : Rectifier, optional
-        FedEEC rectification of the teacher's softened probabilities.
-
-    Returns
-    -------
-    Tensor
-        The scalar loss.
     """
     bridge = gkt_loss(bridge_logits, labels, teacher_logits, temperature, beta, rectify)
     return F.cross_entropy(real_logits, labels) + gamma * bridge
@@ -243,28 +196,7 @@ def fedagg_nonleaf_loss(
 
         l = CE(z_bridge, y) + beta * T**2 * D_KL(softmax(z_teacher / T) || softmax(z_bridge / T))
 
-    i.e. :func:`gkt_loss` with ``alpha = beta``, on bridge samples only.
-
-    Parameters
-    ----------
-    bridge_logits : Tensor
-        Logits ``z_bridge = f(dec eps)`` of the model being trained on the
-        bridge samples, shape ``(B, C)``.
-    labels : Tensor
-        True classes ``y`` of the bridge samples, shape ``(B,)``.
-    teacher_logits : Tensor | None
-        The neighbour's logits on the same bridge samples, shape ``(B, C)``,
-        or ``None`` for no KD term.
-    temperature : float
-        Softmax temperature ``T`` of the KD term.
-    beta : float
-        Weight of the KD term.
-    rectify : Rectifier, optional
-        FedEEC rectification of the teacher's softened probabilities.
-
-    Returns
-    -------
-    Tensor
-        The scalar loss.
+    i.e. :func:`gkt_loss` with ``alpha = beta``, on bridge samples only
+    (``teacher_logits``: the neighbour's, on the same bridge samples).
     """
     return gkt_loss(bridge_logits, labels, teacher_logits, temperature, beta, rectify)

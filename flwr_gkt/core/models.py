@@ -116,15 +116,10 @@ class EdgeModel(nn.Module):
         self.extractor_frozen = False
 
     def freeze_extractor(self) -> EdgeModel:
-        """Freeze ``f_e`` (EcoFed): no gradients, and eval mode even in training.
+        """Freeze ``f_e`` in place (EcoFed): no gradients, eval mode even in training.
 
         Batch-norm statistics stay fixed too, so the features of a sample no
         longer change from round to round (they can be uploaded once).
-
-        Returns
-        -------
-        EdgeModel
-            The model itself, modified in place.
         """
         self.extractor_frozen = True
         self.extractor.requires_grad_(False)
@@ -132,52 +127,19 @@ class EdgeModel(nn.Module):
         return self
 
     def train(self, mode: bool = True) -> EdgeModel:
-        """Set training mode; a frozen extractor stays in eval mode.
-
-        Parameters
-        ----------
-        mode : bool
-            ``True`` for training mode, ``False`` for evaluation mode.
-
-        Returns
-        -------
-        EdgeModel
-            The model itself.
-        """
+        """Set training mode like :meth:`nn.Module.train`; a frozen extractor stays in eval mode."""
         super().train(mode)
         if self.extractor_frozen:
             self.extractor.eval()
         return self
 
     def forward(self, x: Tensor) -> Tensor:
-        """Return the edge logits ``f_c(f_e(x))``.
-
-        Parameters
-        ----------
-        x : Tensor
-            A batch of inputs, ``N x C x H x W``.
-
-        Returns
-        -------
-        Tensor
-            The logits ``Z_c``, ``N x num_classes``.
-        """
+        """Return the edge logits ``Z_c = f_c(f_e(x))`` of a batch ``N x C x H x W``."""
         logits: Tensor = self.classifier(self.extractor(x))
         return logits
 
     def forward_with_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Return ``(logits, features)`` for one batch.
-
-        Parameters
-        ----------
-        x : Tensor
-            A batch of inputs, ``N x C x H x W``.
-
-        Returns
-        -------
-        tuple[Tensor, Tensor]
-            The logits ``f_c(H)`` and the feature maps ``H = f_e(x)``.
-        """
+        """Return the logits ``f_c(H)`` and the feature maps ``H = f_e(x)`` of one batch."""
         features = self.extractor(x)
         return self.classifier(features), features
 
@@ -213,43 +175,21 @@ def resnet8(num_classes: int = 10, in_channels: int = 3) -> EdgeModel:
     -------
     EdgeModel
         The edge model, He-initialised.
+
+    See Also
+    --------
+    resnet6, resnet4 : The smaller edge models, built alike.
     """
     return _edge_resnet(Bottleneck, 2, num_classes, in_channels)
 
 
 def resnet6(num_classes: int = 10, in_channels: int = 3) -> EdgeModel:
-    """Build the ResNet-6 edge model (paper Table 5): stem + 2 basic blocks + FC.
-
-    Parameters
-    ----------
-    num_classes : int
-        Number of output classes.
-    in_channels : int
-        Channels of the input images (3 for RGB, 1 for grayscale).
-
-    Returns
-    -------
-    EdgeModel
-        The edge model, He-initialised.
-    """
+    """Build the ResNet-6 edge model (paper Table 5): stem + 2 basic blocks + FC, as :func:`resnet8`."""
     return _edge_resnet(BasicBlock, 2, num_classes, in_channels)
 
 
 def resnet4(num_classes: int = 10, in_channels: int = 3) -> EdgeModel:
-    """Build the ResNet-4 edge model (paper Table 5): stem + 1 basic block + FC.
-
-    Parameters
-    ----------
-    num_classes : int
-        Number of output classes.
-    in_channels : int
-        Channels of the input images (3 for RGB, 1 for grayscale).
-
-    Returns
-    -------
-    EdgeModel
-        The edge model, He-initialised.
-    """
+    """Build the ResNet-4 edge model (paper Table 5): stem + 1 basic block + FC, as :func:`resnet8`."""
     return _edge_resnet(BasicBlock, 1, num_classes, in_channels)
 
 
@@ -291,18 +231,7 @@ class ServerResNet(nn.Module):
         _init_weights(self)
 
     def forward(self, h: Tensor) -> Tensor:
-        """Return logits for a batch of feature maps.
-
-        Parameters
-        ----------
-        h : Tensor
-            Edge feature maps ``H``, ``N x in_channels x H x W``.
-
-        Returns
-        -------
-        Tensor
-            The server logits ``Z_s``, ``N x num_classes``.
-        """
+        """Return the server logits ``Z_s`` of edge feature maps ``N x in_channels x H x W``."""
         out = self.layer3(self.layer2(self.layer1(h)))
         logits: Tensor = self.fc(torch.flatten(self.avgpool(out), 1))
         return logits
@@ -342,15 +271,10 @@ class FullResNet(nn.Module):
         self.stem_frozen = False
 
     def freeze_stem(self) -> FullResNet:
-        """Freeze the stem (the edge extractor's counterpart): no gradients, eval-mode BN.
+        """Freeze the stem in place, as :meth:`EdgeModel.freeze_extractor` does ``f_e``.
 
         Lets FedAvg and the centralized baseline share a FedGKT run's frozen,
         pre-trained extractor.
-
-        Returns
-        -------
-        FullResNet
-            The model itself, modified in place.
         """
         self.stem_frozen = True
         self.stem.requires_grad_(False)
@@ -358,36 +282,14 @@ class FullResNet(nn.Module):
         return self
 
     def train(self, mode: bool = True) -> FullResNet:
-        """Set training mode; a frozen stem stays in eval mode.
-
-        Parameters
-        ----------
-        mode : bool
-            ``True`` for training mode, ``False`` for evaluation mode.
-
-        Returns
-        -------
-        FullResNet
-            The model itself.
-        """
+        """Set training mode like :meth:`nn.Module.train`; a frozen stem stays in eval mode."""
         super().train(mode)
         if self.stem_frozen:
             self.stem.eval()
         return self
 
     def forward(self, x: Tensor) -> Tensor:
-        """Return logits for a batch of images.
-
-        Parameters
-        ----------
-        x : Tensor
-            A batch of images, ``N x in_channels x H x W``.
-
-        Returns
-        -------
-        Tensor
-            The logits, ``N x num_classes``.
-        """
+        """Return the logits ``N x num_classes`` of images ``N x in_channels x H x W``."""
         logits: Tensor = self.body(self.stem(x))
         return logits
 
@@ -430,38 +332,12 @@ def server_resnet(
 
 
 def server_resnet55(num_classes: int = 10, in_channels: int = FEATURE_CHANNELS) -> ServerResNet:
-    """Build the ResNet-55 server model (ResNet-56 without its stem).
-
-    Parameters
-    ----------
-    num_classes : int
-        Number of output classes.
-    in_channels : int
-        Channels of the incoming feature maps (the edge extractor's output).
-
-    Returns
-    -------
-    ServerResNet
-        The server model ``f_s``, 6 bottleneck blocks per stage.
-    """
+    """Build the ResNet-55 server model (ResNet-56 without its stem): ``server_resnet(55)``."""
     return server_resnet(55, num_classes, in_channels)
 
 
 def server_resnet109(num_classes: int = 10, in_channels: int = FEATURE_CHANNELS) -> ServerResNet:
-    """Build the ResNet-109 server model (ResNet-110 without its stem).
-
-    Parameters
-    ----------
-    num_classes : int
-        Number of output classes.
-    in_channels : int
-        Channels of the incoming feature maps (the edge extractor's output).
-
-    Returns
-    -------
-    ServerResNet
-        The server model ``f_s``, 12 bottleneck blocks per stage.
-    """
+    """Build the ResNet-109 server model (ResNet-110 without its stem): ``server_resnet(109)``."""
     return server_resnet(109, num_classes, in_channels)
 
 
@@ -492,38 +368,12 @@ def full_resnet(depth: int = 56, num_classes: int = 10, in_channels: int = 3) ->
 
 
 def resnet56(num_classes: int = 10, in_channels: int = 3) -> FullResNet:
-    """Build the full ResNet-56 (bottleneck, 16/32/64 planes), the FedAvg baseline model.
-
-    Parameters
-    ----------
-    num_classes : int
-        Number of output classes.
-    in_channels : int
-        Channels of the input images (3 for RGB, 1 for grayscale).
-
-    Returns
-    -------
-    FullResNet
-        ResNet-56: the ResNet-8 stem followed by the ResNet-55 server body.
-    """
+    """Build the full ResNet-56, the FedAvg baseline: the ResNet-8 stem + the ResNet-55 body."""
     return full_resnet(56, num_classes, in_channels)
 
 
 def resnet110(num_classes: int = 10, in_channels: int = 3) -> FullResNet:
-    """Build the full ResNet-110 (bottleneck, 16/32/64 planes), the FedAvg baseline model.
-
-    Parameters
-    ----------
-    num_classes : int
-        Number of output classes.
-    in_channels : int
-        Channels of the input images (3 for RGB, 1 for grayscale).
-
-    Returns
-    -------
-    FullResNet
-        ResNet-110: the edge stem followed by the ResNet-109 server body.
-    """
+    """Build the full ResNet-110: the edge stem + the ResNet-109 server body."""
     return full_resnet(110, num_classes, in_channels)
 
 
@@ -604,37 +454,13 @@ class TierCNN(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        """Return logits for a batch of images.
-
-        Parameters
-        ----------
-        x : Tensor
-            A batch of images, ``N x in_channels x H x W``.
-
-        Returns
-        -------
-        Tensor
-            The logits, ``N x num_classes``.
-        """
+        """Return the logits ``N x num_classes`` of images ``N x in_channels x H x W``."""
         logits: Tensor = self.head(self.stem(x))
         return logits
 
 
 def tier_cnn(num_classes: int = 10, in_channels: int = 3) -> TierCNN:
-    """Build FedAgg's end-device model M1 (:class:`TierCNN`).
-
-    Parameters
-    ----------
-    num_classes : int
-        Number of output classes.
-    in_channels : int
-        Channels of the input images (3 for RGB, 1 for grayscale).
-
-    Returns
-    -------
-    TierCNN
-        The end-device CNN.
-    """
+    """Build FedAgg's end-device model M1, a :class:`TierCNN`."""
     return TierCNN(num_classes, in_channels)
 
 
@@ -662,24 +488,14 @@ def tier_resnet10(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     -------
     nn.Module
         A :class:`torchvision.models.resnet.ResNet` (ResNet-10).
+
+    See Also
+    --------
+    tier_resnet18 : The cloud model M3, built alike.
     """
     return _torchvision_resnet([1, 1, 1, 1], num_classes, in_channels)
 
 
 def tier_resnet18(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
-    """Build FedAgg's cloud model M3: torchvision ResNet-18.
-
-    Parameters
-    ----------
-    num_classes : int
-        Number of output classes.
-    in_channels : int
-        Channels of the input images; other than 3, the 7x7 ImageNet stem
-        convolution is rebuilt for them.
-
-    Returns
-    -------
-    nn.Module
-        A :class:`torchvision.models.resnet.ResNet` with BasicBlocks [2, 2, 2, 2].
-    """
+    """Build FedAgg's cloud model M3, torchvision ResNet-18, as :func:`tier_resnet10`."""
     return _torchvision_resnet([2, 2, 2, 2], num_classes, in_channels)

@@ -33,19 +33,8 @@ def chunk_rows(row_shape: tuple[int, ...] | torch.Size, itemsize: int = 8) -> in
 
     A fixed number of rows is not a bound: 4,096 rows of 16x28x28 maps are
     411 MB in float64. This keeps each chunk's temporary near
-    :data:`CHUNK_BYTES`, whatever the feature-map size.
-
-    Parameters
-    ----------
-    row_shape : tuple[int, ...]
-        The shape of one row (sample).
-    itemsize : int
-        Bytes per element of the pass's widest temporary (8: float64).
-
-    Returns
-    -------
-    int
-        At least 1.
+    :data:`CHUNK_BYTES`, whatever the feature-map size; ``itemsize`` is the
+    bytes per element of the pass's widest temporary (8: float64). At least 1.
     """
     numel = 1
     for d in row_shape:
@@ -80,20 +69,10 @@ def dequantize(q: Tensor, minimum: Tensor, scale: Tensor) -> Tensor:
     """Invert the wire's per-channel int8 codec: ``(q + 128) * scale + minimum``, float32.
 
     Runs wherever ``q`` is (on the training device for a batch), in the same
-    float32 operations as :func:`flwr_gkt.wire.dequantize_int8`.
-
-    Parameters
-    ----------
-    q : Tensor
-        int8 feature maps ``N x C x H x W``.
-    minimum, scale : Tensor
-        The codec's parameters: ``(C,)`` for one node's maps, or ``(N, C)``
-        (one row per map, for a batch mixing nodes).
-
-    Returns
-    -------
-    Tensor
-        Float32 feature maps, in ``q``'s memory format.
+    float32 operations as :func:`flwr_gkt.wire.dequantize_int8`, keeping
+    ``q``'s memory format. ``q`` is ``N x C x H x W``; ``minimum`` and
+    ``scale`` are ``(C,)`` for one node's maps, or ``(N, C)`` (one row per
+    map, for a batch mixing nodes).
     """
     shape = (*minimum.shape, 1, 1) if minimum.dim() == 2 else (1, -1, 1, 1)
     return (q.float() + 128.0) * scale.reshape(shape) + minimum.reshape(shape)
@@ -131,17 +110,8 @@ Features = Tensor | QuantizedBatch
 def to_dense(features: Tensor, minimum: Tensor | None, scale: Tensor | None) -> Tensor:
     """Return feature maps as float32: dequantised (int8 with parameters) or upcast (float16).
 
-    Parameters
-    ----------
-    features : Tensor
-        Stored feature maps: float32, float16, or int8 with ``minimum`` / ``scale``.
-    minimum, scale : Tensor, optional
-        The int8 codec's per-channel parameters (``None`` for float maps).
-
-    Returns
-    -------
-    Tensor
-        Float32 feature maps (``features`` itself when it is float32).
+    ``minimum`` / ``scale`` are the int8 codec's per-channel parameters
+    (``None`` for float maps); float32 ``features`` are returned themselves.
     """
     if minimum is not None and scale is not None:
         return dequantize(features, minimum, scale)
@@ -178,18 +148,7 @@ class Payload:
     feature_scale: Tensor | None = None
 
     def dense_features(self, start: int = 0, stop: int | None = None) -> Tensor:
-        """Return feature rows ``start:stop`` as float32 (see :func:`to_dense`).
-
-        Parameters
-        ----------
-        start, stop : int
-            The rows (default: all).
-
-        Returns
-        -------
-        Tensor
-            Float32 feature maps.
-        """
+        """Return feature rows ``start:stop`` (default: all) as float32 (see :func:`to_dense`)."""
         return to_dense(self.features[start:stop], self.feature_min, self.feature_scale)
 
     def __len__(self) -> int:
@@ -200,15 +159,7 @@ class Payload:
     def logits_only(cls, logits: Tensor) -> Payload:
         """Build a replay-round payload: client logits for samples the server already holds.
 
-        Parameters
-        ----------
-        logits : Tensor
-            The client logits ``Z_c``, one row per stored sample.
-
-        Returns
-        -------
-        Payload
-            A payload with empty features and labels.
+        ``logits`` has one row per stored sample; features and labels are empty.
         """
         return cls(features=torch.empty(0), labels=torch.empty(0, dtype=torch.long), logits=logits)
 

@@ -75,17 +75,8 @@ class PrivacyConfig:
     ) -> PrivacyConfig:
         """Read ``privacy-clip`` / ``privacy-logit-clip`` / ``privacy-noise`` from a config.
 
-        Parameters
-        ----------
-        values : Mapping[str, Any]
-            The run or node config.
-        base : PrivacyConfig, optional
-            Settings kept for missing keys; defaults to no privacy.
-
-        Returns
-        -------
-        PrivacyConfig
-            The settings (empty or falsy values read as ``0``).
+        Missing keys keep the settings of ``base`` (default: no privacy);
+        empty or falsy values read as ``0``.
 
         Raises
         ------
@@ -101,30 +92,14 @@ class PrivacyConfig:
 
 
 def secure_generator() -> torch.Generator:
-    """Return a torch generator seeded from the OS entropy pool (not from the run's seed).
-
-    Returns
-    -------
-    torch.Generator
-        A CPU generator with a 63-bit seed from :func:`os.urandom`.
-    """
+    """Return a CPU generator with a 63-bit seed from :func:`os.urandom` (not the run's seed)."""
     return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
 
 
 def clip_per_sample(x: Tensor, max_norm: float) -> Tensor:
-    """Scale each sample (row of dim 0) down to L2 norm ``max_norm`` if it is larger.
+    """Scale each sample (row of dim 0, all its values) down to L2 norm ``max_norm`` if larger.
 
-    Parameters
-    ----------
-    x : Tensor
-        A batch, samples on dim 0.
-    max_norm : float
-        Largest L2 norm of one sample (all its values together).
-
-    Returns
-    -------
-    Tensor
-        A new tensor of the same shape; samples within the norm are unchanged.
+    Returns a new tensor; samples within the norm are unchanged.
     """
     norms = x.detach().flatten(1).norm(dim=1)
     scale = (max_norm / norms.clamp_min(1e-12)).clamp(max=1.0)
@@ -137,21 +112,9 @@ def privatize(
 ) -> Tensor:
     """Clip each sample to L2 norm ``clip``, then add ``N(0, (noise * clip)^2)`` to every value.
 
-    Parameters
-    ----------
-    x : Tensor
-        A batch, samples on dim 0 (clipped as float32).
-    clip : float
-        Largest L2 norm of one sample; ``0`` (or less) returns ``x`` unchanged.
-    noise : float
-        Noise multiplier; ``0``: clipping only.
-    generator : torch.Generator, optional
-        Source of the noise; defaults to :func:`secure_generator`.
-
-    Returns
-    -------
-    Tensor
-        The clipped and noised batch.
+    ``x`` has samples on dim 0 and is clipped as float32; ``clip <= 0`` returns
+    it unchanged, ``noise == 0`` only clips. The noise comes from
+    ``generator`` (default: :func:`secure_generator`).
     """
     if clip <= 0:
         return x
@@ -186,26 +149,12 @@ def apply_privacy(
     cfg: PrivacyConfig,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Privatize features and logits for upload (see :func:`privatize`).
+    """Return the features and logits to upload, privatized (see :func:`privatize`).
 
-    Parameters
-    ----------
-    features : Tensor
-        Feature maps, clipped to ``cfg.clip``.
-    logits : Tensor | None
-        Client logits, clipped to ``cfg.logit_clip``; ``None`` in evaluate
-        replies.
-    cfg : PrivacyConfig
-        The node's privacy settings; when nothing is clipped, the inputs are
-        returned unchanged.
-    generator : torch.Generator, optional
-        Source of the noise, shared by features and logits; defaults to
-        :func:`secure_generator`.
-
-    Returns
-    -------
-    tuple[Tensor, Tensor | None]
-        The features and logits to upload.
+    Features are clipped to ``cfg.clip``, logits (``None`` in evaluate
+    replies) to ``cfg.logit_clip``; when nothing is clipped the inputs are
+    returned unchanged. One ``generator`` (default: :func:`secure_generator`)
+    noises both.
     """
     if not cfg.enabled:
         return features, logits

@@ -50,8 +50,34 @@ __all__ = [
 Rectifier = Callable[[Tensor, Tensor], Tensor]
 
 
-def _wrong(probs: Tensor, labels: Tensor) -> Tensor:
-    return probs.argmax(dim=1) != labels
+def _on_wrong_rows(probs: Tensor, labels: Tensor, fix: Rectifier) -> Tensor:
+    """Return a copy of ``probs`` whose wrong rows are ``fix(probs[rows], labels[rows])``."""
+    out = probs.clone()
+    wrong = probs.argmax(dim=1) != labels
+    if wrong.any():
+        rows = wrong.nonzero(as_tuple=True)[0]
+        out[rows] = fix(probs[rows], labels[rows])
+    return out
+
+
+def _swap(p: Tensor, true: Tensor) -> Tensor:
+    idx = torch.arange(len(true))
+    top = p.argmax(dim=1)
+    new = p.clone()
+    new[idx, top] = p[idx, true]
+    new[idx, true] = p[idx, top]
+    return new
+
+
+def _peak(p: Tensor, true: Tensor) -> Tensor:
+    idx = torch.arange(len(true))
+    peak = p.max(dim=1).values
+    others = p.clone()
+    others[idx, true] = 0.0
+    mass = others.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    new = others / mass * (1.0 - peak).unsqueeze(1)
+    new[idx, true] = peak
+    return new
 
 
 def rectify_swap(probs: Tensor, labels: Tensor) -> Tensor:
@@ -73,15 +99,7 @@ def rectify_swap(probs: Tensor, labels: Tensor) -> Tensor:
     Tensor
         The rectified probabilities, a new tensor of shape ``(B, C)``.
     """
-    out = probs.clone()
-    wrong = _wrong(probs, labels)
-    if wrong.any():
-        rows = wrong.nonzero(as_tuple=True)[0]
-        top = probs[rows].argmax(dim=1)
-        true = labels[rows]
-        out[rows, top] = probs[rows, true]
-        out[rows, true] = probs[rows, top]
-    return out
+    return _on_wrong_rows(probs, labels, _swap)
 
 
 def rectify_peak(probs: Tensor, labels: Tensor) -> Tensor:
@@ -90,57 +108,14 @@ def rectify_peak(probs: Tensor, labels: Tensor) -> Tensor:
     On a wrong row ``i`` with label ``y`` and ``peak = max p[i]``,
     ``p'[i, y] = peak`` and ``p'[i, c] = p[i, c] * (1 - peak) / sum_{j != y} p[i, j]``
     for ``c != y``: the other classes keep their relative order and ratios.
-    Rows the teacher gets right are unchanged.
-
-    Parameters
-    ----------
-    probs : Tensor
-        The teacher's probabilities, shape ``(B, C)``.
-    labels : Tensor
-        True classes, shape ``(B,)``.
-
-    Returns
-    -------
-    Tensor
-        The rectified probabilities, a new tensor of shape ``(B, C)``.
+    Parameters and result as :func:`rectify_swap`.
     """
-    out = probs.clone()
-    wrong = _wrong(probs, labels)
-    if wrong.any():
-        rows = wrong.nonzero(as_tuple=True)[0]
-        p = probs[rows]
-        peak = p.max(dim=1).values
-        true = labels[rows]
-        others = p.clone()
-        others[torch.arange(len(rows)), true] = 0.0
-        mass = others.sum(dim=1, keepdim=True).clamp_min(1e-12)
-        new = others / mass * (1.0 - peak).unsqueeze(1)
-        new[torch.arange(len(rows)), true] = peak
-        out[rows] = new
-    return out
+    return _on_wrong_rows(probs, labels, _peak)
 
 
 def rectify_self(probs: Tensor, labels: Tensor) -> Tensor:
-    """Replace the rows the teacher gets wrong by the one-hot label.
-
-    Parameters
-    ----------
-    probs : Tensor
-        The teacher's probabilities, shape ``(B, C)``.
-    labels : Tensor
-        True classes, shape ``(B,)``.
-
-    Returns
-    -------
-    Tensor
-        The rectified probabilities, a new tensor of shape ``(B, C)`` and the
-        dtype of ``probs``.
-    """
-    out = probs.clone()
-    wrong = _wrong(probs, labels)
-    if wrong.any():
-        out[wrong] = F.one_hot(labels[wrong], probs.shape[1]).to(probs.dtype)
-    return out
+    """Replace the rows the teacher gets wrong by the one-hot label, as :func:`rectify_swap`."""
+    return _on_wrong_rows(probs, labels, lambda p, true: F.one_hot(true, p.shape[1]).to(p.dtype))
 
 
 #: The rules by name (the ``rectify`` config key); ``none`` is no rectification.
@@ -153,17 +128,7 @@ RECTIFIERS: dict[str, Rectifier | None] = {
 
 
 def get_rectifier(name: str) -> Rectifier | None:
-    """Return the rectification rule named ``name`` (``none`` gives ``None``).
-
-    Parameters
-    ----------
-    name : str
-        A key of :data:`RECTIFIERS`: ``none``, ``swap``, ``peak`` or ``self``.
-
-    Returns
-    -------
-    Rectifier | None
-        The rule, or ``None`` for no rectification.
+    """Return the rule named ``name``, a key of :data:`RECTIFIERS` (``none`` gives ``None``).
 
     Raises
     ------

@@ -70,13 +70,8 @@ _entry_points_loaded = False
 def register_edge_model(name: str, builder: EdgeBuilder) -> None:
     """Register an edge model builder under ``name`` (overrides an existing one).
 
-    Parameters
-    ----------
-    name : str
-        The name the run config refers to (e.g. ``edge-model = "my-cnn"``).
-    builder : EdgeBuilder
-        A callable ``(num_classes, in_channels) -> EdgeModel``, where
-        ``in_channels`` is the number of image channels.
+    ``name`` is what the run config refers to (e.g. ``edge-model = "my-cnn"``);
+    ``builder(num_classes, image_channels)`` returns an ``EdgeModel``.
     """
     _EDGE[name] = builder
 
@@ -84,29 +79,16 @@ def register_edge_model(name: str, builder: EdgeBuilder) -> None:
 def register_server_model(name: str, builder: ServerBuilder) -> None:
     """Register a server model builder under ``name`` (overrides an existing one).
 
-    Parameters
-    ----------
-    name : str
-        The name the run config refers to.
-    builder : ServerBuilder
-        A callable ``(num_classes, in_channels) -> nn.Module``, where
-        ``in_channels`` is the number of channels of the edge feature maps.
+    ``builder(num_classes, in_channels)`` takes the channels of the edge
+    feature maps.
     """
     _SERVER[name] = builder
 
 
 def register_tier_model(name: str, builder: ServerBuilder) -> None:
-    """Register an image classifier for a FedAgg tier under ``name``.
+    """Register an image classifier for a FedAgg tier under ``name`` (overrides one).
 
-    Overrides an existing tier model of the same name.
-
-    Parameters
-    ----------
-    name : str
-        The name the run config refers to.
-    builder : ServerBuilder
-        A callable ``(num_classes, in_channels) -> nn.Module`` mapping images
-        (``in_channels`` image channels) to logits.
+    ``builder(num_classes, image_channels)`` returns a model of images to logits.
     """
     _TIER[name] = builder
 
@@ -134,21 +116,7 @@ def build_edge_model(name: str, num_classes: int, in_channels: int) -> EdgeModel
     """Build the edge model registered as ``name``.
 
     An unknown name first loads the ``flwr_gkt.core.models`` entry points.
-
-    Parameters
-    ----------
-    name : str
-        A registered edge model name (``resnet4``, ``resnet6``, ``resnet8`` or
-        a user's).
-    num_classes : int
-        Number of output classes.
-    in_channels : int
-        Channels of the input images.
-
-    Returns
-    -------
-    EdgeModel
-        The freshly built edge model.
+    ``in_channels`` is the image channels.
 
     Raises
     ------
@@ -172,21 +140,8 @@ def build_server_model(
     """Build the server model registered as ``name``.
 
     ``resnet<depth>`` with ``depth = 9n + 1`` builds a server ResNet of that
-    depth even when not registered explicitly.
-
-    Parameters
-    ----------
-    name : str
-        A registered server model name, or ``resnet<9n+1>``.
-    num_classes : int
-        Number of output classes.
-    in_channels : int
-        Channels of the edge feature maps the server model takes.
-
-    Returns
-    -------
-    nn.Module
-        The freshly built server model ``f_s``.
+    depth even when not registered explicitly. ``in_channels`` is the
+    channels of the edge feature maps the server model takes.
 
     Raises
     ------
@@ -205,22 +160,7 @@ def build_tier_model(name: str, num_classes: int, in_channels: int) -> nn.Module
     """Build the tier model (image -> logits) registered as ``name``.
 
     A name that is not a tier model but an edge model builds that edge model
-    whole (extractor and classifier).
-
-    Parameters
-    ----------
-    name : str
-        A tier model name (``cnn``, ``resnet10``, ``resnet18`` or a user's) or
-        an edge model name.
-    num_classes : int
-        Number of output classes.
-    in_channels : int
-        Channels of the input images.
-
-    Returns
-    -------
-    nn.Module
-        The freshly built image classifier.
+    whole (extractor and classifier). ``in_channels`` is the image channels.
 
     Raises
     ------
@@ -236,21 +176,8 @@ def build_full_model(server_name: str, num_classes: int, in_channels: int) -> nn
     """Build the full model (edge stem + server body) that FedAvg trains on every node.
 
     Defined for the built-in server ResNets ``resnet<9n+1>``: the result is the
-    bottleneck ResNet of depth ``9n+2`` (``resnet55`` -> ResNet-56).
-
-    Parameters
-    ----------
-    server_name : str
-        The server model name, ``resnet<9n+1>``.
-    num_classes : int
-        Number of output classes.
-    in_channels : int
-        Channels of the input images.
-
-    Returns
-    -------
-    nn.Module
-        The :class:`~flwr_gkt.core.models.FullResNet` of depth ``9n + 2``.
+    :class:`~flwr_gkt.core.models.FullResNet` of depth ``9n+2`` (``resnet55``
+    -> ResNet-56). ``in_channels`` is the image channels.
 
     Raises
     ------
@@ -268,14 +195,9 @@ def build_full_model(server_name: str, num_classes: int, in_channels: int) -> nn
 def available_models() -> dict[str, list[str]]:
     """Return the registered edge, server and tier model names.
 
-    The ``flwr_gkt.core.models`` entry points are loaded first.
-
-    Returns
-    -------
-    dict[str, list[str]]
-        Sorted names under the keys ``"edge"``, ``"server"`` and ``"tier"``.
-        Server names of the form ``resnet<9n+1>`` that are built on demand are
-        not listed.
+    The ``flwr_gkt.core.models`` entry points are loaded first. The names
+    are sorted, under the keys ``"edge"``, ``"server"`` and ``"tier"``; server
+    names of the form ``resnet<9n+1>`` that are built on demand are not listed.
     """
     _load_entry_points()
     return {"edge": sorted(_EDGE), "server": sorted(_SERVER), "tier": sorted(_TIER)}

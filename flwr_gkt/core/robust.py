@@ -65,11 +65,6 @@ def payload_stats(payload: Payload) -> dict[str, float]:
     Features are read a chunk at a time, in float32 (int8 maps dequantised),
     so no copy of the whole payload is made.
 
-    Parameters
-    ----------
-    payload : Payload
-        A decoded, validated payload.
-
     Returns
     -------
     dict[str, float]

@@ -178,16 +178,9 @@ class GKTServer:
         self.node_key: Callable[[int], Any] | None = None
 
     def put(self, node_id: int, payload: Payload, server_round: int = 0) -> None:
-        """Store (replace) the latest validated payload of ``node_id``.
+        """Store (replace) the latest validated payload of ``node_id``, of ``server_round``.
 
-        Parameters
-        ----------
-        node_id : int
-            The node the payload came from.
-        payload : Payload
-            Its validated features, client logits and labels.
-        server_round : int
-            The round of the payload (see :meth:`evict`).
+        The round is what :meth:`evict` compares.
         """
         self.store.put(node_id, payload)
         self.stored_round[node_id] = server_round
@@ -197,16 +190,7 @@ class GKTServer:
 
         A node that left -- or came back under a new node id -- stops being
         trained on once its features are older than the strategy's limit.
-
-        Parameters
-        ----------
-        before_round : int
-            Nodes whose payload was last stored in an earlier round are dropped.
-
-        Returns
-        -------
-        list[int]
-            The node ids dropped.
+        Return the node ids dropped.
         """
         gone = [n for n, r in self.stored_round.items() if r < before_round]
         for node in gone:
@@ -218,13 +202,9 @@ class GKTServer:
 
         The feature store is not included: features are re-sent by the nodes
         (the strategy asks a node for its features whenever it holds none).
-
-        Returns
-        -------
-        dict[str, Any]
-            The model's and optimizer's state, the base learning rate, the
-            per-node server logits ``Z_s`` and stored rounds, and the state of
-            the shuffling generator.
+        The state holds the model's and optimizer's state, the base learning
+        rate, the per-node server logits ``Z_s`` and stored rounds, and the
+        state of the shuffling generator.
         """
         return {
             "model": self.model.state_dict(),
@@ -240,11 +220,6 @@ class GKTServer:
 
         The store stays as it is; stored rounds are kept only for nodes it
         holds.
-
-        Parameters
-        ----------
-        state : dict[str, Any]
-            A state returned by :meth:`state_dict`.
         """
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -256,18 +231,9 @@ class GKTServer:
         self.generator.set_state(state["generator"])
 
     def server_logits(self, node_id: int) -> Tensor | None:
-        """Return the server logits ``Z_s`` computed for ``node_id``'s samples.
+        """Return the server logits ``Z_s`` of ``node_id``'s samples, in its sample order.
 
-        Parameters
-        ----------
-        node_id : int
-            The node.
-
-        Returns
-        -------
-        Tensor | None
-            One row of logits per sample of the node, in its sample order;
-            ``None`` when none were computed yet.
+        ``None`` when none were computed yet.
         """
         return self.logits.get(node_id)
 
@@ -337,13 +303,7 @@ class GKTServer:
         return result if guard.ok else ServerRoundResult(0.0, 0.0, 0, len(nodes), result.seconds)
 
     def drop(self, node: int) -> None:
-        """Forget ``node``'s stored payload, server logits and stored round.
-
-        Parameters
-        ----------
-        node : int
-            The node.
-        """
+        """Forget ``node``'s stored payload, server logits and stored round."""
         self.store.remove(node)
         self.logits.pop(node, None)
         self.stored_round.pop(node, None)
@@ -356,19 +316,8 @@ class GKTServer:
         go through the (restored) model once, in eval mode, with the round's
         loss (CE + KD from its stored client logits). A node whose mean loss
         is non-finite, or more than ``factor`` times the median node's (and
-        above ``factor``), is a culprit.
-
-        Parameters
-        ----------
-        nodes : list[int]
-            The stored nodes of the round.
-        factor : float
-            How far above the median a node's loss must be.
-
-        Returns
-        -------
-        list[int]
-            The culprits (possibly empty: the update itself diverged).
+        above ``factor``), is a culprit. The list is empty when the update
+        itself diverged.
         """
         losses: dict[int, float] = {}
         for node in nodes:
@@ -484,19 +433,8 @@ class GKTServer:
         the server sees the same number of samples, from the same mixture of
         nodes, as one synchronous :meth:`train_round`. An update that leaves
         the model non-finite is undone, as in :meth:`train_round`.
-
-        Parameters
-        ----------
-        node : int
-            The node whose reply was just stored.
-        lr_scale : float
-            Multiplies the base learning rate for this update.
-
-        Returns
-        -------
-        ServerRoundResult
-            The update's loss, accuracy, examples (``node``'s sample count),
-            nodes and seconds; all zero when ``node`` is not stored.
+        ``num_examples`` of the result is ``node``'s sample count; the result
+        is all zero when ``node`` is not stored.
         """
         if node not in self.store:
             return ServerRoundResult(0.0, 0.0, 0, 0, 0.0)
@@ -528,35 +466,14 @@ class GKTServer:
         return ServerRoundResult(loss, accuracy, size, len(nodes), time.perf_counter() - start)
 
     def predict(self, features: Tensor) -> Tensor:
-        """Compute the server model's logits for feature maps (eval mode).
+        """Return the server model's logits ``(N, num_classes)`` (eval mode, on the CPU).
 
-        Parameters
-        ----------
-        features : Tensor
-            Feature maps ``(N, C, H, W)``.
-
-        Returns
-        -------
-        Tensor
-            Logits ``(N, num_classes)``, on the CPU.
+        ``features`` are feature maps ``(N, C, H, W)``.
         """
         labels = torch.zeros(len(features), dtype=torch.long)
         batches = TensorBatches(features, labels, self.eval_batch_size)
         return predict(self.model, batches, self.device, self.precision)
 
     def evaluate(self, features: Tensor, labels: Tensor) -> tuple[float, int]:
-        """Evaluate the server model on feature maps.
-
-        Parameters
-        ----------
-        features : Tensor
-            Feature maps ``(N, C, H, W)``.
-        labels : Tensor
-            Their labels ``(N,)``.
-
-        Returns
-        -------
-        tuple[float, int]
-            ``(summed cross-entropy loss, number correct)``.
-        """
+        """Return ``(summed cross-entropy loss, number correct)`` on feature maps and labels."""
         return evaluate_logits(self.predict(features), labels)

@@ -144,16 +144,6 @@ def kept_buffers(model: nn.Module) -> Iterator[None]:
     The edge recomputes a batch's forward pass to back-propagate the server's
     gradient; the running statistics were already updated when the
     activations were first computed, and must not be updated twice.
-
-    Parameters
-    ----------
-    model : nn.Module
-        The module whose buffers are kept.
-
-    Yields
-    ------
-    None
-        Inside the context the buffers may change; they are put back after.
     """
     saved = {name: buf.detach().clone() for name, buf in model.named_buffers()}
     try:
@@ -170,23 +160,9 @@ def edge_activations(
     """Return ``H = f_e(x)`` of one training batch, to send to the server.
 
     Runs in training mode (batch statistics; the running statistics are
-    updated, once per batch) without recording a graph.
-
-    Parameters
-    ----------
-    extractor : nn.Module
-        The edge extractor ``f_e`` (on ``device``).
-    x : Tensor
-        The batch's inputs.
-    device : torch.device
-        Where ``extractor`` lives.
-    precision : str
-        Autocast precision (``fp32`` for an exact split).
-
-    Returns
-    -------
-    Tensor
-        The activations, float32, contiguous, on the CPU.
+    updated, once per batch) without recording a graph, under autocast of
+    ``precision`` (``fp32`` for an exact split). ``extractor`` lives on
+    ``device``; the activations are returned float32, contiguous, on the CPU.
     """
     extractor.train()
     with torch.no_grad(), autocast(device, precision):
@@ -206,23 +182,10 @@ def edge_backward(
     """Back-propagate the server's ``dL/dH`` through ``f_e`` and step the optimizer.
 
     Recomputes ``H = f_e(x)`` (same weights, same batch: the ``H`` the server
-    saw) with its running statistics kept (:func:`kept_buffers`).
-
-    Parameters
-    ----------
-    extractor : nn.Module
-        The edge extractor (on ``device``), unchanged since the batch's
-        activations were computed.
-    optimizer : torch.optim.Optimizer, optional
-        Steps ``extractor``; ``None``: the gradients are left in ``.grad``.
-    x : Tensor
-        The batch's inputs (the same as for :func:`edge_activations`).
-    gradient : Tensor
-        ``dL/dH`` from the server, shaped like ``H``.
-    device : torch.device
-        Where ``extractor`` lives.
-    precision : str
-        Autocast precision (the same as for :func:`edge_activations`).
+    saw) with its running statistics kept (:func:`kept_buffers`): ``extractor``,
+    ``x``, ``device`` and ``precision`` are those :func:`edge_activations` had,
+    the weights unchanged since. ``optimizer`` ``None`` leaves the gradients
+    in ``.grad``.
     """
     extractor.train()
     if optimizer is not None:
@@ -243,23 +206,8 @@ def batch_indices(
     """Return the sample indices of every mini-batch of ``epochs`` shuffled passes.
 
     A pass's last batch is dropped when it holds a single sample (batch norm
-    needs two) and the pass has another batch.
-
-    Parameters
-    ----------
-    num_samples : int
-        Local training samples.
-    batch_size : int
-        Mini-batch size.
-    epochs : int
-        Passes over the data.
-    generator : torch.Generator
-        Source of the permutations (seeded: the same batches on recomputation).
-
-    Returns
-    -------
-    list[Tensor]
-        One index tensor per batch, in training order.
+    needs two) and the pass has another batch. ``generator`` draws the
+    permutations (seeded: the same batches on recomputation).
     """
     out: list[Tensor] = []
     for _ in range(epochs):
@@ -278,19 +226,9 @@ def average_states(
 
     Floating-point entries are averaged with ``weights`` (normalised);
     integer entries (batch norm's ``num_batches_tracked``) are taken from the
-    state of the largest weight.
-
-    Parameters
-    ----------
-    states : Sequence[Mapping[str, Tensor]]
-        State dicts with the same keys and shapes.
-    weights : Sequence[float]
-        One non-negative weight per state (e.g. samples trained), not all 0.
-
-    Returns
-    -------
-    dict[str, Tensor]
-        The averaged state, on the CPU.
+    state of the largest weight. The states have the same keys and shapes,
+    the weights (e.g. samples trained) are non-negative; the average is on
+    the CPU.
 
     Raises
     ------
@@ -324,19 +262,8 @@ def state_change(
     statistics; integer counters are left out), in float64:
     ``(||state - reference||, ||reference||)``. The wire's check of relayed and
     averaged edge weights (:func:`flwr_gkt.wire.decode_state`) bounds the first
-    by a multiple of the second.
-
-    Parameters
-    ----------
-    state : Mapping[str, Tensor]
-        The new weights.
-    reference : Mapping[str, Tensor]
-        The weights they started from (same keys and shapes).
-
-    Returns
-    -------
-    tuple[float, float]
-        ``(change, size)``.
+    by a multiple of the second. ``reference`` has the keys and shapes of
+    ``state``.
     """
     change = size = 0.0
     for key, ref in reference.items():

@@ -1,33 +1,15 @@
 """The server's feature store: latest payload per node, bounded memory.
 
 FedGKT's server trains on the features ``H^(k)``, labels ``Y^(k)`` and client
-logits ``Z_c^(k)`` of every node (Algorithm 1, line 8). Their size grows with
-the number of samples (Fashion-MNIST, 16x28x28 float32 maps: 49 KB per image),
-so holding all of them in RAM does not scale. :class:`FeatureStore` keeps each
-node's payload in memory while the total stays within a memory budget; the
-features of a node that would exceed it are written to a ``.npy`` file in a
-spill directory and read back, a mini-batch at a time, when the server trains.
-
-Spilled rows are read with ``os.pread`` into fresh buffers rather than through
-``numpy.memmap``: pages of a memory map count towards the process's resident
-set for as long as the map lives, whereas file reads only fill the kernel's
-page cache, which the kernel reclaims as it needs and which is not the
-process's memory. Peak RSS therefore stays at the budget plus the replies in
-flight and the training's fixed overhead, however large the spilled data
-(with a budget, large blocks are returned to the OS when freed: see
-:func:`return_large_blocks_to_os`).
-
-The labels and logits of every node stay in memory (8 + 4*C bytes per sample,
-0.1 % of a 16x28x28 feature map) and count towards the budget: the store
-never holds more than the budget unless labels and logits alone exceed it.
-
-Features are stored in their wire dtype -- float32, float16, or int8 with the
-codec's per-channel parameters -- and converted a batch at a time on the
-training device (:func:`flwr_gkt.core.training.to_device`): the budget counts
-the bytes stored. On a GPU, :meth:`FeatureStore.make_resident` copies nodes'
-features to the device while they fit a device budget, so batches are
-gathered there without any host copy; the other nodes' batches are gathered
-on the host into pinned memory, one batch ahead of the training loop.
+logits ``Z_c^(k)`` of every node (Algorithm 1, line 8). :class:`FeatureStore`
+keeps each node's payload in memory while the total stays within a budget; the
+features of a node that would exceed it are written to a ``.npy`` file and read
+back with ``os.pread`` (not a memory map, whose pages count as the process's
+memory), a mini-batch at a time, when the server trains. Labels and logits
+always stay in memory and count towards the budget. Features keep their wire
+dtype (float32, float16, or int8 with per-channel codec parameters) and are
+converted a batch at a time on the training device. See docs/features.md
+(*Bounded server memory*) and docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -217,38 +199,11 @@ class FeatureStore(Mapping[int, Payload]):
 
     # ------------------------------------------------------------------ sizes
     def num_samples(self, node: int) -> int:
-        """Return the number of samples stored for ``node``.
-
-        Parameters
-        ----------
-        node : int
-            A stored node.
-
-        Returns
-        -------
-        int
-            The number of samples.
-
-        Raises
-        ------
-        KeyError
-            If ``node`` is not stored.
-        """
+        """Return the number of samples stored for ``node`` (``KeyError`` if it is not stored)."""
         return len(self._payloads[node])
 
     def is_spilled(self, node: int) -> bool:
-        """Return whether ``node``'s features are on disk.
-
-        Parameters
-        ----------
-        node : int
-            A node id.
-
-        Returns
-        -------
-        bool
-            ``True`` if its features were spilled to the spill directory.
-        """
+        """Return whether ``node``'s features were spilled to the spill directory."""
         return node in self._spilled
 
     @property
@@ -268,13 +223,6 @@ class FeatureStore(Mapping[int, Payload]):
         The newest features spill first; if the labels and logits that stay in
         memory push the total over the budget, earlier nodes' features follow
         (newest first) until it fits.
-
-        Parameters
-        ----------
-        node : int
-            The node the payload came from.
-        payload : Payload
-            Its validated features, labels and client logits.
         """
         # The old payload goes only once the new one is in place: a failed spill
         # write (disk full) leaves the node's previous payload stored.
@@ -308,12 +256,7 @@ class FeatureStore(Mapping[int, Payload]):
         without this the old and the new features of every node would be in
         memory together. A node that then fails to reply keeps its features
         (read from disk, as a spilled node's); one that replies has them
-        replaced and the file deleted.
-
-        Parameters
-        ----------
-        nodes : Iterable[int]
-            Nodes about to send fresh features (unknown ones are skipped).
+        replaced and the file deleted. Unknown nodes are skipped.
 
         Returns
         -------
@@ -334,11 +277,6 @@ class FeatureStore(Mapping[int, Payload]):
 
         The inverse of :meth:`stage_out`, after the last round: the store is left
         as the server trained on it. Nodes in memory or unknown are skipped.
-
-        Parameters
-        ----------
-        nodes : Iterable[int]
-            Nodes whose features :meth:`stage_out` moved to disk.
 
         Returns
         -------
@@ -374,13 +312,7 @@ class FeatureStore(Mapping[int, Payload]):
     def set_logits(self, node: int, logits: Tensor | None) -> None:
         """Replace the client logits of ``node`` (replay rounds send logits only).
 
-        Parameters
-        ----------
-        node : int
-            A stored node.
-        logits : Tensor | None
-            Its new client logits, one row per stored sample; ``None`` removes
-            them.
+        ``logits`` has one row per stored sample; ``None`` removes them.
 
         Raises
         ------
@@ -395,13 +327,7 @@ class FeatureStore(Mapping[int, Payload]):
         self._payloads[node] = replace(payload, logits=logits)
 
     def remove(self, node: int) -> None:
-        """Forget ``node`` and delete its spill file; a node not stored is ignored.
-
-        Parameters
-        ----------
-        node : int
-            The node to forget.
-        """
+        """Forget ``node`` and delete its spill file; a node not stored is ignored."""
         self._payloads.pop(node, None)
         self._resident.pop(node, None)
         spilled = self._spilled.pop(node, None)
@@ -507,61 +433,21 @@ class FeatureStore(Mapping[int, Payload]):
         size: int | None = None,
         prefetch: bool = False,
     ) -> StoreBatches:
-        """Return mini-batches over ``nodes``' samples, concatenated in that order.
+        """Return the :class:`StoreBatches` over ``nodes``' samples, concatenated in that order.
 
-        Parameters
-        ----------
-        nodes : Sequence[int]
-            Stored nodes whose samples are iterated over.
-        batch_size : int
-            Samples per batch.
-        shuffle : bool
-            Shuffle the samples anew on every pass.
-        generator : torch.Generator, optional
-            Generator of the shuffling.
-        size : int, optional
-            Each pass covers only this many samples, drawn at random (without
-            replacement) anew on every pass. ``None``: all samples.
-        prefetch : bool
-            Gather the next batch (into pinned memory) in a background
-            thread while the current one trains: for a GPU.
-
-        Returns
-        -------
-        StoreBatches
-            An iterable of ``(features, labels, index)`` batches, read from
-            memory, disk or the device one batch at a time.
+        The batches are read from memory, disk or the device one at a time; the
+        parameters are those of :class:`StoreBatches`.
         """
         return StoreBatches(self, nodes, batch_size, shuffle, generator, size, prefetch)
 
     def labels(self, nodes: Iterable[int]) -> Tensor:
-        """Return the labels of ``nodes``, concatenated.
-
-        Parameters
-        ----------
-        nodes : Iterable[int]
-            Stored nodes (at least one).
-
-        Returns
-        -------
-        Tensor
-            Their labels, in the order of ``nodes``.
-        """
+        """Return the labels of stored ``nodes`` (at least one), concatenated in that order."""
         return torch.cat([self._payloads[n].labels for n in nodes])
 
     def logits(self, nodes: Iterable[int]) -> Tensor | None:
-        """Return the client logits of ``nodes``, concatenated.
+        """Return the client logits of ``nodes``, concatenated in that order.
 
-        Parameters
-        ----------
-        nodes : Iterable[int]
-            Stored nodes.
-
-        Returns
-        -------
-        Tensor | None
-            Their client logits, in the order of ``nodes``; ``None`` unless
-            there is at least one node and every node has logits.
+        ``None`` unless there is at least one node and every node has logits.
         """
         parts = [self._payloads[n].logits for n in nodes]
         if not parts or any(p is None for p in parts):
@@ -678,7 +564,8 @@ class StoreBatches:
     generator : torch.Generator, optional
         Generator of the shuffling.
     size : int, optional
-        Samples per pass, drawn at random anew on every pass; ``None``: all.
+        Samples per pass, drawn at random (without replacement) anew on every
+        pass; ``None``: all.
     prefetch : bool
         Gather each next batch in a background thread, into pinned memory
         (for a GPU), while the current one is used.

@@ -59,18 +59,10 @@ StepLoss = Callable[[nn.Module, Tensor, Tensor, "Tensor | None"], "tuple[Tensor,
 
 
 def get_device(preference: str = "auto") -> torch.device:
-    """Return CUDA when available (or asked for), else the CPU.
+    """Return the device to train on: for ``"auto"`` CUDA when available, else the CPU.
 
-    Parameters
-    ----------
-    preference : str
-        ``"auto"`` picks ``cuda`` when available, else ``cpu``; any other value
-        is passed to :class:`torch.device` as is (``"cpu"``, ``"cuda:1"``, ...).
-
-    Returns
-    -------
-    torch.device
-        The device to train on.
+    Any other ``preference`` is passed to :class:`torch.device` as is
+    (``"cpu"``, ``"cuda:1"``, ...).
     """
     if preference == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -83,20 +75,8 @@ def to_device(x: Features, device: torch.device) -> Tensor:
     Stored features are converted *there*: an int8 :class:`QuantizedBatch` is
     copied as int8 and dequantised on ``device``, float16 maps are upcast on
     ``device``. Channels-last convolutions are several times faster on the
-    CPU (oneDNN) and no slower on GPUs; the logical shape is unchanged.
-
-    Parameters
-    ----------
-    x : Features
-        A batch: a tensor (4-D ones are made channels-last) or a
-        :class:`~flwr_gkt.core.payload.QuantizedBatch`.
-    device : torch.device
-        The target device (the copies are non-blocking).
-
-    Returns
-    -------
-    Tensor
-        ``x`` on ``device``, float32 when it held features.
+    CPU (oneDNN) and no slower on GPUs; the logical shape is unchanged. The
+    copies are non-blocking.
     """
     if isinstance(x, QuantizedBatch):
         q = x.q.to(device, memory_format=torch.channels_last, non_blocking=True)
@@ -109,20 +89,7 @@ def to_device(x: Features, device: torch.device) -> Tensor:
 
 
 def prepare_model(model: ModuleT, device: torch.device) -> ModuleT:
-    """Move ``model`` to ``device`` in channels-last layout (in place).
-
-    Parameters
-    ----------
-    model : nn.Module
-        The model to move.
-    device : torch.device
-        The target device.
-
-    Returns
-    -------
-    nn.Module
-        ``model`` itself (same type).
-    """
+    """Move ``model`` to ``device`` in channels-last layout, in place; return ``model``."""
     model.to(device=device)
     model.to(memory_format=torch.channels_last)
     if device.type == "cuda":  # fixed input shapes: let cuDNN pick its fastest kernels
@@ -409,16 +376,8 @@ def make_optimizer(
 def fused_supported(params: Sequence[Tensor]) -> bool | None:
     """Whether :func:`make_optimizer` can use the fused optimizer kernels for ``params``.
 
-    Parameters
-    ----------
-    params : Sequence[Tensor]
-        The parameters to optimize.
-
-    Returns
-    -------
-    bool | None
-        ``True`` when every parameter is a floating-point tensor on the CPU or
-        a CUDA device; ``None`` (PyTorch's default choice) otherwise.
+    ``True`` when every parameter is a floating-point tensor on the CPU or a
+    CUDA device; ``None`` (PyTorch's default choice) otherwise.
     """
     ok = bool(params) and all(
         p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params
@@ -433,21 +392,8 @@ def lr_factor(schedule: str, server_round: int, num_rounds: int) -> float:
     from 1 in the first round towards 0 -- the fixed-budget counterpart of the
     paper's "reduce the learning rate once the accuracy has plateaued".
     ``plateau``: 1 here (the edge learning rate stays constant, as in the
-    reference code); the server's factor comes from a :class:`Plateau`.
-
-    Parameters
-    ----------
-    schedule : str
-        ``constant``, ``cosine`` or ``plateau``.
-    server_round : int
-        The current round, starting at 1.
-    num_rounds : int
-        Total number of rounds; with ``num_rounds <= 1`` the factor is 1.
-
-    Returns
-    -------
-    float
-        The factor to multiply the base learning rate by.
+    reference code); the server's factor comes from a :class:`Plateau`. With
+    ``num_rounds <= 1`` the factor is 1.
 
     Raises
     ------
@@ -495,18 +441,7 @@ class Plateau:
         return float(self._opt.param_groups[0]["lr"])
 
     def step(self, accuracy: float) -> float:
-        """Record a round's test accuracy; return the new factor.
-
-        Parameters
-        ----------
-        accuracy : float
-            The round's test accuracy (higher is better).
-
-        Returns
-        -------
-        float
-            The factor for the next round.
-        """
+        """Record a round's test accuracy (higher is better); return the next round's factor."""
         self._sched.step(accuracy)
         return self.factor
 
@@ -521,15 +456,7 @@ class Plateau:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set the learning rate of every parameter group.
-
-    Parameters
-    ----------
-    optimizer : torch.optim.Optimizer
-        The optimizer, modified in place.
-    lr : float
-        The new learning rate.
-    """
+    """Set the learning rate of every parameter group of ``optimizer`` (in place)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
 
@@ -691,24 +618,9 @@ def predict(
 ) -> Tensor:
     """Return the logits of ``model`` in eval mode for every batch, concatenated on the CPU.
 
-    Runs under :func:`torch.inference_mode`; labels and indices of the batches
-    are ignored.
-
-    Parameters
-    ----------
-    model : nn.Module
-        Maps inputs to logits; it is put in eval mode.
-    batches : Iterable[Batch]
-        ``(inputs, labels, index)`` batches, in the order of the output rows.
-    device : torch.device
-        Where the model lives; inputs are moved there.
-    precision : str
-        ``fp32``, ``bf16`` or ``fp16`` (see :func:`autocast`).
-
-    Returns
-    -------
-    Tensor
-        Float32 logits ``(N, C)`` on the CPU (an empty tensor for no batches).
+    Runs under :func:`torch.inference_mode` and :func:`autocast` of
+    ``precision``; labels and indices of the batches are ignored. The float32
+    rows ``(N, C)`` follow the batches (an empty tensor for no batches).
     """
     model.eval()
     outs = []
@@ -724,21 +636,11 @@ PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 
 
 def resolve_precision(device: torch.device, precision: str) -> str:
-    """Return the precision ``precision`` means on ``device`` (``auto`` resolved).
+    """Return the precision ``precision`` (of :data:`PRECISIONS`) means on ``device``.
 
-    Parameters
-    ----------
-    device : torch.device
-        The device ``auto`` is resolved for.
-    precision : str
-        A precision of :data:`PRECISIONS`.
-
-    Returns
-    -------
-    str
-        ``precision``, or for ``auto`` ``bf16`` where :func:`bf16_supported`
-        and ``fp32`` elsewhere (measured on Fashion-MNIST over 3 seeds: the
-        same accuracy as fp32, docs/benchmarks.md).
+    ``auto`` is ``bf16`` where :func:`bf16_supported` and ``fp32`` elsewhere
+    (measured on Fashion-MNIST over 3 seeds: the same accuracy as fp32,
+    docs/benchmarks.md); any other precision is returned as is.
     """
     if precision == "auto":
         return "bf16" if bf16_supported(device) else "fp32"
@@ -752,18 +654,6 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
     that support it (AVX512-BF16 / AMX). ``fp16``: float16 autocast, CUDA only
     (pair it with a gradient scaler, as :func:`fit` does). ``auto``: bf16
     where supported, else fp32.
-
-    Parameters
-    ----------
-    device : torch.device
-        The device the model runs on.
-    precision : str
-        One of :data:`PRECISIONS`.
-
-    Returns
-    -------
-    torch.autocast
-        The context manager.
 
     Raises
     ------
@@ -784,16 +674,8 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
 def bf16_supported(device: torch.device) -> bool:
     """Return whether ``device`` runs bfloat16 autocast natively.
 
-    Parameters
-    ----------
-    device : torch.device
-        A CPU or CUDA device.
-
-    Returns
-    -------
-    bool
-        CUDA: :func:`torch.cuda.is_bf16_supported`; CPU: oneDNN's bf16 support
-        (AVX512-BF16 or AMX).
+    CUDA: :func:`torch.cuda.is_bf16_supported`; CPU: oneDNN's bf16 support
+    (AVX512-BF16 or AMX).
     """
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
@@ -806,36 +688,18 @@ def all_finite(tensors: Iterable[Tensor | None]) -> bool:
     """Whether every tensor (``None`` entries skipped) holds only finite values.
 
     Integer tensors are always finite. The training guards' test of a loss's
-    gradients and of a model's state after a step.
-
-    Parameters
-    ----------
-    tensors : Iterable[Tensor | None]
-        The tensors, e.g. ``model.state_dict().values()`` or parameter grads.
-
-    Returns
-    -------
-    bool
-        ``False`` as soon as one value is NaN or infinite.
+    gradients and of a model's state after a step (e.g.
+    ``model.state_dict().values()``); ``False`` as soon as one value is NaN or
+    infinite.
     """
     return all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def evaluate_logits(logits: Tensor, labels: Tensor) -> tuple[float, int]:
-    """Return ``(summed cross-entropy, number correct)`` of logits vs labels.
+    """Return ``(summed cross-entropy, number correct)`` of logits ``(N, C)`` vs labels ``(N,)``.
 
-    Parameters
-    ----------
-    logits : Tensor
-        Predicted logits, shape ``(N, C)``.
-    labels : Tensor
-        True classes, shape ``(N,)``.
-
-    Returns
-    -------
-    tuple[float, int]
-        The cross-entropy summed over the samples (not averaged) and the number
-        of samples whose argmax is the label; ``(0.0, 0)`` for no samples.
+    The cross-entropy is summed over the samples (not averaged); ``(0.0, 0)``
+    for no samples.
     """
     if len(labels) == 0:
         return 0.0, 0

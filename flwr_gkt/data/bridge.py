@@ -49,33 +49,10 @@ def pretrain_autoencoder(
     :func:`flwr_gkt.data.pretrain.pretrain_edge`: the images are drawn from the
     training samples the federation leaves out
     (:func:`flwr_gkt.data.partition.held_out_sample`). Training uses Adam on the
-    MSE between images in ``[0, 1]`` and their reconstructions.
-
-    Parameters
-    ----------
-    out : str | Path
-        File to write (``torch.save`` of ``{"dataset", "state"}``); parent
-        directories are created.
-    dataset : str
-        Dataset name (see :func:`flwr_gkt.data.load_dataset`).
-    data_dir : str
-        Where the dataset files are; ``""`` for the default location.
-    fraction : float
-        The federation's ``data-fraction``; must be below 1.
-    num_partitions : int
-        The federation's ``num-clients``.
-    seed : int
-        The federation's ``seed``; also seeds the autoencoder's training.
-    samples : int
-        Largest number of held-out images to train on.
-    epochs : int
-        Passes over those images.
-    batch_size : int
-        Mini-batch size.
-    lr : float
-        Adam learning rate.
-    device : str
-        ``auto``, ``cpu``, ``cuda``... (see :func:`flwr_gkt.core.training.get_device`).
+    MSE between images in ``[0, 1]`` and their reconstructions. The
+    parameters are those of :func:`~flwr_gkt.data.pretrain.pretrain_edge`
+    (without ``edge_model``); ``out`` receives ``torch.save`` of
+    ``{"dataset", "state"}``.
 
     Returns
     -------
@@ -123,20 +100,8 @@ def pretrain_autoencoder(
 def load_autoencoder(path: str | Path, dataset: str = "fashion-mnist") -> BridgeAutoencoder:
     """Load the frozen autoencoder saved by :func:`pretrain_autoencoder` (a local file, no download).
 
-    Parameters
-    ----------
-    path : str | Path
-        The file written by :func:`pretrain_autoencoder`; read onto the CPU
-        with ``weights_only=True``.
-    dataset : str
-        Dataset whose channels and normalisation to use when the file does
-        not name one.
-
-    Returns
-    -------
-    BridgeAutoencoder
-        The autoencoder with the saved weights, frozen (see
-        :meth:`BridgeAutoencoder.freeze`).
+    The file is read onto the CPU with ``weights_only=True``; ``dataset``
+    gives the channels and normalisation when the file does not name one.
     """
     saved = torch.load(Path(path), map_location="cpu", weights_only=True)
     model = _for_dataset(dataset_info(str(saved.get("dataset", dataset))))

@@ -86,18 +86,7 @@ DATASETS: dict[str, DatasetInfo] = {
 
 
 def dataset_info(name: str) -> DatasetInfo:
-    """Return the :class:`DatasetInfo` of dataset ``name``.
-
-    Parameters
-    ----------
-    name : str
-        A key of :data:`DATASETS`: ``fashion-mnist``, ``cifar10``, ``cifar100``
-        or ``cinic10``.
-
-    Returns
-    -------
-    DatasetInfo
-        Classes, image shape, channel statistics and augmentation choice.
+    """Return the :class:`DatasetInfo` of dataset ``name``, a key of :data:`DATASETS`.
 
     Raises
     ------
@@ -115,16 +104,6 @@ def default_data_dir(name: str) -> Path:
     Fashion-MNIST: the Debian package's directory. Others:
     ``$FLWR_GKT_DATA/<name>`` (default ``$FLWR_GKT_CACHE/data/<name>``, with
     ``FLWR_GKT_CACHE`` defaulting to ``~/.cache/flwr_gkt``).
-
-    Parameters
-    ----------
-    name : str
-        The dataset name.
-
-    Returns
-    -------
-    Path
-        The default data directory of ``name``.
     """
     if name == "fashion-mnist":
         return Path(DEFAULT_FASHION_MNIST_DIR)
@@ -157,19 +136,9 @@ class RawDataset:
 def load_dataset(name: str, data_dir: str = "") -> RawDataset:
     """Load a whole dataset as ``uint8`` images (cached per process).
 
-    Parameters
-    ----------
-    name : str
-        A key of :data:`DATASETS`.
-    data_dir : str
-        Directory of the files; ``""`` for :func:`default_data_dir`.
-
-    Returns
-    -------
-    RawDataset
-        Training and test images (``uint8``) and labels (int64), with the
-        dataset's :class:`DatasetInfo`. The same object is returned for the
-        same arguments until :func:`~flwr_gkt.data.node_data.clear_caches`.
+    ``data_dir`` ``""`` reads :func:`default_data_dir`. The same object is
+    returned for the same arguments until
+    :func:`~flwr_gkt.data.node_data.clear_caches`.
 
     Raises
     ------

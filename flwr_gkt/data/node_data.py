@@ -139,12 +139,6 @@ def client_data(
     seed : int
         Seed of every random choice.
 
-    Returns
-    -------
-    ClientData
-        The node's normalised training and test splits, with the dataset's
-        number of classes and the training augmentation (or ``None``).
-
     Raises
     ------
     ValueError

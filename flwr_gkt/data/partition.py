@@ -51,24 +51,7 @@ def held_out_indices(
 
     With ``fraction < 1`` the nodes share a random subset of the samples; the
     rest can serve as public data the nodes never see (e.g. to pre-train an
-    EcoFed extractor).
-
-    Parameters
-    ----------
-    num_samples : int
-        Size of the dataset.
-    num_partitions : int
-        Number of nodes (the used subset has at least this many samples).
-    seed : int
-        The partition's seed.
-    fraction : float
-        The partition's share of the dataset, in ``(0, 1]``.
-
-    Returns
-    -------
-    np.ndarray
-        Sorted indices of the samples no node holds; empty when ``fraction``
-        is 1.
+    EcoFed extractor). The indices are sorted; empty when ``fraction`` is 1.
 
     Raises
     ------
@@ -88,29 +71,10 @@ def held_out_sample(
     fraction: float = 1.0,
     stream: int = 0,
 ) -> np.ndarray:
-    """Draw up to ``samples`` random indices of :func:`held_out_indices`.
+    """Draw up to ``samples`` distinct random indices of :func:`held_out_indices`, in random order.
 
-    Parameters
-    ----------
-    num_samples : int
-        Size of the dataset.
-    num_partitions : int
-        Number of nodes of the federation.
-    samples : int
-        Largest number of indices to return.
-    seed : int
-        The partition's seed.
-    fraction : float
-        The partition's share of the dataset, in ``(0, 1]``.
-    stream : int
-        Which random draw: the sample is drawn with seed ``seed + stream``, so
-        different users of the held-out data get different samples.
-
-    Returns
-    -------
-    np.ndarray
-        ``min(samples, number held out)`` distinct held-out indices, in random
-        order.
+    The draw uses seed ``seed + stream``, so different users of the held-out
+    data get different samples.
 
     Raises
     ------
@@ -206,20 +170,7 @@ def partition_indices(
 
 
 def label_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Count the samples of each class.
-
-    Parameters
-    ----------
-    labels : np.ndarray
-        Integer labels.
-    num_classes : int
-        Number of classes (the length of the result when no label is larger).
-
-    Returns
-    -------
-    np.ndarray
-        ``counts[c]`` = number of samples with label ``c``.
-    """
+    """Return ``counts[c]``, the number of samples with label ``c`` (length ``num_classes``)."""
     return np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
 
 
@@ -281,16 +232,8 @@ def add_held_out_arguments(parser: argparse.ArgumentParser, what: str, epochs: i
 
     ``--out``, ``--dataset``, ``--data-dir``, the federation's ``--fraction`` /
     ``--num-partitions`` / ``--seed`` (whose samples are left out),
-    ``--samples``, ``--epochs`` and ``--device``.
-
-    Parameters
-    ----------
-    parser : argparse.ArgumentParser
-        The command's parser.
-    what : str
-        What ``--out`` receives, for its help text (e.g. ``"the weights"``).
-    epochs : int
-        Default of ``--epochs``.
+    ``--samples``, ``--epochs`` (default ``epochs``) and ``--device``; ``what``
+    is what ``--out`` receives, for its help text (e.g. ``"the weights"``).
     """
     parser.add_argument("--out", required=True, help=f"where to write {what} (.pt)")
     parser.add_argument("--dataset", default="fashion-mnist")
@@ -308,27 +251,6 @@ def add_held_out_arguments(parser: argparse.ArgumentParser, what: str, epochs: i
 
 
 def held_out_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Return the keyword arguments of a pre-training function from the parsed options.
-
-    Parameters
-    ----------
-    args : argparse.Namespace
-        Options added by :func:`add_held_out_arguments`.
-
-    Returns
-    -------
-    dict[str, Any]
-        ``dataset``, ``data_dir``, ``fraction``, ``num_partitions``, ``seed``,
-        ``samples``, ``epochs`` and ``device``.
-    """
-    keys = (
-        "dataset",
-        "data_dir",
-        "fraction",
-        "num_partitions",
-        "seed",
-        "samples",
-        "epochs",
-        "device",
-    )
+    """Return a pre-training function's keyword arguments from :func:`add_held_out_arguments`' options."""
+    keys = "dataset data_dir fraction num_partitions seed samples epochs device".split()
     return {key: getattr(args, key) for key in keys}

@@ -153,28 +153,9 @@ def pretrain_pooled(
     with Adam on ``(x, y)`` -- the union of the federation's partitions -- and
     its stem, which has the edge extractor's shape, is written to ``out``
     (load it with :func:`flwr_gkt.core.models.load_pretrained`). Every node's data
-    has been seen centrally: the result is *not* federated-fair.
-
-    Parameters
-    ----------
-    out : str | Path
-        File to write (``torch.save`` of the stem's ``state_dict``).
-    x, y : torch.Tensor
-        The pooled (normalised) training inputs and labels.
-    num_classes : int
-        Number of classes.
-    server_model : str
-        The federation's server model (``resnet<9n+1>``).
-    epochs : int
-        Passes over ``(x, y)``.
-    batch_size : int
-        Mini-batch size.
-    lr : float
-        Adam learning rate.
-    seed : int
-        Seed of the initialisation and the shuffling.
-    device : str
-        ``auto``, ``cpu``, ``cuda``...
+    has been seen centrally: the result is *not* federated-fair. ``x`` is
+    normalised; ``seed`` seeds the initialisation and the shuffling; the other
+    training settings are those of :func:`pretrain_edge`.
 
     Returns
     -------

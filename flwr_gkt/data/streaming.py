@@ -101,18 +101,9 @@ def as_torch_dataset(
 ) -> SizedDataset:
     """Return ``dataset`` as a map-style torch dataset of ``(image, label)``.
 
-    Parameters
-    ----------
-    dataset : SizedDataset or datasets.Dataset
-        A map-style torch dataset (returned as is) or a Hugging Face
-        ``datasets.Dataset`` (wrapped in :class:`HFImageDataset`).
-    image_key, label_key : str
-        Columns of a Hugging Face dataset.
-
-    Returns
-    -------
-    SizedDataset
-        A dataset with ``len()`` whose ``[i]`` is ``(image, label)``.
+    A map-style torch dataset is returned as is; a Hugging Face
+    ``datasets.Dataset`` is wrapped in :class:`HFImageDataset` with its
+    columns ``image_key`` and ``label_key``.
 
     Raises
     ------
@@ -222,21 +213,10 @@ class DatasetData:
     def train_batches(
         self, batch_size: int, generator: torch.Generator | None = None, pin_memory: bool = False
     ) -> DatasetBatches:
-        """Return the training batches: a new seeded permutation of ``train`` per pass.
+        """Return the training batches: a new permutation of ``train`` from ``generator`` per pass.
 
-        Parameters
-        ----------
-        batch_size : int
-            Mini-batch size.
-        generator : torch.Generator, optional
-            Source of the permutations.
-        pin_memory : bool
-            Pin batches for faster copies to a CUDA device.
-
-        Returns
-        -------
-        DatasetBatches
-            ``(inputs, labels, index)`` batches; ``index`` is each sample's row.
+        ``index`` of a batch is each sample's row; ``pin_memory`` pins batches
+        for faster copies to a CUDA device.
         """
         return self._batches(self.train, batch_size, True, generator, pin_memory)
 
@@ -249,40 +229,15 @@ class DatasetData:
     ) -> DatasetBatches:
         """Return the extraction pass over the training split: indices ``0..N-1`` in order.
 
-        Parameters
-        ----------
-        batch_size : int
-            Mini-batch size.
-        augment : bool
-            Read ``train`` (its transform, random or not); ``False``: read
-            ``plain_train`` when given.
-        generator : torch.Generator, optional
-            Seeds the loader's workers (not drawn from).
-        pin_memory : bool
-            Pin batches for faster copies to a CUDA device.
-
-        Returns
-        -------
-        DatasetBatches
-            The batches, in index order.
+        ``augment`` reads ``train`` (its transform, random or not); ``False``
+        reads ``plain_train`` when given. ``generator`` seeds the loader's
+        workers (it is not drawn from).
         """
         source = self.train if augment or self.plain_train is None else self.plain_train
         return self._batches(source, batch_size, False, generator, pin_memory)
 
     def test_batches(self, batch_size: int, pin_memory: bool = False) -> DatasetBatches:
         """Return one pass over the test split, in index order.
-
-        Parameters
-        ----------
-        batch_size : int
-            Mini-batch size.
-        pin_memory : bool
-            Pin batches for faster copies to a CUDA device.
-
-        Returns
-        -------
-        DatasetBatches
-            The test split's batches, in index order.
 
         Raises
         ------

@@ -17,19 +17,8 @@ from flwr_gkt.data.datasets import DatasetInfo
 def normalize(x: Tensor, info: DatasetInfo) -> Tensor:
     """Convert ``uint8`` images to float32, scaled to [0, 1] and standardised per channel.
 
-    Computes ``(x / 255 - mean) / std`` with ``info``'s per-channel statistics.
-
-    Parameters
-    ----------
-    x : Tensor
-        Images ``N x C x H x W`` with values in ``[0, 255]``.
-    info : DatasetInfo
-        The dataset whose ``mean`` and ``std`` to use.
-
-    Returns
-    -------
-    Tensor
-        The normalised float32 images, same shape.
+    Computes ``(x / 255 - mean) / std`` of images ``N x C x H x W`` with
+    ``info``'s per-channel statistics.
     """
     mean = torch.tensor(info.mean).view(1, -1, 1, 1)
     std = torch.tensor(info.std).view(1, -1, 1, 1)
@@ -60,20 +49,7 @@ class RandomCropFlip:
 
     @classmethod
     def for_dataset(cls, info: DatasetInfo, padding: int = 4) -> RandomCropFlip:
-        """Build the augmentation with black padding in ``info``'s normalised units.
-
-        Parameters
-        ----------
-        info : DatasetInfo
-            The dataset; the fill is ``-mean / std`` per channel.
-        padding : int
-            Pixels of padding on each side.
-
-        Returns
-        -------
-        RandomCropFlip
-            The augmentation for ``info``'s normalised images.
-        """
+        """Build the augmentation with black padding (``-mean / std`` per channel of ``info``)."""
         return cls(padding, tuple(-m / s for m, s in zip(info.mean, info.std, strict=True)))
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -81,19 +57,7 @@ class RandomCropFlip:
 
         Each sample is padded by ``padding`` pixels of ``fill``, cropped back to
         ``H x W`` at a uniform random offset and flipped horizontally with
-        probability 1/2.
-
-        Parameters
-        ----------
-        x : Tensor
-            A batch of normalised images, ``N x C x H x W``.
-        generator : torch.Generator, optional
-            Source of the crop offsets and flips.
-
-        Returns
-        -------
-        Tensor
-            The augmented batch, same shape and dtype.
+        probability 1/2, drawn from ``generator``. Shape and dtype are kept.
         """
         n, c, h, w = x.shape
         p = self.padding

@@ -45,12 +45,7 @@ def to_tensor(x: np.ndarray) -> Tensor:
 
 
 def quantize_int8(features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Quantize ``N x C x H x W`` features to int8, per channel (affine).
-
-    Parameters
-    ----------
-    features : np.ndarray
-        Feature maps, channels on axis 1 (cast to float32).
+    """Quantize ``N x C x H x W`` features (cast to float32) to int8, per channel (affine).
 
     Returns
     -------
@@ -82,22 +77,7 @@ def quantize_int8(features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 
 def dequantize_int8(q: np.ndarray, minimum: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """Invert :func:`quantize_int8`.
-
-    Parameters
-    ----------
-    q : np.ndarray
-        Quantized int8 features, channels on axis 1.
-    minimum : np.ndarray
-        Per-channel minimum.
-    scale : np.ndarray
-        Per-channel scale.
-
-    Returns
-    -------
-    np.ndarray
-        The float32 features ``(q + 128) * scale + minimum``.
-    """
+    """Invert :func:`quantize_int8`: the float32 features ``(q + 128) * scale + minimum``."""
     shape = (1, -1) + (1,) * (q.ndim - 2)
     out: np.ndarray = (q.astype(np.float32) + 128.0) * scale.reshape(shape) + minimum.reshape(shape)
     return out
@@ -121,19 +101,7 @@ def resolve_feature_dtype(feature_dtype: str, features: Tensor) -> str:
     default run). float32 features from an fp32 edge change by up to 2^-11 of
     their value, so they stay float32, as does a reply with a value float16
     cannot hold or a NaN. The check reads the features a chunk of rows at a
-    time.
-
-    Parameters
-    ----------
-    feature_dtype : str
-        A value of :data:`FEATURE_DTYPE_CHOICES`.
-    features : Tensor
-        The features about to be sent.
-
-    Returns
-    -------
-    str
-        One of :data:`~flwr_gkt.wire.keys.FEATURE_DTYPES`.
+    time. The result is one of :data:`~flwr_gkt.wire.keys.FEATURE_DTYPES`.
 
     Raises
     ------

@@ -34,21 +34,7 @@ __all__ = [
 
 
 def encode_embeddings(embeddings: Tensor | np.ndarray, labels: Tensor | np.ndarray) -> ArrayRecord:
-    """Encode bridge-sample embeddings and labels (FedAgg, sent once).
-
-    Parameters
-    ----------
-    embeddings : Tensor | np.ndarray
-        Embeddings ``eps`` of the bridge samples (``N x 4 x h x w``), sent
-        as float32.
-    labels : Tensor | np.ndarray
-        Their labels, sent as int64.
-
-    Returns
-    -------
-    ArrayRecord
-        ``embeddings`` and ``labels``.
-    """
+    """Encode bridge-sample embeddings ``N x 4 x h x w`` (float32) and labels (int64), sent once."""
     return ArrayRecord(
         {
             "embeddings": Array(np.ascontiguousarray(to_numpy(embeddings).astype(np.float32))),
@@ -63,23 +49,8 @@ def decode_embeddings(
     """Decode and validate an embeddings upload.
 
     Checks dtypes, an ``N x channels x h x w`` shape, finite values, labels in
-    ``[0, num_classes)``, ``N`` against ``num-examples`` and ``max_samples``.
-
-    Parameters
-    ----------
-    content : RecordDict
-        The reply's content.
-    num_classes : int
-        Labels must be below it.
-    channels : int
-        Expected number of embedding channels.
-    max_samples : int, optional
-        Largest accepted number of samples.
-
-    Returns
-    -------
-    tuple[Tensor, Tensor]
-        ``(embeddings, labels)``, float32 and int64.
+    ``[0, num_classes)``, ``N`` against ``num-examples`` and ``max_samples``;
+    returns float32 embeddings and int64 labels.
 
     Raises
     ------
@@ -119,17 +90,7 @@ def encode_named_logits(
 ) -> ArrayRecord:
     """Encode several logit arrays in one record, by name (FedAgg: one per neighbour's subtree).
 
-    Parameters
-    ----------
-    logits : Mapping[str, Tensor | np.ndarray]
-        The logit arrays, by name.
-    logit_dtype : str
-        ``float32`` or ``float16``.
-
-    Returns
-    -------
-    ArrayRecord
-        One array per name.
+    ``logit_dtype`` is ``float32`` or ``float16``.
 
     Raises
     ------
@@ -146,22 +107,10 @@ def encode_named_logits(
 def decode_named_logits(
     record: ArrayRecord, expected: Mapping[str, int], num_classes: int
 ) -> dict[str, Tensor]:
-    """Decode the arrays named in ``expected``, validated like ``Z_s``.
+    """Decode the float32 logits named in ``expected``, validated like ``Z_s``.
 
-    Parameters
-    ----------
-    record : ArrayRecord
-        The record of named logits (see :func:`encode_named_logits`).
-    expected : Mapping[str, int]
-        Name -> number of rows of each array to decode; other arrays are
-        ignored.
-    num_classes : int
-        Number of columns of every array.
-
-    Returns
-    -------
-    dict[str, Tensor]
-        The float32 logits, by name.
+    ``expected`` maps a name to the number of rows of its array (other arrays
+    are ignored); every array has ``num_classes`` columns.
 
     Raises
     ------

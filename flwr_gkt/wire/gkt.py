@@ -85,11 +85,6 @@ def encode_payload(
     logit_dtype : str
         ``float32`` or ``float16``.
 
-    Returns
-    -------
-    ArrayRecord
-        ``features``, ``labels`` and, when given, ``logits``.
-
     Raises
     ------
     ValueError
@@ -122,19 +117,7 @@ def encode_payload(
 def decode_payload(content: RecordDict, spec: PayloadSpec, with_logits: bool) -> Payload:
     """Decode and validate a train (``with_logits=True``) or evaluate reply.
 
-    Parameters
-    ----------
-    content : RecordDict
-        The reply's content.
-    spec : PayloadSpec
-        What a valid payload looks like.
-    with_logits : bool
-        Whether the reply must carry client logits (train replies).
-
-    Returns
-    -------
-    Payload
-        The validated payload (features in their wire dtype).
+    The payload's features keep their wire dtype.
 
     Raises
     ------
@@ -152,19 +135,9 @@ def decode_payload(content: RecordDict, spec: PayloadSpec, with_logits: bool) ->
 
 
 def encode_server_logits(logits: Tensor | np.ndarray, logit_dtype: str = "float32") -> ArrayRecord:
-    """Encode the per-sample server logits ``Z_s`` sent to one node.
+    """Encode the server logits ``Z_s`` (``N x num_classes``) of one node under ``server-logits``.
 
-    Parameters
-    ----------
-    logits : Tensor | np.ndarray
-        The node's server logits, ``N x num_classes``.
-    logit_dtype : str
-        ``float32`` or ``float16``.
-
-    Returns
-    -------
-    ArrayRecord
-        The logits under ``server-logits``.
+    ``logit_dtype`` is ``float32`` or ``float16``.
 
     Raises
     ------
@@ -175,21 +148,9 @@ def encode_server_logits(logits: Tensor | np.ndarray, logit_dtype: str = "float3
 
 
 def decode_server_logits(content: RecordDict, num_samples: int, num_classes: int) -> Tensor | None:
-    """Decode the server logits a node received.
+    """Decode the float32 server logits of a train instruction; ``None`` when none were sent.
 
-    Parameters
-    ----------
-    content : RecordDict
-        The train instruction's content.
-    num_samples : int
-        Number of samples of the node's training set.
-    num_classes : int
-        Number of classes.
-
-    Returns
-    -------
-    Tensor | None
-        The float32 server logits; ``None`` when none were sent.
+    ``num_samples`` is the size of the node's training set.
 
     Raises
     ------
@@ -208,17 +169,7 @@ def decode_server_logits(content: RecordDict, num_samples: int, num_classes: int
 def encode_logits(logits: Tensor | np.ndarray, logit_dtype: str = "float32") -> ArrayRecord:
     """Encode a logits-only train reply (``Z_c`` without features, replay rounds).
 
-    Parameters
-    ----------
-    logits : Tensor | np.ndarray
-        The client logits, ``N x num_classes``.
-    logit_dtype : str
-        ``float32`` or ``float16``.
-
-    Returns
-    -------
-    ArrayRecord
-        The logits under ``logits``.
+    As :func:`encode_server_logits`, under the key ``logits``.
 
     Raises
     ------
@@ -238,21 +189,8 @@ def decode_logits(content: RecordDict, spec: PayloadSpec, num_samples: int) -> T
     """Decode and validate a logits-only train reply for a node holding ``num_samples``.
 
     A reply that carries features when none were asked for is rejected too: the
-    server did not budget for them.
-
-    Parameters
-    ----------
-    content : RecordDict
-        The reply's content.
-    spec : PayloadSpec
-        Gives the number of classes.
-    num_samples : int
-        Number of samples the server stores for the node.
-
-    Returns
-    -------
-    Tensor
-        The client logits as float32, ``num_samples x num_classes``.
+    server did not budget for them. The logits come back float32,
+    ``num_samples x spec.num_classes``.
 
     Raises
     ------

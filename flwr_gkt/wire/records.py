@@ -39,20 +39,9 @@ def settings_from_config(cls: type[T], config: Mapping[str, Any]) -> T:
     Field ``batch_size`` is read from key ``batch-size``, and so on. Missing
     keys keep the field's default; present values are cast to the field's
     default's type (``int``, ``float``, ``bool``, ``str`` or an ``Enum``), so
-    a ConfigRecord from any sender gives well-typed settings.
-
-    Parameters
-    ----------
-    cls : type[T]
-        The dataclass; every field must have a default.
-    config : Mapping[str, Any]
-        The ConfigRecord (or any mapping); keys that are not fields are
-        ignored.
-
-    Returns
-    -------
-    T
-        The settings.
+    a ConfigRecord from any sender gives well-typed settings. Every field of
+    ``cls`` must have a default; keys of ``config`` that are not fields are
+    ignored.
     """
     base = cls()
     values = {}
@@ -72,18 +61,8 @@ def settings_from_config(cls: type[T], config: Mapping[str, Any]) -> T:
 def settings_record(settings: DataclassInstance, **extra: Any) -> ConfigRecord:
     """Build the ConfigRecord of a settings dataclass (the inverse of :func:`settings_from_config`).
 
-    Parameters
-    ----------
-    settings : dataclass instance
-        The settings; each field ``a_b`` becomes the key ``a-b`` and an
-        ``Enum`` value is sent as its value.
-    **extra : Any
-        Further entries, added as given (they override the settings' keys).
-
-    Returns
-    -------
-    ConfigRecord
-        The record to send.
+    Each field ``a_b`` becomes the key ``a-b``, an ``Enum`` is sent as its
+    value; ``extra`` entries are added as given (they override the settings).
     """
     values: dict[str, Any] = {
         f.name.replace("_", "-"): _plain(getattr(settings, f.name))
@@ -97,38 +76,16 @@ def _plain(value: Any) -> Any:
 
 
 def record_nbytes(content: RecordDict | Mapping[str, ArrayRecord]) -> int:
-    """Count the bytes of all array payloads in a message's content.
-
-    Parameters
-    ----------
-    content : RecordDict | Mapping[str, ArrayRecord]
-        A message's content, or its ArrayRecords by name.
-
-    Returns
-    -------
-    int
-        The serialized size of every array.
-    """
+    """Count the serialized bytes of every array in a message's content (or its ArrayRecords)."""
     records = content.array_records if isinstance(content, RecordDict) else content
     return sum(len(array.data) for record in records.values() for array in record.values())
 
 
 def scalar(record: Mapping[str, Any], key: str, default: float | None = None) -> float:
-    """Read one numeric value from a MetricRecord or ConfigRecord.
+    """Read one numeric value (integers and booleans converted) from a MetricRecord or ConfigRecord.
 
-    Parameters
-    ----------
-    record : Mapping[str, Any]
-        The record to read (a MetricRecord, a ConfigRecord or a dict).
-    key : str
-        The key of the value.
-    default : float | None
-        Returned when ``key`` is absent; ``None`` makes a missing key an error.
-
-    Returns
-    -------
-    float
-        The value (integers and booleans converted).
+    ``default`` is returned when ``key`` is absent; ``None`` makes a missing
+    key an error.
 
     Raises
     ------
@@ -146,20 +103,7 @@ def scalar(record: Mapping[str, Any], key: str, default: float | None = None) ->
 
 
 def metrics_record(num_examples: int, **metrics: float) -> MetricRecord:
-    """Build a reply's MetricRecord with the ``num-examples`` weight first.
-
-    Parameters
-    ----------
-    num_examples : int
-        The weight of the reply (stored as an int).
-    **metrics : float
-        Further metrics (stored as floats).
-
-    Returns
-    -------
-    MetricRecord
-        ``num-examples`` followed by ``metrics``.
-    """
+    """Build a reply's MetricRecord: the ``num-examples`` weight (an int), then ``metrics`` (floats)."""
     return MetricRecord(
         {NUM_EXAMPLES: int(num_examples), **{k: float(v) for k, v in metrics.items()}}
     )

@@ -43,21 +43,8 @@ def encode_activations(
     The same arrays and codecs as a FedGKT payload's features and labels
     (``features``, ``labels``; int8 with ``feature-min`` / ``feature-scale``),
     so that :func:`decode_activations` validates them as the gate validates
-    every payload.
-
-    Parameters
-    ----------
-    activations : Tensor | np.ndarray
-        The extractor's output on the batch, ``N x C x H x W``.
-    labels : Tensor | np.ndarray
-        The batch's labels (sent as int64).
-    dtype : str
-        ``float32``, ``float16`` or ``int8`` (see :func:`encode_payload`).
-
-    Returns
-    -------
-    ArrayRecord
-        ``features`` and ``labels`` (and the int8 parameters).
+    every payload. ``dtype`` is ``float32``, ``float16`` or ``int8`` (see
+    :func:`encode_payload`).
 
     Raises
     ------
@@ -70,18 +57,8 @@ def encode_activations(
 def decode_activations(content: RecordDict, spec: PayloadSpec) -> Payload:
     """Decode and validate one batch's activations (a split-learning reply).
 
-    Parameters
-    ----------
-    content : RecordDict
-        The reply's content.
-    spec : PayloadSpec
-        Classes, the extractor's output shape and the batch size
-        (``max_samples``).
-
-    Returns
-    -------
-    Payload
-        Activations (``features``) in their wire dtype and labels.
+    ``spec`` gives the classes, the extractor's output shape and the batch
+    size (``max_samples``); the activations keep their wire dtype.
 
     Raises
     ------
@@ -99,17 +76,8 @@ def decode_activations(content: RecordDict, spec: PayloadSpec) -> Payload:
 def encode_gradient(gradient: Tensor | np.ndarray, dtype: str = "float32") -> ArrayRecord:
     """Encode the activations' gradient ``dL/dH`` (split learning, server -> node).
 
-    Parameters
-    ----------
-    gradient : Tensor | np.ndarray
-        ``N x C x H x W``, shaped like the activations it answers.
-    dtype : str
-        ``float32`` or ``float16``.
-
-    Returns
-    -------
-    ArrayRecord
-        The gradient under ``gradient``.
+    The gradient (shaped like the activations it answers) goes under
+    ``gradient``, as ``float32`` or ``float16``.
 
     Raises
     ------
@@ -124,22 +92,11 @@ def encode_gradient(gradient: Tensor | np.ndarray, dtype: str = "float32") -> Ar
 def decode_gradient(
     content: RecordDict, shape: tuple[int, ...], max_abs: float = MAX_ABS_VALUE
 ) -> Tensor:
-    """Decode and validate the gradient a node received for its last activations.
+    """Decode and validate, as float32, the gradient a node received for its last activations.
 
-    Parameters
-    ----------
-    content : RecordDict
-        The instruction's content.
-    shape : tuple[int, ...]
-        The shape of the activations it answers.
-    max_abs : float
-        Largest accepted absolute value (the gate's bound on what nodes send,
-        :data:`MAX_ABS_VALUE`, applied to what they receive).
-
-    Returns
-    -------
-    Tensor
-        The gradient as float32.
+    ``shape`` is that of the activations; ``max_abs`` the largest accepted
+    absolute value (the gate's bound on what nodes send, applied to what
+    they receive).
 
     Raises
     ------
@@ -156,18 +113,7 @@ def decode_gradient(
 
 
 def encode_state(state: Mapping[str, Tensor]) -> ArrayRecord:
-    """Encode model weights (a state dict) for the wire: split learning's edge relay.
-
-    Parameters
-    ----------
-    state : Mapping[str, Tensor]
-        The state dict (weights and buffers), in its own dtypes.
-
-    Returns
-    -------
-    ArrayRecord
-        One array per entry, in order.
-    """
+    """Encode a state dict for split learning's edge relay: one array per entry, own dtypes."""
     return ArrayRecord({k: Array(v.detach().cpu().contiguous().numpy()) for k, v in state.items()})
 
 
@@ -182,18 +128,13 @@ def decode_state(
         The encoded weights (:func:`encode_state`).
     reference : Mapping[str, Tensor]
         A state dict of the receiving model: the keys, dtypes and shapes the
-        weights must have.
+        weights must have (and get).
     max_change : float, optional
         Largest accepted change from ``reference`` (its values: the weights
         the sender started from), relative to their size:
         ``||state - reference|| <= max_change * max(||reference||, 1)`` over
         all float entries (:func:`flwr_gkt.core.split.state_change`).
         ``None``: not checked.
-
-    Returns
-    -------
-    dict[str, Tensor]
-        The weights, as tensors of the reference's dtypes.
 
     Raises
     ------

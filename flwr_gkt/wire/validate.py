@@ -141,12 +141,8 @@ def validate_arrays(
     int8_params : tuple[np.ndarray, np.ndarray], optional
         The int8 codec's checked per-channel ``(minimum, scale)``.
 
-    Returns
-    -------
-    Payload
-        Features in their wire dtype (int8 with their parameters), float32
-        logits and int64 labels, possibly sharing (read-only) memory with the
-        arrays.
+    The payload's float32 logits and int64 labels may share (read-only)
+    memory with the arrays.
 
     Raises
     ------
@@ -234,21 +230,9 @@ def read_int8_params(q: np.ndarray, record: ArrayRecord) -> tuple[np.ndarray, np
 
 
 def validate_server_logits(logits: np.ndarray, num_samples: int, num_classes: int) -> Tensor:
-    """Check server logits against the node's training set; return them as a tensor.
+    """Check server logits ``num_samples x num_classes`` against the node's training set.
 
-    Parameters
-    ----------
-    logits : np.ndarray
-        The server logits.
-    num_samples : int
-        Expected number of rows.
-    num_classes : int
-        Expected number of columns.
-
-    Returns
-    -------
-    Tensor
-        The logits as float32.
+    Return them as a float32 tensor.
 
     Raises
     ------
@@ -341,21 +325,8 @@ def magnitude_error(value: Any, bound: float, name: str = "") -> str | None:
     :class:`Payload` (features, int8 maps by their decoded range, logits), a
     tensor, or mappings / sequences of them (edge weights, FedAgg's named
     logits, embeddings and labels). Integer tensors (labels, counters) are
-    skipped: their ranges are checked where they are decoded.
-
-    Parameters
-    ----------
-    value : Any
-        A decoded payload.
-    bound : float
-        Largest accepted absolute value.
-    name : str
-        What ``value`` is called in the reason.
-
-    Returns
-    -------
-    str | None
-        ``"'<name>' holds values beyond +-<bound> (or NaN/Inf)"``, or ``None``.
+    skipped: their ranges are checked where they are decoded. The reason
+    reads ``"'<name>' holds values beyond +-<bound> (or NaN/Inf)"``.
     """
     if isinstance(value, Payload):
         parts: dict[str, Any] = {"logits": value.logits}

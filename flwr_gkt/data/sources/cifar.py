@@ -44,17 +44,7 @@ class CifarUnpickler(pickle.Unpickler):
     )
 
     def find_class(self, module: str, name: str) -> Any:
-        """Return the global ``module.name`` if a NumPy array needs it.
-
-        Parameters
-        ----------
-        module, name : str
-            The global the pickle names.
-
-        Returns
-        -------
-        Any
-            The resolved global.
+        """Return the global ``module.name`` the pickle names if a NumPy array needs it.
 
         Raises
         ------
@@ -154,21 +144,9 @@ def load_cifar(name: str, data_dir: Path) -> tuple[Tensor, ...]:
     """Read CIFAR-10 or CIFAR-100 in torchvision's format from ``data_dir``.
 
     The archive lying in ``data_dir`` is extracted once (:func:`extract_tar`)
-    when the batch folder is not there.
-
-    Parameters
-    ----------
-    name : str
-        ``"cifar10"`` or ``"cifar100"``.
-    data_dir : Path
-        The directory holding the batch folder (or the batch folder itself).
-
-    Returns
-    -------
-    tuple[Tensor, ...]
-        The training images and labels, then the test images and labels
-        (``x_train, y_train, x_test, y_test``): ``uint8`` images
-        ``N x 3 x 32 x 32`` and int64 labels.
+    when the batch folder is not there (``data_dir`` may be the batch folder
+    itself). Returns ``x_train, y_train, x_test, y_test``: ``uint8`` images
+    ``N x 3 x 32 x 32`` and int64 labels.
 
     Raises
     ------

@@ -54,18 +54,10 @@ def _load_image_folder(
 
 
 def load_cinic10(data_dir: Path) -> tuple[Tensor, ...]:
-    """Read CINIC-10's ``train`` and ``test`` ImageFolder splits in ``data_dir``.
+    """Read CINIC-10's ImageFolder splits ``train/<class>/*.png`` and ``test/...`` in ``data_dir``.
 
-    Parameters
-    ----------
-    data_dir : Path
-        The directory holding ``train/<class>/*.png`` and ``test/<class>/*.png``.
-
-    Returns
-    -------
-    tuple[Tensor, ...]
-        ``x_train, y_train, x_test, y_test``: ``uint8`` images ``N x 3 x H x W``
-        and int64 labels.
+    Returns ``x_train, y_train, x_test, y_test``: ``uint8`` images
+    ``N x 3 x H x W`` and int64 labels.
 
     Raises
     ------

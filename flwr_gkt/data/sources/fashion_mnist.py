@@ -70,19 +70,11 @@ def _fashion_mnist_root(data_dir: Path) -> Path:
 
 
 def load_fashion_mnist(data_dir: Path) -> tuple[Tensor, ...]:
-    """Read Fashion-MNIST's IDX files in ``data_dir``.
+    """Read Fashion-MNIST's four IDX files (gzip compressed or not) in ``data_dir``.
 
-    Parameters
-    ----------
-    data_dir : Path
-        A directory holding the four IDX files (gzip compressed or not), or
-        torchvision's layout (``<data_dir>/FashionMNIST/raw``).
-
-    Returns
-    -------
-    tuple[Tensor, ...]
-        ``x_train, y_train, x_test, y_test``: ``uint8`` images ``N x 1 x 28 x 28``
-        and int64 labels.
+    ``data_dir`` may also have torchvision's layout (``<data_dir>/FashionMNIST/raw``).
+    Returns ``x_train, y_train, x_test, y_test``: ``uint8`` images
+    ``N x 1 x 28 x 28`` and int64 labels.
 
     Raises
     ------
