@@ -266,8 +266,9 @@ class RoundStrategy(Strategy):
                 num_rounds,
             )
             self.reidentify_nodes(grid, timeout)
-        elif evaluate_fn and initial_arrays and (res := evaluate_fn(0, initial_arrays)) is not None:
-            run.result.evaluate_metrics_serverapp[0] = res
+        elif evaluate_fn and initial_arrays is not None:
+            if (res := evaluate_fn(0, initial_arrays)) is not None:
+                run.result.evaluate_metrics_serverapp[0] = res
         run = self.begin(run)
         for server_round in range(first, num_rounds + 1):
             log(INFO, "")

@@ -347,8 +347,7 @@ class FedGKTLegacy(Strategy):
 
     def round_done(self, server_round: int) -> None:
         """End a round: after the last, read the staged features back; then FedGKT's ``round_done``."""
-        if server_round >= self.strategy.num_rounds:
-            self.server.store.stage_in(list(self.server.store))
+        self.strategy.staging.after_evaluate(last_round=server_round >= self.strategy.num_rounds)
         self.strategy.round_done(server_round)
 
     def evaluate(
