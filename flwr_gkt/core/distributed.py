@@ -215,7 +215,8 @@ class _Rank:
     def run(self, step: _Step) -> _RankResult:
         """Train one step; return this rank's counts and logits (and rank 0's state)."""
         self.model.load_state_dict(step.model)
-        self.optimizer.load_state_dict(step.optimizer)
+        # Private copies: the optimizer would update the tensors shared with the other ranks.
+        self.optimizer.load_state_dict(_cpu(step.optimizer))
         store = FeatureStore()
         for node, payload, spilled in step.nodes:
             store.put(
@@ -437,7 +438,7 @@ class DistributedTrainer:
             raise
         assert replies[0].state is not None
         model.load_state_dict(replies[0].state[0])
-        optimizer.load_state_dict(replies[0].state[1])
+        optimizer.load_state_dict(_cpu(replies[0].state[1]))  # not rank 0's shared memory
         seen = sum(r.seen for r in replies)
         return FitResult(
             loss=sum(r.loss_sum for r in replies) / max(seen, 1),
