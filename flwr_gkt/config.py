@@ -244,6 +244,13 @@ class RunConfig:
         Probability of a random fault per node and round.
     fault_kinds : str
         Kinds of random faults to choose among (``""``: all).
+    server_devices : str
+        Train the server's epochs with DistributedDataParallel, one worker
+        process per device: ``"cuda:0,cuda:1"`` (NCCL) or ``"cpu:2"`` (two
+        gloo ranks); ``""`` (default): one process on ``device``.
+        ``server-batch-size`` stays the global batch: global batch = per-rank
+        batch x ranks, so each rank trains on ``server-batch-size / ranks``
+        samples of every batch. See docs/ddp.md.
     """
 
     # data
@@ -347,6 +354,8 @@ class RunConfig:
     faults: str = ""
     fault_rate: float = 0.0
     fault_kinds: str = ""
+    # distributed server training (see docs/ddp.md)
+    server_devices: str = ""
 
     @classmethod
     def keys(cls) -> list[str]:

@@ -34,6 +34,7 @@ _IGNORED_KEYS = {
     "results-dir",
     "data-dir",
     "device",
+    "server-devices",
     "server-threads",
     "client-threads",
     "client-cpus",

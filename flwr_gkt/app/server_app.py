@@ -163,6 +163,7 @@ def run_fedgkt(grid: Grid, cfg: RunConfig) -> FedGKT:
             timeout=cfg.round_timeout,
         )
     finally:
+        server.close()  # the distributed training's workers, if any
         server.store.close()  # spilled features are not results, and are private
         if tensorboard is not None:
             tensorboard.close()

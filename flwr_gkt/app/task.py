@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from flwr_gkt.config import RunConfig, resolve_config
+from flwr_gkt.core.distributed import parse_devices
 from flwr_gkt.core.edge import EdgeRoundConfig
 from flwr_gkt.core.efficiency import forward_flops, num_parameters, run_costs
 from flwr_gkt.core.losses import KDMode
@@ -430,6 +431,7 @@ def make_gkt_server(cfg: RunConfig, spill_dir: str | Path | None = None) -> GKTS
             if cfg.device_memory_budget_mb < 0
             else int(cfg.device_memory_budget_mb * 1024 * 1024)
         ),
+        devices=parse_devices(cfg.server_devices),
     )
 
 

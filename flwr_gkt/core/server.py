@@ -16,7 +16,7 @@ import logging
 import math
 import time
 import types
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from logging import WARNING
 from pathlib import Path
@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from flwr_gkt.core.distributed import DistributedTrainer
 from flwr_gkt.core.losses import KDMode, gkt_loss
 from flwr_gkt.core.payload import Payload
 from flwr_gkt.core.store import FeatureStore, StoreBatches
@@ -127,6 +128,13 @@ class GKTServer:
         this backend (e.g. ``"inductor"``); ``None``: eager. Measured on the
         2-core CPU (``benchmarks/gpu.py --compile``): bf16 server steps 1.12x to
         1.22x faster, fp32 none, after about 20 s of compilation per process.
+    devices : Sequence[str]
+        Train the epochs with DistributedDataParallel, one worker process
+        (rank) per device (:class:`flwr_gkt.core.distributed.DistributedTrainer`;
+        ``["cpu", "cpu"]``: two gloo ranks). ``batch_size`` stays the global
+        batch: each rank trains on ``batch_size / len(devices)`` of it. Empty
+        (default): the epochs run in this process on ``device``. Call
+        :meth:`close` to stop the workers.
     """
 
     def __init__(
@@ -149,7 +157,10 @@ class GKTServer:
         spill_dir: str | Path | None = None,
         device_memory_budget: int | None = None,
         compile_backend: str | None = None,
+        devices: Sequence[str] = (),
     ) -> None:
+        if compile_backend and devices:
+            raise ValueError("a compiled server model cannot be trained on several devices")
         self.device = get_device(device)
         self.device_memory_budget = device_memory_budget
         autocast(self.device, precision)  # raises where the precision is not supported
@@ -176,6 +187,13 @@ class GKTServer:
         #: at random per run, so the strategies sort by the node's stable
         #: identity: the same seed then trains on the same order.
         self.node_key: Callable[[int], Any] | None = None
+        #: The distributed training's workers (``None``: the epochs run in this process).
+        self.trainer = DistributedTrainer(self.model, devices, optimizer) if devices else None
+
+    def close(self) -> None:
+        """Stop the distributed training's workers, if any (the store is left as it is)."""
+        if self.trainer is not None:
+            self.trainer.close()
 
     def put(self, node_id: int, payload: Payload, server_round: int = 0) -> None:
         """Store (replace) the latest validated payload of ``node_id``, of ``server_round``.
@@ -368,6 +386,8 @@ class GKTServer:
         ``capture_logits``: keep the last epoch's logits of that many samples.
         """
         teacher = self.store.logits(nodes) if self.kd_mode.server_distills else None
+        if self.trainer is not None:
+            return self._fit_distributed(nodes, teacher, size, capture_logits)
         return fit(
             self.model,
             self._batches(nodes, self.batch_size, shuffle=True, size=size),
@@ -379,6 +399,34 @@ class GKTServer:
             alpha=self.alpha,
             capture_logits=capture_logits,
             precision=self.precision,
+        )
+
+    def _fit_distributed(
+        self,
+        nodes: list[int],
+        teacher: Tensor | None,
+        size: int | None,
+        capture_logits: int | None,
+    ) -> FitResult:
+        """:meth:`_fit` on the trainer's ranks, over the orders :class:`StoreBatches` would draw."""
+        assert self.trainer is not None
+        total = sum(self.store.num_samples(n) for n in nodes)
+        orders = [
+            torch.randperm(total, generator=self.generator)[:size] for _ in range(self.epochs)
+        ]
+        return self.trainer.fit(
+            self.model,
+            self.optimizer,
+            self.store,
+            nodes,
+            orders,
+            batch_size=self.batch_size,
+            teacher_logits=teacher,
+            temperature=self.temperature,
+            alpha=self.alpha,
+            capture_logits=capture_logits,
+            precision=self.precision,
+            device_memory_budget=self.device_memory_budget,
         )
 
     def _batches(

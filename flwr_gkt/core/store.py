@@ -30,13 +30,13 @@ from torch import Tensor
 from flwr_gkt.core.payload import Features, Payload, QuantizedBatch, to_dense
 from flwr_gkt.core.training import Batch
 
-__all__ = ["FeatureStore", "StoreBatches", "return_large_blocks_to_os"]
+__all__ = ["FeatureStore", "SpillFile", "StoreBatches", "return_large_blocks_to_os"]
 
 _MB = 1024 * 1024
 
 
 @dataclass
-class _Spilled:
+class SpillFile:
     """Where a node's features live on disk (a ``.npy`` file)."""
 
     path: Path
@@ -46,6 +46,7 @@ class _Spilled:
 
     @property
     def row_bytes(self) -> int:
+        """Bytes of one feature map."""
         return int(np.prod(self.shape[1:])) * self.dtype.itemsize
 
     def read(self, rows: np.ndarray) -> np.ndarray:
@@ -82,13 +83,18 @@ class _Spilled:
             os.close(fd)
         return out
 
+    def memmap(self) -> Tensor:
+        """Return the features as a tensor mapped from the file (copy-on-write, pages shared)."""
+        array = np.memmap(self.path, self.dtype, "c", self.offset, self.shape)
+        return torch.from_numpy(array)
+
 
 def _rmdir_if_empty(directory: Path | None) -> None:
     if directory is not None and directory.is_dir() and not any(directory.iterdir()):
         directory.rmdir()
 
 
-def _unlink_all(spilled: dict[int, _Spilled], spill_dir: Path | None) -> None:
+def _unlink_all(spilled: dict[int, SpillFile], spill_dir: Path | None) -> None:
     """Remove the spill files, and ``spill_dir`` if that leaves it empty (as ``close`` does)."""
     for entry in spilled.values():
         entry.path.unlink(missing_ok=True)
@@ -165,7 +171,7 @@ class FeatureStore(Mapping[int, Payload]):
             return_large_blocks_to_os()
         self._spill_dir = Path(spill_dir) if spill_dir else None
         self._payloads: dict[int, Payload] = {}
-        self._spilled: dict[int, _Spilled] = {}
+        self._spilled: dict[int, SpillFile] = {}
         # Spill files hold nodes' features: removed when the store is collected or
         # the interpreter exits, also where :meth:`close` is never called.
         weakref.finalize(self, _unlink_all, self._spilled, self._spill_dir)
@@ -334,6 +340,22 @@ class FeatureStore(Mapping[int, Payload]):
         if spilled is not None:
             spilled.path.unlink(missing_ok=True)
 
+    def share(self, node: int) -> tuple[Payload, SpillFile | None]:
+        """Return ``node``'s payload for other processes, and its spill file if spilled.
+
+        In-memory features are moved into shared memory (once: the store keeps
+        the shared copy), so processes that receive the payload through
+        :mod:`torch.multiprocessing` map the same pages; a spilled node's
+        payload has empty features, which the receiver maps from the file
+        (:meth:`SpillFile.memmap`).
+        """
+        payload, spilled = self._payloads[node], self._spilled.get(node)
+        if spilled is None and payload.has_features and not payload.features.is_shared():
+            shared = torch.empty_like(payload.features).share_memory_()
+            payload = replace(payload, features=shared.copy_(payload.features))
+            self._payloads[node] = payload
+        return payload, spilled
+
     def make_resident(self, device: torch.device, budget: int) -> int:
         """Copy stored features to ``device`` while they fit ``budget`` bytes; return the bytes.
 
@@ -401,7 +423,7 @@ class FeatureStore(Mapping[int, Payload]):
         else:
             _rmdir_if_empty(self._spill_dir)
 
-    def _write(self, node: int, features: Tensor) -> _Spilled:
+    def _write(self, node: int, features: Tensor) -> SpillFile:
         if self._spill_dir is None:
             self._spill_dir = Path(tempfile.mkdtemp(prefix="gkt-spill-"))
             self._remove_own_dir = weakref.finalize(
@@ -421,7 +443,7 @@ class FeatureStore(Mapping[int, Payload]):
             path.unlink(missing_ok=True)
             raise
         offset = path.stat().st_size - array.nbytes
-        return _Spilled(path, offset, tuple(array.shape), array.dtype)
+        return SpillFile(path, offset, tuple(array.shape), array.dtype)
 
     # --------------------------------------------------------------- reading
     def batches(

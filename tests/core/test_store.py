@@ -194,3 +194,23 @@ def test_sized_batches_draw_that_many_distinct_samples_per_pass(tmp_path):
     for idx in passes:
         assert len(idx) == 20 and len(set(idx.tolist())) == 20 and int(idx.max()) < 50
     assert not torch.equal(passes[0], passes[1])  # drawn anew each pass
+
+
+def test_share_moves_in_memory_features_to_shared_memory_once_and_maps_spilled_ones(tmp_path):
+    payloads = {1: payload(30, 1), 2: payload(20, 2)}
+    budget = feature_bytes(payloads[1]) + sum(
+        p.labels.nbytes + p.logits.nbytes for p in payloads.values()
+    )
+    store = FeatureStore(memory_budget=budget, spill_dir=tmp_path)
+    for node, p in payloads.items():
+        store.put(node, p)
+    memory = store.memory_bytes
+    shared, spill = store.share(1)
+    assert spill is None and shared.features.is_shared()
+    assert torch.equal(shared.features, payloads[1].features)
+    again, _ = store.share(1)
+    assert again.features.data_ptr() == shared.features.data_ptr()  # no second copy
+    assert store.memory_bytes == memory
+    empty, spill = store.share(2)
+    assert spill is not None and len(empty.features) == 0
+    assert torch.equal(spill.memmap(), payloads[2].features)
